@@ -1,0 +1,56 @@
+//! Host errors. Each names the plugin, file, line or key it is about, on one line.
+
+use std::path::PathBuf;
+
+use rir_sdk::PluginError;
+
+use crate::registry::Kind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Registry { path: PathBuf, line: usize, column: usize, message: String },
+
+    #[error("no registry.toml found (looked for RIR_REGISTRY, then ./registry.toml and its parent directories); pass --registry PATH")]
+    NoRegistry,
+
+    #[error("unknown plugin '{name}' in {}{}", registry.display(), suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
+    UnknownPlugin { name: String, registry: PathBuf, suggestion: Option<String> },
+
+    #[error("plugin '{plugin}': library not found (tried {}); build it with `{build}`", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    LibraryMissing { plugin: String, tried: Vec<PathBuf>, build: String },
+
+    #[error("plugin '{plugin}': sha256 mismatch for {}: expected {expected}, found {found}", path.display())]
+    Sha256Mismatch { plugin: String, path: PathBuf, expected: String, found: String },
+
+    #[error("plugin '{plugin}': cannot load {}: {message}", path.display())]
+    Open { plugin: String, path: PathBuf, message: String },
+
+    #[error("plugin '{plugin}': ABI mismatch in {}: {message}", path.display())]
+    Abi { plugin: String, path: PathBuf, message: String },
+
+    #[error("plugin '{plugin}': registry lists kind '{kind}' but the library provides only {}", join(provides))]
+    KindMismatch { plugin: String, kind: Kind, provides: Vec<String> },
+
+    #[error("plugin '{plugin}' does not provide a {kind} (it provides {})", join(provides))]
+    KindNotProvided { plugin: String, kind: Kind, provides: Vec<String> },
+
+    #[error("plugin '{plugin}' ({kind}): {source}")]
+    Plugin {
+        plugin: String,
+        kind: Kind,
+        #[source]
+        source: PluginError,
+    },
+
+    #[error("plugin '{plugin}': config is not a TOML table: {message}")]
+    Config { plugin: String, message: String },
+}
+
+fn join(v: &[String]) -> String {
+    if v.is_empty() {
+        "nothing".into()
+    } else {
+        v.join(", ")
+    }
+}

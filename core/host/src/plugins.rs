@@ -1,0 +1,315 @@
+//! Loading plugin libraries and creating plugin objects from them.
+//!
+//! Each library is opened with `lib_header_from_path(..).init_root_module()`:
+//! abi_stable's `RootModule::load_from_file` caches one module per interface
+//! type and would hand back the first plugin for every later load. A library is
+//! loaded once per process (abi_stable never unloads), checked (sha256 pin,
+//! ABI version and layout, declared kinds), then initialised with the host's
+//! logging and thread budget.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use abi_stable::{
+    library::{lib_header_from_path, LibraryError},
+    std_types::{RStr, RString},
+};
+use rir_sdk::{
+    bridge::{RemoteGenerator, RemoteIndex, RemoteRetriever, RemoteReward, RemoteTrainer},
+    error::FfiError,
+    ffi::{FfiHost, PluginModRef, ABI_VERSION},
+    Generator, Index, PluginError, Retriever, Reward, Trainer,
+};
+use sha2::{Digest, Sha256};
+
+use crate::error::HostError;
+use crate::registry::{Kind, Registered, Registry};
+
+/// What the host hands every plugin it loads.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    /// Compute threads a plugin may use.
+    pub threads: usize,
+    /// Directories searched for workspace-built plugin libraries, first match wins.
+    pub plugin_dirs: Vec<PathBuf>,
+    pub cache_dir: PathBuf,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        let mut plugin_dirs = Vec::new();
+        if let Some(d) = std::env::var_os("RIR_PLUGIN_DIR") {
+            plugin_dirs.extend(std::env::split_paths(&d));
+        }
+        // Next to the running binary (target/release/rir), and for test
+        // binaries (target/release/deps/x) the directory above.
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(dir) = exe.parent() {
+                plugin_dirs.push(dir.to_owned());
+                if dir.ends_with("deps") {
+                    plugin_dirs.extend(dir.parent().map(Path::to_owned));
+                }
+            }
+        }
+        Self {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            plugin_dirs,
+            cache_dir: default_cache_dir(),
+        }
+    }
+}
+
+/// `RIR_CACHE`, else `~/.cache/rir`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("RIR_CACHE") {
+        return PathBuf::from(p);
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rir")).unwrap_or_else(|| PathBuf::from(".rir-cache"))
+}
+
+/// A loaded, checked, initialised plugin library.
+pub struct Plugin {
+    pub name: String,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub version: String,
+    pub sdk_version: String,
+    pub description: String,
+    /// Kinds the library itself says it provides.
+    pub provides: Vec<String>,
+    module: PluginModRef,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).field("path", &self.path).finish()
+    }
+}
+
+/// Owned plugin objects, callable through the plain SDK traits.
+pub type RetrieverHandle = RemoteRetriever<'static, abi_stable::std_types::RBox<()>>;
+pub type GeneratorHandle = RemoteGenerator<'static, abi_stable::std_types::RBox<()>>;
+pub type RewardHandle = RemoteReward<'static, abi_stable::std_types::RBox<()>>;
+pub type TrainerHandle = RemoteTrainer<'static, abi_stable::std_types::RBox<()>>;
+
+impl Plugin {
+    fn provides(&self, kind: Kind) -> Result<(), HostError> {
+        if self.provides.iter().any(|k| k == kind.as_str()) {
+            Ok(())
+        } else {
+            Err(HostError::KindNotProvided { plugin: self.name.clone(), kind, provides: self.provides.clone() })
+        }
+    }
+
+    fn wrap<T>(&self, kind: Kind, r: Result<T, PluginError>) -> Result<T, HostError> {
+        r.map_err(|source| HostError::Plugin { plugin: self.name.clone(), kind, source })
+    }
+
+    fn call<T>(&self, kind: Kind, r: abi_stable::std_types::RResult<T, FfiError>) -> Result<T, HostError> {
+        self.wrap(kind, r.into_result().map_err(PluginError::from))
+    }
+
+    /// Creates the plugin's retriever from its config table (TOML text).
+    pub fn retriever(&self, config: &str) -> Result<Box<dyn Retriever>, HostError> {
+        self.provides(Kind::Retriever)?;
+        let obj = self.call(Kind::Retriever, (self.module.new_retriever())(RStr::from_str(config)))?;
+        Ok(Box::new(self.wrap(Kind::Retriever, RetrieverHandle::new(obj))?))
+    }
+    pub fn generator(&self, config: &str) -> Result<Box<dyn Generator>, HostError> {
+        self.provides(Kind::Generator)?;
+        let obj = self.call(Kind::Generator, (self.module.new_generator())(RStr::from_str(config)))?;
+        Ok(Box::new(self.wrap(Kind::Generator, GeneratorHandle::new(obj))?))
+    }
+    pub fn reward(&self, config: &str) -> Result<Box<dyn Reward>, HostError> {
+        self.provides(Kind::Reward)?;
+        let obj = self.call(Kind::Reward, (self.module.new_reward())(RStr::from_str(config)))?;
+        Ok(Box::new(RemoteReward(obj)))
+    }
+    pub fn trainer(&self, config: &str) -> Result<Box<dyn Trainer>, HostError> {
+        self.provides(Kind::Trainer)?;
+        let obj = self.call(Kind::Trainer, (self.module.new_trainer())(RStr::from_str(config)))?;
+        Ok(Box::new(RemoteTrainer(obj)))
+    }
+    pub fn index(&self, config: &str, dim: usize) -> Result<Box<dyn Index>, HostError> {
+        self.provides(Kind::Index)?;
+        let obj = self.call(Kind::Index, (self.module.new_index())(RStr::from_str(config), dim as u64))?;
+        Ok(Box::new(RemoteIndex(obj)))
+    }
+}
+
+/// Where a registered plugin's library is (or would be), and every path tried.
+pub fn locate(reg: &Registry, p: &Registered, settings: &HostSettings) -> (Option<PathBuf>, Vec<PathBuf>) {
+    if let Some(lib) = &p.entry.library {
+        let path = if lib.is_absolute() { lib.clone() } else { reg.base_dir().join(lib) };
+        return (path.is_file().then(|| path.clone()), vec![path]);
+    }
+    let crate_name = p.entry.crate_name.as_deref().unwrap_or(&p.name);
+    let file = format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        crate_name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    );
+    let base = reg.base_dir();
+    let mut dirs = settings.plugin_dirs.clone();
+    dirs.push(base.join("target/release"));
+    dirs.push(base.join("target/debug"));
+    let tried: Vec<PathBuf> = dirs.iter().map(|d| d.join(&file)).collect();
+    (tried.iter().find(|p| p.is_file()).cloned(), tried)
+}
+
+/// The command that builds a registered plugin's library.
+pub fn build_hint(p: &Registered) -> String {
+    match &p.entry.crate_name {
+        Some(_) => "cargo build --release --workspace".into(),
+        None => "the plugin's own build (the registry names an explicit library path)".into(),
+    }
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut h)?;
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// abi_stable's layout errors run to hundreds of lines; keep the first that says something.
+fn abi_message(e: &LibraryError) -> String {
+    match e {
+        LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
+            "host expects plugin ABI {expected_version}, library was built for {actual_version} (rebuild it against this rir-sdk)"
+        ),
+        LibraryError::AbiInstability(_) => {
+            let text = e.to_string();
+            let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("layout mismatch").to_owned();
+            format!("type layouts differ from the host's (rebuild it against rir-sdk with ABI {ABI_VERSION}): {first}")
+        }
+        _ => e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+    }
+}
+
+extern "C" fn host_log(level: u8, target: RStr<'_>, msg: RStr<'_>) {
+    // Never unwind back into the plugin.
+    let _ = std::panic::catch_unwind(|| {
+        let level = match level {
+            1 => log::Level::Error,
+            2 => log::Level::Warn,
+            3 => log::Level::Info,
+            4 => log::Level::Debug,
+            _ => log::Level::Trace,
+        };
+        log::log!(target: "rir::plugin", level, "[{}] {}", target.as_str(), msg.as_str());
+    });
+}
+
+/// Loads plugins on demand and keeps each library loaded once.
+pub struct PluginHost {
+    pub registry: Registry,
+    pub settings: HostSettings,
+    loaded: Mutex<HashMap<String, Arc<Plugin>>>,
+}
+
+impl PluginHost {
+    pub fn new(registry: Registry, settings: HostSettings) -> Self {
+        Self { registry, settings, loaded: Mutex::new(HashMap::new()) }
+    }
+
+    /// Loads (once) and checks the named plugin.
+    pub fn load(&self, name: &str) -> Result<Arc<Plugin>, HostError> {
+        if let Some(p) = self.loaded.lock().expect("plugin table poisoned").get(name) {
+            return Ok(p.clone());
+        }
+        let reg = self.registry.get(name)?;
+        let plugin = Arc::new(self.open(reg)?);
+        self.loaded.lock().expect("plugin table poisoned").insert(name.to_owned(), plugin.clone());
+        Ok(plugin)
+    }
+
+    fn open(&self, reg: &Registered) -> Result<Plugin, HostError> {
+        let name = reg.name.clone();
+        let (path, tried) = locate(&self.registry, reg, &self.settings);
+        let path = path.ok_or_else(|| HostError::LibraryMissing { plugin: name.clone(), tried, build: build_hint(reg) })?;
+        let sha256 = sha256_file(&path)
+            .map_err(|e| HostError::Open { plugin: name.clone(), path: path.clone(), message: e.to_string() })?;
+        if let Some(pin) = &reg.entry.sha256 {
+            if !pin.eq_ignore_ascii_case(&sha256) {
+                return Err(HostError::Sha256Mismatch { plugin: name, path, expected: pin.to_lowercase(), found: sha256 });
+            }
+        }
+        let header = lib_header_from_path(&path)
+            .map_err(|e| HostError::Open { plugin: name.clone(), path: path.clone(), message: abi_message(&e) })?;
+        let module = header
+            .init_root_module::<PluginModRef>()
+            .map_err(|e| HostError::Abi { plugin: name.clone(), path: path.clone(), message: abi_message(&e) })?;
+
+        let host = FfiHost {
+            threads: self.settings.threads.max(1) as u32,
+            log_level: log::max_level() as u8,
+            log: host_log,
+            cache_dir: RString::from(self.settings.cache_dir.to_string_lossy().as_ref()),
+        };
+        (module.init())(&host)
+            .into_result()
+            .map_err(|e| HostError::Plugin { plugin: name.clone(), kind: reg.entry.kinds[0], source: e.into() })?;
+
+        let m = (module.manifest())();
+        let provides: Vec<String> = m.kinds.iter().map(|k| k.to_string()).collect();
+        for kind in &reg.entry.kinds {
+            if !provides.iter().any(|k| k == kind.as_str()) {
+                return Err(HostError::KindMismatch { plugin: name, kind: *kind, provides });
+            }
+        }
+        if m.name.as_str() != name {
+            log::debug!("plugin '{name}' calls itself '{}'", m.name);
+        }
+        Ok(Plugin {
+            name,
+            path,
+            sha256,
+            version: m.version.into(),
+            sdk_version: m.sdk_version.into(),
+            description: m.description.into(),
+            provides,
+            module,
+        })
+    }
+}
+
+/// A plugin's state as `rir plugins` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// Loaded and checked; no pin.
+    Built,
+    /// Loaded, checked, and its sha256 matches the pin.
+    PinnedOk,
+    /// No library at any of the places looked.
+    Missing,
+    /// A library is there but refused: sha256, ABI or kinds; the message says which.
+    Mismatch(String),
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Built => "built",
+            Status::PinnedOk => "pinned-ok",
+            Status::Missing => "missing",
+            Status::Mismatch(_) => "mismatch",
+        })
+    }
+}
+
+impl PluginHost {
+    /// Loads the named plugin and classifies the outcome.
+    pub fn status(&self, name: &str) -> (Status, Option<Arc<Plugin>>, Option<HostError>) {
+        match self.load(name) {
+            Ok(p) => {
+                let pinned = self.registry.plugins.get(name).is_some_and(|r| r.entry.sha256.is_some());
+                (if pinned { Status::PinnedOk } else { Status::Built }, Some(p), None)
+            }
+            Err(e @ HostError::LibraryMissing { .. }) => (Status::Missing, None, Some(e)),
+            Err(e) => (Status::Mismatch(e.to_string()), None, Some(e)),
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The plugin kinds as plain Rust traits.
+//!
+//! A plugin author implements these with ordinary std types; the SDK converts to
+//! and from the stable ABI ([`crate::ffi`]) and catches panics at the boundary.
+//! The host calls plugins through the same traits (see [`crate::client`]).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::PluginResult;
+
+/// A row-major f32 matrix: one embedding (or one query's scores) per row.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Embeddings {
+    pub rows: usize,
+    pub dim: usize,
+    pub data: Vec<f32>,
+}
+
+impl Embeddings {
+    /// Builds a matrix, checking that `data` holds `rows * dim` values.
+    pub fn new(rows: usize, dim: usize, data: Vec<f32>) -> PluginResult<Self> {
+        if rows.checked_mul(dim) != Some(data.len()) {
+            return Err(crate::PluginError::input(format!(
+                "matrix of {rows}x{dim} needs {} values, got {}",
+                rows.saturating_mul(dim),
+                data.len()
+            )));
+        }
+        Ok(Self { rows, dim, data })
+    }
+    /// Stacks equal-length rows.
+    pub fn from_rows(rows: &[Vec<f32>]) -> PluginResult<Self> {
+        let dim = rows.first().map_or(0, Vec::len);
+        let mut data = Vec::with_capacity(rows.len() * dim);
+        for (i, r) in rows.iter().enumerate() {
+            if r.len() != dim {
+                return Err(crate::PluginError::input(format!(
+                    "row {i} has {} values, row 0 has {dim}",
+                    r.len()
+                )));
+            }
+            data.extend_from_slice(r);
+        }
+        Ok(Self { rows: rows.len(), dim, data })
+    }
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// What a retriever (an encoder) tells the host about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrieverInfo {
+    /// Human-readable model name.
+    pub model: String,
+    /// Changes whenever the embeddings would change (weights, pooling, max
+    /// length, ...). The host keys its embedding cache on it.
+    pub fingerprint: String,
+    pub dim: usize,
+    /// Longest input in tokens; longer inputs are truncated.
+    pub max_length: usize,
+    /// Whether embeddings come out L2-normalised.
+    pub normalized: bool,
+}
+
+/// An encoder of queries and corpus texts into dense vectors.
+pub trait Retriever: Send + Sync {
+    fn info(&self) -> RetrieverInfo;
+    /// Encodes queries; `instruction` (FlagEmbedding's
+    /// `query_instruction_for_retrieval`) overrides the configured one when given.
+    fn encode_queries(&self, texts: &[String], instruction: Option<&str>) -> PluginResult<Embeddings>;
+    /// Encodes corpus-side texts (documents, and the prefixed augmentations of
+    /// Reinforced-IR, which inference encodes on the corpus side).
+    fn encode_corpus(&self, texts: &[String]) -> PluginResult<Embeddings>;
+}
+
+/// One chat message (OpenAI roles: system, user, assistant).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn system(content: impl Into<String>) -> Self {
+        Self { role: "system".into(), content: content.into() }
+    }
+    pub fn user(content: impl Into<String>) -> Self {
+        Self { role: "user".into(), content: content.into() }
+    }
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self { role: "assistant".into(), content: content.into() }
+    }
+}
+
+/// A chat conversation or a raw completion prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+/// One generation request, with OpenAI's sampling parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRequest {
+    pub prompt: Prompt,
+    /// Number of samples to draw for this prompt.
+    pub n: u32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    /// Return per-token log-probabilities when the backend can.
+    pub logprobs: bool,
+}
+
+impl GenerationRequest {
+    /// A greedy single-sample request.
+    pub fn greedy(prompt: Prompt, max_tokens: u32) -> Self {
+        Self { prompt, n: 1, temperature: 0.0, top_p: 1.0, max_tokens, stop: vec![], seed: None, logprobs: false }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+}
+
+/// One sampled text.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub text: String,
+    /// "stop", "length", ... as OpenAI reports it.
+    pub finish_reason: String,
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// A text generator (an LLM behind a server or in-process).
+pub trait Generator: Send + Sync {
+    fn model_name(&self) -> String;
+    /// Answers each request with exactly `n` completions, in request order.
+    fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>>;
+}
+
+/// One thing to score: a query, the passage it came from (or the passage list
+/// for a listwise judge), and the candidates to score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardItem {
+    pub query: String,
+    /// The source passage (retriever feedback) or empty.
+    pub reference: String,
+    /// Augmentations (retriever feedback) or passages (generator feedback).
+    pub candidates: Vec<String>,
+}
+
+/// Scores for one [`RewardItem`]: one per candidate, plus the baseline the
+/// candidates compete against (e.g. the raw query–passage score), if any.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RewardScores {
+    pub baseline: Option<f64>,
+    pub scores: Vec<f64>,
+}
+
+/// The models a reward may consult: the ones the current stage runs with.
+#[derive(Clone, Copy, Default)]
+pub struct RewardContext<'a> {
+    pub retriever: Option<&'a dyn Retriever>,
+    pub generator: Option<&'a dyn Generator>,
+}
+
+/// Scores candidates using the retriever and/or generator it is handed.
+pub trait Reward: Send + Sync {
+    fn score(&self, ctx: &RewardContext<'_>, items: &[RewardItem]) -> PluginResult<Vec<RewardScores>>;
+}
+
+/// A training job, spoken in files as LLaMA-Factory and FlagEmbedding do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainJob {
+    /// The model to start from (a directory, or a model source string).
+    pub base_model: String,
+    /// Training data (jsonl) in the format the trainer documents.
+    pub data_file: PathBuf,
+    /// Where the trained model goes; the trainer creates it.
+    pub output_dir: PathBuf,
+    /// Hyper-parameters as a TOML table (the trainer's own schema).
+    pub params: String,
+}
+
+/// What a finished training job reports.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub model_dir: PathBuf,
+    pub steps: u64,
+    pub seconds: f64,
+    /// Training loss per optimiser step.
+    pub loss: Vec<f64>,
+    /// Any further per-run figures, as a JSON object.
+    pub extra_json: String,
+}
+
+/// One progress update from a long-running plugin call.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub stage: String,
+    pub done: u64,
+    pub total: u64,
+    pub loss: Option<f64>,
+    pub message: String,
+}
+
+/// Where a plugin sends progress; also tells it when to stop.
+pub trait ProgressSink: Sync {
+    fn report(&self, progress: &Progress);
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// A sink that discards everything.
+pub struct NoProgress;
+impl ProgressSink for NoProgress {
+    fn report(&self, _: &Progress) {}
+}
+
+/// Trains a model from a data file into a new model directory.
+pub trait Trainer: Send + Sync {
+    fn train(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>;
+}
+
+/// Top-k results for a batch of queries: `k` slots per query, row-major;
+/// unused slots have id -1 and score -inf (faiss's convention).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Hits {
+    pub queries: usize,
+    pub k: usize,
+    pub ids: Vec<i64>,
+    pub scores: Vec<f32>,
+}
+
+/// A vector index over inner products; ids are insertion order from 0.
+pub trait Index: Send {
+    fn dim(&self) -> usize;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn add(&mut self, vectors: &Embeddings) -> PluginResult<()>;
+    fn search(&self, queries: &Embeddings, k: usize) -> PluginResult<Hits>;
+    fn save(&self, path: &std::path::Path) -> PluginResult<()>;
+    /// Replaces the contents with an index saved by [`Index::save`].
+    fn load(&mut self, path: &std::path::Path) -> PluginResult<()>;
+}

@@ -1,0 +1,185 @@
+//! Test-only plugin: every kind, with switches that make it fail on purpose.
+//!
+//! - retriever: `[len(text), 1]` per text; the text "panic" panics, "error" errors.
+//! - generator: echoes the prompt's last message, numbered per sample.
+//! - reward: scores candidates by the dot product under the retriever it is handed.
+//! - trainer: writes `output_dir/model.txt`, reports `steps` progress updates,
+//!   stops when cancelled.
+//! - index: exact inner-product search, saved as little-endian f32.
+
+use std::path::Path;
+
+use rir_sdk::*;
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Panic inside the constructor.
+    pub panic_on_new: bool,
+    /// Trainer steps.
+    pub steps: u64,
+}
+
+fn cfg(text: &str) -> PluginResult<ProbeConfig> {
+    let c: ProbeConfig = config::parse(text)?;
+    if c.panic_on_new {
+        panic!("constructor asked to panic");
+    }
+    Ok(c)
+}
+
+pub struct Probe {
+    cfg: ProbeConfig,
+}
+
+impl Probe {
+    pub fn new(text: &str) -> PluginResult<Self> {
+        Ok(Self { cfg: cfg(text)? })
+    }
+}
+
+impl Retriever for Probe {
+    fn info(&self) -> RetrieverInfo {
+        RetrieverInfo {
+            model: "probe".into(),
+            // Reports the host's thread budget so tests can see it arrived.
+            fingerprint: format!("probe/threads={}", host().threads),
+            dim: 2,
+            max_length: 8,
+            normalized: false,
+        }
+    }
+    fn encode_queries(&self, texts: &[String], instruction: Option<&str>) -> PluginResult<Embeddings> {
+        let texts: Vec<String> = texts.iter().map(|t| format!("{}{t}", instruction.unwrap_or(""))).collect();
+        self.encode_corpus(&texts)
+    }
+    fn encode_corpus(&self, texts: &[String]) -> PluginResult<Embeddings> {
+        log::info!("probe encoding {} texts", texts.len());
+        let mut data = Vec::with_capacity(texts.len() * 2);
+        for t in texts {
+            match t.as_str() {
+                "panic" => panic!("probe was asked to panic"),
+                "error" => return Err(PluginError::input("probe was asked to fail")),
+                _ => data.extend([t.chars().count() as f32, 1.0]),
+            }
+        }
+        Embeddings::new(texts.len(), 2, data)
+    }
+}
+
+impl Generator for Probe {
+    fn model_name(&self) -> String {
+        "probe-echo".into()
+    }
+    fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
+        Ok(requests
+            .iter()
+            .map(|r| {
+                let last = match &r.prompt {
+                    Prompt::Text(t) => t.clone(),
+                    Prompt::Chat(m) => m.last().map(|m| m.content.clone()).unwrap_or_default(),
+                };
+                (0..r.n)
+                    .map(|i| Completion { text: format!("{last} #{i}"), finish_reason: "stop".into(), logprobs: None })
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+impl Reward for Probe {
+    fn score(&self, ctx: &RewardContext<'_>, items: &[RewardItem]) -> PluginResult<Vec<RewardScores>> {
+        let r = ctx.retriever.ok_or_else(|| PluginError::input("the probe reward needs a retriever"))?;
+        items
+            .iter()
+            .map(|it| {
+                let q = r.encode_queries(std::slice::from_ref(&it.query), None)?;
+                let c = r.encode_corpus(&it.candidates)?;
+                let scores = (0..c.rows).map(|i| dot(q.row(0), c.row(i)) as f64).collect();
+                Ok(RewardScores { baseline: None, scores })
+            })
+            .collect()
+    }
+}
+
+impl Trainer for Probe {
+    fn train(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
+        let mut loss = Vec::new();
+        for step in 1..=self.cfg.steps {
+            if progress.cancelled() {
+                return Err(PluginError::Cancelled);
+            }
+            let l = 1.0 / step as f64;
+            loss.push(l);
+            progress.report(&Progress { stage: "train".into(), done: step, total: self.cfg.steps, loss: Some(l), message: String::new() });
+        }
+        std::fs::create_dir_all(&job.output_dir)?;
+        std::fs::write(job.output_dir.join("model.txt"), format!("trained from {}", job.base_model))?;
+        Ok(TrainReport { model_dir: job.output_dir.clone(), steps: self.cfg.steps, seconds: 0.0, loss, extra_json: "{}".into() })
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub struct FlatIndex {
+    dim: usize,
+    data: Vec<f32>,
+}
+
+impl FlatIndex {
+    pub fn new(text: &str, dim: usize) -> PluginResult<Self> {
+        cfg(text)?;
+        Ok(Self { dim, data: Vec::new() })
+    }
+}
+
+impl Index for FlatIndex {
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn len(&self) -> usize {
+        self.data.len() / self.dim
+    }
+    fn add(&mut self, v: &Embeddings) -> PluginResult<()> {
+        if v.dim != self.dim {
+            return Err(PluginError::input(format!("index has dim {}, vectors have {}", self.dim, v.dim)));
+        }
+        self.data.extend_from_slice(&v.data);
+        Ok(())
+    }
+    fn search(&self, q: &Embeddings, k: usize) -> PluginResult<Hits> {
+        let mut hits = Hits { queries: q.rows, k, ids: vec![-1; q.rows * k], scores: vec![f32::NEG_INFINITY; q.rows * k] };
+        for i in 0..q.rows {
+            let mut s: Vec<(f32, i64)> =
+                self.data.chunks(self.dim).enumerate().map(|(j, d)| (dot(q.row(i), d), j as i64)).collect();
+            s.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (slot, (score, id)) in s.into_iter().take(k).enumerate() {
+                hits.ids[i * k + slot] = id;
+                hits.scores[i * k + slot] = score;
+            }
+        }
+        Ok(hits)
+    }
+    fn save(&self, path: &Path) -> PluginResult<()> {
+        let bytes: Vec<u8> = self.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok(std::fs::write(path, bytes)?)
+    }
+    fn load(&mut self, path: &Path) -> PluginResult<()> {
+        let bytes = std::fs::read(path)?;
+        self.data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        Ok(())
+    }
+}
+
+rir_sdk::export_plugin! {
+    name: "probe",
+    description: "Test plugin: every kind, failing on request",
+    retriever: Probe::new,
+    generator: Probe::new,
+    reward: Probe::new,
+    trainer: Probe::new,
+    index: FlatIndex::new,
+}
