@@ -4,14 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
 use rir::{registry, HostError, HostSettings, PluginHost, Registry, Status};
 
 #[derive(Parser)]
 #[command(
     name = "rir",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (plugin ABI ", "0.1.0", ")"),
     about = "Reinforced-IR: domain-adapted dense retrieval with a generator and a retriever that teach each other"
 )]
 struct Cli {
@@ -47,7 +46,10 @@ enum PluginsAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The version line also names the plugin ABI, which is only known at run time here.
+    let version: &'static str =
+        Box::leak(format!("{} (plugin ABI {})", env!("CARGO_PKG_VERSION"), rir_sdk::ffi::ABI_VERSION).into_boxed_str());
+    let cli = Cli::from_arg_matches(&Cli::command().version(version).get_matches()).unwrap_or_else(|e| e.exit());
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",

@@ -180,13 +180,36 @@ fn abi_message(e: &LibraryError) -> String {
         LibraryError::IncompatibleVersionNumber { expected_version, actual_version, .. } => format!(
             "host expects plugin ABI {expected_version}, library was built for {actual_version} (rebuild it against this rir-sdk)"
         ),
-        LibraryError::AbiInstability(_) => {
-            let text = e.to_string();
-            let first = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("layout mismatch").to_owned();
-            format!("type layouts differ from the host's (rebuild it against rir-sdk with ABI {ABI_VERSION}): {first}")
-        }
+        LibraryError::AbiInstability(_) => format!(
+            "type layouts differ from the host's (rebuild it against rir-sdk with ABI {ABI_VERSION}): {}",
+            summarize_layout_error(&e.to_string())
+        ),
         _ => e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
     }
+}
+
+/// Boils abi_stable's layout report down to the type that differs and how:
+/// "FfiHost: incompatible type size (expected 48, found 56); ...".
+fn summarize_layout_error(report: &str) -> String {
+    let lines: Vec<&str> = report.lines().map(str::trim).collect();
+    let mut ty = None;
+    let mut problems = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        // The type is the one whose layout is printed just before the first error.
+        if *l == "Layout of expected type:" && problems.is_empty() {
+            ty = lines[i + 1..].iter().find_map(|l| l.strip_prefix("type:"));
+        }
+        if let Some(what) = l.strip_prefix("Error:") {
+            let after = |tag: &str| {
+                lines[i..].iter().position(|x| *x == tag).and_then(|p| lines.get(i + p + 1)).copied().unwrap_or("?")
+            };
+            problems.push(format!("{what} (expected {}, found {})", after("Expected:"), after("Found:")));
+        }
+    }
+    if problems.is_empty() {
+        return lines.iter().find(|l| !l.is_empty()).copied().unwrap_or("layout mismatch").to_owned();
+    }
+    format!("{}: {}", ty.unwrap_or("a plugin type"), problems.join("; "))
 }
 
 extern "C" fn host_log(level: u8, target: RStr<'_>, msg: RStr<'_>) {

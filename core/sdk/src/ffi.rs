@@ -18,8 +18,11 @@ use abi_stable::{
 
 use crate::error::FfiError;
 
-/// The plugin ABI version. abi_stable refuses a plugin whose ABI minor
-/// (for 0.x) differs from the host's. Bump it on any change to this module.
+/// The plugin ABI version, checked by abi_stable at load time: the host
+/// refuses a plugin built for an older ABI (for 0.x, a lower minor), and
+/// accepts a newer one only if every type layout it shares with the host is
+/// compatible (abi_stable's prefix types may grow at the end). Bump the minor
+/// on any change to this module.
 pub const ABI_VERSION: &str = "0.1.0";
 
 /// What the host hands a plugin when it loads it.

@@ -1,0 +1,60 @@
+//! Helpers shared by the host's integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use rir::{HostSettings, PluginHost, Registry};
+
+/// The workspace root (where registry.toml lives).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// The host over the workspace's own registry, with a fixed thread budget.
+pub fn host() -> PluginHost {
+    let reg = Registry::load(&root().join("registry.toml")).unwrap();
+    PluginHost::new(reg, settings())
+}
+
+/// Settings every test in one binary shares: a library is initialised once
+/// per process, so the first host's settings are the ones plugins see.
+pub fn settings() -> HostSettings {
+    HostSettings { threads: 3, ..HostSettings::default() }
+}
+
+/// A host over registry text written to a temporary directory.
+pub fn host_from(text: &str) -> (tempfile::TempDir, Result<PluginHost, rir::HostError>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.toml");
+    std::fs::write(&path, text).unwrap();
+    let host = Registry::load(&path).map(|r| PluginHost::new(r, settings()));
+    (dir, host)
+}
+
+/// The directory the workspace's plugin libraries are built into, failing
+/// with the command to run when they are not there.
+pub fn plugin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_owned(); // target/<profile>
+    let lib = dir.join(format!("{}rir_plugin_probe{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+    assert!(
+        lib.is_file(),
+        "plugin libraries are not built in {}: run `cargo build --workspace{}` before the tests",
+        dir.display(),
+        if dir.ends_with("release") { " --release" } else { "" }
+    );
+    dir
+}
+
+pub fn lib_path(crate_name: &str) -> PathBuf {
+    plugin_dir().join(format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        crate_name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+pub fn texts(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
