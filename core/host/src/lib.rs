@@ -1,11 +1,23 @@
-//! The rir host: registry and plugin loader, and (as later stages land) the
-//! pipeline that reads as the method does — data → encode → index → search →
-//! metrics → report; queries → rlrf → rlgf.
+//! The rir host. Modules read in the order the pipeline runs:
+//! plugins (registry, loading) → data → encode → search → metrics → report,
+//! with `eval` tying them together; generation and prompts serve the
+//! generator-augmented retrieval of Reinforced-IR.
 
 pub mod error;
 pub mod plugins;
 pub mod registry;
 pub mod suggest;
+
+pub mod data;
+pub mod encode;
+pub mod generate;
+pub mod prompts;
+pub mod search;
+pub mod metrics;
+pub mod runfile;
+pub mod stats;
+pub mod report;
+pub mod eval;
 
 pub use error::HostError;
 pub use plugins::{HostSettings, Plugin, PluginHost, Status};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
-use rir::{registry, HostError, HostSettings, PluginHost, Registry, Status};
+use rir::{data, eval, metrics, registry, report, HostError, HostSettings, PluginHost, Registry, Status};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,121 @@ enum Command {
         #[command(subcommand)]
         action: Option<PluginsAction>,
     },
+    /// Fetch and list BEIR datasets
+    Data {
+        #[command(subcommand)]
+        action: DataAction,
+    },
+    /// Evaluate a retriever (optionally generator-augmented) on a dataset
+    Eval(EvalArgs),
+    /// Compare results files: runs x (dataset, measure) with significance marks
+    Table(TableArgs),
+}
+
+#[derive(Subcommand)]
+enum DataAction {
+    /// Download a BEIR dataset (md5-checked), or copy it from a local mirror
+    Fetch {
+        /// Dataset name (see `rir data list --all`)
+        name: String,
+        /// Copy from DIR/beir/NAME instead of downloading
+        #[arg(long)]
+        mirror: Option<PathBuf>,
+        /// Fetch again even if cached
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show cached datasets (with --all, every dataset rir can fetch)
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Dataset name (fetched into the cache) or a directory in BEIR layout
+    #[arg(long)]
+    dataset: String,
+    /// qrels split [default: the dataset's evaluation split, usually test]
+    #[arg(long)]
+    split: Option<String>,
+    /// Local mirror laid out as DIR/beir/NAME; fetches from it when not cached
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// Retriever plugin name (registry.toml)
+    #[arg(long)]
+    retriever: String,
+    /// The retriever's config table, as TOML text or @FILE
+    #[arg(long, default_value = "")]
+    retriever_config: String,
+    /// Query instruction (FlagEmbedding's query_instruction_for_retrieval); overrides the plugin's
+    #[arg(long)]
+    query_instruction: Option<String>,
+    /// Generator plugin for Reinforced-IR query augmentation
+    #[arg(long)]
+    generator: Option<String>,
+    /// The generator's config table, as TOML text or @FILE
+    #[arg(long, default_value = "")]
+    generator_config: String,
+    /// Weight of the query embedding in the augmentation mix
+    #[arg(long, default_value_t = 0.8)]
+    query_weight: f32,
+    /// Max tokens per augmentation
+    #[arg(long, default_value_t = 300)]
+    augmentation_max_tokens: u32,
+    /// flat (built-in exact search) or PLUGIN:FACTORY, e.g. faiss:HNSW32,Flat
+    #[arg(long, default_value = "flat")]
+    index: String,
+    /// Results kept per query
+    #[arg(long, default_value_t = 1000)]
+    k: usize,
+    /// Measures, comma-separated (ir-measures names)
+    #[arg(long, default_value = "nDCG@10,R@100,AP@100,RR@10,P@10,R@1000")]
+    measures: String,
+    /// Average over queries in the run (trec_eval, BEIR) or over all judged queries (trec_eval -c)
+    #[arg(long, default_value = "run")]
+    averaging: String,
+    /// Keep results whose doc id equals the query id (BEIR drops them by default)
+    #[arg(long)]
+    keep_identical_ids: bool,
+    /// Texts per plugin call
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Do not read or write the embedding and generation caches
+    #[arg(long)]
+    no_cache: bool,
+    /// Directory for the run file and results JSON
+    #[arg(long, default_value = "runs")]
+    output: PathBuf,
+    /// Run name in tables and file names [default: RETRIEVER or RETRIEVER+GENERATOR]
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct TableArgs {
+    /// Results JSON files written by `rir eval` (or `rir run`)
+    #[arg(required = true)]
+    results: Vec<PathBuf>,
+    /// Run name to compare against [default: the first]
+    #[arg(long)]
+    baseline: Option<String>,
+    /// Rename runs, comma-separated, in the order given
+    #[arg(long)]
+    names: Option<String>,
+    /// Measures to show [default: all the runs have]
+    #[arg(long)]
+    measures: Option<String>,
+    /// Significance level
+    #[arg(long, default_value_t = 0.05)]
+    alpha: f64,
+    /// terminal, md, latex, csv or json
+    #[arg(long, default_value = "terminal")]
+    format: String,
+    /// Leave out the deltas against the baseline
+    #[arg(long)]
+    no_delta: bool,
 }
 
 #[derive(Subcommand)]
@@ -60,10 +175,26 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the
+/// message before it already includes (our errors print their source inline).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn host(cli: &Cli) -> Result<PluginHost> {
@@ -81,7 +212,125 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Plugins { action: None } => list_plugins(&host(&cli)?),
         Command::Plugins { action: Some(PluginsAction::Check { name }) } => check_plugin(&host(&cli)?, name),
+        Command::Data { action } => data_cmd(action),
+        Command::Eval(a) => eval_cmd(&host(&cli)?, a),
+        Command::Table(a) => table_cmd(a),
     }
+}
+
+/// `@FILE` reads the file; anything else is the TOML text itself.
+fn toml_arg(s: &str, what: &str) -> Result<String> {
+    let text = match s.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {what} from {path}"))?,
+        None => s.to_owned(),
+    };
+    text.parse::<toml::Table>().with_context(|| format!("{what} is not a TOML table"))?;
+    Ok(text)
+}
+
+fn data_cmd(action: &DataAction) -> Result<ExitCode> {
+    let cache = rir::plugins::default_cache_dir();
+    match action {
+        DataAction::Fetch { name, mirror, force } => {
+            let dir = data::fetch(name, &cache, mirror.as_deref(), *force)?;
+            let (docs, queries) = data::quick_counts(&dir);
+            println!("{name}: {docs} documents, {queries} queries in {}", dir.display());
+        }
+        DataAction::List { all } => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED).set_header(["dataset", "docs", "queries", "source", "path"]);
+            let cached = data::list_cached(&cache);
+            for c in &cached {
+                let (docs, queries) = data::quick_counts(&c.dir);
+                let src = c.provenance.as_ref().map_or("?".to_owned(), |p| p.source.clone());
+                t.add_row(vec![c.name.clone(), docs.to_string(), queries.to_string(), src, c.dir.display().to_string()]);
+            }
+            if *all {
+                for name in data::manifest().keys().filter(|n| !cached.iter().any(|c| &c.name == *n)) {
+                    t.add_row(vec![name.clone(), "-".into(), "-".into(), "not fetched".into(), String::new()]);
+                }
+            }
+            println!("cache: {}", cache.join("datasets").display());
+            println!("{t}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
+    let name = a.name.clone().unwrap_or_else(|| match &a.generator {
+        Some(g) => format!("{}+{g}", a.retriever),
+        None => a.retriever.clone(),
+    });
+    let opts = eval::EvalOptions {
+        dataset: a.dataset.clone(),
+        split: a.split.clone(),
+        mirror: a.mirror.clone(),
+        retriever: a.retriever.clone(),
+        retriever_config: toml_arg(&a.retriever_config, "--retriever-config")?,
+        query_instruction: a.query_instruction.clone(),
+        generator: a.generator.clone(),
+        generator_config: toml_arg(&a.generator_config, "--generator-config")?,
+        query_weight: a.query_weight,
+        augmentation_max_tokens: a.augmentation_max_tokens,
+        index: a.index.parse().map_err(anyhow::Error::msg)?,
+        k: a.k,
+        measures: metrics::parse_measures(&a.measures).map_err(anyhow::Error::msg)?,
+        averaging: a.averaging.parse().map_err(anyhow::Error::msg)?,
+        ignore_identical_ids: !a.keep_identical_ids,
+        batch: a.batch,
+        use_cache: !a.no_cache,
+        output: a.output.clone(),
+        name,
+    };
+    let out = eval::run(host, &opts)?;
+    let r = &out.results;
+    let cmp = report::compare(std::slice::from_ref(r), &report::TableOptions::default())?;
+    print!("{}", report::render(&cmp, report::Format::Terminal, false));
+    let enc = &r.config["encode"];
+    println!(
+        "{} queries, {} documents; encoded {} documents ({} from cache) and {} queries ({} from cache)",
+        r.evaluation.per_query.len(),
+        r.config["dataset"]["docs"],
+        enc["corpus"]["encoded"],
+        enc["corpus"]["from_cache"],
+        enc["queries"]["encoded"],
+        enc["queries"]["from_cache"]
+    );
+    println!(
+        "timings (s): {}",
+        r.timings.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", ")
+    );
+    println!("run file: {}
+results:  {}", out.run_file.display(), out.results_file.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
+    let mut results = a.results.iter().map(|p| report::Results::read(p)).collect::<Result<Vec<_>, _>>()?;
+    if let Some(names) = &a.names {
+        let names: Vec<&str> = names.split(',').map(str::trim).collect();
+        if names.len() != results.len() {
+            anyhow::bail!("--names gives {} names for {} results files", names.len(), results.len());
+        }
+        for (r, n) in results.iter_mut().zip(names) {
+            r.name = n.to_owned();
+        }
+    }
+    let opts = report::TableOptions {
+        baseline: a.baseline.clone(),
+        alpha: a.alpha,
+        measures: match &a.measures {
+            Some(m) => metrics::parse_measures(m).map_err(anyhow::Error::msg)?,
+            None => vec![],
+        },
+        show_delta: !a.no_delta,
+        ..Default::default()
+    };
+    let format: report::Format = a.format.parse().map_err(anyhow::Error::msg)?;
+    let cmp = report::compare(&results, &opts)?;
+    print!("{}", report::render(&cmp, format, opts.show_delta));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn list_plugins(host: &PluginHost) -> Result<ExitCode> {

@@ -6,7 +6,6 @@ mod common;
 use std::sync::Mutex;
 
 use common::*;
-use rir_sdk::Retriever;
 
 static RECORDS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 

@@ -58,3 +58,28 @@ pub fn lib_path(crate_name: &str) -> PathBuf {
 pub fn texts(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
+
+/// The local BEIR mirror: RIR_MIRROR, else ../shared/data beside the repository.
+pub fn mirror() -> PathBuf {
+    let p = std::env::var_os("RIR_MIRROR").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/data"));
+    assert!(
+        p.join("beir/scifact/corpus.jsonl").is_file(),
+        "no BEIR mirror at {} (set RIR_MIRROR to a directory holding beir/scifact and beir/nfcorpus)",
+        p.display()
+    );
+    p
+}
+
+/// The Python with the reference packages (scripts/setup-python makes it).
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("RIR_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/rir/venv/bin/python")
+    });
+    assert!(p.is_file(), "no reference Python at {}: run scripts/setup-python (or set RIR_PYTHON)", p.display());
+    p
+}
+
+/// A cache directory private to one test.
+pub fn temp_cache() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}

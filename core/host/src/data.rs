@@ -1,0 +1,445 @@
+//! BEIR datasets: the manifest of fetchable sets, fetching (download with md5
+//! check, or copy from a local mirror) into the cache, and loading with
+//! BEIR's semantics (documents are `title + " " + text`, stripped).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest shipped in the binary (data/datasets.toml).
+const MANIFEST: &str = include_str!("../../../data/datasets.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{}:{line}: {reason}", path.display())]
+    Malformed { path: PathBuf, line: usize, reason: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unknown dataset '{name}' (known: {known}){}", suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
+    Unknown { name: String, known: String, suggestion: Option<String> },
+    #[error("dataset '{name}' is not in the cache ({}); fetch it with `rir data fetch {name}` (add `--mirror DIR` to copy from a local mirror)", path.display())]
+    NotFetched { name: String, path: PathBuf },
+    #[error("mirror {} has no dataset '{name}' (expected {})", mirror.display(), expected.display())]
+    NotInMirror { name: String, mirror: PathBuf, expected: PathBuf },
+    #[error("download of {url} failed: {reason}")]
+    Download { url: String, reason: String },
+    #[error("{url}: md5 mismatch: expected {expected}, found {found}; the download was discarded")]
+    Checksum { url: String, expected: String, found: String },
+    #[error("{}: no qrels for split '{split}' (have: {have})", dir.display())]
+    NoSplit { dir: PathBuf, split: String, have: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
+    move |source| DataError::Io { path: path.to_owned(), source }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestEntry {
+    pub url: String,
+    pub md5: String,
+    pub eval_split: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    beir: BTreeMap<String, ManifestEntry>,
+}
+
+/// The BEIR datasets rir knows by name.
+pub fn manifest() -> BTreeMap<String, ManifestEntry> {
+    toml::from_str::<Manifest>(MANIFEST).expect("data/datasets.toml is valid").beir
+}
+
+pub fn manifest_entry(name: &str) -> Result<ManifestEntry, DataError> {
+    let m = manifest();
+    m.get(name).cloned().ok_or_else(|| DataError::Unknown {
+        name: name.to_owned(),
+        known: m.keys().cloned().collect::<Vec<_>>().join(", "),
+        suggestion: crate::suggest::nearest(name, m.keys().map(String::as_str)),
+    })
+}
+
+/// Where fetched datasets live: `<cache>/datasets/beir/<name>`.
+pub fn cache_dir(cache: &Path, name: &str) -> PathBuf {
+    cache.join("datasets/beir").join(name)
+}
+
+/// How a cached dataset got there (written next to its files).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provenance {
+    pub name: String,
+    pub source: String,
+    pub md5_checked: bool,
+    pub fetched_unix: u64,
+}
+
+const PROVENANCE: &str = "rir-source.json";
+
+/// Fetches `name` into the cache (from `mirror` when given) and returns its
+/// directory. Already-cached datasets are left alone unless `force`.
+pub fn fetch(name: &str, cache: &Path, mirror: Option<&Path>, force: bool) -> Result<PathBuf, DataError> {
+    let entry = manifest_entry(name);
+    let dest = cache_dir(cache, name);
+    if dest.join(PROVENANCE).is_file() && !force {
+        return Ok(dest);
+    }
+    let parent = dest.parent().expect("cache path has a parent");
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    // Build in a temporary sibling and rename: an interrupted fetch leaves no half dataset.
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let provenance = match mirror {
+        Some(m) => {
+            let src = m.join("beir").join(name);
+            if !src.join("corpus.jsonl").is_file() {
+                return Err(DataError::NotInMirror { name: name.into(), mirror: m.into(), expected: src });
+            }
+            copy_tree(&src, &tmp)?;
+            Provenance { name: name.into(), source: format!("mirror:{}", src.display()), md5_checked: false, fetched_unix: now() }
+        }
+        None => {
+            let entry = entry?;
+            let bytes = download(&entry.url)?;
+            let found = format!("{:x}", <md5::Md5 as md5::Digest>::digest(&bytes));
+            if found != entry.md5 {
+                return Err(DataError::Checksum { url: entry.url, expected: entry.md5, found });
+            }
+            unzip_dataset(&bytes, &tmp, &entry.url)?;
+            Provenance { name: name.into(), source: entry.url, md5_checked: true, fetched_unix: now() }
+        }
+    };
+    let p = tmp.join(PROVENANCE);
+    std::fs::write(&p, serde_json::to_vec_pretty(&provenance).expect("serialisable")).map_err(io(&p))?;
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    Ok(dest)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn download(url: &str) -> Result<Vec<u8>, DataError> {
+    let fail = |reason: String| DataError::Download { url: url.to_owned(), reason };
+    log::info!("downloading {url}");
+    let mut resp = rir_models::http().get(url).call().map_err(|e| fail(e.to_string()))?;
+    let mut bytes = Vec::new();
+    resp.body_mut().with_config().limit(u64::MAX).reader().read_to_end(&mut bytes).map_err(|e| fail(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// BEIR zips hold `<name>/corpus.jsonl` etc.; unpack that folder's files into `dest`.
+fn unzip_dataset(bytes: &[u8], dest: &Path, url: &str) -> Result<(), DataError> {
+    let bad = |reason: String| DataError::Download { url: url.to_owned(), reason };
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(format!("not a zip: {e}")))?;
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
+        let Some(rel) = f.enclosed_name() else { continue }; // refuses ../ paths
+        let rel: PathBuf = rel.components().skip(1).collect(); // drop the top folder
+        if f.is_dir() || rel.as_os_str().is_empty() {
+            continue;
+        }
+        let out = dest.join(rel);
+        std::fs::create_dir_all(out.parent().expect("file has a parent")).map_err(io(dest))?;
+        let mut w = std::fs::File::create(&out).map_err(io(&out))?;
+        std::io::copy(&mut f, &mut w).map_err(io(&out))?;
+    }
+    Ok(())
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> Result<(), DataError> {
+    std::fs::create_dir_all(dst).map_err(io(dst))?;
+    for e in std::fs::read_dir(src).map_err(io(src))? {
+        let e = e.map_err(io(src))?;
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_tree(&e.path(), &to)?;
+        } else {
+            std::fs::copy(e.path(), &to).map_err(io(&to))?;
+        }
+    }
+    Ok(())
+}
+
+/// A cached dataset: name, directory, provenance.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    pub name: String,
+    pub dir: PathBuf,
+    pub provenance: Option<Provenance>,
+}
+
+/// Datasets in the cache.
+pub fn list_cached(cache: &Path) -> Vec<Cached> {
+    let root = cache.join("datasets/beir");
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !e.path().join("corpus.jsonl").is_file() {
+                continue;
+            }
+            let provenance =
+                std::fs::read(e.path().join(PROVENANCE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            out.push(Cached { name, dir: e.path(), provenance });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// One corpus document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Doc {
+    pub id: String,
+    pub title: String,
+    pub text: String,
+}
+
+impl Doc {
+    /// What the encoder sees, as BEIR builds it: `title + " " + text`, stripped.
+    pub fn encoder_text(&self) -> String {
+        format!("{} {}", self.title, self.text).trim().to_owned()
+    }
+}
+
+/// qrels: query id → doc id → relevance grade.
+pub type Qrels = BTreeMap<String, BTreeMap<String, i32>>;
+
+/// What loading found that a researcher should know about.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadReport {
+    pub duplicate_doc_ids: usize,
+    pub duplicate_query_ids: usize,
+    pub qrels_unknown_query: usize,
+    pub qrels_unknown_doc: usize,
+    pub qrels_duplicate: usize,
+}
+
+impl LoadReport {
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let mut add = |n: usize, what: &str| {
+            if n > 0 {
+                w.push(format!("{n} {what}"))
+            }
+        };
+        add(self.duplicate_doc_ids, "duplicate document ids (first kept)");
+        add(self.duplicate_query_ids, "duplicate query ids (first kept)");
+        add(self.qrels_unknown_query, "judgments name queries not in queries.jsonl (dropped)");
+        add(self.qrels_unknown_doc, "judgments name documents not in corpus.jsonl (kept, never retrievable)");
+        add(self.qrels_duplicate, "repeated judgments for the same query and document (last kept)");
+        w
+    }
+}
+
+/// A loaded BEIR dataset, restricted to the queries judged in one split.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    pub dir: PathBuf,
+    pub split: String,
+    pub corpus: Vec<Doc>,
+    /// The queries of the split, in queries.jsonl order: (id, text).
+    pub queries: Vec<(String, String)>,
+    pub qrels: Qrels,
+    pub report: LoadReport,
+}
+
+#[derive(Deserialize)]
+struct RawDoc {
+    #[serde(rename = "_id")]
+    id: serde_json::Value,
+    #[serde(default)]
+    title: Option<String>,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct RawQuery {
+    #[serde(rename = "_id")]
+    id: serde_json::Value,
+    text: String,
+}
+
+/// `_id` may be written as a string or a number; BEIR treats it as a string.
+fn id_string(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn read_jsonl<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    mut each: impl FnMut(usize, T) -> Result<(), DataError>,
+) -> Result<(), DataError> {
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(io(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: T = serde_json::from_str(&line)
+            .map_err(|e| DataError::Malformed { path: path.to_owned(), line: i + 1, reason: e.to_string() })?;
+        each(i + 1, v)?;
+    }
+    Ok(())
+}
+
+/// Loads a BEIR folder; `split` picks qrels/<split>.tsv and the queries it judges.
+pub fn load_dir(name: &str, dir: &Path, split: &str) -> Result<Dataset, DataError> {
+    let mut report = LoadReport::default();
+    let qrels_path = dir.join("qrels").join(format!("{split}.tsv"));
+    if !qrels_path.is_file() {
+        let have = std::fs::read_dir(dir.join("qrels"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_string_lossy().strip_suffix(".tsv").map(str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        return Err(DataError::NoSplit { dir: dir.to_owned(), split: split.into(), have });
+    }
+
+    let corpus_path = dir.join("corpus.jsonl");
+    let mut corpus = Vec::new();
+    let mut seen = HashSet::new();
+    read_jsonl(&corpus_path, |line, d: RawDoc| {
+        let id = id_string(&d.id).ok_or_else(|| DataError::Malformed {
+            path: corpus_path.clone(),
+            line,
+            reason: "`_id` must be a string or number".into(),
+        })?;
+        if seen.insert(id.clone()) {
+            corpus.push(Doc { id, title: d.title.unwrap_or_default(), text: d.text });
+        } else {
+            report.duplicate_doc_ids += 1;
+        }
+        Ok(())
+    })?;
+
+    let queries_path = dir.join("queries.jsonl");
+    let mut all_queries: Vec<(String, String)> = Vec::new();
+    let mut qseen = HashSet::new();
+    read_jsonl(&queries_path, |line, q: RawQuery| {
+        let id = id_string(&q.id).ok_or_else(|| DataError::Malformed {
+            path: queries_path.clone(),
+            line,
+            reason: "`_id` must be a string or number".into(),
+        })?;
+        if qseen.insert(id.clone()) {
+            all_queries.push((id, q.text));
+        } else {
+            report.duplicate_query_ids += 1;
+        }
+        Ok(())
+    })?;
+
+    let qrels = read_qrels(&qrels_path, &mut report, &qseen, &seen)?;
+    let queries = all_queries.into_iter().filter(|(id, _)| qrels.contains_key(id)).collect();
+    Ok(Dataset { name: name.into(), dir: dir.into(), split: split.into(), corpus, queries, qrels, report })
+}
+
+/// Reads a qrels TSV (`query-id corpus-id score`, header optional).
+fn read_qrels(
+    path: &Path,
+    report: &mut LoadReport,
+    queries: &HashSet<String>,
+    docs: &HashSet<String>,
+) -> Result<Qrels, DataError> {
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    let mut qrels = Qrels::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(io(path))?;
+        let bad = |reason: String| DataError::Malformed { path: path.to_owned(), line: i + 1, reason };
+        if line.trim().is_empty() || (i == 0 && line.starts_with("query-id")) {
+            continue;
+        }
+        let cols: Vec<&str> = line.split('\t').collect();
+        // BEIR's TSV has three columns; TREC qrels have four (qid 0 docid rel).
+        let (q, d, r) = match cols.as_slice() {
+            [q, d, r] => (*q, *d, *r),
+            [q, _, d, r] => (*q, *d, *r),
+            _ => return Err(bad(format!("expected 3 tab-separated columns, found {}", cols.len()))),
+        };
+        let rel: i32 = r.trim().parse().map_err(|_| bad(format!("relevance {r:?} is not an integer")))?;
+        if !queries.contains(q) {
+            report.qrels_unknown_query += 1;
+            continue;
+        }
+        if !docs.contains(d) {
+            report.qrels_unknown_doc += 1;
+        }
+        if qrels.entry(q.to_owned()).or_default().insert(d.to_owned(), rel).is_some() {
+            report.qrels_duplicate += 1;
+        }
+    }
+    Ok(qrels)
+}
+
+/// Resolves `--dataset`: a directory in BEIR layout, or a name fetched into
+/// the cache (fetching from `mirror` first when one is given).
+pub fn open(spec: &str, split: Option<&str>, cache: &Path, mirror: Option<&Path>) -> Result<Dataset, DataError> {
+    let as_path = Path::new(spec);
+    if as_path.join("corpus.jsonl").is_file() {
+        let name = as_path.file_name().map_or(spec.to_owned(), |n| n.to_string_lossy().into_owned());
+        return load_dir(&name, as_path, split.unwrap_or("test"));
+    }
+    let entry = manifest_entry(spec)?;
+    let dir = match mirror {
+        Some(_) => fetch(spec, cache, mirror, false)?,
+        None => {
+            let d = cache_dir(cache, spec);
+            if !d.join("corpus.jsonl").is_file() {
+                return Err(DataError::NotFetched { name: spec.into(), path: d });
+            }
+            d
+        }
+    };
+    load_dir(spec, &dir, split.unwrap_or(&entry.eval_split))
+}
+
+/// Counts for `rir data list`.
+pub fn quick_counts(dir: &Path) -> (usize, usize) {
+    let count = |p: PathBuf| {
+        std::fs::File::open(p).map(|f| BufReader::new(f).lines().filter(|l| l.as_ref().is_ok_and(|l| !l.trim().is_empty())).count()).unwrap_or(0)
+    };
+    (count(dir.join("corpus.jsonl")), count(dir.join("queries.jsonl")))
+}
+
+/// Writes a small BEIR folder (tests and tools).
+pub fn write_dir(dir: &Path, corpus: &[Doc], queries: &[(String, String)], split: &str, qrels: &Qrels) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir.join("qrels"))?;
+    let mut c = std::fs::File::create(dir.join("corpus.jsonl"))?;
+    for d in corpus {
+        writeln!(c, "{}", serde_json::json!({"_id": d.id, "title": d.title, "text": d.text}))?;
+    }
+    let mut q = std::fs::File::create(dir.join("queries.jsonl"))?;
+    for (id, text) in queries {
+        writeln!(q, "{}", serde_json::json!({"_id": id, "text": text}))?;
+    }
+    let mut r = std::fs::File::create(dir.join("qrels").join(format!("{split}.tsv")))?;
+    writeln!(r, "query-id\tcorpus-id\tscore")?;
+    for (qid, docs) in qrels {
+        for (d, rel) in docs {
+            writeln!(r, "{qid}\t{d}\t{rel}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Doc id → position in the corpus.
+pub fn doc_index(corpus: &[Doc]) -> HashMap<&str, usize> {
+    corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect()
+}

@@ -1,0 +1,214 @@
+//! `rir eval`: dataset → encode (cached) → optional generator augmentation →
+//! search → metrics → run file, results JSON and a table.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rir_sdk::{Embeddings, GenerationRequest, Hits};
+use serde_json::json;
+
+use crate::data;
+use crate::encode::{self, EmbeddingCache, Side};
+use crate::generate::{generate_all, GenerationCache};
+use crate::metrics::{self, Averaging, Measure, Run};
+use crate::plugins::PluginHost;
+use crate::prompts;
+use crate::report::{Results, RESULTS_SCHEMA};
+use crate::runfile;
+
+/// Where top-k search happens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexChoice {
+    /// The built-in exact inner-product search.
+    Exact,
+    /// An Index plugin with its config table (`faiss:SPEC` → plugin "faiss", `factory = SPEC`).
+    Plugin { name: String, config: String },
+}
+
+impl std::str::FromStr for IndexChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flat" | "exact" => Ok(IndexChoice::Exact),
+            _ => match s.split_once(':') {
+                Some((name, spec)) if !spec.is_empty() => Ok(IndexChoice::Plugin {
+                    name: name.to_owned(),
+                    config: format!("factory = {}", toml::Value::String(spec.to_owned())),
+                }),
+                _ => Err(format!("index {s:?}: use `flat`, or PLUGIN:FACTORY such as `faiss:HNSW32,Flat`")),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub dataset: String,
+    pub split: Option<String>,
+    pub mirror: Option<PathBuf>,
+    pub retriever: String,
+    pub retriever_config: String,
+    /// Overrides the retriever's own query instruction.
+    pub query_instruction: Option<String>,
+    pub generator: Option<String>,
+    pub generator_config: String,
+    /// Weight of the query embedding in the augmentation mix (DESIGN §1.4).
+    pub query_weight: f32,
+    pub augmentation_max_tokens: u32,
+    pub index: IndexChoice,
+    pub k: usize,
+    pub measures: Vec<Measure>,
+    pub averaging: Averaging,
+    pub ignore_identical_ids: bool,
+    /// Texts per plugin call.
+    pub batch: usize,
+    pub use_cache: bool,
+    pub output: PathBuf,
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    #[error(transparent)]
+    Host(#[from] crate::HostError),
+    #[error(transparent)]
+    Encode(#[from] encode::EncodeError),
+    #[error(transparent)]
+    Generate(#[from] crate::generate::GenerateError),
+    #[error("index plugin '{plugin}': {source}")]
+    Index {
+        plugin: String,
+        #[source]
+        source: rir_sdk::PluginError,
+    },
+    #[error(transparent)]
+    RunFile(#[from] runfile::RunFileError),
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `run` produced, with where it wrote it.
+pub struct EvalOutput {
+    pub results: Results,
+    pub run_file: PathBuf,
+    pub results_file: PathBuf,
+}
+
+pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
+    let mut timings = BTreeMap::new();
+    let cache_root = host.settings.cache_dir.clone();
+    let t = Instant::now();
+    let ds = data::open(&o.dataset, o.split.as_deref(), &cache_root, o.mirror.as_deref())?;
+    for w in ds.report.warnings() {
+        log::warn!("{}: {w}", ds.dir.display());
+    }
+    timings.insert("load".to_owned(), t.elapsed().as_secs_f64());
+
+    let retriever = host.load(&o.retriever)?.retriever(&o.retriever_config)?;
+    let info = retriever.info();
+    let cache = o.use_cache.then(|| EmbeddingCache::new(&cache_root, &info.fingerprint));
+
+    let doc_texts: Vec<String> = ds.corpus.iter().map(data::Doc::encoder_text).collect();
+    let (corpus, corpus_stats) = encode::encode(retriever.as_ref(), Side::Corpus, &doc_texts, cache.as_ref(), o.batch, "corpus")?;
+    timings.insert("encode_corpus".to_owned(), corpus_stats.seconds);
+
+    let query_texts: Vec<String> = ds.queries.iter().map(|(_, t)| t.clone()).collect();
+    let side = Side::Query(o.query_instruction.as_deref());
+    let (mut queries, query_stats) = encode::encode(retriever.as_ref(), side, &query_texts, cache.as_ref(), o.batch, "queries")?;
+    timings.insert("encode_queries".to_owned(), query_stats.seconds);
+
+    let mut generation = serde_json::Value::Null;
+    if let Some(gname) = &o.generator {
+        let t = Instant::now();
+        let generator = host.load(gname)?.generator(&o.generator_config)?;
+        let task = prompts::task_for(&ds.name);
+        let requests: Vec<GenerationRequest> = query_texts
+            .iter()
+            .map(|q| GenerationRequest::greedy(prompts::augmentation(&task, q), o.augmentation_max_tokens))
+            .collect();
+        let identity = format!("{gname}\n{}\n{}", o.generator_config, generator.model_name());
+        let gcache = o.use_cache.then(|| GenerationCache::new(&cache_root, &identity));
+        let (completions, from_cache) = generate_all(generator.as_ref(), &requests, gcache.as_ref(), 8, "augment")?;
+        timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
+        let aug: Vec<String> = completions
+            .iter()
+            .map(|c| format!("{}{}", prompts::AUGMENTATION_PREFIX, c.first().map_or("", |c| c.text.trim())))
+            .collect();
+        let (aug_emb, _) = encode::encode(retriever.as_ref(), Side::Corpus, &aug, cache.as_ref(), o.batch, "augment-enc")?;
+        queries = encode::mix(&queries, &aug_emb, o.query_weight);
+        generation = json!({
+            "plugin": gname, "config": o.generator_config, "model": generator.model_name(),
+            "query_weight": o.query_weight, "max_tokens": o.augmentation_max_tokens,
+            "prefix": prompts::AUGMENTATION_PREFIX, "from_cache": from_cache,
+        });
+    }
+
+    let t = Instant::now();
+    let hits = search(host, &o.index, &queries, &corpus, o.k)?;
+    timings.insert("search".to_owned(), t.elapsed().as_secs_f64());
+
+    let mut run = Run::new();
+    for (qi, (qid, _)) in ds.queries.iter().enumerate() {
+        let row: Vec<(String, f64)> = (0..hits.k)
+            .filter_map(|s| {
+                let id = hits.ids[qi * hits.k + s];
+                (id >= 0).then(|| (ds.corpus[id as usize].id.clone(), hits.scores[qi * hits.k + s] as f64))
+            })
+            .collect();
+        run.insert(qid.clone(), row);
+    }
+    let t = Instant::now();
+    let evaluation = metrics::evaluate(&ds.qrels, &run, &o.measures, o.averaging, o.ignore_identical_ids);
+    timings.insert("evaluate".to_owned(), t.elapsed().as_secs_f64());
+
+    std::fs::create_dir_all(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
+    let run_file = o.output.join(format!("{}.{}.trec", o.name, ds.name));
+    runfile::write(&run_file, &run, &o.name)?;
+    let results = Results {
+        schema: RESULTS_SCHEMA.into(),
+        name: o.name.clone(),
+        dataset: ds.name.clone(),
+        split: ds.split.clone(),
+        evaluation,
+        timings,
+        config: json!({
+            "retriever": {"plugin": o.retriever, "config": o.retriever_config, "info": info,
+                          "query_instruction": o.query_instruction},
+            "generator": generation,
+            "index": format!("{:?}", o.index),
+            "k": o.k,
+            "ignore_identical_ids": o.ignore_identical_ids,
+            "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len(),
+                        "load_report": ds.report},
+            "encode": {"corpus": corpus_stats, "queries": query_stats},
+            "threads": host.settings.threads,
+        }),
+        rir_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    let results_file = o.output.join(format!("{}.{}.json", o.name, ds.name));
+    results.write(&results_file)?;
+    Ok(EvalOutput { results, run_file, results_file })
+}
+
+/// Top-k with the chosen index.
+pub fn search(host: &PluginHost, index: &IndexChoice, queries: &Embeddings, corpus: &Embeddings, k: usize) -> Result<Hits, EvalError> {
+    match index {
+        IndexChoice::Exact => Ok(crate::search::exact_topk(queries, corpus, k, host.settings.threads)),
+        IndexChoice::Plugin { name, config } => {
+            let err = |source| EvalError::Index { plugin: name.clone(), source };
+            let mut idx = host.load(name)?.index(config, corpus.dim)?;
+            idx.add(corpus).map_err(err)?;
+            idx.search(queries, k.min(corpus.rows)).map_err(err)
+        }
+    }
+}

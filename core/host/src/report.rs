@@ -1,0 +1,368 @@
+//! Results files and comparison tables.
+//!
+//! A results JSON holds one run on one dataset: aggregate and per-query
+//! values, timings and the configuration that produced it. `rir table`
+//! renders any number of them as runs × (dataset, measure), as ranx does:
+//! best value in bold, delta against a baseline run, and significance marks
+//! from a paired two-sided t-test and a paired randomization test.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Attribute, Cell, CellAlignment, Table};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{Evaluation, Measure};
+use crate::stats::{paired_t_test, randomization_test};
+
+pub const RESULTS_SCHEMA: &str = "rir.results.v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub schema: String,
+    /// Run name shown in tables.
+    pub name: String,
+    pub dataset: String,
+    pub split: String,
+    pub evaluation: Evaluation,
+    /// Seconds per step (load, encode_corpus, encode_queries, generate, search, evaluate).
+    pub timings: BTreeMap<String, f64>,
+    /// Everything that produced the run (plugins, their configs, k, index, ...).
+    pub config: serde_json::Value,
+    pub rir_version: String,
+    pub created_unix: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a rir results file: {reason}", path.display())]
+    Parse { path: PathBuf, reason: String },
+    #[error("baseline '{0}' is not one of the runs ({1})")]
+    NoBaseline(String, String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Results {
+    pub fn read(path: &Path) -> Result<Self, ReportError> {
+        let bytes = std::fs::read(path).map_err(|source| ReportError::Io { path: path.into(), source })?;
+        let r: Results =
+            serde_json::from_slice(&bytes).map_err(|e| ReportError::Parse { path: path.into(), reason: e.to_string() })?;
+        if r.schema != RESULTS_SCHEMA {
+            return Err(ReportError::Parse { path: path.into(), reason: format!("schema {:?}, expected {RESULTS_SCHEMA:?}", r.schema) });
+        }
+        Ok(r)
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn write(&self, path: &Path) -> Result<(), ReportError> {
+        let tmp = path.with_extension("json.partial");
+        let err = |source| ReportError::Io { path: path.into(), source };
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialisable")).map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Terminal,
+    Markdown,
+    Latex,
+    Csv,
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "terminal" | "term" => Ok(Format::Terminal),
+            "md" | "markdown" => Ok(Format::Markdown),
+            "latex" | "tex" => Ok(Format::Latex),
+            "csv" => Ok(Format::Csv),
+            "json" => Ok(Format::Json),
+            _ => Err(format!("unknown format {s:?} (terminal, md, latex, csv, json)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TableOptions {
+    /// Run name to compare against; the first run when None.
+    pub baseline: Option<String>,
+    /// Significance level for both tests.
+    pub alpha: f64,
+    /// Measures to show; every measure the runs share when empty.
+    pub measures: Vec<Measure>,
+    pub randomization_iterations: usize,
+    pub show_delta: bool,
+}
+
+impl Default for TableOptions {
+    fn default() -> Self {
+        Self { baseline: None, alpha: 0.05, measures: vec![], randomization_iterations: 10_000, show_delta: true }
+    }
+}
+
+/// One cell of the comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct CellValue {
+    pub value: f64,
+    pub delta: Option<f64>,
+    pub p_t_test: Option<f64>,
+    pub p_randomization: Option<f64>,
+    pub best: bool,
+    pub queries: usize,
+}
+
+/// The computed comparison, before rendering.
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub runs: Vec<String>,
+    pub baseline: String,
+    pub alpha: f64,
+    /// Column keys: (dataset, measure).
+    pub columns: Vec<(String, String)>,
+    /// rows[run][column]; None where a run lacks that dataset or measure.
+    pub cells: Vec<Vec<Option<CellValue>>>,
+}
+
+pub fn compare(results: &[Results], opts: &TableOptions) -> Result<Comparison, ReportError> {
+    if results.is_empty() {
+        return Err(ReportError::Usage("no results to compare".into()));
+    }
+    let mut runs: Vec<String> = Vec::new();
+    for r in results {
+        if !runs.contains(&r.name) {
+            runs.push(r.name.clone());
+        }
+    }
+    let baseline = opts.baseline.clone().unwrap_or_else(|| runs[0].clone());
+    if !runs.contains(&baseline) {
+        return Err(ReportError::NoBaseline(baseline, runs.join(", ")));
+    }
+    let mut datasets: Vec<String> = Vec::new();
+    for r in results {
+        if !datasets.contains(&r.dataset) {
+            datasets.push(r.dataset.clone());
+        }
+    }
+    let measures: Vec<Measure> = if opts.measures.is_empty() {
+        let mut m: Vec<Measure> = Vec::new();
+        for r in results {
+            for x in &r.evaluation.measures {
+                if !m.contains(x) {
+                    m.push(*x);
+                }
+            }
+        }
+        m
+    } else {
+        opts.measures.clone()
+    };
+    let find = |run: &str, ds: &str| results.iter().find(|r| r.name == run && r.dataset == ds);
+    let mut columns = Vec::new();
+    let mut cells = vec![Vec::new(); runs.len()];
+    for ds in &datasets {
+        for m in &measures {
+            columns.push((ds.clone(), m.to_string()));
+            let base = find(&baseline, ds);
+            let mut col: Vec<Option<CellValue>> = runs
+                .iter()
+                .map(|run| {
+                    let r = find(run, ds)?;
+                    let value = *r.evaluation.aggregate.get(m)?;
+                    let mut cell = CellValue {
+                        value,
+                        delta: None,
+                        p_t_test: None,
+                        p_randomization: None,
+                        best: false,
+                        queries: r.evaluation.per_query.len(),
+                    };
+                    if let Some(b) = base.filter(|b| b.name != r.name) {
+                        if let Some(bv) = b.evaluation.aggregate.get(m) {
+                            cell.delta = Some(value - bv);
+                            let (xs, ys) = paired(r, b, m);
+                            if !xs.is_empty() {
+                                cell.p_t_test = Some(paired_t_test(&xs, &ys));
+                                cell.p_randomization = Some(randomization_test(&xs, &ys, opts.randomization_iterations, 0x5EED));
+                            }
+                        }
+                    }
+                    Some(cell)
+                })
+                .collect();
+            let best = col.iter().flatten().map(|c| c.value).fold(f64::NEG_INFINITY, f64::max);
+            for c in col.iter_mut().flatten() {
+                c.best = c.value == best;
+            }
+            for (i, c) in col.into_iter().enumerate() {
+                cells[i].push(c);
+            }
+        }
+    }
+    Ok(Comparison { runs, baseline, alpha: opts.alpha, columns, cells })
+}
+
+/// Per-query values of measure `m` for the queries both runs evaluated.
+fn paired(a: &Results, b: &Results, m: &Measure) -> (Vec<f64>, Vec<f64>) {
+    let mut xs = Vec::new();
+    let mut ys = Vec::new();
+    for (q, va) in &a.evaluation.per_query {
+        if let (Some(x), Some(y)) = (va.get(m), b.evaluation.per_query.get(q).and_then(|vb| vb.get(m))) {
+            xs.push(*x);
+            ys.push(*y);
+        }
+    }
+    (xs, ys)
+}
+
+/// Marks: `ᵗ` t-test and `ʳ` randomization test significant at alpha.
+fn marks(c: &CellValue, alpha: f64) -> String {
+    let mut s = String::new();
+    if c.p_t_test.is_some_and(|p| p < alpha) {
+        s.push('ᵗ');
+    }
+    if c.p_randomization.is_some_and(|p| p < alpha) {
+        s.push('ʳ');
+    }
+    s
+}
+
+pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
+    let text = |cell: &Option<CellValue>| -> String {
+        match cell {
+            None => "-".into(),
+            Some(v) => {
+                let mut s = format!("{:.4}{}", v.value, marks(v, c.alpha));
+                if let (true, Some(d)) = (show_delta, v.delta) {
+                    s.push_str(&format!(" ({d:+.4})"));
+                }
+                s
+            }
+        }
+    };
+    let legend = format!(
+        "baseline: {}; ᵗ paired t-test, ʳ paired randomization test, p < {} against the baseline; best in bold",
+        c.baseline, c.alpha
+    );
+    match format {
+        Format::Terminal => {
+            let mut t = Table::new();
+            t.load_preset(UTF8_FULL_CONDENSED);
+            let mut header = vec![Cell::new("run")];
+            header.extend(c.columns.iter().map(|(d, m)| Cell::new(format!("{d}\n{m}")).set_alignment(CellAlignment::Center)));
+            t.set_header(header);
+            for (i, run) in c.runs.iter().enumerate() {
+                let mut row = vec![Cell::new(run)];
+                for cell in &c.cells[i] {
+                    let mut x = Cell::new(text(cell)).set_alignment(CellAlignment::Right);
+                    if cell.as_ref().is_some_and(|v| v.best) {
+                        x = x.add_attribute(Attribute::Bold);
+                    }
+                    row.push(x);
+                }
+                t.add_row(row);
+            }
+            format!("{t}\n{legend}\n")
+        }
+        Format::Markdown => {
+            let mut s = String::from("| run |");
+            for (d, m) in &c.columns {
+                s.push_str(&format!(" {d} {m} |"));
+            }
+            s.push_str("\n|---|");
+            s.push_str(&"---:|".repeat(c.columns.len()));
+            s.push('\n');
+            for (i, run) in c.runs.iter().enumerate() {
+                s.push_str(&format!("| {run} |"));
+                for cell in &c.cells[i] {
+                    let t = text(cell);
+                    if cell.as_ref().is_some_and(|v| v.best) {
+                        s.push_str(&format!(" **{t}** |"));
+                    } else {
+                        s.push_str(&format!(" {t} |"));
+                    }
+                }
+                s.push('\n');
+            }
+            s.push_str(&format!("\n{legend}\n"));
+            s
+        }
+        Format::Latex => {
+            let esc = |x: &str| x.replace('_', "\\_").replace('&', "\\&").replace('%', "\\%").replace('#', "\\#");
+            let latex_cell = |cell: &Option<CellValue>| -> String {
+                match cell {
+                    None => "-".into(),
+                    Some(v) => {
+                        let mut num = format!("{:.4}", v.value);
+                        if v.best {
+                            num = format!("\\textbf{{{num}}}");
+                        }
+                        let m = marks(v, c.alpha).replace('ᵗ', "t").replace('ʳ', "r");
+                        if !m.is_empty() {
+                            num.push_str(&format!("$^{{{m}}}$"));
+                        }
+                        if let (true, Some(d)) = (show_delta, v.delta) {
+                            num.push_str(&format!(" ({d:+.4})"));
+                        }
+                        num
+                    }
+                }
+            };
+            let mut s = format!("\\begin{{tabular}}{{l{}}}\n\\toprule\nrun", "r".repeat(c.columns.len()));
+            for (d, m) in &c.columns {
+                s.push_str(&format!(" & {} {}", esc(d), esc(m)));
+            }
+            s.push_str(" \\\\\n\\midrule\n");
+            for (i, run) in c.runs.iter().enumerate() {
+                s.push_str(&esc(run));
+                for cell in &c.cells[i] {
+                    s.push_str(&format!(" & {}", latex_cell(cell)));
+                }
+                s.push_str(" \\\\\n");
+            }
+            s.push_str("\\bottomrule\n\\end{tabular}\n");
+            s.push_str(&format!("% {}\n", legend.replace('ᵗ', "t").replace('ʳ', "r")));
+            s
+        }
+        Format::Csv => {
+            let mut s = String::from("run,dataset,measure,value,delta,p_t_test,p_randomization,best\n");
+            let opt = |x: Option<f64>| x.map(|v| v.to_string()).unwrap_or_default();
+            for (i, run) in c.runs.iter().enumerate() {
+                for ((d, m), cell) in c.columns.iter().zip(&c.cells[i]) {
+                    if let Some(v) = cell {
+                        s.push_str(&format!(
+                            "{},{},{},{},{},{},{},{}\n",
+                            csv_field(run),
+                            csv_field(d),
+                            m,
+                            v.value,
+                            opt(v.delta),
+                            opt(v.p_t_test),
+                            opt(v.p_randomization),
+                            v.best
+                        ));
+                    }
+                }
+            }
+            s
+        }
+        Format::Json => serde_json::to_string_pretty(c).expect("serialisable") + "\n",
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}

