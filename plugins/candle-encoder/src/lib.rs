@@ -6,7 +6,7 @@
 //! pooling = "mean"            # cls | mean | last_token; default: the model's sentence-transformers config, else cls
 //! normalize = true            # default: the model's sentence-transformers config, else true
 //! query_instruction = ""      # prepended to queries (FlagEmbedding's query_instruction_for_retrieval)
-//! max_length = 512            # tokens; longer texts are truncated
+//! max_length = 256            # tokens; longer are truncated; default: sentence_bert_config.json, else 512
 //! batch_size = 32
 //! dtype = "f32"               # f32 | f16 | bf16
 //! device = "cpu"              # cpu | cuda | cuda:N (needs the `cuda` feature)
@@ -153,7 +153,9 @@ impl CandleEncoder {
             None => st_pooling.unwrap_or(Pooling::Cls),
         };
         let normalize = cfg.normalize.or(st_normalize).unwrap_or(true);
-        let max_length = cfg.max_length.unwrap_or(512).min(bert_cfg.max_position_embeddings);
+        // Default: the model's own sentence-transformers max_seq_length, else 512.
+        let max_length =
+            cfg.max_length.or_else(|| encoder::sentence_transformers_max_length(&dir)).unwrap_or(512).min(bert_cfg.max_position_embeddings);
         if max_length < 2 {
             return Err(PluginError::config("max_length must be at least 2"));
         }

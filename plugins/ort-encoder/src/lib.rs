@@ -9,13 +9,13 @@
 //! pooling = "mean"               # cls | mean | last_token; default: the tokenizer dir's sentence-transformers config, else cls
 //! normalize = true
 //! query_instruction = ""
-//! max_length = 512
+//! max_length = 256              # default: the tokenizer dir's sentence_bert_config.json, else 512
 //! batch_size = 32
 //! execution_provider = "cpu"     # cpu | cuda | cuda:N (falls back to CPU with a warning)
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use ort::ep::ExecutionProvider;
 use ort::session::Session;
@@ -37,17 +37,13 @@ pub struct OrtConfig {
     pub normalize: Option<bool>,
     #[serde(default)]
     pub query_instruction: String,
-    #[serde(default = "default_max_length")]
-    pub max_length: usize,
+    pub max_length: Option<usize>,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
     #[serde(default = "default_ep")]
     pub execution_provider: String,
 }
 
-fn default_max_length() -> usize {
-    512
-}
 fn default_batch() -> usize {
     32
 }
@@ -59,30 +55,37 @@ fn oerr(what: &str) -> impl Fn(ort::Error) -> PluginError + '_ {
     move |e| PluginError::other(format!("{what}: {e}"))
 }
 
-/// One ONNX Runtime library per process: the first plugin instance picks it.
-static ENV: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+/// One ONNX Runtime library per process: the first plugin instance that
+/// loads one fixes it. A failed load is not remembered, so it can be retried.
+static ENV: Mutex<Option<(PathBuf, &'static ort::environment::Environment)>> = Mutex::new(None);
 
 fn environment(runtime: &str) -> PluginResult<&'static ort::environment::Environment> {
     let want = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| runtime.to_owned());
-    let got = ENV.get_or_init(|| {
-        let lib = rir_models::resolve(&want, &rir_sdk::host().cache_dir).map_err(|e| {
-            format!("ONNX Runtime library: {e} (set `runtime` to the path of libonnxruntime, or ORT_DYLIB_PATH)")
-        })?;
-        if !lib.is_file() {
-            return Err(format!("ONNX Runtime library {} is not a file", lib.display()));
+    let mut env = ENV.lock().map_err(|_| PluginError::other("runtime lock poisoned"))?;
+    let lib = rir_models::resolve(&want, &rir_sdk::host().cache_dir).map_err(|e| {
+        PluginError::resource(format!(
+            "ONNX Runtime library: {e} (set `runtime` to the path of libonnxruntime, or ORT_DYLIB_PATH)"
+        ))
+    })?;
+    if let Some((loaded, e)) = env.as_ref() {
+        if *loaded != lib {
+            rir_sdk::log::warn!("ONNX Runtime already loaded from {}; ignoring {}", loaded.display(), lib.display());
         }
-        // init_from, never init(): init() panics when no library is found.
-        let env = ort::init_from(&lib)
-            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", lib.display()))?
-            .with_name("rir")
-            .build()
-            .map_err(|e| format!("ONNX Runtime environment: {e}"))?;
-        Ok((lib, env))
-    });
-    match got {
-        Ok((_, env)) => Ok(env),
-        Err(e) => Err(PluginError::resource(e)),
+        return Ok(e);
     }
+    if !lib.is_file() {
+        return Err(PluginError::resource(format!("ONNX Runtime library {} is not a file", lib.display())));
+    }
+    // init_from, never init(): init() panics when no library is found.
+    let built = ort::init_from(&lib)
+        .map_err(|e| PluginError::resource(format!("cannot load ONNX Runtime from {}: {e}", lib.display())))?
+        .with_name("rir")
+        .build()
+        .map_err(|e| PluginError::resource(format!("ONNX Runtime environment: {e}")))?;
+    // Lives as long as the process: sessions borrow it, and libraries are never unloaded.
+    let leaked: &'static ort::environment::Environment = Box::leak(Box::new(built));
+    *env = Some((lib, leaked));
+    Ok(leaked)
 }
 
 pub struct OrtEncoder {
@@ -144,7 +147,8 @@ impl OrtEncoder {
             None => st_pooling.unwrap_or(Pooling::Cls),
         };
         let normalize = cfg.normalize.or(st_normalize).unwrap_or(true);
-        let batcher = TextBatcher::load(&tok_file, cfg.max_length).map_err(PluginError::resource)?;
+        let max_length = cfg.max_length.or_else(|| encoder::sentence_transformers_max_length(&st_dir)).unwrap_or(512);
+        let batcher = TextBatcher::load(&tok_file, max_length).map_err(PluginError::resource)?;
 
         let threads = rir_sdk::host().threads;
         let mut builder = Session::builder(env)
@@ -196,12 +200,12 @@ impl OrtEncoder {
             normalize,
             query_instruction: cfg.query_instruction.clone(),
             batch_size: cfg.batch_size.max(1),
-            info: RetrieverInfo { model: cfg.model.clone(), fingerprint: String::new(), dim: 0, max_length: cfg.max_length, normalized: normalize },
+            info: RetrieverInfo { model: cfg.model.clone(), fingerprint: String::new(), dim: 0, max_length, normalized: normalize },
             provider,
         };
         // The dimension is whatever the model produces: probe it once.
         me.info.dim = me.encode(&["dimension probe".to_owned()])?.dim;
-        let settings = format!("ort/pool={pooling}/norm={normalize}/max={}/out={}", cfg.max_length, me.output);
+        let settings = format!("ort/pool={pooling}/norm={normalize}/max={max_length}/out={}", me.output);
         let fp = encoder::fingerprint(&[onnx.clone(), tok_file], &settings).map_err(PluginError::resource)?;
         me.info.fingerprint = format!("{settings}/{fp}");
         rir_sdk::log::info!("loaded {} ({}-d) on {}", onnx.display(), me.info.dim, me.provider);
