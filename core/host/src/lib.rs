@@ -18,6 +18,7 @@ pub mod runfile;
 pub mod stats;
 pub mod report;
 pub mod eval;
+pub mod bench;
 
 pub use error::HostError;
 pub use plugins::{HostSettings, Plugin, PluginHost, Status};

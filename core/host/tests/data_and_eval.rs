@@ -1,0 +1,176 @@
+//! Datasets, run files and results files: real BEIR data from the mirror,
+//! bad input with file:line errors, and `rir eval` / `rir table` end to end.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use rir::data::{self, DataError, Doc};
+use rir::runfile;
+
+fn write_beir(dir: &std::path::Path, corpus: &str, queries: &str, qrels: &str) {
+    std::fs::create_dir_all(dir.join("qrels")).unwrap();
+    std::fs::write(dir.join("corpus.jsonl"), corpus).unwrap();
+    std::fs::write(dir.join("queries.jsonl"), queries).unwrap();
+    std::fs::write(dir.join("qrels/test.tsv"), qrels).unwrap();
+}
+
+#[test]
+fn real_beir_sets_load_with_their_published_counts() {
+    let cache = temp_cache();
+    let s = data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
+    assert_eq!((s.corpus.len(), s.queries.len()), (5183, 300));
+    assert_eq!(s.qrels.values().map(|d| d.len()).sum::<usize>(), 339);
+    assert!(s.report.warnings().is_empty(), "{:?}", s.report);
+    let n = data::open("nfcorpus", None, cache.path(), Some(&mirror())).unwrap();
+    assert_eq!((n.corpus.len(), n.queries.len()), (3633, 323));
+    assert_eq!(n.qrels.values().map(|d| d.len()).sum::<usize>(), 12334);
+    // Cached now: opening without the mirror works, and `list` shows both.
+    assert!(data::open("scifact", None, cache.path(), None).is_ok());
+    let names: Vec<String> = data::list_cached(cache.path()).into_iter().map(|c| c.name).collect();
+    assert_eq!(names, ["nfcorpus", "scifact"]);
+    // Encoder text is BEIR's title + " " + text, stripped.
+    let d = Doc { id: "1".into(), title: "".into(), text: "body".into() };
+    assert_eq!(d.encoder_text(), "body");
+}
+
+#[test]
+fn malformed_lines_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write_beir(
+        dir.path(),
+        "{\"_id\": \"d1\", \"title\": \"t\", \"text\": \"x\"}\n{\"_id\": \"d2\", \"text\": \"y\"\n",
+        "{\"_id\": \"q1\", \"text\": \"q\"}\n",
+        "query-id\tcorpus-id\tscore\nq1\td1\t1\n",
+    );
+    let e = data::load_dir("t", dir.path(), "test").unwrap_err();
+    assert!(matches!(e, DataError::Malformed { line: 2, .. }), "{e}");
+    assert!(e.to_string().starts_with(&format!("{}:2: ", dir.path().join("corpus.jsonl").display())), "{e}");
+
+    write_beir(dir.path(), "{\"_id\": \"d1\", \"text\": \"x\"}\n", "{\"_id\": [1], \"text\": \"q\"}\n", "q1\td1\t1\n");
+    let e = data::load_dir("t", dir.path(), "test").unwrap_err().to_string();
+    assert!(e.contains("queries.jsonl:1: `_id` must be a string or number"), "{e}");
+
+    write_beir(dir.path(), "{\"_id\": \"d1\", \"text\": \"x\"}\n", "{\"_id\": \"q1\", \"text\": \"q\"}\n", "query-id\tcorpus-id\tscore\nq1\td1\n");
+    let e = data::load_dir("t", dir.path(), "test").unwrap_err().to_string();
+    assert!(e.contains("test.tsv:2: expected 3 tab-separated columns, found 2"), "{e}");
+
+    write_beir(dir.path(), "{\"_id\": \"d1\", \"text\": \"x\"}\n", "{\"_id\": \"q1\", \"text\": \"q\"}\n", "q1\td1\thigh\n");
+    let e = data::load_dir("t", dir.path(), "test").unwrap_err().to_string();
+    assert!(e.contains("test.tsv:1: relevance \"high\" is not an integer"), "{e}");
+
+    let e = data::load_dir("t", dir.path(), "dev").unwrap_err().to_string();
+    assert!(e.contains("no qrels for split 'dev' (have: test)"), "{e}");
+}
+
+#[test]
+fn duplicates_and_dangling_judgments_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_beir(
+        dir.path(),
+        "{\"_id\": \"d1\", \"text\": \"x\"}\n{\"_id\": \"d1\", \"text\": \"again\"}\n{\"_id\": 7, \"text\": \"numeric id\"}\n",
+        "{\"_id\": \"q1\", \"text\": \"q\"}\n{\"_id\": \"q1\", \"text\": \"dup\"}\n{\"_id\": \"q2\", \"text\": \"unjudged\"}\n",
+        "q1\td1\t1\nq1\td9\t2\nq1\t7\t1\nq1\td1\t2\nq5\td1\t1\n",
+    );
+    let ds = data::load_dir("t", dir.path(), "test").unwrap();
+    let r = &ds.report;
+    assert_eq!((r.duplicate_doc_ids, r.duplicate_query_ids, r.qrels_unknown_query, r.qrels_unknown_doc, r.qrels_duplicate), (1, 1, 1, 1, 1));
+    assert_eq!(r.warnings().len(), 5);
+    assert_eq!(ds.corpus[0].text, "x", "first copy kept");
+    assert_eq!(ds.corpus[1].id, "7", "numeric ids become strings");
+    assert_eq!(ds.queries.len(), 1, "only judged queries are evaluated");
+    assert_eq!(ds.qrels["q1"]["d1"], 2, "last repeated judgment kept");
+}
+
+#[test]
+fn unknown_and_unfetched_datasets_say_what_to_do() {
+    let cache = temp_cache();
+    let e = data::open("scifcat", None, cache.path(), None).unwrap_err().to_string();
+    assert!(e.contains("unknown dataset 'scifcat'") && e.contains("did you mean 'scifact'?"), "{e}");
+    let e = data::open("arguana", None, cache.path(), None).unwrap_err().to_string();
+    assert!(e.contains("rir data fetch arguana"), "{e}");
+    let e = data::fetch("arguana", cache.path(), Some(&mirror()), false).unwrap_err().to_string();
+    assert!(e.contains("has no dataset 'arguana'"), "{e}");
+}
+
+#[test]
+fn run_files_round_trip_and_reject_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("r.trec");
+    let mut run = rir::metrics::Run::new();
+    run.insert("q1".into(), vec![("a".into(), 0.5), ("b".into(), 1.5), ("c".into(), 0.5)]);
+    runfile::write(&p, &run, "tag").unwrap();
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), "q1 Q0 b 1 1.5 tag\nq1 Q0 c 2 0.5 tag\nq1 Q0 a 3 0.5 tag\n");
+    assert_eq!(runfile::read(&p).unwrap()["q1"].len(), 3);
+    for (text, want) in [
+        ("q1 Q0 a 1 0.5\n", ":1: expected 6 columns"),
+        ("q1 Q0 a x 0.5 t\n", ":1: rank \"x\" is not an integer"),
+        ("q1 Q0 a 1 0.5 t\nq1 Q0 b 2 nan t\n", ":2: score \"nan\" is not finite"),
+        ("q1 Q0 a 1 0.5 t\nq1 Q0 a 2 0.4 t\n", ":2: document a appears twice for query q1"),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let e = runfile::read(&p).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
+
+fn rir(args: &[&str], cache: &std::path::Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rir"))
+        .args(args)
+        .current_dir(root())
+        .env("RIR_CACHE", cache)
+        .env_remove("RIR_REGISTRY")
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn eval_writes_run_and_results_then_reuses_the_cache_and_table_compares() {
+    plugin_dir();
+    let cache = temp_cache();
+    let out = tempfile::tempdir().unwrap();
+    let m = mirror();
+    let o = out.path().to_str().unwrap();
+    let base = ["eval", "--dataset", "scifact", "--mirror", m.to_str().unwrap(), "--retriever", "example-hash", "--output", o];
+    let run = |extra: &[&str]| {
+        let mut a: Vec<&str> = base.to_vec();
+        a.extend_from_slice(extra);
+        rir(&a, cache.path())
+    };
+    let (ok, stdout, err) = run(&["--retriever-config", "dim = 1024", "--name", "hash1024"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("nDCG@10") && stdout.contains("R@100"), "{stdout}");
+    assert!(stdout.contains("encoded 5183 documents (0 from cache)"), "{stdout}");
+    let (ok, stdout, err) = run(&["--retriever-config", "dim = 1024", "--name", "hash1024"]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("encoded 0 documents (5183 from cache) and 0 queries (300 from cache)"), "{stdout}");
+    let (ok, _, err) = run(&["--retriever-config", "dim = 32", "--name", "hash32", "--index", "faiss:Flat"]);
+    assert!(ok, "{err}");
+
+    let results = |n: &str| out.path().join(format!("{n}.scifact.json")).to_str().unwrap().to_owned();
+    let trec = std::fs::read_to_string(out.path().join("hash1024.scifact.trec")).unwrap();
+    assert_eq!(trec.lines().count(), 300 * 1000);
+    let r = rir::report::Results::read(std::path::Path::new(&results("hash1024"))).unwrap();
+    assert_eq!(r.evaluation.per_query.len(), 300);
+    assert!(r.timings.contains_key("encode_corpus"));
+
+    let (ok, table, err) = rir(&["table", &results("hash1024"), &results("hash32"), "--format", "md"], cache.path());
+    assert!(ok, "{err}");
+    assert!(table.contains("| hash1024 |") && table.contains("**"), "{table}");
+    // dim 32 collides heavily: far worse, and both tests say so.
+    let line = table.lines().find(|l| l.starts_with("| hash32 |")).unwrap();
+    assert!(line.contains("ᵗʳ"), "{table}");
+    for fmt in ["latex", "csv", "json", "terminal"] {
+        let (ok, _, err) = rir(&["table", &results("hash1024"), &results("hash32"), "--format", fmt], cache.path());
+        assert!(ok, "{fmt}: {err}");
+    }
+    let (ok, _, err) = rir(&["table", &results("hash1024"), "--baseline", "nope"], cache.path());
+    assert!(!ok && err.contains("baseline 'nope' is not one of the runs (hash1024)"), "{err}");
+    let bad = out.path().join("hash1024.scifact.trec");
+    let (ok, _, err) = rir(&["table", bad.to_str().unwrap()], cache.path());
+    assert!(!ok && err.contains("not a rir results file"), "{err}");
+    let (ok, _, err) = run(&["--measures", "nDCG@10,MRR@x"]);
+    assert!(!ok && err.contains("cutoff \"x\""), "{err}");
+}
