@@ -53,9 +53,18 @@ struct Manifest {
     beir: BTreeMap<String, ManifestEntry>,
 }
 
-/// The BEIR datasets rir knows by name.
+const BEIR_BASE: &str = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets";
+
+/// The BEIR datasets rir knows by name. `RIR_BEIR_URL` replaces the archive
+/// server's base URL (a mirror of it; the md5s still apply).
 pub fn manifest() -> BTreeMap<String, ManifestEntry> {
-    toml::from_str::<Manifest>(MANIFEST).expect("data/datasets.toml is valid").beir
+    let mut m = toml::from_str::<Manifest>(MANIFEST).expect("data/datasets.toml is valid").beir;
+    if let Ok(base) = std::env::var("RIR_BEIR_URL") {
+        for e in m.values_mut() {
+            e.url = e.url.replacen(BEIR_BASE, base.trim_end_matches('/'), 1);
+        }
+    }
+    m
 }
 
 pub fn manifest_entry(name: &str) -> Result<ManifestEntry, DataError> {

@@ -54,7 +54,7 @@ pub struct EvalOptions {
     pub generator: Option<String>,
     pub generator_config: String,
     /// Weight of the query embedding in the augmentation mix (DESIGN §1.4).
-    pub query_weight: f32,
+    pub query_weight: f64,
     pub augmentation_max_tokens: u32,
     pub index: IndexChoice,
     pub k: usize,
@@ -144,7 +144,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
             .map(|c| format!("{}{}", prompts::AUGMENTATION_PREFIX, c.first().map_or("", |c| c.text.trim())))
             .collect();
         let (aug_emb, _) = encode::encode(retriever.as_ref(), Side::Corpus, &aug, cache.as_ref(), o.batch, "augment-enc")?;
-        queries = encode::mix(&queries, &aug_emb, o.query_weight);
+        queries = encode::mix(&queries, &aug_emb, o.query_weight as f32);
         generation = json!({
             "plugin": gname, "config": o.generator_config, "model": generator.model_name(),
             "query_weight": o.query_weight, "max_tokens": o.augmentation_max_tokens,

@@ -138,7 +138,7 @@ struct EvalArgs {
     generator_config: String,
     /// Weight of the query embedding in the augmentation mix
     #[arg(long, default_value_t = 0.8)]
-    query_weight: f32,
+    query_weight: f64,
     /// Max tokens per augmentation
     #[arg(long, default_value_t = 300)]
     augmentation_max_tokens: u32,

@@ -174,3 +174,68 @@ fn eval_writes_run_and_results_then_reuses_the_cache_and_table_compares() {
     let (ok, _, err) = run(&["--measures", "nDCG@10,MRR@x"]);
     assert!(!ok && err.contains("cutoff \"x\""), "{err}");
 }
+
+/// Serves `body` for every request on a loopback port, `requests` times.
+fn serve(body: Vec<u8>, requests: usize) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(requests) {
+            let mut s = stream.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_download_that_fails_its_md5_is_discarded() {
+    // A real zip in BEIR's layout, but not the published archive: its md5 differs.
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default();
+    zip.start_file("scifact/corpus.jsonl", opts).unwrap();
+    std::io::Write::write_all(&mut zip, b"{\"_id\": \"d\", \"text\": \"t\"}\n").unwrap();
+    let bytes = zip.finish().unwrap().into_inner();
+    let url = serve(bytes, 1);
+    let cache = temp_cache();
+    let out = Command::new(env!("CARGO_BIN_EXE_rir"))
+        .args(["data", "fetch", "scifact"])
+        .env("RIR_CACHE", cache.path())
+        .env("RIR_BEIR_URL", &url)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("{url}/scifact.zip: md5 mismatch: expected 5f7d1de60b170fc8027bb7898e2efca1")), "{err}");
+    assert!(err.contains("the download was discarded"), "{err}");
+    assert!(data::list_cached(cache.path()).is_empty(), "nothing may be cached after a failed fetch");
+}
+
+#[test]
+fn generator_augmented_eval_mixes_and_caches_generations() {
+    plugin_dir();
+    let cache = temp_cache();
+    let out = tempfile::tempdir().unwrap();
+    let m = mirror();
+    let args = [
+        "eval", "--dataset", "scifact", "--mirror", m.to_str().unwrap(), "--retriever", "example-hash",
+        "--generator", "probe", "--output", out.path().to_str().unwrap(), "--name", "aug", "--measures", "nDCG@10",
+    ];
+    let (ok, _, err) = rir(&args, cache.path());
+    assert!(ok, "{err}");
+    let read = || rir::report::Results::read(&out.path().join("aug.scifact.json")).unwrap();
+    let first = read();
+    let g = &first.config["generator"];
+    assert_eq!((g["plugin"].as_str(), g["query_weight"].as_f64(), g["from_cache"].as_u64()), (Some("probe"), Some(0.8), Some(0)));
+    assert!(first.timings.contains_key("generate"));
+    let (ok, _, err) = rir(&args, cache.path());
+    assert!(ok, "{err}");
+    let second = read();
+    assert_eq!(second.config["generator"]["from_cache"].as_u64(), Some(300));
+    assert_eq!(first.evaluation.aggregate, second.evaluation.aggregate);
+}
