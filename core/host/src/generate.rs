@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rir_sdk::{Completion, GenerationRequest, Generator, PluginError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -86,12 +85,7 @@ pub fn generate_all(
     let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.key(r)).unwrap_or_default()).collect();
     let mut out: Vec<Option<Vec<Completion>>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
     let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
-    let bar = ProgressBar::new(todo.len() as u64).with_message(label.to_owned());
-    bar.set_style(
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} prompts  ETA {eta}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
+    let bar = crate::encode::progress_bar(todo.len(), label, "prompts");
     for chunk in todo.chunks(batch.max(1)) {
         let reqs: Vec<GenerationRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
         let got = generator.generate(&reqs)?;

@@ -92,14 +92,7 @@ fn a_plugin_built_outside_the_workspace_loads_and_answers() {
 #[test]
 fn a_plugin_built_for_an_older_abi_version_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let sdk = dir.path().join("sdk");
-    copy_dir(&root().join("core/sdk"), &sdk);
-    edit(&sdk.join("Cargo.toml"), "version.workspace = true", "version = \"0.1.0\"");
-    edit(&sdk.join("Cargo.toml"), "edition.workspace = true", "edition = \"2021\"");
-    edit(&sdk.join("Cargo.toml"), "license.workspace = true", "");
-    for dep in ["abi_stable", "serde", "toml", "thiserror", "log"] {
-        pin_workspace_dep(&sdk.join("Cargo.toml"), dep);
-    }
+    let sdk = standalone_sdk_copy(dir.path());
     edit(&sdk.join("src/ffi.rs"), "pub const ABI_VERSION: &str = \"0.1.0\";", "pub const ABI_VERSION: &str = \"0.0.9\";");
     let lib = build_external(dir.path(), "ext-hash-abi", &sdk);
     let err = registry_for(dir.path(), "ext-hash-abi", &lib).load("ext-hash-abi").unwrap_err();
@@ -113,14 +106,7 @@ fn a_plugin_built_for_an_older_abi_version_is_refused_in_one_line() {
 #[test]
 fn a_plugin_whose_types_have_another_layout_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
-    let sdk = dir.path().join("sdk");
-    copy_dir(&root().join("core/sdk"), &sdk);
-    edit(&sdk.join("Cargo.toml"), "version.workspace = true", "version = \"0.1.0\"");
-    edit(&sdk.join("Cargo.toml"), "edition.workspace = true", "edition = \"2021\"");
-    edit(&sdk.join("Cargo.toml"), "license.workspace = true", "");
-    for dep in ["abi_stable", "serde", "toml", "thiserror", "log"] {
-        pin_workspace_dep(&sdk.join("Cargo.toml"), dep);
-    }
+    let sdk = standalone_sdk_copy(dir.path());
     // Same ABI version, but the host context gained a field.
     edit(&sdk.join("src/ffi.rs"), "    pub cache_dir: RString,\n}", "    pub cache_dir: RString,\n    pub extra: u32,\n}");
     let lib = build_external(dir.path(), "ext-hash-layout", &sdk);
@@ -131,6 +117,20 @@ fn a_plugin_whose_types_have_another_layout_is_refused_in_one_line() {
     assert!(!msg.contains('\n') && msg.len() < 500, "{msg}");
     assert!(msg.contains("type layouts differ from the host's"), "{msg}");
     assert!(msg.contains("FfiHost: incompatible type size (expected 48, found 56)"), "{msg}");
+}
+
+/// A copy of core/sdk that builds outside the workspace, to be modified.
+fn standalone_sdk_copy(dir: &Path) -> PathBuf {
+    let sdk = dir.join("sdk");
+    copy_dir(&root().join("core/sdk"), &sdk);
+    let manifest = sdk.join("Cargo.toml");
+    edit(&manifest, "version.workspace = true", "version = \"0.1.0\"");
+    edit(&manifest, "edition.workspace = true", "edition = \"2021\"");
+    edit(&manifest, "license.workspace = true", "");
+    for dep in ["abi_stable", "serde", "toml", "thiserror", "log"] {
+        pin_workspace_dep(&manifest, dep);
+    }
+    sdk
 }
 
 /// `foo.workspace = true` → the workspace's requirement for foo, spelled out.

@@ -40,7 +40,7 @@ fn random_run(ds: &data::Dataset, seed: u64, tied: bool) -> Run {
             docs.insert(d.clone(), 0.0);
         }
         for d in ds.qrels[qid].keys() {
-            if rng.next() % 3 != 0 {
+            if !rng.next().is_multiple_of(3) {
                 docs.insert(d.clone(), 0.0);
             }
         }

@@ -182,6 +182,15 @@ pub fn pool(hidden: &[f32], b: &Batch, dim: usize, pooling: Pooling) -> Vec<f32>
     out
 }
 
+/// Texts with the query instruction prepended; borrowed unchanged when there is none.
+pub fn with_instruction<'a>(texts: &'a [String], instruction: &str) -> std::borrow::Cow<'a, [String]> {
+    if instruction.is_empty() {
+        std::borrow::Cow::Borrowed(texts)
+    } else {
+        std::borrow::Cow::Owned(texts.iter().map(|t| format!("{instruction}{t}")).collect())
+    }
+}
+
 /// L2-normalises each row in place (rows of zeros stay zero).
 pub fn l2_normalize(data: &mut [f32], dim: usize) {
     for row in data.chunks_mut(dim) {

@@ -155,7 +155,7 @@ impl CandleEncoder {
 
     pub fn from_config(cfg: CandleConfig) -> PluginResult<Self> {
         init_threads();
-        let dir = rir_models::resolve(&cfg.model, &rir_sdk::host().cache_dir).map_err(|e| PluginError::resource(e))?;
+        let dir = rir_models::resolve(&cfg.model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
         if !dir.is_dir() {
             return Err(PluginError::resource(format!("{}: a BERT model must be a directory", dir.display())));
         }
@@ -242,11 +242,6 @@ impl CandleEncoder {
         }
         Embeddings::new(texts.len(), dim, out)
     }
-
-    /// Tokens the encoder would see for `texts` (for throughput figures).
-    pub fn count_tokens(&self, texts: &[String]) -> PluginResult<usize> {
-        Ok(self.batcher.batches(texts, self.batch_size).map_err(PluginError::input)?.iter().map(|b| b.tokens).sum())
-    }
 }
 
 impl Retriever for CandleEncoder {
@@ -254,11 +249,7 @@ impl Retriever for CandleEncoder {
         self.info.clone()
     }
     fn encode_queries(&self, texts: &[String], instruction: Option<&str>) -> PluginResult<Embeddings> {
-        let prefix = instruction.unwrap_or(&self.query_instruction);
-        if prefix.is_empty() {
-            return self.encode(texts);
-        }
-        self.encode(&texts.iter().map(|t| format!("{prefix}{t}")).collect::<Vec<_>>())
+        self.encode(&encoder::with_instruction(texts, instruction.unwrap_or(&self.query_instruction)))
     }
     fn encode_corpus(&self, texts: &[String]) -> PluginResult<Embeddings> {
         self.encode(texts)

@@ -262,11 +262,7 @@ impl Retriever for OrtEncoder {
         self.info.clone()
     }
     fn encode_queries(&self, texts: &[String], instruction: Option<&str>) -> PluginResult<Embeddings> {
-        let prefix = instruction.unwrap_or(&self.query_instruction);
-        if prefix.is_empty() {
-            return self.encode(texts);
-        }
-        self.encode(&texts.iter().map(|t| format!("{prefix}{t}")).collect::<Vec<_>>())
+        self.encode(&encoder::with_instruction(texts, instruction.unwrap_or(&self.query_instruction)))
     }
     fn encode_corpus(&self, texts: &[String]) -> PluginResult<Embeddings> {
         self.encode(texts)
