@@ -182,6 +182,17 @@ pub fn pool(hidden: &[f32], b: &Batch, dim: usize, pooling: Pooling) -> Vec<f32>
     out
 }
 
+/// Normalises (if asked) a batch's pooled rows and writes each to its place
+/// in `out` (rows of the caller's text order).
+pub fn scatter_rows(out: &mut [f32], mut pooled: Vec<f32>, b: &Batch, dim: usize, normalize: bool) {
+    if normalize {
+        l2_normalize(&mut pooled, dim);
+    }
+    for (r, &i) in b.indices.iter().enumerate() {
+        out[i * dim..(i + 1) * dim].copy_from_slice(&pooled[r * dim..(r + 1) * dim]);
+    }
+}
+
 /// Texts with the query instruction prepended; borrowed unchanged when there is none.
 pub fn with_instruction<'a>(texts: &'a [String], instruction: &str) -> std::borrow::Cow<'a, [String]> {
     if instruction.is_empty() {

@@ -232,13 +232,7 @@ impl CandleEncoder {
                 .and_then(|h| h.flatten_all())
                 .and_then(|h| h.to_vec1())
                 .map_err(cerr("output"))?;
-            let mut pooled = encoder::pool(&hidden, &b, dim, self.pooling);
-            if self.normalize {
-                encoder::l2_normalize(&mut pooled, dim);
-            }
-            for (r, &i) in b.indices.iter().enumerate() {
-                out[i * dim..(i + 1) * dim].copy_from_slice(&pooled[r * dim..(r + 1) * dim]);
-            }
+            encoder::scatter_rows(&mut out, encoder::pool(&hidden, &b, dim, self.pooling), &b, dim, self.normalize);
         }
         Embeddings::new(texts.len(), dim, out)
     }

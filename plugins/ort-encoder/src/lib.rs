@@ -229,7 +229,7 @@ impl OrtEncoder {
             let outputs = session.run(inputs).map_err(oerr("inference"))?;
             let value = outputs.get(&self.output).ok_or_else(|| PluginError::other(format!("no output {}", self.output)))?;
             let (oshape, data) = value.try_extract_tensor::<f32>().map_err(oerr("output"))?;
-            let mut pooled = match oshape.len() {
+            let pooled = match oshape.len() {
                 3 => {
                     dim = oshape[2] as usize;
                     encoder::pool(data, &b, dim, self.pooling)
@@ -240,15 +240,10 @@ impl OrtEncoder {
                 }
                 n => return Err(PluginError::other(format!("output {} has rank {n}; expected 2 or 3", self.output))),
             };
-            if self.normalize {
-                encoder::l2_normalize(&mut pooled, dim);
-            }
             if out.is_empty() {
                 out = vec![0f32; texts.len() * dim];
             }
-            for (r, &i) in b.indices.iter().enumerate() {
-                out[i * dim..(i + 1) * dim].copy_from_slice(&pooled[r * dim..(r + 1) * dim]);
-            }
+            encoder::scatter_rows(&mut out, pooled, &b, dim, self.normalize);
         }
         if texts.is_empty() {
             dim = self.info.dim;
