@@ -1,4 +1,5 @@
-//! BERT-family text encoders (all-MiniLM, BGE, Contriever, E5) on candle.
+//! BERT-family text encoders (all-MiniLM, BGE, Contriever, E5) on candle,
+//! with a CPU-tuned forward (`bert.rs`) over candle-transformers' BERT config.
 //!
 //! Config (all keys but `model` optional):
 //! ```toml
@@ -12,11 +13,13 @@
 //! device = "cpu"              # cpu | cuda | cuda:N (needs the `cuda` feature)
 //! ```
 
+mod bert;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use rir_models::encoder::{self, Pooling, TextBatcher};
 use rir_sdk::{config, Embeddings, PluginError, PluginResult, Retriever, RetrieverInfo};
 use serde::Deserialize;
@@ -49,7 +52,7 @@ fn default_device() -> String {
 }
 
 pub struct CandleEncoder {
-    model: BertModel,
+    model: bert::Bert,
     batcher: TextBatcher,
     device: Device,
     pooling: Pooling,
@@ -192,11 +195,11 @@ impl CandleEncoder {
             // modified while the model is alive (the model cache never rewrites them).
             unsafe { VarBuilder::from_mmaped_safetensors(&weights, dt, &dev).map_err(cerr("loading weights"))? }
         };
-        let model = BertModel::load(vb, &bert_cfg).map_err(cerr("building the model"))?;
+        let model = bert::Bert::load(vb, &bert_cfg).map_err(cerr("building the model"))?;
         let mut fp_files = weights.clone();
         fp_files.push(config_path);
         fp_files.push(tok_path);
-        let settings = format!("candle-bert/pool={pooling}/norm={normalize}/max={max_length}/dtype={}", cfg.dtype);
+        let settings = format!("candle-bert-v2/pool={pooling}/norm={normalize}/max={max_length}/dtype={}", cfg.dtype);
         let fingerprint = format!("{settings}/{}", encoder::fingerprint(&fp_files, &settings).map_err(PluginError::resource)?);
         let info = RetrieverInfo {
             model: cfg.model.clone(),
@@ -226,7 +229,7 @@ impl CandleEncoder {
             let ids = Tensor::from_slice(&b.input_ids, shape, &self.device).map_err(cerr("input"))?;
             let types = Tensor::from_slice(&b.type_ids, shape, &self.device).map_err(cerr("input"))?;
             let mask = Tensor::from_slice(&b.attention_mask, shape, &self.device).map_err(cerr("input"))?;
-            let hidden = self.model.forward(&ids, &types, Some(&mask)).map_err(cerr("forward"))?;
+            let hidden = self.model.forward(&ids, &types, &mask).map_err(cerr("forward"))?;
             let hidden: Vec<f32> = hidden
                 .to_dtype(DType::F32)
                 .and_then(|h| h.flatten_all())
