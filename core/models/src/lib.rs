@@ -387,6 +387,16 @@ mod tests {
     }
 
     #[test]
+    fn hub_failures_say_what_was_tried() {
+        // Nothing listens on port 9: the hub is unreachable, as offline.
+        let home = tempfile::tempdir().unwrap();
+        std::env::set_var("HF_ENDPOINT", "http://127.0.0.1:9");
+        std::env::set_var("HF_HOME", home.path());
+        let e = resolve("hf:BAAI/bge-small-en-v1.5", home.path()).unwrap_err().to_string();
+        assert!(e.starts_with("model \"hf:BAAI/bge-small-en-v1.5\": could not fetch http://127.0.0.1:9/"), "{e}");
+    }
+
+    #[test]
     fn missing_local_path_names_it() {
         let e = resolve("/no/such/model", Path::new("/tmp")).unwrap_err().to_string();
         assert!(e.contains("/no/such/model"), "{e}");
