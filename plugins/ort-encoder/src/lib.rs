@@ -154,7 +154,6 @@ impl OrtEncoder {
         let mut builder = Session::builder(env)
             .map_err(oerr("session"))?
             .with_intra_threads(threads)
-            .and_then(|b| b.with_optimization_level(ort::session::builder::GraphOptimizationLevel::All))
             .map_err(|e| PluginError::other(format!("session: {e}")))?;
         let provider = match cfg.execution_provider.as_str() {
             "cpu" => "cpu".to_owned(),

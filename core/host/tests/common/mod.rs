@@ -7,7 +7,10 @@ use rir::{HostSettings, PluginHost, Registry};
 
 /// The workspace root (where registry.toml lives).
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// The host over the workspace's own registry, with a fixed thread budget.
@@ -19,7 +22,10 @@ pub fn host() -> PluginHost {
 /// Settings every test in one binary shares: a library is initialised once
 /// per process, so the first host's settings are the ones plugins see.
 pub fn settings() -> HostSettings {
-    HostSettings { threads: 3, ..HostSettings::default() }
+    HostSettings {
+        threads: 3,
+        ..HostSettings::default()
+    }
 }
 
 /// A host over registry text written to a temporary directory.
@@ -36,12 +42,20 @@ pub fn host_from(text: &str) -> (tempfile::TempDir, Result<PluginHost, rir::Host
 pub fn plugin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_owned(); // target/<profile>
-    let lib = dir.join(format!("{}rir_plugin_probe{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+    let lib = dir.join(format!(
+        "{}rir_plugin_probe{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
     assert!(
         lib.is_file(),
         "plugin libraries are not built in {}: run `cargo build --workspace{}` before the tests",
         dir.display(),
-        if dir.ends_with("release") { " --release" } else { "" }
+        if dir.ends_with("release") {
+            " --release"
+        } else {
+            ""
+        }
     );
     dir
 }
@@ -61,7 +75,9 @@ pub fn texts(v: &[&str]) -> Vec<String> {
 
 /// The local BEIR mirror: RIR_MIRROR, else ../shared/data beside the repository.
 pub fn mirror() -> PathBuf {
-    let p = std::env::var_os("RIR_MIRROR").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/data"));
+    let p = std::env::var_os("RIR_MIRROR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/data"));
     assert!(
         p.join("beir/scifact/corpus.jsonl").is_file(),
         "no BEIR mirror at {} (set RIR_MIRROR to a directory holding beir/scifact and beir/nfcorpus)",
@@ -72,10 +88,17 @@ pub fn mirror() -> PathBuf {
 
 /// The Python with the reference packages (scripts/setup-python makes it).
 pub fn python() -> PathBuf {
-    let p = std::env::var_os("RIR_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/rir/venv/bin/python")
-    });
-    assert!(p.is_file(), "no reference Python at {}: run scripts/setup-python (or set RIR_PYTHON)", p.display());
+    let p = std::env::var_os("RIR_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/rir/venv/bin/python")
+        });
+    assert!(
+        p.is_file(),
+        "no reference Python at {}: run scripts/setup-python (or set RIR_PYTHON)",
+        p.display()
+    );
     p
 }
 

@@ -1,0 +1,431 @@
+//! Generation through any OpenAI-compatible HTTP server: `/v1/chat/completions`
+//! for chat prompts, `/v1/completions` for text prompts.
+//!
+//! ```toml
+//! base_url = "http://127.0.0.1:8080/v1"
+//! model = "smollm2"
+//! api_key_env = "OPENAI_API_KEY"   # optional: the *name* of the variable holding the key
+//! concurrency = 4                  # requests in flight
+//! timeout_s = 120                  # per HTTP request
+//! max_retries = 5                  # on 408, 409, 429, 5xx and connection errors
+//! backoff_ms = 500                 # first retry delay; doubles, with jitter; Retry-After wins
+//! max_n = 0                        # cap on n per request (0: none; learned from 400s)
+//! ```
+//!
+//! The key is read from the environment when the plugin is created and is
+//! sent only in the Authorization header: it is not logged, not part of the
+//! model name (which keys the host's caches), and not in any error.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rir_sdk::{
+    config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt,
+    TokenLogprob,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAiConfig {
+    pub base_url: String,
+    pub model: String,
+    pub api_key_env: Option<String>,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    #[serde(default)]
+    pub max_n: u32,
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+fn default_timeout() -> f64 {
+    120.0
+}
+fn default_retries() -> u32 {
+    5
+}
+fn default_backoff() -> u64 {
+    500
+}
+
+pub struct OpenAiGenerator {
+    base: String,
+    model: String,
+    /// Never printed: the struct has no Debug, errors never include it.
+    key: Option<String>,
+    agent: ureq::Agent,
+    concurrency: usize,
+    max_retries: u32,
+    backoff_ms: u64,
+    /// Largest n the server accepted or was configured with (0: unknown).
+    max_n: AtomicU32,
+    jitter: AtomicU64,
+}
+
+/// How one HTTP attempt ended.
+enum Attempt {
+    Ok(Value),
+    /// Worth another try after the delay (server's Retry-After, if any).
+    Retry(String, Option<Duration>),
+    Fail(PluginError),
+    /// The server refused n > 1.
+    TooManyChoices(String),
+}
+
+impl OpenAiGenerator {
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        let cfg: OpenAiConfig = config::parse(config_toml)?;
+        let key = match &cfg.api_key_env {
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                PluginError::config(format!(
+                    "api_key_env: environment variable {var} is not set"
+                ))
+            })?),
+            None => None,
+        };
+        if cfg.concurrency == 0 {
+            return Err(PluginError::config("concurrency must be at least 1"));
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::PlatformVerifier)
+                    .build(),
+            )
+            .timeout_global(Some(Duration::from_secs_f64(cfg.timeout_s.max(0.1))))
+            // Status codes are ours to interpret (retry or surface the message).
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(Self {
+            base: cfg.base_url.trim_end_matches('/').to_owned(),
+            model: cfg.model,
+            key,
+            agent,
+            concurrency: cfg.concurrency,
+            max_retries: cfg.max_retries,
+            backoff_ms: cfg.backoff_ms,
+            max_n: AtomicU32::new(cfg.max_n),
+            jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
+        })
+    }
+
+    fn body(&self, r: &GenerationRequest, n: u32, seed: Option<u64>) -> (String, Value) {
+        let mut b = json!({
+            "model": self.model, "n": n, "temperature": r.temperature, "top_p": r.top_p,
+            "max_tokens": r.max_tokens,
+        });
+        if !r.stop.is_empty() {
+            b["stop"] = json!(r.stop);
+        }
+        if let Some(s) = seed {
+            b["seed"] = json!(s);
+        }
+        match &r.prompt {
+            Prompt::Chat(m) => {
+                b["messages"] = json!(m
+                    .iter()
+                    .map(|m| json!({"role": m.role, "content": m.content}))
+                    .collect::<Vec<_>>());
+                if r.logprobs {
+                    b["logprobs"] = json!(true);
+                }
+                ("chat/completions".into(), b)
+            }
+            Prompt::Text(t) => {
+                b["prompt"] = json!(t);
+                if r.logprobs {
+                    b["logprobs"] = json!(1);
+                }
+                ("completions".into(), b)
+            }
+        }
+    }
+
+    fn attempt(&self, path: &str, body: &Value) -> Attempt {
+        let url = format!("{}/{path}", self.base);
+        let mut req = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/json");
+        if let Some(k) = &self.key {
+            req = req.header("Authorization", &format!("Bearer {k}"));
+        }
+        let mut resp = match req.send(body.to_string().as_bytes()) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Retry(format!("{url}: {e}"), None),
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(Duration::from_secs_f64);
+        let text = match resp.body_mut().read_to_string() {
+            Ok(t) => t,
+            Err(e) => return Attempt::Retry(format!("{url}: reading the response: {e}"), None),
+        };
+        match status {
+            200..=299 => match serde_json::from_str::<Value>(&text) {
+                Ok(v) => Attempt::Ok(v),
+                Err(e) => Attempt::Fail(PluginError::other(format!(
+                    "{url}: malformed JSON in a {status} response: {e} (body starts {:?})",
+                    text.chars().take(120).collect::<String>()
+                ))),
+            },
+            408 | 409 | 429 | 500..=599 => Attempt::Retry(
+                format!("{url}: HTTP {status}: {}", server_message(&text)),
+                retry_after,
+            ),
+            400 if body["n"].as_u64().unwrap_or(1) > 1 => {
+                Attempt::TooManyChoices(server_message(&text))
+            }
+            _ => Attempt::Fail(PluginError::other(format!(
+                "{url}: HTTP {status}: {}",
+                server_message(&text)
+            ))),
+        }
+    }
+
+    /// One request with retries; returns the parsed response.
+    fn call(&self, path: &str, body: &Value) -> Result<Value, Attempt> {
+        let mut delay = Duration::from_millis(self.backoff_ms);
+        let mut last = String::new();
+        for attempt in 0..=self.max_retries {
+            match self.attempt(path, body) {
+                Attempt::Retry(msg, after) => {
+                    last = msg;
+                    if attempt == self.max_retries {
+                        break;
+                    }
+                    let wait = after.unwrap_or_else(|| delay + self.jitter_of(delay));
+                    rir_sdk::log::warn!("{last}; retrying in {:.1} s", wait.as_secs_f64());
+                    std::thread::sleep(wait);
+                    delay *= 2;
+                }
+                other => {
+                    return match other {
+                        Attempt::Ok(v) => Ok(v),
+                        e => Err(e),
+                    }
+                }
+            }
+        }
+        Err(Attempt::Fail(PluginError::other(format!(
+            "{last} (gave up after {} retries)",
+            self.max_retries
+        ))))
+    }
+
+    /// Up to half of `d`, from a cheap shared xorshift.
+    fn jitter_of(&self, d: Duration) -> Duration {
+        let mut x = self.jitter.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.jitter.store(x, Ordering::Relaxed);
+        d.mul_f64((x % 1000) as f64 / 2000.0)
+    }
+
+    /// All `r.n` completions for one request, splitting n when the server caps it.
+    fn one(&self, r: &GenerationRequest) -> PluginResult<Vec<Completion>> {
+        let mut out = Vec::with_capacity(r.n as usize);
+        while out.len() < r.n as usize {
+            let left = r.n - out.len() as u32;
+            let cap = self.max_n.load(Ordering::Relaxed);
+            let n = if cap > 0 { left.min(cap) } else { left };
+            // Split requests get distinct seeds so they do not repeat each other.
+            let seed = r.seed.map(|s| s + out.len() as u64);
+            let (path, body) = self.body(r, n, seed);
+            match self.call(&path, &body) {
+                Ok(v) => out.extend(parse_choices(&v, &path, n)?),
+                Err(Attempt::TooManyChoices(msg)) => {
+                    let new_cap = (n / 2).max(1);
+                    rir_sdk::log::warn!(
+                        "server refused n={n} ({msg}); asking for at most {new_cap} per request"
+                    );
+                    self.max_n.store(new_cap, Ordering::Relaxed);
+                }
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(_) => unreachable!("call returns Ok, TooManyChoices or Fail"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The server's own words from an error body, leniently: `{"error": {"message", "code"}}`,
+/// `{"error": "..."}`, `{"message": ...}`, or the raw text.
+pub fn server_message(body: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(body) else {
+        return body.chars().take(300).collect();
+    };
+    let err = v.get("error").unwrap_or(&v);
+    let msg = err
+        .get("message")
+        .and_then(Value::as_str)
+        .or_else(|| err.as_str());
+    let code = err.get("code").map(|c| match c {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    });
+    match (msg, code) {
+        (Some(m), Some(c)) => format!("{m} (code {c})"),
+        (Some(m), None) => m.to_owned(),
+        (None, _) => body.chars().take(300).collect(),
+    }
+}
+
+fn parse_choices(v: &Value, path: &str, n: u32) -> PluginResult<Vec<Completion>> {
+    let bad = |what: &str| {
+        PluginError::other(format!(
+            "{path}: unexpected response ({what}): {}",
+            v.to_string().chars().take(200).collect::<String>()
+        ))
+    };
+    let choices = v
+        .get("choices")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("no choices"))?;
+    if choices.len() != n as usize {
+        return Err(bad(&format!("{} choices for n={n}", choices.len())));
+    }
+    let mut sorted: Vec<&Value> = choices.iter().collect();
+    sorted.sort_by_key(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0));
+    sorted
+        .into_iter()
+        .map(|c| {
+            let text = c
+                .pointer("/message/content")
+                .or_else(|| c.get("text"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("a choice without text"))?
+                .to_owned();
+            let finish_reason = c
+                .get("finish_reason")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            let logprobs = if let Some(content) =
+                c.pointer("/logprobs/content").and_then(Value::as_array)
+            {
+                Some(
+                    content
+                        .iter()
+                        .map(|t| TokenLogprob {
+                            token: t
+                                .get("token")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_owned(),
+                            logprob: t.get("logprob").and_then(Value::as_f64).unwrap_or(f64::NAN)
+                                as f32,
+                        })
+                        .collect(),
+                )
+            } else if let (Some(toks), Some(lps)) = (
+                c.pointer("/logprobs/tokens").and_then(Value::as_array),
+                c.pointer("/logprobs/token_logprobs")
+                    .and_then(Value::as_array),
+            ) {
+                Some(
+                    toks.iter()
+                        .zip(lps)
+                        .map(|(t, l)| TokenLogprob {
+                            token: t.as_str().unwrap_or("").to_owned(),
+                            logprob: l.as_f64().unwrap_or(f64::NAN) as f32,
+                        })
+                        .collect(),
+                )
+            } else {
+                None
+            };
+            Ok(Completion {
+                text,
+                finish_reason,
+                logprobs,
+            })
+        })
+        .collect()
+}
+
+impl Generator for OpenAiGenerator {
+    fn model_name(&self) -> String {
+        format!("openai:{}@{}", self.model, self.base)
+    }
+
+    fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
+        // A fixed pool of `concurrency` workers pulls requests in order.
+        let next = AtomicU64::new(0);
+        let results: Mutex<Vec<Option<PluginResult<Vec<Completion>>>>> =
+            Mutex::new((0..requests.len()).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..self.concurrency.min(requests.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= requests.len() {
+                        break;
+                    }
+                    let r = self.one(&requests[i]);
+                    let failed = r.is_err();
+                    results.lock().expect("results lock")[i] = Some(r);
+                    if failed {
+                        // Stop handing out work: the batch fails as a whole.
+                        next.store(requests.len() as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let results = results.into_inner().expect("results lock");
+        let mut out = Vec::with_capacity(requests.len());
+        for r in results {
+            match r {
+                Some(Ok(c)) => out.push(c),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(PluginError::other(
+                        "a request was not attempted after an earlier failure",
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+rir_sdk::export_plugin! {
+    name: "openai-generator",
+    description: "Any OpenAI-compatible server: chat and completions, retries, n-splitting",
+    generator: OpenAiGenerator::new,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_message;
+
+    #[test]
+    fn error_bodies_are_read_leniently() {
+        assert_eq!(
+            server_message(r#"{"error": {"message": "bad key", "code": 401}}"#),
+            "bad key (code 401)"
+        );
+        assert_eq!(
+            server_message(r#"{"error": {"message": "slow down", "code": "rate_limited"}}"#),
+            "slow down (code rate_limited)"
+        );
+        assert_eq!(server_message(r#"{"error": "plain"}"#), "plain");
+        assert_eq!(server_message(r#"{"message": "top-level"}"#), "top-level");
+        assert_eq!(server_message("<html>502</html>"), "<html>502</html>");
+    }
+}
