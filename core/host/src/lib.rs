@@ -19,6 +19,7 @@ pub mod stats;
 pub mod report;
 pub mod eval;
 pub mod bench;
+pub mod serve;
 
 pub use error::HostError;
 pub use plugins::{HostSettings, Plugin, PluginHost, Status};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
-use rir::{bench, data, eval, metrics, registry, report, HostError, HostSettings, PluginHost, Registry, Status};
+use rir::{bench, data, eval, metrics, registry, report, serve, HostError, HostSettings, PluginHost, Registry, Status};
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +46,24 @@ enum Command {
     Eval(EvalArgs),
     /// Compare results files: runs x (dataset, measure) with significance marks
     Table(TableArgs),
+    /// Serve a Generator plugin as an OpenAI-compatible HTTP API
+    Serve {
+        /// Generator plugin name (registry.toml)
+        #[arg(long)]
+        generator: String,
+        /// The generator's config table, as TOML text or @FILE
+        #[arg(long, default_value = "")]
+        generator_config: String,
+        /// Address to listen on
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port (0 picks a free one; the address is printed)
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Request threads
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
     /// Benchmarks (speed figures belong here, not in tests)
     Bench {
         #[command(subcommand)]
@@ -258,6 +276,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
         Command::Bench { what: BenchWhat::Encode(a) } => bench_encode_cmd(&host(&cli)?, a),
+        Command::Serve { generator, generator_config, host: addr, port, workers } => {
+            let h = host(&cli)?;
+            let g = h.load(generator)?.generator(&toml_arg(generator_config, "--generator-config")?)?;
+            let server = tiny_http::Server::http((addr.as_str(), *port))
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}:{port}: {e}"))?;
+            let bound = server.server_addr().to_ip().map_or(format!("{addr}:{port}"), |a| a.to_string());
+            println!("serving {} ({generator}) on http://{bound}/v1", g.model_name());
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            serve::serve(g.as_ref(), &server, *workers);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -296,3 +296,65 @@ fn a_server_that_refuses_n_gets_split_requests() {
         seen[2]
     );
 }
+
+/// `rir serve` on a free port, stopped on drop.
+struct RirServe {
+    child: Child,
+    base: String,
+}
+
+impl RirServe {
+    fn start(generator: &str) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_rir"))
+            .args(["serve", "--generator", generator, "--port", "0"])
+            .current_dir(root())
+            .env_remove("RIR_REGISTRY")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base = line.trim().rsplit(' ').next().unwrap().to_owned();
+        assert!(base.starts_with("http://127.0.0.1:"), "{line}");
+        RirServe { child, base }
+    }
+}
+
+impl Drop for RirServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn rir_serve_speaks_the_api_the_openai_plugin_speaks() {
+    plugin_dir();
+    let server = RirServe::start("probe");
+    let g = OpenAiGenerator::new(&format!("base_url = \"{}\"\nmodel = \"probe\"", server.base)).unwrap();
+    let mut text = GenerationRequest::greedy(Prompt::Text("raw prompt".into()), 4);
+    text.n = 2;
+    let out = g.generate(&[chat("hello there", 3, 0.7, 8), text]).unwrap();
+    assert_eq!(out[0].iter().map(|c| c.text.as_str()).collect::<Vec<_>>(), ["hello there #0", "hello there #1", "hello there #2"]);
+    assert_eq!(out[1].iter().map(|c| c.text.as_str()).collect::<Vec<_>>(), ["raw prompt #0", "raw prompt #1"]);
+
+    let models = ureq::get(&format!("{}/models", server.base)).call().unwrap().body_mut().read_to_string().unwrap();
+    let models: serde_json::Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "probe-echo");
+    let health = ureq::get(&format!("{}/health", server.base.trim_end_matches("/v1"))).call().unwrap();
+    assert_eq!(health.status(), 200);
+
+    let mut req = chat("x", 1, 0.0, 4);
+    req.prompt = Prompt::Chat(vec![]);
+    let out = g.generate(&[req]).unwrap();
+    assert_eq!(out[0][0].text, " #0", "an empty conversation is valid and echoes nothing");
+    // Bad JSON is a 400, and the server stays up.
+    let e = ureq::post(&format!("{}/chat/completions", server.base))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send("{not json")
+        .unwrap();
+    assert_eq!(e.status(), 400);
+    assert_eq!(g.generate(&[chat("still up", 1, 0.0, 4)]).unwrap()[0][0].text, "still up #0");
+}
