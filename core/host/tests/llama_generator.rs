@@ -117,6 +117,10 @@ fn sampling_stop_strings_and_bad_models() {
     assert_eq!(a[0].len(), 3);
     assert!(a[0][0].logprobs.as_ref().is_some_and(|l| !l.is_empty() && l.iter().all(|t| t.logprob <= 0.0)));
 
+    let long = GenerationRequest::greedy(Prompt::Text("word ".repeat(9000)), 8);
+    let e = rir_sdk::Generator::generate(&g, &[long]).unwrap_err().to_string();
+    assert!(e.contains("context overflow") && e.contains("exceeds the model's context of 8192"), "{e}");
+
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("x.gguf");
     std::fs::write(&fake, b"not a gguf").unwrap();

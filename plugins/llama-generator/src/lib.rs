@@ -47,6 +47,8 @@ pub struct LlamaGenerator {
     eos_id: u32,
     device: Device,
     name: String,
+    /// Positions the model was trained for (`llama.context_length`).
+    context: usize,
 }
 
 fn cerr(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
@@ -103,9 +105,10 @@ impl LlamaGenerator {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+        let context = id("llama.context_length").unwrap_or(4096) as usize;
         let model = ModelWeights::from_gguf(content, &mut file, &device).map_err(cerr("loading the model"))?;
         rir_sdk::log::info!("loaded {} from {}", name, path.display());
-        Ok(Self { model: Mutex::new(model), tokenizer, template, bos, eos, eos_id, device, name })
+        Ok(Self { model: Mutex::new(model), tokenizer, template, bos, eos, eos_id, device, name, context })
     }
 
     /// The prompt text: the GGUF's chat template (with the generation prompt
@@ -194,6 +197,14 @@ impl Generator for LlamaGenerator {
                 let prompt = self.encode(&self.render(&r.prompt)?)?;
                 if prompt.is_empty() {
                     return Err(PluginError::input("empty prompt"));
+                }
+                if prompt.len() + r.max_tokens as usize > self.context {
+                    return Err(PluginError::input(format!(
+                        "context overflow: a prompt of {} tokens plus max_tokens {} exceeds the model's context of {}",
+                        prompt.len(),
+                        r.max_tokens,
+                        self.context
+                    )));
                 }
                 (0..r.n).map(|i| self.sample(&prompt, r, i)).collect()
             })
