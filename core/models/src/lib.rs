@@ -125,6 +125,26 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, ModelError> {
     }
 }
 
+/// The files in `dir` whose name ends in `.ext`, sorted.
+pub fn files_with_extension(dir: &Path, ext: &str) -> std::io::Result<Vec<PathBuf>> {
+    let mut found: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == ext)).collect();
+    found.sort();
+    Ok(found)
+}
+
+/// A device setting: `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
+pub fn device_ordinal(spec: &str) -> Result<Option<usize>, String> {
+    match spec {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        s => match s.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => Err(format!("unknown device {s:?} (cpu, cuda, cuda:N)")),
+        },
+    }
+}
+
 /// The shallowest directory that holds a model: config.json, an .onnx or a .gguf file.
 pub fn find_model_dir(root: &Path) -> Option<PathBuf> {
     let mut level = vec![root.to_path_buf()];

@@ -67,20 +67,16 @@ fn cerr(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
 }
 
 fn device(spec: &str) -> PluginResult<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = s.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|_| {
-                PluginError::config(format!("device {s:?}: expected cuda:N"))
-            })?;
+    match rir_models::device_ordinal(spec).map_err(PluginError::config)? {
+        None => Ok(Device::Cpu),
+        Some(ordinal) => {
             if !candle_core::utils::cuda_is_available() {
                 return Err(PluginError::config(format!(
-                    "device {s:?}: this build has no CUDA support (build the plugin with --features cuda)"
+                    "device {spec:?}: this build has no CUDA support (build the plugin with --features cuda)"
                 )));
             }
             Device::new_cuda(ordinal).map_err(cerr("CUDA device"))
         }
-        s => Err(PluginError::config(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))),
     }
 }
 
@@ -99,12 +95,7 @@ fn weight_files(dir: &Path) -> PluginResult<Vec<PathBuf>> {
     if single.is_file() {
         return Ok(vec![single]);
     }
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    shards.sort();
+    let shards = rir_models::files_with_extension(dir, "safetensors")?;
     if !shards.is_empty() {
         return Ok(shards);
     }

@@ -59,13 +59,9 @@ fn gguf_path(p: &Path) -> PluginResult<PathBuf> {
     if p.is_file() {
         return Ok(p.to_owned());
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(p)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
-        .collect();
-    found.sort();
-    found.into_iter().next().ok_or_else(|| PluginError::resource(format!("{}: no .gguf file", p.display())))
+    rir_models::files_with_extension(p, "gguf")?
+        .into_iter()
+        .next().ok_or_else(|| PluginError::resource(format!("{}: no .gguf file", p.display())))
 }
 
 impl LlamaGenerator {
@@ -73,13 +69,9 @@ impl LlamaGenerator {
         let cfg: LlamaConfig = config::parse(config_toml)?;
         let dir = rir_models::resolve(&cfg.model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
         let path = gguf_path(&dir)?;
-        let device = match cfg.device.as_str() {
-            "cpu" => Device::Cpu,
-            s if s == "cuda" || s.starts_with("cuda:") => {
-                let n = s.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|_| PluginError::config(format!("device {s:?}")))?;
-                Device::new_cuda(n).map_err(cerr("CUDA device"))?
-            }
-            s => return Err(PluginError::config(format!("unknown device {s:?} (cpu, cuda, cuda:N)"))),
+        let device = match rir_models::device_ordinal(&cfg.device).map_err(PluginError::config)? {
+            None => Device::Cpu,
+            Some(n) => Device::new_cuda(n).map_err(cerr("CUDA device"))?,
         };
         let mut file = std::fs::File::open(&path).map_err(|e| PluginError::resource(format!("{}: {e}", path.display())))?;
         let content = gguf_file::Content::read(&mut file)

@@ -106,12 +106,7 @@ fn onnx_file(path: &Path) -> PluginResult<PathBuf> {
     if path.is_file() {
         return Ok(path.to_owned());
     }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(path)?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
-        .collect();
-    found.sort();
+    let mut found = rir_models::files_with_extension(path, "onnx")?;
     match found.len() {
         0 => Err(PluginError::resource(format!("{}: no .onnx file", path.display()))),
         1 => Ok(found.remove(0)),
@@ -155,21 +150,17 @@ impl OrtEncoder {
             .map_err(oerr("session"))?
             .with_intra_threads(threads)
             .map_err(|e| PluginError::other(format!("session: {e}")))?;
-        let provider = match cfg.execution_provider.as_str() {
-            "cpu" => "cpu".to_owned(),
-            s if s == "cuda" || s.starts_with("cuda:") => {
-                let id: i32 = s.strip_prefix("cuda:").map_or(Ok(0), str::parse).map_err(|_| {
-                    PluginError::config(format!("execution_provider {s:?}: expected cuda:N"))
-                })?;
-                match ort::ep::CUDA::default().with_device_id(id).register(&mut builder) {
-                    Ok(()) => format!("cuda:{id}"),
-                    Err(e) => {
-                        rir_sdk::log::warn!("CUDA execution provider unavailable ({e}); running on CPU");
-                        "cpu (cuda unavailable)".to_owned()
-                    }
+        let provider = match rir_models::device_ordinal(&cfg.execution_provider)
+            .map_err(|e| PluginError::config(format!("execution_provider: {e}")))?
+        {
+            None => "cpu".to_owned(),
+            Some(id) => match ort::ep::CUDA::default().with_device_id(id as i32).register(&mut builder) {
+                Ok(()) => format!("cuda:{id}"),
+                Err(e) => {
+                    rir_sdk::log::warn!("CUDA execution provider unavailable ({e}); running on CPU");
+                    "cpu (cuda unavailable)".to_owned()
                 }
-            }
-            s => return Err(PluginError::config(format!("unknown execution_provider {s:?} (cpu, cuda, cuda:N)"))),
+            },
         };
         let session = builder.commit_from_file(&onnx).map_err(oerr("loading the model"))?;
         let inputs: Vec<String> = session.inputs().iter().map(|i| i.name().to_owned()).collect();
