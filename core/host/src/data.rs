@@ -2,8 +2,8 @@
 //! check, or copy from a local mirror) into the cache, and loading with
 //! BEIR's semantics (documents are `title + " " + text`, stripped).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -100,11 +100,8 @@ pub fn fetch(name: &str, cache: &Path, mirror: Option<&Path>, force: bool) -> Re
     if dest.join(PROVENANCE).is_file() && !force {
         return Ok(dest);
     }
-    let parent = dest.parent().expect("cache path has a parent");
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    // Build in a temporary sibling and rename: an interrupted fetch leaves no half dataset.
-    let tmp = parent.join(format!(".{name}.partial-{}", rir_models::unique()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    // Build in a staging sibling and move it into place: an interrupted fetch leaves no half dataset.
+    let tmp = rir_models::staging_dir(&dest).map_err(io(&dest))?;
     let provenance = match mirror {
         Some(m) => {
             let src = m.join("beir").join(name);
@@ -116,52 +113,26 @@ pub fn fetch(name: &str, cache: &Path, mirror: Option<&Path>, force: bool) -> Re
         }
         None => {
             let entry = entry?;
-            let bytes = download(&entry.url)?;
+            let bytes = rir_models::download(&entry.url)
+                .map_err(|reason| DataError::Download { url: entry.url.clone(), reason })?;
             let found = format!("{:x}", <md5::Md5 as md5::Digest>::digest(&bytes));
             if found != entry.md5 {
                 return Err(DataError::Checksum { url: entry.url, expected: entry.md5, found });
             }
-            unzip_dataset(&bytes, &tmp, &entry.url)?;
+            // BEIR zips hold `<name>/corpus.jsonl` etc.: drop the top folder.
+            rir_models::unzip(&bytes, &tmp, 1)
+                .map_err(|reason| DataError::Download { url: entry.url.clone(), reason })?;
             Provenance { name: name.into(), source: entry.url, md5_checked: true, fetched_unix: now() }
         }
     };
     let p = tmp.join(PROVENANCE);
     std::fs::write(&p, serde_json::to_vec_pretty(&provenance).expect("serialisable")).map_err(io(&p))?;
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    rir_models::install_dir(&tmp, &dest, PROVENANCE, force).map_err(io(&dest))?;
     Ok(dest)
 }
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn download(url: &str) -> Result<Vec<u8>, DataError> {
-    let fail = |reason: String| DataError::Download { url: url.to_owned(), reason };
-    log::info!("downloading {url}");
-    let mut resp = rir_models::http().get(url).call().map_err(|e| fail(e.to_string()))?;
-    let mut bytes = Vec::new();
-    resp.body_mut().with_config().limit(u64::MAX).reader().read_to_end(&mut bytes).map_err(|e| fail(e.to_string()))?;
-    Ok(bytes)
-}
-
-/// BEIR zips hold `<name>/corpus.jsonl` etc.; unpack that folder's files into `dest`.
-fn unzip_dataset(bytes: &[u8], dest: &Path, url: &str) -> Result<(), DataError> {
-    let bad = |reason: String| DataError::Download { url: url.to_owned(), reason };
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| bad(format!("not a zip: {e}")))?;
-    for i in 0..zip.len() {
-        let mut f = zip.by_index(i).map_err(|e| bad(e.to_string()))?;
-        let Some(rel) = f.enclosed_name() else { continue }; // refuses ../ paths
-        let rel: PathBuf = rel.components().skip(1).collect(); // drop the top folder
-        if f.is_dir() || rel.as_os_str().is_empty() {
-            continue;
-        }
-        let out = dest.join(rel);
-        std::fs::create_dir_all(out.parent().expect("file has a parent")).map_err(io(dest))?;
-        let mut w = std::fs::File::create(&out).map_err(io(&out))?;
-        std::io::copy(&mut f, &mut w).map_err(io(&out))?;
-    }
-    Ok(())
 }
 
 fn copy_tree(src: &Path, dst: &Path) -> Result<(), DataError> {
@@ -425,30 +396,4 @@ pub fn quick_counts(dir: &Path) -> (usize, usize) {
         std::fs::File::open(p).map(|f| BufReader::new(f).lines().filter(|l| l.as_ref().is_ok_and(|l| !l.trim().is_empty())).count()).unwrap_or(0)
     };
     (count(dir.join("corpus.jsonl")), count(dir.join("queries.jsonl")))
-}
-
-/// Writes a small BEIR folder (tests and tools).
-pub fn write_dir(dir: &Path, corpus: &[Doc], queries: &[(String, String)], split: &str, qrels: &Qrels) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir.join("qrels"))?;
-    let mut c = std::fs::File::create(dir.join("corpus.jsonl"))?;
-    for d in corpus {
-        writeln!(c, "{}", serde_json::json!({"_id": d.id, "title": d.title, "text": d.text}))?;
-    }
-    let mut q = std::fs::File::create(dir.join("queries.jsonl"))?;
-    for (id, text) in queries {
-        writeln!(q, "{}", serde_json::json!({"_id": id, "text": text}))?;
-    }
-    let mut r = std::fs::File::create(dir.join("qrels").join(format!("{split}.tsv")))?;
-    writeln!(r, "query-id\tcorpus-id\tscore")?;
-    for (qid, docs) in qrels {
-        for (d, rel) in docs {
-            writeln!(r, "{qid}\t{d}\t{rel}")?;
-        }
-    }
-    Ok(())
-}
-
-/// Doc id → position in the corpus.
-pub fn doc_index(corpus: &[Doc]) -> HashMap<&str, usize> {
-    corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect()
 }

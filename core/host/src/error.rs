@@ -11,6 +11,9 @@ pub enum HostError {
     #[error("{}:{line}:{column}: {message}", path.display())]
     Registry { path: PathBuf, line: usize, column: usize, message: String },
 
+    #[error("cannot read {}: {message}", path.display())]
+    RegistryRead { path: PathBuf, message: String },
+
     #[error("no registry.toml found (looked for RIR_REGISTRY, then ./registry.toml and its parent directories); pass --registry PATH")]
     NoRegistry,
 

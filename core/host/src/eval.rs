@@ -26,6 +26,15 @@ pub enum IndexChoice {
     Plugin { name: String, config: String },
 }
 
+impl std::fmt::Display for IndexChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IndexChoice::Exact => f.write_str("flat"),
+            IndexChoice::Plugin { name, config } => write!(f, "{name} ({config})"),
+        }
+    }
+}
+
 impl std::str::FromStr for IndexChoice {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -184,7 +193,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
             "retriever": {"plugin": o.retriever, "config": o.retriever_config, "info": info,
                           "query_instruction": o.query_instruction},
             "generator": generation,
-            "index": format!("{:?}", o.index),
+            "index": o.index.to_string(),
             "k": o.k,
             "ignore_identical_ids": o.ignore_identical_ids,
             "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len(),

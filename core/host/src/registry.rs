@@ -40,9 +40,6 @@ impl Kind {
             Kind::Index => "index",
         }
     }
-    pub fn parse(s: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
 }
 
 impl fmt::Display for Kind {
@@ -91,7 +88,7 @@ pub struct Registry {
 impl Registry {
     pub fn load(path: &Path) -> Result<Self, HostError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| HostError::Registry { path: path.to_owned(), line: 0, column: 0, message: e.to_string() })?;
+            .map_err(|e| HostError::RegistryRead { path: path.to_owned(), message: e.to_string() })?;
         Self::parse(&text, path)
     }
 

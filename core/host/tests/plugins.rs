@@ -230,6 +230,10 @@ fn malformed_registry_errors_name_file_line_and_column() {
     let (_d, host) = host_from("\n[plugins.a]\nkinds = [\"index\"]\n");
     assert!(host.err().unwrap().to_string().contains(":2:1: plugin 'a' needs `crate` or `library`"));
 
+    let missing = std::path::Path::new("/no/such/registry.toml");
+    let msg = rir::Registry::load(missing).unwrap_err().to_string();
+    assert!(msg.starts_with("cannot read /no/such/registry.toml: "), "{msg}");
+
     let (_d, host) = host_from("[plugins.a]\nkinds = [\"index\"]\ncrate = \"x\"\nsha256 = \"abc\"\n");
     assert!(host.err().unwrap().to_string().ends_with("plugin 'a': sha256 must be 64 hex digits"));
 }

