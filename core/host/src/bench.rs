@@ -121,3 +121,162 @@ pub fn bench_encode(
         percent_of_peak: 100.0 * gflops / peak.gflops,
     })
 }
+
+/// One row of `rir bench generate`.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateBench {
+    pub engine: String,
+    /// "single" (one sequence at a time) or "aggregate" (`sequences` together).
+    pub mode: String,
+    pub sequences: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Raw-text prompts whose greedy continuations rarely end early, so both
+/// engines decode about `max_tokens` tokens.
+pub const GENERATE_PROMPTS: [&str; 3] = [
+    "The history of information retrieval begins with library catalogues, and",
+    "In this paper we study how dense retrievers adapt to scientific claims. First,",
+    "Protein folding in yeast cells under heat stress is a process in which",
+];
+
+fn row(engine: &str, mode: &str, sequences: usize, tokens: usize, seconds: f64) -> GenerateBench {
+    GenerateBench {
+        engine: engine.into(),
+        mode: mode.into(),
+        sequences,
+        tokens,
+        seconds,
+        tokens_per_s: tokens as f64 / seconds,
+    }
+}
+
+/// Single-stream greedy decoding of each prompt, then `samples` sampled
+/// sequences per prompt decoded together (n = samples), through the plugin.
+/// Tokens are counted from the returned log-probabilities (EOS included).
+pub fn bench_generate_plugin(
+    host: &PluginHost,
+    plugin: &str,
+    config: &str,
+    max_tokens: u32,
+    samples: u32,
+) -> anyhow::Result<Vec<GenerateBench>> {
+    use rir_sdk::{GenerationRequest, Prompt};
+    let g = host.load(plugin)?.generator(config)?;
+    let req = |p: &str, n: u32, t: f32| {
+        let mut r = GenerationRequest::greedy(Prompt::Text(p.into()), max_tokens);
+        r.n = n;
+        r.temperature = t;
+        r.top_p = 0.9;
+        r.seed = Some(1);
+        r.logprobs = true;
+        r
+    };
+    let count = |out: &[Vec<rir_sdk::Completion>]| -> usize {
+        out.iter().flatten().map(|c| c.logprobs.as_ref().map_or(0, |l| l.len())).sum()
+    };
+    let mut warm = req(GENERATE_PROMPTS[0], 1, 0.0);
+    warm.max_tokens = 4;
+    g.generate(&[warm])?;
+    let name = format!("rir {plugin}");
+    let (mut tokens, mut secs) = (0, 0.0);
+    for p in GENERATE_PROMPTS {
+        let t = Instant::now();
+        let out = g.generate(&[req(p, 1, 0.0)])?;
+        secs += t.elapsed().as_secs_f64();
+        tokens += count(&out);
+    }
+    let single = row(&name, "single", 1, tokens, secs);
+    let (mut tokens, mut secs) = (0, 0.0);
+    for p in GENERATE_PROMPTS {
+        let t = Instant::now();
+        let out = g.generate(&[req(p, samples, 0.9)])?;
+        secs += t.elapsed().as_secs_f64();
+        tokens += count(&out);
+    }
+    Ok(vec![single, row(&name, "aggregate", samples as usize, tokens, secs)])
+}
+
+/// A llama.cpp server (the xllamacpp Python package) on loopback, stopped on drop.
+pub struct LlamaCppServer {
+    child: std::process::Child,
+    pub base: String,
+}
+
+impl LlamaCppServer {
+    /// Starts `python llama_server.py GGUF PORT PARALLEL THREADS` and waits
+    /// for /health to answer 200.
+    pub fn start(python: &std::path::Path, gguf: &std::path::Path, parallel: usize, threads: usize, scratch: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        std::fs::create_dir_all(scratch)?;
+        let script = scratch.join("llama_server.py");
+        std::fs::write(&script, include_str!("../../../tests/python/llama_server.py"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = std::process::Command::new(python)
+            .args([script.as_os_str(), gguf.as_os_str()])
+            .args([port.to_string(), parallel.to_string(), threads.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} (the xllamacpp package is needed: scripts/setup-python)", python.display()))?;
+        let mut s = LlamaCppServer { child, base: format!("http://127.0.0.1:{port}") };
+        let deadline = Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Ok(r) = ureq::get(&format!("{}/health", s.base)).call() {
+                if r.status() == 200 {
+                    return Ok(s);
+                }
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                anyhow::bail!("the llama.cpp server exited ({status}) before becoming healthy");
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the llama.cpp server did not become healthy in 120 s");
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for LlamaCppServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same workload against llama.cpp's /completion endpoint: one request
+/// at a time, then `samples` concurrent requests per prompt (the server runs
+/// that many slots). Tokens are the server's own `tokens_predicted`.
+pub fn bench_generate_llama_cpp(server: &LlamaCppServer, max_tokens: u32, samples: u32) -> anyhow::Result<Vec<GenerateBench>> {
+    let complete = |prompt: &str, temperature: f32, seed: u32, n: u32| -> anyhow::Result<usize> {
+        let body = serde_json::json!({
+            "prompt": prompt, "n_predict": n, "temperature": temperature, "top_p": 0.9,
+            "seed": seed, "cache_prompt": false,
+        });
+        let v: serde_json::Value = ureq::post(&format!("{}/completion", server.base)).send_json(body)?.body_mut().read_json()?;
+        Ok(v["tokens_predicted"].as_u64().unwrap_or(0) as usize)
+    };
+    complete(GENERATE_PROMPTS[0], 0.0, 1, 4)?;
+    let (mut tokens, mut secs) = (0, 0.0);
+    for p in GENERATE_PROMPTS {
+        let t = Instant::now();
+        tokens += complete(p, 0.0, 1, max_tokens)?;
+        secs += t.elapsed().as_secs_f64();
+    }
+    let single = row("llama.cpp (xllamacpp)", "single", 1, tokens, secs);
+    let (mut tokens, mut secs) = (0, 0.0);
+    for p in GENERATE_PROMPTS {
+        let t = Instant::now();
+        let counts: Vec<anyhow::Result<usize>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..samples).map(|i| s.spawn(move || complete(p, 0.9, 1 + i, max_tokens))).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("request thread panicked")))).collect()
+        });
+        secs += t.elapsed().as_secs_f64();
+        for c in counts {
+            tokens += c?;
+        }
+    }
+    Ok(vec![single, row("llama.cpp (xllamacpp)", "aggregate", samples as usize, tokens, secs)])
+}

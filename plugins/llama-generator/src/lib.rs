@@ -23,6 +23,7 @@
 mod gguf_tokenizer;
 pub mod load;
 pub mod model;
+pub mod q4_1;
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use rir_sdk::{PluginError, PluginResult};
 use serde::Deserialize;
@@ -118,7 +118,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> PluginResult<(Llama, Assets)> 
         Ok(t) => t,
         Err(_) => embed_q,
     };
-    let lin = |t| QMatMul::from_qtensor(t).map(Linear).map_err(cerr("weights"));
+    let lin = |t| Linear::quantized(t).map_err(cerr("weights"));
     let deq = |t: candle_core::quantized::QTensor| t.dequantize(device).map_err(cerr("norm"));
     let mut layers = Vec::with_capacity(shape.n_layer);
     for i in 0..shape.n_layer {
@@ -335,10 +335,7 @@ pub fn merge_lora(model: &mut Llama, dir: &Path) -> PluginResult<usize> {
         if interleaved && wi < 2 {
             delta = permute_rows(&delta, if wi == 0 { n_head } else { n_kv }, true).map_err(m)?;
         }
-        let base = match &lin.0 {
-            QMatMul::QTensor(q) => q.dequantize(&device).map_err(m)?,
-            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => w.to_dtype(DType::F32).map_err(m)?,
-        };
+        let base = lin.dequantize(&device).map_err(m)?;
         if base.dims() != delta.dims() {
             return Err(PluginError::resource(format!(
                 "{}: {module}: B·A is {:?} but the weight is {:?}",
@@ -363,12 +360,7 @@ pub fn export_hf(model: &Llama, assets: &Assets, out: &Path) -> PluginResult<()>
     let io = |e: std::io::Error| PluginError::resource(format!("{}: {e}", out.display()));
     std::fs::create_dir_all(out).map_err(io)?;
     let s = &model.shape;
-    let dense = |l: &Linear| -> candle_core::Result<Tensor> {
-        match &l.0 {
-            QMatMul::QTensor(q) => q.dequantize(&model.device),
-            QMatMul::Tensor(w) | QMatMul::TensorF16(w) => w.to_dtype(DType::F32),
-        }
-    };
+    let dense = |l: &Linear| l.dequantize(&model.device);
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert("model.embed_tokens.weight".into(), model.embed.to_dtype(DType::F32).map_err(e)?);
     t.insert("model.norm.weight".into(), model.norm.to_dtype(DType::F32).map_err(e)?);

@@ -12,15 +12,39 @@
 //! cannot prefill a batch > 1 (its last-position slice is non-contiguous and
 //! the quantized matmul rejects it); this file exists for those two reasons.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
 /// A weight matrix stored (out, in): quantized, or dense in any float dtype.
-pub struct Linear(pub QMatMul);
+/// Q4_1 goes to this crate's AVX2 kernel where the CPU has it (candle's is
+/// scalar); everything else to candle's QMatMul.
+pub enum Linear {
+    Candle(QMatMul),
+    Q41(crate::q4_1::Q41Matrix),
+}
 
 impl Linear {
     pub fn dense(w: Tensor) -> Self {
-        Linear(QMatMul::Tensor(w))
+        Linear::Candle(QMatMul::Tensor(w))
+    }
+
+    pub fn quantized(q: QTensor) -> Result<Self> {
+        if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() && crate::q4_1::available() {
+            let (n, k) = q.shape().dims2()?;
+            if let Some(m) = crate::q4_1::Q41Matrix::from_bytes(&q.data()?, n, k) {
+                return Ok(Linear::Q41(m));
+            }
+        }
+        Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
+    }
+
+    /// The weights as an f32 (out, in) tensor.
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            Linear::Candle(QMatMul::QTensor(q)) => q.dequantize(device),
+            Linear::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.to_dtype(DType::F32),
+            Linear::Q41(m) => Tensor::from_vec(m.dequantize(), (m.n, m.k), device),
+        }
     }
 
     /// `x @ Wᵀ` over the last dimension, any leading dims.
@@ -30,9 +54,13 @@ impl Linear {
         let rows = x.elem_count() / last.max(1);
         // Quantized matmuls need a contiguous 2-D left side.
         let flat = x.reshape((rows, last))?.contiguous()?;
-        let y = match &self.0 {
-            QMatMul::Tensor(w) => flat.matmul(&w.t()?)?,
-            q => q.forward(&flat)?,
+        let y = match self {
+            Linear::Candle(QMatMul::Tensor(w)) => flat.matmul(&w.t()?)?,
+            Linear::Candle(q) => q.forward(&flat)?,
+            Linear::Q41(m) => {
+                let v = flat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(m.matmul(&v, rows), (rows, m.n), x.device())?.to_dtype(x.dtype())?
+            }
         };
         let mut out = dims;
         *out.last_mut().unwrap() = y.dim(1)?;
