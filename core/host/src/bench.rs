@@ -162,6 +162,7 @@ pub fn bench_generate_plugin(
     config: &str,
     max_tokens: u32,
     samples: u32,
+    repeats: usize,
 ) -> anyhow::Result<Vec<GenerateBench>> {
     use rir_sdk::{GenerationRequest, Prompt};
     let g = host.load(plugin)?.generator(config)?;
@@ -181,22 +182,32 @@ pub fn bench_generate_plugin(
     warm.max_tokens = 4;
     g.generate(&[warm])?;
     let name = format!("rir {plugin}");
-    let (mut tokens, mut secs) = (0, 0.0);
-    for p in GENERATE_PROMPTS {
-        let t = Instant::now();
-        let out = g.generate(&[req(p, 1, 0.0)])?;
-        secs += t.elapsed().as_secs_f64();
-        tokens += count(&out);
+    let run = |n: u32, temperature: f32| -> anyhow::Result<(usize, f64)> {
+        let (mut tokens, mut secs) = (0, 0.0);
+        for p in GENERATE_PROMPTS {
+            let t = Instant::now();
+            let out = g.generate(&[req(p, n, temperature)])?;
+            secs += t.elapsed().as_secs_f64();
+            tokens += count(&out);
+        }
+        Ok((tokens, secs))
+    };
+    let (t1, s1) = best_of(repeats, || run(1, 0.0))?;
+    let (tn, sn) = best_of(repeats, || run(samples, 0.9))?;
+    Ok(vec![row(&name, "single", 1, t1, s1), row(&name, "aggregate", samples as usize, tn, sn)])
+}
+
+/// The fastest of `repeats` runs (this is a shared VM: others' load only
+/// ever slows a run down).
+fn best_of(repeats: usize, mut f: impl FnMut() -> anyhow::Result<(usize, f64)>) -> anyhow::Result<(usize, f64)> {
+    let mut best = f()?;
+    for _ in 1..repeats.max(1) {
+        let r = f()?;
+        if r.0 as f64 / r.1 > best.0 as f64 / best.1 {
+            best = r;
+        }
     }
-    let single = row(&name, "single", 1, tokens, secs);
-    let (mut tokens, mut secs) = (0, 0.0);
-    for p in GENERATE_PROMPTS {
-        let t = Instant::now();
-        let out = g.generate(&[req(p, samples, 0.9)])?;
-        secs += t.elapsed().as_secs_f64();
-        tokens += count(&out);
-    }
-    Ok(vec![single, row(&name, "aggregate", samples as usize, tokens, secs)])
+    Ok(best)
 }
 
 /// A llama.cpp server (the xllamacpp Python package) on loopback, stopped on drop.
@@ -249,7 +260,7 @@ impl Drop for LlamaCppServer {
 /// The same workload against llama.cpp's /completion endpoint: one request
 /// at a time, then `samples` concurrent requests per prompt (the server runs
 /// that many slots). Tokens are the server's own `tokens_predicted`.
-pub fn bench_generate_llama_cpp(server: &LlamaCppServer, max_tokens: u32, samples: u32) -> anyhow::Result<Vec<GenerateBench>> {
+pub fn bench_generate_llama_cpp(server: &LlamaCppServer, max_tokens: u32, samples: u32, repeats: usize) -> anyhow::Result<Vec<GenerateBench>> {
     let complete = |prompt: &str, temperature: f32, seed: u32, n: u32| -> anyhow::Result<usize> {
         let body = serde_json::json!({
             "prompt": prompt, "n_predict": n, "temperature": temperature, "top_p": 0.9,
@@ -259,24 +270,30 @@ pub fn bench_generate_llama_cpp(server: &LlamaCppServer, max_tokens: u32, sample
         Ok(v["tokens_predicted"].as_u64().unwrap_or(0) as usize)
     };
     complete(GENERATE_PROMPTS[0], 0.0, 1, 4)?;
-    let (mut tokens, mut secs) = (0, 0.0);
-    for p in GENERATE_PROMPTS {
-        let t = Instant::now();
-        tokens += complete(p, 0.0, 1, max_tokens)?;
-        secs += t.elapsed().as_secs_f64();
-    }
-    let single = row("llama.cpp (xllamacpp)", "single", 1, tokens, secs);
-    let (mut tokens, mut secs) = (0, 0.0);
-    for p in GENERATE_PROMPTS {
-        let t = Instant::now();
-        let counts: Vec<anyhow::Result<usize>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..samples).map(|i| s.spawn(move || complete(p, 0.9, 1 + i, max_tokens))).collect();
-            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("request thread panicked")))).collect()
-        });
-        secs += t.elapsed().as_secs_f64();
-        for c in counts {
-            tokens += c?;
+    let single = best_of(repeats, || {
+        let (mut tokens, mut secs) = (0, 0.0);
+        for p in GENERATE_PROMPTS {
+            let t = Instant::now();
+            tokens += complete(p, 0.0, 1, max_tokens)?;
+            secs += t.elapsed().as_secs_f64();
         }
-    }
+        Ok((tokens, secs))
+    })?;
+    let (tokens, secs) = best_of(repeats, || {
+        let (mut tokens, mut secs) = (0, 0.0);
+        for p in GENERATE_PROMPTS {
+            let t = Instant::now();
+            let counts: Vec<anyhow::Result<usize>> = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..samples).map(|i| s.spawn(move || complete(p, 0.9, 1 + i, max_tokens))).collect();
+                hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("request thread panicked")))).collect()
+            });
+            secs += t.elapsed().as_secs_f64();
+            for c in counts {
+                tokens += c?;
+            }
+        }
+        Ok((tokens, secs))
+    })?;
+    let single = row("llama.cpp (xllamacpp)", "single", 1, single.0, single.1);
     Ok(vec![single, row("llama.cpp (xllamacpp)", "aggregate", samples as usize, tokens, secs)])
 }

@@ -94,6 +94,9 @@ struct BenchGenerateArgs {
     /// Sequences decoded together in the aggregate run (samples of one prompt)
     #[arg(long, default_value_t = 5)]
     samples: u32,
+    /// Runs of each measurement; the fastest is reported
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Python with the xllamacpp package, for the llama.cpp side [default: ~/.cache/rir/venv/bin/python]
     #[arg(long, env = "RIR_PYTHON")]
     python: Option<PathBuf>,
@@ -411,12 +414,12 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
                 };
                 eprintln!("starting llama.cpp on {} ({threads} thread(s), {} slots)", path.display(), a.samples);
                 let server = bench::LlamaCppServer::start(&python, &path, a.samples as usize, threads, &host.settings.cache_dir.join("bench"))?;
-                rows.extend(bench::bench_generate_llama_cpp(&server, a.max_tokens, a.samples)?);
+                rows.extend(bench::bench_generate_llama_cpp(&server, a.max_tokens, a.samples, a.repeat)?);
             }
         }
     }
     eprintln!("benchmarking {} ({threads} thread(s))", a.generator);
-    let ours = bench::bench_generate_plugin(host, &a.generator, &config, a.max_tokens, a.samples)
+    let ours = bench::bench_generate_plugin(host, &a.generator, &config, a.max_tokens, a.samples, a.repeat)
         .with_context(|| format!("benchmarking {}", a.generator))?;
     rows.splice(0..0, ours);
     let mut t = Table::new();
@@ -446,9 +449,10 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         println!("{n}");
     }
     println!(
-        "{} prompts x {} tokens, {threads} thread(s); tokens/s counts prefill and decode time",
+        "{} prompts x {} tokens, {threads} thread(s), best of {}; tokens/s counts prefill and decode time",
         bench::GENERATE_PROMPTS.len(),
-        a.max_tokens
+        a.max_tokens,
+        a.repeat
     );
     if let Some(p) = &a.json {
         let v = serde_json::json!({"results": rows, "ratios": ratios, "threads": threads, "max_tokens": a.max_tokens, "samples": a.samples, "config": config});

@@ -68,9 +68,9 @@ fn batched_decoding_equals_sequential_decoding() {
     }
     eprintln!("batched (max_batch 8) vs one at a time: {same}/{total} completions identical");
     assert_eq!(b.iter().map(|v| v.len()).collect::<Vec<_>>(), vec![1, 1, 1, 1, 1, 3, 3]);
-    // Batched kernels sum in another order, so near-ties of this small model
-    // can flip; the logits themselves must agree closely.
-    assert!(same * 2 > total, "only {same}/{total} identical");
+    // Every kernel computes a row alone (attention skips pads, in a fixed
+    // order), so batching changes no number at all.
+    assert_eq!(same, total, "only {same}/{total} identical");
     let ids: Vec<Vec<u32>> = PROMPTS.iter().map(|p| many.encode(&many.render(&chat(p)).unwrap()).unwrap()).collect();
     let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
     let (batch, mut cache) = many.model.prefill(&refs).unwrap();
@@ -78,11 +78,8 @@ fn batched_decoding_equals_sequential_decoding() {
         let (alone, _) = many.model.prefill(&[r]).unwrap();
         let (x, y): (Vec<f32>, Vec<f32>) = (alone.get(0).unwrap().to_vec1().unwrap(), batch.get(i).unwrap().to_vec1().unwrap());
         let diff = x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        let cos = cosine(&x, &y);
-        eprintln!("prompt {i} ({} tokens, {} pad): alone vs in the batch: logit cosine {cos:.6}, max |difference| {diff:.2e}", r.len(), cache.pads[i]);
-        // f32 GEMM picks other kernels for other shapes; an ulp there can flip
-        // a q8 rounding of the activations, which a 135M model amplifies.
-        assert!(cos > 0.999, "prompt {i}: cosine {cos}");
+        eprintln!("prompt {i} ({} tokens, {} pad): max |logit difference| alone vs in the batch {diff:.2e}", r.len(), cache.pads[i]);
+        assert_eq!(diff, 0.0, "prompt {i}");
     }
     // A decode step after dropping rows still matches.
     let keep = [4usize, 1];
@@ -91,7 +88,7 @@ fn batched_decoding_equals_sequential_decoding() {
     let full = many.model.step(&[28; 5], &mut cache).unwrap();
     for (j, &k) in keep.iter().enumerate() {
         let (x, y): (Vec<f32>, Vec<f32>) = (step.get(j).unwrap().to_vec1().unwrap(), full.get(k).unwrap().to_vec1().unwrap());
-        assert!(cosine(&x, &y) > 0.999);
+        assert_eq!(x, y);
     }
     // The three samples of a request differ (distinct seeds), and all finish.
     assert!(b[5][0].text != b[5][1].text || b[5][1].text != b[5][2].text);

@@ -23,13 +23,13 @@
 mod gguf_tokenizer;
 pub mod load;
 pub mod model;
-pub mod q4_1;
+pub mod quant;
+pub mod sampler;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
 use rir_sdk::{config, Completion, GenerationRequest, Generator, Message, PluginError, PluginResult, Prompt, TokenLogprob};
 use serde::Deserialize;
 
@@ -117,7 +117,7 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets)> {
 struct Seq {
     req: usize,
     sample: usize,
-    lp: LogitsProcessor,
+    lp: sampler::Sampler,
     out: Vec<u32>,
     text: String,
     logprobs: Vec<TokenLogprob>,
@@ -189,30 +189,24 @@ impl LlamaGenerator {
             .iter()
             .map(|&(req, sample)| {
                 let r = &requests[req];
-                let sampling = if r.temperature <= 0.0 {
-                    Sampling::ArgMax
-                } else {
-                    Sampling::TopP { p: r.top_p as f64, temperature: r.temperature as f64 }
-                };
                 let seed = r.seed.unwrap_or(299_792_458) + sample as u64;
-                Seq { req, sample, lp: LogitsProcessor::from_sampling(seed, sampling), out: vec![], text: String::new(), logprobs: vec![] }
+                Seq { req, sample, lp: sampler::Sampler::new(seed, r.temperature, r.top_p), out: vec![], text: String::new(), logprobs: vec![] }
             })
             .collect();
         while !seqs.is_empty() {
             let mut next = Vec::with_capacity(seqs.len());
             let mut keep = Vec::with_capacity(seqs.len());
             let mut live = Vec::with_capacity(seqs.len());
+            let all: Vec<f32> = logits.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr("logits"))?;
+            let vocab = all.len() / seqs.len();
             for (row, mut s) in std::mem::take(&mut seqs).into_iter().enumerate() {
                 let r = &requests[s.req];
-                let l = logits.get(row).map_err(cerr("logits"))?;
-                let tok = s.lp.sample(&l).map_err(cerr("sampling"))?;
+                let v = &all[row * vocab..(row + 1) * vocab];
+                let tok = s.lp.sample(v);
                 if r.logprobs {
-                    let v: Vec<f32> = l.to_vec1().map_err(cerr("logits"))?;
-                    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = max + v.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
                     s.logprobs.push(TokenLogprob {
                         token: self.assets.tokenizer.decode(&[tok], false).unwrap_or_default(),
-                        logprob: v[tok as usize] - lse,
+                        logprob: v[tok as usize] - sampler::log_sum_exp(v),
                     });
                 }
                 let mut finish = None;
@@ -287,9 +281,15 @@ impl Generator for LlamaGenerator {
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
         let jobs: Vec<(usize, usize)> = order.iter().flat_map(|&r| (0..requests[r].n as usize).map(move |s| (r, s))).collect();
-        for chunk in jobs.chunks(self.max_batch) {
-            self.decode_batch(chunk, &prompts, requests, &mut out)?;
-        }
+        // On a pool thread, candle's and the kernels' parallel loops run
+        // there instead of handing each small op to a worker and waiting
+        // (measured: a tenth of single-thread decoding in context switches).
+        rayon::scope(|_| {
+            for chunk in jobs.chunks(self.max_batch) {
+                self.decode_batch(chunk, &prompts, requests, &mut out)?;
+            }
+            Ok::<_, PluginError>(())
+        })?;
         Ok(out.into_iter().map(|v| v.into_iter().flatten().collect()).collect())
     }
 }

@@ -16,11 +16,11 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 
 /// A weight matrix stored (out, in): quantized, or dense in any float dtype.
-/// Q4_1 goes to this crate's AVX2 kernel where the CPU has it (candle's is
-/// scalar); everything else to candle's QMatMul.
+/// Q4_1 and Q8_0 go to this crate's x86 kernels where the CPU has them
+/// (candle's Q4_1 is scalar); everything else to candle's QMatMul.
 pub enum Linear {
     Candle(QMatMul),
-    Q41(crate::q4_1::Q41Matrix),
+    Quant(crate::quant::QMatrix),
 }
 
 impl Linear {
@@ -29,10 +29,15 @@ impl Linear {
     }
 
     pub fn quantized(q: QTensor) -> Result<Self> {
-        if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() && crate::q4_1::available() {
+        let format = match q.dtype() {
+            GgmlDType::Q4_1 => Some(crate::quant::Format::Q4_1),
+            GgmlDType::Q8_0 => Some(crate::quant::Format::Q8_0),
+            _ => None,
+        };
+        if let (Some(f), true) = (format, q.device().is_cpu()) {
             let (n, k) = q.shape().dims2()?;
-            if let Some(m) = crate::q4_1::Q41Matrix::from_bytes(&q.data()?, n, k) {
-                return Ok(Linear::Q41(m));
+            if let Some(m) = crate::quant::QMatrix::from_bytes(f, &q.data()?, n, k) {
+                return Ok(Linear::Quant(m));
             }
         }
         Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
@@ -43,8 +48,33 @@ impl Linear {
         match self {
             Linear::Candle(QMatMul::QTensor(q)) => q.dequantize(device),
             Linear::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.to_dtype(DType::F32),
-            Linear::Q41(m) => Tensor::from_vec(m.dequantize(), (m.n, m.k), device),
+            Linear::Quant(m) => Tensor::from_vec(m.dequantize(), (m.n, m.k), device),
         }
+    }
+
+    /// `x @ Wᵀ` for several matrices of the same input; the quantized kernels
+    /// quantize the input once for all of them.
+    pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let shared = match ls {
+            [Linear::Quant(first), rest @ ..] => {
+                rest.iter().all(|l| matches!(l, Linear::Quant(o) if first.shares_input(o))).then_some(first)
+            }
+            _ => None,
+        };
+        let Some(first) = shared else { return ls.iter().map(|l| l.forward(x)).collect() };
+        let dims = x.dims().to_vec();
+        let last = *dims.last().unwrap_or(&0);
+        let rows = x.elem_count() / last.max(1);
+        let v = x.reshape((rows, last))?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let act = first.quantize(&v, rows);
+        ls.iter()
+            .map(|l| {
+                let Linear::Quant(m) = l else { unreachable!() };
+                let mut out = dims.clone();
+                *out.last_mut().unwrap() = m.n;
+                Tensor::from_vec(m.matmul_quantized(&act), out, x.device())?.to_dtype(x.dtype())
+            })
+            .collect()
     }
 
     /// `x @ Wᵀ` over the last dimension, any leading dims.
@@ -57,7 +87,7 @@ impl Linear {
         let y = match self {
             Linear::Candle(QMatMul::Tensor(w)) => flat.matmul(&w.t()?)?,
             Linear::Candle(q) => q.forward(&flat)?,
-            Linear::Q41(m) => {
+            Linear::Quant(m) => {
                 let v = flat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(m.matmul(&v, rows), (rows, m.n), x.device())?.to_dtype(x.dtype())?
             }
@@ -110,14 +140,17 @@ pub struct Llama {
     sin: Tensor,
 }
 
-/// Keys and values of every layer for a batch of sequences.
-#[derive(Clone)]
+/// Keys and values of every layer for a batch of sequences, in buffers with
+/// room to grow (written in place: no copy of the whole cache per token).
+/// Not `Clone`: clones would share the buffers being written.
 pub struct KvCache {
     kv: Vec<(Tensor, Tensor)>,
     /// Left-pad columns per row.
     pub pads: Vec<usize>,
     /// Columns filled so far (pads included).
     pub len: usize,
+    /// Columns allocated.
+    cap: usize,
 }
 
 impl KvCache {
@@ -126,25 +159,52 @@ impl KvCache {
     pub fn select(&self, rows: &[usize]) -> Result<KvCache> {
         let device = self.kv.first().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
         let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &device)?;
-        let kv = self
-            .kv
-            .iter()
-            .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
-            .collect::<Result<_>>()?;
         // Columns that are padding in every remaining row are dropped.
         let pads: Vec<usize> = rows.iter().map(|&r| self.pads[r]).collect();
         let common = pads.iter().copied().min().unwrap_or(0);
-        let mut out = KvCache { kv, pads, len: self.len };
-        if common > 0 {
-            out.kv = out
-                .kv
-                .iter()
-                .map(|(k, v)| Ok((k.narrow(2, common, self.len - common)?, v.narrow(2, common, self.len - common)?)))
-                .collect::<Result<_>>()?;
-            out.pads.iter_mut().for_each(|p| *p -= common);
-            out.len -= common;
+        let take = |t: &Tensor| -> Result<Tensor> {
+            let t = t.index_select(&idx, 0)?;
+            if common > 0 { t.narrow(2, common, self.cap - common)?.contiguous() } else { Ok(t) }
+        };
+        let kv = self.kv.iter().map(|(k, v)| Ok((take(k)?, take(v)?))).collect::<Result<_>>()?;
+        Ok(KvCache { kv, pads: pads.iter().map(|p| p - common).collect(), len: self.len - common, cap: self.cap - common })
+    }
+
+    /// Makes room for `need` columns (doubling, at most `limit`).
+    fn reserve(&mut self, need: usize, limit: usize) -> Result<()> {
+        if need <= self.cap {
+            return Ok(());
         }
-        Ok(out)
+        let cap = need.max(self.cap * 2).max(need + 64).min(limit.max(need));
+        let len = self.len;
+        let grow = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            let n = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+            if len > 0 {
+                n.slice_set(&t.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            }
+            Ok(n)
+        };
+        for kv in self.kv.iter_mut() {
+            *kv = (grow(&kv.0)?, grow(&kv.1)?);
+        }
+        self.cap = cap;
+        Ok(())
+    }
+
+    /// Writes layer `li`'s new keys and values at column `len`; returns the
+    /// filled part (views) including them.
+    fn append(&mut self, li: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let l = k.dim(2)?;
+        if li == self.kv.len() {
+            let (b, h, _, d) = k.dims4()?;
+            let z = || Tensor::zeros((b, h, self.cap, d), k.dtype(), k.device());
+            self.kv.push((z()?, z()?));
+        }
+        let (ck, cv) = &self.kv[li];
+        ck.slice_set(k, 2, self.len)?;
+        cv.slice_set(v, 2, self.len)?;
+        Ok((ck.narrow(2, 0, self.len + l)?, cv.narrow(2, 0, self.len + l)?))
     }
 }
 
@@ -186,7 +246,7 @@ impl Llama {
         let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
         let ids: Vec<u32> = prompts.iter().flat_map(|p| std::iter::repeat_n(0u32, width - p.len()).chain(p.iter().copied())).collect();
-        let mut cache = KvCache { kv: Vec::new(), pads, len: 0 };
+        let mut cache = KvCache { kv: Vec::new(), pads, len: 0, cap: 0 };
         let ids = Tensor::new(ids, &self.device)?.reshape((prompts.len(), width))?;
         let logits = self.forward(&ids, &mut cache)?;
         Ok((logits, cache))
@@ -217,7 +277,8 @@ impl Llama {
         let half = s.head_dim / 2;
         let cos = self.cos.index_select(&pos, 0)?.reshape((b, l, half))?;
         let sin = self.sin.index_select(&pos, 0)?.reshape((b, l, half))?;
-        let mask = if l == 1 && cache.pads.iter().all(|&p| p == 0) {
+        let cpu_attention = self.device.is_cpu() && self.dtype == DType::F32;
+        let mask = if cpu_attention || (l == 1 && cache.pads.iter().all(|&p| p == 0)) {
             None
         } else {
             let mut m = vec![0f32; b * l * total];
@@ -235,53 +296,123 @@ impl Llama {
         };
 
         let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, s.hidden))?;
-        let scale = 1.0 / (s.head_dim as f64).sqrt();
-        let first = cache.kv.is_empty();
+        cache.reserve(total, s.context)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let x = candle_nn::ops::rms_norm(&h, &layer.attn_norm, s.eps as f32)?;
             let heads = |t: Tensor, n: usize| t.reshape((b, l, n, s.head_dim))?.transpose(1, 2)?.contiguous();
-            let q = heads(layer.wq.forward(&x)?, s.n_head)?;
-            let k = heads(layer.wk.forward(&x)?, s.n_kv_head)?;
-            let v = heads(layer.wv.forward(&x)?, s.n_kv_head)?;
+            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &x)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("q/k/v".into()))?;
+            let (q, k, v) = (heads(q, s.n_head)?, heads(k, s.n_kv_head)?, heads(v, s.n_kv_head)?);
             let (q, k) = if s.interleaved_rope {
                 (candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)
             } else {
                 (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?)
             };
-            let (k, v) = if first {
-                (k, v)
+            let (k, v) = cache.append(li, &k, &v)?;
+            let y = if cpu_attention {
+                let (ck, cv) = &cache.kv[li];
+                attend_cpu(&q, ck, cv, start, &cache.pads, s)?
             } else {
-                let (pk, pv) = &cache.kv[li];
-                (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?)
+                self.attend(&q, &k, &v, mask.as_ref(), l, total)?
             };
-            if first {
-                cache.kv.push((k.clone(), v.clone()));
-            } else {
-                cache.kv[li] = (k.clone(), v.clone());
-            }
-            let rep = s.n_head / s.n_kv_head;
-            let (k, v) = if rep > 1 {
-                let r = |t: &Tensor| {
-                    Tensor::cat(&vec![t; rep], 2)?.reshape((b, s.n_kv_head * rep, total, s.head_dim))
-                };
-                (r(&k)?, r(&v)?)
-            } else {
-                (k, v)
-            };
-            let mut att = (q.matmul(&k.t()?)? * scale)?;
-            if let Some(m) = &mask {
-                att = att.broadcast_add(m)?;
-            }
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, l, s.hidden))?;
             h = (h + layer.wo.forward(&y)?)?;
             let x = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, s.eps as f32)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&x)?)?;
-            h = (h + layer.down.forward(&(g * layer.up.forward(&x)?)?)?)?;
+            let [g, u]: [Tensor; 2] = Linear::forward_many(&[&layer.gate, &layer.up], &x)?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("gate/up".into()))?;
+            h = (h + layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
         }
         cache.len = total;
         let last = h.i((.., l - 1, ..))?.contiguous()?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, s.eps as f32)?;
         self.output.forward(&last)?.to_dtype(DType::F32)
     }
+
+    /// Attention with candle ops (GPU, or non-f32 activations).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, l: usize, total: usize) -> Result<Tensor> {
+        let s = &self.shape;
+        let b = q.dim(0)?;
+        let scale = 1.0 / (s.head_dim as f64).sqrt();
+        // Grouped-query attention without copying K/V per head: the
+        // `rep` query heads of one KV head become extra query rows.
+        let rep = s.n_head / s.n_kv_head;
+        let q = q.reshape((b, s.n_kv_head, rep * l, s.head_dim))?;
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            att = att.reshape((b, s.n_kv_head, rep, l, total))?.broadcast_add(&m.unsqueeze(1)?)?.reshape((b, s.n_kv_head, rep * l, total))?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        att.matmul(&v)?.reshape((b, s.n_head, l, s.head_dim))?.transpose(1, 2)?.reshape((b, l, s.n_head * s.head_dim))
+    }
+}
+
+/// A dot product in eight lanes (so it vectorizes), summed in a fixed order.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Causal attention on the CPU straight from the cache buffers: each (row,
+/// head, query) sums over its own keys only (pads skipped) in a fixed order,
+/// so a sequence gets the same numbers alone or in any batch, and small
+/// decode steps skip GEMM dispatch. `q` is (b, heads, l, d) contiguous; the
+/// buffers are (b, kv heads, cap, d) with columns `..start + l` filled.
+fn attend_cpu(q: &Tensor, ck: &Tensor, cv: &Tensor, start: usize, pads: &[usize], s: &Shape) -> Result<Tensor> {
+    use candle_core::Storage;
+    let (b, nh, l, d) = q.dims4()?;
+    let cap = ck.dim(2)?;
+    let rep = s.n_head / s.n_kv_head;
+    let scale = 1.0 / (d as f32).sqrt();
+    let qv = q.flatten_all()?.to_vec1::<f32>()?;
+    let (ks, kl) = ck.storage_and_layout();
+    let (vs, vl) = cv.storage_and_layout();
+    let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else { candle_core::bail!("attend_cpu on a non-CPU tensor") };
+    let kall = &kc.as_slice::<f32>()?[kl.start_offset()..];
+    let vall = &vc.as_slice::<f32>()?[vl.start_offset()..];
+    let mut out = vec![0f32; b * l * nh * d];
+    let work = |bi: usize, h: usize, t: usize, o: &mut [f32]| {
+        let c = start + t;
+        let kvh = h / rep;
+        let base = (bi * s.n_kv_head + kvh) * cap * d;
+        let qrow = &qv[((bi * nh + h) * l + t) * d..][..d];
+        let first = pads[bi].min(c);
+        let mut scores: Vec<f32> = (first..=c)
+            .map(|j| dot(&kall[base + j * d..][..d], qrow) * scale)
+            .collect();
+        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in scores.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        o.iter_mut().for_each(|v| *v = 0.0);
+        for (j, p) in (first..=c).zip(&scores) {
+            let w = p / sum;
+            for (ov, vv) in o.iter_mut().zip(&vall[base + j * d..][..d]) {
+                *ov += w * vv;
+            }
+        }
+    };
+    // out is (b, l, heads, d): one chunk of d per (row, query, head).
+    let run = |idx: usize, o: &mut [f32]| {
+        let (bi, rest) = (idx / (l * nh), idx % (l * nh));
+        work(bi, rest % nh, rest / nh, o)
+    };
+    if rayon::current_num_threads() > 1 && b * l * nh > 8 {
+        use rayon::prelude::*;
+        out.par_chunks_mut(d).enumerate().for_each(|(i, o)| run(i, o));
+    } else {
+        out.chunks_mut(d).enumerate().for_each(|(i, o)| run(i, o));
+    }
+    drop((ks, vs));
+    Tensor::from_vec(out, (b, l, nh * d), q.device())
 }
