@@ -307,3 +307,18 @@ fn rir_serve_speaks_the_api_the_openai_plugin_speaks() {
     assert_eq!(e.status(), 400);
     assert_eq!(g.generate(&[chat("still up", 1, 0.0, 4)]).unwrap()[0][0].text, "still up #0");
 }
+
+#[test]
+fn an_unreachable_server_is_a_clear_error_after_retries() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}/v1");
+    let t = Instant::now();
+    let e = generator(&base, "max_retries = 2")
+        .generate(&[chat("q", 1, 0.0, 4)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("127.0.0.1:{port}")), "the error should name the server: {e}");
+    assert!(e.contains("gave up after 2 retries"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
