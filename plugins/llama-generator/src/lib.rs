@@ -20,21 +20,15 @@
 //! Generation stops at the model's end-of-sequence token, at any `stop`
 //! string (which is cut off, as OpenAI does), or at `max_tokens`.
 
-mod gguf_tokenizer;
-pub mod load;
-pub mod model;
-pub mod quant;
-pub mod sampler;
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use rir_sdk::{config, Completion, GenerationRequest, Generator, Message, PluginError, PluginResult, Prompt, TokenLogprob};
+use rir_sdk::{config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, TokenLogprob};
 use serde::Deserialize;
 
-pub use load::{export_hf, load_gguf, load_hf, merge_lora, Assets};
-pub use model::Llama;
+pub use rir_llama::{export_hf, load, load_gguf, load_hf, merge_lora, model, sampler, Assets, Llama};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,22 +133,7 @@ impl LlamaGenerator {
     pub fn render(&self, prompt: &Prompt) -> PluginResult<String> {
         match prompt {
             Prompt::Text(t) => Ok(t.clone()),
-            Prompt::Chat(messages) => {
-                let tpl = self.assets.template.as_deref().ok_or_else(|| {
-                    PluginError::Unsupported("the model has no chat template; send a text prompt".into())
-                })?;
-                let mut env = minijinja::Environment::new();
-                env.add_template("chat", tpl).map_err(|e| PluginError::resource(format!("chat template: {e}")))?;
-                let msgs: Vec<_> = messages.iter().map(|Message { role, content }| minijinja::context! { role, content }).collect();
-                env.get_template("chat")
-                    .and_then(|t| {
-                        t.render(minijinja::context! {
-                            messages => msgs, add_generation_prompt => true,
-                            bos_token => self.assets.bos, eos_token => self.assets.eos,
-                        })
-                    })
-                    .map_err(|e| PluginError::input(format!("chat template: {e}")))
-            }
+            Prompt::Chat(messages) => rir_llama::render_chat(&self.assets, messages),
         }
     }
 
