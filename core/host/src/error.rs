@@ -48,6 +48,17 @@ pub enum HostError {
 
     #[error("plugin '{plugin}': config is not a TOML table: {message}")]
     Config { plugin: String, message: String },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A pipeline input (data file, stage output) that cannot be used.
+    #[error("{0}")]
+    Input(String),
 }
 
 fn join(v: &[String]) -> String {

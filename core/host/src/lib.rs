@@ -20,6 +20,7 @@ pub mod report;
 pub mod eval;
 pub mod bench;
 pub mod serve;
+pub mod train;
 
 pub use error::HostError;
 pub use plugins::{HostSettings, Plugin, PluginHost, Status};

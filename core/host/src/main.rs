@@ -64,11 +64,35 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         workers: usize,
     },
+    /// Run a Trainer plugin on a data file (DPO pairs for dpo-trainer)
+    Train(TrainArgs),
     /// Benchmarks (speed figures belong here, not in tests)
     Bench {
         #[command(subcommand)]
         what: BenchWhat,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Trainer plugin name
+    #[arg(long)]
+    trainer: String,
+    /// The trainer plugin's own config table (TOML text or @FILE)
+    #[arg(long, default_value = "")]
+    trainer_config: String,
+    /// Model to start from: a directory, a .gguf, or a model source (pypi:, hf:)
+    #[arg(long)]
+    base: String,
+    /// Training data in the format the trainer documents
+    #[arg(long)]
+    data: PathBuf,
+    /// Where the trained model goes
+    #[arg(long)]
+    output: PathBuf,
+    /// Hyper-parameters (TOML text or @FILE), the trainer's schema
+    #[arg(long, default_value = "")]
+    params: String,
 }
 
 #[derive(Subcommand)]
@@ -309,6 +333,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Data { action } => data_cmd(action),
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
+        Command::Train(a) => {
+            let h = host(&cli)?;
+            let job = rir_sdk::TrainJob {
+                base_model: a.base.clone(),
+                data_file: a.data.clone(),
+                output_dir: a.output.clone(),
+                params: toml_arg(&a.params, "--params")?,
+            };
+            let r = rir::train::run(&h, &a.trainer, &toml_arg(&a.trainer_config, "--trainer-config")?, &job)?;
+            println!(
+                "{} steps in {:.1} s; loss {} -> {}; model in {}",
+                r.steps,
+                r.seconds,
+                r.loss.first().map_or("-".into(), |l| format!("{l:.4}")),
+                r.loss.last().map_or("-".into(), |l| format!("{l:.4}")),
+                r.model_dir.display()
+            );
+            println!("report: {}", a.output.join("train_report.json").display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench { what: BenchWhat::Encode(a) } => bench_encode_cmd(&host(&cli)?, a),
         Command::Bench { what: BenchWhat::Generate(a) } => {
             let mut h = host(&cli)?;

@@ -49,12 +49,24 @@ pub struct TLinear {
     scale: f64,
 }
 
+/// `x @ wᵀ` over the last dimension, as one 2-D product: a broadcast
+/// right-hand side would be copied out per batch row (measured: a quarter of
+/// a DPO step zeroing fresh pages for copies of the output matrix).
+fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&1);
+    let y = x.reshape((x.elem_count() / k, k))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().unwrap() = w.dim(0)?;
+    y.reshape(out)
+}
+
 impl TLinear {
     fn forward(&self, x: &Tensor, lora_on: bool) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.w.t()?)?;
+        let y = matmul_t(x, &self.w)?;
         match (&self.lora, lora_on) {
             (Some((a, b)), true) => {
-                let d = x.broadcast_matmul(&a.as_tensor().t()?)?.broadcast_matmul(&b.as_tensor().t()?)?;
+                let d = matmul_t(&matmul_t(x, a.as_tensor())?, b.as_tensor())?;
                 y + (d * self.scale)?
             }
             _ => Ok(y),
@@ -210,7 +222,7 @@ impl TrainModel {
 
     /// Logits for all positions, (b, L, vocab).
     pub fn logits(&self, ids: &Tensor, lora_on: bool) -> Result<Tensor> {
-        self.hidden(ids, lora_on)?.broadcast_matmul(&self.lm_head.t()?)
+        matmul_t(&self.hidden(ids, lora_on)?, &self.lm_head)
     }
 
     /// Σ log p(ids[t+1] | ids[..=t]) over t ∈ [from−1, to−1) per row: the
@@ -222,7 +234,7 @@ impl TrainModel {
         let h = self.hidden(ids, lora_on)?.narrow(1, from - 1, l - from)?;
         // Half precisions are summed in f32; f32 and f64 stay as they are.
         let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let logits = h.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(wide)?;
+        let logits = matmul_t(&h.contiguous()?, &self.lm_head)?.to_dtype(wide)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
         let targets = ids.narrow(1, from, l - from)?.unsqueeze(2)?;

@@ -134,6 +134,33 @@ pub fn files_with_extension(dir: &Path, ext: &str) -> std::io::Result<Vec<PathBu
 }
 
 /// A device setting: `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
+/// candle allocates a fresh buffer per op; activations of a 32×256 batch are
+/// tens of MB, above glibc's mmap threshold, so every op would mmap, fault in
+/// and zero new pages (measured: half of an encoder run, and of a DPO step,
+/// in the kernel). Raising the thresholds lets freed buffers be reused.
+/// Process-wide, and harmless for a batch job.
+/// glibc refuses an mmap threshold above 32 MiB on 64-bit (mallopt returns
+/// 0 and changes nothing), so that is what is asked for; larger buffers are
+/// still mapped per use.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn keep_freed_memory() {
+    const MMAP_MAX: libc::c_int = 32 << 20;
+    const ONE_GIB: libc::c_int = 1 << 30;
+    // SAFETY: mallopt only adjusts allocator parameters.
+    unsafe {
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_MAX) == 0 {
+            log::debug!("mallopt(M_MMAP_THRESHOLD) refused");
+        }
+        libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
+        // Work runs on pool threads, whose arenas grow and shrink by mprotect
+        // and fault pages in again (measured: 15k mprotect calls in a short
+        // DPO run); one arena keeps the freed memory for everyone.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn keep_freed_memory() {}
+
 pub fn device_ordinal(spec: &str) -> Result<Option<usize>, String> {
     match spec {
         "cpu" => Ok(None),

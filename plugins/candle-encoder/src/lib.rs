@@ -120,26 +120,10 @@ fn init_threads() {
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         }
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-        keep_freed_memory();
+        rir_models::keep_freed_memory();
     });
 }
 
-/// candle allocates a fresh buffer per op; activations of a 32×256 batch are
-/// tens of MB, above glibc's mmap threshold, so every op would mmap, fault in
-/// and zero new pages (measured: half of the run in the kernel). Raising the
-/// thresholds lets freed buffers be reused. Process-wide, and harmless for a
-/// batch job.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    const ONE_GIB: libc::c_int = 1 << 30;
-    // SAFETY: mallopt only adjusts allocator parameters.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, ONE_GIB);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
-    }
-}
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
 
 impl CandleEncoder {
     pub fn new(config_toml: &str) -> PluginResult<Self> {

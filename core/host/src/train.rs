@@ -1,0 +1,79 @@
+//! Running a Trainer plugin: the job in files, progress on a bar, the
+//! report written next to the model.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use indicatif::ProgressBar;
+use rir_sdk::{Progress, ProgressSink, TrainJob, TrainReport};
+
+use crate::encode::progress_bar;
+use crate::error::HostError;
+use crate::plugins::PluginHost;
+use crate::registry::Kind;
+
+/// A progress bar per stage the trainer reports; `cancelled` turns true on
+/// Ctrl-C when the caller wires it up.
+pub struct BarSink {
+    bar: Mutex<Option<(String, ProgressBar)>>,
+    pub cancel: AtomicBool,
+}
+
+impl BarSink {
+    pub fn new() -> Self {
+        BarSink { bar: Mutex::new(None), cancel: AtomicBool::new(false) }
+    }
+}
+
+impl Default for BarSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProgressSink for BarSink {
+    fn report(&self, p: &Progress) {
+        let Ok(mut slot) = self.bar.lock() else { return };
+        if slot.as_ref().is_none_or(|(stage, _)| stage != &p.stage) {
+            if let Some((_, old)) = slot.take() {
+                old.finish();
+            }
+            *slot = Some((p.stage.clone(), progress_bar(p.total as usize, &p.stage, "")));
+        }
+        if let Some((_, bar)) = slot.as_ref() {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+            let loss = p.loss.map(|l| format!("loss {l:.4} ")).unwrap_or_default();
+            bar.set_message(format!("{} {loss}{}", p.stage, p.message));
+        }
+    }
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs `trainer` on `job` and writes `train_report.json` into the output
+/// directory.
+pub fn run(host: &PluginHost, trainer: &str, trainer_config: &str, job: &TrainJob) -> Result<TrainReport, HostError> {
+    let t = host.load(trainer)?.trainer(trainer_config)?;
+    let sink = BarSink::new();
+    let report = t.train(job, &sink).map_err(|source| HostError::Plugin { plugin: trainer.into(), kind: Kind::Trainer, source })?;
+    if let Ok(mut slot) = sink.bar.lock() {
+        if let Some((_, b)) = slot.take() {
+            b.finish();
+        }
+    }
+    let extra: serde_json::Value = serde_json::from_str(&report.extra_json).unwrap_or(serde_json::Value::Null);
+    let v = serde_json::json!({
+        "trainer": trainer, "base_model": job.base_model, "data_file": job.data_file,
+        "model_dir": report.model_dir, "steps": report.steps, "seconds": report.seconds,
+        "loss": report.loss, "extra": extra,
+    });
+    write_json(&job.output_dir.join("train_report.json"), &v)?;
+    Ok(report)
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), HostError> {
+    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap_or_default()).map_err(|e| HostError::Io { path: path.to_owned(), source: e })
+}

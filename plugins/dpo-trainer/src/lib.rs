@@ -1,0 +1,484 @@
+//! DPO (sigmoid loss) with LoRA adapters on a Llama model, on candle.
+//!
+//! The job's data file is LLaMA-Factory's DPO dataset in the sharegpt
+//! "ranking" format, one JSON object per line (or one JSON array):
+//! `{"conversations": [{"from": "system"|"human", "value": ...}, ...],
+//!   "chosen": {"from": "gpt", "value": ...}, "rejected": {"from": "gpt", "value": ...}}`
+//! — the file `rir`'s rlrf-data stage exports, so the same data trains here
+//! or on a GPU cluster with the llamafactory-trainer.
+//!
+//! Parameters (the job's `params` table; defaults are Reinforced-IR's):
+//! ```toml
+//! beta = 0.1                    # DPO β
+//! lora_rank = 32
+//! lora_alpha = 64.0
+//! target_modules = ["all-linear"]   # or q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj
+//! learning_rate = 1e-5
+//! epochs = 1.0
+//! warmup_ratio = 0.1            # linear warmup, then cosine decay to 0
+//! grad_accum = 8                # pairs per optimiser step
+//! weight_decay = 0.0            # AdamW
+//! max_length = 512              # prompt + response tokens
+//! max_prompt_length = 256       # longer prompts keep their end
+//! seed = 42                     # adapter init and data order
+//! eval_fraction = 0.0           # pairs held out; their loss/accuracy before and after are reported
+//! dtype = "f32"                 # f32 | bf16 (bf16 wants a GPU)
+//! device = "cpu"                # cpu | cuda | cuda:N (`cuda` feature)
+//! merge = true                  # also write the merged model
+//! ```
+//!
+//! Output (`output_dir`): `adapter/` (PEFT: adapter_model.safetensors,
+//! adapter_config.json), `merged/` (an HF llama directory with the adapter
+//! merged in, which the llama-generator loads; the report's `model_dir`),
+//! and `trainer_log.jsonl` (one line per optimiser step: loss, reward
+//! margin, preference accuracy, learning rate). Reference log-probabilities
+//! are computed once, with the adapters off.
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rir_llama::train::{dpo_loss, LoraSpec, TrainModel};
+use rir_llama::{Assets, Llama};
+use rir_sdk::{config, Message, PluginError, PluginResult, Progress, ProgressSink, TrainJob, TrainReport, Trainer};
+use serde::Deserialize;
+
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct DpoParams {
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    #[serde(default = "d_rank")]
+    pub lora_rank: usize,
+    #[serde(default = "d_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default = "d_targets")]
+    pub target_modules: Vec<String>,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_one")]
+    pub epochs: f64,
+    #[serde(default = "d_warmup")]
+    pub warmup_ratio: f64,
+    #[serde(default = "d_accum")]
+    pub grad_accum: usize,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_len")]
+    pub max_length: usize,
+    #[serde(default = "d_plen")]
+    pub max_prompt_length: usize,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub eval_fraction: f64,
+    #[serde(default = "d_dtype")]
+    pub dtype: String,
+    #[serde(default = "d_device")]
+    pub device: String,
+    #[serde(default = "d_true")]
+    pub merge: bool,
+}
+fn d_beta() -> f64 {
+    0.1
+}
+fn d_rank() -> usize {
+    32
+}
+fn d_alpha() -> f64 {
+    64.0
+}
+fn d_targets() -> Vec<String> {
+    vec!["all-linear".into()]
+}
+fn d_lr() -> f64 {
+    1e-5
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_warmup() -> f64 {
+    0.1
+}
+fn d_accum() -> usize {
+    8
+}
+fn d_len() -> usize {
+    512
+}
+fn d_plen() -> usize {
+    256
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_dtype() -> String {
+    "f32".into()
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_true() -> bool {
+    true
+}
+
+/// One preference pair from the data file.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    pub messages: Vec<Message>,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+#[derive(Deserialize)]
+struct Turn {
+    from: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Row {
+    conversations: Vec<Turn>,
+    chosen: Turn,
+    rejected: Turn,
+    #[serde(default)]
+    system: Option<String>,
+}
+
+fn role(from: &str) -> Option<&'static str> {
+    match from {
+        "system" => Some("system"),
+        "human" | "user" => Some("user"),
+        "gpt" | "assistant" => Some("assistant"),
+        _ => None,
+    }
+}
+
+/// Reads LLaMA-Factory's sharegpt ranking data (JSON lines or a JSON array);
+/// errors name the file and line.
+pub fn read_pairs(path: &Path) -> PluginResult<Vec<Pair>> {
+    let text = std::fs::read_to_string(path).map_err(|e| PluginError::input(format!("{}: {e}", path.display())))?;
+    let rows: Vec<(usize, serde_json::Value)> = if text.trim_start().starts_with('[') {
+        let v: Vec<serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| PluginError::input(format!("{}: {e}", path.display())))?;
+        v.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect()
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map(|v| (i + 1, v))
+                    .map_err(|e| PluginError::input(format!("{}:{}: {e}", path.display(), i + 1)))
+            })
+            .collect::<PluginResult<_>>()?
+    };
+    rows.into_iter()
+        .map(|(line, v)| {
+            let at = |m: String| PluginError::input(format!("{}:{line}: {m}", path.display()));
+            let r: Row = serde_json::from_value(v).map_err(|e| at(e.to_string()))?;
+            let mut messages: Vec<Message> = r.system.map(Message::system).into_iter().collect();
+            for t in r.conversations {
+                let role = role(&t.from).ok_or_else(|| at(format!("unknown speaker {:?} (system, human or gpt)", t.from)))?;
+                messages.push(Message { role: role.into(), content: t.value });
+            }
+            if messages.last().is_none_or(|m| m.role != "user") {
+                return Err(at("the conversation must end with a human turn".into()));
+            }
+            Ok(Pair { messages, chosen: r.chosen.value, rejected: r.rejected.value })
+        })
+        .collect()
+}
+
+/// A pair as token ids: the prompt, then each response followed by EOS.
+struct Encoded {
+    prompt: Vec<u32>,
+    chosen: Vec<u32>,
+    rejected: Vec<u32>,
+}
+
+fn encode(assets: &Assets, p: &Pair, max_len: usize, max_prompt: usize) -> PluginResult<Encoded> {
+    let enc = |t: &str| -> PluginResult<Vec<u32>> {
+        Ok(assets.tokenizer.encode(t, false).map_err(|e| PluginError::input(format!("tokenizer: {e}")))?.get_ids().to_vec())
+    };
+    let mut prompt = enc(&rir_llama::render_chat(assets, &p.messages)?)?;
+    if prompt.len() > max_prompt {
+        prompt.drain(..prompt.len() - max_prompt);
+    }
+    let eos = assets.eos_ids[0];
+    let room = max_len.saturating_sub(prompt.len()).max(1);
+    let resp = |t: &str| -> PluginResult<Vec<u32>> {
+        let mut v = enc(t)?;
+        v.push(eos);
+        v.truncate(room);
+        Ok(v)
+    };
+    Ok(Encoded { chosen: resp(&p.chosen)?, rejected: resp(&p.rejected)?, prompt })
+}
+
+/// The two sequences of a pair, right-padded into one (2, L) batch.
+fn batch(e: &Encoded, dev: &Device) -> candle_core::Result<(Tensor, [usize; 2])> {
+    let (c, r) = ([&e.prompt[..], &e.chosen[..]].concat(), [&e.prompt[..], &e.rejected[..]].concat());
+    let l = c.len().max(r.len());
+    let pad = |mut v: Vec<u32>| {
+        v.resize(l, 0);
+        v
+    };
+    let lens = [c.len(), r.len()];
+    Ok((Tensor::new(vec![pad(c), pad(r)], dev)?, lens))
+}
+
+/// Policy (adapters on) or reference (off) log-probabilities of chosen and rejected.
+fn logprobs(m: &TrainModel, e: &Encoded, lora_on: bool) -> candle_core::Result<Tensor> {
+    let (ids, lens) = batch(e, &m.device)?;
+    m.sequence_logprobs(&ids, e.prompt.len(), &lens, lora_on)
+}
+
+/// transformers' cosine schedule with linear warmup.
+pub fn lr_at(step: usize, total: usize, warmup: usize, lr: f64) -> f64 {
+    if step < warmup {
+        return lr * (step + 1) as f64 / warmup as f64;
+    }
+    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+    lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+pub struct DpoTrainer;
+
+fn cerr(what: &'static str) -> impl Fn(candle_core::Error) -> PluginError {
+    move |e| PluginError::other(format!("{what}: {e}"))
+}
+
+/// Loss, mean margin and accuracy (margin > 0) over `pairs`, no gradients.
+fn evaluate(m: &TrainModel, pairs: &[Encoded], refs: &[Tensor], beta: f64) -> PluginResult<serde_json::Value> {
+    if pairs.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    let (mut loss, mut margins) = (0.0, Vec::new());
+    for (e, r) in pairs.iter().zip(refs) {
+        let p = logprobs(m, e, true).map_err(cerr("forward"))?.detach();
+        let out = dpo_loss(&p.get(0).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &p.get(1).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &r.get(0).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &r.get(1).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, beta)
+            .map_err(cerr("loss"))?;
+        loss += out.loss.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
+        margins.extend(out.margins);
+    }
+    let n = pairs.len() as f64;
+    Ok(serde_json::json!({
+        "pairs": pairs.len(),
+        "loss": loss / n,
+        "reward_margin": margins.iter().map(|v| *v as f64).sum::<f64>() / n,
+        "accuracy": margins.iter().filter(|v| **v > 0.0).count() as f64 / n,
+    }))
+}
+
+impl Trainer for DpoTrainer {
+    fn train(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
+        init_threads();
+        // On a pool thread candle's parallel ops run in place instead of
+        // being handed to a worker one by one.
+        rayon::scope(|_| self.run(job, progress))
+    }
+}
+
+impl DpoTrainer {
+    fn run(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
+        let p: DpoParams = config::parse(&job.params)?;
+        if p.grad_accum == 0 || p.lora_rank == 0 || p.epochs <= 0.0 {
+            return Err(PluginError::config("grad_accum, lora_rank and epochs must be positive"));
+        }
+        let targets = LoraSpec::targets_from(&p.target_modules).map_err(|e| PluginError::config(format!("target_modules: {e}")))?;
+        let dtype = match p.dtype.as_str() {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            o => return Err(PluginError::config(format!("dtype: {o:?} (f32 | bf16)"))),
+        };
+        let device = match rir_models::device_ordinal(&p.device).map_err(PluginError::config)? {
+            None => Device::Cpu,
+            Some(n) => Device::new_cuda(n).map_err(cerr("CUDA device"))?,
+        };
+        let pairs = read_pairs(&job.data_file)?;
+        if pairs.is_empty() {
+            return Err(PluginError::input(format!("{}: no preference pairs", job.data_file.display())));
+        }
+        // Base model: GGUF (dequantized) or HF directory.
+        let src = rir_models::resolve(&job.base_model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
+        let (path, hf) = rir_llama::model_file(&src)?;
+        let (base, assets): (Llama, Assets) =
+            if hf { rir_llama::load_hf(&path, DType::F32, &device)? } else { rir_llama::load_gguf(&path, &device)? };
+        let spec = LoraSpec { rank: p.lora_rank, alpha: p.lora_alpha, targets };
+        let model = TrainModel::from_llama(&base, spec, dtype, p.seed).map_err(cerr("building the trainable model"))?;
+
+        // Seeded shuffle (Fisher–Yates on SplitMix64), then the held-out split.
+        let mut order: Vec<usize> = (0..pairs.len()).collect();
+        let mut s = p.seed;
+        for i in (1..order.len()).rev() {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            order.swap(i, ((z ^ (z >> 31)) % (i as u64 + 1)) as usize);
+        }
+        let enc: Vec<Encoded> =
+            order.iter().map(|&i| encode(&assets, &pairs[i], p.max_length, p.max_prompt_length)).collect::<PluginResult<_>>()?;
+        let n_eval = ((pairs.len() as f64) * p.eval_fraction.clamp(0.0, 0.9)).round() as usize;
+        let (eval, train) = enc.split_at(n_eval);
+        if train.is_empty() {
+            return Err(PluginError::config("eval_fraction leaves no pairs to train on"));
+        }
+        let t0 = Instant::now();
+        // Reference log-probabilities, once, adapters off.
+        let mut refs = Vec::with_capacity(enc.len());
+        for (i, e) in enc.iter().enumerate() {
+            if progress.cancelled() {
+                return Err(PluginError::Cancelled);
+            }
+            refs.push(logprobs(&model, e, false).map_err(cerr("reference forward"))?.detach());
+            progress.report(&Progress { stage: "reference log-probs".into(), done: i as u64 + 1, total: enc.len() as u64, loss: None, message: String::new() });
+        }
+        let (eval_refs, train_refs) = refs.split_at(n_eval);
+        let before = evaluate(&model, eval, eval_refs, p.beta)?;
+
+        let micro = ((train.len() as f64) * p.epochs).ceil() as usize;
+        let total = micro.div_ceil(p.grad_accum);
+        let warmup = ((total as f64) * p.warmup_ratio).ceil() as usize;
+        let vars = model.vars();
+        let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: p.learning_rate, weight_decay: p.weight_decay, ..Default::default() })
+            .map_err(cerr("optimizer"))?;
+        std::fs::create_dir_all(&job.output_dir)?;
+        let log_path = job.output_dir.join("trainer_log.jsonl");
+        let mut log = String::new();
+        let (mut losses, mut tokens) = (Vec::new(), 0usize);
+        let train_start = Instant::now();
+        for step in 0..total {
+            if progress.cancelled() {
+                return Err(PluginError::Cancelled);
+            }
+            let lr = lr_at(step, total, warmup, p.learning_rate);
+            opt.set_learning_rate(lr);
+            let first = step * p.grad_accum;
+            let last = micro.min(first + p.grad_accum);
+            let mut acc: Option<candle_core::backprop::GradStore> = None;
+            let (mut step_loss, mut margins) = (0.0, Vec::new());
+            for m in first..last {
+                let i = m % train.len();
+                let e = &train[i];
+                tokens += 2 * e.prompt.len() + e.chosen.len() + e.rejected.len();
+                let pol = logprobs(&model, e, true).map_err(cerr("forward"))?;
+                let r = &train_refs[i];
+                let g = |t: &Tensor, j: usize| t.get(j).and_then(|x| x.unsqueeze(0));
+                let out = dpo_loss(
+                    &g(&pol, 0).map_err(cerr("loss"))?,
+                    &g(&pol, 1).map_err(cerr("loss"))?,
+                    &g(r, 0).map_err(cerr("loss"))?,
+                    &g(r, 1).map_err(cerr("loss"))?,
+                    p.beta,
+                )
+                .map_err(cerr("loss"))?;
+                let scaled = (out.loss.to_dtype(DType::F32).map_err(cerr("loss"))? / (last - first) as f64).map_err(cerr("loss"))?;
+                step_loss += scaled.to_scalar::<f32>().map_err(cerr("loss"))? as f64;
+                margins.extend(out.margins);
+                let grads = scaled.backward().map_err(cerr("backward"))?;
+                acc = Some(match acc {
+                    None => grads,
+                    Some(mut a) => {
+                        for v in &vars {
+                            if let Some(gv) = grads.get(v.as_tensor()) {
+                                let sum = match a.get(v.as_tensor()) {
+                                    Some(prev) => (prev + gv).map_err(cerr("gradients"))?,
+                                    None => gv.clone(),
+                                };
+                                a.insert(v.as_tensor(), sum);
+                            }
+                        }
+                        a
+                    }
+                });
+            }
+            if let Some(a) = &acc {
+                opt.step(a).map_err(cerr("optimizer step"))?;
+            }
+            let margin = margins.iter().map(|v| *v as f64).sum::<f64>() / margins.len().max(1) as f64;
+            let accuracy = margins.iter().filter(|v| **v > 0.0).count() as f64 / margins.len().max(1) as f64;
+            losses.push(step_loss);
+            log.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"step": step + 1, "loss": step_loss, "reward_margin": margin, "accuracy": accuracy, "learning_rate": lr})
+            ));
+            std::fs::write(&log_path, &log)?;
+            progress.report(&Progress {
+                stage: "dpo".into(),
+                done: step as u64 + 1,
+                total: total as u64,
+                loss: Some(step_loss),
+                message: format!("margin {margin:.4} acc {accuracy:.2} lr {lr:.2e}"),
+            });
+        }
+        let train_secs = train_start.elapsed().as_secs_f64();
+        let after = evaluate(&model, eval, eval_refs, p.beta)?;
+
+        let adapter = job.output_dir.join("adapter");
+        model.save_adapter(&adapter, &job.base_model).map_err(PluginError::other)?;
+        let model_dir = if p.merge {
+            drop(model);
+            let mut merged = base;
+            rir_llama::merge_lora(&mut merged, &adapter)?;
+            let dir = job.output_dir.join("merged");
+            rir_llama::export_hf(&merged, &assets, &dir)?;
+            dir
+        } else {
+            adapter.clone()
+        };
+        let extra = serde_json::json!({
+            "adapter_dir": adapter,
+            "train_pairs": train.len(),
+            "eval_before": before,
+            "eval_after": after,
+            "optimizer_steps": total,
+            "train_seconds": train_secs,
+            "steps_per_s": total as f64 / train_secs,
+            "tokens_per_s": tokens as f64 / train_secs,
+            "params": job.params,
+        });
+        Ok(TrainReport {
+            model_dir,
+            steps: total as u64,
+            seconds: t0.elapsed().as_secs_f64(),
+            loss: losses,
+            extra_json: extra.to_string(),
+        })
+    }
+}
+
+/// candle sizes its CPU thread pools from these variables at first use.
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = rir_sdk::host().threads.to_string();
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, &n);
+            }
+        }
+        rir_models::keep_freed_memory();
+    });
+}
+
+impl DpoTrainer {
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        // Everything is per job (`params`); the plugin table takes no keys.
+        let _: NoKeys = config::parse(config_toml)?;
+        Ok(DpoTrainer)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoKeys {}
+
+rir_sdk::export_plugin! {
+    name: "dpo-trainer",
+    description: "DPO (sigmoid loss) with LoRA adapters on Llama models, on candle; PEFT adapter + merged model",
+    trainer: DpoTrainer::new,
+}
