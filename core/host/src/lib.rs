@@ -20,6 +20,8 @@ pub mod report;
 pub mod eval;
 pub mod bench;
 pub mod serve;
+pub mod queries;
+pub mod rlrf;
 pub mod train;
 
 pub use error::HostError;

@@ -64,6 +64,10 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         workers: usize,
     },
+    /// Stage `queries`: pseudo queries for a corpus, written by the generator and judged by it
+    Queries(QueriesArgs),
+    /// Stage `rlrf-data`: k augmentations per pseudo query, scored by a reward, kept as DPO pairs
+    RlrfData(RlrfArgs),
     /// Run a Trainer plugin on a data file (DPO pairs for dpo-trainer)
     Train(TrainArgs),
     /// Benchmarks (speed figures belong here, not in tests)
@@ -71,6 +75,60 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+}
+
+#[derive(clap::Args)]
+struct QueriesArgs {
+    /// Dataset name or BEIR directory (only its corpus is used)
+    #[arg(long)]
+    dataset: String,
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// Generator plugin and its config (TOML text or @FILE)
+    #[arg(long)]
+    generator: String,
+    #[arg(long, default_value = "")]
+    generator_config: String,
+    /// Stage settings (TOML text or @FILE): passages, max_chars, seed, lengths, styles, temperature, top_p, max_tokens, judge, batch
+    #[arg(long, default_value = "")]
+    config: String,
+    /// Output directory (queries.jsonl, queries.stats.json)
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(clap::Args)]
+struct RlrfArgs {
+    #[arg(long)]
+    dataset: String,
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// queries.jsonl from `rir queries`
+    #[arg(long)]
+    queries: PathBuf,
+    #[arg(long)]
+    generator: String,
+    #[arg(long, default_value = "")]
+    generator_config: String,
+    #[arg(long)]
+    retriever: String,
+    #[arg(long, default_value = "")]
+    retriever_config: String,
+    /// Reward plugin (retriever feedback) and its config
+    #[arg(long, default_value = "retriever-reward")]
+    reward: String,
+    #[arg(long, default_value = "")]
+    reward_config: String,
+    /// Stage settings (TOML text or @FILE): k, temperature, top_p, max_tokens, tau, query_weight, seed, batch
+    #[arg(long, default_value = "")]
+    config: String,
+    /// Output directory (pairs.jsonl, dpo.jsonl, dataset_info.json, rlrf.stats.json)
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(clap::Args)]
@@ -333,6 +391,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Data { action } => data_cmd(action),
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
+        Command::Queries(a) => {
+            let h = host(&cli)?;
+            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
+            let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
+            let g = h.load(&a.generator)?.generator(&gcfg)?;
+            let cfg: rir::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let identity = format!("{}\n{gcfg}\n{}", a.generator, g.model_name());
+            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::new(&h.settings.cache_dir, &identity));
+            let task = rir::prompts::task_for(&ds.name);
+            let (_, stats) = rir::queries::run(&ds, &task, g.as_ref(), cache.as_ref(), &cfg, &a.output)?;
+            println!(
+                "{} passages sampled: {} queries kept, {} judged irrelevant, {} unparsed judgements, {} empty ({} generations from cache)",
+                stats.sampled, stats.kept, stats.judged_irrelevant, stats.judge_unparsed, stats.empty, stats.from_cache
+            );
+            println!("wrote {}", a.output.join("queries.jsonl").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RlrfData(a) => {
+            let h = host(&cli)?;
+            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
+            let queries = rir::queries::read(&a.queries)?;
+            let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
+            let g = h.load(&a.generator)?.generator(&gcfg)?;
+            let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
+            let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
+            let cfg: rir::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let identity = format!("{}\n{gcfg}\n{}", a.generator, g.model_name());
+            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::new(&h.settings.cache_dir, &identity));
+            let task = rir::prompts::task_for(&ds.name);
+            let (_, s) = rir::rlrf::run(&ds, &task, &queries, g.as_ref(), cache.as_ref(), r.as_ref(), rw.as_ref(), &cfg, &a.output)?;
+            println!(
+                "{} queries: {} pairs ({} without gain over the query alone, {} too close under tau, {} degenerate); mean raw {:.4}, best {:.4}, worst {:.4}",
+                s.queries, s.pairs, s.no_gain, s.too_close, s.degenerate, s.mean_raw, s.mean_best, s.mean_worst
+            );
+            println!("wrote {} and {}", a.output.join("pairs.jsonl").display(), a.output.join("dpo.jsonl").display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Train(a) => {
             let h = host(&cli)?;
             let job = rir_sdk::TrainJob {

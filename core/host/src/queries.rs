@@ -1,0 +1,341 @@
+//! Stage `queries` (DESIGN §1.1): pseudo queries for an unlabeled corpus.
+//!
+//! Passages are sampled (seeded) and cut to `max_chars`; for each, the
+//! generator writes one query of a length and style drawn with the weights
+//! below, then judges (a second call, temperature 0) whether the passage
+//! answers it; only pairs judged "1" are kept. Output: `queries.jsonl`
+//! (`{"_id", "text", "passage_id", "length", "style"}`, BEIR's query layout
+//! plus the source) and `queries.stats.json`.
+
+use std::path::{Path, PathBuf};
+
+use rir_sdk::{GenerationRequest, Generator, Message, Prompt};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+use crate::error::HostError;
+use crate::generate::{generate_all, GenerationCache};
+use crate::prompts::Task;
+
+/// The stage's settings; every constant of the method is here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueriesConfig {
+    /// Passages sampled (all of them when the corpus is smaller).
+    #[serde(default = "d_passages")]
+    pub passages: usize,
+    /// Passages are cut to this many characters in the prompt.
+    #[serde(default = "d_chars")]
+    pub max_chars: usize,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Length instructions and their weights.
+    #[serde(default = "d_lengths")]
+    pub lengths: Vec<(String, f64)>,
+    /// Style instructions and their weights.
+    #[serde(default = "d_styles")]
+    pub styles: Vec<(String, f64)>,
+    #[serde(default = "d_temp")]
+    pub temperature: f32,
+    #[serde(default = "d_top_p")]
+    pub top_p: f32,
+    #[serde(default = "d_qmax")]
+    pub max_tokens: u32,
+    /// Keep only pairs the generator judges relevant (its 0/1 answer).
+    #[serde(default = "d_true")]
+    pub judge: bool,
+    /// Requests per generator call.
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+}
+
+fn d_passages() -> usize {
+    15_000
+}
+fn d_chars() -> usize {
+    8_000
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_lengths() -> Vec<(String, f64)> {
+    [("less than 5 words", 2.0), ("5 to 10 words", 5.0), ("10 to 15 words", 4.0), ("at least 15 words", 1.0)]
+        .iter()
+        .map(|(s, w)| (s.to_string(), *w))
+        .collect()
+}
+fn d_styles() -> Vec<(String, f64)> {
+    [("plain and simple", 4.0), ("common and formal", 4.0), ("casual and informal", 2.0), ("professional and complex", 1.0)]
+        .iter()
+        .map(|(s, w)| (s.to_string(), *w))
+        .collect()
+}
+fn d_temp() -> f32 {
+    0.7
+}
+fn d_top_p() -> f32 {
+    0.9
+}
+fn d_qmax() -> u32 {
+    64
+}
+fn d_true() -> bool {
+    true
+}
+fn d_batch() -> usize {
+    16
+}
+
+impl Default for QueriesConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// SplitMix64: small, seedable, the same everywhere.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Fisher–Yates.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
+        }
+    }
+    /// An index drawn with probability proportional to its weight.
+    pub fn weighted(&mut self, weights: &[f64]) -> usize {
+        let total: f64 = weights.iter().sum();
+        let mut u = self.uniform() * total;
+        for (i, w) in weights.iter().enumerate() {
+            u -= w;
+            if u < 0.0 {
+                return i;
+            }
+        }
+        weights.len() - 1
+    }
+}
+
+/// One kept pseudo query.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PseudoQuery {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub text: String,
+    pub passage_id: String,
+    pub length: String,
+    pub style: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QueriesStats {
+    pub sampled: usize,
+    pub empty: usize,
+    pub judged_irrelevant: usize,
+    /// Judge answers with no 0/1 in them (counted as irrelevant).
+    pub judge_unparsed: usize,
+    pub kept: usize,
+    pub from_cache: usize,
+}
+
+fn cut(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
+}
+
+pub fn query_prompt(task: &Task, passage: &str, length: &str, style: &str) -> Prompt {
+    Prompt::Chat(vec![Message::user(format!(
+        "{task}\nRead the following {pt} and write one {qt} that it answers. The {qt} should be {length} and {style}. Reply with the {qt} only.\n\n{pt}: {passage}",
+        task = task.task,
+        pt = task.passage_type,
+        qt = task.query_type,
+    ))])
+}
+
+pub fn judge_prompt(task: &Task, query: &str, passage: &str) -> Prompt {
+    Prompt::Chat(vec![Message::user(format!(
+        "{task}\nDoes the {pt} below answer the {qt}? Reply with 1 if it does and 0 if it does not, and nothing else.\n\n{qt}: {query}\n\n{pt}: {passage}",
+        task = task.task,
+        pt = task.passage_type,
+        qt = task.query_type,
+    ))])
+}
+
+/// The first 0 or 1 in a judge's answer.
+pub fn parse_judgement(text: &str) -> Option<bool> {
+    text.chars().find(|c| *c == '0' || *c == '1').map(|c| c == '1')
+}
+
+/// A generated query, cleaned: first line, surrounding quotes and a
+/// leading "Query:"-style label removed.
+pub fn clean_query(text: &str, query_type: &str) -> String {
+    let line = text.trim().lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+    let mut s = line;
+    for label in [query_type, "query", "question", "claim"] {
+        if s.len() > label.len() + 1 && s[..label.len()].eq_ignore_ascii_case(label) && s[label.len()..].starts_with(':') {
+            s = s[label.len() + 1..].trim();
+            break;
+        }
+    }
+    s.trim_matches(|c| c == '"' || c == '\'' || c == '“' || c == '”').trim().to_owned()
+}
+
+/// Runs the stage and writes `out_dir/queries.jsonl` and `queries.stats.json`.
+pub fn run(
+    ds: &Dataset,
+    task: &Task,
+    generator: &dyn Generator,
+    cache: Option<&GenerationCache>,
+    cfg: &QueriesConfig,
+    out_dir: &Path,
+) -> Result<(Vec<PseudoQuery>, QueriesStats), HostError> {
+    let mut rng = Rng(cfg.seed);
+    let mut order: Vec<usize> = (0..ds.corpus.len()).collect();
+    rng.shuffle(&mut order);
+    order.truncate(cfg.passages.min(order.len()));
+    let lw: Vec<f64> = cfg.lengths.iter().map(|l| l.1).collect();
+    let sw: Vec<f64> = cfg.styles.iter().map(|s| s.1).collect();
+    if lw.is_empty() || sw.is_empty() || lw.iter().chain(&sw).any(|w| *w < 0.0) {
+        return Err(HostError::Input("queries: `lengths` and `styles` need non-negative weights".into()));
+    }
+    let draws: Vec<(usize, usize, usize)> = order.iter().map(|&d| (d, rng.weighted(&lw), rng.weighted(&sw))).collect();
+    let passages: Vec<String> = draws.iter().map(|(d, _, _)| cut(&ds.corpus[*d].encoder_text(), cfg.max_chars)).collect();
+    let reqs: Vec<GenerationRequest> = draws
+        .iter()
+        .zip(&passages)
+        .enumerate()
+        .map(|(i, ((_, l, s), p))| GenerationRequest {
+            prompt: query_prompt(task, p, &cfg.lengths[*l].0, &cfg.styles[*s].0),
+            n: 1,
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            max_tokens: cfg.max_tokens,
+            stop: vec![],
+            seed: Some(cfg.seed.wrapping_add(i as u64)),
+            logprobs: false,
+        })
+        .collect();
+    let err = |e: crate::generate::GenerateError| HostError::Input(format!("queries: {e}"));
+    let (gen, cached1) = generate_all(generator, &reqs, cache, cfg.batch, "queries").map_err(err)?;
+    let mut stats = QueriesStats { sampled: draws.len(), from_cache: cached1, ..Default::default() };
+    let texts: Vec<String> = gen.iter().map(|c| c.first().map(|c| clean_query(&c.text, &task.query_type)).unwrap_or_default()).collect();
+    let candidates: Vec<usize> = (0..texts.len()).filter(|&i| !texts[i].is_empty()).collect();
+    stats.empty = texts.len() - candidates.len();
+    let verdicts: Vec<bool> = if cfg.judge {
+        let jreqs: Vec<GenerationRequest> = candidates
+            .iter()
+            .map(|&i| GenerationRequest::greedy(judge_prompt(task, &texts[i], &passages[i]), 4))
+            .collect();
+        let (answers, cached2) = generate_all(generator, &jreqs, cache, cfg.batch, "judge").map_err(err)?;
+        stats.from_cache += cached2;
+        answers
+            .iter()
+            .map(|a| {
+                let v = parse_judgement(a.first().map(|c| c.text.as_str()).unwrap_or(""));
+                if v.is_none() {
+                    stats.judge_unparsed += 1;
+                }
+                v.unwrap_or(false)
+            })
+            .collect()
+    } else {
+        vec![true; candidates.len()]
+    };
+    let mut kept = Vec::new();
+    for (&i, ok) in candidates.iter().zip(&verdicts) {
+        if !ok {
+            stats.judged_irrelevant += 1;
+            continue;
+        }
+        let (d, l, s) = draws[i];
+        kept.push(PseudoQuery {
+            id: format!("pq{i}"),
+            text: texts[i].clone(),
+            passage_id: ds.corpus[d].id.clone(),
+            length: cfg.lengths[l].0.clone(),
+            style: cfg.styles[s].0.clone(),
+        });
+    }
+    stats.judged_irrelevant -= stats.judge_unparsed.min(stats.judged_irrelevant);
+    stats.kept = kept.len();
+    write_jsonl(&out_dir.join("queries.jsonl"), &kept)?;
+    write_json(&out_dir.join("queries.stats.json"), &stats)?;
+    Ok((kept, stats))
+}
+
+/// Reads a queries.jsonl written by this stage; errors name file and line.
+pub fn read(path: &Path) -> Result<Vec<PseudoQuery>, HostError> {
+    read_jsonl(path)
+}
+
+/// Writes JSON lines atomically (a temporary file renamed into place), so
+/// an interrupted stage never leaves a half-written output.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), HostError> {
+    let mut buf = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut buf, r).map_err(|e| HostError::Input(format!("{}: {e}", path.display())))?;
+        buf.push(b'\n');
+    }
+    write_atomic(path, &buf)
+}
+
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), HostError> {
+    let buf = serde_json::to_vec_pretty(v).map_err(|e| HostError::Input(format!("{}: {e}", path.display())))?;
+    write_atomic(path, &buf)
+}
+
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
+    let io = |source| HostError::Io { path: path.to_owned(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, HostError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HostError::Io { path: path.to_owned(), source })?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| HostError::Input(format!("{}:{}: {e}", path.display(), i + 1))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weighted_draws_follow_the_weights() {
+        let mut r = Rng(1);
+        let w = [2.0, 5.0, 4.0, 1.0];
+        let mut c = [0usize; 4];
+        for _ in 0..60_000 {
+            c[r.weighted(&w)] += 1;
+        }
+        for i in 0..4 {
+            let p = w[i] / 12.0;
+            assert!((c[i] as f64 / 60_000.0 - p).abs() < 0.01, "{i}: {c:?}");
+        }
+    }
+
+    #[test]
+    fn judgements_and_queries_are_parsed_leniently() {
+        assert_eq!(parse_judgement("1"), Some(true));
+        assert_eq!(parse_judgement(" Answer: 0."), Some(false));
+        assert_eq!(parse_judgement("yes"), None);
+        assert_eq!(clean_query("Scientific claim: \"Vitamin C cures colds.\"\nExtra", "scientific claim"), "Vitamin C cures colds.");
+        assert_eq!(clean_query("  \n Query: what is bm25?", "question"), "what is bm25?");
+    }
+}

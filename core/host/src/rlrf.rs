@@ -1,0 +1,312 @@
+//! Stage `rlrf-data` (DESIGN §1.2): preference pairs from retriever feedback.
+//!
+//! For each pseudo query the generator samples k augmentations; the reward
+//! plugin scores them against the query alone (`raw`); a pair is kept when
+//! `max(s) > raw` and `(max(s) − w·raw)·τ ≥ (min(s) − w·raw)`, with the best
+//! augmentation chosen and the worst rejected. Outputs in the stage
+//! directory:
+//!
+//! - `pairs.jsonl`: every kept pair with its scores (and the k candidates);
+//! - `dpo.jsonl` + `dataset_info.json`: the same pairs in LLaMA-Factory's
+//!   sharegpt "ranking" format, which the dpo-trainer and
+//!   llamafactory-trainer both read;
+//! - `rlrf.stats.json`: counts and mean scores.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rir_sdk::{GenerationRequest, Generator, Message, Prompt, Retriever, Reward, RewardContext, RewardItem};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+use crate::error::HostError;
+use crate::generate::{generate_all, GenerationCache};
+use crate::prompts::{augmentation, Task};
+use crate::queries::{write_json, write_jsonl, PseudoQuery};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RlrfDataConfig {
+    /// Augmentations sampled per query.
+    #[serde(default = "d_k")]
+    pub k: u32,
+    #[serde(default = "d_temp")]
+    pub temperature: f32,
+    #[serde(default = "d_top_p")]
+    pub top_p: f32,
+    #[serde(default = "d_max")]
+    pub max_tokens: u32,
+    /// τ of the pair rule.
+    #[serde(default = "d_tau")]
+    pub tau: f64,
+    /// w of the pair rule (the reward's query weight).
+    #[serde(default = "d_w")]
+    pub query_weight: f64,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Requests per generator call, and items per reward call.
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+}
+fn d_k() -> u32 {
+    5
+}
+fn d_temp() -> f32 {
+    0.9
+}
+fn d_top_p() -> f32 {
+    0.9
+}
+fn d_max() -> u32 {
+    300
+}
+fn d_tau() -> f64 {
+    0.95
+}
+fn d_w() -> f64 {
+    0.8
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_batch() -> usize {
+    16
+}
+
+impl Default for RlrfDataConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// A kept preference pair with what decided it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PreferencePair {
+    pub query_id: String,
+    pub query: String,
+    pub passage_id: String,
+    /// The augmentation prompt, as chat messages.
+    pub prompt: Vec<Message>,
+    pub chosen: String,
+    pub rejected: String,
+    pub chosen_score: f64,
+    pub rejected_score: f64,
+    pub raw_score: f64,
+    pub candidates: Vec<String>,
+    pub scores: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RlrfStats {
+    pub queries: usize,
+    pub pairs: usize,
+    /// No augmentation beat the query alone.
+    pub no_gain: usize,
+    /// Best and worst too close (the τ rule).
+    pub too_close: usize,
+    /// Fewer than two distinct augmentations.
+    pub degenerate: usize,
+    pub mean_raw: f64,
+    pub mean_best: f64,
+    pub mean_worst: f64,
+    pub generations_from_cache: usize,
+}
+
+/// The pair rule; `Some((best, worst))` when the scores make a pair.
+pub fn pair_rule(raw: f64, scores: &[f64], w: f64, tau: f64) -> Result<(usize, usize), &'static str> {
+    let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).ok_or("degenerate")?;
+    let worst = (0..scores.len()).min_by(|&a, &b| scores[a].total_cmp(&scores[b])).ok_or("degenerate")?;
+    if best == worst {
+        return Err("degenerate");
+    }
+    if scores[best] <= raw {
+        return Err("no_gain");
+    }
+    if (scores[best] - w * raw) * tau < scores[worst] - w * raw {
+        return Err("too_close");
+    }
+    Ok((best, worst))
+}
+
+/// LLaMA-Factory's sharegpt ranking row for a pair.
+pub fn sharegpt_row(p: &PreferencePair) -> serde_json::Value {
+    let turn = |m: &Message| {
+        let from = match m.role.as_str() {
+            "user" => "human",
+            "assistant" => "gpt",
+            other => other,
+        };
+        serde_json::json!({"from": from, "value": m.content})
+    };
+    let system: Vec<&Message> = p.prompt.iter().filter(|m| m.role == "system").collect();
+    let mut row = serde_json::json!({
+        "conversations": p.prompt.iter().filter(|m| m.role != "system").map(turn).collect::<Vec<_>>(),
+        "chosen": {"from": "gpt", "value": p.chosen},
+        "rejected": {"from": "gpt", "value": p.rejected},
+    });
+    if let Some(s) = system.first() {
+        row["system"] = serde_json::json!(s.content);
+    }
+    row
+}
+
+/// dataset_info.json describing `dpo.jsonl` as LLaMA-Factory expects.
+pub fn dataset_info(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        name: {
+            "file_name": "dpo.jsonl",
+            "formatting": "sharegpt",
+            "ranking": true,
+            "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "system": "system"},
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    ds: &Dataset,
+    task: &Task,
+    queries: &[PseudoQuery],
+    generator: &dyn Generator,
+    cache: Option<&GenerationCache>,
+    retriever: &dyn Retriever,
+    reward: &dyn Reward,
+    cfg: &RlrfDataConfig,
+    out_dir: &Path,
+) -> Result<(Vec<PreferencePair>, RlrfStats), HostError> {
+    if cfg.k < 2 {
+        return Err(HostError::Input("rlrf-data: k must be at least 2 (a pair needs two augmentations)".into()));
+    }
+    let by_id: HashMap<&str, usize> = ds.corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
+    let mut passages = Vec::with_capacity(queries.len());
+    for q in queries {
+        let i = by_id.get(q.passage_id.as_str()).ok_or_else(|| {
+            HostError::Input(format!("rlrf-data: query {} names passage {} which is not in {}", q.id, q.passage_id, ds.name))
+        })?;
+        passages.push(ds.corpus[*i].encoder_text());
+    }
+    let prompts: Vec<Prompt> = queries.iter().map(|q| augmentation(task, &q.text)).collect();
+    let reqs: Vec<GenerationRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| GenerationRequest {
+            prompt: p.clone(),
+            n: cfg.k,
+            temperature: cfg.temperature,
+            top_p: cfg.top_p,
+            max_tokens: cfg.max_tokens,
+            stop: vec![],
+            seed: Some(cfg.seed.wrapping_add(i as u64 * cfg.k as u64)),
+            logprobs: false,
+        })
+        .collect();
+    let (gen, from_cache) = generate_all(generator, &reqs, cache, cfg.batch, "augment")
+        .map_err(|e| HostError::Input(format!("rlrf-data: {e}")))?;
+    let items: Vec<RewardItem> = queries
+        .iter()
+        .zip(&passages)
+        .zip(&gen)
+        .map(|((q, p), g)| RewardItem {
+            query: q.text.clone(),
+            reference: p.clone(),
+            candidates: g.iter().map(|c| c.text.trim().to_owned()).collect(),
+        })
+        .collect();
+    let ctx = RewardContext { retriever: Some(retriever), generator: Some(generator) };
+    let bar = crate::encode::progress_bar(items.len(), "reward", "queries");
+    let mut scored = Vec::with_capacity(items.len());
+    for chunk in items.chunks(cfg.batch.max(1)) {
+        let s = reward.score(&ctx, chunk).map_err(|e| HostError::Input(format!("rlrf-data: reward: {e}")))?;
+        if s.len() != chunk.len() {
+            return Err(HostError::Input(format!("rlrf-data: the reward returned {} scores for {} items", s.len(), chunk.len())));
+        }
+        scored.extend(s);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+
+    let mut stats = RlrfStats { queries: queries.len(), generations_from_cache: from_cache, ..Default::default() };
+    let mut pairs = Vec::new();
+    for (((q, item), s), prompt) in queries.iter().zip(&items).zip(&scored).zip(&prompts) {
+        let raw = s.baseline.unwrap_or(f64::NEG_INFINITY);
+        let distinct = {
+            let mut c: Vec<&String> = item.candidates.iter().filter(|c| !c.is_empty()).collect();
+            c.sort();
+            c.dedup();
+            c.len()
+        };
+        let verdict = if distinct < 2 { Err("degenerate") } else { pair_rule(raw, &s.scores, cfg.query_weight, cfg.tau) };
+        match verdict {
+            Err("no_gain") => stats.no_gain += 1,
+            Err("too_close") => stats.too_close += 1,
+            Err(_) => stats.degenerate += 1,
+            Ok((b, w)) if item.candidates[b] == item.candidates[w] => stats.degenerate += 1,
+            Ok((b, w)) => {
+                let Prompt::Chat(messages) = prompt else { unreachable!("augmentation prompts are chats") };
+                pairs.push(PreferencePair {
+                    query_id: q.id.clone(),
+                    query: q.text.clone(),
+                    passage_id: q.passage_id.clone(),
+                    prompt: messages.clone(),
+                    chosen: item.candidates[b].clone(),
+                    rejected: item.candidates[w].clone(),
+                    chosen_score: s.scores[b],
+                    rejected_score: s.scores[w],
+                    raw_score: raw,
+                    candidates: item.candidates.clone(),
+                    scores: s.scores.clone(),
+                });
+            }
+        }
+    }
+    let n = scored.len().max(1) as f64;
+    stats.mean_raw = scored.iter().filter_map(|s| s.baseline).sum::<f64>() / n;
+    stats.mean_best = scored.iter().map(|s| s.scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max)).sum::<f64>() / n;
+    stats.mean_worst = scored.iter().map(|s| s.scores.iter().cloned().fold(f64::INFINITY, f64::min)).sum::<f64>() / n;
+    stats.pairs = pairs.len();
+    write_jsonl(&out_dir.join("pairs.jsonl"), &pairs)?;
+    write_jsonl(&out_dir.join("dpo.jsonl"), &pairs.iter().map(sharegpt_row).collect::<Vec<_>>())?;
+    write_json(&out_dir.join("dataset_info.json"), &dataset_info("rir_rlrf"))?;
+    write_json(&out_dir.join("rlrf.stats.json"), &stats)?;
+    Ok((pairs, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pair_rule() {
+        // Best beats raw and is far enough from the worst.
+        assert_eq!(pair_rule(0.5, &[0.52, 0.60, 0.45], 0.8, 0.95), Ok((1, 2)));
+        // Nothing beats the query alone.
+        assert_eq!(pair_rule(0.7, &[0.52, 0.60, 0.45], 0.8, 0.95), Err("no_gain"));
+        // Best is 0.105 over w·raw = 0.4; 0.95 of that (0.09975) < the worst's 0.102.
+        assert_eq!(pair_rule(0.5, &[0.505, 0.502, 0.503], 0.8, 0.95), Err("too_close"));
+        assert_eq!(pair_rule(0.5, &[0.6], 0.8, 0.95), Err("degenerate"));
+    }
+
+    #[test]
+    fn sharegpt_rows_follow_llama_factory() {
+        let p = PreferencePair {
+            query_id: "q".into(),
+            query: "q".into(),
+            passage_id: "d".into(),
+            prompt: vec![Message::system("sys"), Message::user("write")],
+            chosen: "good".into(),
+            rejected: "bad".into(),
+            chosen_score: 1.0,
+            rejected_score: 0.0,
+            raw_score: 0.5,
+            candidates: vec![],
+            scores: vec![],
+        };
+        let r = sharegpt_row(&p);
+        assert_eq!(r["conversations"][0]["from"], "human");
+        assert_eq!(r["conversations"].as_array().unwrap().len(), 1);
+        assert_eq!(r["system"], "sys");
+        assert_eq!(r["chosen"]["from"], "gpt");
+        assert_eq!(r["rejected"]["value"], "bad");
+        assert_eq!(dataset_info("x")["x"]["ranking"], true);
+    }
+}
