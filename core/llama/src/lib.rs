@@ -13,6 +13,7 @@
 mod gguf_tokenizer;
 pub mod load;
 pub mod model;
+pub mod prefs;
 pub mod quant;
 pub mod sampler;
 pub mod train;

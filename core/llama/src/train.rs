@@ -363,7 +363,7 @@ mod tests {
             let x0: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             for idx in [0, x0.len() / 2, x0.len() - 1] {
                 let eps = 1e-5;
-                let mut at = |delta: f64| {
+                let at = |delta: f64| {
                     let mut x = x0.clone();
                     x[idx] += delta;
                     v.set(&Tensor::from_vec(x, v.shape(), &Device::Cpu).unwrap()).unwrap();

