@@ -22,6 +22,7 @@ pub mod bench;
 pub mod serve;
 pub mod queries;
 pub mod rlrf;
+pub mod rlgf;
 pub mod train;
 
 pub use error::HostError;

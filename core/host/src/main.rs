@@ -68,6 +68,8 @@ enum Command {
     Queries(QueriesArgs),
     /// Stage `rlrf-data`: k augmentations per pseudo query, scored by a reward, kept as DPO pairs
     RlrfData(RlrfArgs),
+    /// Stage `rlgf-data`: answers, hard negatives, generator reranking -> FlagEmbedding-style distillation data
+    RlgfData(RlgfArgs),
     /// Run a Trainer plugin on a data file (DPO pairs for dpo-trainer)
     Train(TrainArgs),
     /// Benchmarks (speed figures belong here, not in tests)
@@ -125,6 +127,40 @@ struct RlrfArgs {
     #[arg(long, default_value = "")]
     config: String,
     /// Output directory (pairs.jsonl, dpo.jsonl, dataset_info.json, rlrf.stats.json)
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(clap::Args)]
+struct RlgfArgs {
+    #[arg(long)]
+    dataset: String,
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// queries.jsonl from `rir queries`
+    #[arg(long)]
+    queries: PathBuf,
+    /// The (tuned) generator: answers and reranking
+    #[arg(long)]
+    generator: String,
+    #[arg(long, default_value = "")]
+    generator_config: String,
+    /// The current retriever: hard-negative mining
+    #[arg(long)]
+    retriever: String,
+    #[arg(long, default_value = "")]
+    retriever_config: String,
+    /// Reward plugin (generator feedback) and its config
+    #[arg(long, default_value = "generator-reward")]
+    reward: String,
+    #[arg(long, default_value = "")]
+    reward_config: String,
+    /// Stage settings (TOML text or @FILE): answer_max_tokens, threshold, window, negatives, depth, fallback_ranks, seed, batch, no_rerank
+    #[arg(long, default_value = "")]
+    config: String,
+    /// Output directory (distill.jsonl, rlgf.stats.json)
     #[arg(long)]
     output: PathBuf,
     #[arg(long)]
@@ -426,6 +462,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 s.queries, s.pairs, s.no_gain, s.too_close, s.degenerate, s.mean_raw, s.mean_best, s.mean_worst
             );
             println!("wrote {} and {}", a.output.join("pairs.jsonl").display(), a.output.join("dpo.jsonl").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RlgfData(a) => {
+            let h = host(&cli)?;
+            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
+            let queries = rir::queries::read(&a.queries)?;
+            let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
+            let g = h.load(&a.generator)?.generator(&gcfg)?;
+            let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
+            let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
+            let cfg: rir::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let identity = format!("{}\n{gcfg}\n{}", a.generator, g.model_name());
+            let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::new(&h.settings.cache_dir, &identity));
+            let ecache = (!a.no_cache).then(|| rir::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info().fingerprint));
+            let task = rir::prompts::task_for(&ds.name);
+            let (_, s) = rir::rlgf::run(
+                &ds, &task, &queries, g.as_ref(), gcache.as_ref(), r.as_ref(), ecache.as_ref(), rw.as_ref(), &cfg, h.settings.threads, &a.output,
+            )?;
+            println!(
+                "{} queries: negatives mined for {} ({} fell back: positive beyond depth; {} fell back: no rank under the threshold); the generator moved the positive in {}; {} reranking answers needed a fallback",
+                s.queries, s.mined, s.fallback_not_in_depth, s.fallback_no_rank, s.positive_changed, s.rerank_fallbacks
+            );
+            println!("wrote {}", a.output.join("distill.jsonl").display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(a) => {

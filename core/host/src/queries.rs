@@ -181,8 +181,10 @@ pub fn clean_query(text: &str, query_type: &str) -> String {
     let line = text.trim().lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
     let mut s = line;
     for label in [query_type, "query", "question", "claim"] {
-        if s.len() > label.len() + 1 && s[..label.len()].eq_ignore_ascii_case(label) && s[label.len()..].starts_with(':') {
-            s = s[label.len() + 1..].trim();
+        // `get`: a label length may fall inside a multi-byte character.
+        let head = s.get(..label.len()).filter(|h| h.eq_ignore_ascii_case(label));
+        if let Some(rest) = head.and_then(|_| s.get(label.len()..)).and_then(|r| r.strip_prefix(':')) {
+            s = rest.trim();
             break;
         }
     }
@@ -337,5 +339,7 @@ mod tests {
         assert_eq!(parse_judgement("yes"), None);
         assert_eq!(clean_query("Scientific claim: \"Vitamin C cures colds.\"\nExtra", "scientific claim"), "Vitamin C cures colds.");
         assert_eq!(clean_query("  \n Query: what is bm25?", "question"), "what is bm25?");
+        // Labels never cut a multi-byte character.
+        assert_eq!(clean_query("ROR-γ (Src-11) is overexpressed", "query"), "ROR-γ (Src-11) is overexpressed");
     }
 }

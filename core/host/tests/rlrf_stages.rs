@@ -50,6 +50,34 @@ fn queries_then_preference_pairs_on_scifact() {
     assert_eq!(dpo.len(), pairs.len());
     assert!(out.path().join("dataset_info.json").is_file() && out.path().join("rlrf.stats.json").is_file());
 
+    // Stage rlgf-data on the same queries: answers, mined negatives, the
+    // generator's listwise order (windows of 3 moving by 2 over 4 passages).
+    let greward = host.load("generator-reward").unwrap().reward("window = 3\nstep = 2\nmax_words = 40\nmax_tokens = 24").unwrap();
+    let gcfg: rir::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24").unwrap();
+    let ecache = rir::encode::EmbeddingCache::new(cache.path(), &r.info().fingerprint);
+    let (ex, gs) = rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &gcfg, 2, out.path()).unwrap();
+    eprintln!("rlgf-data: {gs:?}");
+    assert_eq!(ex.len(), qs.len());
+    assert_eq!(gs.mined + gs.fallback_not_in_depth + gs.fallback_no_rank, qs.len());
+    for (e, q) in ex.iter().zip(&qs) {
+        assert_eq!((e.pos.len(), e.neg.len(), e.pos_scores.clone(), e.neg_scores.clone()), (1, 3, vec![1.0], vec![0.5, 1.0 / 3.0, 0.25]));
+        let mut ids = e.neg_ids.clone();
+        ids.push(e.pos_id.clone());
+        assert!(ids.contains(&q.passage_id), "the source passage is in the group");
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 4);
+        assert!(!e.answer.is_empty());
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.path().join("distill.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for k in ["query", "answer", "pos", "neg", "pos_scores", "neg_scores"] {
+        assert!(lines.iter().all(|l| l.get(k).is_some()), "FlagEmbedding's `{k}`");
+    }
+
     // The reward's numbers, recomputed from the retriever directly.
     let q = &qs[0];
     let passage = ds.corpus.iter().find(|d| d.id == q.passage_id).unwrap().encoder_text();

@@ -1,0 +1,310 @@
+//! Stage `rlgf-data` (DESIGN §1.3): distillation data from generator feedback.
+//!
+//! For each pseudo query: the (tuned) generator's answer at temperature 0;
+//! hard negatives mined with the current retriever (the first rank whose
+//! score is at most `threshold` × the positive's, the next `window` results,
+//! the positive dropped, `negatives` kept; ranks `fallback_ranks` sampled
+//! when the positive is not in the top `depth` or no rank qualifies); then
+//! the Reward plugin (generator-reward) reranks positive + negatives and its
+//! order decides: the top passage becomes the positive, the rest follow with
+//! teacher scores 1/(i+1). Output: FlagEmbedding's jsonl
+//! (`{query, answer, pos, neg, pos_scores, neg_scores}` plus ids) and
+//! `rlgf.stats.json`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rir_sdk::{GenerationRequest, Generator, Retriever, Reward, RewardContext, RewardItem};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Dataset;
+use crate::encode::{encode, EmbeddingCache, Side};
+use crate::error::HostError;
+use crate::generate::{generate_all, GenerationCache};
+use crate::prompts::{augmentation, Task};
+use crate::queries::{write_json, write_jsonl, PseudoQuery, Rng};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RlgfDataConfig {
+    /// Tokens for the generator's answer (temperature 0).
+    #[serde(default = "d_answer")]
+    pub answer_max_tokens: u32,
+    /// A negative scores at most this fraction of the positive's score.
+    #[serde(default = "d_threshold")]
+    pub threshold: f32,
+    /// Results taken after the first qualifying rank.
+    #[serde(default = "d_window")]
+    pub window: usize,
+    /// Negatives kept per query (group size = negatives + 1).
+    #[serde(default = "d_negatives")]
+    pub negatives: usize,
+    /// The positive must be within this many results, else the fallback.
+    #[serde(default = "d_depth")]
+    pub depth: usize,
+    /// Ranks (0-based, end exclusive) sampled when mining finds nothing.
+    #[serde(default = "d_fallback")]
+    pub fallback_ranks: (usize, usize),
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default = "d_batch")]
+    pub batch: usize,
+    /// Skip the generator's reranking (the retriever's order is kept).
+    #[serde(default)]
+    pub no_rerank: bool,
+}
+fn d_answer() -> u32 {
+    300
+}
+fn d_threshold() -> f32 {
+    0.95
+}
+fn d_window() -> usize {
+    50
+}
+fn d_negatives() -> usize {
+    15
+}
+fn d_depth() -> usize {
+    2000
+}
+fn d_fallback() -> (usize, usize) {
+    (30, 200)
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_batch() -> usize {
+    8
+}
+
+impl Default for RlgfDataConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// One training example in FlagEmbedding's format.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DistillExample {
+    pub query: String,
+    pub answer: String,
+    pub pos: Vec<String>,
+    pub neg: Vec<String>,
+    pub pos_scores: Vec<f64>,
+    pub neg_scores: Vec<f64>,
+    pub query_id: String,
+    pub pos_id: String,
+    pub neg_ids: Vec<String>,
+    /// The passage the pseudo query was written from.
+    pub source_id: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RlgfStats {
+    pub queries: usize,
+    pub mined: usize,
+    pub fallback_not_in_depth: usize,
+    pub fallback_no_rank: usize,
+    /// Queries whose top passage after reranking is not the source passage.
+    pub positive_changed: usize,
+    /// Reranking answers that needed a fallback (from the reward's baseline).
+    pub rerank_fallbacks: usize,
+    pub answers_from_cache: usize,
+}
+
+/// Hard negatives for one query from its ranked `hits` (doc indices and
+/// scores, best first). `Err` names the fallback taken.
+pub fn mine(
+    hits: &[(usize, f32)],
+    positive: usize,
+    positive_score: f32,
+    cfg: &RlgfDataConfig,
+) -> Result<Vec<usize>, &'static str> {
+    let depth = hits.len().min(cfg.depth);
+    if !hits[..depth].iter().any(|h| h.0 == positive) {
+        return Err("not_in_depth");
+    }
+    let limit = cfg.threshold * positive_score;
+    let start = hits[..depth].iter().position(|h| h.0 != positive && h.1 <= limit).ok_or("no_rank")?;
+    let mut out: Vec<usize> = Vec::new();
+    for h in hits[start..].iter().take(cfg.window) {
+        if h.0 != positive && !out.contains(&h.0) {
+            out.push(h.0);
+        }
+    }
+    out.truncate(cfg.negatives);
+    if out.is_empty() {
+        return Err("no_rank");
+    }
+    Ok(out)
+}
+
+/// The fallback: `n` distinct documents sampled from the ranks in `range`.
+pub fn sample_ranks(hits: &[(usize, f32)], positive: usize, range: (usize, usize), n: usize, rng: &mut Rng) -> Vec<usize> {
+    let (a, b) = (range.0.min(hits.len()), range.1.min(hits.len()));
+    let mut pool: Vec<usize> = hits[a..b].iter().map(|h| h.0).filter(|d| *d != positive).collect();
+    if pool.len() < n {
+        // A small corpus: widen to every rank.
+        pool = hits.iter().map(|h| h.0).filter(|d| *d != positive).collect();
+    }
+    rng.shuffle(&mut pool);
+    pool.truncate(n);
+    pool
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    ds: &Dataset,
+    task: &Task,
+    queries: &[PseudoQuery],
+    generator: &dyn Generator,
+    gcache: Option<&GenerationCache>,
+    retriever: &dyn Retriever,
+    ecache: Option<&EmbeddingCache>,
+    reward: &dyn Reward,
+    cfg: &RlgfDataConfig,
+    threads: usize,
+    out_dir: &Path,
+) -> Result<(Vec<DistillExample>, RlgfStats), HostError> {
+    let by_id: HashMap<&str, usize> = ds.corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
+    let sources: Vec<usize> = queries
+        .iter()
+        .map(|q| {
+            by_id.get(q.passage_id.as_str()).copied().ok_or_else(|| {
+                HostError::Input(format!("rlgf-data: query {} names passage {} which is not in {}", q.id, q.passage_id, ds.name))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let input = |e: String| HostError::Input(format!("rlgf-data: {e}"));
+
+    // Answers (temperature 0), as inference would augment the query.
+    let reqs: Vec<GenerationRequest> =
+        queries.iter().map(|q| GenerationRequest::greedy(augmentation(task, &q.text), cfg.answer_max_tokens)).collect();
+    let (answers, answers_from_cache) =
+        generate_all(generator, &reqs, gcache, cfg.batch, "answers").map_err(|e| input(e.to_string()))?;
+    let answers: Vec<String> = answers.iter().map(|c| c.first().map(|c| c.text.trim().to_owned()).unwrap_or_default()).collect();
+
+    // Mining with the current retriever.
+    let texts: Vec<String> = ds.corpus.iter().map(|d| d.encoder_text()).collect();
+    let qtexts: Vec<String> = queries.iter().map(|q| q.text.clone()).collect();
+    let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, 32, "corpus").map_err(|e| input(e.to_string()))?;
+    let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, 32, "queries").map_err(|e| input(e.to_string()))?;
+    let k = cfg.depth.max(cfg.fallback_ranks.1).min(ds.corpus.len());
+    let hits = crate::search::exact_topk(&eq, &ec, k, threads);
+    let mut rng = Rng(cfg.seed);
+    let mut stats = RlgfStats { queries: queries.len(), answers_from_cache, ..Default::default() };
+    let mut groups: Vec<Vec<usize>> = Vec::with_capacity(queries.len());
+    for (qi, &src) in sources.iter().enumerate() {
+        let row: Vec<(usize, f32)> = (0..hits.k)
+            .filter_map(|j| {
+                let id = hits.ids[qi * hits.k + j];
+                (id >= 0).then(|| (id as usize, hits.scores[qi * hits.k + j]))
+            })
+            .collect();
+        let pos_score: f32 = eq.row(qi).iter().zip(ec.row(src)).map(|(a, b)| a * b).sum();
+        let negs = match mine(&row, src, pos_score, cfg) {
+            Ok(n) => {
+                stats.mined += 1;
+                n
+            }
+            Err(why) => {
+                if why == "not_in_depth" {
+                    stats.fallback_not_in_depth += 1;
+                } else {
+                    stats.fallback_no_rank += 1;
+                }
+                sample_ranks(&row, src, cfg.fallback_ranks, cfg.negatives, &mut rng)
+            }
+        };
+        let mut g = vec![src];
+        g.extend(negs);
+        groups.push(g);
+    }
+
+    // Generator feedback: the reward's order over positive + negatives.
+    let items: Vec<RewardItem> = queries
+        .iter()
+        .zip(&groups)
+        .map(|(q, g)| RewardItem { query: q.text.clone(), reference: String::new(), candidates: g.iter().map(|&d| texts[d].clone()).collect() })
+        .collect();
+    let mut scores: Vec<Vec<f64>> = Vec::with_capacity(items.len());
+    if cfg.no_rerank {
+        scores = groups.iter().map(|g| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect()).collect();
+    } else {
+        let ctx = RewardContext { retriever: Some(retriever), generator: Some(generator) };
+        let bar = crate::encode::progress_bar(items.len(), "rerank", "queries");
+        for chunk in items.chunks(cfg.batch.max(1)) {
+            let s = reward.score(&ctx, chunk).map_err(|e| input(format!("reward: {e}")))?;
+            if s.len() != chunk.len() {
+                return Err(input(format!("the reward returned {} scores for {} items", s.len(), chunk.len())));
+            }
+            for r in s {
+                stats.rerank_fallbacks += r.baseline.unwrap_or(0.0) as usize;
+                scores.push(r.scores);
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+    }
+
+    let mut out = Vec::with_capacity(queries.len());
+    for (qi, q) in queries.iter().enumerate() {
+        let g = &groups[qi];
+        let mut order: Vec<usize> = (0..g.len()).collect();
+        order.sort_by(|&a, &b| scores[qi][b].total_cmp(&scores[qi][a]));
+        if g[order[0]] != sources[qi] {
+            stats.positive_changed += 1;
+        }
+        let teacher: Vec<f64> = (0..order.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect();
+        out.push(DistillExample {
+            query: q.text.clone(),
+            answer: answers[qi].clone(),
+            pos: vec![texts[g[order[0]]].clone()],
+            neg: order[1..].iter().map(|&i| texts[g[i]].clone()).collect(),
+            pos_scores: vec![teacher[0]],
+            neg_scores: teacher[1..].to_vec(),
+            query_id: q.id.clone(),
+            pos_id: ds.corpus[g[order[0]]].id.clone(),
+            neg_ids: order[1..].iter().map(|&i| ds.corpus[g[i]].id.clone()).collect(),
+            source_id: q.passage_id.clone(),
+        });
+    }
+    write_jsonl(&out_dir.join("distill.jsonl"), &out)?;
+    write_json(&out_dir.join("rlgf.stats.json"), &stats)?;
+    Ok((out, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(negatives: usize, window: usize) -> RlgfDataConfig {
+        RlgfDataConfig { negatives, window, depth: 100, ..Default::default() }
+    }
+
+    #[test]
+    fn mining_follows_the_threshold_rule() {
+        // Positive 7 scores 1.0; 3 and 5 are too close (> 0.95), 9 is the first below.
+        let hits = vec![(3, 0.99), (7, 1.0), (5, 0.96), (9, 0.95), (2, 0.9), (9, 0.8), (4, 0.7)];
+        assert_eq!(mine(&hits, 7, 1.0, &cfg(15, 50)), Ok(vec![9, 2, 4]));
+        assert_eq!(mine(&hits, 7, 1.0, &cfg(2, 50)), Ok(vec![9, 2]));
+        // The window counts results, duplicates included.
+        assert_eq!(mine(&hits, 7, 1.0, &cfg(15, 3)), Ok(vec![9, 2]));
+        assert_eq!(mine(&hits, 8, 1.0, &cfg(15, 50)), Err("not_in_depth"));
+        assert_eq!(mine(&[(7, 1.0), (3, 0.99)], 7, 1.0, &cfg(15, 50)), Err("no_rank"));
+    }
+
+    #[test]
+    fn fallback_samples_the_rank_range_without_the_positive() {
+        let hits: Vec<(usize, f32)> = (0..300).map(|i| (i, 1.0 - i as f32 / 300.0)).collect();
+        let mut rng = Rng(1);
+        let s = sample_ranks(&hits, 40, (30, 200), 15, &mut rng);
+        assert_eq!(s.len(), 15);
+        assert!(s.iter().all(|d| (30..200).contains(d) && *d != 40));
+        let mut u = s.clone();
+        u.sort();
+        u.dedup();
+        assert_eq!(u.len(), 15);
+    }
+}
