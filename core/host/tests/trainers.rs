@@ -151,3 +151,33 @@ fn llamafactory_trainer_files_follow_llama_factory_and_transformers() {
         .to_string();
     assert!(e.contains("is not installed") && e.contains("train.yaml"), "{e}");
 }
+
+#[test]
+fn flagembedding_trainer_arguments_are_flagembeddings_own() {
+    plugin_dir();
+    let cache = rir_models::default_cache();
+    let fe = rir_models::resolve("pypi:flagembedding==1.4.2:FlagEmbedding/abc/finetune/embedder/AbsArguments.py", &cache).unwrap();
+    let tf = rir_models::resolve("pypi:transformers==4.57.1:transformers/training_args.py", &cache).unwrap();
+    let mut known = dataclass_fields(&std::fs::read_to_string(&fe).unwrap());
+    known.extend(dataclass_fields(&std::fs::read_to_string(&tf).unwrap()));
+    assert!(known.contains("train_group_size") && known.contains("kd_loss_type"));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("distill.jsonl");
+    std::fs::write(&data, r#"{"query": "q", "answer": "a", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0], "neg_scores": [0.5]}"#).unwrap();
+    let out = tmp.path().join("fe");
+    let job = TrainJob { base_model: "BAAI/bge-base-en-v1.5".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true\nnproc_per_node = 8".into() };
+    let host = host();
+    rir::train::run(&host, "flagembedding-trainer", "", &job).unwrap();
+    let sh = std::fs::read_to_string(out.join("train.sh")).unwrap();
+    assert!(sh.contains("torchrun --nproc_per_node 8 -m FlagEmbedding.finetune.embedder.encoder_only.base"), "{sh}");
+    let flags: Vec<&str> = sh.split_whitespace().filter_map(|w| w.strip_prefix("--")).filter(|f| *f != "nproc_per_node").collect();
+    assert!(flags.len() > 20);
+    for f in flags {
+        assert!(known.contains(f), "--{f} is not an argument FlagEmbedding or transformers declares");
+    }
+    let e = rir::train::run(&host, "flagembedding-trainer", "", &TrainJob { params: "python = \"/nonexistent/python\"".into(), ..job })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not available here") && e.contains("train.sh"), "{e}");
+}
