@@ -1,0 +1,513 @@
+//! RLGF's retriever training (DESIGN §1.3) on candle: a BERT-family encoder
+//! fine-tuned on the rlgf-data stage's distillation data with
+//!
+//! - a listwise (Plackett–Luce) cross-entropy over the generator's order,
+//!   every other query's passages in the batch added as negatives at each
+//!   position (temperature `t_list`, 0.02);
+//! - InfoNCE between each query and its own answer, the batch's other
+//!   answers as negatives (temperature `t_answer`, 0.05); the answer is
+//!   encoded as inference encodes augmentations: corpus side, after `prefix`;
+//! - MSE(‖e(answer)‖, 1) when embeddings are not normalised.
+//!
+//! Data: FlagEmbedding-style jsonl (`query`, `answer`, `pos`, `neg`; the
+//! negatives in the generator's order, as rlgf-data writes them). Output: an
+//! HF model directory (config.json, tokenizer files, model.safetensors, the
+//! sentence-transformers pooling files) that the candle encoder loads.
+//!
+//! Job params:
+//! ```toml
+//! learning_rate = 2e-5
+//! epochs = 1.0
+//! batch_size = 4          # queries per step
+//! group_size = 16         # 1 positive + 15 negatives (repeated cyclically when fewer)
+//! query_max_len = 64
+//! passage_max_len = 256
+//! warmup_ratio = 0.1      # linear warmup, then linear decay
+//! weight_decay = 0.01
+//! t_list = 0.02
+//! t_answer = 0.05
+//! answer_weight = 1.0
+//! norm_weight = 1.0
+//! pooling = "mean"        # cls | mean (default: the model's sentence-transformers config, else cls)
+//! normalize = true        # default: the model's sentence-transformers config, else true
+//! query_instruction = ""
+//! prefix = "Generate the topic about this passage: "
+//! seed = 42
+//! max_steps = 0           # 0: no limit
+//! ```
+
+pub mod bert;
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use rir_sdk::{config, PluginError, PluginResult, Progress, ProgressSink, TrainJob, TrainReport, Trainer};
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use bert::{l2_normalize, pool, TrainBert};
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct CtParams {
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_one")]
+    pub epochs: f64,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_group")]
+    pub group_size: usize,
+    #[serde(default = "d_qlen")]
+    pub query_max_len: usize,
+    #[serde(default = "d_plen")]
+    pub passage_max_len: usize,
+    #[serde(default = "d_warmup")]
+    pub warmup_ratio: f64,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_tl")]
+    pub t_list: f64,
+    #[serde(default = "d_ta")]
+    pub t_answer: f64,
+    #[serde(default = "d_one")]
+    pub answer_weight: f64,
+    #[serde(default = "d_one")]
+    pub norm_weight: f64,
+    #[serde(default)]
+    pub pooling: Option<String>,
+    #[serde(default)]
+    pub normalize: Option<bool>,
+    #[serde(default)]
+    pub query_instruction: String,
+    #[serde(default = "d_prefix")]
+    pub prefix: String,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub max_steps: usize,
+}
+fn d_lr() -> f64 {
+    2e-5
+}
+fn d_one() -> f64 {
+    1.0
+}
+fn d_batch() -> usize {
+    4
+}
+fn d_group() -> usize {
+    16
+}
+fn d_qlen() -> usize {
+    64
+}
+fn d_plen() -> usize {
+    256
+}
+fn d_warmup() -> f64 {
+    0.1
+}
+fn d_wd() -> f64 {
+    0.01
+}
+fn d_tl() -> f64 {
+    0.02
+}
+fn d_ta() -> f64 {
+    0.05
+}
+fn d_prefix() -> String {
+    "Generate the topic about this passage: ".into()
+}
+fn d_seed() -> u64 {
+    42
+}
+
+#[derive(Deserialize, Clone, Debug)]
+pub struct Example {
+    pub query: String,
+    #[serde(default)]
+    pub answer: String,
+    pub pos: Vec<String>,
+    #[serde(default)]
+    pub neg: Vec<String>,
+}
+
+/// Reads the distillation jsonl; errors name the file and line.
+pub fn read_examples(path: &Path) -> PluginResult<Vec<Example>> {
+    let text = std::fs::read_to_string(path).map_err(|e| PluginError::input(format!("{}: {e}", path.display())))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let e: Example = serde_json::from_str(l).map_err(|e| PluginError::input(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            if e.pos.is_empty() {
+                return Err(PluginError::input(format!("{}:{}: `pos` is empty", path.display(), i + 1)));
+            }
+            Ok(e)
+        })
+        .collect()
+}
+
+/// The loss parts of one batch.
+pub struct LossParts {
+    pub total: Tensor,
+    pub list: f64,
+    pub answer: f64,
+    pub norm: f64,
+}
+
+fn lse(x: &Tensor) -> candle_core::Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.broadcast_add(&m)?.squeeze(D::Minus1)
+}
+
+/// The RLGF loss for `eq` (B, h) queries, `ea` (B, h) answers and `ep`
+/// (B·G, h) passages, each query's G passages in the teacher's order.
+pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, normalized: bool) -> candle_core::Result<LossParts> {
+    let (b, _) = eq.dims2()?;
+    let dev = eq.device();
+    let dt = eq.dtype();
+    let s = (eq.matmul(&ep.t()?)? / p.t_list)?; // (B, B·G)
+    // Position j of query i competes with its own passages j.. and every
+    // passage of the other queries.
+    let mut mask = vec![0f32; b * g * b * g];
+    let mut target = vec![0u32; b * g];
+    for i in 0..b {
+        for j in 0..g {
+            target[i * g + j] = (i * g + j) as u32;
+            for c in 0..b * g {
+                if c / g != i || c % g >= j {
+                    mask[(i * g + j) * b * g + c] = 1.0;
+                }
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (b, g, b * g), dev)?.to_dtype(dt)?;
+    let sx = s.unsqueeze(1)?.broadcast_as((b, g, b * g))?;
+    let masked = (sx.broadcast_add(&((mask - 1.0)? * 1e9)?))?;
+    let denom = lse(&masked)?; // (B, G)
+    let tgt = Tensor::from_vec(target, (b, g), dev)?;
+    let num = s.gather(&tgt.contiguous()?, 1)?; // (B, G)
+    let list = (denom - num)?.mean_all()?;
+    let sa = (eq.matmul(&ea.t()?)? / p.t_answer)?; // (B, B)
+    let diag = Tensor::arange(0u32, b as u32, dev)?.unsqueeze(1)?;
+    let answer = (lse(&sa)? - sa.gather(&diag.contiguous()?, 1)?.squeeze(1)?)?.mean_all()?;
+    let norm = if normalized {
+        Tensor::zeros((), dt, dev)?
+    } else {
+        (ea.sqr()?.sum(1)?.sqrt()? - 1.0)?.sqr()?.mean_all()?
+    };
+    let total = ((&list + (&answer * p.answer_weight)?)? + (&norm * p.norm_weight)?)?;
+    let f = |t: &Tensor| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>());
+    Ok(LossParts { list: f(&list)?, answer: f(&answer)?, norm: f(&norm)?, total })
+}
+
+struct Enc<'a> {
+    tok: &'a Tokenizer,
+    dev: &'a Device,
+}
+
+impl Enc<'_> {
+    /// Token ids and mask (b, L), padded to the longest, cut to `max`.
+    fn batch(&self, texts: &[String], max: usize) -> PluginResult<(Tensor, Tensor)> {
+        let enc = self.tok.encode_batch(texts.to_vec(), true).map_err(|e| PluginError::input(format!("tokenizer: {e}")))?;
+        let l = enc.iter().map(|e| e.get_ids().len().min(max)).max().unwrap_or(1).max(1);
+        let mut ids = vec![0u32; texts.len() * l];
+        let mut mask = vec![0u32; texts.len() * l];
+        for (i, e) in enc.iter().enumerate() {
+            let mut t: Vec<u32> = e.get_ids().to_vec();
+            if t.len() > max {
+                // Keep the final [SEP].
+                let last = *t.last().unwrap_or(&0);
+                t.truncate(max);
+                t[max - 1] = last;
+            }
+            ids[i * l..i * l + t.len()].copy_from_slice(&t);
+            mask[i * l..i * l + t.len()].iter_mut().for_each(|m| *m = 1);
+        }
+        let c = |e: candle_core::Error| PluginError::other(e.to_string());
+        Ok((Tensor::from_vec(ids, (texts.len(), l), self.dev).map_err(c)?, Tensor::from_vec(mask, (texts.len(), l), self.dev).map_err(c)?))
+    }
+}
+
+/// The model's sentence-transformers pooling and normalisation, if declared.
+fn st_defaults(dir: &Path) -> (Option<bool>, Option<bool>) {
+    let (p, n) = rir_models::encoder::sentence_transformers_defaults(dir);
+    (p.map(|p| matches!(p, rir_models::encoder::Pooling::Mean)), n)
+}
+
+pub struct ContrastiveTrainer;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoKeys {}
+
+impl ContrastiveTrainer {
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        let _: NoKeys = config::parse(config_toml)?;
+        Ok(Self)
+    }
+}
+
+fn cerr(what: &'static str) -> impl Fn(candle_core::Error) -> PluginError {
+    move |e| PluginError::other(format!("{what}: {e}"))
+}
+
+impl Trainer for ContrastiveTrainer {
+    fn train(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
+        init_threads();
+        rayon::scope(|_| run(job, progress))
+    }
+}
+
+fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
+    let p: CtParams = config::parse(&job.params)?;
+    if p.batch_size < 2 || p.group_size < 2 {
+        return Err(PluginError::config("batch_size and group_size must be at least 2 (in-batch negatives, a positive and a negative)"));
+    }
+    let dir = rir_models::resolve(&job.base_model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
+    let cfg_path = dir.join("config.json");
+    let cfg: candle_transformers::models::bert::Config = serde_json::from_slice(
+        &std::fs::read(&cfg_path).map_err(|e| PluginError::resource(format!("{}: {e}", cfg_path.display())))?,
+    )
+    .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", cfg_path.display())))?;
+    let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| PluginError::resource(format!("{}: tokenizer.json: {e}", dir.display())))?;
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| PluginError::resource(e.to_string()))?;
+    let weights = dir.join("model.safetensors");
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(&weights) }.map_err(|e| PluginError::resource(format!("{}: {e}", weights.display())))?;
+    let prefix = if st.get("bert.embeddings.word_embeddings.weight").is_ok() { "bert." } else { "" };
+    let dev = Device::Cpu;
+    let mut map = VarMap::new();
+    let model = TrainBert::new(&map, &cfg, prefix, DType::F32, &dev).map_err(cerr("model"))?;
+    map.load(&weights).map_err(cerr("loading weights"))?;
+    let (st_mean, st_norm) = st_defaults(&dir);
+    let mean = match p.pooling.as_deref() {
+        Some("mean") => true,
+        Some("cls") => false,
+        Some(o) => return Err(PluginError::config(format!("pooling: {o:?} (cls | mean)"))),
+        None => st_mean.unwrap_or(false),
+    };
+    let normalized = p.normalize.or(st_norm).unwrap_or(true);
+
+    let examples = read_examples(&job.data_file)?;
+    if examples.len() < p.batch_size {
+        return Err(PluginError::input(format!("{}: {} examples, fewer than one batch of {}", job.data_file.display(), examples.len(), p.batch_size)));
+    }
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut s = p.seed;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let per_epoch = examples.len() / p.batch_size;
+    let mut total = ((per_epoch as f64) * p.epochs).ceil() as usize;
+    if p.max_steps > 0 {
+        total = total.min(p.max_steps);
+    }
+    let warmup = ((total as f64) * p.warmup_ratio).ceil() as usize;
+    let mut opt = AdamW::new(map.all_vars(), ParamsAdamW { lr: p.learning_rate, weight_decay: p.weight_decay, ..Default::default() })
+        .map_err(cerr("optimizer"))?;
+    let enc = Enc { tok: &tok, dev: &dev };
+    let (mut losses, mut log) = (Vec::new(), String::new());
+    std::fs::create_dir_all(&job.output_dir)?;
+    let t0 = Instant::now();
+    let mut tokens = 0usize;
+    for step in 0..total {
+        if progress.cancelled() {
+            return Err(PluginError::Cancelled);
+        }
+        if step % per_epoch == 0 {
+            for i in (1..order.len()).rev() {
+                order.swap(i, (next() % (i as u64 + 1)) as usize);
+            }
+        }
+        let lr = if step < warmup {
+            p.learning_rate * (step + 1) as f64 / warmup as f64
+        } else {
+            p.learning_rate * (total - step) as f64 / (total - warmup).max(1) as f64
+        };
+        opt.set_learning_rate(lr);
+        let first = (step % per_epoch) * p.batch_size;
+        let batch: Vec<&Example> = order[first..first + p.batch_size].iter().map(|&i| &examples[i]).collect();
+        let queries: Vec<String> = batch.iter().map(|e| format!("{}{}", p.query_instruction, e.query)).collect();
+        let answers: Vec<String> = batch.iter().map(|e| format!("{}{}", p.prefix, if e.answer.is_empty() { &e.query } else { &e.answer })).collect();
+        let mut passages = Vec::with_capacity(p.batch_size * p.group_size);
+        for e in &batch {
+            passages.push(e.pos[0].clone());
+            for j in 0..p.group_size - 1 {
+                // Too few negatives: repeat them (the positive when there are none).
+                passages.push(if e.neg.is_empty() { e.pos[0].clone() } else { e.neg[j % e.neg.len()].clone() });
+            }
+        }
+        let embed = |texts: &[String], max: usize, tokens: &mut usize| -> PluginResult<Tensor> {
+            let (ids, mask) = enc.batch(texts, max)?;
+            *tokens += ids.elem_count();
+            let h = model.forward(&ids, &mask).map_err(cerr("forward"))?;
+            let e = pool(&h, &mask, mean).map_err(cerr("pooling"))?;
+            if normalized { l2_normalize(&e).map_err(cerr("normalize")) } else { Ok(e) }
+        };
+        let eq = embed(&queries, p.query_max_len, &mut tokens)?;
+        let ea = embed(&answers, p.passage_max_len, &mut tokens)?;
+        let ep = embed(&passages, p.passage_max_len, &mut tokens)?;
+        let parts = rlgf_loss(&eq, &ea, &ep, p.group_size, &p, normalized).map_err(cerr("loss"))?;
+        opt.backward_step(&parts.total).map_err(cerr("backward"))?;
+        let loss = parts.total.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
+        losses.push(loss);
+        log.push_str(&format!(
+            "{}\n",
+            serde_json::json!({"step": step + 1, "loss": loss, "listwise": parts.list, "answer_infonce": parts.answer, "answer_norm": parts.norm, "learning_rate": lr})
+        ));
+        std::fs::write(job.output_dir.join("trainer_log.jsonl"), &log)?;
+        progress.report(&Progress {
+            stage: "rlgf".into(),
+            done: step as u64 + 1,
+            total: total as u64,
+            loss: Some(loss),
+            message: format!("list {:.4} answer {:.4}", parts.list, parts.answer),
+        });
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // The model directory: trained weights, the base's config, tokenizer and
+    // sentence-transformers files.
+    map.save(job.output_dir.join("model.safetensors")).map_err(cerr("saving"))?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"] {
+        let src = dir.join(f);
+        if src.is_file() {
+            let dst = job.output_dir.join(f);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    // ~6 FLOPs per parameter per token for forward + backward, plus attention.
+    let params: usize = map.all_vars().iter().map(|v| v.elem_count()).sum::<usize>() - cfg.vocab_size * cfg.hidden_size;
+    let gflop = 6.0 * params as f64 * tokens as f64 / 1e9;
+    Ok(TrainReport {
+        model_dir: job.output_dir.clone(),
+        steps: total as u64,
+        seconds: secs,
+        loss: losses,
+        extra_json: serde_json::json!({
+            "examples_per_s": (total * p.batch_size) as f64 / secs,
+            "tokens_per_s": tokens as f64 / secs,
+            "gflop_per_s": gflop / secs,
+            "pooling": if mean { "mean" } else { "cls" },
+            "normalized": normalized,
+            "params": job.params,
+        })
+        .to_string(),
+    })
+}
+
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = rir_sdk::host().threads.to_string();
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, &n);
+            }
+        }
+        rir_models::keep_freed_memory();
+    });
+}
+
+rir_sdk::export_plugin! {
+    name: "contrastive-trainer",
+    description: "RLGF retriever training on candle: listwise distillation from the generator's order with in-batch negatives, query-answer InfoNCE",
+    trainer: ContrastiveTrainer::new,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn params() -> CtParams {
+        serde_json::from_str("{}").unwrap()
+    }
+
+    /// Autograd through the differentiable BERT and the RLGF loss against
+    /// central finite differences, in f64 on a tiny random BERT.
+    #[test]
+    fn rlgf_loss_gradients_match_finite_differences() {
+        let dev = Device::Cpu;
+        let cfg: candle_transformers::models::bert::Config = serde_json::from_value(serde_json::json!({
+            "vocab_size": 20, "hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 12, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+            "max_position_embeddings": 16, "type_vocab_size": 2, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-12, "pad_token_id": 0, "model_type": "bert"
+        }))
+        .unwrap();
+        let map = VarMap::new();
+        let model = TrainBert::new(&map, &cfg, "", DType::F64, &dev).unwrap();
+        let mut s = 3u64;
+        let mut rnd = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+        };
+        let vars: Vec<(String, Var)> = {
+            let data = map.data().lock().unwrap();
+            let mut v: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        for (name, v) in &vars {
+            let n = v.elem_count();
+            let scale = if name.contains("LayerNorm.weight") { 0.0 } else { 0.6 };
+            let vals: Vec<f64> = (0..n).map(|_| rnd() * scale + if name.contains("LayerNorm.weight") { 1.0 } else { 0.0 }).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &dev).unwrap()).unwrap();
+        }
+        let ids = |rows: &[&[u32]]| {
+            let l = rows.iter().map(|r| r.len()).max().unwrap();
+            let mut i = vec![0u32; rows.len() * l];
+            let mut m = vec![0u32; rows.len() * l];
+            for (k, r) in rows.iter().enumerate() {
+                i[k * l..k * l + r.len()].copy_from_slice(r);
+                m[k * l..k * l + r.len()].iter_mut().for_each(|x| *x = 1);
+            }
+            (Tensor::from_vec(i, (rows.len(), l), &dev).unwrap(), Tensor::from_vec(m, (rows.len(), l), &dev).unwrap())
+        };
+        let q = ids(&[&[1, 5, 2], &[1, 7, 8, 2]]);
+        let a = ids(&[&[1, 9, 3, 2], &[1, 4, 2]]);
+        let ps = ids(&[&[1, 5, 6, 2], &[1, 10, 2], &[1, 11, 12, 13, 2], &[1, 7, 2], &[1, 14, 2], &[1, 15, 16, 2]]);
+        for normalized in [true, false] {
+            let p = params();
+            let loss = |model: &TrainBert| -> Tensor {
+                let e = |(i, m): &(Tensor, Tensor), mean: bool| {
+                    let x = pool(&model.forward(i, m).unwrap(), m, mean).unwrap();
+                    if normalized { l2_normalize(&x).unwrap() } else { x }
+                };
+                rlgf_loss(&e(&q, true), &e(&a, true), &e(&ps, false), 3, &p, normalized).unwrap().total
+            };
+            let grads = loss(&model).backward().unwrap();
+            let mut checked = 0;
+            for (name, v) in vars.iter().step_by(3) {
+                let g: Vec<f64> = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let x0: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                let idx = x0.len() / 2;
+                let at = |d: f64| {
+                    let mut x = x0.clone();
+                    x[idx] += d;
+                    v.set(&Tensor::from_vec(x, v.shape(), &dev).unwrap()).unwrap();
+                    loss(&model).to_scalar::<f64>().unwrap()
+                };
+                let eps = 1e-6;
+                let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+                v.set(&Tensor::from_vec(x0.clone(), v.shape(), &dev).unwrap()).unwrap();
+                assert!((fd - g[idx]).abs() <= 1e-5 + 1e-4 * fd.abs(), "{name}[{idx}] normalized={normalized}: autograd {} vs {fd}", g[idx]);
+                checked += 1;
+            }
+            assert!(checked >= 10);
+        }
+    }
+}
