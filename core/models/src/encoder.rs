@@ -213,8 +213,10 @@ pub fn l2_normalize(data: &mut [f32], dim: usize) {
 }
 
 /// A short fingerprint of model files plus settings: each file's size and a
-/// hash of its first and last 4 MiB (whole small files), so it is cheap on
-/// multi-gigabyte weights yet changes whenever a file is replaced.
+/// hash of its first and last 4 MiB plus 64 blocks of 64 KiB spread evenly
+/// between (whole small files), so it is cheap on multi-gigabyte weights yet
+/// changes when a file is replaced or fine-tuning rewrites weights anywhere
+/// in it (a merged LoRA leaves the embedding at the head of the file as it was).
 pub fn fingerprint(files: &[PathBuf], settings: &str) -> Result<String, EncoderError> {
     use std::io::{Read, Seek, SeekFrom};
     const EDGE: u64 = 4 << 20;
@@ -231,6 +233,12 @@ pub fn fingerprint(files: &[PathBuf], settings: &str) -> Result<String, EncoderE
             buf.resize(EDGE as usize, 0);
             file.read_exact(&mut buf).map_err(io)?;
             h.update(&buf);
+            let mut block = vec![0u8; 64 << 10];
+            for i in 1..64u64 {
+                file.seek(SeekFrom::Start(size / 64 * i)).map_err(io)?;
+                file.read_exact(&mut block).map_err(io)?;
+                h.update(&block);
+            }
             file.seek(SeekFrom::End(-(EDGE as i64))).map_err(io)?;
             file.read_exact(&mut buf).map_err(io)?;
         }
@@ -238,4 +246,23 @@ pub fn fingerprint(files: &[PathBuf], settings: &str) -> Result<String, EncoderE
     }
     h.update(settings.as_bytes());
     Ok(format!("{:x}", h.finalize())[..16].to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A change in the middle of a large file (where a merged adapter
+    /// rewrites weights) changes the fingerprint; the same bytes do not.
+    #[test]
+    fn fingerprint_sees_changes_inside_large_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("model.safetensors");
+        let mut bytes = vec![7u8; 40 << 20];
+        std::fs::write(&f, &bytes).unwrap();
+        let a = super::fingerprint(std::slice::from_ref(&f), "").unwrap();
+        assert_eq!(a, super::fingerprint(std::slice::from_ref(&f), "").unwrap());
+        // 1 MiB of new weights around the middle.
+        bytes[(20 << 20)..(21 << 20)].iter_mut().for_each(|b| *b = 9);
+        std::fs::write(&f, &bytes).unwrap();
+        assert_ne!(a, super::fingerprint(std::slice::from_ref(&f), "").unwrap());
+    }
 }

@@ -57,6 +57,8 @@ fn default_batch() -> usize {
 pub struct LlamaGenerator {
     pub model: Llama,
     pub assets: Assets,
+    /// Of the model's files (and adapter): part of `model_name`.
+    pub fingerprint: String,
     max_batch: usize,
     /// One batch at a time: the compute threads are shared anyway.
     busy: Mutex<()>,
@@ -81,7 +83,26 @@ fn init_threads() {
 
 /// Loads a model the way the config names it: `model` (GGUF or HF dir),
 /// then `adapter` merged in.
-pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets)> {
+/// The files a loaded model comes from (weights, config, adapter), for its
+/// fingerprint.
+fn model_files(path: &Path, hf: bool, adapter: Option<&Path>) -> PluginResult<Vec<std::path::PathBuf>> {
+    let mut files = if hf {
+        let mut f = rir_models::files_with_extension(path, "safetensors")?;
+        f.extend(["config.json", "tokenizer.json", "tokenizer_config.json"].iter().map(|n| path.join(n)).filter(|p| p.is_file()));
+        f
+    } else {
+        vec![path.to_owned()]
+    };
+    if let Some(a) = adapter {
+        files.extend(rir_models::files_with_extension(a, "safetensors")?);
+        files.push(a.join("adapter_config.json"));
+    }
+    Ok(files)
+}
+
+/// Loads the model and returns it with a fingerprint of its files, so
+/// caches keyed by the model name notice a retrained model at the same path.
+pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
     let cache = &rir_sdk::host().cache_dir;
     let dir = rir_models::resolve(&cfg.model, cache).map_err(PluginError::resource)?;
     let device = match rir_models::device_ordinal(&cfg.device).map_err(PluginError::config)? {
@@ -98,13 +119,17 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets)> {
     };
     let (path, hf) = load::model_file(&dir)?;
     let (mut model, assets) = if hf { load_hf(&path, dtype, &device)? } else { load_gguf(&path, &device)? };
+    let mut adapter_dir = None;
     if let Some(a) = &cfg.adapter {
         let adir = rir_models::resolve(a, cache).map_err(PluginError::resource)?;
         let n = merge_lora(&mut model, Path::new(&adir))?;
         rir_sdk::log::info!("merged a LoRA adapter into {n} linear maps from {}", adir.display());
+        adapter_dir = Some(adir);
     }
+    let files = model_files(&path, hf, adapter_dir.as_deref())?;
+    let fp = rir_models::encoder::fingerprint(&files, "").map_err(|e| PluginError::resource(e.to_string()))?;
     rir_sdk::log::info!("loaded {} from {}", assets.name, path.display());
-    Ok((model, assets))
+    Ok((model, assets, fp))
 }
 
 /// One sequence being decoded.
@@ -124,8 +149,8 @@ impl LlamaGenerator {
             return Err(PluginError::config("max_batch: must be at least 1"));
         }
         init_threads();
-        let (model, assets) = load_model(&cfg)?;
-        Ok(Self { model, assets, max_batch: cfg.max_batch, busy: Mutex::new(()) })
+        let (model, assets, fingerprint) = load_model(&cfg)?;
+        Ok(Self { model, assets, fingerprint, max_batch: cfg.max_batch, busy: Mutex::new(()) })
     }
 
     /// The prompt text: the model's chat template (with the generation prompt
@@ -231,7 +256,7 @@ impl LlamaGenerator {
 
 impl Generator for LlamaGenerator {
     fn model_name(&self) -> String {
-        format!("llama:{}", self.assets.name)
+        format!("llama:{}@{}", self.assets.name, self.fingerprint)
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
