@@ -24,6 +24,7 @@ pub mod queries;
 pub mod rlrf;
 pub mod rlgf;
 pub mod train;
+pub mod experiment;
 
 pub use error::HostError;
 pub use plugins::{HostSettings, Plugin, PluginHost, Status};

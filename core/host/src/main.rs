@@ -64,6 +64,8 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         workers: usize,
     },
+    /// Run an experiment TOML: stages, rounds, variants, the comparison table [default: the quickstart]
+    Run(RunArgs),
     /// Stage `queries`: pseudo queries for a corpus, written by the generator and judged by it
     Queries(QueriesArgs),
     /// Stage `rlrf-data`: k augmentations per pseudo query, scored by a reward, kept as DPO pairs
@@ -77,6 +79,30 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Experiment file [default: experiments/quickstart.toml, built into the binary]
+    experiment: Option<PathBuf>,
+    /// Print the plan with what is already cached; run nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Run only this stage (queries, rlrf-data, rlrf-train, rlgf-data, rlgf-train, eval)
+    #[arg(long)]
+    only: Option<String>,
+    /// Recompute this stage and every later one
+    #[arg(long)]
+    from: Option<String>,
+    /// Where runs go (OUTPUT/NAME/...)
+    #[arg(long, default_value = "runs")]
+    output: PathBuf,
+    /// Local BEIR mirror (DIR/beir/NAME), overriding the experiment's
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// Skip the embedding and generation caches
+    #[arg(long)]
+    no_cache: bool,
 }
 
 #[derive(clap::Args)]
@@ -427,6 +453,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Data { action } => data_cmd(action),
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
+        Command::Run(a) => run_cmd(&host(&cli)?, a),
         Command::Queries(a) => {
             let h = host(&cli)?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
@@ -577,6 +604,34 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     if let Some(p) = &a.json {
         let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len()});
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+const QUICKSTART: &str = include_str!("../../../experiments/quickstart.toml");
+
+fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
+    use rir::experiment;
+    let mut exp = match &a.experiment {
+        Some(p) => experiment::load(p)?,
+        None => experiment::parse(QUICKSTART, std::path::Path::new("experiments/quickstart.toml"))?,
+    };
+    if a.mirror.is_some() {
+        exp.mirror = a.mirror.clone();
+    }
+    let stage = |s: &Option<String>| s.as_deref().map(|s| s.parse::<experiment::Stage>()).transpose().map_err(anyhow::Error::msg);
+    let opts = experiment::RunOptions { output: a.output.clone(), dry_run: a.dry_run, only: stage(&a.only)?, from: stage(&a.from)?, use_cache: !a.no_cache };
+    let out = experiment::run(host, &exp, &opts)?;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["step", "status", "seconds", "directory"]);
+    for s in &out.steps {
+        let status = if s.cached { "cached" } else if a.dry_run { "to run" } else { "ran" };
+        t.add_row(vec![s.label.clone(), status.into(), s.seconds.map_or("-".into(), |x| format!("{x:.1}")), s.dir.display().to_string()]);
+    }
+    println!("{t}");
+    if let Some(table) = &out.table {
+        println!("{table}");
+        println!("tables: {}/table.{{md,tex,csv,json}}; manifest: {}/manifest.json; log: {}/run.log", out.root.display(), out.root.display(), out.root.display());
     }
     Ok(ExitCode::SUCCESS)
 }

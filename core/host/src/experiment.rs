@@ -1,0 +1,650 @@
+//! Experiments: one TOML names the datasets, the plugin for every role, the
+//! stages' settings, the rounds and the variants to compare; `rir run`
+//! executes the plan (queries → rlrf-data → rlrf-train → rlgf-data →
+//! rlgf-train per round, then one evaluation per variant and dataset) and
+//! prints the comparison table.
+//!
+//! Every stage's output lives in `OUTPUT/NAME/DATASET/STAGE-HASH/`, HASH
+//! covering everything the stage reads (its settings, the plugins' names,
+//! versions and configs, model fingerprints, the upstream stages' hashes).
+//! A stage is built in a `.partial` directory renamed into place when it
+//! succeeds, so an interrupted run (Ctrl-C or a kill) leaves no half-written
+//! output, and a rerun reuses every finished stage.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::HostError;
+use crate::plugins::PluginHost;
+use crate::queries::QueriesConfig;
+use crate::registry::Kind;
+use crate::rlgf::RlgfDataConfig;
+use crate::rlrf::RlrfDataConfig;
+
+/// A plugin and its config table.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    pub plugin: String,
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// A trainer plugin, its own config table and the job's hyper-parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerSpec {
+    pub plugin: String,
+    #[serde(default)]
+    pub config: toml::Table,
+    #[serde(default)]
+    pub params: toml::Table,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rewards {
+    #[serde(default = "d_rr")]
+    pub retriever: PluginSpec,
+    #[serde(default = "d_gr")]
+    pub generator: PluginSpec,
+}
+fn d_rr() -> PluginSpec {
+    PluginSpec { plugin: "retriever-reward".into(), config: toml::Table::new() }
+}
+fn d_gr() -> PluginSpec {
+    PluginSpec { plugin: "generator-reward".into(), config: toml::Table::new() }
+}
+impl Default for Rewards {
+    fn default() -> Self {
+        Rewards { retriever: d_rr(), generator: d_gr() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Trainers {
+    #[serde(default = "d_gt")]
+    pub generator: TrainerSpec,
+    #[serde(default = "d_rt")]
+    pub retriever: TrainerSpec,
+}
+fn d_gt() -> TrainerSpec {
+    TrainerSpec { plugin: "dpo-trainer".into(), config: toml::Table::new(), params: toml::Table::new() }
+}
+fn d_rt() -> TrainerSpec {
+    TrainerSpec { plugin: "contrastive-trainer".into(), config: toml::Table::new(), params: toml::Table::new() }
+}
+impl Default for Trainers {
+    fn default() -> Self {
+        Trainers { generator: d_gt(), retriever: d_rt() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Stages {
+    #[serde(default)]
+    pub queries: QueriesConfig,
+    #[serde(default)]
+    pub rlrf: RlrfDataConfig,
+    #[serde(default)]
+    pub rlgf: RlgfDataConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    #[serde(default = "d_measures")]
+    pub measures: Vec<String>,
+    #[serde(default = "d_k")]
+    pub k: usize,
+    #[serde(default = "d_w")]
+    pub query_weight: f64,
+    #[serde(default = "d_aug")]
+    pub augmentation_max_tokens: u32,
+    #[serde(default)]
+    pub split: Option<String>,
+    /// Significance level of the table's marks.
+    #[serde(default = "d_alpha")]
+    pub alpha: f64,
+}
+fn d_measures() -> Vec<String> {
+    ["nDCG@10", "R@100", "RR@10"].iter().map(|s| s.to_string()).collect()
+}
+fn d_k() -> usize {
+    1000
+}
+fn d_w() -> f64 {
+    0.8
+}
+fn d_aug() -> u32 {
+    300
+}
+fn d_alpha() -> f64 {
+    0.05
+}
+impl Default for EvalSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+/// Which generator augments queries in a variant.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GeneratorChoice {
+    /// No augmentation: the retriever alone.
+    #[default]
+    None,
+    /// The untuned generator (HyDE / Query2doc-style zero-shot augmentation).
+    Base,
+    /// The generator after RLRF of the variant's round.
+    Rlrf,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrieverChoice {
+    #[default]
+    Base,
+    /// The retriever after RLGF of the variant's round.
+    Rlgf,
+}
+
+/// One row of the comparison table: a set of overrides of the base setup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    pub name: String,
+    #[serde(default)]
+    pub generator: GeneratorChoice,
+    #[serde(default)]
+    pub retriever: RetrieverChoice,
+    /// Which round's models (default: the last).
+    #[serde(default)]
+    pub round: Option<usize>,
+    /// Overrides the experiment's `eval.query_weight`.
+    #[serde(default)]
+    pub query_weight: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    pub name: String,
+    pub datasets: Vec<String>,
+    /// Local BEIR mirror (DIR/beir/NAME); relative to the experiment file.
+    #[serde(default)]
+    pub mirror: Option<PathBuf>,
+    #[serde(default = "d_rounds")]
+    pub rounds: usize,
+    pub retriever: PluginSpec,
+    pub generator: PluginSpec,
+    #[serde(default)]
+    pub rewards: Rewards,
+    #[serde(default)]
+    pub trainers: Trainers,
+    #[serde(default)]
+    pub stages: Stages,
+    #[serde(default)]
+    pub eval: EvalSpec,
+    pub variants: Vec<Variant>,
+}
+fn d_rounds() -> usize {
+    1
+}
+
+/// Reads an experiment; errors give the file, line and key, and suggest the
+/// nearest valid key for a misspelt one.
+pub fn load(path: &Path) -> Result<Experiment, HostError> {
+    let text = std::fs::read_to_string(path).map_err(|source| HostError::Io { path: path.to_owned(), source })?;
+    parse(&text, path)
+}
+
+pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
+    let mut exp: Experiment = toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+        let msg = e.message().to_owned();
+        let hint = unknown_key_hint(&msg).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
+        HostError::Input(format!("{}:{line}:{col}: {msg}{hint}", path.display()))
+    })?;
+    let at = |m: String| HostError::Input(format!("{}: {m}", path.display()));
+    if exp.datasets.is_empty() {
+        return Err(at("`datasets` is empty".into()));
+    }
+    if exp.variants.is_empty() {
+        return Err(at("no [[variants]]".into()));
+    }
+    if exp.rounds == 0 {
+        return Err(at("`rounds` must be at least 1".into()));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for v in &exp.variants {
+        if !names.insert(v.name.as_str()) {
+            return Err(at(format!("variant `{}` appears twice", v.name)));
+        }
+        if v.round.is_some_and(|r| r == 0 || r > exp.rounds) {
+            return Err(at(format!("variant `{}`: round must be in 1..={}", v.name, exp.rounds)));
+        }
+    }
+    if let (Some(m), Some(dir)) = (&exp.mirror, path.parent()) {
+        if m.is_relative() {
+            exp.mirror = Some(dir.join(m));
+        }
+    }
+    Ok(exp)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// From serde's "unknown field `x`, expected one of `a`, `b`", the nearest
+/// expected name.
+fn unknown_key_hint(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    let (word, rest) = rest.split_once('`')?;
+    let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    crate::suggest::nearest(word, expected)
+}
+
+/// Every plugin the experiment names exists in the registry with the kind
+/// it is used as — checked before any work starts.
+pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostError> {
+    let uses = [
+        (&exp.retriever.plugin, Kind::Retriever),
+        (&exp.generator.plugin, Kind::Generator),
+        (&exp.rewards.retriever.plugin, Kind::Reward),
+        (&exp.rewards.generator.plugin, Kind::Reward),
+        (&exp.trainers.generator.plugin, Kind::Trainer),
+        (&exp.trainers.retriever.plugin, Kind::Trainer),
+    ];
+    for (name, kind) in uses {
+        let reg = host.registry.get(name)?;
+        if !reg.entry.kinds.contains(&kind) {
+            return Err(HostError::Input(format!("plugin `{name}` is used as a {kind} but registry.toml lists it as {:?}", reg.entry.kinds)));
+        }
+        host.load(name)?;
+    }
+    Ok(())
+}
+
+/// The stages, in pipeline order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Stage {
+    Queries,
+    RlrfData,
+    RlrfTrain,
+    RlgfData,
+    RlgfTrain,
+    Eval,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [Stage::Queries, Stage::RlrfData, Stage::RlrfTrain, Stage::RlgfData, Stage::RlgfTrain, Stage::Eval];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Queries => "queries",
+            Stage::RlrfData => "rlrf-data",
+            Stage::RlrfTrain => "rlrf-train",
+            Stage::RlgfData => "rlgf-data",
+            Stage::RlgfTrain => "rlgf-train",
+            Stage::Eval => "eval",
+        }
+    }
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Stage::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Stage::ALL.iter().map(|x| x.as_str()).collect();
+            let hint = crate::suggest::nearest(s, names.iter().copied()).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
+            format!("unknown stage `{s}` (one of {}){hint}", names.join(", "))
+        })
+    }
+}
+
+/// A content-addressed hash of a stage's inputs.
+fn key(parts: &serde_json::Value) -> String {
+    format!("{:x}", Sha256::digest(parts.to_string().as_bytes()))[..12].to_owned()
+}
+
+/// The TOML text of a config table with `model` replaced.
+fn with_model(t: &toml::Table, model: Option<&Path>) -> String {
+    let mut t = t.clone();
+    if let Some(m) = model {
+        t.insert("model".into(), toml::Value::String(m.display().to_string()));
+    }
+    toml::to_string(&t).unwrap_or_default()
+}
+
+/// How `run` goes about it.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Runs go to OUTPUT/NAME.
+    pub output: PathBuf,
+    /// Print the plan with what is cached, run nothing.
+    pub dry_run: bool,
+    /// Run only this stage (its inputs must be finished).
+    pub only: Option<Stage>,
+    /// Recompute this stage and every later one.
+    pub from: Option<Stage>,
+    pub use_cache: bool,
+}
+
+/// One step of the plan and where its output is.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub stage: Stage,
+    pub dataset: String,
+    pub round: usize,
+    pub label: String,
+    pub dir: PathBuf,
+    pub cached: bool,
+    pub seconds: Option<f64>,
+}
+
+/// What a finished run leaves: the steps and the results files.
+pub struct RunOutput {
+    pub steps: Vec<Step>,
+    pub results: Vec<PathBuf>,
+    pub table: Option<String>,
+    pub root: PathBuf,
+}
+
+/// The identity of a model in use: what it is and where its files are.
+#[derive(Clone)]
+struct Model {
+    id: serde_json::Value,
+    /// Overrides the plugin config's `model` (a trained model directory).
+    path: Option<PathBuf>,
+}
+
+struct Runner<'a> {
+    host: &'a PluginHost,
+    opts: &'a RunOptions,
+    steps: Vec<Step>,
+    log: std::fs::File,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> HostError + '_ {
+    move |source| HostError::Io { path: path.to_owned(), source }
+}
+
+impl Runner<'_> {
+    fn note(&mut self, line: &str) {
+        use std::io::Write;
+        let _ = writeln!(self.log, "{} {line}", chrono_now());
+        log::info!("{line}");
+    }
+
+    fn plugin_id(&self, name: &str, config: &toml::Table) -> Result<serde_json::Value, HostError> {
+        let p = self.host.load(name)?;
+        Ok(serde_json::json!({"plugin": name, "version": p.version, "sha256": p.sha256, "config": config}))
+    }
+
+    /// Runs `work` into `dir` unless it is already there (or only plans it).
+    fn ensure(
+        &mut self,
+        stage: Stage,
+        dataset: &str,
+        round: usize,
+        label: String,
+        dir: PathBuf,
+        work: impl FnOnce(&Path) -> Result<(), HostError>,
+    ) -> Result<PathBuf, HostError> {
+        let forced = self.opts.from.is_some_and(|f| stage >= f) && self.opts.only.is_none_or(|o| o == stage);
+        let selected = self.opts.only.is_none_or(|o| o == stage);
+        let cached = dir.is_dir() && !forced;
+        let mut step = Step { stage, dataset: dataset.into(), round, label: label.clone(), dir: dir.clone(), cached, seconds: None };
+        if cached || self.opts.dry_run {
+            if cached {
+                self.note(&format!("{label}: cached in {}", dir.display()));
+            }
+            self.steps.push(step);
+            return Ok(dir);
+        }
+        if !selected {
+            return Err(HostError::Input(format!(
+                "{label} has not run yet ({}); run without --only first",
+                dir.display()
+            )));
+        }
+        let partial = dir.with_extension("partial");
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
+        }
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+        eprintln!("== {label}");
+        self.note(&format!("{label}: started in {}", partial.display()));
+        let t = Instant::now();
+        work(&partial)?;
+        let secs = t.elapsed().as_secs_f64();
+        crate::queries::write_json(&partial.join("stage.json"), &serde_json::json!({"stage": stage, "label": label, "seconds": secs}))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        std::fs::rename(&partial, &dir).map_err(io(&dir))?;
+        self.note(&format!("{label}: done in {secs:.1} s"));
+        step.seconds = Some(secs);
+        self.steps.push(step);
+        Ok(dir)
+    }
+}
+
+/// Seconds since the epoch, for the run log (no date crate needed).
+fn chrono_now() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("[{t}]")
+}
+
+fn model_source(t: &toml::Table, role: &str) -> Result<String, HostError> {
+    t.get("model")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| HostError::Input(format!("[{role}.config] needs a `model` (the trainers start from it)")))
+}
+
+/// Plans and runs the experiment; returns the steps and the results files.
+pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<RunOutput, HostError> {
+    check_plugins(host, exp)?;
+    let root = opts.output.join(&exp.name);
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    let log_path = root.join("run.log");
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?;
+    let mut r = Runner { host, opts, steps: Vec::new(), log };
+    r.note(&format!("run {} (dry run: {})", exp.name, opts.dry_run));
+    let t_all = Instant::now();
+    let cache = host.settings.cache_dir.clone();
+    let base_gen = Model { id: r.plugin_id(&exp.generator.plugin, &exp.generator.config)?, path: None };
+    let base_ret = Model { id: r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?, path: None };
+    let mut results = Vec::new();
+    for dataset in &exp.datasets {
+        let ds = crate::data::open(dataset, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref())
+            .map_err(|e| HostError::Input(e.to_string()))?;
+        let task = crate::prompts::task_for(&ds.name);
+        let droot = root.join(dataset);
+
+        // Pseudo queries, once per dataset, from the base generator.
+        let qkey = key(&serde_json::json!({"stage": "queries", "dataset": dataset, "generator": base_gen.id, "config": exp.stages.queries}));
+        let qdir = r.ensure(Stage::Queries, dataset, 0, format!("{dataset}: queries"), droot.join(format!("queries-{qkey}")), |out| {
+            let g = r_generator(host, exp, &base_gen)?;
+            let gc = gcache_for(host, exp, opts, g.as_ref(), &base_gen);
+            crate::queries::run(&ds, &task, g.as_ref(), gc.as_ref(), &exp.stages.queries, out).map(|_| ())
+        })?;
+
+        let mut gens = vec![base_gen.clone()];
+        let mut rets = vec![base_ret.clone()];
+        for round in 1..=exp.rounds {
+            let (gp, rp) = (gens[round - 1].clone(), rets[round - 1].clone());
+            let k = key(&serde_json::json!({"stage": "rlrf-data", "queries": qkey, "generator": gp.id, "retriever": rp.id,
+                                             "reward": exp.rewards.retriever, "config": exp.stages.rlrf}));
+            let rdir = r.ensure(Stage::RlrfData, dataset, round, format!("{dataset}: round {round}: rlrf-data"), droot.join(format!("rlrf-data-r{round}-{k}")), |out| {
+                let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
+                let g = r_generator(host, exp, &gp)?;
+                let gc = gcache_for(host, exp, opts, g.as_ref(), &gp);
+                let ret = r_retriever(host, exp, &rp)?;
+                let rw = host.load(&exp.rewards.retriever.plugin)?.reward(&toml::to_string(&exp.rewards.retriever.config).unwrap_or_default())?;
+                crate::rlrf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), rw.as_ref(), &exp.stages.rlrf, out).map(|_| ())
+            })?;
+            let gbase = match &gp.path {
+                Some(p) => p.display().to_string(),
+                None => model_source(&exp.generator.config, "generator")?,
+            };
+            let tk = key(&serde_json::json!({"stage": "rlrf-train", "data": k, "trainer": exp.trainers.generator, "base": gp.id}));
+            let tdir = r.ensure(Stage::RlrfTrain, dataset, round, format!("{dataset}: round {round}: rlrf-train"), droot.join(format!("rlrf-train-r{round}-{tk}")), |out| {
+                let job = rir_sdk::TrainJob {
+                    base_model: gbase.clone(),
+                    data_file: rdir.join("dpo.jsonl"),
+                    output_dir: out.to_owned(),
+                    params: toml::to_string(&exp.trainers.generator.params).unwrap_or_default(),
+                };
+                crate::train::run(host, &exp.trainers.generator.plugin, &toml::to_string(&exp.trainers.generator.config).unwrap_or_default(), &job).map(|_| ())
+            })?;
+            let gnew = Model { id: serde_json::json!({"trained": tk}), path: Some(tdir.join("merged")) };
+
+            let k = key(&serde_json::json!({"stage": "rlgf-data", "queries": qkey, "generator": gnew.id, "retriever": rp.id,
+                                             "reward": exp.rewards.generator, "config": exp.stages.rlgf}));
+            let gdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dataset}: round {round}: rlgf-data"), droot.join(format!("rlgf-data-r{round}-{k}")), |out| {
+                let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
+                let g = r_generator(host, exp, &gnew)?;
+                let gc = gcache_for(host, exp, opts, g.as_ref(), &gnew);
+                let ret = r_retriever(host, exp, &rp)?;
+                let ec = opts.use_cache.then(|| crate::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
+                let rw = host.load(&exp.rewards.generator.plugin)?.reward(&toml::to_string(&exp.rewards.generator.config).unwrap_or_default())?;
+                crate::rlgf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), ec.as_ref(), rw.as_ref(), &exp.stages.rlgf, host.settings.threads, out)
+                    .map(|_| ())
+            })?;
+            let rbase = match &rp.path {
+                Some(p) => p.display().to_string(),
+                None => model_source(&exp.retriever.config, "retriever")?,
+            };
+            let tk = key(&serde_json::json!({"stage": "rlgf-train", "data": k, "trainer": exp.trainers.retriever, "base": rp.id}));
+            let rtdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dataset}: round {round}: rlgf-train"), droot.join(format!("rlgf-train-r{round}-{tk}")), |out| {
+                let job = rir_sdk::TrainJob {
+                    base_model: rbase.clone(),
+                    data_file: gdir.join("distill.jsonl"),
+                    output_dir: out.join("model"),
+                    params: toml::to_string(&exp.trainers.retriever.params).unwrap_or_default(),
+                };
+                crate::train::run(host, &exp.trainers.retriever.plugin, &toml::to_string(&exp.trainers.retriever.config).unwrap_or_default(), &job).map(|_| ())
+            })?;
+            gens.push(gnew);
+            rets.push(Model { id: serde_json::json!({"trained": tk}), path: Some(rtdir.join("model")) });
+        }
+
+        for v in &exp.variants {
+            let round = v.round.unwrap_or(exp.rounds);
+            let ret = match v.retriever {
+                RetrieverChoice::Base => &rets[0],
+                RetrieverChoice::Rlgf => &rets[round],
+            };
+            let gen = match v.generator {
+                GeneratorChoice::None => None,
+                GeneratorChoice::Base => Some(&gens[0]),
+                GeneratorChoice::Rlrf => Some(&gens[round]),
+            };
+            let w = v.query_weight.unwrap_or(exp.eval.query_weight);
+            let k = key(&serde_json::json!({"stage": "eval", "dataset": dataset, "variant": v.name, "retriever": ret.id,
+                                             "generator": gen.map(|g| &g.id), "eval": exp.eval, "w": w}));
+            let edir = r.ensure(Stage::Eval, dataset, round, format!("{dataset}: eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), |out| {
+                let o = crate::eval::EvalOptions {
+                    dataset: dataset.clone(),
+                    split: exp.eval.split.clone(),
+                    mirror: exp.mirror.clone(),
+                    retriever: exp.retriever.plugin.clone(),
+                    retriever_config: with_model(&exp.retriever.config, ret.path.as_deref()),
+                    query_instruction: None,
+                    generator: gen.map(|_| exp.generator.plugin.clone()),
+                    generator_config: gen.map(|g| with_model(&exp.generator.config, g.path.as_deref())).unwrap_or_default(),
+                    query_weight: w,
+                    augmentation_max_tokens: exp.eval.augmentation_max_tokens,
+                    index: crate::eval::IndexChoice::Exact,
+                    k: exp.eval.k,
+                    measures: crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+                    averaging: crate::metrics::Averaging::Run,
+                    ignore_identical_ids: true,
+                    batch: 32,
+                    use_cache: opts.use_cache,
+                    output: out.to_owned(),
+                    name: v.name.clone(),
+                };
+                crate::eval::run(host, &o).map(|_| ()).map_err(|e| HostError::Input(format!("eval {}: {e}", v.name)))
+            })?;
+            results.push(edir.join(format!("{}.{}.json", v.name, ds.name)));
+        }
+    }
+    let table = if opts.dry_run || results.iter().any(|p| !p.is_file()) { None } else { Some(write_tables(exp, &results, &root)?) };
+    write_manifest(host, exp, &r.steps, &results, t_all.elapsed().as_secs_f64(), &root)?;
+    let steps = std::mem::take(&mut r.steps);
+    Ok(RunOutput { steps, results, table, root })
+}
+
+fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Generator>, HostError> {
+    host.load(&exp.generator.plugin)?.generator(&with_model(&exp.generator.config, m.path.as_deref()))
+}
+fn r_retriever(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Retriever>, HostError> {
+    host.load(&exp.retriever.plugin)?.retriever(&with_model(&exp.retriever.config, m.path.as_deref()))
+}
+fn gcache_for(host: &PluginHost, exp: &Experiment, opts: &RunOptions, g: &dyn rir_sdk::Generator, m: &Model) -> Option<crate::generate::GenerationCache> {
+    let identity = format!("{}\n{}\n{}", exp.generator.plugin, with_model(&exp.generator.config, m.path.as_deref()), g.model_name());
+    opts.use_cache.then(|| crate::generate::GenerationCache::new(&host.settings.cache_dir, &identity))
+}
+
+fn slug(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+/// The comparison of all variants across datasets, against the first
+/// variant: printed form returned, md / latex / csv / json saved.
+fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<String, HostError> {
+    let results = files.iter().map(|p| crate::report::Results::read(p)).collect::<Result<Vec<_>, _>>().map_err(|e| HostError::Input(e.to_string()))?;
+    let opts = crate::report::TableOptions {
+        baseline: exp.variants.first().map(|v| v.name.clone()),
+        alpha: exp.eval.alpha,
+        measures: crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+        show_delta: true,
+        ..Default::default()
+    };
+    let cmp = crate::report::compare(&results, &opts).map_err(|e| HostError::Input(e.to_string()))?;
+    for (ext, f) in [("md", "md"), ("tex", "latex"), ("csv", "csv"), ("json", "json")] {
+        let fmt: crate::report::Format = f.parse().map_err(HostError::Input)?;
+        crate::queries::write_atomic(&root.join(format!("table.{ext}")), crate::report::render(&cmp, fmt, true).as_bytes())?;
+    }
+    Ok(crate::report::render(&cmp, crate::report::Format::Terminal, true))
+}
+
+fn write_manifest(host: &PluginHost, exp: &Experiment, steps: &[Step], results: &[PathBuf], seconds: f64, root: &Path) -> Result<(), HostError> {
+    let mut plugins = BTreeMap::new();
+    for name in [&exp.retriever.plugin, &exp.generator.plugin, &exp.rewards.retriever.plugin, &exp.rewards.generator.plugin, &exp.trainers.generator.plugin, &exp.trainers.retriever.plugin] {
+        if let Ok(p) = host.load(name) {
+            plugins.insert(name.clone(), serde_json::json!({"version": p.version, "sha256": p.sha256, "library": p.path}));
+        }
+    }
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let machine = serde_json::json!({
+        "os": std::env::consts::OS, "arch": std::env::consts::ARCH,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "threads": host.settings.threads,
+        "hostname": std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_default(),
+    });
+    let v = serde_json::json!({
+        "experiment": exp, "plugins": plugins, "git_commit": git, "machine": machine,
+        "rir_version": env!("CARGO_PKG_VERSION"), "steps": steps, "results": results, "seconds": seconds,
+    });
+    crate::queries::write_json(&root.join("manifest.json"), &v)
+}
