@@ -472,7 +472,8 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         let ds = crate::data::open(dataset, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref())
             .map_err(|e| HostError::Input(e.to_string()))?;
         let task = crate::prompts::task_for(&ds.name);
-        let droot = root.join(dataset);
+        // By the dataset's name: `dataset` may be a path.
+        let droot = root.join(slug(&ds.name));
 
         // Pseudo queries, once per dataset, from the base generator.
         let qkey = key(&serde_json::json!({"stage": "queries", "dataset": dataset, "generator": base_gen.id, "config": exp.stages.queries}));
