@@ -474,10 +474,11 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         let task = crate::prompts::task_for(&ds.name);
         // By the dataset's name: `dataset` may be a path.
         let droot = root.join(slug(&ds.name));
+        let dn = ds.name.clone();
 
         // Pseudo queries, once per dataset, from the base generator.
         let qkey = key(&serde_json::json!({"stage": "queries", "dataset": dataset, "generator": base_gen.id, "config": exp.stages.queries}));
-        let qdir = r.ensure(Stage::Queries, dataset, 0, format!("{dataset}: queries"), droot.join(format!("queries-{qkey}")), |out| {
+        let qdir = r.ensure(Stage::Queries, dataset, 0, format!("{dn}: queries"), droot.join(format!("queries-{qkey}")), |out| {
             let g = r_generator(host, exp, &base_gen)?;
             let gc = gcache_for(host, exp, opts, g.as_ref(), &base_gen);
             crate::queries::run(&ds, &task, g.as_ref(), gc.as_ref(), &exp.stages.queries, out).map(|_| ())
@@ -489,7 +490,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             let (gp, rp) = (gens[round - 1].clone(), rets[round - 1].clone());
             let k = key(&serde_json::json!({"stage": "rlrf-data", "queries": qkey, "generator": gp.id, "retriever": rp.id,
                                              "reward": exp.rewards.retriever, "config": exp.stages.rlrf}));
-            let rdir = r.ensure(Stage::RlrfData, dataset, round, format!("{dataset}: round {round}: rlrf-data"), droot.join(format!("rlrf-data-r{round}-{k}")), |out| {
+            let rdir = r.ensure(Stage::RlrfData, dataset, round, format!("{dn}: round {round}: rlrf-data"), droot.join(format!("rlrf-data-r{round}-{k}")), |out| {
                 let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
                 let g = r_generator(host, exp, &gp)?;
                 let gc = gcache_for(host, exp, opts, g.as_ref(), &gp);
@@ -502,7 +503,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                 None => model_source(&exp.generator.config, "generator")?,
             };
             let tk = key(&serde_json::json!({"stage": "rlrf-train", "data": k, "trainer": exp.trainers.generator, "base": gp.id}));
-            let tdir = r.ensure(Stage::RlrfTrain, dataset, round, format!("{dataset}: round {round}: rlrf-train"), droot.join(format!("rlrf-train-r{round}-{tk}")), |out| {
+            let tdir = r.ensure(Stage::RlrfTrain, dataset, round, format!("{dn}: round {round}: rlrf-train"), droot.join(format!("rlrf-train-r{round}-{tk}")), |out| {
                 let job = rir_sdk::TrainJob {
                     base_model: gbase.clone(),
                     data_file: rdir.join("dpo.jsonl"),
@@ -515,7 +516,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
 
             let k = key(&serde_json::json!({"stage": "rlgf-data", "queries": qkey, "generator": gnew.id, "retriever": rp.id,
                                              "reward": exp.rewards.generator, "config": exp.stages.rlgf}));
-            let gdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dataset}: round {round}: rlgf-data"), droot.join(format!("rlgf-data-r{round}-{k}")), |out| {
+            let gdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dn}: round {round}: rlgf-data"), droot.join(format!("rlgf-data-r{round}-{k}")), |out| {
                 let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
                 let g = r_generator(host, exp, &gnew)?;
                 let gc = gcache_for(host, exp, opts, g.as_ref(), &gnew);
@@ -530,7 +531,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                 None => model_source(&exp.retriever.config, "retriever")?,
             };
             let tk = key(&serde_json::json!({"stage": "rlgf-train", "data": k, "trainer": exp.trainers.retriever, "base": rp.id}));
-            let rtdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dataset}: round {round}: rlgf-train"), droot.join(format!("rlgf-train-r{round}-{tk}")), |out| {
+            let rtdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dn}: round {round}: rlgf-train"), droot.join(format!("rlgf-train-r{round}-{tk}")), |out| {
                 let job = rir_sdk::TrainJob {
                     base_model: rbase.clone(),
                     data_file: gdir.join("distill.jsonl"),
@@ -557,7 +558,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             let w = v.query_weight.unwrap_or(exp.eval.query_weight);
             let k = key(&serde_json::json!({"stage": "eval", "dataset": dataset, "variant": v.name, "retriever": ret.id,
                                              "generator": gen.map(|g| &g.id), "eval": exp.eval, "w": w}));
-            let edir = r.ensure(Stage::Eval, dataset, round, format!("{dataset}: eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), |out| {
+            let edir = r.ensure(Stage::Eval, dataset, round, format!("{dn}: eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), |out| {
                 let o = crate::eval::EvalOptions {
                     dataset: dataset.clone(),
                     split: exp.eval.split.clone(),
