@@ -23,6 +23,14 @@ fn experiment_files_fail_clearly_before_any_work() {
     let p = dir.path().join("exp.toml");
     let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
     assert!(experiment::parse(&base, &p).is_ok());
+    // Every shipped experiment parses, and names registered plugins.
+    let reg = rir::Registry::load(&root().join("registry.toml")).unwrap();
+    for f in std::fs::read_dir(root().join("experiments")).unwrap().filter_map(Result::ok) {
+        let e = experiment::load(&f.path()).unwrap_or_else(|e| panic!("{e}"));
+        for name in [&e.retriever.plugin, &e.generator.plugin, &e.rewards.retriever.plugin, &e.rewards.generator.plugin, &e.trainers.generator.plugin, &e.trainers.retriever.plugin] {
+            reg.get(name).unwrap_or_else(|e| panic!("{}: {e}", f.path().display()));
+        }
+    }
 
     let bad = base.replace("passages = 120", "pasages = 120");
     let line = bad.lines().position(|l| l.starts_with("pasages")).unwrap() + 1;
