@@ -161,23 +161,6 @@ pub fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn keep_freed_memory() {}
 
-/// For a candle-based plugin, once per library: candle sizes its CPU pools
-/// from RAYON_NUM_THREADS / CANDLE_NUM_THREADS at first use, so they are set
-/// to the host's thread budget (unless the user set them), and freed memory
-/// is kept for reuse.
-pub fn init_candle_threads(threads: usize) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let n = threads.max(1).to_string();
-        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
-            if std::env::var_os(var).is_none() {
-                std::env::set_var(var, &n);
-            }
-        }
-        keep_freed_memory();
-    });
-}
-
 pub fn device_ordinal(spec: &str) -> Result<Option<usize>, String> {
     match spec {
         "cpu" => Ok(None),

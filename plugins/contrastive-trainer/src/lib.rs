@@ -259,7 +259,7 @@ fn cerr(what: &'static str) -> impl Fn(candle_core::Error) -> PluginError {
 
 impl Trainer for ContrastiveTrainer {
     fn train(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
-        rir_models::init_candle_threads(rir_sdk::host().threads);
+        init_threads();
         rayon::scope(|_| run(job, progress))
     }
 }
@@ -406,6 +406,19 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         })
         .to_string(),
     })
+}
+
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = rir_sdk::host().threads.to_string();
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, &n);
+            }
+        }
+        rir_models::keep_freed_memory();
+    });
 }
 
 rir_sdk::export_plugin! {

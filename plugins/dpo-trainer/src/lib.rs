@@ -206,7 +206,7 @@ fn evaluate(m: &TrainModel, pairs: &[Encoded], refs: &[Tensor], beta: f64) -> Pl
 
 impl Trainer for DpoTrainer {
     fn train(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
-        rir_models::init_candle_threads(rir_sdk::host().threads);
+        init_threads();
         // On a pool thread candle's parallel ops run in place instead of
         // being handed to a worker one by one.
         rayon::scope(|_| self.run(job, progress))
@@ -380,6 +380,20 @@ impl DpoTrainer {
             extra_json: extra.to_string(),
         })
     }
+}
+
+/// candle sizes its CPU thread pools from these variables at first use.
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = rir_sdk::host().threads.to_string();
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, &n);
+            }
+        }
+        rir_models::keep_freed_memory();
+    });
 }
 
 impl DpoTrainer {

@@ -68,6 +68,21 @@ fn cerr(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
     move |e| PluginError::other(format!("{what}: {e}"))
 }
 
+/// candle sizes its CPU thread pools from these variables at first use.
+fn init_threads() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let n = rir_sdk::host().threads.to_string();
+        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, &n);
+            }
+        }
+    });
+}
+
+/// Loads a model the way the config names it: `model` (GGUF or HF dir),
+/// then `adapter` merged in.
 /// The files a loaded model comes from (weights, config, adapter), for its
 /// fingerprint.
 fn model_files(path: &Path, hf: bool, adapter: Option<&Path>) -> PluginResult<Vec<std::path::PathBuf>> {
@@ -85,8 +100,7 @@ fn model_files(path: &Path, hf: bool, adapter: Option<&Path>) -> PluginResult<Ve
     Ok(files)
 }
 
-/// Loads a model the way the config names it (`model`: GGUF or HF dir, then
-/// `adapter` merged in) with a fingerprint of its files, so
+/// Loads the model and returns it with a fingerprint of its files, so
 /// caches keyed by the model name notice a retrained model at the same path.
 pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
     let cache = &rir_sdk::host().cache_dir;
@@ -134,7 +148,7 @@ impl LlamaGenerator {
         if cfg.max_batch == 0 {
             return Err(PluginError::config("max_batch: must be at least 1"));
         }
-        rir_models::init_candle_threads(rir_sdk::host().threads);
+        init_threads();
         let (model, assets, fingerprint) = load_model(&cfg)?;
         Ok(Self { model, assets, fingerprint, max_batch: cfg.max_batch, busy: Mutex::new(()) })
     }
