@@ -144,8 +144,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
             .iter()
             .map(|q| GenerationRequest::greedy(prompts::augmentation(&task, q), o.augmentation_max_tokens))
             .collect();
-        let identity = format!("{gname}\n{}\n{}", o.generator_config, generator.model_name());
-        let gcache = o.use_cache.then(|| GenerationCache::new(&cache_root, &identity));
+        let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator.as_ref()));
         let (completions, from_cache) = generate_all(generator.as_ref(), &requests, gcache.as_ref(), 8, "augment")?;
         timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
         let aug: Vec<String> = completions

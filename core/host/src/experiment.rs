@@ -598,8 +598,8 @@ fn r_retriever(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn
     host.load(&exp.retriever.plugin)?.retriever(&with_model(&exp.retriever.config, m.path.as_deref()))
 }
 fn gcache_for(host: &PluginHost, exp: &Experiment, opts: &RunOptions, g: &dyn rir_sdk::Generator, m: &Model) -> Option<crate::generate::GenerationCache> {
-    let identity = format!("{}\n{}\n{}", exp.generator.plugin, with_model(&exp.generator.config, m.path.as_deref()), g.model_name());
-    opts.use_cache.then(|| crate::generate::GenerationCache::new(&host.settings.cache_dir, &identity))
+    let config = with_model(&exp.generator.config, m.path.as_deref());
+    opts.use_cache.then(|| crate::generate::GenerationCache::for_generator(&host.settings.cache_dir, &exp.generator.plugin, &config, g))
 }
 
 fn slug(s: &str) -> String {

@@ -40,6 +40,13 @@ impl GenerationCache {
         Self { path: cache_root.join("generations").join(format!("{}.jsonl", &h[..24])), identity: identity.into() }
     }
 
+    /// The cache of one generator in use: its plugin, config text and model
+    /// name (which carries a fingerprint of the model's files where the
+    /// plugin provides one) — every caller keys it the same way.
+    pub fn for_generator(cache_root: &Path, plugin: &str, config: &str, generator: &dyn Generator) -> Self {
+        Self::new(cache_root, &format!("{plugin}\n{config}\n{}", generator.model_name()))
+    }
+
     fn key(&self, r: &GenerationRequest) -> String {
         let mut h = Sha256::new();
         h.update(self.identity.as_bytes());

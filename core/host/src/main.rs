@@ -460,8 +460,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
             let cfg: rir::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
-            let identity = format!("{}\n{gcfg}\n{}", a.generator, g.model_name());
-            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::new(&h.settings.cache_dir, &identity));
+            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let task = rir::prompts::task_for(&ds.name);
             let (_, stats) = rir::queries::run(&ds, &task, g.as_ref(), cache.as_ref(), &cfg, &a.output)?;
             println!(
@@ -480,8 +479,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
             let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
             let cfg: rir::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
-            let identity = format!("{}\n{gcfg}\n{}", a.generator, g.model_name());
-            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::new(&h.settings.cache_dir, &identity));
+            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let task = rir::prompts::task_for(&ds.name);
             let (_, s) = rir::rlrf::run(&ds, &task, &queries, g.as_ref(), cache.as_ref(), r.as_ref(), rw.as_ref(), &cfg, &a.output)?;
             println!(
@@ -500,8 +498,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
             let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
             let cfg: rir::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
-            let identity = format!("{}\n{gcfg}\n{}", a.generator, g.model_name());
-            let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::new(&h.settings.cache_dir, &identity));
+            let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let ecache = (!a.no_cache).then(|| rir::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info().fingerprint));
             let task = rir::prompts::task_for(&ds.name);
             let (_, s) = rir::rlgf::run(

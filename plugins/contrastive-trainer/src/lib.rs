@@ -411,12 +411,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
 fn init_threads() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let n = rir_sdk::host().threads.to_string();
-        for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
-            if std::env::var_os(var).is_none() {
-                std::env::set_var(var, &n);
-            }
-        }
+        rir_models::set_candle_threads(rir_sdk::host().threads);
         rir_models::keep_freed_memory();
     });
 }
