@@ -8,7 +8,6 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rir_sdk::{Embeddings, PluginError, Retriever};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -148,7 +147,7 @@ pub fn encode(
     // the progress bar's ETA is pessimistic rather than optimistic.
     todo.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
 
-    let bar = progress_bar(todo.len(), label, "texts");
+    let bar = crate::progress::bar(todo.len(), label, "texts");
     for chunk in todo.chunks(batch.max(1)) {
         let batch_texts: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
         let e = match &side {
@@ -171,15 +170,6 @@ pub fn encode(
     bar.finish_and_clear();
     let stats = EncodeStats { texts: texts.len(), from_cache, encoded: todo.len(), seconds: start.elapsed().as_secs_f64() };
     Ok((Embeddings::new(texts.len(), dim, out)?, stats))
-}
-
-/// The progress bar every long host step shows: label, bar, count, rate, ETA.
-/// (indicatif hides it when stderr is not a terminal.)
-pub fn progress_bar(len: usize, label: &str, unit: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len as u64).with_message(label.to_owned());
-    let template = format!("{{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}");
-    bar.set_style(ProgressStyle::with_template(&template).expect("template").progress_chars("=> "));
-    bar
 }
 
 /// Reinforced-IR's inference mix (DESIGN §1.4): `w·e_query + (1−w)·e_corpus(aug)`,

@@ -383,7 +383,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> HostError + '_ {
 impl Runner<'_> {
     fn note(&mut self, line: &str) {
         use std::io::Write;
-        let _ = writeln!(self.log, "{} {line}", chrono_now());
+        let _ = writeln!(self.log, "{} {line}", log_stamp());
         log::info!("{line}");
     }
 
@@ -441,10 +441,13 @@ impl Runner<'_> {
     }
 }
 
-/// Seconds since the epoch, for the run log (no date crate needed).
-fn chrono_now() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("[{t}]")
+/// UTC wall-clock time to the second, for the run log.
+fn log_stamp() -> String {
+    format!("[{}]", utc_now())
+}
+
+fn utc_now() -> String {
+    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
 }
 
 fn model_source(t: &toml::Table, role: &str) -> Result<String, HostError> {
@@ -646,7 +649,7 @@ fn write_manifest(host: &PluginHost, exp: &Experiment, steps: &[Step], results: 
     });
     let v = serde_json::json!({
         "experiment": exp, "plugins": plugins, "git_commit": git, "machine": machine,
-        "rir_version": env!("CARGO_PKG_VERSION"), "steps": steps, "results": results, "seconds": seconds,
+        "rir_version": env!("CARGO_PKG_VERSION"), "finished": utc_now(), "steps": steps, "results": results, "seconds": seconds,
     });
     crate::queries::write_json(&root.join("manifest.json"), &v)
 }

@@ -92,7 +92,7 @@ pub fn generate_all(
     let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.key(r)).unwrap_or_default()).collect();
     let mut out: Vec<Option<Vec<Completion>>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
     let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
-    let bar = crate::encode::progress_bar(todo.len(), label, "prompts");
+    let bar = crate::progress::bar(todo.len(), label, "prompts");
     for chunk in todo.chunks(batch.max(1)) {
         let reqs: Vec<GenerationRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
         let got = generator.generate(&reqs)?;

@@ -7,6 +7,7 @@ pub mod error;
 pub mod plugins;
 pub mod registry;
 pub mod suggest;
+pub mod progress;
 
 pub mod data;
 pub mod encode;

@@ -233,7 +233,7 @@ pub fn run(
         scores = groups.iter().map(|g| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect()).collect();
     } else {
         let ctx = RewardContext { retriever: Some(retriever), generator: Some(generator) };
-        let bar = crate::encode::progress_bar(items.len(), "rerank", "queries");
+        let bar = crate::progress::bar(items.len(), "rerank", "queries");
         for chunk in items.chunks(cfg.batch.max(1)) {
             let s = reward.score(&ctx, chunk).map_err(|e| input(format!("reward: {e}")))?;
             if s.len() != chunk.len() {

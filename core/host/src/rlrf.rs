@@ -213,7 +213,7 @@ pub fn run(
         })
         .collect();
     let ctx = RewardContext { retriever: Some(retriever), generator: Some(generator) };
-    let bar = crate::encode::progress_bar(items.len(), "reward", "queries");
+    let bar = crate::progress::bar(items.len(), "reward", "queries");
     let mut scored = Vec::with_capacity(items.len());
     for chunk in items.chunks(cfg.batch.max(1)) {
         let s = reward.score(&ctx, chunk).map_err(|e| HostError::Input(format!("rlrf-data: reward: {e}")))?;

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use indicatif::ProgressBar;
 use rir_sdk::{Progress, ProgressSink, TrainJob, TrainReport};
 
-use crate::encode::progress_bar;
+use crate::progress::bar as progress_bar;
 use crate::error::HostError;
 use crate::plugins::PluginHost;
 use crate::registry::Kind;

@@ -185,6 +185,24 @@ fn hf_export_and_lora_adapters_load_like_the_gguf() {
     let m = LlamaGenerator::new(&format!("model = {:?}", merged.display().to_string())).unwrap();
     assert!(cosine(&logits(&m, p), &lh) > 0.9999);
     assert!(!m.generate(&reqs[..1]).unwrap()[0][0].text.is_empty());
+
+    // `quantize = "q8_0"`: a dense model on Q8_0 kernels computes the same
+    // function, under another fingerprint (caches keep apart). The exported
+    // HF model stands for a trained one (this test's random adapter is far
+    // larger than a trained one and makes any rounding stand out; on the
+    // quickstart's DPO-merged model the cosines are >= 0.9998 as well).
+    let q = LlamaGenerator::new(&format!("model = {:?}\nquantize = \"q8_0\"", hf_dir.display().to_string())).unwrap();
+    assert!(q.model.layers.iter().all(|l| matches!(l.wq, rir_llama::Linear::Quant(_))));
+    assert!(matches!(q.model.output, rir_llama::Linear::Quant(_)));
+    assert_ne!(q.fingerprint, hf.fingerprint);
+    let qc: Vec<f64> = PROMPTS.iter().map(|p| cosine(&logits(&q, p), &logits(&hf, p))).collect();
+    eprintln!("dense f32 vs quantize = q8_0, logit cosine per prompt: {qc:.5?}");
+    assert!(qc.iter().all(|c| *c > 0.999), "{qc:?}");
+    let (dense, quant) = (hf.generate(&reqs).unwrap(), q.generate(&reqs).unwrap());
+    let same = dense.iter().zip(&quant).filter(|(x, y)| x[0].text == y[0].text).count();
+    eprintln!("greedy 16 tokens, dense vs q8_0: {same}/{} identical", PROMPTS.len());
+    let bad = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nquantize = \"q4_k\"")).err().expect("unknown quantize value");
+    assert!(bad.to_string().contains("quantize") && bad.to_string().contains("q8_0"), "{bad}");
 }
 
 fn write_gguf(path: &Path, md: &[(&str, candle_core::quantized::gguf_file::Value)]) {
@@ -243,4 +261,5 @@ fn malformed_models_fail_clearly() {
     let e = err(&hf, "dtype = \"f8\"");
     assert!(e.contains("dtype") && e.contains("f8"), "{e}");
 }
+
 

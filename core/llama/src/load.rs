@@ -415,3 +415,41 @@ pub fn export_hf(model: &Llama, assets: &Assets, out: &Path) -> PluginResult<()>
         .map_err(|err| PluginError::other(format!("{}: tokenizer.json: {err}", out.display())))?;
     Ok(())
 }
+
+/// Quantizes every dense linear map (and the output head) to Q8_0, the way
+/// llama.cpp's `llama-quantize` would: a merged or trained model (dense f32
+/// after LoRA) then decodes on the same integer kernels as a GGUF instead of
+/// streaming f32 weights for each token. Maps already quantized, or whose
+/// input width is not a multiple of 32, are left as they are. CPU only (the
+/// own kernels are). Returns how many maps were quantized.
+pub fn quantize_dense_q8_0(model: &mut Llama) -> PluginResult<usize> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    if !model.device.is_cpu() {
+        return Err(PluginError::config("quantize: only on the CPU (on a GPU, run dense weights in bf16)"));
+    }
+    if model.dtype != DType::F32 {
+        return Err(PluginError::config("quantize: needs f32 activations (dtype = \"auto\" or \"f32\")"));
+    }
+    let one = |lin: &mut Linear| -> candle_core::Result<bool> {
+        let w = match lin {
+            Linear::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.clone(),
+            _ => return Ok(false),
+        };
+        let (_, k) = w.dims2()?;
+        if k % 32 != 0 {
+            return Ok(false);
+        }
+        let q = QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+        *lin = Linear::quantized(q)?;
+        Ok(true)
+    };
+    let e = |e: candle_core::Error| PluginError::other(format!("quantize: {e}"));
+    let mut n = 0;
+    for layer in &mut model.layers {
+        for i in 0..LINEARS.len() {
+            n += one(linear_mut(layer, i)).map_err(e)? as usize;
+        }
+    }
+    n += one(&mut model.output).map_err(e)? as usize;
+    Ok(n)
+}

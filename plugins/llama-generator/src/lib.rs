@@ -9,7 +9,13 @@
 //! device = "cpu"      # cpu | cuda | cuda:N (needs the `cuda` feature)
 //! dtype = "auto"      # dense weights: auto (f32 on CPU, bf16 on CUDA) | f32 | bf16 | f16
 //! max_batch = 8       # sequences decoded together (samples of a prompt, and prompts)
+//! quantize = "none"   # none | q8_0: dense weights (HF dirs, merged adapters) to Q8_0 at load (CPU)
 //! ```
+//!
+//! `quantize = "q8_0"` is for tuned models: DPO writes dense f32 weights, which
+//! decode several times slower than a GGUF on a CPU (each token streams every
+//! weight); Q8_0 runs them on the same integer kernels, as llama.cpp's
+//! `llama-quantize` would. Already-quantized GGUF maps are left alone.
 //!
 //! Requests are decoded in batches of up to `max_batch` sequences: each
 //! distinct prompt is prefilled once (left-padded next to the others), its KV
@@ -42,6 +48,8 @@ pub struct LlamaConfig {
     pub dtype: String,
     #[serde(default = "default_batch")]
     pub max_batch: usize,
+    #[serde(default = "default_quantize")]
+    pub quantize: String,
 }
 
 fn default_device() -> String {
@@ -52,6 +60,9 @@ fn default_dtype() -> String {
 }
 fn default_batch() -> usize {
     8
+}
+fn default_quantize() -> String {
+    "none".into()
 }
 
 pub struct LlamaGenerator {
@@ -112,6 +123,11 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         "f16" => DType::F16,
         other => return Err(PluginError::config(format!("dtype: unknown value {other:?} (auto | f32 | bf16 | f16)"))),
     };
+    let quantize = match cfg.quantize.as_str() {
+        "none" => false,
+        "q8_0" => true,
+        other => return Err(PluginError::config(format!("quantize: unknown value {other:?} (none | q8_0)"))),
+    };
     let (path, hf) = load::model_file(&dir)?;
     let (mut model, assets) = if hf { load_hf(&path, dtype, &device)? } else { load_gguf(&path, &device)? };
     let mut adapter_dir = None;
@@ -121,8 +137,15 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         rir_sdk::log::info!("merged a LoRA adapter into {n} linear maps from {}", adir.display());
         adapter_dir = Some(adir);
     }
+    // Settings that change the weights are part of the fingerprint (none: as before).
+    let mut settings = String::new();
+    if quantize {
+        let n = rir_llama::quantize_dense_q8_0(&mut model)?;
+        rir_sdk::log::info!("quantized {n} dense linear maps to Q8_0");
+        settings.push_str("quantize=q8_0");
+    }
     let files = model_files(&path, hf, adapter_dir.as_deref())?;
-    let fp = rir_models::encoder::fingerprint(&files, "").map_err(|e| PluginError::resource(e.to_string()))?;
+    let fp = rir_models::encoder::fingerprint(&files, &settings).map_err(|e| PluginError::resource(e.to_string()))?;
     rir_sdk::log::info!("loaded {} from {}", assets.name, path.display());
     Ok((model, assets, fp))
 }

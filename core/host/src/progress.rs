@@ -1,0 +1,104 @@
+//! Progress of long steps. On a terminal: an indicatif bar with rate and ETA.
+//! Elsewhere (CI logs, `nohup`, `2> file`) indicatif would draw nothing, so
+//! the same bar is written as a plain line at most every
+//! `RIR_PROGRESS_SECS` seconds (default 30): a 30-minute stage in a log file
+//! still says how far it got and how long it has left.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
+
+/// The bar every long host step shows: label, bar, count, rate, ETA.
+pub fn bar(len: usize, label: &str, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(len as u64), draw_target()).with_message(label.to_owned());
+    let template = format!("{{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}");
+    bar.set_style(ProgressStyle::with_template(&template).expect("template").progress_chars("=> "));
+    bar
+}
+
+fn draw_target() -> ProgressDrawTarget {
+    if std::io::stderr().is_terminal() {
+        return ProgressDrawTarget::stderr();
+    }
+    let every = std::env::var("RIR_PROGRESS_SECS").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(30);
+    if every == 0 {
+        return ProgressDrawTarget::hidden();
+    }
+    ProgressDrawTarget::term_like_with_hz(Box::new(LineLog::new(Duration::from_secs(every))), 1)
+}
+
+/// A `TermLike` that turns redraws into at most one stderr line per
+/// interval; the first non-empty draw (the step's start, with its total) is
+/// written at once.
+#[derive(Debug)]
+struct LineLog {
+    every: Duration,
+    state: Mutex<(String, Option<Instant>)>,
+}
+
+impl LineLog {
+    fn new(every: Duration) -> Self {
+        LineLog { every, state: Mutex::new((String::new(), None)) }
+    }
+}
+
+impl TermLike for LineLog {
+    fn width(&self) -> u16 {
+        160
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0.push_str(s.trim_matches('\r'));
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let line = std::mem::take(&mut st.0);
+        let line = line.trim();
+        let due = st.1.is_none_or(|t| t.elapsed() >= self.every);
+        if !line.is_empty() && due {
+            st.1 = Some(Instant::now());
+            let mut err = std::io::stderr().lock();
+            writeln!(err, "{line}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_log_writes_the_first_draw_then_one_line_per_interval() {
+        let log = LineLog::new(Duration::from_secs(3600));
+        log.write_str("step [=>  ] 1/10").unwrap();
+        log.flush().unwrap();
+        let first = log.state.lock().unwrap().1;
+        assert!(first.is_some(), "first draw is written");
+        log.write_str("step [==> ] 2/10").unwrap();
+        log.flush().unwrap();
+        assert_eq!(log.state.lock().unwrap().1, first, "a redraw inside the interval is dropped");
+        assert!(log.state.lock().unwrap().0.is_empty(), "the dropped line does not pile up");
+    }
+}
