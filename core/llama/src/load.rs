@@ -436,7 +436,7 @@ pub fn quantize_dense_q8_0(model: &mut Llama) -> PluginResult<usize> {
             _ => return Ok(false),
         };
         let (_, k) = w.dims2()?;
-        if k % 32 != 0 {
+        if !k.is_multiple_of(32) {
             return Ok(false);
         }
         let q = QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;

@@ -140,8 +140,11 @@ pub fn files_with_extension(dir: &Path, ext: &str) -> std::io::Result<Vec<PathBu
 /// in the kernel). Raising the thresholds lets freed buffers be reused.
 /// Process-wide, and harmless for a batch job.
 /// glibc refuses an mmap threshold above 32 MiB on 64-bit (mallopt returns
-/// 0 and changes nothing), so that is what is asked for; larger buffers are
-/// still mapped per use.
+/// 0 and changes nothing), and a batch's attention scores (32 × 12 heads ×
+/// 256² floats: 100 MB) are above it, so mmap is switched off altogether
+/// (`M_MMAP_MAX` 0): every buffer comes from the heap and is reused after
+/// free; the heap gives memory back above the 1 GiB trim threshold.
+/// Measured: `rir eval` encoding the SciFact corpus with MiniLM, 285.5 s → 191.1 s.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn keep_freed_memory() {
     const MMAP_MAX: libc::c_int = 32 << 20;
@@ -151,6 +154,7 @@ pub fn keep_freed_memory() {
         if libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_MAX) == 0 {
             log::debug!("mallopt(M_MMAP_THRESHOLD) refused");
         }
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, ONE_GIB);
         // Work runs on pool threads, whose arenas grow and shrink by mprotect
         // and fault pages in again (measured: 15k mprotect calls in a short
