@@ -350,6 +350,7 @@ pub struct Step {
     pub label: String,
     pub dir: PathBuf,
     pub cached: bool,
+    /// What the stage took when it ran (for a cached one, read from its stage.json).
     pub seconds: Option<f64>,
 }
 
@@ -418,6 +419,11 @@ impl Runner<'_> {
         if cached || self.opts.dry_run {
             if cached {
                 self.note(&format!("{label}: cached in {}", dir.display()));
+                // The time it took when it ran, so the manifest keeps it.
+                step.seconds = std::fs::read(dir.join("stage.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["seconds"].as_f64());
             }
             self.steps.push(step);
             return Ok(dir);

@@ -169,6 +169,10 @@ retriever = "rlgf"
     let (ok, stdout, _) = rir(&args);
     assert!(ok && !stdout.lines().any(|l| l.contains(" ran ")), "{stdout}");
     eprintln!("warm rerun: {:.1} s", t.elapsed().as_secs_f64());
+    // Its manifest still says what each stage took when it ran.
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tiny/manifest.json")).unwrap()).unwrap();
+    let steps = m["steps"].as_array().unwrap();
+    assert!(!steps.is_empty() && steps.iter().all(|s| s["cached"] == true && s["seconds"].as_f64().is_some()), "{steps:?}");
 }
 
 /// A model named by a local path is hashed by content: retrained in place,
