@@ -65,13 +65,29 @@ pub fn run(host: &PluginHost, trainer: &str, trainer_config: &str, job: &TrainJo
         }
     }
     let extra: serde_json::Value = serde_json::from_str(&report.extra_json).unwrap_or(serde_json::Value::Null);
-    let v = serde_json::json!({
+    let mut v = serde_json::json!({
         "trainer": trainer, "base_model": job.base_model, "data_file": job.data_file,
         "model_dir": report.model_dir, "steps": report.steps, "seconds": report.seconds,
         "loss": report.loss, "extra": extra,
     });
+    // Paths inside the output directory are kept relative to it: `rir run`
+    // renames a finished stage's directory, which would leave them stale.
+    relative_to(&mut v, &job.output_dir);
     write_json(&job.output_dir.join("train_report.json"), &v)?;
     Ok(report)
+}
+
+fn relative_to(v: &mut serde_json::Value, dir: &Path) {
+    match v {
+        serde_json::Value::String(s) => {
+            if let Ok(rel) = Path::new(s.as_str()).strip_prefix(dir) {
+                *s = rel.display().to_string();
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| relative_to(x, dir)),
+        serde_json::Value::Object(o) => o.values_mut().for_each(|x| relative_to(x, dir)),
+        _ => {}
+    }
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), HostError> {

@@ -55,7 +55,9 @@ fn dpo_trainer_writes_a_peft_adapter_and_a_merged_model_that_generates() {
     assert!((r.loss[0] - std::f64::consts::LN_2).abs() < 1e-4, "B = 0 at the start: loss ln 2, got {}", r.loss[0]);
     assert!(r.loss.last().unwrap() < &(r.loss[0] - 0.05), "{:?}", r.loss);
     assert_eq!(std::fs::read_to_string(out.join("trainer_log.jsonl")).unwrap().lines().count(), 4);
-    assert!(out.join("train_report.json").is_file());
+    // Its own paths relative (the directory may be renamed, as `rir run` does).
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("train_report.json")).unwrap()).unwrap();
+    assert_eq!((report["model_dir"].as_str(), report["extra"]["adapter_dir"].as_str()), (Some("merged"), Some("adapter")), "{report}");
 
     // PEFT's adapter format: config keys and tensor names for 30 layers × 7 maps.
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
