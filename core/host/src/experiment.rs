@@ -643,7 +643,11 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         }
     }
     let table = if opts.dry_run || results.iter().any(|p| !p.is_file()) { None } else { Some(write_tables(exp, &results, &root)?) };
-    write_manifest(host, exp, &r.steps, &results, t_all.elapsed().as_secs_f64(), &root)?;
+    // A dry run does no work: the manifest stays that of the last real run.
+    if !opts.dry_run {
+        let models = serde_json::json!({"generator": base_gen.id, "retriever": base_ret.id});
+        write_manifest(host, exp, &models, &r.steps, &results, t_all.elapsed().as_secs_f64(), &root)?;
+    }
     let steps = std::mem::take(&mut r.steps);
     Ok(RunOutput { steps, results, table, root })
 }
@@ -682,7 +686,17 @@ fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<Stri
     Ok(crate::report::render(&cmp, crate::report::Format::Terminal, true))
 }
 
-fn write_manifest(host: &PluginHost, exp: &Experiment, steps: &[Step], results: &[PathBuf], seconds: f64, root: &Path) -> Result<(), HostError> {
+/// `models`: the base generator's and retriever's ids (plugin, version,
+/// sha256, config, content fingerprints of local model paths).
+fn write_manifest(
+    host: &PluginHost,
+    exp: &Experiment,
+    models: &serde_json::Value,
+    steps: &[Step],
+    results: &[PathBuf],
+    seconds: f64,
+    root: &Path,
+) -> Result<(), HostError> {
     let mut plugins = BTreeMap::new();
     for name in [&exp.retriever.plugin, &exp.generator.plugin, &exp.rewards.retriever.plugin, &exp.rewards.generator.plugin, &exp.trainers.generator.plugin, &exp.trainers.retriever.plugin] {
         if let Ok(p) = host.load(name) {
@@ -702,7 +716,7 @@ fn write_manifest(host: &PluginHost, exp: &Experiment, steps: &[Step], results: 
         "hostname": std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_default(),
     });
     let v = serde_json::json!({
-        "experiment": exp, "plugins": plugins, "git_commit": git, "machine": machine,
+        "experiment": exp, "plugins": plugins, "models": models, "git_commit": git, "machine": machine,
         "rir_version": env!("CARGO_PKG_VERSION"), "finished": utc_now(), "steps": steps, "results": results, "seconds": seconds,
     });
     crate::queries::write_json(&root.join("manifest.json"), &v)

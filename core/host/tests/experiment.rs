@@ -163,6 +163,8 @@ retriever = "rlgf"
     }
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tiny/manifest.json")).unwrap()).unwrap();
     assert!(m["plugins"]["dpo-trainer"]["sha256"].as_str().is_some_and(|s| s.len() == 64));
+    assert_eq!(m["models"]["generator"]["plugin"], "llama-generator");
+    assert_eq!(m["models"]["retriever"]["config"]["max_length"], 128);
 
     // A third run does nothing but read.
     let t = Instant::now();
@@ -200,4 +202,6 @@ fn a_local_model_changed_in_place_changes_the_stage_hashes() {
     std::fs::write(&model, b"weights, first training").unwrap();
     assert_ne!(first, second, "same stage directory for different model files");
     assert_eq!(first, queries_dir(), "the hash depends on the content only");
+    // Dry runs plan only: no log, no manifest.
+    assert!(!out.join("quickstart/run.log").exists() && !out.join("quickstart/manifest.json").exists());
 }

@@ -133,7 +133,6 @@ pub fn files_with_extension(dir: &Path, ext: &str) -> std::io::Result<Vec<PathBu
     Ok(found)
 }
 
-/// A device setting: `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
 /// candle allocates a fresh buffer per op; activations of a 32×256 batch are
 /// tens of MB, above glibc's mmap threshold, so every op would mmap, fault in
 /// and zero new pages (measured: half of an encoder run, and of a DPO step,
@@ -179,6 +178,7 @@ pub fn set_candle_threads(threads: usize) {
     }
 }
 
+/// A device setting: `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
 pub fn device_ordinal(spec: &str) -> Result<Option<usize>, String> {
     match spec {
         "cpu" => Ok(None),
