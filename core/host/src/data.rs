@@ -33,6 +33,9 @@ pub enum DataError {
     Checksum { url: String, expected: String, found: String },
     #[error("{}: no qrels for split '{split}' (have: {have})", dir.display())]
     NoSplit { dir: PathBuf, split: String, have: String },
+    /// A dataset name that cannot be a file name (it names cache folders and output files).
+    #[error("{0}")]
+    BadName(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
@@ -95,6 +98,8 @@ const PROVENANCE: &str = "rir-source.json";
 /// Fetches `name` into the cache (from `mirror` when given) and returns its
 /// directory. Already-cached datasets are left alone unless `force`.
 pub fn fetch(name: &str, cache: &Path, mirror: Option<&Path>, force: bool) -> Result<PathBuf, DataError> {
+    // The name is a folder of the cache and of the mirror: never `../x`.
+    crate::paths::check_name("dataset", name).map_err(DataError::BadName)?;
     let entry = manifest_entry(name);
     let dest = cache_dir(cache, name);
     if dest.join(PROVENANCE).is_file() && !force {
@@ -373,7 +378,12 @@ fn read_qrels(
 pub fn open(spec: &str, split: Option<&str>, cache: &Path, mirror: Option<&Path>) -> Result<Dataset, DataError> {
     let as_path = Path::new(spec);
     if as_path.join("corpus.jsonl").is_file() {
-        let name = as_path.file_name().map_or(spec.to_owned(), |n| n.to_string_lossy().into_owned());
+        // The folder's own name (`..` or `.` resolved first) names output files.
+        let folder = match as_path.file_name() {
+            Some(n) => n.to_owned(),
+            None => as_path.canonicalize().map_err(io(as_path))?.file_name().unwrap_or_default().to_owned(),
+        };
+        let name = crate::paths::sanitize(&folder.to_string_lossy());
         return load_dir(&name, as_path, split.unwrap_or("test"));
     }
     let entry = manifest_entry(spec)?;

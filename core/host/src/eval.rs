@@ -103,6 +103,8 @@ pub enum EvalError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    BadName(String),
 }
 
 /// What `run` produced, with where it wrote it.
@@ -113,6 +115,8 @@ pub struct EvalOutput {
 }
 
 pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
+    // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
+    crate::paths::check_name("--name", &o.name).map_err(EvalError::BadName)?;
     let mut timings = BTreeMap::new();
     let cache_root = host.settings.cache_dir.clone();
     let t = Instant::now();

@@ -223,8 +223,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     if exp.rounds == 0 {
         return Err(at("`rounds` must be at least 1".into()));
     }
+    // Names become directory and file names under --output: checked here,
+    // with the line they are on, before any work.
+    let named = |what: &str, name: &str| {
+        crate::paths::check_name(what, name).map_err(|m| {
+            let (line, col) = locate(text, name).unwrap_or((0, 0));
+            HostError::Input(format!("{}:{line}:{col}: {m}", path.display()))
+        })
+    };
+    named("experiment name", &exp.name)?;
     let mut names = std::collections::BTreeSet::new();
     for v in &exp.variants {
+        named("variant name", &v.name)?;
         if !names.insert(v.name.as_str()) {
             return Err(at(format!("variant `{}` appears twice", v.name)));
         }
@@ -238,6 +248,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
         }
     }
     Ok(exp)
+}
+
+/// Line and column of a string value as written in the file (quoted).
+fn locate(text: &str, value: &str) -> Option<(usize, usize)> {
+    let at = ['"', '\''].iter().find_map(|q| text.find(&format!("{q}{value}{q}")))?;
+    Some(line_col(text, at))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {

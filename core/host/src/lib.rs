@@ -4,6 +4,8 @@
 //! generator-augmented retrieval of Reinforced-IR.
 
 pub mod error;
+pub mod logging;
+pub mod paths;
 pub mod plugins;
 pub mod registry;
 pub mod suggest;

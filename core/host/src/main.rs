@@ -409,11 +409,11 @@ fn main() -> ExitCode {
         2 => "debug",
         _ => "trace",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    rir::logging::init(level);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", rir_sdk::secret::redact(&error_chain(&e)));
             ExitCode::FAILURE
         }
     }

@@ -52,6 +52,40 @@ pub struct RlgfDataConfig {
     /// Skip the generator's reranking (the retriever's order is kept).
     #[serde(default)]
     pub no_rerank: bool,
+    /// Which passage is the positive: the teacher's top pick (`teacher`, the
+    /// method as described) or always the passage the query was written
+    /// from (`source`: a weak teacher's top pick is often a false positive).
+    #[serde(default)]
+    pub positive: PositiveChoice,
+    /// The teacher scores written: `rank` (1/(i+1) in the teacher's order,
+    /// as described) or `raw` (the reward's own scores, e.g. a pointwise
+    /// generator's log-probabilities, for a KL loss over their distribution).
+    #[serde(default)]
+    pub teacher_scores: TeacherScores,
+    /// Drop the items whose teacher failed: flat scores (every candidate the
+    /// same, which is how the rewards report an unusable answer). Counted in
+    /// the stats either way.
+    #[serde(default = "d_true")]
+    pub drop_failed: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PositiveChoice {
+    #[default]
+    Teacher,
+    Source,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TeacherScores {
+    #[default]
+    Rank,
+    Raw,
+}
+fn d_true() -> bool {
+    true
 }
 fn d_answer() -> u32 {
     300
@@ -110,6 +144,12 @@ pub struct RlgfStats {
     pub positive_changed: usize,
     /// Reranking answers that needed a fallback (from the reward's baseline).
     pub rerank_fallbacks: usize,
+    /// Items whose teacher scores were flat (an unusable answer).
+    pub teacher_failed: usize,
+    /// Items dropped for it (`drop_failed`).
+    pub dropped: usize,
+    /// Items written to distill.jsonl.
+    pub kept: usize,
     pub answers_from_cache: usize,
 }
 
@@ -251,12 +291,30 @@ pub fn run(
     let mut out = Vec::with_capacity(queries.len());
     for (qi, q) in queries.iter().enumerate() {
         let g = &groups[qi];
+        let s = &scores[qi];
+        let flat = s.len() > 1 && s.iter().all(|x| (x - s[0]).abs() <= 1e-12);
+        if flat && !cfg.no_rerank {
+            stats.teacher_failed += 1;
+            if cfg.drop_failed {
+                stats.dropped += 1;
+                continue;
+            }
+        }
+        // A stable sort: ties keep the retriever's order.
         let mut order: Vec<usize> = (0..g.len()).collect();
-        order.sort_by(|&a, &b| scores[qi][b].total_cmp(&scores[qi][a]));
+        order.sort_by(|&a, &b| s[b].total_cmp(&s[a]));
         if g[order[0]] != sources[qi] {
             stats.positive_changed += 1;
+            if cfg.positive == PositiveChoice::Source {
+                // The source passage (index 0 of the group) leads; the rest keep the teacher's order.
+                order.retain(|&i| i != 0);
+                order.insert(0, 0);
+            }
         }
-        let teacher: Vec<f64> = (0..order.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect();
+        let teacher: Vec<f64> = match cfg.teacher_scores {
+            TeacherScores::Rank => (0..order.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect(),
+            TeacherScores::Raw => order.iter().map(|&i| s[i]).collect(),
+        };
         out.push(DistillExample {
             query: q.text.clone(),
             answer: answers[qi].clone(),
@@ -270,8 +328,16 @@ pub fn run(
             source_id: q.passage_id.clone(),
         });
     }
-    write_jsonl(&out_dir.join("distill.jsonl"), &out)?;
+    stats.kept = out.len();
     write_json(&out_dir.join("rlgf.stats.json"), &stats)?;
+    if out.is_empty() {
+        return Err(input(format!(
+            "every one of {} items was dropped: the teacher failed on all of them ({})",
+            queries.len(),
+            out_dir.join("rlgf.stats.json").display()
+        )));
+    }
+    write_jsonl(&out_dir.join("distill.jsonl"), &out)?;
     Ok((out, stats))
 }
 

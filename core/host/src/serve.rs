@@ -1,10 +1,15 @@
 //! `rir serve`: any Generator plugin behind an OpenAI-compatible HTTP API
 //! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`), so a
 //! tuned generator can be used by other tools.
+//!
+//! `/v1/completions` with `echo: true`, `logprobs` and `max_tokens: 0`
+//! scores the prompt instead of continuing it (as vLLM and OpenAI's legacy
+//! API do): every token with its log-probability (the first, which has no
+//! context, as null) and its character offset, through `Generator::score`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rir_sdk::{Completion, GenerationRequest, Generator, Message, Prompt};
+use rir_sdk::{Completion, GenerationRequest, Generator, Message, Prompt, ScoreRequest};
 use serde_json::{json, Value};
 
 /// Serves until the process is stopped, with `workers` request threads.
@@ -46,6 +51,9 @@ fn handle(g: &dyn Generator, req: &mut tiny_http::Request) -> (u16, Value) {
                 Err(e) => return error(400, "invalid_request_error", format!("body is not JSON: {e}")),
             };
             let chat = path.ends_with("chat/completions");
+            if !chat && body.get("echo").and_then(Value::as_bool) == Some(true) {
+                return echo(g, &body);
+            }
             match requests(&body, chat) {
                 Ok(reqs) => match g.generate(&reqs) {
                     Ok(out) => (200, response(g, chat, &reqs, out)),
@@ -109,6 +117,48 @@ fn requests(b: &Value, chat: bool) -> Result<Vec<GenerationRequest>, String> {
         };
         Ok(prompts.into_iter().map(|p| GenerationRequest { prompt: Prompt::Text(p), ..base.clone() }).collect())
     }
+}
+
+/// A scoring request: `echo` with `max_tokens` 0 returns the prompt's
+/// tokens with their log-probabilities and character offsets.
+fn echo(g: &dyn Generator, b: &Value) -> (u16, Value) {
+    if b.get("max_tokens").and_then(Value::as_u64).unwrap_or(16) != 0 {
+        return error(400, "invalid_request_error", "`echo` is supported with `max_tokens: 0` only (scoring the prompt)");
+    }
+    let prompts: Vec<String> = match b.get("prompt") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a.iter().filter_map(|p| p.as_str().map(str::to_owned)).collect(),
+        _ => return error(400, "invalid_request_error", "`prompt` (a string or list of strings) is required"),
+    };
+    if prompts.iter().any(String::is_empty) {
+        return error(400, "invalid_request_error", "an empty `prompt` has no tokens to score");
+    }
+    // The whole prompt is the continuation of an empty one.
+    let reqs: Vec<ScoreRequest> = prompts.iter().map(|p| ScoreRequest { prompt: Prompt::Text(String::new()), continuation: p.clone() }).collect();
+    let scores = match g.score(&reqs) {
+        Ok(s) => s,
+        Err(e @ rir_sdk::PluginError::Unsupported(_)) => return error(400, "invalid_request_error", e),
+        Err(e) => return error(500, "server_error", e),
+    };
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let choices: Vec<Value> = prompts
+        .iter()
+        .zip(scores)
+        .enumerate()
+        .map(|(index, (p, s))| {
+            let mut offsets = Vec::with_capacity(s.tokens.len());
+            let mut at = 0usize;
+            for t in &s.tokens {
+                offsets.push(at);
+                at += t.token.chars().count();
+            }
+            let lps: Vec<Value> = s.tokens.iter().enumerate().map(|(i, t)| if i == 0 { Value::Null } else { json!(t.logprob) }).collect();
+            json!({"index": index, "text": p, "finish_reason": "length",
+                   "logprobs": {"tokens": s.tokens.iter().map(|t| &t.token).collect::<Vec<_>>(), "token_logprobs": lps,
+                                "text_offset": offsets, "top_logprobs": Value::Null}})
+        })
+        .collect();
+    (200, json!({"id": format!("rir-{created}-score"), "object": "text_completion", "created": created, "model": g.model_name(), "choices": choices}))
 }
 
 fn response(g: &dyn Generator, chat: bool, reqs: &[GenerationRequest], out: Vec<Vec<Completion>>) -> Value {

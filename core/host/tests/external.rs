@@ -93,14 +93,17 @@ fn a_plugin_built_outside_the_workspace_loads_and_answers() {
 fn a_plugin_built_for_an_older_abi_version_is_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let sdk = standalone_sdk_copy(dir.path());
-    edit(&sdk.join("src/ffi.rs"), "pub const ABI_VERSION: &str = \"0.1.0\";", "pub const ABI_VERSION: &str = \"0.0.9\";");
+    // 0.1.0: the ABI before generators could score.
+    let now = format!("pub const ABI_VERSION: &str = \"{}\";", rir_sdk::ffi::ABI_VERSION);
+    edit(&sdk.join("src/ffi.rs"), &now, "pub const ABI_VERSION: &str = \"0.1.0\";");
     let lib = build_external(dir.path(), "ext-hash-abi", &sdk);
     let err = registry_for(dir.path(), "ext-hash-abi", &lib).load("ext-hash-abi").unwrap_err();
     assert!(matches!(err, HostError::Abi { .. }), "{err}");
     let msg = err.to_string();
     eprintln!("refused as: {msg}");
     assert!(!msg.contains('\n'), "{msg}");
-    assert!(msg.contains("host expects plugin ABI 0.1.0, library was built for 0.0.9"), "{msg}");
+    let want = format!("host expects plugin ABI {}, library was built for 0.1.0", rir_sdk::ffi::ABI_VERSION);
+    assert!(msg.contains(&want), "{msg}");
 }
 
 #[test]

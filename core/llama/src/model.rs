@@ -258,7 +258,35 @@ impl Llama {
         self.forward(&ids, cache)
     }
 
+    /// Appends `tokens` (the same count per row) to the cache and returns the
+    /// logits at every one of their positions, (rows, len, vocab) in f32:
+    /// teacher forcing, for scoring a continuation after a prefilled prompt.
+    pub fn extend(&self, tokens: &[&[u32]], cache: &mut KvCache) -> Result<Tensor> {
+        let l = tokens.first().map_or(0, |t| t.len());
+        if l == 0 || tokens.iter().any(|t| t.len() != l) {
+            candle_core::bail!("extend needs rows of one non-zero length")
+        }
+        let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
+        let ids = Tensor::new(ids, &self.device)?.reshape((tokens.len(), l))?;
+        let h = self.hidden(&ids, cache)?;
+        self.head(&h)
+    }
+
+    /// The last position's logits, (rows, vocab) in f32.
     fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden(ids, cache)?;
+        let l = h.dim(1)?;
+        self.head(&h.i((.., l - 1, ..))?.contiguous()?)
+    }
+
+    /// Final norm and output projection over the last dimension, in f32.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(h, &self.norm, self.shape.eps as f32)?;
+        self.output.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    /// The hidden states after the last layer, (rows, len, hidden).
+    fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let start = cache.len;
         let total = start + l;
@@ -324,9 +352,7 @@ impl Llama {
             h = (h + layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
         }
         cache.len = total;
-        let last = h.i((.., l - 1, ..))?.contiguous()?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, s.eps as f32)?;
-        self.output.forward(&last)?.to_dtype(DType::F32)
+        Ok(h)
     }
 
     /// Attention with candle ops (GPU, or non-f32 activations).

@@ -140,11 +140,47 @@ pub struct Completion {
     pub logprobs: Option<Vec<TokenLogprob>>,
 }
 
+/// One scoring request: how likely is `continuation` right after `prompt`?
+/// (Teacher forcing: nothing is sampled.) A chat prompt is rendered with the
+/// model's template and the assistant turn opened, so `continuation` is the
+/// start of the assistant's reply; a text prompt is continued as it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRequest {
+    pub prompt: Prompt,
+    pub continuation: String,
+}
+
+/// The log-probability of a continuation: the sum over its tokens (natural
+/// log), and each token's value in order.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Score {
+    pub logprob: f64,
+    pub tokens: Vec<TokenLogprob>,
+}
+
+impl Score {
+    /// The mean per-token log-probability (0 for an empty continuation).
+    pub fn mean(&self) -> f64 {
+        if self.tokens.is_empty() {
+            0.0
+        } else {
+            self.logprob / self.tokens.len() as f64
+        }
+    }
+}
+
 /// A text generator (an LLM behind a server or in-process).
 pub trait Generator: Send + Sync {
     fn model_name(&self) -> String;
     /// Answers each request with exactly `n` completions, in request order.
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>>;
+    /// Scores each continuation under its prompt, in request order (UPR's
+    /// query likelihood, the probability of "Yes" to a relevance question).
+    /// Generators that cannot score keep this default.
+    fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
+        let _ = requests;
+        Err(crate::PluginError::Unsupported("this generator cannot score continuations".into()))
+    }
 }
 
 /// One thing to score: a query, the passage it came from (or the passage list

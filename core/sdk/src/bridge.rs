@@ -74,6 +74,9 @@ impl<T: Generator + ?Sized> Generator for &T {
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
         (**self).generate(requests)
     }
+    fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
+        (**self).score(requests)
+    }
 }
 
 pub struct GuardedRetriever<R>(pub R);
@@ -106,6 +109,25 @@ impl<G: Generator> GeneratorFfi for GuardedGenerator<G> {
             Ok(out.into_iter().map(|v| v.into_iter().map(FfiCompletion::from).collect()).collect())
         })
     }
+    fn score(&self, requests: RSlice<'_, FfiScoreRequest>) -> RResult<RVec<FfiScore>, FfiError> {
+        guard(|| {
+            let reqs: Vec<ScoreRequest> = requests.iter().map(ScoreRequest::from).collect();
+            let out = self.0.score(&reqs)?;
+            check_score_shape(reqs.len(), &out)?;
+            Ok(out.into_iter().map(FfiScore::from).collect())
+        })
+    }
+}
+
+/// A generator must score every request, with finite non-positive values.
+fn check_score_shape(n: usize, out: &[Score]) -> PluginResult<()> {
+    if out.len() != n {
+        return Err(PluginError::other(format!("generator scored {} of {n} requests", out.len())));
+    }
+    if let Some(i) = out.iter().position(|s| !s.logprob.is_finite() || s.logprob > 1e-6) {
+        return Err(PluginError::other(format!("generator returned log-probability {} for request {i}", out[i].logprob)));
+    }
+    Ok(())
 }
 
 /// A generator must answer every request with exactly `n` completions.
@@ -254,6 +276,12 @@ where
         let out: Vec<Vec<Completion>> =
             out.into_iter().map(|v| v.into_iter().map(Completion::from).collect()).collect();
         check_generation_shape(requests, &out)?;
+        Ok(out)
+    }
+    fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
+        let reqs: RVec<FfiScoreRequest> = requests.iter().map(FfiScoreRequest::from).collect();
+        let out: Vec<Score> = back(self.inner.score(reqs.as_rslice()))?.into_iter().map(Score::from).collect();
+        check_score_shape(requests.len(), &out)?;
         Ok(out)
     }
 }

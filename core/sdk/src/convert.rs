@@ -233,3 +233,49 @@ pub(crate) fn to_rstrings(v: &[String]) -> RVec<RString> {
 pub(crate) fn to_strings(v: &[RString]) -> Vec<String> {
     strings(v)
 }
+
+fn prompt_to_ffi(p: &Prompt) -> (RVec<FfiMessage>, ROption<RString>) {
+    match p {
+        Prompt::Chat(m) => (
+            m.iter().map(|m| FfiMessage { role: m.role.as_str().into(), content: m.content.as_str().into() }).collect(),
+            ROption::RNone,
+        ),
+        Prompt::Text(t) => (RVec::new(), ROption::RSome(t.as_str().into())),
+    }
+}
+fn prompt_from_ffi(chat: &RVec<FfiMessage>, text: &ROption<RString>) -> Prompt {
+    match text {
+        ROption::RSome(t) => Prompt::Text(t.to_string()),
+        ROption::RNone => {
+            Prompt::Chat(chat.iter().map(|m| Message { role: m.role.to_string(), content: m.content.to_string() }).collect())
+        }
+    }
+}
+
+impl From<&ScoreRequest> for FfiScoreRequest {
+    fn from(r: &ScoreRequest) -> Self {
+        let (chat, text) = prompt_to_ffi(&r.prompt);
+        FfiScoreRequest { chat, text, continuation: r.continuation.as_str().into() }
+    }
+}
+impl From<&FfiScoreRequest> for ScoreRequest {
+    fn from(r: &FfiScoreRequest) -> Self {
+        ScoreRequest { prompt: prompt_from_ffi(&r.chat, &r.text), continuation: r.continuation.to_string() }
+    }
+}
+impl From<Score> for FfiScore {
+    fn from(s: Score) -> Self {
+        FfiScore {
+            logprob: s.logprob,
+            tokens: s.tokens.into_iter().map(|t| FfiLogprob { token: t.token.into(), logprob: t.logprob }).collect(),
+        }
+    }
+}
+impl From<FfiScore> for Score {
+    fn from(s: FfiScore) -> Self {
+        Score {
+            logprob: s.logprob,
+            tokens: s.tokens.into_iter().map(|t| TokenLogprob { token: t.token.into(), logprob: t.logprob }).collect(),
+        }
+    }
+}

@@ -84,7 +84,8 @@ impl From<PluginError> for FfiError {
             PluginError::Cancelled => (ErrorKind::Cancelled, String::new()),
             PluginError::Other(m) => (ErrorKind::Other, m),
         };
-        FfiError { kind, message: message.into() }
+        // What crosses to the host (and into its logs and output) never carries a secret.
+        FfiError { kind, message: crate::secret::redact(&message).into_owned().into() }
     }
 }
 

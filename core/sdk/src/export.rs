@@ -43,11 +43,11 @@ struct HostLogger {
 }
 impl log::Log for HostLogger {
     fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::max_level()
+        m.level() <= log::max_level() && !crate::secret::is_wire_trace(m.level(), m.target())
     }
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
-            let msg = r.args().to_string();
+            let msg = crate::secret::redact(&r.args().to_string()).into_owned();
             (self.sink)(r.level() as u8, RStr::from_str(r.target()), RStr::from_str(&msg));
         }
     }

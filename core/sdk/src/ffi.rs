@@ -25,7 +25,9 @@ use crate::error::FfiError;
 /// accepts a newer one only if every type layout it shares with the host is
 /// compatible (abi_stable's prefix types may grow at the end). Bump the minor
 /// on any change to this module.
-pub const ABI_VERSION: &str = "0.1.0";
+///
+/// 0.2.0: generators can score continuations (`GeneratorFfi::score`).
+pub const ABI_VERSION: &str = "0.2.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -111,6 +113,22 @@ pub struct FfiCompletion {
 
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug)]
+pub struct FfiScoreRequest {
+    /// The chat messages; used when `text` is None.
+    pub chat: RVec<FfiMessage>,
+    pub text: ROption<RString>,
+    pub continuation: RString,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct FfiScore {
+    pub logprob: f64,
+    pub tokens: RVec<FfiLogprob>,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
 pub struct FfiRewardItem {
     pub query: RString,
     pub reference: RString,
@@ -179,8 +197,9 @@ pub trait RetrieverFfi: Send + Sync {
 #[sabi_trait]
 pub trait GeneratorFfi: Send + Sync {
     fn model_name(&self) -> RResult<RString, FfiError>;
-    #[sabi(last_prefix_field)]
     fn generate(&self, requests: RSlice<'_, FfiRequest>) -> RResult<RVec<RVec<FfiCompletion>>, FfiError>;
+    #[sabi(last_prefix_field)]
+    fn score(&self, requests: RSlice<'_, FfiScoreRequest>) -> RResult<RVec<FfiScore>, FfiError>;
 }
 
 /// A borrowed retriever handed to a reward.

@@ -3,7 +3,11 @@
 //!
 //! - a listwise (Plackett–Luce) cross-entropy over the generator's order,
 //!   every other query's passages in the batch added as negatives at each
-//!   position (temperature `t_list`, 0.02);
+//!   position (temperature `t_list`, 0.02); or, with `loss = "kl"`, a
+//!   soft-label cross-entropy (KL up to a constant) towards the teacher's
+//!   score distribution softmax(scores / `t_teacher`) over the query's group
+//!   (the batch's other passages as negatives with target 0), as
+//!   FlagEmbedding's knowledge distillation reads `pos_scores` / `neg_scores`;
 //! - InfoNCE between each query and its own answer, the batch's other
 //!   answers as negatives (temperature `t_answer`, 0.05); the answer is
 //!   encoded as inference encodes augmentations: corpus side, after `prefix`;
@@ -25,6 +29,8 @@
 //! warmup_ratio = 0.1      # linear warmup, then linear decay
 //! weight_decay = 0.01
 //! t_list = 0.02
+//! loss = "listwise"       # listwise (Plackett-Luce over the order) | kl (over the teacher's scores)
+//! t_teacher = 1.0         # kl: temperature of the teacher's scores
 //! t_answer = 0.05
 //! answer_weight = 1.0
 //! norm_weight = 1.0
@@ -72,6 +78,10 @@ pub struct CtParams {
     pub t_list: f64,
     #[serde(default = "d_ta")]
     pub t_answer: f64,
+    #[serde(default)]
+    pub loss: LossKind,
+    #[serde(default = "d_one")]
+    pub t_teacher: f64,
     #[serde(default = "d_one")]
     pub answer_weight: f64,
     #[serde(default = "d_one")]
@@ -89,6 +99,14 @@ pub struct CtParams {
     #[serde(default)]
     pub max_steps: usize,
 }
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    #[default]
+    Listwise,
+    Kl,
+}
+
 fn d_lr() -> f64 {
     2e-5
 }
@@ -134,6 +152,28 @@ pub struct Example {
     pub pos: Vec<String>,
     #[serde(default)]
     pub neg: Vec<String>,
+    #[serde(default)]
+    pub pos_scores: Vec<f64>,
+    #[serde(default)]
+    pub neg_scores: Vec<f64>,
+}
+
+/// The teacher's target distribution over one group of `g` passages (the
+/// positive, then the negatives repeated cyclically as the batch is built):
+/// softmax(score / t). Missing scores are an error naming the example.
+pub fn teacher_targets(e: &Example, g: usize, t: f64) -> Result<Vec<f64>, String> {
+    let pos = *e.pos_scores.first().ok_or("kl loss: an example has no pos_scores")?;
+    if !e.neg.is_empty() && e.neg_scores.len() != e.neg.len() {
+        return Err(format!("kl loss: {} negatives but {} neg_scores", e.neg.len(), e.neg_scores.len()));
+    }
+    let s: Vec<f64> = (0..g).map(|j| if j == 0 || e.neg.is_empty() { pos } else { e.neg_scores[(j - 1) % e.neg.len()] }).collect();
+    if s.iter().any(|x| !x.is_finite()) {
+        return Err("kl loss: a teacher score is not finite".into());
+    }
+    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let ex: Vec<f64> = s.iter().map(|x| ((x - m) / t).exp()).collect();
+    let z: f64 = ex.iter().sum();
+    Ok(ex.into_iter().map(|x| x / z).collect())
 }
 
 /// Reads the distillation jsonl; errors name the file and line.
@@ -167,11 +207,24 @@ fn lse(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// The RLGF loss for `eq` (B, h) queries, `ea` (B, h) answers and `ep`
 /// (B·G, h) passages, each query's G passages in the teacher's order.
-pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, normalized: bool) -> candle_core::Result<LossParts> {
+/// `teacher`: (B, G) target probabilities for the KL loss (`loss = "kl"`).
+pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, normalized: bool, teacher: Option<&Tensor>) -> candle_core::Result<LossParts> {
     let (b, _) = eq.dims2()?;
     let dev = eq.device();
     let dt = eq.dtype();
     let s = (eq.matmul(&ep.t()?)? / p.t_list)?; // (B, B·G)
+    if let Some(t) = teacher {
+        // Soft labels over each query's own group; the batch's other passages get 0.
+        let logp = s.broadcast_sub(&lse(&s)?.unsqueeze(1)?)?; // (B, B·G)
+        let mut own = Vec::with_capacity(b * g);
+        for i in 0..b {
+            own.extend((0..g).map(|j| (i * g + j) as u32));
+        }
+        let idx = Tensor::from_vec(own, (b, g), dev)?;
+        let lp = logp.gather(&idx, 1)?; // (B, G)
+        let list = ((t.to_dtype(dt)? * lp)?.sum(1)?.neg()?).mean_all()?;
+        return finish(eq, ea, list, p, normalized);
+    }
     // Position j of query i competes with its own passages j.. and every
     // passage of the other queries.
     let mut mask = vec![0f32; b * g * b * g];
@@ -193,6 +246,14 @@ pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, 
     let tgt = Tensor::from_vec(target, (b, g), dev)?;
     let num = s.gather(&tgt.contiguous()?, 1)?; // (B, G)
     let list = (denom - num)?.mean_all()?;
+    finish(eq, ea, list, p, normalized)
+}
+
+/// The answer InfoNCE and norm terms added to the ranking loss `list`.
+fn finish(eq: &Tensor, ea: &Tensor, list: Tensor, p: &CtParams, normalized: bool) -> candle_core::Result<LossParts> {
+    let (b, _) = eq.dims2()?;
+    let dev = eq.device();
+    let dt = eq.dtype();
     let sa = (eq.matmul(&ea.t()?)? / p.t_answer)?; // (B, B)
     let diag = Tensor::arange(0u32, b as u32, dev)?.unsqueeze(1)?;
     let answer = (lse(&sa)? - sa.gather(&diag.contiguous()?, 1)?.squeeze(1)?)?.mean_all()?;
@@ -357,7 +418,17 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         let eq = embed(&queries, p.query_max_len, &mut tokens)?;
         let ea = embed(&answers, p.passage_max_len, &mut tokens)?;
         let ep = embed(&passages, p.passage_max_len, &mut tokens)?;
-        let parts = rlgf_loss(&eq, &ea, &ep, p.group_size, &p, normalized).map_err(cerr("loss"))?;
+        let teacher = match p.loss {
+            LossKind::Listwise => None,
+            LossKind::Kl => {
+                let mut t = Vec::with_capacity(p.batch_size * p.group_size);
+                for e in &batch {
+                    t.extend(teacher_targets(e, p.group_size, p.t_teacher).map_err(|m| PluginError::input(format!("{}: {m}", job.data_file.display())))?);
+                }
+                Some(Tensor::from_vec(t, (p.batch_size, p.group_size), &dev).and_then(|t| t.to_dtype(DType::F32)).map_err(cerr("teacher"))?)
+            }
+        };
+        let parts = rlgf_loss(&eq, &ea, &ep, p.group_size, &p, normalized, teacher.as_ref()).map_err(cerr("loss"))?;
         opt.backward_step(&parts.total).map_err(cerr("backward"))?;
         let loss = parts.total.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
         losses.push(loss);
@@ -475,14 +546,16 @@ mod tests {
         let q = ids(&[&[1, 5, 2], &[1, 7, 8, 2]]);
         let a = ids(&[&[1, 9, 3, 2], &[1, 4, 2]]);
         let ps = ids(&[&[1, 5, 6, 2], &[1, 10, 2], &[1, 11, 12, 13, 2], &[1, 7, 2], &[1, 14, 2], &[1, 15, 16, 2]]);
-        for normalized in [true, false] {
+        let soft = Tensor::from_vec(vec![0.7f64, 0.2, 0.1, 0.3, 0.5, 0.2], (2, 3), &dev).unwrap();
+        for (normalized, kl) in [(true, false), (false, false), (true, true)] {
             let p = params();
+            let teacher = kl.then_some(&soft);
             let loss = |model: &TrainBert| -> Tensor {
                 let e = |(i, m): &(Tensor, Tensor), mean: bool| {
                     let x = pool(&model.forward(i, m).unwrap(), m, mean).unwrap();
                     if normalized { l2_normalize(&x).unwrap() } else { x }
                 };
-                rlgf_loss(&e(&q, true), &e(&a, true), &e(&ps, false), 3, &p, normalized).unwrap().total
+                rlgf_loss(&e(&q, true), &e(&a, true), &e(&ps, false), 3, &p, normalized, teacher).unwrap().total
             };
             let grads = loss(&model).backward().unwrap();
             let mut checked = 0;
@@ -499,11 +572,22 @@ mod tests {
                 let eps = 1e-6;
                 let fd = (at(eps) - at(-eps)) / (2.0 * eps);
                 v.set(&Tensor::from_vec(x0.clone(), v.shape(), &dev).unwrap()).unwrap();
-                assert!((fd - g[idx]).abs() <= 1e-5 + 1e-4 * fd.abs(), "{name}[{idx}] normalized={normalized}: autograd {} vs {fd}", g[idx]);
+                assert!((fd - g[idx]).abs() <= 1e-5 + 1e-4 * fd.abs(), "{name}[{idx}] normalized={normalized} kl={kl}: autograd {} vs {fd}", g[idx]);
                 checked += 1;
             }
             assert!(checked >= 10);
         }
+    }
+
+    #[test]
+    fn teacher_targets_follow_the_group_layout() {
+        let e = Example { query: "q".into(), answer: String::new(), pos: vec!["p".into()], neg: vec!["a".into(), "b".into()], pos_scores: vec![0.0], neg_scores: vec![-1.0, -2.0] };
+        let t = teacher_targets(&e, 4, 1.0).unwrap();
+        assert!((t.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        // The negatives repeat cyclically, and so do their scores.
+        assert!((t[1] - t[3]).abs() < 1e-12 && t[0] > t[1] && t[1] > t[2]);
+        let bad = Example { neg_scores: vec![], ..e };
+        assert!(teacher_targets(&bad, 4, 1.0).unwrap_err().contains("neg_scores"));
     }
 
     /// The training forward equals candle-transformers' BertModel on the real

@@ -1,6 +1,21 @@
-//! Generator feedback for RLGF (DESIGN §1.3): the stage's generator reranks
-//! a query's candidate passages listwise, as RankGPT prompts it, and each
-//! candidate scores 1/(rank+1) in the generator's order (rank 0 best).
+//! Generator feedback for RLGF (DESIGN §1.3). `mode` chooses how the
+//! stage's generator judges a query's candidate passages:
+//!
+//! - `listwise` (the method as described): it reranks them as RankGPT
+//!   prompts it, and each candidate scores 1/(rank+1) in its order.
+//! - `query_likelihood` (UPR, Sachan et al. 2022): each passage scores the
+//!   mean log-probability per token of the query given the passage, under
+//!   UPR's prompt "Passage: … Please write a question based on this
+//!   passage." — scoring, not generating, which small models do well.
+//! - `yes_no`: each passage scores log p(Yes) − log(p(Yes) + p(No)) for a
+//!   relevance question about it and the query.
+//!
+//! The pointwise modes need a generator that can score continuations
+//! (`Generator::score`: llama-generator, or openai-generator against a
+//! server that echoes prompt log-probabilities, with `prompt_format = "text"`).
+//! An item whose teacher failed gets flat scores (all 0), which the RLGF
+//! stage drops and counts: in listwise mode, when any of its windows had no
+//! usable permutation.
 //!
 //! Passages are cut to `max_words` words. Lists longer than `window` are
 //! reranked with RankGPT's sliding window: windows of `window` passages from
@@ -15,6 +30,8 @@
 //! count and report them; totals are also logged.
 //!
 //! ```toml
+//! mode = "listwise"       # listwise | query_likelihood | yes_no
+//! prompt_format = "chat"  # chat | text (pointwise prompts as plain text, for OpenAI servers)
 //! window = 20
 //! step = 10
 //! max_words = 300
@@ -23,12 +40,33 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rir_sdk::{config, GenerationRequest, Message, PluginError, PluginResult, Prompt, Reward, RewardContext, RewardItem, RewardScores};
+use rir_sdk::{config, GenerationRequest, Generator, Message, PluginError, PluginResult, Prompt, Reward, RewardContext, RewardItem, RewardScores, ScoreRequest};
 use serde::Deserialize;
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Listwise,
+    QueryLikelihood,
+    YesNo,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    #[default]
+    Chat,
+    Text,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GeneratorRewardConfig {
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub prompt_format: PromptFormat,
     #[serde(default = "d_window")]
     pub window: usize,
     #[serde(default = "d_step")]
@@ -87,6 +125,12 @@ pub fn parse_permutation(text: &str, n: usize) -> (Vec<usize>, Option<bool>) {
     (order, status)
 }
 
+/// log(e^a + e^b), stably.
+fn log_add(a: f64, b: f64) -> f64 {
+    let m = a.max(b);
+    m + ((a - m).exp() + (b - m).exp()).ln()
+}
+
 fn cut_words(text: &str, n: usize) -> String {
     text.split_whitespace().take(n).collect::<Vec<_>>().join(" ")
 }
@@ -110,7 +154,67 @@ pub fn rank_prompt(query: &str, passages: &[String]) -> Prompt {
     ])
 }
 
+/// UPR's prompt: the query is the continuation scored after it.
+pub fn upr_prompt(passage: &str, format: PromptFormat) -> (Prompt, String) {
+    let ask = format!("Passage: {passage}\nPlease write a question based on this passage.");
+    match format {
+        PromptFormat::Chat => (Prompt::Chat(vec![Message::user(ask)]), String::new()),
+        PromptFormat::Text => (Prompt::Text(format!("{ask}\nQuestion:")), " ".into()),
+    }
+}
+
+/// The relevance question whose answer "Yes" / "No" is scored.
+pub fn yes_no_prompt(query: &str, passage: &str, format: PromptFormat) -> (Prompt, String) {
+    let ask = format!(
+        "Passage: {passage}\nQuery: {query}\nDoes the passage answer the query? Answer Yes or No."
+    );
+    match format {
+        PromptFormat::Chat => (Prompt::Chat(vec![Message::user(ask)]), String::new()),
+        PromptFormat::Text => (Prompt::Text(format!("{ask}\nAnswer:")), " ".into()),
+    }
+}
+
 impl GeneratorReward {
+    /// Pointwise scores of every item's candidates, one scoring call for all.
+    fn pointwise(&self, g: &dyn Generator, items: &[RewardItem]) -> PluginResult<Vec<RewardScores>> {
+        let mut reqs = Vec::new();
+        for item in items {
+            for c in &item.candidates {
+                let passage = cut_words(c, self.cfg.max_words);
+                match self.cfg.mode {
+                    Mode::QueryLikelihood => {
+                        let (prompt, lead) = upr_prompt(&passage, self.cfg.prompt_format);
+                        reqs.push(ScoreRequest { prompt, continuation: format!("{lead}{}", item.query.trim()) });
+                    }
+                    Mode::YesNo => {
+                        let (prompt, lead) = yes_no_prompt(&item.query, &passage, self.cfg.prompt_format);
+                        reqs.push(ScoreRequest { prompt: prompt.clone(), continuation: format!("{lead}Yes") });
+                        reqs.push(ScoreRequest { prompt, continuation: format!("{lead}No") });
+                    }
+                    Mode::Listwise => unreachable!("listwise is not pointwise"),
+                }
+            }
+        }
+        let scores = g.score(&reqs)?;
+        let mut it = scores.into_iter();
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let mut s = Vec::with_capacity(item.candidates.len());
+            for _ in &item.candidates {
+                let v = match self.cfg.mode {
+                    Mode::QueryLikelihood => it.next().map(|x| x.mean()),
+                    _ => match (it.next(), it.next()) {
+                        (Some(y), Some(n)) => Some(y.logprob - log_add(y.logprob, n.logprob)),
+                        _ => None,
+                    },
+                };
+                s.push(v.ok_or_else(|| PluginError::other("the generator returned fewer scores than asked for"))?);
+            }
+            out.push(RewardScores { baseline: Some(0.0), scores: s });
+        }
+        Ok(out)
+    }
+
     pub fn new(config_toml: &str) -> PluginResult<Self> {
         let cfg: GeneratorRewardConfig = config::parse(config_toml)?;
         if cfg.window < 2 || cfg.step == 0 || cfg.step > cfg.window {
@@ -141,11 +245,15 @@ impl Reward for GeneratorReward {
             return Ok(vec![]);
         }
         let g = ctx.generator.ok_or_else(|| PluginError::config("generator-reward needs the stage's generator"))?;
+        if self.cfg.mode != Mode::Listwise {
+            return self.pointwise(g, items);
+        }
         let cut: Vec<Vec<String>> = items.iter().map(|i| i.candidates.iter().map(|c| cut_words(c, self.cfg.max_words)).collect()).collect();
         // Current order of each item, refined window by window; all items'
         // windows of one pass go to the generator together.
         let mut orders: Vec<Vec<usize>> = items.iter().map(|i| (0..i.candidates.len()).collect()).collect();
         let mut fallbacks = vec![0u32; items.len()];
+        let mut unusable = vec![false; items.len()];
         let passes = items.iter().map(|i| self.windows(i.candidates.len()).len()).max().unwrap_or(0);
         for pass in 0..passes {
             let mut reqs = Vec::new();
@@ -171,6 +279,7 @@ impl Reward for GeneratorReward {
                     None => {
                         self.unparsed.fetch_add(1, Ordering::Relaxed);
                         fallbacks[k] += 1;
+                        unusable[k] = true;
                     }
                     Some(true) => {
                         self.repaired.fetch_add(1, Ordering::Relaxed);
@@ -190,10 +299,14 @@ impl Reward for GeneratorReward {
         Ok(orders
             .into_iter()
             .zip(fallbacks)
-            .map(|(o, f)| {
+            .zip(unusable)
+            .map(|((o, f), failed)| {
                 let mut scores = vec![0.0; o.len()];
-                for (rank, &i) in o.iter().enumerate() {
-                    scores[i] = 1.0 / (rank as f64 + 1.0);
+                // A window without a usable answer: no teacher signal (flat).
+                if !failed {
+                    for (rank, &i) in o.iter().enumerate() {
+                        scores[i] = 1.0 / (rank as f64 + 1.0);
+                    }
                 }
                 RewardScores { baseline: Some(f as f64), scores }
             })

@@ -21,6 +21,13 @@
 //! distinct prompt is prefilled once (left-padded next to the others), its KV
 //! cache fanned out to its `n` samples, and finished sequences leave the batch.
 //!
+//! Scoring (`Generator::score`, teacher forcing): the prompt (a chat is
+//! rendered with the generation prompt appended) and the continuation are
+//! tokenised separately and joined; each distinct prompt is prefilled once,
+//! in batches of up to `max_batch`, and its continuations are run on copies
+//! of its KV cache, those of one length together. A one-token continuation
+//! ("Yes") costs nothing beyond the prompt.
+//!
 //! Sampling: temperature 0 is greedy; otherwise top-p with the temperature,
 //! seeded (`seed`, or 299792458) with sample i of a request using seed + i.
 //! Generation stops at the model's end-of-sequence token, at any `stop`
@@ -31,7 +38,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use rir_sdk::{config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, TokenLogprob};
+use rir_sdk::{config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, Score, ScoreRequest, TokenLogprob};
 use serde::Deserialize;
 
 pub use rir_llama::{export_hf, load, load_gguf, load_hf, merge_lora, model, sampler, Assets, Llama};
@@ -272,9 +279,128 @@ impl LlamaGenerator {
     }
 }
 
+impl LlamaGenerator {
+    /// Log-probabilities of each request's continuation (see the module docs).
+    fn score_all(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
+        let context = self.model.shape.context;
+        // Distinct prompts, each with the requests that continue it.
+        let mut prompts: Vec<Vec<u32>> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut conts: Vec<(usize, Vec<u32>)> = Vec::with_capacity(requests.len());
+        // With an empty text prompt the continuation's first token has no
+        // context: it becomes the prompt and is reported with log-probability 0.
+        let mut first: Vec<Option<u32>> = vec![None; requests.len()];
+        for (i, r) in requests.iter().enumerate() {
+            if matches!(&r.prompt, Prompt::Text(t) if t.is_empty()) {
+                let c = self.encode(&r.continuation)?;
+                let Some((&head, rest)) = c.split_first() else {
+                    return Err(PluginError::input(format!("score request {i}: the continuation has no tokens")));
+                };
+                if rest.is_empty() {
+                    return Err(PluginError::input(format!("score request {i}: a one-token text with no prompt has nothing to score")));
+                }
+                let key = format!("\u{0}{head}");
+                let p = *index.entry(key).or_insert_with(|| {
+                    prompts.push(vec![head]);
+                    prompts.len() - 1
+                });
+                first[i] = Some(head);
+                conts.push((p, rest.to_vec()));
+                continue;
+            }
+            let text = self.render(&r.prompt)?;
+            let p = match index.get(&text) {
+                Some(&p) => p,
+                None => {
+                    let ids = self.encode(&text)?;
+                    if ids.is_empty() {
+                        return Err(PluginError::input(format!("score request {i}: empty prompt")));
+                    }
+                    prompts.push(ids);
+                    index.insert(text, prompts.len() - 1);
+                    prompts.len() - 1
+                }
+            };
+            let c = self.encode(&r.continuation)?;
+            if c.is_empty() {
+                return Err(PluginError::input(format!("score request {i}: the continuation has no tokens")));
+            }
+            if prompts[p].len() + c.len() > context {
+                return Err(PluginError::input(format!(
+                    "score request {i}: context overflow: {} prompt tokens plus {} continuation tokens exceed the model's context of {context}",
+                    prompts[p].len(),
+                    c.len()
+                )));
+            }
+            conts.push((p, c));
+        }
+        let _busy = self.busy.lock().map_err(|_| PluginError::other("generator lock poisoned"))?;
+        let mut out: Vec<Option<Score>> = vec![None; requests.len()];
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&p| prompts[p].len());
+        let tok = |t: u32| self.assets.tokenizer.decode(&[t], false).unwrap_or_default();
+        rayon::scope(|_| {
+            for chunk in order.chunks(self.max_batch) {
+                let refs: Vec<&[u32]> = chunk.iter().map(|&p| prompts[p].as_slice()).collect();
+                let (last, cache) = self.model.prefill(&refs).map_err(cerr("forward"))?;
+                let last: Vec<f32> = last.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr("logits"))?;
+                let vocab = last.len() / chunk.len();
+                // The requests continuing this chunk's prompts, by continuation length.
+                let mut by_len: std::collections::BTreeMap<usize, Vec<(usize, usize)>> = Default::default();
+                for (i, (p, c)) in conts.iter().enumerate() {
+                    if let Some(row) = chunk.iter().position(|q| q == p) {
+                        by_len.entry(c.len()).or_default().push((i, row));
+                    }
+                }
+                for (len, group) in by_len {
+                    // First token: from the prompt's last position.
+                    let mut lps: Vec<Vec<TokenLogprob>> = group
+                        .iter()
+                        .map(|&(i, row)| {
+                            let v = &last[row * vocab..(row + 1) * vocab];
+                            let t = conts[i].1[0];
+                            vec![TokenLogprob { token: tok(t), logprob: v[t as usize] - sampler::log_sum_exp(v) }]
+                        })
+                        .collect();
+                    if len > 1 {
+                        for (ci, part) in group.chunks(self.max_batch).enumerate() {
+                            let rows: Vec<usize> = part.iter().map(|&(_, row)| row).collect();
+                            let mut c = cache.select(&rows).map_err(cerr("cache"))?;
+                            let feed: Vec<&[u32]> = part.iter().map(|&(i, _)| &conts[i].1[..len - 1]).collect();
+                            let logits = self.model.extend(&feed, &mut c).map_err(cerr("forward"))?;
+                            let all: Vec<f32> = logits.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr("logits"))?;
+                            let start = ci * self.max_batch;
+                            for (k, &(i, _)) in part.iter().enumerate() {
+                                for pos in 0..len - 1 {
+                                    let v = &all[(k * (len - 1) + pos) * vocab..][..vocab];
+                                    let t = conts[i].1[pos + 1];
+                                    lps[start + k].push(TokenLogprob { token: tok(t), logprob: v[t as usize] - sampler::log_sum_exp(v) });
+                                }
+                            }
+                        }
+                    }
+                    for (&(i, _), mut tokens) in group.iter().zip(lps) {
+                        let logprob = tokens.iter().map(|t| t.logprob as f64).sum();
+                        if let Some(h) = first[i] {
+                            tokens.insert(0, TokenLogprob { token: tok(h), logprob: 0.0 });
+                        }
+                        out[i] = Some(Score { logprob, tokens });
+                    }
+                }
+            }
+            Ok::<_, PluginError>(())
+        })?;
+        out.into_iter().enumerate().map(|(i, s)| s.ok_or_else(|| PluginError::other(format!("score request {i} was not scored")))).collect()
+    }
+}
+
 impl Generator for LlamaGenerator {
     fn model_name(&self) -> String {
         format!("llama:{}@{}", self.assets.name, self.fingerprint)
+    }
+
+    fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
+        self.score_all(requests)
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {

@@ -12,6 +12,14 @@
 //! max_n = 0                        # cap on n per request (0: none; learned from 400s)
 //! ```
 //!
+//! Scoring (`Generator::score`) uses the completions API with `echo`,
+//! `logprobs` and `max_tokens` 0: the server returns the log-probability of
+//! every prompt token, and the tokens from the continuation's first
+//! character on are summed (`text_offset`; a `prompt_logprobs` list, as vLLM
+//! adds it, is read too). Only text prompts can be scored this way (the chat API returns
+//! no prompt log-probabilities); a server that does not echo them is an
+//! error that says what it returned. `rir serve` answers these requests.
+//!
 //! The key is read from the environment when the plugin is created and is
 //! sent only in the Authorization header: it is not logged, not part of the
 //! model name (which keys the host's caches), and not in any error.
@@ -21,8 +29,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rir_sdk::{
-    config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt,
-    TokenLogprob,
+    config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, Score,
+    ScoreRequest, TokenLogprob,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -93,6 +101,10 @@ impl OpenAiGenerator {
             })?),
             None => None,
         };
+        // Registered so this library's log records and errors never show it.
+        if let Some(k) = &key {
+            rir_sdk::secret::register(k);
+        }
         if cfg.concurrency == 0 {
             return Err(PluginError::config("concurrency must be at least 1"));
         }
@@ -360,47 +372,122 @@ fn parse_choices(v: &Value, path: &str, n: u32) -> PluginResult<Vec<Completion>>
         .collect()
 }
 
+/// The continuation's log-probabilities from an echoed completions response.
+fn parse_echo(v: &Value, prompt: &str, continuation: &str) -> PluginResult<Score> {
+    let bad = |what: &str| {
+        PluginError::other(format!(
+            "completions: the server returned no prompt log-probabilities ({what}); scoring needs `echo` with `logprobs` \
+             and max_tokens 0 (vLLM and OpenAI-style servers, `rir serve`); it returned: {}",
+            v.to_string().chars().take(200).collect::<String>()
+        ))
+    };
+    let c = v.pointer("/choices/0").ok_or_else(|| bad("no choices"))?;
+    let start = prompt.chars().count();
+    let want = start + continuation.chars().count();
+    let mut tokens = Vec::new();
+    if let (Some(toks), Some(lps), Some(offs)) = (
+        c.pointer("/logprobs/tokens").and_then(Value::as_array),
+        c.pointer("/logprobs/token_logprobs").and_then(Value::as_array),
+        c.pointer("/logprobs/text_offset").and_then(Value::as_array),
+    ) {
+        for ((t, l), o) in toks.iter().zip(lps).zip(offs) {
+            let o = o.as_u64().ok_or_else(|| bad("a text_offset that is no number"))? as usize;
+            // A token straddling the boundary belongs to the continuation.
+            let end = o + t.as_str().map_or(0, |t| t.chars().count());
+            if end > start && o < want {
+                let lp = l.as_f64().ok_or_else(|| bad("a continuation token without a log-probability"))?;
+                tokens.push(TokenLogprob { token: t.as_str().unwrap_or("").to_owned(), logprob: lp as f32 });
+            }
+        }
+    } else if let Some(list) = c.get("prompt_logprobs").or_else(|| v.get("prompt_logprobs")).and_then(Value::as_array) {
+        // vLLM: [null, {"id": {"logprob", "decoded_token", "rank"}}, ...], the prompt's own token first in each.
+        let mut at = 0usize;
+        for entry in list {
+            let Some(map) = entry.as_object() else { continue };
+            let best = map.values().min_by_key(|e| e.get("rank").and_then(Value::as_u64).unwrap_or(u64::MAX));
+            let Some(e) = best else { continue };
+            let text = e.get("decoded_token").and_then(Value::as_str).unwrap_or("");
+            let end = at + text.chars().count();
+            if end > start {
+                let lp = e.get("logprob").and_then(Value::as_f64).ok_or_else(|| bad("an entry without logprob"))?;
+                tokens.push(TokenLogprob { token: text.to_owned(), logprob: lp as f32 });
+            }
+            at = end;
+        }
+    } else {
+        return Err(bad("no logprobs.tokens / token_logprobs / text_offset"));
+    }
+    if tokens.is_empty() {
+        return Err(bad("no token at or after the continuation's offset"));
+    }
+    Ok(Score { logprob: tokens.iter().map(|t| t.logprob as f64).sum(), tokens })
+}
+
+impl OpenAiGenerator {
+    /// Runs `f` over `0..n` on a fixed pool of `concurrency` workers, in
+    /// order; the first error stops handing out work and is returned.
+    fn pooled<T: Send>(&self, n: usize, f: impl Fn(usize) -> PluginResult<T> + Sync) -> PluginResult<Vec<T>> {
+        let next = AtomicU64::new(0);
+        let results: Mutex<Vec<Option<PluginResult<T>>>> = Mutex::new((0..n).map(|_| None).collect());
+        std::thread::scope(|s| {
+            for _ in 0..self.concurrency.min(n) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= n {
+                        break;
+                    }
+                    let r = f(i);
+                    let failed = r.is_err();
+                    results.lock().expect("results lock")[i] = Some(r);
+                    if failed {
+                        next.store(n as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let mut out = Vec::with_capacity(n);
+        for r in results.into_inner().expect("results lock") {
+            match r {
+                Some(Ok(c)) => out.push(c),
+                Some(Err(e)) => return Err(e),
+                None => return Err(PluginError::other("a request was not attempted after an earlier failure")),
+            }
+        }
+        Ok(out)
+    }
+
+    fn score_one(&self, r: &ScoreRequest) -> PluginResult<Score> {
+        let Prompt::Text(prompt) = &r.prompt else {
+            return Err(PluginError::Unsupported(
+                "scoring a chat prompt: the OpenAI API returns prompt log-probabilities for text prompts only \
+                 (use the reward's text prompt format)"
+                    .into(),
+            ));
+        };
+        let body = json!({
+            "model": self.model, "prompt": format!("{prompt}{}", r.continuation), "max_tokens": 0,
+            "echo": true, "logprobs": 0, "temperature": 0.0,
+        });
+        match self.call("completions", &body) {
+            Ok(v) => parse_echo(&v, prompt, &r.continuation),
+            Err(Attempt::Fail(e)) => Err(e),
+            Err(Attempt::TooManyChoices(m)) => Err(PluginError::other(format!("completions: {m}"))),
+            Err(_) => Err(PluginError::other("completions: no answer")),
+        }
+    }
+}
+
 impl Generator for OpenAiGenerator {
     fn model_name(&self) -> String {
         format!("openai:{}@{}", self.model, self.base)
     }
 
+    fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
+        self.pooled(requests.len(), |i| self.score_one(&requests[i]))
+    }
+
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
-        // A fixed pool of `concurrency` workers pulls requests in order.
-        let next = AtomicU64::new(0);
-        let results: Mutex<Vec<Option<PluginResult<Vec<Completion>>>>> =
-            Mutex::new((0..requests.len()).map(|_| None).collect());
-        std::thread::scope(|s| {
-            for _ in 0..self.concurrency.min(requests.len()) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if i >= requests.len() {
-                        break;
-                    }
-                    let r = self.one(&requests[i]);
-                    let failed = r.is_err();
-                    results.lock().expect("results lock")[i] = Some(r);
-                    if failed {
-                        // Stop handing out work: the batch fails as a whole.
-                        next.store(requests.len() as u64, Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        let results = results.into_inner().expect("results lock");
-        let mut out = Vec::with_capacity(requests.len());
-        for r in results {
-            match r {
-                Some(Ok(c)) => out.push(c),
-                Some(Err(e)) => return Err(e),
-                None => {
-                    return Err(PluginError::other(
-                        "a request was not attempted after an earlier failure",
-                    ))
-                }
-            }
-        }
-        Ok(out)
+        self.pooled(requests.len(), |i| self.one(&requests[i]))
     }
 }
 
