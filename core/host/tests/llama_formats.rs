@@ -220,10 +220,10 @@ fn malformed_models_fail_clearly() {
     let err = |model: &Path, extra: &str| {
         LlamaGenerator::new(&format!("model = {:?}\n{extra}", model.display().to_string())).err().unwrap().to_string()
     };
-    let q = tmp.path().join("qwen.gguf");
-    write_gguf(&q, &[("general.architecture", Value::String("qwen2".into()))]);
+    let q = tmp.path().join("gemma.gguf");
+    write_gguf(&q, &[("general.architecture", Value::String("gemma2".into()))]);
     let e = err(&q, "");
-    assert!(e.contains("architecture Some(\"qwen2\") is not supported"), "{e}");
+    assert!(e.contains("architecture \"gemma2\" is not supported (llama, qwen2)"), "{e}");
     let nt = tmp.path().join("notok.gguf");
     write_gguf(&nt, &[("general.architecture", Value::String("llama".into()))]);
     let e = err(&nt, "");

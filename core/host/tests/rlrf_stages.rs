@@ -55,11 +55,13 @@ fn queries_then_preference_pairs_on_scifact() {
     // Stage rlgf-data on the same queries: answers, mined negatives, the
     // generator's listwise order (windows of 3 moving by 2 over 4 passages).
     let greward = host.load("generator-reward").unwrap().reward("window = 3\nstep = 2\nmax_words = 40\nmax_tokens = 24").unwrap();
-    let gcfg: rir::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24").unwrap();
+    // Failed teachers are kept here (drop_failed = false) to check every item's layout.
+    let gcfg: rir::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\ndrop_failed = false").unwrap();
     let ecache = rir::encode::EmbeddingCache::new(cache.path(), &r.info().fingerprint);
     let (ex, gs) = rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &gcfg, 2, out.path()).unwrap();
     eprintln!("rlgf-data: {gs:?}");
     assert_eq!(ex.len(), qs.len());
+    assert!(gs.teacher_failed <= qs.len() && gs.dropped == 0 && gs.kept == qs.len());
     assert_eq!(gs.mined + gs.fallback_not_in_depth + gs.fallback_no_rank, qs.len());
     for (e, q) in ex.iter().zip(&qs) {
         assert_eq!((e.pos.len(), e.neg.len(), e.pos_scores.clone(), e.neg_scores.clone()), (1, 3, vec![1.0], vec![0.5, 1.0 / 3.0, 0.25]));
@@ -78,6 +80,34 @@ fn queries_then_preference_pairs_on_scifact() {
         .collect();
     for k in ["query", "answer", "pos", "neg", "pos_scores", "neg_scores"] {
         assert!(lines.iter().all(|l| l.get(k).is_some()), "FlagEmbedding's `{k}`");
+    }
+
+    // The guard rail: items whose teacher failed are dropped and counted.
+    let drop: rir::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24").unwrap();
+    let dropped_dir = tempfile::tempdir().unwrap();
+    match rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &drop, 2, dropped_dir.path()) {
+        Ok((kept, ds_)) => {
+            assert_eq!((ds_.dropped, ds_.kept, kept.len()), (gs.teacher_failed, qs.len() - gs.teacher_failed, qs.len() - gs.teacher_failed));
+        }
+        Err(e) => {
+            assert_eq!(gs.teacher_failed, qs.len(), "{e}");
+            assert!(e.to_string().contains("teacher failed on all of them"), "{e}");
+        }
+    }
+
+    // Pointwise generator feedback (UPR's query likelihood) with the source
+    // passage kept as the positive and the raw scores as teacher scores.
+    let upr = host.load("generator-reward").unwrap().reward("mode = \"query_likelihood\"\nmax_words = 40").unwrap();
+    let pcfg: rir::rlgf::RlgfDataConfig =
+        toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\npositive = \"source\"\nteacher_scores = \"raw\"").unwrap();
+    let pdir = tempfile::tempdir().unwrap();
+    let (px, ps) = rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
+    eprintln!("rlgf-data, query likelihood: {ps:?}");
+    assert_eq!((px.len(), ps.teacher_failed), (qs.len(), 0));
+    for (e, q) in px.iter().zip(&qs) {
+        assert_eq!(e.pos_id, q.passage_id, "the source passage stays the positive");
+        assert!(e.pos_scores[0] < 0.0 && e.neg_scores.iter().all(|s| *s < 0.0), "log-probabilities: {e:?}");
+        assert!(e.neg_scores.windows(2).all(|w| w[0] >= w[1]), "negatives in the teacher's order: {:?}", e.neg_scores);
     }
 
     // The reward's numbers, recomputed from the retriever directly.

@@ -1,6 +1,10 @@
 //! A byte-level BPE tokenizer built from GGUF metadata, as llama.cpp builds
-//! it: vocabulary and merges from `tokenizer.ggml.*`, digits split one by one
-//! before GPT-2's byte-level pre-tokenisation, control tokens matched whole.
+//! it: vocabulary and merges from `tokenizer.ggml.*`, control tokens matched
+//! whole, and the pre-tokenizer `tokenizer.ggml.pre` names: for Qwen2
+//! (`qwen2`) its own split pattern (letters with one leading non-letter,
+//! single digits, punctuation runs, newlines) before byte-level mapping;
+//! otherwise (SmolLM2's `smollm`, GPT-2's default) digits split one by one
+//! before GPT-2's byte-level pre-tokenisation.
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -8,7 +12,12 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, PreTokenizerWrapper, Tokenizer};
+
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn strings(c: &Content, key: &str) -> Result<Vec<String>, String> {
     match c.metadata.get(key) {
@@ -39,10 +48,22 @@ pub fn from_gguf(c: &Content) -> Result<Tokenizer, String> {
     let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| format!("BPE: {e}"))?;
     let mut tok = Tokenizer::new(bpe);
-    tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
-        PreTokenizerWrapper::Digits(Digits::new(true)),
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
-    ]))));
+    let pre = c.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let steps = match pre.as_str() {
+        // Qwen2's tokenizer.json pattern (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2).
+        "qwen2" => vec![
+            PreTokenizerWrapper::Split(
+                Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| format!("pre-tokenizer: {e}"))?,
+            ),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+        ],
+        _ => vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true)),
+        ],
+    };
+    tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(steps))));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
     // Control (3) and user-defined (4) tokens are matched as whole pieces of text.
     let special: Vec<AddedToken> = tokens

@@ -78,32 +78,46 @@ pub fn load_gguf(path: &Path, device: &Device) -> PluginResult<(Llama, Assets)> 
     let mut file = std::fs::File::open(path).map_err(|e| PluginError::resource(format!("{d}: {e}")))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| PluginError::resource(format!("{d}: not a GGUF file: {e}")))?;
     let md = |k: &str| content.metadata.get(k);
-    let arch = md("general.architecture").and_then(|v| v.to_string().ok()).cloned();
-    if arch.as_deref() != Some("llama") {
-        return Err(PluginError::resource(format!("{d}: architecture {arch:?} is not supported (llama only)")));
+    let arch = md("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    // Qwen2 is Llama with Q/K/V biases; llama.cpp keeps its Q/K rows in HF's
+    // order (half-split rope), where it permutes Llama's for interleaved rope.
+    if arch != "llama" && arch != "qwen2" {
+        return Err(PluginError::resource(format!("{d}: architecture {arch:?} is not supported (llama, qwen2)")));
     }
+    let qwen = arch == "qwen2";
     let tokenizer = crate::gguf_tokenizer::from_gguf(&content).map_err(|e| PluginError::resource(format!("{d}: {e}")))?;
     let u = |k: &str| md(k).and_then(|v| v.to_u32().ok());
     let need = |k: &str| u(k).ok_or_else(|| PluginError::resource(format!("{d}: no `{k}` in the GGUF metadata")));
     let eos_id = need("tokenizer.ggml.eos_token_id")?;
     let token = |i: Option<u32>| i.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
-    let n_head = need("llama.attention.head_count")? as usize;
-    let hidden = need("llama.embedding_length")? as usize;
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_head = need(&key("attention.head_count"))? as usize;
+    let hidden = need(&key("embedding_length"))? as usize;
     let shape = Shape {
-        n_layer: need("llama.block_count")? as usize,
+        n_layer: need(&key("block_count"))? as usize,
         hidden,
         n_head,
-        n_kv_head: u("llama.attention.head_count_kv").map_or(n_head, |v| v as usize),
-        head_dim: u("llama.rope.dimension_count").map_or(hidden / n_head, |v| v as usize),
-        eps: md("llama.attention.layer_norm_rms_epsilon").and_then(|v| v.to_f32().ok()).unwrap_or(1e-5) as f64,
-        rope_theta: md("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
-        context: u("llama.context_length").unwrap_or(4096) as usize,
-        interleaved_rope: true,
+        n_kv_head: u(&key("attention.head_count_kv")).map_or(n_head, |v| v as usize),
+        head_dim: u(&key("rope.dimension_count")).map_or(hidden / n_head, |v| v as usize),
+        eps: md(&key("attention.layer_norm_rms_epsilon")).and_then(|v| v.to_f32().ok()).unwrap_or(1e-5) as f64,
+        rope_theta: md(&key("rope.freq_base")).and_then(|v| v.to_f32().ok()).unwrap_or(10_000.0),
+        context: u(&key("context_length")).unwrap_or(4096) as usize,
+        interleaved_rope: !qwen,
     };
+    // Chat models end a turn with their own token as well as the GGUF's eos
+    // (Qwen2: <|im_end|> and <|endoftext|>).
+    let mut eos_ids = vec![eos_id];
+    for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>"] {
+        if let Some(id) = tokenizer.token_to_id(t) {
+            if !eos_ids.contains(&id) && (qwen || t == "<|eot_id|>") {
+                eos_ids.push(id);
+            }
+        }
+    }
     let assets = Assets {
         bos: token(u("tokenizer.ggml.bos_token_id")),
         eos: token(Some(eos_id)),
-        eos_ids: vec![eos_id],
+        eos_ids,
         template: md("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
         name: md("general.name")
             .and_then(|v| v.to_string().ok())
@@ -133,6 +147,15 @@ pub fn load_gguf(path: &Path, device: &Device) -> PluginResult<(Llama, Assets)> 
             down: lin(q(&format!("{p}.ffn_down.weight"))?)?,
             attn_norm: deq(q(&format!("{p}.attn_norm.weight"))?)?,
             ffn_norm: deq(q(&format!("{p}.ffn_norm.weight"))?)?,
+            qkv_bias: if qwen {
+                Some([
+                    deq(q(&format!("{p}.attn_q.bias"))?)?,
+                    deq(q(&format!("{p}.attn_k.bias"))?)?,
+                    deq(q(&format!("{p}.attn_v.bias"))?)?,
+                ])
+            } else {
+                None
+            },
         });
     }
     let norm = deq(q("output_norm.weight")?)?;
@@ -209,9 +232,10 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> PluginResult<(Llama
     let raw = read_json(&cfg_path)?;
     let cfg: HfConfig =
         serde_json::from_value(raw).map_err(|e| PluginError::resource(format!("{}: {e}", cfg_path.display())))?;
-    if cfg.model_type.as_deref() != Some("llama") {
+    let qwen = cfg.model_type.as_deref() == Some("qwen2");
+    if cfg.model_type.as_deref() != Some("llama") && !qwen {
         return Err(PluginError::resource(format!(
-            "{}: model_type {:?} is not supported (llama only)",
+            "{}: model_type {:?} is not supported (llama, qwen2)",
             cfg_path.display(),
             cfg.model_type
         )));
@@ -278,6 +302,15 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> PluginResult<(Llama
             down: lin(LINEARS[6])?,
             attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
             ffn_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            qkv_bias: if qwen {
+                Some([
+                    take(&format!("{p}.self_attn.q_proj.bias"))?,
+                    take(&format!("{p}.self_attn.k_proj.bias"))?,
+                    take(&format!("{p}.self_attn.v_proj.bias"))?,
+                ])
+            } else {
+                None
+            },
         });
     }
     let norm = take("model.norm.weight")?;
@@ -374,14 +407,20 @@ pub fn export_hf(model: &Llama, assets: &Assets, out: &Path) -> PluginResult<()>
             }
             t.insert(format!("{p}.{}.weight", LINEARS[j]), w);
         }
+        if let Some(b) = &l.qkv_bias {
+            for (n, b) in ["q_proj", "k_proj", "v_proj"].iter().zip(b) {
+                t.insert(format!("{p}.self_attn.{n}.bias"), b.to_dtype(DType::F32).map_err(e)?);
+            }
+        }
         t.insert(format!("{p}.input_layernorm.weight"), l.attn_norm.to_dtype(DType::F32).map_err(e)?);
         t.insert(format!("{p}.post_attention_layernorm.weight"), l.ffn_norm.to_dtype(DType::F32).map_err(e)?);
     }
     candle_core::safetensors::save(&t, out.join("model.safetensors")).map_err(e)?;
     let vocab = model.embed.dim(0).map_err(e)?;
+    let qwen = model.layers.first().is_some_and(|l| l.qkv_bias.is_some());
     let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": if qwen { "qwen2" } else { "llama" },
         "hidden_size": s.hidden,
         "intermediate_size": model.layers.first().map(|l| dense(&l.up).and_then(|w| w.dim(0))).transpose().map_err(e)?,
         "num_attention_heads": s.n_head,

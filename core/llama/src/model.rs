@@ -125,6 +125,21 @@ pub struct Layer {
     pub down: Linear,
     pub attn_norm: Tensor,
     pub ffn_norm: Tensor,
+    /// Q, K and V biases (Qwen2); Llama has none.
+    pub qkv_bias: Option<[Tensor; 3]>,
+}
+
+impl Layer {
+    /// Adds the Q/K/V biases (if any) to the projections' outputs.
+    pub fn biased(&self, qkv: [Tensor; 3]) -> Result<[Tensor; 3]> {
+        match &self.qkv_bias {
+            None => Ok(qkv),
+            Some([bq, bk, bv]) => {
+                let [q, k, v] = qkv;
+                Ok([q.broadcast_add(bq)?, k.broadcast_add(bk)?, v.broadcast_add(bv)?])
+            }
+        }
+    }
 }
 
 pub struct Llama {
@@ -328,9 +343,11 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             let x = candle_nn::ops::rms_norm(&h, &layer.attn_norm, s.eps as f32)?;
             let heads = |t: Tensor, n: usize| t.reshape((b, l, n, s.head_dim))?.transpose(1, 2)?.contiguous();
-            let [q, k, v]: [Tensor; 3] = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &x)?
-                .try_into()
-                .map_err(|_| candle_core::Error::Msg("q/k/v".into()))?;
+            let [q, k, v]: [Tensor; 3] = layer.biased(
+                Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &x)?
+                    .try_into()
+                    .map_err(|_| candle_core::Error::Msg("q/k/v".into()))?,
+            )?;
             let (q, k, v) = (heads(q, s.n_head)?, heads(k, s.n_kv_head)?, heads(v, s.n_kv_head)?);
             let (q, k) = if s.interleaved_rope {
                 (candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)

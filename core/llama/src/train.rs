@@ -78,6 +78,8 @@ struct TLayer {
     lin: Vec<TLinear>,
     attn_norm: Tensor,
     ffn_norm: Tensor,
+    /// Q/K/V biases (Qwen2), frozen.
+    bias: Option<[Tensor; 3]>,
 }
 
 pub struct TrainModel {
@@ -154,7 +156,11 @@ impl TrainModel {
                 };
                 lin.push(TLinear { w, lora: adapter, scale });
             }
-            layers.push(TLayer { lin, attn_norm: l.attn_norm.to_dtype(dtype)?, ffn_norm: l.ffn_norm.to_dtype(dtype)? });
+            let bias = match &l.qkv_bias {
+                Some(b) => Some([b[0].to_dtype(dtype)?, b[1].to_dtype(dtype)?, b[2].to_dtype(dtype)?]),
+                None => None,
+            };
+            layers.push(TLayer { lin, attn_norm: l.attn_norm.to_dtype(dtype)?, ffn_norm: l.ffn_norm.to_dtype(dtype)?, bias });
         }
         let half = s.head_dim / 2;
         let inv: Vec<f32> = (0..half).map(|i| 1f32 / s.rope_theta.powf(2.0 * i as f32 / s.head_dim as f32)).collect();
@@ -198,9 +204,13 @@ impl TrainModel {
         for layer in &self.layers {
             let x = rms_norm(&h, &layer.attn_norm, s.eps)?;
             let heads = |t: Tensor, n: usize| t.reshape((b, l, n, s.head_dim))?.transpose(1, 2);
-            let q = heads(layer.lin[0].forward(&x, lora_on)?, s.n_head)?;
-            let k = heads(layer.lin[1].forward(&x, lora_on)?, s.n_kv_head)?;
-            let v = heads(layer.lin[2].forward(&x, lora_on)?, s.n_kv_head)?;
+            let bias = |t: Tensor, i: usize| match &layer.bias {
+                Some(b) => t.broadcast_add(&b[i]),
+                None => Ok(t),
+            };
+            let q = heads(bias(layer.lin[0].forward(&x, lora_on)?, 0)?, s.n_head)?;
+            let k = heads(bias(layer.lin[1].forward(&x, lora_on)?, 1)?, s.n_kv_head)?;
+            let v = heads(bias(layer.lin[2].forward(&x, lora_on)?, 2)?, s.n_kv_head)?;
             let (q, k) = (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?);
             let (k, v) = if rep > 1 {
                 let r = |t: &Tensor| Tensor::cat(&vec![t; rep], 2)?.reshape((b, s.n_head, l, s.head_dim));
@@ -323,6 +333,7 @@ mod tests {
                 down: Linear::dense(t((h, inter), 0.5)),
                 attn_norm: (t((1, h), 0.2) + 1.0).unwrap().squeeze(0).unwrap(),
                 ffn_norm: (t((1, h), 0.2) + 1.0).unwrap().squeeze(0).unwrap(),
+                qkv_bias: Some([t((1, h), 0.3).squeeze(0).unwrap(), t((1, kv), 0.3).squeeze(0).unwrap(), t((1, kv), 0.3).squeeze(0).unwrap()]),
             })
             .collect();
         let norm = (t((1, h), 0.2) + 1.0).unwrap().squeeze(0).unwrap();

