@@ -154,6 +154,11 @@ pub enum RetrieverChoice {
     Base,
     /// The retriever after RLGF of the variant's round.
     Rlgf,
+    /// GPL/InPars-style: the retriever of the variant's round trained on the
+    /// same pseudo queries and mined negatives, the source passage as the
+    /// positive, no generator feedback and no answers (InfoNCE, as a KL loss
+    /// towards a one-hot teacher).
+    Gpl,
 }
 
 /// One row of the comparison table: a set of overrides of the base setup.
@@ -559,6 +564,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
 
         let mut gens = vec![base_gen.clone()];
         let mut rets = vec![base_ret.clone()];
+        let mut gpls: Vec<Model> = Vec::new();
         for round in 1..=exp.rounds {
             let (gp, rp) = (gens[round - 1].clone(), rets[round - 1].clone());
             let k = key(&serde_json::json!({"stage": "rlrf-data", "queries": qkey, "generator": gp.id, "retriever": rp.id,
@@ -615,6 +621,41 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             })?;
             gens.push(gnew);
             rets.push(Model { id: serde_json::json!({"trained": tk}), path: Some(rtdir.join("model")) });
+
+            // The GPL/InPars-style peer, only when a variant asks for it.
+            if exp.variants.iter().any(|v| v.retriever == RetrieverChoice::Gpl) {
+                let mut gcfg = exp.stages.rlgf.clone();
+                gcfg.no_rerank = true;
+                gcfg.positive = crate::rlgf::PositiveChoice::Source;
+                gcfg.teacher_scores = crate::rlgf::TeacherScores::Raw;
+                gcfg.answer_max_tokens = 0;
+                let k = key(&serde_json::json!({"stage": "gpl-data", "queries": qkey, "retriever": rp.id, "config": gcfg}));
+                let gpdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dn}: round {round}: gpl-data"), droot.join(format!("gpl-data-r{round}-{k}")), |out| {
+                    let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
+                    // Neither called (no answers, no reranking): the stage's signature wants them.
+                    let g = r_generator(host, exp, &base_gen)?;
+                    let ret = r_retriever(host, exp, &rp)?;
+                    let ec = opts.use_cache.then(|| crate::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
+                    let rw = host.load(&exp.rewards.generator.plugin)?.reward(&toml::to_string(&exp.rewards.generator.config).unwrap_or_default())?;
+                    crate::rlgf::run(&ds, &task, &queries, g.as_ref(), None, ret.as_ref(), ec.as_ref(), rw.as_ref(), &gcfg, host.settings.threads, out).map(|_| ())
+                })?;
+                let mut params = exp.trainers.retriever.params.clone();
+                // The teacher 1/(i+1) at temperature 0.05 puts ~all mass on the positive: InfoNCE.
+                params.insert("loss".into(), toml::Value::String("kl".into()));
+                params.insert("t_teacher".into(), toml::Value::Float(0.05));
+                params.insert("answer_weight".into(), toml::Value::Float(0.0));
+                let tk = key(&serde_json::json!({"stage": "gpl-train", "data": k, "trainer": exp.trainers.retriever.plugin, "config": exp.trainers.retriever.config, "params": params, "base": rp.id}));
+                let gptdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dn}: round {round}: gpl-train"), droot.join(format!("gpl-train-r{round}-{tk}")), |out| {
+                    let job = rir_sdk::TrainJob {
+                        base_model: rbase.clone(),
+                        data_file: gpdir.join("distill.jsonl"),
+                        output_dir: out.join("model"),
+                        params: toml::to_string(&params).unwrap_or_default(),
+                    };
+                    crate::train::run(host, &exp.trainers.retriever.plugin, &toml::to_string(&exp.trainers.retriever.config).unwrap_or_default(), &job).map(|_| ())
+                })?;
+                gpls.push(Model { id: serde_json::json!({"trained": tk}), path: Some(gptdir.join("model")) });
+            }
         }
 
         for v in &exp.variants {
@@ -622,6 +663,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             let ret = match v.retriever {
                 RetrieverChoice::Base => &rets[0],
                 RetrieverChoice::Rlgf => &rets[round],
+                RetrieverChoice::Gpl => &gpls[round - 1],
             };
             let gen = match v.generator {
                 GeneratorChoice::None => None,

@@ -27,7 +27,7 @@ use crate::queries::{write_json, write_jsonl, PseudoQuery, Rng};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RlgfDataConfig {
-    /// Tokens for the generator's answer (temperature 0).
+    /// Tokens for the generator's answer (temperature 0); 0: no answers.
     #[serde(default = "d_answer")]
     pub answer_max_tokens: u32,
     /// A negative scores at most this fraction of the positive's score.
@@ -218,12 +218,16 @@ pub fn run(
         .collect::<Result<_, _>>()?;
     let input = |e: String| HostError::Input(format!("rlgf-data: {e}"));
 
-    // Answers (temperature 0), as inference would augment the query.
-    let reqs: Vec<GenerationRequest> =
-        queries.iter().map(|q| GenerationRequest::greedy(augmentation(task, &q.text), cfg.answer_max_tokens)).collect();
-    let (answers, answers_from_cache) =
-        generate_all(generator, &reqs, gcache, cfg.batch, "answers").map_err(|e| input(e.to_string()))?;
-    let answers: Vec<String> = answers.iter().map(|c| c.first().map(|c| c.text.trim().to_owned()).unwrap_or_default()).collect();
+    // Answers (temperature 0), as inference would augment the query; none
+    // with answer_max_tokens = 0 (training data without generator output).
+    let (answers, answers_from_cache) = if cfg.answer_max_tokens == 0 {
+        (vec![String::new(); queries.len()], 0)
+    } else {
+        let reqs: Vec<GenerationRequest> =
+            queries.iter().map(|q| GenerationRequest::greedy(augmentation(task, &q.text), cfg.answer_max_tokens)).collect();
+        let (answers, from_cache) = generate_all(generator, &reqs, gcache, cfg.batch, "answers").map_err(|e| input(e.to_string()))?;
+        (answers.iter().map(|c| c.first().map(|c| c.text.trim().to_owned()).unwrap_or_default()).collect(), from_cache)
+    };
 
     // Mining with the current retriever.
     let texts: Vec<String> = ds.corpus.iter().map(|d| d.encoder_text()).collect();

