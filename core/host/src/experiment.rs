@@ -721,6 +721,37 @@ fn gcache_for(host: &PluginHost, exp: &Experiment, opts: &RunOptions, g: &dyn ri
     opts.use_cache.then(|| crate::generate::GenerationCache::for_generator(&host.settings.cache_dir, &exp.generator.plugin, &config, g))
 }
 
+/// The CPU's model name (Linux), for the manifest.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+/// The SIMD extensions the kernels choose between.
+fn simd_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        for (name, on) in [
+            ("avx2", is_x86_feature_detected!("avx2")),
+            ("fma", is_x86_feature_detected!("fma")),
+            ("f16c", is_x86_feature_detected!("f16c")),
+            ("avx512f", is_x86_feature_detected!("avx512f")),
+            ("avx512bw", is_x86_feature_detected!("avx512bw")),
+            ("avx512vl", is_x86_feature_detected!("avx512vl")),
+            ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+        ] {
+            if on {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
 fn slug(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
@@ -772,6 +803,10 @@ fn write_manifest(
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "threads": host.settings.threads,
         "hostname": std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_default(),
+        // The numbers depend on these: the plugins' CPU kernels (quantized
+        // dot products, the gemm micro-kernels) pick their code path by them.
+        "cpu": cpu_model(),
+        "simd": simd_features(),
     });
     let v = serde_json::json!({
         "experiment": exp, "plugins": plugins, "models": models, "git_commit": git, "machine": machine,

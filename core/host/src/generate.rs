@@ -1,12 +1,15 @@
-//! Calling a Generator plugin through a cache of completions, keyed by the
-//! plugin, its config, the model name and the full request. Only successful
-//! batches are written, so a failure never caches a partial result.
+//! Calling a Generator plugin through a cache of completions (and of scores
+//! of given continuations, in a sibling file), keyed by the plugin, its
+//! config, the model name and the full request. Only successful batches are
+//! written, so a failure never caches a partial result. [`Cached`] wraps a
+//! generator so that what a Reward plugin asks of it goes through the cache
+//! too (a rerun after a crash does not redo the teacher's calls).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use rir_sdk::{Completion, GenerationRequest, Generator, PluginError};
+use rir_sdk::{Completion, GenerationRequest, Generator, PluginError, PluginResult, Score, ScoreRequest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -26,6 +29,12 @@ pub enum GenerateError {
 struct Record {
     key: String,
     completions: Vec<Completion>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ScoreRecord {
+    key: String,
+    score: Score,
 }
 
 pub struct GenerationCache {
@@ -54,30 +63,166 @@ impl GenerationCache {
         format!("{:x}", h.finalize())
     }
 
-    fn load(&self) -> HashMap<String, Vec<Completion>> {
-        let mut map = HashMap::new();
-        if let Ok(f) = std::fs::File::open(&self.path) {
-            // A torn last line (a crash mid-write) fails to parse and is skipped.
-            for line in BufReader::new(f).lines().map_while(Result::ok) {
-                if let Ok(r) = serde_json::from_str::<Record>(&line) {
-                    map.insert(r.key, r.completions);
-                }
-            }
-        }
-        map
+    fn score_key(&self, r: &ScoreRequest) -> String {
+        let mut h = Sha256::new();
+        h.update(self.identity.as_bytes());
+        h.update(b"\nscore\n");
+        h.update(serde_json::to_vec(r).expect("serialisable"));
+        format!("{:x}", h.finalize())
     }
 
-    fn append(&self, records: &[Record]) -> Result<(), GenerateError> {
-        let err = |source| GenerateError::Io { path: self.path.clone(), source };
-        std::fs::create_dir_all(self.path.parent().expect("has parent")).map_err(err)?;
+    fn scores_path(&self) -> PathBuf {
+        self.path.with_extension("scores.jsonl")
+    }
+
+    fn load(&self) -> HashMap<String, Vec<Completion>> {
+        read_records::<Record>(&self.path).into_iter().map(|r| (r.key, r.completions)).collect()
+    }
+
+    fn load_scores(&self) -> HashMap<String, Score> {
+        read_records::<ScoreRecord>(&self.scores_path()).into_iter().map(|r| (r.key, r.score)).collect()
+    }
+
+    fn append<T: Serialize>(&self, path: &Path, records: &[T]) -> Result<(), GenerateError> {
+        let err = |source| GenerateError::Io { path: path.to_owned(), source };
+        std::fs::create_dir_all(path.parent().expect("has parent")).map_err(err)?;
         let mut buf = Vec::new();
         for r in records {
             serde_json::to_writer(&mut buf, r).expect("serialisable");
             buf.push(b'\n');
         }
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path).map_err(err)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
         f.write_all(&buf).map_err(err)
     }
+}
+
+/// Every record of a jsonl cache file; a torn last line (a crash mid-write)
+/// fails to parse and is skipped.
+fn read_records<T: serde::de::DeserializeOwned>(path: &Path) -> Vec<T> {
+    let Ok(f) = std::fs::File::open(path) else { return Vec::new() };
+    BufReader::new(f).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
+}
+
+/// Scores every request (in batches of `batch`), from the cache where it can.
+pub fn score_all(
+    generator: &dyn Generator,
+    requests: &[ScoreRequest],
+    cache: Option<&GenerationCache>,
+    batch: usize,
+) -> Result<Vec<Score>, GenerateError> {
+    let cached = cache.map(GenerationCache::load_scores).unwrap_or_default();
+    score_with(generator, requests, cache, &cached, batch)
+}
+
+fn score_with(
+    generator: &dyn Generator,
+    requests: &[ScoreRequest],
+    cache: Option<&GenerationCache>,
+    cached: &HashMap<String, Score>,
+    batch: usize,
+) -> Result<Vec<Score>, GenerateError> {
+    let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.score_key(r)).unwrap_or_default()).collect();
+    let mut out: Vec<Option<Score>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
+    let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
+    for chunk in todo.chunks(batch.max(1)) {
+        let reqs: Vec<ScoreRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
+        let got = generator.score(&reqs)?;
+        if got.len() != reqs.len() {
+            return Err(GenerateError::Plugin(PluginError::other(format!("generator scored {} of {} requests", got.len(), reqs.len()))));
+        }
+        if let Some(c) = cache {
+            let recs: Vec<ScoreRecord> = chunk.iter().zip(&got).map(|(&i, s)| ScoreRecord { key: keys[i].clone(), score: s.clone() }).collect();
+            c.append(&c.scores_path(), &recs)?;
+        }
+        for (&i, s) in chunk.iter().zip(got) {
+            out[i] = Some(s);
+        }
+    }
+    Ok(out.into_iter().map(|o| o.expect("filled")).collect())
+}
+
+/// A generator whose completions and scores go through a cache: what the
+/// host hands a Reward plugin, so the teacher's calls are cached like the
+/// stage's own.
+pub struct Cached<'a> {
+    inner: &'a dyn Generator,
+    cache: Option<&'a GenerationCache>,
+    /// The cache files, read once on first use and kept up to date.
+    memo: std::sync::Mutex<Option<(HashMap<String, Vec<Completion>>, HashMap<String, Score>)>>,
+}
+
+impl<'a> Cached<'a> {
+    pub fn new(inner: &'a dyn Generator, cache: Option<&'a GenerationCache>) -> Self {
+        Self { inner, cache, memo: std::sync::Mutex::new(None) }
+    }
+
+    fn with_memo<T>(&self, f: impl FnOnce(&mut (HashMap<String, Vec<Completion>>, HashMap<String, Score>)) -> T) -> T {
+        let mut m = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        let memo = m.get_or_insert_with(|| match self.cache {
+            Some(c) => (c.load(), c.load_scores()),
+            None => Default::default(),
+        });
+        f(memo)
+    }
+}
+
+impl Generator for Cached<'_> {
+    fn model_name(&self) -> String {
+        self.inner.model_name()
+    }
+    fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
+        let out = self.with_memo(|(done, _)| generate_quiet(self.inner, requests, self.cache, done)).map_err(plugin_error)?;
+        if let Some(c) = self.cache {
+            self.with_memo(|(done, _)| {
+                for (r, o) in requests.iter().zip(&out) {
+                    done.insert(c.key(r), o.clone());
+                }
+            });
+        }
+        Ok(out)
+    }
+    fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
+        let out = self.with_memo(|(_, done)| score_with(self.inner, requests, self.cache, done, requests.len().max(1))).map_err(plugin_error)?;
+        if let Some(c) = self.cache {
+            self.with_memo(|(_, done)| {
+                for (r, s) in requests.iter().zip(&out) {
+                    done.insert(c.score_key(r), s.clone());
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn plugin_error(e: GenerateError) -> PluginError {
+    match e {
+        GenerateError::Plugin(p) => p,
+        other => PluginError::other(other),
+    }
+}
+
+/// `generate_all` as one batch, without a progress bar (the caller has one).
+fn generate_quiet(
+    g: &dyn Generator,
+    requests: &[GenerationRequest],
+    cache: Option<&GenerationCache>,
+    cached: &HashMap<String, Vec<Completion>>,
+) -> Result<Vec<Vec<Completion>>, GenerateError> {
+    let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.key(r)).unwrap_or_default()).collect();
+    let mut out: Vec<Option<Vec<Completion>>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
+    let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
+    if !todo.is_empty() {
+        let reqs: Vec<GenerationRequest> = todo.iter().map(|&i| requests[i].clone()).collect();
+        let got = g.generate(&reqs)?;
+        if let Some(c) = cache {
+            let recs: Vec<Record> = todo.iter().zip(&got).map(|(&i, g)| Record { key: keys[i].clone(), completions: g.clone() }).collect();
+            c.append(&c.path, &recs)?;
+        }
+        for (&i, g) in todo.iter().zip(got) {
+            out[i] = Some(g);
+        }
+    }
+    Ok(out.into_iter().map(|o| o.expect("filled")).collect())
 }
 
 /// Runs every request (in batches of `batch`), answering from the cache where it can.
@@ -99,7 +244,7 @@ pub fn generate_all(
         if let Some(c) = cache {
             let recs: Vec<Record> =
                 chunk.iter().zip(&got).map(|(&i, g)| Record { key: keys[i].clone(), completions: g.clone() }).collect();
-            c.append(&recs)?;
+            c.append(&c.path, &recs)?;
         }
         for (&i, g) in chunk.iter().zip(got) {
             out[i] = Some(g);

@@ -276,7 +276,9 @@ pub fn run(
     if cfg.no_rerank {
         scores = groups.iter().map(|g| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect()).collect();
     } else {
-        let ctx = RewardContext { retriever: Some(retriever), generator: Some(generator) };
+        // The teacher's calls go through the stage's generation cache.
+        let cached = crate::generate::Cached::new(generator, gcache);
+        let ctx = RewardContext { retriever: Some(retriever), generator: Some(&cached) };
         let bar = crate::progress::bar(items.len(), "rerank", "queries");
         for chunk in items.chunks(cfg.batch.max(1)) {
             let s = reward.score(&ctx, chunk).map_err(|e| input(format!("reward: {e}")))?;

@@ -109,6 +109,18 @@ fn queries_then_preference_pairs_on_scifact() {
         assert!(e.pos_scores[0] < 0.0 && e.neg_scores.iter().all(|s| *s < 0.0), "log-probabilities: {e:?}");
         assert!(e.neg_scores.windows(2).all(|w| w[0] >= w[1]), "negatives in the teacher's order: {:?}", e.neg_scores);
     }
+    // The teacher's scores went through the stage's generation cache: a rerun reads them back.
+    let scores_file = std::fs::read_dir(cache.path().join("generations"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".scores.jsonl"))
+        .expect("a scores cache file");
+    let cached_lines = std::fs::read_to_string(&scores_file).unwrap().lines().count();
+    assert_eq!(cached_lines, qs.len() * 4, "one cached score per (query, candidate)");
+    let (again, _) = rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
+    assert_eq!(again, px);
+    assert_eq!(std::fs::read_to_string(&scores_file).unwrap().lines().count(), cached_lines, "nothing scored twice");
 
     // The reward's numbers, recomputed from the retriever directly.
     let q = &qs[0];
