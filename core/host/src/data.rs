@@ -36,6 +36,9 @@ pub enum DataError {
     /// A dataset name that cannot be a file name (it names cache folders and output files).
     #[error("{0}")]
     BadName(String),
+    /// Nothing to evaluate: an empty corpus, or no query with judgments.
+    #[error("{}: {what}", path.display())]
+    Empty { path: PathBuf, what: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
@@ -331,8 +334,17 @@ pub fn load_dir(name: &str, dir: &Path, split: &str) -> Result<Dataset, DataErro
         Ok(())
     })?;
 
+    if corpus.is_empty() {
+        return Err(DataError::Empty { path: corpus_path, what: "the corpus has no documents".into() });
+    }
     let qrels = read_qrels(&qrels_path, &mut report, &qseen, &seen)?;
-    let queries = all_queries.into_iter().filter(|(id, _)| qrels.contains_key(id)).collect();
+    let queries: Vec<(String, String)> = all_queries.into_iter().filter(|(id, _)| qrels.contains_key(id)).collect();
+    if queries.is_empty() {
+        return Err(DataError::Empty {
+            path: queries_path,
+            what: format!("no query has judgments in {} ({} queries read)", qrels_path.display(), qseen.len()),
+        });
+    }
     Ok(Dataset { name: name.into(), dir: dir.into(), split: split.into(), corpus, queries, qrels, report })
 }
 

@@ -107,6 +107,20 @@ pub enum EvalError {
     BadName(String),
 }
 
+/// Numeric options that would give wrong numbers silently: refused with the range.
+pub fn check_ranges(k: usize, query_weight: f64, batch: usize) -> Result<(), String> {
+    if k == 0 {
+        return Err("k (results per query) must be at least 1".into());
+    }
+    if !query_weight.is_finite() || !(0.0..=1.0).contains(&query_weight) {
+        return Err(format!("query_weight must be a number in [0, 1] (the query's share of the mix), got {query_weight}"));
+    }
+    if batch == 0 {
+        return Err("batch must be at least 1".into());
+    }
+    Ok(())
+}
+
 /// What `run` produced, with where it wrote it.
 pub struct EvalOutput {
     pub results: Results,
@@ -117,6 +131,7 @@ pub struct EvalOutput {
 pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
     // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
     crate::paths::check_name("--name", &o.name).map_err(EvalError::BadName)?;
+    check_ranges(o.k, o.query_weight, o.batch).map_err(EvalError::BadName)?;
     let mut timings = BTreeMap::new();
     let cache_root = host.settings.cache_dir.clone();
     let t = Instant::now();

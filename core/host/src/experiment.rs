@@ -237,11 +237,31 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
         })
     };
     named("experiment name", &exp.name)?;
+    // [eval] values, with the line of the key.
+    let key_at = |k: &str| {
+        // Within the [eval] table (other tables have keys of the same name).
+        let from = text.find("\n[eval]").unwrap_or(0);
+        let rest = &text[from..];
+        let (line, col) = rest
+            .find(&format!("\n{k} "))
+            .or_else(|| rest.find(&format!("\n{k}=")))
+            .map(|o| line_col(text, from + o + 1))
+            .unwrap_or((0, 0));
+        format!("{}:{line}:{col}", path.display())
+    };
+    crate::eval::check_ranges(exp.eval.k, exp.eval.query_weight, 1).map_err(|m| HostError::Input(format!("{}: [eval] {m}", key_at(if exp.eval.k == 0 { "k" } else { "query_weight" }))))?;
+    if !(exp.eval.alpha > 0.0 && exp.eval.alpha < 1.0) {
+        return Err(HostError::Input(format!("{}: [eval] alpha must be in (0, 1), got {}", key_at("alpha"), exp.eval.alpha)));
+    }
+    crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(|m| HostError::Input(format!("{}: [eval] measures: {m}", key_at("measures"))))?;
     let mut names = std::collections::BTreeSet::new();
     for v in &exp.variants {
         named("variant name", &v.name)?;
         if !names.insert(v.name.as_str()) {
             return Err(at(format!("variant `{}` appears twice", v.name)));
+        }
+        if let Some(w) = v.query_weight {
+            crate::eval::check_ranges(1, w, 1).map_err(|m| HostError::Input(format!("{}: variant `{}`: {m}", path.display(), v.name)))?;
         }
         if v.round.is_some_and(|r| r == 0 || r > exp.rounds) {
             return Err(at(format!("variant `{}`: round must be in 1..={}", v.name, exp.rounds)));
@@ -463,7 +483,11 @@ impl Runner<'_> {
         eprintln!("== {label}");
         self.note(&format!("{label}: started in {}", partial.display()));
         let t = Instant::now();
-        work(&partial)?;
+        if let Err(e) = work(&partial) {
+            // The log says what failed and where, whatever the caller prints.
+            self.note(&format!("{label}: failed in {}: {e}", partial.display()));
+            return Err(e);
+        }
         let secs = t.elapsed().as_secs_f64();
         crate::queries::write_json(&partial.join("stage.json"), &serde_json::json!({"stage": stage, "label": label, "seconds": secs}))?;
         if dir.exists() {
@@ -471,9 +495,29 @@ impl Runner<'_> {
         }
         std::fs::rename(&partial, &dir).map_err(io(&dir))?;
         self.note(&format!("{label}: done in {secs:.1} s"));
+        remove_stale_partials(&dir, |m| self.note(m));
         step.seconds = Some(secs);
         self.steps.push(step);
         Ok(dir)
+    }
+}
+
+/// Once a stage finished, the `.partial` directories an interrupted run of
+/// the same stage left with other settings (another hash) are removed: they
+/// are never read and can be large (a DPO stage's is ~600 MB).
+fn remove_stale_partials(done: &Path, mut note: impl FnMut(&str)) {
+    let (Some(parent), Some(name)) = (done.parent(), done.file_name().map(|n| n.to_string_lossy().into_owned())) else { return };
+    let Some((stem, _hash)) = name.rsplit_once('-') else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let stale = n.strip_suffix(".partial").and_then(|base| base.rsplit_once('-')).is_some_and(|(s, h)| s == stem && h.chars().all(|c| c.is_ascii_hexdigit()));
+        if stale && e.path().is_dir() {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => note(&format!("removed a stale {}", e.path().display())),
+                Err(err) => note(&format!("could not remove a stale {}: {err}", e.path().display())),
+            }
+        }
     }
 }
 
@@ -813,4 +857,23 @@ fn write_manifest(
         "rir_version": env!("CARGO_PKG_VERSION"), "finished": utc_now(), "steps": steps, "results": results, "seconds": seconds,
     });
     crate::queries::write_json(&root.join("manifest.json"), &v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stale_partials_of_the_same_stage_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        for n in ["eval-base-aaaa11112222.partial", "eval-base-bbbb33334444", "eval-other-cccc55556666.partial", "eval-base_x-dddd77778888.partial"] {
+            std::fs::create_dir_all(d.join(n)).unwrap();
+        }
+        let mut notes = Vec::new();
+        super::remove_stale_partials(&d.join("eval-base-bbbb33334444"), |m| notes.push(m.to_owned()));
+        assert!(!d.join("eval-base-aaaa11112222.partial").exists(), "{notes:?}");
+        for kept in ["eval-base-bbbb33334444", "eval-other-cccc55556666.partial", "eval-base_x-dddd77778888.partial"] {
+            assert!(d.join(kept).exists(), "{kept}");
+        }
+        assert_eq!(notes.len(), 1);
+    }
 }

@@ -91,9 +91,45 @@ impl GenerationCache {
             serde_json::to_writer(&mut buf, r).expect("serialisable");
             buf.push(b'\n');
         }
+        truncate_torn_tail(path).map_err(err)?;
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
         f.write_all(&buf).map_err(err)
     }
+}
+
+/// A crash mid-write leaves a last line without its newline: cut it off, so
+/// the next append starts on a fresh line instead of gluing onto it (which
+/// would lose the first new record as well).
+fn truncate_torn_tail(path: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut f) = std::fs::OpenOptions::new().read(true).write(true).open(path) else { return Ok(()) };
+    let len = f.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::End(-1))?;
+    std::io::Read::read_exact(&mut f, &mut last)?;
+    if last[0] == b'\n' {
+        return Ok(());
+    }
+    // Find the last newline, reading back in blocks.
+    let mut end = len;
+    let mut keep = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))?;
+        std::io::Read::read_exact(&mut f, &mut buf[..n])?;
+        if let Some(p) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            keep = start + p as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    log::warn!("{}: dropping a torn last line ({} bytes) left by an interrupted write", path.display(), len - keep);
+    f.set_len(keep)
 }
 
 /// Every record of a jsonl cache file; a torn last line (a crash mid-write)

@@ -800,6 +800,9 @@ results:  {}", out.run_file.display(), out.results_file.display());
 }
 
 fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
+    if !(a.alpha > 0.0 && a.alpha < 1.0) {
+        anyhow::bail!("--alpha must be in (0, 1), got {}", a.alpha);
+    }
     let mut results = a.results.iter().map(|p| report::Results::read(p)).collect::<Result<Vec<_>, _>>()?;
     if let Some(names) = &a.names {
         let names: Vec<&str> = names.split(',').map(str::trim).collect();
