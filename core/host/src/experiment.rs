@@ -112,6 +112,9 @@ pub struct EvalSpec {
     /// Significance level of the table's marks.
     #[serde(default = "d_alpha")]
     pub alpha: f64,
+    /// Multiple-comparison correction of the marks (every variant against the first).
+    #[serde(default)]
+    pub correction: crate::report::Correction,
 }
 fn d_measures() -> Vec<String> {
     ["nDCG@10", "R@100", "RR@10"].iter().map(|s| s.to_string()).collect()
@@ -809,6 +812,7 @@ fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<Stri
         alpha: exp.eval.alpha,
         measures: crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
         show_delta: true,
+        correction: exp.eval.correction,
         ..Default::default()
     };
     let cmp = crate::report::compare(&results, &opts).map_err(|e| HostError::Input(e.to_string()))?;

@@ -384,6 +384,9 @@ struct TableArgs {
     /// Significance level
     #[arg(long, default_value_t = 0.05)]
     alpha: f64,
+    /// Multiple-comparison correction over the runs compared with the baseline: holm, bonferroni or none
+    #[arg(long, default_value = "holm")]
+    correction: String,
     /// terminal, md, latex, csv or json
     #[arg(long, default_value = "terminal")]
     format: String,
@@ -821,6 +824,7 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
             None => vec![],
         },
         show_delta: !a.no_delta,
+        correction: a.correction.parse().map_err(anyhow::Error::msg)?,
         ..Default::default()
     };
     let format: report::Format = a.format.parse().map_err(anyhow::Error::msg)?;

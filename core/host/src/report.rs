@@ -102,11 +102,74 @@ pub struct TableOptions {
     pub measures: Vec<Measure>,
     pub randomization_iterations: usize,
     pub show_delta: bool,
+    /// Correction for comparing several runs against one baseline.
+    pub correction: Correction,
 }
 
 impl Default for TableOptions {
     fn default() -> Self {
-        Self { baseline: None, alpha: 0.05, measures: vec![], randomization_iterations: 10_000, show_delta: true }
+        Self { baseline: None, alpha: 0.05, measures: vec![], randomization_iterations: 10_000, show_delta: true, correction: Correction::Holm }
+    }
+}
+
+/// Multiple-comparison correction of the p-values in one column (one
+/// dataset and measure: every run against the baseline), as ranx offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Correction {
+    /// Holm–Bonferroni step-down (controls the family-wise error, less conservative).
+    #[default]
+    Holm,
+    Bonferroni,
+    None,
+}
+
+impl std::str::FromStr for Correction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "holm" => Ok(Correction::Holm),
+            "bonferroni" => Ok(Correction::Bonferroni),
+            "none" => Ok(Correction::None),
+            o => Err(format!("unknown correction {o:?} (holm | bonferroni | none)")),
+        }
+    }
+}
+
+impl Correction {
+    /// Adjusted p-values, in the order given (None stays None).
+    pub fn adjust(self, ps: &[Option<f64>]) -> Vec<Option<f64>> {
+        let idx: Vec<usize> = (0..ps.len()).filter(|&i| ps[i].is_some()).collect();
+        let m = idx.len() as f64;
+        let mut out = ps.to_vec();
+        match self {
+            Correction::None => {}
+            Correction::Bonferroni => {
+                for &i in &idx {
+                    out[i] = ps[i].map(|p| (p * m).min(1.0));
+                }
+            }
+            Correction::Holm => {
+                let mut order = idx.clone();
+                order.sort_by(|&a, &b| ps[a].unwrap_or(1.0).total_cmp(&ps[b].unwrap_or(1.0)));
+                let mut running: f64 = 0.0;
+                for (rank, &i) in order.iter().enumerate() {
+                    let adj = ((m - rank as f64) * ps[i].unwrap_or(1.0)).min(1.0);
+                    running = running.max(adj);
+                    out[i] = Some(running);
+                }
+            }
+        }
+        out
+    }
+
+    fn legend(self, m: usize) -> String {
+        let s = if m == 1 { "" } else { "s" };
+        match self {
+            Correction::None => "uncorrected".into(),
+            Correction::Bonferroni => format!("Bonferroni-corrected over {m} comparison{s}"),
+            Correction::Holm => format!("Holm–Bonferroni-corrected over {m} comparison{s}"),
+        }
     }
 }
 
@@ -117,6 +180,9 @@ pub struct CellValue {
     pub delta: Option<f64>,
     pub p_t_test: Option<f64>,
     pub p_randomization: Option<f64>,
+    /// The p-values after the table's correction (what the marks use).
+    pub p_t_test_adjusted: Option<f64>,
+    pub p_randomization_adjusted: Option<f64>,
     pub best: bool,
     pub queries: usize,
 }
@@ -127,6 +193,9 @@ pub struct Comparison {
     pub runs: Vec<String>,
     pub baseline: String,
     pub alpha: f64,
+    pub correction: Correction,
+    /// Comparisons per column the correction covered (runs besides the baseline).
+    pub comparisons: usize,
     /// Column keys: (dataset, measure).
     pub columns: Vec<(String, String)>,
     /// rows[run][column]; None where a run lacks that dataset or measure.
@@ -168,6 +237,7 @@ pub fn compare(results: &[Results], opts: &TableOptions) -> Result<Comparison, R
     };
     let find = |run: &str, ds: &str| results.iter().find(|r| r.name == run && r.dataset == ds);
     let mut columns = Vec::new();
+    let mut comparisons = 0;
     let mut cells = vec![Vec::new(); runs.len()];
     for ds in &datasets {
         for m in &measures {
@@ -183,6 +253,8 @@ pub fn compare(results: &[Results], opts: &TableOptions) -> Result<Comparison, R
                         delta: None,
                         p_t_test: None,
                         p_randomization: None,
+                        p_t_test_adjusted: None,
+                        p_randomization_adjusted: None,
                         best: false,
                         queries: r.evaluation.per_query.len(),
                     };
@@ -199,6 +271,17 @@ pub fn compare(results: &[Results], opts: &TableOptions) -> Result<Comparison, R
                     Some(cell)
                 })
                 .collect();
+            // The correction runs over this column's comparisons with the baseline.
+            let pt: Vec<Option<f64>> = col.iter().map(|c| c.as_ref().and_then(|c| c.p_t_test)).collect();
+            let pr: Vec<Option<f64>> = col.iter().map(|c| c.as_ref().and_then(|c| c.p_randomization)).collect();
+            let (at, ar) = (opts.correction.adjust(&pt), opts.correction.adjust(&pr));
+            comparisons = comparisons.max(pt.iter().flatten().count());
+            for (i, c) in col.iter_mut().enumerate() {
+                if let Some(c) = c {
+                    c.p_t_test_adjusted = at[i];
+                    c.p_randomization_adjusted = ar[i];
+                }
+            }
             let best = col.iter().flatten().map(|c| c.value).fold(f64::NEG_INFINITY, f64::max);
             for c in col.iter_mut().flatten() {
                 c.best = c.value == best;
@@ -208,7 +291,7 @@ pub fn compare(results: &[Results], opts: &TableOptions) -> Result<Comparison, R
             }
         }
     }
-    Ok(Comparison { runs, baseline, alpha: opts.alpha, columns, cells })
+    Ok(Comparison { runs, baseline, alpha: opts.alpha, correction: opts.correction, comparisons, columns, cells })
 }
 
 /// Per-query values of measure `m` for the queries both runs evaluated.
@@ -224,13 +307,14 @@ fn paired(a: &Results, b: &Results, m: &Measure) -> (Vec<f64>, Vec<f64>) {
     (xs, ys)
 }
 
-/// Marks: `ᵗ` t-test and `ʳ` randomization test significant at alpha.
+/// Marks: `ᵗ` t-test and `ʳ` randomization test significant at alpha, after
+/// the table's correction.
 fn marks(c: &CellValue, alpha: f64) -> String {
     let mut s = String::new();
-    if c.p_t_test.is_some_and(|p| p < alpha) {
+    if c.p_t_test_adjusted.is_some_and(|p| p < alpha) {
         s.push('ᵗ');
     }
-    if c.p_randomization.is_some_and(|p| p < alpha) {
+    if c.p_randomization_adjusted.is_some_and(|p| p < alpha) {
         s.push('ʳ');
     }
     s
@@ -252,8 +336,10 @@ pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
     // With one run there is nothing to compare, so no legend.
     let legend = if c.runs.len() > 1 {
         format!(
-            "baseline: {}; ᵗ paired t-test, ʳ paired randomization test, p < {} against the baseline; best in bold\n",
-            c.baseline, c.alpha
+            "baseline: {}; ᵗ paired t-test, ʳ paired randomization test, p < {} against the baseline ({}); best in bold\n",
+            c.baseline,
+            c.alpha,
+            c.correction.legend(c.comparisons)
         )
     } else {
         String::new()
@@ -343,13 +429,13 @@ pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
             s
         }
         Format::Csv => {
-            let mut s = String::from("run,dataset,measure,value,delta,p_t_test,p_randomization,best\n");
+            let mut s = String::from("run,dataset,measure,value,delta,p_t_test,p_randomization,p_t_test_adjusted,p_randomization_adjusted,best\n");
             let opt = |x: Option<f64>| x.map(|v| v.to_string()).unwrap_or_default();
             for (i, run) in c.runs.iter().enumerate() {
                 for ((d, m), cell) in c.columns.iter().zip(&c.cells[i]) {
                     if let Some(v) = cell {
                         s.push_str(&format!(
-                            "{},{},{},{},{},{},{},{}\n",
+                            "{},{},{},{},{},{},{},{},{},{}\n",
                             csv_field(run),
                             csv_field(d),
                             m,
@@ -357,6 +443,8 @@ pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
                             opt(v.delta),
                             opt(v.p_t_test),
                             opt(v.p_randomization),
+                            opt(v.p_t_test_adjusted),
+                            opt(v.p_randomization_adjusted),
                             v.best
                         ));
                     }
@@ -373,5 +461,25 @@ fn csv_field(s: &str) -> String {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
         s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Correction;
+
+    #[test]
+    fn holm_and_bonferroni_adjust_as_statsmodels_does() {
+        let p = [Some(0.01), Some(0.04), None, Some(0.03), Some(0.005)];
+        let close = |a: &[Option<f64>], b: &[Option<f64>]| a.iter().zip(b).all(|(x, y)| match (x, y) {
+            (Some(x), Some(y)) => (x - y).abs() < 1e-12,
+            (None, None) => true,
+            _ => false,
+        });
+        // statsmodels.stats.multitest.multipletests(p, method="holm" | "bonferroni")
+        assert!(close(&Correction::Holm.adjust(&p), &[Some(0.03), Some(0.06), None, Some(0.06), Some(0.02)]), "{:?}", Correction::Holm.adjust(&p));
+        assert!(close(&Correction::Bonferroni.adjust(&p), &[Some(0.04), Some(0.16), None, Some(0.12), Some(0.02)]));
+        assert_eq!(Correction::None.adjust(&p), p.to_vec());
+        assert_eq!(Correction::Holm.adjust(&[Some(0.9), Some(0.8)]), [Some(1.0), Some(1.0)]);
     }
 }

@@ -162,6 +162,11 @@ fn eval_writes_run_and_results_then_reuses_the_cache_and_table_compares() {
     // dim 32 collides heavily: far worse, and both tests say so.
     let line = table.lines().find(|l| l.starts_with("| hash32 |")).unwrap();
     assert!(line.contains("ᵗʳ"), "{table}");
+    assert!(table.contains("(Holm–Bonferroni-corrected over 1 comparison)"), "{table}");
+    let (ok, table, err) = rir(&["table", &results("hash1024"), &results("hash32"), "--correction", "bonferroni"], cache.path());
+    assert!(ok && table.contains("Bonferroni-corrected"), "{err}");
+    let (ok, _, err) = rir(&["table", &results("hash1024"), &results("hash32"), "--correction", "sidak"], cache.path());
+    assert!(!ok && err.contains("holm | bonferroni | none"), "{err}");
     for fmt in ["latex", "csv", "json", "terminal"] {
         let (ok, _, err) = rir(&["table", &results("hash1024"), &results("hash32"), "--format", fmt], cache.path());
         assert!(ok, "{fmt}: {err}");
