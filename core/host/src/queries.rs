@@ -145,6 +145,9 @@ pub struct QueriesStats {
     /// Judge answers with no 0/1 in them (counted as irrelevant).
     pub judge_unparsed: usize,
     pub kept: usize,
+    /// kept / sampled: how much of what the generator writes the filter keeps.
+    #[serde(default)]
+    pub keep_rate: f64,
     pub from_cache: usize,
 }
 
@@ -269,6 +272,7 @@ pub fn run(
     }
     stats.judged_irrelevant -= stats.judge_unparsed.min(stats.judged_irrelevant);
     stats.kept = kept.len();
+    stats.keep_rate = if stats.sampled == 0 { 0.0 } else { stats.kept as f64 / stats.sampled as f64 };
     write_jsonl(&out_dir.join("queries.jsonl"), &kept)?;
     write_json(&out_dir.join("queries.stats.json"), &stats)?;
     Ok((kept, stats))

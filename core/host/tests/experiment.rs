@@ -32,6 +32,17 @@ fn experiment_files_fail_clearly_before_any_work() {
         }
     }
 
+    // The NFCorpus CPU experiment is SciFact's, not retuned: only the name and dataset differ.
+    let settings = |f: &str| -> Vec<String> {
+        std::fs::read_to_string(root().join("experiments").join(f))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("name = ") && !l.starts_with("datasets = "))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(settings("scifact-cpu.toml"), settings("nfcorpus-cpu.toml"));
+
     let bad = base.replace("passages = 120", "pasages = 120");
     let line = bad.lines().position(|l| l.starts_with("pasages")).unwrap() + 1;
     let e = experiment::parse(&bad, &p).unwrap_err().to_string();

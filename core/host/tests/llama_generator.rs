@@ -3,17 +3,13 @@
 //! greedy decoding.
 
 mod common;
+#[path = "common/llama_cpp.rs"]
+mod llama_cpp;
 
 use common::*;
 use rir::data;
 use rir_plugin_llama_generator::LlamaGenerator;
 use rir_sdk::{GenerationRequest, Message, Prompt};
-use serde_json::{json, Value};
-
-fn post(url: &str, body: Value) -> Value {
-    let text = ureq::post(url).send_json(body).unwrap().body_mut().read_to_string().unwrap();
-    serde_json::from_str(&text).unwrap()
-}
 
 fn texts() -> (Vec<String>, Vec<String>) {
     let cache = temp_cache();
@@ -37,61 +33,15 @@ fn tokenizer_template_and_greedy_decoding_match_llama_cpp() {
     let local = LlamaGenerator::new(&format!("model = {SMOLLM:?}")).unwrap();
     let (strings, queries) = texts();
 
-    // Tokenisation, special tokens parsed as llama.cpp parses them in prompts.
-    let mut same = 0;
-    for s in &strings {
-        let theirs: Vec<u32> = post(&format!("{}/tokenize", server.base), json!({"content": s, "add_special": false, "parse_special": true}))
-            ["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t.as_u64().unwrap() as u32)
-            .collect();
-        let ours = local.encode(s).unwrap();
-        if ours == theirs {
-            same += 1;
-        } else {
-            eprintln!("tokenisation differs for {s:?}:\n ours   {ours:?}\n theirs {theirs:?}");
-        }
-    }
+    let same = llama_cpp::same_tokens(&local, &server.base, &strings);
     eprintln!("tokenisation: {same}/{} strings identical to llama.cpp's /tokenize", strings.len());
     assert_eq!(same, strings.len());
-
-    // The chat template renders as llama.cpp renders it.
-    let msgs = vec![Message::system("Be brief."), Message::user("What is BM25?")];
-    let theirs = post(
-        &format!("{}/apply-template", server.base),
-        json!({"messages": msgs.iter().map(|m| json!({"role": m.role, "content": m.content})).collect::<Vec<_>>()}),
-    )["prompt"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(local.render(&Prompt::Chat(msgs)).unwrap(), theirs);
+    llama_cpp::assert_same_template(&local, &server.base);
 
     // Greedy decoding of 16 tokens, through the loaded plugin library.
     let host = host();
     let g = host.load("llama-generator").unwrap().generator(&format!("model = {SMOLLM:?}")).unwrap();
-    let reqs: Vec<GenerationRequest> = queries
-        .iter()
-        .map(|q| GenerationRequest::greedy(Prompt::Chat(vec![Message::user(format!("Write a short abstract for: {q}"))]), 16))
-        .collect();
-    let ours = g.generate(&reqs).unwrap();
-    let mut matches = 0;
-    for (q, o) in queries.iter().zip(&ours) {
-        let theirs = post(
-            &format!("{}/v1/chat/completions", server.base),
-            json!({"model": "smollm2", "messages": [{"role": "user", "content": format!("Write a short abstract for: {q}")}],
-                   "max_tokens": 16, "temperature": 0.0}),
-        )["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        if theirs == o[0].text {
-            matches += 1;
-        } else {
-            eprintln!("greedy differs for {q:?}:\n ours   {:?}\n theirs {theirs:?}", o[0].text);
-        }
-    }
+    let matches = llama_cpp::same_greedy(g.as_ref(), &server.base, &queries);
     eprintln!("greedy 16-token outputs identical to llama.cpp's: {matches}/{}", queries.len());
     assert!(matches * 2 > queries.len(), "only {matches}/{} greedy outputs match", queries.len());
 }
