@@ -103,20 +103,23 @@ pub enum EvalError {
         #[source]
         source: std::io::Error,
     },
+    /// A name or option refused before any work.
     #[error("{0}")]
-    BadName(String),
+    Invalid(String),
 }
 
 /// Numeric options that would give wrong numbers silently: refused with the range.
-pub fn check_ranges(k: usize, query_weight: f64, batch: usize) -> Result<(), String> {
+pub fn check_k(k: usize) -> Result<(), String> {
     if k == 0 {
         return Err("k (results per query) must be at least 1".into());
     }
-    if !query_weight.is_finite() || !(0.0..=1.0).contains(&query_weight) {
-        return Err(format!("query_weight must be a number in [0, 1] (the query's share of the mix), got {query_weight}"));
-    }
-    if batch == 0 {
-        return Err("batch must be at least 1".into());
+    Ok(())
+}
+
+/// The query's share of the augmentation mix: a number in [0, 1].
+pub fn check_query_weight(w: f64) -> Result<(), String> {
+    if !w.is_finite() || !(0.0..=1.0).contains(&w) {
+        return Err(format!("query_weight must be a number in [0, 1] (the query's share of the mix), got {w}"));
     }
     Ok(())
 }
@@ -130,8 +133,11 @@ pub struct EvalOutput {
 
 pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
     // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
-    crate::paths::check_name("--name", &o.name).map_err(EvalError::BadName)?;
-    check_ranges(o.k, o.query_weight, o.batch).map_err(EvalError::BadName)?;
+    crate::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
+    check_k(o.k).and(check_query_weight(o.query_weight)).map_err(EvalError::Invalid)?;
+    if o.batch == 0 {
+        return Err(EvalError::Invalid("batch must be at least 1".into()));
+    }
     let mut timings = BTreeMap::new();
     let cache_root = host.settings.cache_dir.clone();
     let t = Instant::now();

@@ -159,8 +159,7 @@ pub enum RetrieverChoice {
     Rlgf,
     /// GPL/InPars-style: the retriever of the variant's round trained on the
     /// same pseudo queries and mined negatives, the source passage as the
-    /// positive, no generator feedback and no answers (InfoNCE, as a KL loss
-    /// towards a one-hot teacher).
+    /// positive, no generator feedback and no answers (the trainer's InfoNCE loss).
     Gpl,
 }
 
@@ -252,7 +251,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
             .unwrap_or((0, 0));
         format!("{}:{line}:{col}", path.display())
     };
-    crate::eval::check_ranges(exp.eval.k, exp.eval.query_weight, 1).map_err(|m| HostError::Input(format!("{}: [eval] {m}", key_at(if exp.eval.k == 0 { "k" } else { "query_weight" }))))?;
+    let eval_err = |key: &'static str| move |m: String| HostError::Input(format!("{}: [eval] {m}", key_at(key)));
+    crate::eval::check_k(exp.eval.k).map_err(eval_err("k"))?;
+    crate::eval::check_query_weight(exp.eval.query_weight).map_err(eval_err("query_weight"))?;
     if !(exp.eval.alpha > 0.0 && exp.eval.alpha < 1.0) {
         return Err(HostError::Input(format!("{}: [eval] alpha must be in (0, 1), got {}", key_at("alpha"), exp.eval.alpha)));
     }
@@ -264,7 +265,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
             return Err(at(format!("variant `{}` appears twice", v.name)));
         }
         if let Some(w) = v.query_weight {
-            crate::eval::check_ranges(1, w, 1).map_err(|m| HostError::Input(format!("{}: variant `{}`: {m}", path.display(), v.name)))?;
+            crate::eval::check_query_weight(w).map_err(|m| {
+                let (line, col) = locate(text, &v.name).unwrap_or((0, 0));
+                HostError::Input(format!("{}:{line}:{col}: variant `{}`: {m}", path.display(), v.name))
+            })?;
         }
         if v.round.is_some_and(|r| r == 0 || r > exp.rounds) {
             return Err(at(format!("variant `{}`: round must be in 1..={}", v.name, exp.rounds)));
@@ -674,7 +678,6 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                 let mut gcfg = exp.stages.rlgf.clone();
                 gcfg.no_rerank = true;
                 gcfg.positive = crate::rlgf::PositiveChoice::Source;
-                gcfg.teacher_scores = crate::rlgf::TeacherScores::Raw;
                 gcfg.answer_max_tokens = 0;
                 let k = key(&serde_json::json!({"stage": "gpl-data", "queries": qkey, "retriever": rp.id, "config": gcfg}));
                 let gpdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dn}: round {round}: gpl-data"), droot.join(format!("gpl-data-r{round}-{k}")), |out| {
@@ -687,9 +690,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     crate::rlgf::run(&ds, &task, &queries, g.as_ref(), None, ret.as_ref(), ec.as_ref(), rw.as_ref(), &gcfg, host.settings.threads, out).map(|_| ())
                 })?;
                 let mut params = exp.trainers.retriever.params.clone();
-                // The teacher 1/(i+1) at temperature 0.05 puts ~all mass on the positive: InfoNCE.
-                params.insert("loss".into(), toml::Value::String("kl".into()));
-                params.insert("t_teacher".into(), toml::Value::Float(0.05));
+                params.insert("loss".into(), toml::Value::String("infonce".into()));
                 params.insert("answer_weight".into(), toml::Value::Float(0.0));
                 let tk = key(&serde_json::json!({"stage": "gpl-train", "data": k, "trainer": exp.trainers.retriever.plugin, "config": exp.trainers.retriever.config, "params": params, "base": rp.id}));
                 let gptdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dn}: round {round}: gpl-train"), droot.join(format!("gpl-train-r{round}-{tk}")), |out| {

@@ -158,23 +158,52 @@ fn score_with(
     batch: usize,
 ) -> Result<Vec<Score>, GenerateError> {
     let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.score_key(r)).unwrap_or_default()).collect();
-    let mut out: Vec<Option<Score>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
-    let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
-    for chunk in todo.chunks(batch.max(1)) {
-        let reqs: Vec<ScoreRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
-        let got = generator.score(&reqs)?;
+    let (out, _) = fill(requests, &keys, cached, batch, |reqs| {
+        let got = generator.score(reqs)?;
         if got.len() != reqs.len() {
             return Err(GenerateError::Plugin(PluginError::other(format!("generator scored {} of {} requests", got.len(), reqs.len()))));
         }
-        if let Some(c) = cache {
-            let recs: Vec<ScoreRecord> = chunk.iter().zip(&got).map(|(&i, s)| ScoreRecord { key: keys[i].clone(), score: s.clone() }).collect();
-            c.append(&c.scores_path(), &recs)?;
+        Ok(got)
+    }, |recs| match cache {
+        Some(c) => c.append(&c.scores_path(), &recs.iter().map(|(key, score)| ScoreRecord { key: key.clone(), score: score.clone() }).collect::<Vec<_>>()),
+        None => Ok(()),
+    }, |_| {})?;
+    Ok(out)
+}
+
+/// The shared loop of the cached calls: answers from `cached` where the key
+/// is there, the rest through `call` in chunks of `batch`, each chunk's
+/// results handed to `write` (the cache file) as soon as they arrive.
+/// Returns the results in request order and how many came from the cache.
+fn fill<R: Clone, O: Clone>(
+    requests: &[R],
+    keys: &[String],
+    cached: &HashMap<String, O>,
+    batch: usize,
+    mut call: impl FnMut(&[R]) -> Result<Vec<O>, GenerateError>,
+    mut write: impl FnMut(&[(String, O)]) -> Result<(), GenerateError>,
+    mut done: impl FnMut(usize),
+) -> Result<(Vec<O>, usize), GenerateError> {
+    let mut out: Vec<Option<O>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
+    let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
+    for chunk in todo.chunks(batch.max(1)) {
+        let reqs: Vec<R> = chunk.iter().map(|&i| requests[i].clone()).collect();
+        let got = call(&reqs)?;
+        let recs: Vec<(String, O)> = chunk.iter().zip(&got).map(|(&i, o)| (keys[i].clone(), o.clone())).collect();
+        write(&recs)?;
+        for (&i, o) in chunk.iter().zip(got) {
+            out[i] = Some(o);
         }
-        for (&i, s) in chunk.iter().zip(got) {
-            out[i] = Some(s);
-        }
+        done(chunk.len());
     }
-    Ok(out.into_iter().map(|o| o.expect("filled")).collect())
+    Ok((out.into_iter().map(|o| o.expect("filled")).collect(), requests.len() - todo.len()))
+}
+
+fn write_completions(cache: Option<&GenerationCache>, recs: &[(String, Vec<Completion>)]) -> Result<(), GenerateError> {
+    match cache {
+        Some(c) => c.append(&c.path, &recs.iter().map(|(key, completions)| Record { key: key.clone(), completions: completions.clone() }).collect::<Vec<_>>()),
+        None => Ok(()),
+    }
 }
 
 /// A generator whose completions and scores go through a cache: what the
@@ -245,20 +274,8 @@ fn generate_quiet(
     cached: &HashMap<String, Vec<Completion>>,
 ) -> Result<Vec<Vec<Completion>>, GenerateError> {
     let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.key(r)).unwrap_or_default()).collect();
-    let mut out: Vec<Option<Vec<Completion>>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
-    let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
-    if !todo.is_empty() {
-        let reqs: Vec<GenerationRequest> = todo.iter().map(|&i| requests[i].clone()).collect();
-        let got = g.generate(&reqs)?;
-        if let Some(c) = cache {
-            let recs: Vec<Record> = todo.iter().zip(&got).map(|(&i, g)| Record { key: keys[i].clone(), completions: g.clone() }).collect();
-            c.append(&c.path, &recs)?;
-        }
-        for (&i, g) in todo.iter().zip(got) {
-            out[i] = Some(g);
-        }
-    }
-    Ok(out.into_iter().map(|o| o.expect("filled")).collect())
+    let (out, _) = fill(requests, &keys, cached, requests.len(), |r| Ok(g.generate(r)?), |recs| write_completions(cache, recs), |_| {})?;
+    Ok(out)
 }
 
 /// Runs every request (in batches of `batch`), answering from the cache where it can.
@@ -271,22 +288,9 @@ pub fn generate_all(
 ) -> Result<(Vec<Vec<Completion>>, usize), GenerateError> {
     let cached = cache.map(GenerationCache::load).unwrap_or_default();
     let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.key(r)).unwrap_or_default()).collect();
-    let mut out: Vec<Option<Vec<Completion>>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
-    let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
-    let bar = crate::progress::bar(todo.len(), label, "prompts");
-    for chunk in todo.chunks(batch.max(1)) {
-        let reqs: Vec<GenerationRequest> = chunk.iter().map(|&i| requests[i].clone()).collect();
-        let got = generator.generate(&reqs)?;
-        if let Some(c) = cache {
-            let recs: Vec<Record> =
-                chunk.iter().zip(&got).map(|(&i, g)| Record { key: keys[i].clone(), completions: g.clone() }).collect();
-            c.append(&c.path, &recs)?;
-        }
-        for (&i, g) in chunk.iter().zip(got) {
-            out[i] = Some(g);
-        }
-        bar.inc(chunk.len() as u64);
-    }
+    let todo = keys.iter().filter(|k| !cached.contains_key(*k)).count();
+    let bar = crate::progress::bar(todo, label, "prompts");
+    let out = fill(requests, &keys, &cached, batch, |r| Ok(generator.generate(r)?), |recs| write_completions(cache, recs), |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
-    Ok((out.into_iter().map(|o| o.expect("filled")).collect(), requests.len() - todo.len()))
+    Ok(out)
 }

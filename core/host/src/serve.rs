@@ -110,12 +110,16 @@ fn requests(b: &Value, chat: bool) -> Result<Vec<GenerationRequest>, String> {
             .collect::<Result<Vec<_>, &str>>()?;
         Ok(vec![GenerationRequest { prompt: Prompt::Chat(messages), ..base }])
     } else {
-        let prompts: Vec<String> = match b.get("prompt") {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a.iter().map(|p| p.as_str().map(str::to_owned).ok_or("`prompt` items must be strings")).collect::<Result<_, _>>()?,
-            _ => return Err("`prompt` (a string or list of strings) is required".into()),
-        };
-        Ok(prompts.into_iter().map(|p| GenerationRequest { prompt: Prompt::Text(p), ..base.clone() }).collect())
+        Ok(text_prompts(b)?.into_iter().map(|p| GenerationRequest { prompt: Prompt::Text(p), ..base.clone() }).collect())
+    }
+}
+
+/// A completions request's `prompt`: a string or a list of strings.
+fn text_prompts(b: &Value) -> Result<Vec<String>, String> {
+    match b.get("prompt") {
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Array(a)) => a.iter().map(|p| p.as_str().map(str::to_owned).ok_or_else(|| "`prompt` items must be strings".to_owned())).collect(),
+        _ => Err("`prompt` (a string or list of strings) is required".into()),
     }
 }
 
@@ -125,10 +129,9 @@ fn echo(g: &dyn Generator, b: &Value) -> (u16, Value) {
     if b.get("max_tokens").and_then(Value::as_u64).unwrap_or(16) != 0 {
         return error(400, "invalid_request_error", "`echo` is supported with `max_tokens: 0` only (scoring the prompt)");
     }
-    let prompts: Vec<String> = match b.get("prompt") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) if a.iter().all(Value::is_string) => a.iter().filter_map(|p| p.as_str().map(str::to_owned)).collect(),
-        _ => return error(400, "invalid_request_error", "`prompt` (a string or list of strings) is required"),
+    let prompts = match text_prompts(b) {
+        Ok(p) => p,
+        Err(m) => return error(400, "invalid_request_error", m),
     };
     if prompts.iter().any(String::is_empty) {
         return error(400, "invalid_request_error", "an empty `prompt` has no tokens to score");

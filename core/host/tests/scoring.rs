@@ -129,7 +129,7 @@ fn a_llama_cpp_server_is_used_or_refused_clearly() {
         Err(e) => {
             let e = e.to_string();
             eprintln!("llama.cpp refused scoring: {e}");
-            assert!(e.contains("completions"), "the error does not say what was asked or returned: {e}");
+            assert!(e.contains("no prompt log-probabilities") && e.contains("it returned"), "the error does not say what was asked or returned: {e}");
         }
     }
 }

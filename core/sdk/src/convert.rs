@@ -50,15 +50,7 @@ impl From<FfiRetrieverInfo> for RetrieverInfo {
 
 impl From<&GenerationRequest> for FfiRequest {
     fn from(r: &GenerationRequest) -> Self {
-        let (chat, text) = match &r.prompt {
-            Prompt::Chat(m) => (
-                m.iter()
-                    .map(|m| FfiMessage { role: m.role.as_str().into(), content: m.content.as_str().into() })
-                    .collect(),
-                ROption::RNone,
-            ),
-            Prompt::Text(t) => (RVec::new(), ROption::RSome(t.as_str().into())),
-        };
+        let (chat, text) = prompt_to_ffi(&r.prompt);
         FfiRequest {
             chat,
             text,
@@ -74,17 +66,8 @@ impl From<&GenerationRequest> for FfiRequest {
 }
 impl From<&FfiRequest> for GenerationRequest {
     fn from(r: &FfiRequest) -> Self {
-        let prompt = match &r.text {
-            ROption::RSome(t) => Prompt::Text(t.to_string()),
-            ROption::RNone => Prompt::Chat(
-                r.chat
-                    .iter()
-                    .map(|m| Message { role: m.role.to_string(), content: m.content.to_string() })
-                    .collect(),
-            ),
-        };
         GenerationRequest {
-            prompt,
+            prompt: prompt_from_ffi(&r.chat, &r.text),
             n: r.n,
             temperature: r.temperature,
             top_p: r.top_p,
@@ -101,10 +84,7 @@ impl From<Completion> for FfiCompletion {
         FfiCompletion {
             text: c.text.into(),
             finish_reason: c.finish_reason.into(),
-            logprobs: c
-                .logprobs
-                .map(|l| l.into_iter().map(|t| FfiLogprob { token: t.token.into(), logprob: t.logprob }).collect())
-                .into(),
+            logprobs: c.logprobs.map(logprobs_to_ffi).into(),
         }
     }
 }
@@ -113,10 +93,7 @@ impl From<FfiCompletion> for Completion {
         Completion {
             text: c.text.into(),
             finish_reason: c.finish_reason.into(),
-            logprobs: c
-                .logprobs
-                .into_option()
-                .map(|l| l.into_iter().map(|t| TokenLogprob { token: t.token.into(), logprob: t.logprob }).collect()),
+            logprobs: c.logprobs.into_option().map(logprobs_from_ffi),
         }
     }
 }
@@ -263,19 +240,20 @@ impl From<&FfiScoreRequest> for ScoreRequest {
         ScoreRequest { prompt: prompt_from_ffi(&r.chat, &r.text), continuation: r.continuation.to_string() }
     }
 }
+fn logprobs_to_ffi(l: Vec<TokenLogprob>) -> RVec<FfiLogprob> {
+    l.into_iter().map(|t| FfiLogprob { token: t.token.into(), logprob: t.logprob }).collect()
+}
+fn logprobs_from_ffi(l: RVec<FfiLogprob>) -> Vec<TokenLogprob> {
+    l.into_iter().map(|t| TokenLogprob { token: t.token.into(), logprob: t.logprob }).collect()
+}
+
 impl From<Score> for FfiScore {
     fn from(s: Score) -> Self {
-        FfiScore {
-            logprob: s.logprob,
-            tokens: s.tokens.into_iter().map(|t| FfiLogprob { token: t.token.into(), logprob: t.logprob }).collect(),
-        }
+        FfiScore { logprob: s.logprob, tokens: logprobs_to_ffi(s.tokens) }
     }
 }
 impl From<FfiScore> for Score {
     fn from(s: FfiScore) -> Self {
-        Score {
-            logprob: s.logprob,
-            tokens: s.tokens.into_iter().map(|t| TokenLogprob { token: t.token.into(), logprob: t.logprob }).collect(),
-        }
+        Score { logprob: s.logprob, tokens: logprobs_from_ffi(s.tokens) }
     }
 }

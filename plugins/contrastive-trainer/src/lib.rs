@@ -36,7 +36,7 @@
 //! warmup_ratio = 0.1      # linear warmup, then linear decay
 //! weight_decay = 0.01
 //! t_list = 0.02
-//! loss = "listwise"       # listwise (Plackett-Luce over the order) | kl (over the teacher's scores)
+//! loss = "listwise"       # listwise (Plackett-Luce over the order) | kl (over the teacher's scores) | infonce (positive only)
 //! t_teacher = 1.0         # kl: temperature of the teacher's scores
 //! t_answer = 0.05
 //! answer_weight = 1.0
@@ -121,6 +121,9 @@ pub enum LossKind {
     #[default]
     Listwise,
     Kl,
+    /// InfoNCE: the positive against its group's negatives and the batch's
+    /// other passages (the Plackett–Luce loss's first position only).
+    Infonce,
 }
 
 fn d_lr() -> f64 {
@@ -225,6 +228,8 @@ fn lse(x: &Tensor) -> candle_core::Result<Tensor> {
 /// (B·G, h) passages, each query's G passages in the teacher's order.
 /// `teacher`: (B, G) target probabilities for the KL loss (`loss = "kl"`).
 pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, normalized: bool, teacher: Option<&Tensor>) -> candle_core::Result<LossParts> {
+    // InfoNCE is the listwise loss's first position.
+    let positions = if p.loss == LossKind::Infonce { 1 } else { g };
     let (b, _) = eq.dims2()?;
     let dev = eq.device();
     let dt = eq.dtype();
@@ -261,7 +266,7 @@ pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, 
     let denom = lse(&masked)?; // (B, G)
     let tgt = Tensor::from_vec(target, (b, g), dev)?;
     let num = s.gather(&tgt.contiguous()?, 1)?; // (B, G)
-    let list = (denom - num)?.mean_all()?;
+    let list = (denom - num)?.narrow(1, 0, positions)?.mean_all()?;
     finish(eq, ea, list, p, normalized)
 }
 
@@ -507,7 +512,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         let ea = embed(&answers, p.passage_max_len, &mut tokens)?;
         let ep = embed(&passages, p.passage_max_len, &mut tokens)?;
         let teacher = match p.loss {
-            LossKind::Listwise => None,
+            LossKind::Listwise | LossKind::Infonce => None,
             LossKind::Kl => {
                 let mut t = Vec::with_capacity(p.batch_size * p.group_size);
                 for e in &batch {
@@ -653,8 +658,11 @@ mod tests {
         let a = ids(&[&[1, 9, 3, 2], &[1, 4, 2]]);
         let ps = ids(&[&[1, 5, 6, 2], &[1, 10, 2], &[1, 11, 12, 13, 2], &[1, 7, 2], &[1, 14, 2], &[1, 15, 16, 2]]);
         let soft = Tensor::from_vec(vec![0.7f64, 0.2, 0.1, 0.3, 0.5, 0.2], (2, 3), &dev).unwrap();
-        for (normalized, kl) in [(true, false), (false, false), (true, true)] {
-            let p = params();
+        for (normalized, kl, infonce) in [(true, false, false), (false, false, false), (true, true, false), (true, false, true)] {
+            let mut p = params();
+            if infonce {
+                p.loss = LossKind::Infonce;
+            }
             let teacher = kl.then_some(&soft);
             let loss = |model: &TrainBert| -> Tensor {
                 let e = |(i, m): &(Tensor, Tensor), mean: bool| {

@@ -235,7 +235,7 @@ impl LlamaGenerator {
                 if r.logprobs {
                     s.logprobs.push(TokenLogprob {
                         token: self.assets.tokenizer.decode(&[tok], false).unwrap_or_default(),
-                        logprob: v[tok as usize] - sampler::log_sum_exp(v),
+                        logprob: sampler::token_logprob(v, tok),
                     });
                 }
                 let mut finish = None;
@@ -287,44 +287,39 @@ impl LlamaGenerator {
         let mut prompts: Vec<Vec<u32>> = Vec::new();
         let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
         let mut conts: Vec<(usize, Vec<u32>)> = Vec::with_capacity(requests.len());
-        // With an empty text prompt the continuation's first token has no
-        // context: it becomes the prompt and is reported with log-probability 0.
+        // With an empty text prompt (scoring a whole text, as `rir serve`'s
+        // echo does) the first token has no context: it becomes the prompt
+        // and is reported with log-probability 0.
         let mut first: Vec<Option<u32>> = vec![None; requests.len()];
         for (i, r) in requests.iter().enumerate() {
-            if matches!(&r.prompt, Prompt::Text(t) if t.is_empty()) {
-                let c = self.encode(&r.continuation)?;
-                let Some((&head, rest)) = c.split_first() else {
-                    return Err(PluginError::input(format!("score request {i}: the continuation has no tokens")));
-                };
-                if rest.is_empty() {
-                    return Err(PluginError::input(format!("score request {i}: a one-token text with no prompt has nothing to score")));
+            let mut c = self.encode(&r.continuation)?;
+            let (key, ids) = if matches!(&r.prompt, Prompt::Text(t) if t.is_empty()) {
+                if c.len() < 2 {
+                    return Err(PluginError::input(format!("score request {i}: a text of {} token(s) with no prompt has nothing to score", c.len())));
                 }
-                let key = format!("\u{0}{head}");
-                let p = *index.entry(key).or_insert_with(|| {
-                    prompts.push(vec![head]);
-                    prompts.len() - 1
-                });
+                let head = c.remove(0);
                 first[i] = Some(head);
-                conts.push((p, rest.to_vec()));
-                continue;
+                (format!("\u{0}{head}"), None)
+            } else {
+                let text = self.render(&r.prompt)?;
+                let ids = if index.contains_key(&text) { None } else { Some(self.encode(&text)?) };
+                (text, ids)
+            };
+            if c.is_empty() {
+                return Err(PluginError::input(format!("score request {i}: the continuation has no tokens")));
             }
-            let text = self.render(&r.prompt)?;
-            let p = match index.get(&text) {
+            let p = match index.get(&key) {
                 Some(&p) => p,
                 None => {
-                    let ids = self.encode(&text)?;
+                    let ids = ids.unwrap_or_else(|| vec![first[i].unwrap_or_default()]);
                     if ids.is_empty() {
                         return Err(PluginError::input(format!("score request {i}: empty prompt")));
                     }
                     prompts.push(ids);
-                    index.insert(text, prompts.len() - 1);
+                    index.insert(key, prompts.len() - 1);
                     prompts.len() - 1
                 }
             };
-            let c = self.encode(&r.continuation)?;
-            if c.is_empty() {
-                return Err(PluginError::input(format!("score request {i}: the continuation has no tokens")));
-            }
             if prompts[p].len() + c.len() > context {
                 return Err(PluginError::input(format!(
                     "score request {i}: context overflow: {} prompt tokens plus {} continuation tokens exceed the model's context of {context}",
@@ -333,6 +328,11 @@ impl LlamaGenerator {
                 )));
             }
             conts.push((p, c));
+        }
+        // The requests continuing each prompt.
+        let mut of_prompt: Vec<Vec<usize>> = vec![Vec::new(); prompts.len()];
+        for (i, (p, _)) in conts.iter().enumerate() {
+            of_prompt[*p].push(i);
         }
         let _busy = self.busy.lock().map_err(|_| PluginError::other("generator lock poisoned"))?;
         let mut out: Vec<Option<Score>> = vec![None; requests.len()];
@@ -347,9 +347,9 @@ impl LlamaGenerator {
                 let vocab = last.len() / chunk.len();
                 // The requests continuing this chunk's prompts, by continuation length.
                 let mut by_len: std::collections::BTreeMap<usize, Vec<(usize, usize)>> = Default::default();
-                for (i, (p, c)) in conts.iter().enumerate() {
-                    if let Some(row) = chunk.iter().position(|q| q == p) {
-                        by_len.entry(c.len()).or_default().push((i, row));
+                for (row, &p) in chunk.iter().enumerate() {
+                    for &i in &of_prompt[p] {
+                        by_len.entry(conts[i].1.len()).or_default().push((i, row));
                     }
                 }
                 for (len, group) in by_len {
@@ -359,7 +359,7 @@ impl LlamaGenerator {
                         .map(|&(i, row)| {
                             let v = &last[row * vocab..(row + 1) * vocab];
                             let t = conts[i].1[0];
-                            vec![TokenLogprob { token: tok(t), logprob: v[t as usize] - sampler::log_sum_exp(v) }]
+                            vec![TokenLogprob { token: tok(t), logprob: sampler::token_logprob(v, t) }]
                         })
                         .collect();
                     if len > 1 {
@@ -374,7 +374,7 @@ impl LlamaGenerator {
                                 for pos in 0..len - 1 {
                                     let v = &all[(k * (len - 1) + pos) * vocab..][..vocab];
                                     let t = conts[i].1[pos + 1];
-                                    lps[start + k].push(TokenLogprob { token: tok(t), logprob: v[t as usize] - sampler::log_sum_exp(v) });
+                                    lps[start + k].push(TokenLogprob { token: tok(t), logprob: sampler::token_logprob(v, t) });
                                 }
                             }
                         }

@@ -15,8 +15,8 @@
 //! Scoring (`Generator::score`) uses the completions API with `echo`,
 //! `logprobs` and `max_tokens` 0: the server returns the log-probability of
 //! every prompt token, and the tokens from the continuation's first
-//! character on are summed (`text_offset`; a `prompt_logprobs` list, as vLLM
-//! adds it, is read too). Only text prompts can be scored this way (the chat API returns
+//! character on are summed (`text_offset`: vLLM answers echo requests in
+//! this shape too). Only text prompts can be scored this way (the chat API returns
 //! no prompt log-probabilities); a server that does not echo them is an
 //! error that says what it returned. `rir serve` answers these requests.
 //!
@@ -399,21 +399,6 @@ fn parse_echo(v: &Value, prompt: &str, continuation: &str) -> PluginResult<Score
                 tokens.push(TokenLogprob { token: t.as_str().unwrap_or("").to_owned(), logprob: lp as f32 });
             }
         }
-    } else if let Some(list) = c.get("prompt_logprobs").or_else(|| v.get("prompt_logprobs")).and_then(Value::as_array) {
-        // vLLM: [null, {"id": {"logprob", "decoded_token", "rank"}}, ...], the prompt's own token first in each.
-        let mut at = 0usize;
-        for entry in list {
-            let Some(map) = entry.as_object() else { continue };
-            let best = map.values().min_by_key(|e| e.get("rank").and_then(Value::as_u64).unwrap_or(u64::MAX));
-            let Some(e) = best else { continue };
-            let text = e.get("decoded_token").and_then(Value::as_str).unwrap_or("");
-            let end = at + text.chars().count();
-            if end > start {
-                let lp = e.get("logprob").and_then(Value::as_f64).ok_or_else(|| bad("an entry without logprob"))?;
-                tokens.push(TokenLogprob { token: text.to_owned(), logprob: lp as f32 });
-            }
-            at = end;
-        }
     } else {
         return Err(bad("no logprobs.tokens / token_logprobs / text_offset"));
     }
@@ -499,7 +484,28 @@ rir_sdk::export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use super::server_message;
+    use super::{parse_echo, server_message};
+
+    #[test]
+    fn echoed_prompt_logprobs_are_split_at_the_continuation() {
+        // OpenAI's legacy shape (what `rir serve` writes): the prompt "Q:" then " a b".
+        let v = serde_json::json!({"choices": [{"logprobs": {
+            "tokens": ["Q", ":", " a", " b"], "token_logprobs": [null, -1.0, -2.0, -0.5], "text_offset": [0, 1, 2, 4]}}]});
+        let s = parse_echo(&v, "Q:", " a b").unwrap();
+        assert_eq!(s.tokens.iter().map(|t| t.token.as_str()).collect::<Vec<_>>(), [" a", " b"]);
+        assert_eq!(s.logprob, -2.5);
+        // A token straddling the boundary belongs to the continuation.
+        let v = serde_json::json!({"choices": [{"logprobs": {
+            "tokens": ["Q", ":a", " b"], "token_logprobs": [null, -1.5, -0.5], "text_offset": [0, 1, 3]}}]});
+        assert_eq!(parse_echo(&v, "Q:", "a b").unwrap().logprob, -2.0);
+        // No logprob for a continuation token is an error, not a silent zero.
+        let v = serde_json::json!({"choices": [{"logprobs": {"tokens": ["Q", " a"], "token_logprobs": [null, null], "text_offset": [0, 1]}}]});
+        assert!(parse_echo(&v, "Q", " a").unwrap_err().to_string().contains("without a log-probability"));
+        // A server that does not echo says what it returned.
+        let v = serde_json::json!({"choices": [{"text": ".", "logprobs": null}]});
+        let e = parse_echo(&v, "Q:", " a").unwrap_err().to_string();
+        assert!(e.contains("no prompt log-probabilities") && e.contains("it returned"), "{e}");
+    }
 
     #[test]
     fn error_bodies_are_read_leniently() {
