@@ -31,7 +31,7 @@ pub enum DataError {
     Download { url: String, reason: String },
     #[error("{url}: md5 mismatch: expected {expected}, found {found}; the download was discarded")]
     Checksum { url: String, expected: String, found: String },
-    #[error("{}: no qrels for split '{split}' (have: {have})", dir.display())]
+    #[error("{}: no qrels for split '{split}': expected {} (qrels found: {})", dir.display(), dir.join("qrels").join(format!("{split}.tsv")).display(), if have.is_empty() { "none" } else { have.as_str() })]
     NoSplit { dir: PathBuf, split: String, have: String },
     /// A dataset name that cannot be a file name (it names cache folders and output files).
     #[error("{0}")]
@@ -267,13 +267,30 @@ fn id_string(v: &serde_json::Value) -> Option<String> {
     }
 }
 
+/// The lines of a text file, numbered from 1; a line that is not UTF-8 is
+/// an error naming the file, the line and the byte (std's message names neither).
+fn text_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String), DataError>> + '_, DataError> {
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    Ok(BufReader::new(f).split(b'\n').enumerate().map(move |(i, bytes)| {
+        let mut bytes = bytes.map_err(io(path))?;
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
+        }
+        String::from_utf8(bytes).map(|l| (i + 1, l)).map_err(|e| DataError::Malformed {
+            path: path.to_owned(),
+            line: i + 1,
+            reason: format!("not UTF-8 (invalid byte at column {})", e.utf8_error().valid_up_to() + 1),
+        })
+    }))
+}
+
 fn read_jsonl<T: serde::de::DeserializeOwned>(
     path: &Path,
     mut each: impl FnMut(usize, T) -> Result<(), DataError>,
 ) -> Result<(), DataError> {
-    let f = std::fs::File::open(path).map_err(io(path))?;
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(io(path))?;
+    for line in text_lines(path)? {
+        let (n, line) = line?;
+        let i = n - 1;
         if line.trim().is_empty() {
             continue;
         }
@@ -355,10 +372,10 @@ fn read_qrels(
     queries: &HashSet<String>,
     docs: &HashSet<String>,
 ) -> Result<Qrels, DataError> {
-    let f = std::fs::File::open(path).map_err(io(path))?;
     let mut qrels = Qrels::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(io(path))?;
+    for line in text_lines(path)? {
+        let (n, line) = line?;
+        let i = n - 1;
         let bad = |reason: String| DataError::Malformed { path: path.to_owned(), line: i + 1, reason };
         if line.trim().is_empty() || (i == 0 && line.starts_with("query-id")) {
             continue;

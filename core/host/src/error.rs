@@ -20,7 +20,7 @@ pub enum HostError {
     #[error("unknown plugin '{name}' in {}{}", registry.display(), suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
     UnknownPlugin { name: String, registry: PathBuf, suggestion: Option<String> },
 
-    #[error("plugin '{plugin}': library not found (tried {}); build it with `{build}`", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    #[error("plugin '{plugin}': library not found (tried {}); {build}", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     LibraryMissing { plugin: String, tried: Vec<PathBuf>, build: String },
 
     #[error("plugin '{plugin}': sha256 mismatch for {}: expected {expected}, found {found}", path.display())]

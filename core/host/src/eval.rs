@@ -75,6 +75,10 @@ pub struct EvalOptions {
     pub use_cache: bool,
     pub output: PathBuf,
     pub name: String,
+    /// Where the run sits in an experiment (`{"name", "variant",
+    /// "variant_index"}`), recorded so `rir table` can order runs as the
+    /// experiment lists them, whatever order a shell glob gives the files.
+    pub experiment: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +207,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     let evaluation = metrics::evaluate(&ds.qrels, &run, &o.measures, o.averaging, o.ignore_identical_ids);
     timings.insert("evaluate".to_owned(), t.elapsed().as_secs_f64());
 
-    std::fs::create_dir_all(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
+    crate::paths::ensure_dir(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
     let run_file = o.output.join(format!("{}.{}.trec", o.name, ds.name));
     runfile::write(&run_file, &run, &o.name)?;
     let results = Results {
@@ -224,6 +228,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
                         "load_report": ds.report},
             "encode": {"corpus": corpus_stats, "queries": query_stats},
             "threads": host.settings.threads,
+            "experiment": o.experiment,
         }),
         rir_version: env!("CARGO_PKG_VERSION").into(),
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),

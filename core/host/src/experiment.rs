@@ -201,6 +201,10 @@ pub struct Experiment {
     #[serde(default)]
     pub eval: EvalSpec,
     pub variants: Vec<Variant>,
+    /// The file this was read from and its text, so later checks (the
+    /// plugins' own validation) can name the line.
+    #[serde(skip)]
+    pub source: Option<(PathBuf, String)>,
 }
 fn d_rounds() -> usize {
     1
@@ -216,19 +220,33 @@ pub fn load(path: &Path) -> Result<Experiment, HostError> {
 pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     let mut exp: Experiment = toml::from_str(text).map_err(|e| {
         let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-        let msg = e.message().to_owned();
+        let mut msg = e.message().to_owned();
+        // A wrong type ("invalid type: string, expected usize") names no key.
+        if let Some(k) = e.span().and_then(|s| rir_sdk::config::key_before(text, s.start)).filter(|k| !msg.contains(&format!("`{k}`"))) {
+            msg = format!("`{k}`: {msg}");
+        }
         let hint = unknown_key_hint(&msg).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
         HostError::Input(format!("{}:{line}:{col}: {msg}{hint}", path.display()))
     })?;
     let at = |m: String| HostError::Input(format!("{}: {m}", path.display()));
+    // A top-level key's line (before the first table header).
+    let top_at = |k: &str, m: &str| {
+        let top = &text[..text.find("\n[").map_or(text.len(), |i| i + 1)];
+        let (line, col) = top
+            .match_indices(k)
+            .find(|(i, _)| (*i == 0 || top.as_bytes()[i - 1] == b'\n') && top[i + k.len()..].trim_start().starts_with('='))
+            .map(|(i, _)| line_col(text, i))
+            .unwrap_or((0, 0));
+        HostError::Input(format!("{}:{line}:{col}: {m}", path.display()))
+    };
     if exp.datasets.is_empty() {
-        return Err(at("`datasets` is empty".into()));
+        return Err(top_at("datasets", "`datasets` is empty: name at least one dataset"));
     }
     if exp.variants.is_empty() {
         return Err(at("no [[variants]]".into()));
     }
     if exp.rounds == 0 {
-        return Err(at("`rounds` must be at least 1".into()));
+        return Err(top_at("rounds", "`rounds` must be at least 1"));
     }
     // Names become directory and file names under --output: checked here,
     // with the line they are on, before any work.
@@ -279,7 +297,79 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
             exp.mirror = Some(dir.join(m));
         }
     }
+    exp.source = Some((path.to_owned(), text.to_owned()));
     Ok(exp)
+}
+
+/// Where `key` of the table `table` (e.g. `trainers.generator`, field
+/// `params`) is written: the key itself when found after the table's header
+/// (`[table]`, `[table.field]`, or a `table` key), else the field, else the
+/// header. Lines and columns are 1-based; (0, 0) when nothing is found.
+fn key_line(text: &str, table: &str, field: &str, key: Option<&str>) -> (usize, usize) {
+    let header = [format!("[{table}.{field}]"), format!("[{table}]")]
+        .into_iter()
+        .find_map(|h| text.find(&h))
+        .or_else(|| text.find(&format!("\n{} ", table.rsplit('.').next().unwrap_or(table))));
+    let Some(start) = header else { return (0, 0) };
+    // The table's extent: up to the next header that is not its own sub-table.
+    let rest = &text[start..];
+    let end = rest[1..]
+        .match_indices("\n[")
+        .map(|(i, _)| i + 1)
+        .find(|&i| !rest[i + 1..].trim_start_matches('[').starts_with(&format!("{table}.")))
+        .unwrap_or(rest.len());
+    let body = &rest[..end];
+    let word = |w: &str| {
+        body.match_indices(w).find(|(i, _)| {
+            let before = body[..*i].chars().last().is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
+            let after = body[i + w.len()..].trim_start();
+            before && after.starts_with('=')
+        })
+    };
+    let at = key.and_then(&word).or_else(|| word(field)).map(|(i, _)| start + i).unwrap_or(start);
+    line_col(text, at)
+}
+
+/// A plugin's verdict on one of the experiment's tables, as an error that
+/// names the experiment file, the line and the key.
+fn table_error(exp: &Experiment, table: &str, field: &str, e: HostError) -> HostError {
+    let msg = e.to_string();
+    // serde's "unknown field `x`, expected one of ...": point at `x`.
+    let unknown = msg.split_once("unknown field `").and_then(|(_, r)| r.split_once('`')).map(|(k, _)| k.to_owned());
+    let hint = msg.find("unknown field `").and_then(|i| unknown_key_hint(&msg[i..])).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
+    let key = unknown.clone().or_else(|| {
+        // Messages of the form "invalid config: KEY: ..." name the key first.
+        msg.split_once("invalid config: ").and_then(|(_, r)| r.split_once(':')).map(|(k, _)| k.trim().to_owned()).filter(|k| !k.contains(' '))
+    });
+    match &exp.source {
+        Some((path, text)) => {
+            let (line, col) = key_line(text, table, field, key.as_deref());
+            HostError::Input(format!("{}:{line}:{col}: [{table}] {field}: {msg}{hint}", path.display()))
+        }
+        None => HostError::Input(format!("[{table}] {field}: {msg}{hint}")),
+    }
+}
+
+/// Every plugin table of the experiment, checked by its plugin (the ABI's
+/// `validate`, which loads no model) before any work starts.
+pub fn validate_configs(host: &PluginHost, exp: &Experiment) -> Result<(), HostError> {
+    use rir_sdk::ConfigOf;
+    let toml_text = |t: &toml::Table| toml::to_string(t).unwrap_or_default();
+    let tables: Vec<(&str, &str, &str, Kind, ConfigOf, String)> = vec![
+        ("retriever", "config", &exp.retriever.plugin, Kind::Retriever, ConfigOf::Retriever, toml_text(&exp.retriever.config)),
+        ("generator", "config", &exp.generator.plugin, Kind::Generator, ConfigOf::Generator, toml_text(&exp.generator.config)),
+        ("rewards.retriever", "config", &exp.rewards.retriever.plugin, Kind::Reward, ConfigOf::Reward, toml_text(&exp.rewards.retriever.config)),
+        ("rewards.generator", "config", &exp.rewards.generator.plugin, Kind::Reward, ConfigOf::Reward, toml_text(&exp.rewards.generator.config)),
+        ("trainers.generator", "config", &exp.trainers.generator.plugin, Kind::Trainer, ConfigOf::Trainer, toml_text(&exp.trainers.generator.config)),
+        ("trainers.generator", "params", &exp.trainers.generator.plugin, Kind::Trainer, ConfigOf::Params, toml_text(&exp.trainers.generator.params)),
+        ("trainers.retriever", "config", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Trainer, toml_text(&exp.trainers.retriever.config)),
+        ("trainers.retriever", "params", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Params, toml_text(&exp.trainers.retriever.params)),
+    ];
+    for (table, field, name, kind, what, text) in tables {
+        let plugin = host.load(name)?;
+        plugin.validate(kind, what, &text).map_err(|e| table_error(exp, table, field, e))?;
+    }
+    Ok(())
 }
 
 /// Line and column of a string value as written in the file (quoted).
@@ -322,7 +412,7 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
         }
         host.load(name)?;
     }
-    Ok(())
+    validate_configs(host, exp)
 }
 
 /// The stages, in pipeline order.
@@ -584,7 +674,7 @@ fn model_source(t: &toml::Table, role: &str) -> Result<String, HostError> {
 pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<RunOutput, HostError> {
     check_plugins(host, exp)?;
     let root = opts.output.join(&exp.name);
-    std::fs::create_dir_all(&root).map_err(io(&root))?;
+    crate::paths::ensure_dir(&root).map_err(io(&root))?;
     let log_path = root.join("run.log");
     let log = match opts.dry_run {
         true => None,
@@ -706,7 +796,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             }
         }
 
-        for v in &exp.variants {
+        for (vi, v) in exp.variants.iter().enumerate() {
             let round = v.round.unwrap_or(exp.rounds);
             let ret = match v.retriever {
                 RetrieverChoice::Base => &rets[0],
@@ -742,6 +832,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     use_cache: opts.use_cache,
                     output: out.to_owned(),
                     name: v.name.clone(),
+                    experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": vi})),
                 };
                 crate::eval::run(host, &o).map(|_| ()).map_err(|e| HostError::Input(format!("eval {}: {e}", v.name)))
             })?;

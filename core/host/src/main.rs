@@ -110,11 +110,13 @@ struct QueriesArgs {
     /// Dataset name or BEIR directory (only its corpus is used)
     #[arg(long)]
     dataset: String,
+    /// Local BEIR mirror (DIR/beir/NAME) to copy the dataset from
     #[arg(long, env = "RIR_MIRROR")]
     mirror: Option<PathBuf>,
     /// Generator plugin and its config (TOML text or @FILE)
     #[arg(long)]
     generator: String,
+    /// The generator's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     generator_config: String,
     /// Stage settings (TOML text or @FILE): passages, max_chars, seed, lengths, styles, temperature, top_p, max_tokens, judge, batch
@@ -123,30 +125,38 @@ struct QueriesArgs {
     /// Output directory (queries.jsonl, queries.stats.json)
     #[arg(long)]
     output: PathBuf,
+    /// Skip the embedding and generation caches
     #[arg(long)]
     no_cache: bool,
 }
 
 #[derive(clap::Args)]
 struct RlrfArgs {
+    /// Dataset name or BEIR directory
     #[arg(long)]
     dataset: String,
+    /// Local BEIR mirror (DIR/beir/NAME) to copy the dataset from
     #[arg(long, env = "RIR_MIRROR")]
     mirror: Option<PathBuf>,
     /// queries.jsonl from `rir queries`
     #[arg(long)]
     queries: PathBuf,
+    /// Generator plugin name
     #[arg(long)]
     generator: String,
+    /// The generator's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     generator_config: String,
+    /// Retriever plugin name
     #[arg(long)]
     retriever: String,
+    /// The retriever's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     retriever_config: String,
     /// Reward plugin (retriever feedback) and its config
     #[arg(long, default_value = "retriever-reward")]
     reward: String,
+    /// The reward's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     reward_config: String,
     /// Stage settings (TOML text or @FILE): k, temperature, top_p, max_tokens, tau, query_weight, seed, batch
@@ -155,14 +165,17 @@ struct RlrfArgs {
     /// Output directory (pairs.jsonl, dpo.jsonl, dataset_info.json, rlrf.stats.json)
     #[arg(long)]
     output: PathBuf,
+    /// Skip the embedding and generation caches
     #[arg(long)]
     no_cache: bool,
 }
 
 #[derive(clap::Args)]
 struct RlgfArgs {
+    /// Dataset name or BEIR directory
     #[arg(long)]
     dataset: String,
+    /// Local BEIR mirror (DIR/beir/NAME) to copy the dataset from
     #[arg(long, env = "RIR_MIRROR")]
     mirror: Option<PathBuf>,
     /// queries.jsonl from `rir queries`
@@ -171,16 +184,19 @@ struct RlgfArgs {
     /// The (tuned) generator: answers and reranking
     #[arg(long)]
     generator: String,
+    /// The generator's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     generator_config: String,
     /// The current retriever: hard-negative mining
     #[arg(long)]
     retriever: String,
+    /// The retriever's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     retriever_config: String,
     /// Reward plugin (generator feedback) and its config
     #[arg(long, default_value = "generator-reward")]
     reward: String,
+    /// The reward's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     reward_config: String,
     /// Stage settings (TOML text or @FILE): answer_max_tokens, threshold, window, negatives, depth, fallback_ranks, seed, batch, no_rerank
@@ -189,6 +205,7 @@ struct RlgfArgs {
     /// Output directory (distill.jsonl, rlgf.stats.json)
     #[arg(long)]
     output: PathBuf,
+    /// Skip the embedding and generation caches
     #[arg(long)]
     no_cache: bool,
 }
@@ -260,6 +277,7 @@ struct BenchEncodeArgs {
     /// Dataset whose documents are encoded (title + text)
     #[arg(long, default_value = "scifact")]
     dataset: String,
+    /// Local BEIR mirror (DIR/beir/NAME) to copy the dataset from
     #[arg(long, env = "RIR_MIRROR")]
     mirror: Option<PathBuf>,
     /// Number of documents (the first N of the corpus)
@@ -301,6 +319,7 @@ enum DataAction {
     },
     /// Show cached datasets (with --all, every dataset rir can fetch)
     List {
+        /// List every dataset the manifest knows, not only the fetched ones
         #[arg(long)]
         all: bool,
     },
@@ -398,7 +417,10 @@ struct TableArgs {
 #[derive(Subcommand)]
 enum PluginsAction {
     /// Load one plugin, run every check, and show what it provides
-    Check { name: String },
+    Check {
+        /// Registered plugin name (as in registry.toml)
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -459,10 +481,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(a) => run_cmd(&host(&cli)?, a),
         Command::Queries(a) => {
             let h = host(&cli)?;
+            // The stage settings first: a typo fails before any download.
+            let cfg: rir::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
-            let cfg: rir::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let task = rir::prompts::task_for(&ds.name);
             let (_, stats) = rir::queries::run(&ds, &task, g.as_ref(), cache.as_ref(), &cfg, &a.output)?;
@@ -475,13 +498,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::RlrfData(a) => {
             let h = host(&cli)?;
+            // The stage settings first: a typo fails before any download.
+            let cfg: rir::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let queries = rir::queries::read(&a.queries)?;
             let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
             let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
             let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
-            let cfg: rir::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let task = rir::prompts::task_for(&ds.name);
             let (_, s) = rir::rlrf::run(&ds, &task, &queries, g.as_ref(), cache.as_ref(), r.as_ref(), rw.as_ref(), &cfg, &a.output)?;
@@ -494,13 +518,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::RlgfData(a) => {
             let h = host(&cli)?;
+            // The stage settings first: a typo fails before any download.
+            let cfg: rir::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let queries = rir::queries::read(&a.queries)?;
             let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
             let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
             let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
-            let cfg: rir::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let ecache = (!a.no_cache).then(|| rir::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info().fingerprint));
             let task = rir::prompts::task_for(&ds.name);
@@ -778,6 +803,7 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         use_cache: !a.no_cache,
         output: a.output.clone(),
         name,
+        experiment: None,
     };
     let out = eval::run(host, &opts)?;
     let r = &out.results;
@@ -806,7 +832,37 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
     if !(a.alpha > 0.0 && a.alpha < 1.0) {
         anyhow::bail!("--alpha must be in (0, 1), got {}", a.alpha);
     }
-    let mut results = a.results.iter().map(|p| report::Results::read(p)).collect::<Result<Vec<_>, _>>()?;
+    let mut results = Vec::new();
+    for p in &a.results {
+        // A directory (an eval stage's, or a glob over run folders) gives
+        // the results files in it; other files there are skipped with a note.
+        let files: Vec<std::path::PathBuf> = if p.is_dir() {
+            let mut v: Vec<_> = std::fs::read_dir(p).with_context(|| p.display().to_string())?.flatten().map(|e| e.path()).filter(|f| f.is_file()).collect();
+            v.sort();
+            v
+        } else {
+            vec![p.clone()]
+        };
+        for f in files {
+            match report::Results::read_if_results(&f)? {
+                Some(r) => results.push(r),
+                None => eprintln!("note: skipping {} (not a results file)", f.display()),
+            }
+        }
+    }
+    if results.is_empty() {
+        anyhow::bail!("no results files among the {} path(s) given", a.results.len());
+    }
+    // Runs of one experiment carry their variant's place: order them as the
+    // experiment lists its variants (its first is the default baseline),
+    // not as a shell glob sorted the files.
+    let place = |r: &report::Results| r.config["experiment"]["variant_index"].as_u64();
+    let same_exp = results.windows(2).all(|w| w[0].config["experiment"]["name"] == w[1].config["experiment"]["name"]);
+    if same_exp && results.iter().all(|r| place(r).is_some()) {
+        results.sort_by_key(|r| (place(r), r.dataset.clone()));
+    } else if a.baseline.is_none() && results.len() > 2 {
+        eprintln!("note: baseline is the first file given ({}); pass --baseline NAME to choose", results[0].name);
+    }
     if let Some(names) = &a.names {
         let names: Vec<&str> = names.split(',').map(str::trim).collect();
         if names.len() != results.len() {
@@ -856,7 +912,13 @@ fn list_plugins(host: &PluginHost) -> Result<ExitCode> {
     for p in &problems {
         println!("  {p}");
     }
-    Ok(ExitCode::SUCCESS)
+    // Non-zero so scripts notice a registry they cannot fully use.
+    if problems.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: {} registered plugin(s) missing or refused (see above)", problems.len());
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 fn check_plugin(host: &PluginHost, name: &str) -> Result<ExitCode> {

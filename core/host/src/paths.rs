@@ -66,3 +66,16 @@ mod tests {
         assert_eq!(super::sanitize("scifact"), "scifact");
     }
 }
+
+/// `create_dir_all` with a message that says what is wrong when a file is in
+/// the way (std's is a bare "File exists (os error 17)" or "Not a directory").
+pub fn ensure_dir(path: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| {
+        let blocker = path.ancestors().find(|a| a.exists() && !a.is_dir());
+        match blocker {
+            Some(b) if b == path => std::io::Error::new(e.kind(), "exists and is a file, not a directory (pass a directory for the output)"),
+            Some(b) => std::io::Error::new(e.kind(), format!("{} is a file, not a directory (pass a directory for the output)", b.display())),
+            None => e,
+        }
+    })
+}

@@ -136,6 +136,22 @@ impl Plugin {
         let obj = self.call(Kind::Index, (self.module.new_index())(RStr::from_str(config), dim as u64))?;
         Ok(Box::new(RemoteIndex(obj)))
     }
+
+    /// Has the plugin parse and check a table (`what`: a kind's config or a
+    /// trainer's params) without loading anything. `Ok(false)`: the plugin
+    /// cannot validate (an older or minimal plugin); its mistakes show when
+    /// the object is made.
+    pub fn validate(&self, kind: Kind, what: rir_sdk::ConfigOf, text: &str) -> Result<bool, HostError> {
+        self.provides(kind)?;
+        match self.call(kind, (self.module.validate())(RStr::from_str(what.as_str()), RStr::from_str(text))) {
+            Ok(()) => Ok(true),
+            Err(HostError::Plugin { source: PluginError::Unsupported(_), .. }) => {
+                log::debug!("plugin `{}` cannot validate its {} table", self.name, what.as_str());
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Where a registered plugin's library is (or would be), and every path tried.
@@ -159,11 +175,12 @@ pub fn locate(reg: &Registry, p: &Registered, settings: &HostSettings) -> (Optio
     (tried.iter().find(|p| p.is_file()).cloned(), tried)
 }
 
-/// The command that builds a registered plugin's library.
+/// What to do about a missing library: the command that builds a workspace
+/// plugin, or where an explicitly registered library was expected.
 pub fn build_hint(p: &Registered) -> String {
     match &p.entry.crate_name {
-        Some(_) => "cargo build --release --workspace".into(),
-        None => "the plugin's own build (the registry names an explicit library path)".into(),
+        Some(_) => "build it with `cargo build --release --workspace`".into(),
+        None => "registry.toml names this library explicitly (`library = …`): build the plugin with its own build, or fix the path".into(),
     }
 }
 
@@ -184,7 +201,12 @@ fn abi_message(e: &LibraryError) -> String {
             "type layouts differ from the host's (rebuild it against rir-sdk with ABI {ABI_VERSION}): {}",
             summarize_layout_error(&e.to_string())
         ),
-        _ => e.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
+        // A shared library without rir's root symbol: abi_stable's message
+        // ends in the symbol name's NUL and reads "Could load symbol".
+        LibraryError::GetSymbolError { .. } => {
+            "not an rir plugin (no root module symbol: build it with rir_sdk::export_plugin!)".into()
+        }
+        _ => e.to_string().replace('\0', "").lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" "),
     }
 }
 

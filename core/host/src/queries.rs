@@ -302,7 +302,7 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), HostError> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
     let io = |source| HostError::Io { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        crate::paths::ensure_dir(dir).map_err(io)?;
     }
     let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;

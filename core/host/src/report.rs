@@ -60,6 +60,20 @@ impl Results {
         Ok(r)
     }
 
+    /// Like `read`, but `None` for a file that is no results file (a
+    /// `stage.json`, a run file, a table): JSON without results' schema, or
+    /// not JSON and not named `.json`. A `.json` file that fails to parse, or a
+    /// results file of another schema version, is still an error.
+    pub fn read_if_results(path: &Path) -> Result<Option<Self>, ReportError> {
+        let bytes = std::fs::read(path).map_err(|source| ReportError::Io { path: path.into(), source })?;
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(v) if v.get("schema").and_then(|s| s.as_str()).is_some_and(|s| s.starts_with("rir.results")) => Self::read(path).map(Some),
+            Ok(_) => Ok(None),
+            Err(_) if path.extension().is_some_and(|e| e == "json") => Self::read(path).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Writes atomically (temporary file, then rename).
     pub fn write(&self, path: &Path) -> Result<(), ReportError> {
         let tmp = path.with_extension("json.partial");

@@ -54,3 +54,43 @@ fn a_bad_registry_is_reported_with_its_line() {
     assert!(!ok);
     assert!(err.contains("registry.toml:4:1: unknown field `libary`"), "{err}");
 }
+
+/// Every option of every command has help text (clap prints a bare flag
+/// for one without a doc comment).
+#[test]
+fn every_option_has_help_text() {
+    let commands: &[&[&str]] = &[
+        &["run"], &["eval"], &["table"], &["queries"], &["rlrf-data"], &["rlgf-data"], &["train"], &["serve"],
+        &["data", "list"], &["data", "fetch"], &["plugins", "check"], &["bench", "encode"], &["bench", "generate"],
+    ];
+    for c in commands {
+        let mut args = c.to_vec();
+        args.push("--help");
+        let (ok, out, err) = rir(&args);
+        assert!(ok, "{c:?}: {err}");
+        let lines: Vec<&str> = out.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim();
+            let flag = t.starts_with("--") || t.starts_with('-') && t.chars().nth(1).is_some_and(|c| c.is_ascii_alphabetic());
+            if flag || (t.starts_with('<') && l.starts_with("  ")) {
+                // "--name <NAME>  Help" on one line, or (clap's layout when
+                // some help is long) the help indented on the next line.
+                let rest = t.split_whitespace().skip_while(|w| w.starts_with('-') || w.starts_with('<') || w.ends_with(',')).next();
+                let indent = |s: &str| s.len() - s.trim_start().len();
+                let below = lines.get(i + 1).is_some_and(|n| !n.trim().is_empty() && indent(n) > indent(l) && !n.trim_start().starts_with('-'));
+                assert!(rest.is_some() || below, "{c:?}: no help for `{t}`");
+            }
+        }
+    }
+    let (_, out, _) = rir(&["bench", "--help"]);
+    assert!(out.contains("generate") && out.contains("encode"), "{out}");
+}
+
+#[test]
+fn plugins_exits_non_zero_when_a_registered_plugin_is_missing() {
+    let d = tempfile::tempdir().unwrap();
+    let reg = d.path().join("registry.toml");
+    std::fs::write(&reg, "[plugins.ghost]\nkinds = [\"retriever\"]\ncrate = \"rir-plugin-ghost\"\n").unwrap();
+    let (ok, out, err) = rir(&["--registry", reg.to_str().unwrap(), "plugins"]);
+    assert!(!ok && out.contains("ghost") && err.contains("1 registered plugin(s) missing or refused"), "{out}{err}");
+}

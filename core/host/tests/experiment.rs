@@ -186,6 +186,21 @@ retriever = "rlgf"
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tiny/manifest.json")).unwrap()).unwrap();
     let steps = m["steps"].as_array().unwrap();
     assert!(!steps.is_empty() && steps.iter().all(|s| s["cached"] == true && s["seconds"].as_f64().is_some()), "{steps:?}");
+
+    // `rir table` over every eval folder, as a shell glob lists them (`+RLRF`
+    // sorts before `base`): stage.json and run files are skipped with a
+    // note, and the rows follow the experiment's variants, base first.
+    let mut dirs: Vec<String> = names(&run_dir).into_iter().filter(|n| n.starts_with("eval-")).map(|n| run_dir.join(n).display().to_string()).collect();
+    dirs.sort();
+    let mut targs = vec!["table"];
+    targs.extend(dirs.iter().map(String::as_str));
+    let (ok, stdout, err) = rir(&targs);
+    assert!(ok, "{err}");
+    assert!(err.contains("note: skipping") && err.contains("stage.json"), "{err}");
+    assert!(stdout.contains("baseline: base"), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("base") || l.contains("+RLRF") || l.contains("both")).collect();
+    let at = |n: &str| rows.iter().position(|l| l.contains(n)).unwrap_or(usize::MAX);
+    assert!(at("base") < at("+RLRF") && at("+RLRF") < at("both"), "{stdout}");
 }
 
 /// A model named by a local path is hashed by content: retrained in place,

@@ -105,3 +105,99 @@ fn a_torn_cache_line_is_cut_off_and_loses_nothing_else() {
     let (_, from_cache) = rir::generate::generate_all(g.as_ref(), &[req("one"), req("two")], Some(&cache), 8, "t").unwrap();
     assert_eq!(from_cache, 2);
 }
+
+/// A typo in any plugin table is refused by the plugin itself (the ABI's
+/// `validate`, no model loaded) before the first stage, naming the
+/// experiment file, the key's line and the key.
+#[test]
+fn plugin_tables_are_validated_before_any_work() {
+    plugin_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
+    for (from, to, key, says) in [
+        ("params = { beta = 0.1,", "params = { betta = 0.1,", "betta", "did you mean `beta`?"),
+        ("config = { mode = \"query_likelihood\", max_words = 60 }", "config = { mode = \"query_likelihood\", max_words = 60, windw = 4 }", "windw", "did you mean `window`?"),
+        ("loss = \"kl\" }", "loss = \"kl\", t_teacher = -1.0 }", "t_teacher", "must be a positive number"),
+        ("config = { query_weight = 0.8 }", "config = { query_weight = 1.8 }", "query_weight", "is not in [0, 1]"),
+        ("quantize = \"q8_0\" }", "quantize = \"q8_0\", max_batch = 0 }", "max_batch", "must be at least 1"),
+    ] {
+        let bad = base.replacen(from, to, 1);
+        assert_ne!(bad, base, "{from} is not in the quickstart");
+        let f = tmp.path().join("exp.toml");
+        std::fs::write(&f, &bad).unwrap();
+        let line = bad.lines().position(|l| l.contains(to)).unwrap() + 1;
+        let col = bad.lines().nth(line - 1).unwrap().find(key).unwrap() + 1;
+        let out = tmp.path().join("runs");
+        let t = std::time::Instant::now();
+        let (ok, log) = rir(&["run", f.to_str().unwrap(), "--mirror", mirror().to_str().unwrap(), "--output", out.to_str().unwrap(), "--dry-run"], &cache);
+        assert!(!ok, "{to}: accepted\n{log}");
+        assert!(log.contains(&format!("exp.toml:{line}:{col}:")) && log.contains(key) && log.contains(says), "{to}: {log}");
+        // Refused up front: no model was downloaded, no stage directory made.
+        assert!(t.elapsed().as_secs() < 30, "{to}: took {:?}", t.elapsed());
+        assert!(!out.join("quickstart").exists(), "{to}: a stage ran");
+    }
+}
+
+/// A plugin whose `validate` panics is an error, not a crash; a plugin
+/// without `validate` is accepted (its constructor checks later).
+#[test]
+fn a_panicking_validate_is_contained() {
+    plugin_dir();
+    let host = host();
+    let probe = host.load("probe").unwrap();
+    let e = probe.validate(rir::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "panic_on_validate = true").unwrap_err().to_string();
+    assert!(e.contains("validate asked to panic"), "{e}");
+    assert!(probe.validate(rir::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "steps = 3").unwrap());
+    let e = probe.validate(rir::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "stepz = 3").unwrap_err().to_string();
+    assert!(e.contains("unknown field `stepz`"), "{e}");
+}
+
+/// Messages that name what is wrong: the line of a non-UTF-8 document, the
+/// qrels file that was expected, an output path that is a file.
+#[test]
+fn data_and_output_mistakes_name_the_file_and_line() {
+    plugin_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let ds = beir(&tmp.path().join("d"), "{\"_id\": \"d1\", \"text\": \"ok\"}\n{\"_id\": \"d2\", \"text\": \"bad \u{1}\"}\n", "{\"_id\": \"q1\", \"text\": \"x\"}\n", "q1\td1\t1\n");
+    let mut bytes = std::fs::read(ds.join("corpus.jsonl")).unwrap();
+    let at = bytes.iter().position(|&b| b == 1).unwrap();
+    bytes[at] = 0xff;
+    std::fs::write(ds.join("corpus.jsonl"), bytes).unwrap();
+    let out = tmp.path().join("out");
+    let eval = |d: &Path, o: &Path| rir(&["eval", "--dataset", d.to_str().unwrap(), "--retriever", "example-hash", "--output", o.to_str().unwrap()], &cache);
+    let (ok, log) = eval(&ds, &out);
+    assert!(!ok && log.contains("corpus.jsonl:2: not UTF-8 (invalid byte at column"), "{log}");
+
+    std::fs::write(ds.join("corpus.jsonl"), "{\"_id\": \"d1\", \"text\": \"ok\"}\n").unwrap();
+    std::fs::remove_file(ds.join("qrels/test.tsv")).unwrap();
+    let (ok, log) = eval(&ds, &out);
+    assert!(!ok && log.contains("expected") && log.contains("qrels/test.tsv"), "{log}");
+    std::fs::write(ds.join("qrels/test.tsv"), "q1\td1\t1\n").unwrap();
+
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (ok, log) = eval(&ds, &file);
+    assert!(!ok && log.contains("is a file, not a directory") && !log.contains("os error 17"), "{log}");
+    let (ok, log) = eval(&ds, &file.join("sub"));
+    assert!(!ok && log.contains("a-file is a file, not a directory"), "{log}");
+}
+
+#[test]
+fn experiment_mistakes_name_line_and_key() {
+    let p = Path::new("exp.toml");
+    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
+    for (from, to, says) in [
+        ("rounds = 1", "rounds = 0", "`rounds` must be at least 1"),
+        ("datasets = [\"scifact\"]", "datasets = []", "`datasets` is empty"),
+        ("passages = 120", "passages = \"many\"", "`passages`: invalid type: string \"many\", expected usize"),
+        ("rounds = 1", "rounds = \"one\"", "`rounds`: invalid type"),
+    ] {
+        let bad = base.replacen(from, to, 1);
+        assert_ne!(bad, base, "{from}");
+        let line = bad.lines().position(|l| l == to).unwrap() + 1;
+        let e = rir::experiment::parse(&bad, p).unwrap_err().to_string();
+        assert!(e.contains(&format!("exp.toml:{line}:")) && e.contains(says), "{to}: {e}");
+    }
+}

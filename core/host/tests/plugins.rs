@@ -209,6 +209,20 @@ fn a_missing_library_says_where_it_looked_and_how_to_build_it() {
 }
 
 #[test]
+fn an_explicit_library_that_is_missing_or_no_plugin_says_so() {
+    let (_d, host) = host_from("[plugins.ghost]\nkinds = [\"retriever\"]\nlibrary = \"/no/such/libghost.so\"\n");
+    let msg = host.unwrap().status("ghost").2.unwrap().to_string();
+    assert!(msg.contains("registry.toml names this library explicitly") && !msg.contains("build it with `the"), "{msg}");
+    // A real shared library that is no rir plugin (the C library's libm).
+    let libm = ["/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"].into_iter().find(|p| std::path::Path::new(p).exists());
+    if let Some(libm) = libm {
+        let (_d, host) = host_from(&format!("[plugins.m]\nkinds = [\"retriever\"]\nlibrary = {libm:?}\n"));
+        let msg = host.unwrap().status("m").2.unwrap().to_string();
+        assert!(msg.contains("not an rir plugin") && !msg.contains('\0') && !msg.contains("Could load"), "{msg}");
+    }
+}
+
+#[test]
 fn malformed_registry_errors_name_file_line_and_column() {
     let (d, host) = host_from("[plugins.a]\nkinds = [\"retriever\"\ncrate = \"x\"\n");
     let msg = host.err().unwrap().to_string();

@@ -291,3 +291,33 @@ pub trait Index: Send {
     /// Replaces the contents with an index saved by [`Index::save`].
     fn load(&mut self, path: &std::path::Path) -> PluginResult<()>;
 }
+
+/// Which table a plugin's `validate` is handed: the config of one of its
+/// kinds, or a trainer job's hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigOf {
+    Retriever,
+    Generator,
+    Reward,
+    Trainer,
+    Index,
+    /// A trainer job's `params` table.
+    Params,
+}
+
+impl ConfigOf {
+    /// The name that crosses the ABI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfigOf::Retriever => "retriever",
+            ConfigOf::Generator => "generator",
+            ConfigOf::Reward => "reward",
+            ConfigOf::Trainer => "trainer",
+            ConfigOf::Index => "index",
+            ConfigOf::Params => "params",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [ConfigOf::Retriever, ConfigOf::Generator, ConfigOf::Reward, ConfigOf::Trainer, ConfigOf::Index, ConfigOf::Params].into_iter().find(|c| c.as_str() == s)
+    }
+}

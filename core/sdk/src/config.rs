@@ -7,7 +7,33 @@ use crate::error::{PluginError, PluginResult};
 /// Parses the config table the host hands a constructor. Give `T`
 /// `#[serde(deny_unknown_fields)]` so a misspelt key is an error that names it.
 pub fn parse<T: DeserializeOwned>(text: &str) -> PluginResult<T> {
-    toml::from_str(text).map_err(|e| PluginError::Config(one_line(&e.to_string())))
+    toml::from_str(text).map_err(|e| {
+        // serde's "invalid type: string \"x\", expected usize" names no key:
+        // take it from the text at the error's position.
+        let key = e.span().and_then(|s| key_before(text, s.start)).filter(|k| !e.message().contains(&format!("`{k}`")));
+        let msg = one_line(&e.to_string());
+        PluginError::Config(match key {
+            Some(k) => format!("{k}: {msg}"),
+            None => msg,
+        })
+    })
+}
+
+/// The key whose value starts at (or contains) byte `offset` of a TOML
+/// text: the name before the nearest `=` on that line (inline tables too).
+pub fn key_before(text: &str, offset: usize) -> Option<String> {
+    let head = text.get(..offset.min(text.len()))?;
+    let line = head.rsplit('\n').next().unwrap_or(head);
+    let (before, _) = line.rsplit_once('=')?;
+    let key: String = before.trim_end().chars().rev().take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '"')).collect::<Vec<_>>().into_iter().rev().collect();
+    let key = key.trim_matches('"').to_owned();
+    (!key.is_empty()).then_some(key)
+}
+
+/// Parses `text` as `T` and drops it: what a plugin's `validate` does for a
+/// table whose every check is in its type.
+pub fn check<T: DeserializeOwned>(text: &str) -> PluginResult<()> {
+    parse::<T>(text).map(drop)
 }
 
 /// toml's messages span several lines with a source excerpt (`3 | api_key =
@@ -18,7 +44,10 @@ fn one_line(s: &str) -> String {
         let rest = l.trim_start_matches(|c: char| c.is_ascii_digit()).trim_start();
         rest.starts_with('|')
     };
-    let text = s.lines().map(str::trim).filter(|l| !l.is_empty() && !excerpt(l)).collect::<Vec<_>>().join(": ");
+    // "TOML parse error at line 1, column 1" points into the text the host
+    // re-serialised, not the user's file: the host names the real line.
+    let position = |l: &str| l.starts_with("TOML parse error at line");
+    let text = s.lines().map(str::trim).filter(|l| !l.is_empty() && !excerpt(l) && !position(l)).collect::<Vec<_>>().join(": ");
     crate::secret::redact(&text).into_owned()
 }
 
@@ -37,5 +66,12 @@ mod tests {
         assert!(!e.contains("SECRET"), "{e}");
         assert!(e.contains("unknown field `api_key`"), "{e}");
         assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let e = super::parse::<C>("model = 3\n").unwrap_err().to_string();
+        assert!(e.contains("model: ") && e.contains("invalid type"), "{e}");
+        assert_eq!(super::key_before("a = { b = 1, c_d = \"x\" }", 21).as_deref(), Some("c_d"));
     }
 }

@@ -146,6 +146,18 @@ pub fn make_index<T: Index + 'static>(ctor: Option<IndexCtor<T>>, cfg: RStr<'_>,
     }
 }
 
+/// A plugin's config check: the table `what` names, as TOML text.
+pub type Validator = fn(crate::api::ConfigOf, &str) -> PluginResult<()>;
+
+#[doc(hidden)]
+pub fn run_validate(f: Option<Validator>, what: RStr<'_>, text: RStr<'_>) -> RResult<(), FfiError> {
+    guard(|| {
+        let Some(f) = f else { return Err(PluginError::Unsupported("this plugin does not validate its configs".into())) };
+        let what = crate::api::ConfigOf::parse(what.as_str()).ok_or_else(|| PluginError::input(format!("unknown table kind `{}`", what.as_str())))?;
+        f(what, text.as_str())
+    })
+}
+
 /// A placeholder type for kinds a plugin does not provide.
 #[doc(hidden)]
 pub enum Never {}
@@ -186,13 +198,19 @@ pub const ROOT_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";
 
 /// Exports a plugin library. Name each kind the plugin provides with its
 /// constructor; a constructor takes the plugin's TOML config table as text
-/// (index constructors also take the vector dimension).
+/// (index constructors also take the vector dimension). `validate`
+/// (optional, last) parses a table without loading anything, so the host
+/// can refuse a typo before the work that would precede the constructor.
 ///
 /// ```ignore
 /// rir_sdk::export_plugin! {
 ///     name: "my-encoder",
 ///     description: "A dense encoder",
 ///     retriever: MyEncoder::new,
+///     validate: |what, text| match what {
+///         rir_sdk::ConfigOf::Retriever => rir_sdk::config::check::<MyConfig>(text),
+///         _ => Ok(()),
+///     },
 /// }
 /// ```
 #[macro_export]
@@ -205,6 +223,7 @@ macro_rules! export_plugin {
         $(, reward: $reward:expr)?
         $(, trainer: $trainer:expr)?
         $(, index: $index:expr)?
+        $(, validate: $validate:expr)?
         $(,)?
     ) => {
         const _: () = {
@@ -237,6 +256,9 @@ macro_rules! export_plugin {
             extern "C" fn new_index(c: RStr<'_>, dim: u64) -> RResult<IndexBox, FfiError> {
                 $crate::__rir_index_ctor!(c, dim $(, $index)?)
             }
+            extern "C" fn validate(what: RStr<'_>, text: RStr<'_>) -> RResult<(), FfiError> {
+                $crate::__rir_validate!(what, text $(, $validate)?)
+            }
             fn root() -> PluginModRef {
                 use $crate::abi_stable::prefix_type::PrefixTypeTrait;
                 PluginMod {
@@ -247,6 +269,7 @@ macro_rules! export_plugin {
                     new_reward,
                     new_trainer,
                     new_index,
+                    validate,
                 }
                 .leak_into_prefix()
             }
@@ -273,6 +296,17 @@ macro_rules! __rir_ctor {
     };
     ($make:ident, $c:expr, $f:expr) => {
         $crate::export::$make(Some($f as $crate::export::Ctor<_>), $c)
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __rir_validate {
+    ($w:expr, $t:expr) => {
+        $crate::export::run_validate(None, $w, $t)
+    };
+    ($w:expr, $t:expr, $f:expr) => {
+        $crate::export::run_validate(Some($f as $crate::export::Validator), $w, $t)
     };
 }
 

@@ -27,7 +27,8 @@ use crate::error::FfiError;
 /// on any change to this module.
 ///
 /// 0.2.0: generators can score continuations (`GeneratorFfi::score`).
-pub const ABI_VERSION: &str = "0.2.0";
+/// 0.3.0: `validate` checks a config or params table without loading anything.
+pub const ABI_VERSION: &str = "0.3.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -271,8 +272,13 @@ pub struct PluginMod {
     pub new_generator: extern "C" fn(config: RStr<'_>) -> RResult<GeneratorBox, FfiError>,
     pub new_reward: extern "C" fn(config: RStr<'_>) -> RResult<RewardBox, FfiError>,
     pub new_trainer: extern "C" fn(config: RStr<'_>) -> RResult<TrainerBox, FfiError>,
-    #[sabi(last_prefix_field)]
     pub new_index: extern "C" fn(config: RStr<'_>, dim: u64) -> RResult<IndexBox, FfiError>,
+    /// Parses a table (`what`: a kind's config, or `"params"` for a
+    /// trainer's job) and checks its values without loading models, so the
+    /// host can refuse a typo before any work; `Unsupported` when the
+    /// plugin cannot tell.
+    #[sabi(last_prefix_field)]
+    pub validate: extern "C" fn(what: RStr<'_>, text: RStr<'_>) -> RResult<(), FfiError>,
 }
 
 impl RootModule for PluginModRef {

@@ -232,4 +232,14 @@ rir_sdk::export_plugin! {
     name: "candle-encoder",
     description: "BERT-family encoders (MiniLM, BGE, Contriever, E5) on candle",
     retriever: CandleEncoder::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Retriever => {
+            let cfg: CandleConfig = config::parse(text)?;
+            if let Some(p) = &cfg.pooling {
+                p.parse::<Pooling>().map_err(PluginError::config)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    },
 }

@@ -384,11 +384,29 @@ impl Trainer for ContrastiveTrainer {
     }
 }
 
-fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
-    let p: CtParams = config::parse(&job.params)?;
+/// The job's params, parsed and checked before anything loads (what
+/// `validate` runs too).
+pub fn checked_params(text: &str) -> PluginResult<CtParams> {
+    let p: CtParams = config::parse(text)?;
     if p.batch_size < 2 || p.group_size < 2 {
         return Err(PluginError::config("batch_size and group_size must be at least 2 (in-batch negatives, a positive and a negative)"));
     }
+    if !(0.0..0.9).contains(&p.eval_fraction) {
+        return Err(PluginError::config(format!("eval_fraction: {} is outside [0, 0.9)", p.eval_fraction)));
+    }
+    if let Some(o) = p.pooling.as_deref().filter(|o| *o != "mean" && *o != "cls") {
+        return Err(PluginError::config(format!("pooling: {o:?} (cls | mean)")));
+    }
+    for (name, v) in [("learning_rate", p.learning_rate), ("t_list", p.t_list), ("t_answer", p.t_answer), ("t_teacher", p.t_teacher), ("epochs", p.epochs)] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(PluginError::config(format!("{name}: {v} must be a positive number")));
+        }
+    }
+    Ok(p)
+}
+
+fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
+    let p = checked_params(&job.params)?;
     let dir = rir_models::resolve(&job.base_model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
     let cfg_path = dir.join("config.json");
     let cfg: candle_transformers::models::bert::Config = serde_json::from_slice(
@@ -423,9 +441,6 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    if !(0.0..0.9).contains(&p.eval_fraction) {
-        return Err(PluginError::config(format!("eval_fraction: {} is outside [0, 0.9)", p.eval_fraction)));
-    }
     // The held-out slice: a seeded shuffle, then the first n_eval.
     for i in (1..examples.len()).rev() {
         examples.swap(i, (next() % (i as u64 + 1)) as usize);
@@ -602,6 +617,11 @@ rir_sdk::export_plugin! {
     name: "contrastive-trainer",
     description: "RLGF retriever training on candle: listwise distillation from the generator's order with in-batch negatives, query-answer InfoNCE",
     trainer: ContrastiveTrainer::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Trainer => config::check::<NoKeys>(text),
+        rir_sdk::ConfigOf::Params => checked_params(text).map(drop),
+        _ => Ok(()),
+    },
 }
 
 #[cfg(test)]

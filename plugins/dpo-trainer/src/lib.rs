@@ -221,18 +221,30 @@ impl Trainer for DpoTrainer {
     }
 }
 
+/// The job's params, parsed and checked before anything loads (what
+/// `validate` runs too).
+pub fn checked_params(text: &str) -> PluginResult<DpoParams> {
+    let p: DpoParams = config::parse(text)?;
+    if p.grad_accum == 0 || p.lora_rank == 0 || p.epochs <= 0.0 {
+        return Err(PluginError::config("grad_accum, lora_rank and epochs must be positive"));
+    }
+    LoraSpec::targets_from(&p.target_modules).map_err(|e| PluginError::config(format!("target_modules: {e}")))?;
+    if p.dtype != "f32" && p.dtype != "bf16" {
+        return Err(PluginError::config(format!("dtype: {:?} (f32 | bf16)", p.dtype)));
+    }
+    rir_models::device_ordinal(&p.device).map_err(PluginError::config)?;
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if !positive(p.learning_rate) || !positive(p.beta) {
+        return Err(PluginError::config(format!("learning_rate ({}) and beta ({}) must be positive numbers", p.learning_rate, p.beta)));
+    }
+    Ok(p)
+}
+
 impl DpoTrainer {
     fn run(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
-        let p: DpoParams = config::parse(&job.params)?;
-        if p.grad_accum == 0 || p.lora_rank == 0 || p.epochs <= 0.0 {
-            return Err(PluginError::config("grad_accum, lora_rank and epochs must be positive"));
-        }
+        let p = checked_params(&job.params)?;
         let targets = LoraSpec::targets_from(&p.target_modules).map_err(|e| PluginError::config(format!("target_modules: {e}")))?;
-        let dtype = match p.dtype.as_str() {
-            "f32" => DType::F32,
-            "bf16" => DType::BF16,
-            o => return Err(PluginError::config(format!("dtype: {o:?} (f32 | bf16)"))),
-        };
+        let dtype = if p.dtype == "bf16" { DType::BF16 } else { DType::F32 };
         let device = match rir_models::device_ordinal(&p.device).map_err(PluginError::config)? {
             None => Device::Cpu,
             Some(n) => Device::new_cuda(n).map_err(cerr("CUDA device"))?,
@@ -441,4 +453,9 @@ rir_sdk::export_plugin! {
     name: "dpo-trainer",
     description: "DPO (sigmoid loss) with LoRA adapters on Llama models, on candle; PEFT adapter + merged model",
     trainer: DpoTrainer::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Trainer => config::check::<NoKeys>(text),
+        rir_sdk::ConfigOf::Params => checked_params(text).map(drop),
+        _ => Ok(()),
+    },
 }

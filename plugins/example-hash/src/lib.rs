@@ -97,6 +97,11 @@ rir_sdk::export_plugin! {
     name: "example-hash",
     description: "Feature-hashing bag-of-words retriever (example plugin)",
     retriever: HashRetriever::new,
+    // Refuses a typo before the host starts work; nothing is loaded.
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Retriever => rir_sdk::config::check::<HashConfig>(text),
+        _ => Ok(()),
+    },
 }
 
 #[cfg(test)]

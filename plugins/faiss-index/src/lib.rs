@@ -120,4 +120,8 @@ rir_sdk::export_plugin! {
     name: "faiss",
     description: "faiss index (static build): Flat, HNSW, IVF, PQ via factory strings",
     index: FaissIndex::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Index => config::check::<FaissConfig>(text),
+        _ => Ok(()),
+    },
 }

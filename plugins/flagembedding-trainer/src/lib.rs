@@ -217,4 +217,9 @@ rir_sdk::export_plugin! {
     name: "flagembedding-trainer",
     description: "Retriever fine-tuning with FlagEmbedding under torchrun (knowledge distillation from the generator's order)",
     trainer: FlagEmbeddingTrainer::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Trainer => config::check::<NoKeys>(text),
+        rir_sdk::ConfigOf::Params => config::check::<FeParams>(text),
+        _ => Ok(()),
+    },
 }

@@ -215,11 +215,17 @@ impl GeneratorReward {
         Ok(out)
     }
 
-    pub fn new(config_toml: &str) -> PluginResult<Self> {
+    /// The config, parsed and checked (what `validate` runs too).
+    pub fn checked(config_toml: &str) -> PluginResult<GeneratorRewardConfig> {
         let cfg: GeneratorRewardConfig = config::parse(config_toml)?;
         if cfg.window < 2 || cfg.step == 0 || cfg.step > cfg.window {
             return Err(PluginError::config("window must be at least 2 and step in 1..=window"));
         }
+        Ok(cfg)
+    }
+
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        let cfg = Self::checked(config_toml)?;
         Ok(Self { cfg, repaired: AtomicU64::new(0), unparsed: AtomicU64::new(0) })
     }
 
@@ -318,6 +324,10 @@ rir_sdk::export_plugin! {
     name: "generator-reward",
     description: "Reinforced-IR generator feedback: RankGPT-style listwise reranking by the stage's generator, scores 1/(rank+1)",
     reward: GeneratorReward::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Reward => GeneratorReward::checked(text).map(drop),
+        _ => Ok(()),
+    },
 }
 
 #[cfg(test)]

@@ -168,11 +168,17 @@ struct Seq {
 }
 
 impl LlamaGenerator {
-    pub fn new(config_toml: &str) -> PluginResult<Self> {
+    /// The config, parsed and checked (what `validate` runs too).
+    pub fn checked(config_toml: &str) -> PluginResult<LlamaConfig> {
         let cfg: LlamaConfig = config::parse(config_toml)?;
         if cfg.max_batch == 0 {
             return Err(PluginError::config("max_batch: must be at least 1"));
         }
+        Ok(cfg)
+    }
+
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        let cfg = Self::checked(config_toml)?;
         init_threads();
         let (model, assets, fingerprint) = load_model(&cfg)?;
         Ok(Self { model, assets, fingerprint, max_batch: cfg.max_batch, busy: Mutex::new(()) })
@@ -446,4 +452,8 @@ rir_sdk::export_plugin! {
     name: "llama-generator",
     description: "Llama-architecture models on candle: GGUF or HF safetensors, LoRA adapters merged at load, batched decoding",
     generator: LlamaGenerator::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Generator => LlamaGenerator::checked(text).map(drop),
+        _ => Ok(()),
+    },
 }

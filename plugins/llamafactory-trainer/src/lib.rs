@@ -276,4 +276,9 @@ rir_sdk::export_plugin! {
     name: "llamafactory-trainer",
     description: "DPO+LoRA via LLaMA-Factory (llamafactory-cli train, then export); for large models on GPUs",
     trainer: LlamaFactoryTrainer::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Trainer => config::check::<NoKeys>(text),
+        rir_sdk::ConfigOf::Params => config::check::<LfParams>(text),
+        _ => Ok(()),
+    },
 }

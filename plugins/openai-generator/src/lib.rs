@@ -91,8 +91,26 @@ enum Attempt {
 }
 
 impl OpenAiGenerator {
-    pub fn new(config_toml: &str) -> PluginResult<Self> {
+    /// The config, parsed and checked without contacting the server (what
+    /// `validate` runs too): a permanent mistake fails here, not after retries.
+    pub fn checked(config_toml: &str) -> PluginResult<OpenAiConfig> {
         let cfg: OpenAiConfig = config::parse(config_toml)?;
+        let scheme = cfg.base_url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+        if !matches!(scheme.as_deref(), Some("http") | Some("https")) {
+            // The URL is not quoted whole: it may carry credentials.
+            return Err(PluginError::config("base_url: must start with http:// or https://"));
+        }
+        if cfg.concurrency == 0 {
+            return Err(PluginError::config("concurrency must be at least 1"));
+        }
+        if !(cfg.timeout_s.is_finite() && cfg.timeout_s > 0.0) {
+            return Err(PluginError::config(format!("timeout_s: {} must be a positive number of seconds", cfg.timeout_s)));
+        }
+        Ok(cfg)
+    }
+
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        let cfg = Self::checked(config_toml)?;
         let key = match &cfg.api_key_env {
             Some(var) => Some(std::env::var(var).map_err(|_| {
                 PluginError::config(format!(
@@ -104,9 +122,6 @@ impl OpenAiGenerator {
         // Registered so this library's log records and errors never show it.
         if let Some(k) = &key {
             rir_sdk::secret::register(k);
-        }
-        if cfg.concurrency == 0 {
-            return Err(PluginError::config("concurrency must be at least 1"));
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .tls_config(
@@ -480,11 +495,30 @@ rir_sdk::export_plugin! {
     name: "openai-generator",
     description: "Any OpenAI-compatible server: chat and completions, retries, n-splitting",
     generator: OpenAiGenerator::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Generator => OpenAiGenerator::checked(text).map(drop),
+        _ => Ok(()),
+    },
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_echo, server_message};
+    use super::{parse_echo, server_message, OpenAiGenerator};
+
+    #[test]
+    fn permanent_setup_mistakes_fail_at_once() {
+        let t = std::time::Instant::now();
+        for (cfg, says) in [
+            ("base_url = \"ftp://user:pw@host/v1\"\nmodel = \"m\"", "base_url: must start with http:// or https://"),
+            ("base_url = \"localhost:8000/v1\"\nmodel = \"m\"", "base_url: must start with http:// or https://"),
+            ("base_url = \"http://127.0.0.1:1/v1\"\nmodel = \"m\"\nconcurrency = 0", "concurrency must be at least 1"),
+        ] {
+            let e = OpenAiGenerator::new(cfg).err().expect(cfg).to_string();
+            assert!(e.contains(says) && !e.contains("pw@"), "{cfg}: {e}");
+        }
+        assert!(t.elapsed().as_secs() < 2, "no retries: {:?}", t.elapsed());
+        assert!(OpenAiGenerator::checked("base_url = \"HTTPS://api.example.com/v1\"\nmodel = \"m\"").is_ok());
+    }
 
     #[test]
     fn echoed_prompt_logprobs_are_split_at_the_continuation() {

@@ -259,4 +259,8 @@ rir_sdk::export_plugin! {
     name: "ort-encoder",
     description: "ONNX text encoders on ONNX Runtime (CPU; CUDA execution provider)",
     retriever: OrtEncoder::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Retriever => config::check::<OrtConfig>(text),
+        _ => Ok(()),
+    },
 }

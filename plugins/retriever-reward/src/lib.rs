@@ -40,12 +40,17 @@ pub struct RetrieverReward {
 }
 
 impl RetrieverReward {
-    pub fn new(config_toml: &str) -> PluginResult<Self> {
+    /// The config, parsed and checked (what `validate` runs too).
+    pub fn checked(config_toml: &str) -> PluginResult<RetrieverRewardConfig> {
         let cfg: RetrieverRewardConfig = config::parse(config_toml)?;
         if !(0.0..=1.0).contains(&cfg.query_weight) {
             return Err(PluginError::config(format!("query_weight: {} is not in [0, 1]", cfg.query_weight)));
         }
-        Ok(Self { cfg })
+        Ok(cfg)
+    }
+
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        Ok(Self { cfg: Self::checked(config_toml)? })
     }
 }
 
@@ -91,4 +96,8 @@ rir_sdk::export_plugin! {
     name: "retriever-reward",
     description: "Reinforced-IR retriever feedback: (w·e_q(q) + (1−w)·e_c(P + a))·e_c(d) against e_q(q)·e_c(d)",
     reward: RetrieverReward::new,
+    validate: |what, text| match what {
+        rir_sdk::ConfigOf::Reward => RetrieverReward::checked(text).map(drop),
+        _ => Ok(()),
+    },
 }

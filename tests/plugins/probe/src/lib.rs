@@ -19,6 +19,8 @@ pub struct ProbeConfig {
     pub panic_on_new: bool,
     /// Trainer steps.
     pub steps: u64,
+    /// Panic inside `validate`.
+    pub panic_on_validate: bool,
 }
 
 fn cfg(text: &str) -> PluginResult<ProbeConfig> {
@@ -182,4 +184,11 @@ rir_sdk::export_plugin! {
     reward: Probe::new,
     trainer: Probe::new,
     index: FlatIndex::new,
+    validate: |_, text| {
+        let c: ProbeConfig = config::parse(text)?;
+        if c.panic_on_validate {
+            panic!("validate asked to panic");
+        }
+        Ok(())
+    },
 }
