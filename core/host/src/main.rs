@@ -63,6 +63,24 @@ enum Command {
         /// Request threads
         #[arg(long, default_value_t = 4)]
         workers: usize,
+        /// Largest request body, bytes (413 above it, before it is read)
+        #[arg(long, default_value_t = 1 << 20)]
+        max_body_bytes: usize,
+        /// Largest `n` a request may ask for
+        #[arg(long, default_value_t = 16)]
+        max_n: u32,
+        /// Largest `max_tokens` a request may ask for
+        #[arg(long, default_value_t = 4096)]
+        max_tokens: u32,
+        /// Most prompts in one completions request
+        #[arg(long, default_value_t = 64)]
+        max_prompts: usize,
+        /// Complete requests that may wait for a worker; more are answered 429 at once
+        #[arg(long, default_value_t = 16)]
+        queue: usize,
+        /// Connections still sending their body (slow clients); more are answered 429
+        #[arg(long, default_value_t = 64)]
+        max_readers: usize,
     },
     /// Run an experiment TOML: stages, rounds, variants, the comparison table [default: the quickstart]
     Run(RunArgs),
@@ -567,7 +585,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             h.settings.threads = cli.threads.unwrap_or(1).max(1);
             bench_generate_cmd(&h, a)
         }
-        Command::Serve { generator, generator_config, host: addr, port, workers } => {
+        Command::Serve { generator, generator_config, host: addr, port, workers, max_body_bytes, max_n, max_tokens, max_prompts, queue, max_readers } => {
+            let limits = serve::Limits { max_body_bytes: *max_body_bytes, max_n: *max_n, max_tokens: *max_tokens, max_prompts: *max_prompts, queue: *queue, max_readers: *max_readers };
             let h = host(&cli)?;
             let g = h.load(generator)?.generator(&toml_arg(generator_config, "--generator-config")?)?;
             let server = tiny_http::Server::http((addr.as_str(), *port))
@@ -576,7 +595,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("serving {} ({generator}) on http://{bound}/v1", g.model_name());
             use std::io::Write as _;
             std::io::stdout().flush()?;
-            serve::serve(g.as_ref(), &server, *workers);
+            serve::serve_with(g.as_ref(), &server, *workers, limits);
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -6,68 +6,191 @@
 //! scores the prompt instead of continuing it (as vLLM and OpenAI's legacy
 //! API do): every token with its log-probability (the first, which has no
 //! context, as null) and its character offset, through `Generator::score`.
+//!
+//! Limits ([`Limits`]): a body over `max_body_bytes` is refused (413) before
+//! it is read; `n`, `max_tokens` and the prompts per request are capped;
+//! sampling values outside OpenAI's ranges, empty `messages` and unknown
+//! roles are 400s in OpenAI's error shape; `stream: true` is refused (400:
+//! generation is not incremental); when `workers + queue` requests are in
+//! the house a new one gets 429 at once. Response ids are unique.
 
+use std::io::Read as _;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rir_sdk::{Completion, GenerationRequest, Generator, Message, Prompt, ScoreRequest};
 use serde_json::{json, Value};
 
-/// Serves until the process is stopped, with `workers` request threads.
-pub fn serve(generator: &dyn Generator, server: &tiny_http::Server, workers: usize) {
-    std::thread::scope(|s| {
-        for _ in 0..workers.max(1) {
-            s.spawn(|| {
-                while let Ok(mut req) = server.recv() {
-                    let (status, body) = handle(generator, &mut req);
-                    let resp = tiny_http::Response::from_string(body.to_string())
-                        .with_status_code(status)
-                        .with_header(tiny_http::Header::from_bytes("Content-Type", "application/json").expect("header"));
-                    let _ = req.respond(resp);
-                }
-            });
-        }
-    });
+/// What one server accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body read, bytes.
+    pub max_body_bytes: usize,
+    /// Largest `n` (completions per prompt).
+    pub max_n: u32,
+    /// Largest `max_tokens`.
+    pub max_tokens: u32,
+    /// Most prompts in one completions request.
+    pub max_prompts: usize,
+    /// Complete requests waiting for a generation worker; more get 429.
+    pub queue: usize,
+    /// Connections whose body is still being read (slow or stalled
+    /// clients); more get 429, so they cannot starve the workers.
+    pub max_readers: usize,
 }
 
-fn error(status: u16, kind: &str, message: impl std::fmt::Display) -> (u16, Value) {
-    (status, json!({"error": {"message": message.to_string(), "type": kind, "code": status}}))
-}
-
-fn handle(g: &dyn Generator, req: &mut tiny_http::Request) -> (u16, Value) {
-    let path = req.url().split('?').next().unwrap_or("").trim_end_matches('/').to_owned();
-    match (req.method(), path.as_str()) {
-        (tiny_http::Method::Get, "/health") => (200, json!({"status": "ok"})),
-        (tiny_http::Method::Get, "/v1/models") => (
-            200,
-            json!({"object": "list", "data": [{"id": g.model_name(), "object": "model", "owned_by": "rir"}]}),
-        ),
-        (tiny_http::Method::Post, "/v1/chat/completions") | (tiny_http::Method::Post, "/v1/completions") => {
-            let mut text = String::new();
-            if let Err(e) = req.as_reader().read_to_string(&mut text) {
-                return error(400, "invalid_request_error", format!("reading the body: {e}"));
-            }
-            let body: Value = match serde_json::from_str(&text) {
-                Ok(v) => v,
-                Err(e) => return error(400, "invalid_request_error", format!("body is not JSON: {e}")),
-            };
-            let chat = path.ends_with("chat/completions");
-            if !chat && body.get("echo").and_then(Value::as_bool) == Some(true) {
-                return echo(g, &body);
-            }
-            match requests(&body, chat) {
-                Ok(reqs) => match g.generate(&reqs) {
-                    Ok(out) => (200, response(g, chat, &reqs, out)),
-                    Err(e) => error(500, "server_error", e),
-                },
-                Err(msg) => error(400, "invalid_request_error", msg),
-            }
-        }
-        _ => error(404, "not_found", format!("no route for {} {path}", req.method())),
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_body_bytes: 1 << 20, max_n: 16, max_tokens: 4096, max_prompts: 64, queue: 16, max_readers: 64 }
     }
 }
 
-/// OpenAI request JSON → generation requests (a completions prompt may be a list).
-fn requests(b: &Value, chat: bool) -> Result<Vec<GenerationRequest>, String> {
+/// Serves until the process is stopped, with `workers` request threads.
+pub fn serve(generator: &dyn Generator, server: &tiny_http::Server, workers: usize) {
+    serve_with(generator, server, workers, Limits::default())
+}
+
+/// A request whose body has been read and parsed.
+struct Parsed {
+    req: tiny_http::Request,
+    chat: bool,
+    body: Value,
+}
+
+/// [`serve`] with explicit limits. Bodies are read on reader threads (at
+/// most `max_readers`), so a client that stalls mid-body holds a reader,
+/// never a generation worker; complete requests wait in a queue of `queue`.
+pub fn serve_with(generator: &dyn Generator, server: &tiny_http::Server, workers: usize, limits: Limits) {
+    let workers = workers.max(1);
+    let readers = AtomicUsize::new(0);
+    // Complete requests queued or being generated.
+    let in_house = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(limits.queue + workers);
+    let rx = std::sync::Mutex::new(rx);
+    let busy = |what: &str| error(429, "rate_limit_error", format!("the server is busy ({what}); retry later"));
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let next = rx.lock().expect("queue poisoned").recv();
+                let Ok(p) = next else { break };
+                let (status, body) = answer(generator, p.chat, &p.body, &limits);
+                respond(p.req, status, &body);
+                in_house.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+        while let Ok(req) = server.recv() {
+            if readers.load(Ordering::SeqCst) >= limits.max_readers {
+                let (status, body) = busy(&format!("{} connections still sending their request", limits.max_readers));
+                respond(req, status, &body);
+                continue;
+            }
+            readers.fetch_add(1, Ordering::SeqCst);
+            let (tx, readers, in_house) = (tx.clone(), &readers, &in_house);
+            s.spawn(move || {
+                let mut req = req;
+                let parsed = read(generator, &mut req, &limits);
+                readers.fetch_sub(1, Ordering::SeqCst);
+                match parsed {
+                    Err((status, body)) => respond(req, status, &body),
+                    Ok((chat, body)) => {
+                        if in_house.fetch_add(1, Ordering::SeqCst) >= workers + limits.queue {
+                            in_house.fetch_sub(1, Ordering::SeqCst);
+                            let (status, body) = busy(&format!("{workers} workers busy, queue of {} full", limits.queue));
+                            respond(req, status, &body);
+                        } else if let Err(e) = tx.send(Parsed { req, chat, body }) {
+                            in_house.fetch_sub(1, Ordering::SeqCst);
+                            respond(e.0.req, 503, &error(503, "server_error", "the server is shutting down").1);
+                        }
+                    }
+                }
+            });
+        }
+        drop(tx);
+    });
+}
+
+fn respond(req: tiny_http::Request, status: u16, body: &Value) {
+    let resp = tiny_http::Response::from_string(body.to_string())
+        .with_status_code(status)
+        .with_header(tiny_http::Header::from_bytes("Content-Type", "application/json").expect("header"));
+    // A client that went away is not an error of the server's.
+    let _ = req.respond(resp);
+}
+
+fn error(status: u16, kind: &str, message: impl std::fmt::Display) -> (u16, Value) {
+    (status, json!({"error": {"message": message.to_string(), "type": kind, "param": Value::Null, "code": status}}))
+}
+
+/// A response id no other response of this process (or a restarted one
+/// within the same second) shares.
+fn next_id(kind: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{kind}-rir{:x}{:x}{:x}", nanos, std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Routes and reads a request: `Ok((chat, body))` for a generation request
+/// to queue, `Err(answer)` for everything answered at once (GETs, errors).
+fn read(g: &dyn Generator, req: &mut tiny_http::Request, limits: &Limits) -> Result<(bool, Value), (u16, Value)> {
+    let path = req.url().split('?').next().unwrap_or("").trim_end_matches('/').to_owned();
+    match (req.method(), path.as_str()) {
+        (tiny_http::Method::Get, "/health") => Err((200, json!({"status": "ok"}))),
+        (tiny_http::Method::Get, "/v1/models") => Err((
+            200,
+            json!({"object": "list", "data": [{"id": g.model_name(), "object": "model", "owned_by": "rir"}]}),
+        )),
+        (tiny_http::Method::Post, "/v1/chat/completions") | (tiny_http::Method::Post, "/v1/completions") => {
+            if req.body_length().is_some_and(|n| n > limits.max_body_bytes) {
+                return Err(error(413, "invalid_request_error", format!("the body is over {} bytes", limits.max_body_bytes)));
+            }
+            // Read at most one byte past the limit (a chunked body has no length up front).
+            let mut bytes = Vec::new();
+            if let Err(e) = req.as_reader().take(limits.max_body_bytes as u64 + 1).read_to_end(&mut bytes) {
+                return Err(error(400, "invalid_request_error", format!("reading the body: {e}")));
+            }
+            if bytes.len() > limits.max_body_bytes {
+                return Err(error(413, "invalid_request_error", format!("the body is over {} bytes", limits.max_body_bytes)));
+            }
+            let body: Value = match serde_json::from_slice(&bytes) {
+                Ok(v @ Value::Object(_)) => v,
+                Ok(_) => return Err(error(400, "invalid_request_error", "the body must be a JSON object")),
+                Err(e) => return Err(error(400, "invalid_request_error", format!("body is not JSON: {e}"))),
+            };
+            if body.get("stream").and_then(Value::as_bool) == Some(true) {
+                return Err(error(400, "invalid_request_error", "`stream: true` is not supported: this server answers with whole completions"));
+            }
+            let chat = path.ends_with("chat/completions");
+            // Checked here, so a bad request never waits in the queue.
+            if !(!chat && body.get("echo").and_then(Value::as_bool) == Some(true)) {
+                requests(&body, chat, limits).map_err(|m| error(400, "invalid_request_error", m))?;
+            }
+            Ok((chat, body))
+        }
+        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health") => {
+            Err(error(405, "invalid_request_error", format!("{} is not allowed on {path}", req.method())))
+        }
+        _ => Err(error(404, "not_found", format!("no route for {} {path}", req.method()))),
+    }
+}
+
+/// Runs a parsed generation (or scoring) request.
+fn answer(g: &dyn Generator, chat: bool, body: &Value, limits: &Limits) -> (u16, Value) {
+    if !chat && body.get("echo").and_then(Value::as_bool) == Some(true) {
+        return echo(g, body, limits);
+    }
+    match requests(body, chat, limits) {
+        Ok(reqs) => match g.generate(&reqs) {
+            Ok(out) => (200, response(g, chat, &reqs, out)),
+            Err(e @ rir_sdk::PluginError::Input(_)) => error(400, "invalid_request_error", e),
+            Err(e) => error(500, "server_error", e),
+        },
+        Err(msg) => error(400, "invalid_request_error", msg),
+    }
+}
+
+/// OpenAI request JSON → generation requests (a completions prompt may be a
+/// list); values outside OpenAI's ranges or this server's caps are refused.
+fn requests(b: &Value, chat: bool, limits: &Limits) -> Result<Vec<GenerationRequest>, String> {
     let num = |k: &str, d: f64| -> Result<f64, String> {
         match b.get(k) {
             None | Some(Value::Null) => Ok(d),
@@ -85,51 +208,75 @@ fn requests(b: &Value, chat: bool) -> Result<Vec<GenerationRequest>, String> {
         Some(Value::Number(n)) => n.as_u64().unwrap_or(0) > 0,
         _ => false,
     };
+    let (n, temperature, top_p, max_tokens) = (num("n", 1.0)?, num("temperature", 1.0)?, num("top_p", 1.0)?, num("max_tokens", 256.0)?);
+    if !(n >= 1.0 && n <= limits.max_n as f64 && n.fract() == 0.0) {
+        return Err(format!("`n` must be an integer in 1..={} (got {n})", limits.max_n));
+    }
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(format!("`temperature` must be in [0, 2] (got {temperature})"));
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(format!("`top_p` must be in (0, 1] (got {top_p})"));
+    }
+    if !(max_tokens >= 1.0 && max_tokens <= limits.max_tokens as f64 && max_tokens.fract() == 0.0) {
+        return Err(format!("`max_tokens` must be an integer in 1..={} (got {max_tokens})", limits.max_tokens));
+    }
+    if stop.len() > 4 {
+        return Err("`stop` may hold at most 4 sequences".into());
+    }
     let base = GenerationRequest {
         prompt: Prompt::Text(String::new()),
-        n: num("n", 1.0)? as u32,
-        temperature: num("temperature", 1.0)? as f32,
-        top_p: num("top_p", 1.0)? as f32,
-        max_tokens: num("max_tokens", 256.0)? as u32,
+        n: n as u32,
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        max_tokens: max_tokens as u32,
         stop,
         seed: b.get("seed").and_then(Value::as_u64),
         logprobs,
     };
-    if base.n == 0 {
-        return Err("`n` must be at least 1".into());
-    }
     if chat {
         let msgs = b.get("messages").and_then(Value::as_array).ok_or("`messages` (a list) is required")?;
+        if msgs.is_empty() {
+            return Err("`messages` is empty: send at least one message".into());
+        }
         let messages = msgs
             .iter()
             .map(|m| {
                 let role = m.get("role").and_then(Value::as_str).ok_or("every message needs a `role`")?;
+                if !matches!(role, "system" | "user" | "assistant" | "developer") {
+                    return Err(format!("unknown role `{role}` (system, developer, user or assistant)"));
+                }
                 let content = m.get("content").and_then(Value::as_str).ok_or("every message needs string `content`")?;
-                Ok(Message { role: role.into(), content: content.into() })
+                Ok(Message { role: if role == "developer" { "system".into() } else { role.into() }, content: content.into() })
             })
-            .collect::<Result<Vec<_>, &str>>()?;
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(vec![GenerationRequest { prompt: Prompt::Chat(messages), ..base }])
     } else {
-        Ok(text_prompts(b)?.into_iter().map(|p| GenerationRequest { prompt: Prompt::Text(p), ..base.clone() }).collect())
+        let prompts = text_prompts(b, limits)?;
+        Ok(prompts.into_iter().map(|p| GenerationRequest { prompt: Prompt::Text(p), ..base.clone() }).collect())
     }
 }
 
 /// A completions request's `prompt`: a string or a list of strings.
-fn text_prompts(b: &Value) -> Result<Vec<String>, String> {
-    match b.get("prompt") {
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
-        Some(Value::Array(a)) => a.iter().map(|p| p.as_str().map(str::to_owned).ok_or_else(|| "`prompt` items must be strings".to_owned())).collect(),
-        _ => Err("`prompt` (a string or list of strings) is required".into()),
+fn text_prompts(b: &Value, limits: &Limits) -> Result<Vec<String>, String> {
+    let p: Vec<String> = match b.get("prompt") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a.iter().map(|p| p.as_str().map(str::to_owned).ok_or_else(|| "`prompt` items must be strings".to_owned())).collect::<Result<_, _>>()?,
+        _ => return Err("`prompt` (a string or list of strings) is required".into()),
+    };
+    if p.is_empty() || p.len() > limits.max_prompts {
+        return Err(format!("`prompt` must hold 1..={} prompts (got {})", limits.max_prompts, p.len()));
     }
+    Ok(p)
 }
 
 /// A scoring request: `echo` with `max_tokens` 0 returns the prompt's
 /// tokens with their log-probabilities and character offsets.
-fn echo(g: &dyn Generator, b: &Value) -> (u16, Value) {
+fn echo(g: &dyn Generator, b: &Value, limits: &Limits) -> (u16, Value) {
     if b.get("max_tokens").and_then(Value::as_u64).unwrap_or(16) != 0 {
         return error(400, "invalid_request_error", "`echo` is supported with `max_tokens: 0` only (scoring the prompt)");
     }
-    let prompts = match text_prompts(b) {
+    let prompts = match text_prompts(b, limits) {
         Ok(p) => p,
         Err(m) => return error(400, "invalid_request_error", m),
     };
@@ -161,7 +308,7 @@ fn echo(g: &dyn Generator, b: &Value) -> (u16, Value) {
                                 "text_offset": offsets, "top_logprobs": Value::Null}})
         })
         .collect();
-    (200, json!({"id": format!("rir-{created}-score"), "object": "text_completion", "created": created, "model": g.model_name(), "choices": choices}))
+    (200, json!({"id": next_id("cmpl"), "object": "text_completion", "created": created, "model": g.model_name(), "choices": choices}))
 }
 
 fn response(g: &dyn Generator, chat: bool, reqs: &[GenerationRequest], out: Vec<Vec<Completion>>) -> Value {
@@ -180,7 +327,7 @@ fn response(g: &dyn Generator, chat: bool, reqs: &[GenerationRequest], out: Vec<
         });
     }
     json!({
-        "id": format!("rir-{created}-{}", choices.len()),
+        "id": next_id(if chat { "chatcmpl" } else { "cmpl" }),
         "object": if chat { "chat.completion" } else { "text_completion" },
         "created": created,
         "model": g.model_name(),

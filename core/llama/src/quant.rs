@@ -238,17 +238,22 @@ impl QMatrix {
             const CH: usize = 64;
             out_t.par_chunks_mut(CH * m).enumerate().for_each(|(c, chunk)| rows(c * CH, chunk));
         }
-        let out = if m == 1 {
-            out_t
-        } else {
-            let mut out = vec![0f32; m * self.n];
-            for j in 0..self.n {
-                for i in 0..m {
-                    out[i * self.n + j] = out_t[j * m + i];
+        if m == 1 {
+            return out_t;
+        }
+        // (n, m) -> (m, n) in 32×32 tiles: a plain double loop wrote with a
+        // stride of n floats and took ~12% of prefill time (perf, judge prompts).
+        let mut out = vec![0f32; m * self.n];
+        const T: usize = 32;
+        for j0 in (0..self.n).step_by(T) {
+            for i0 in (0..m).step_by(T) {
+                for j in j0..(j0 + T).min(self.n) {
+                    for i in i0..(i0 + T).min(m) {
+                        out[i * self.n + j] = out_t[j * m + i];
+                    }
                 }
             }
-            out
-        };
+        }
         out
     }
 
