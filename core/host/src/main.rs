@@ -851,7 +851,7 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
     if !(a.alpha > 0.0 && a.alpha < 1.0) {
         anyhow::bail!("--alpha must be in (0, 1), got {}", a.alpha);
     }
-    let mut results = Vec::new();
+    let (mut results, mut skipped) = (Vec::new(), Vec::new());
     for p in &a.results {
         // A directory (an eval stage's, or a glob over run folders) gives
         // the results files in it; other files there are skipped with a note.
@@ -865,12 +865,16 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
         for f in files {
             match report::Results::read_if_results(&f)? {
                 Some(r) => results.push(r),
-                None => eprintln!("note: skipping {} (not a results file)", f.display()),
+                None => skipped.push(f),
             }
         }
     }
     if results.is_empty() {
-        anyhow::bail!("no results files among the {} path(s) given", a.results.len());
+        let first = skipped.first().map_or(String::new(), |f| format!("{} is not a rir results file; ", f.display()));
+        anyhow::bail!("{first}no results files among the {} path(s) given", a.results.len());
+    }
+    for f in &skipped {
+        eprintln!("note: skipping {} (not a results file)", f.display());
     }
     // Runs of one experiment carry their variant's place: order them as the
     // experiment lists its variants (its first is the default baseline),

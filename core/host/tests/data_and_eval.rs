@@ -61,7 +61,7 @@ fn malformed_lines_name_file_and_line() {
     assert!(e.contains("test.tsv:1: relevance \"high\" is not an integer"), "{e}");
 
     let e = data::load_dir("t", dir.path(), "dev").unwrap_err().to_string();
-    assert!(e.contains("no qrels for split 'dev' (have: test)"), "{e}");
+    assert!(e.contains("no qrels for split 'dev': expected") && e.contains("qrels/dev.tsv (qrels found: test)"), "{e}");
 }
 
 #[test]

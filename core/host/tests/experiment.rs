@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -63,28 +63,11 @@ fn experiment_files_fail_clearly_before_any_work() {
     assert!(!ok && err.contains("did you mean `rlrf-train`?"), "{err}");
 }
 
-/// SciFact cut to its first 300 documents and the test queries judged
-/// against them: a real BEIR directory that encodes in seconds.
-fn mini_scifact(dir: &Path) -> PathBuf {
-    let src = mirror().join("beir/scifact");
-    let d = dir.join("scifact-mini");
-    std::fs::create_dir_all(d.join("qrels")).unwrap();
-    let corpus: Vec<String> = std::fs::read_to_string(src.join("corpus.jsonl")).unwrap().lines().take(300).map(str::to_owned).collect();
-    let ids: std::collections::HashSet<String> =
-        corpus.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["_id"].to_string().trim_matches('"').to_owned()).collect();
-    std::fs::write(d.join("corpus.jsonl"), corpus.join("\n") + "\n").unwrap();
-    let qrels = std::fs::read_to_string(src.join("qrels/test.tsv")).unwrap();
-    let kept: Vec<&str> = qrels.lines().skip(1).filter(|l| ids.contains(l.split('\t').nth(1).unwrap())).collect();
-    std::fs::write(d.join("qrels/test.tsv"), format!("query-id\tcorpus-id\tscore\n{}\n", kept.join("\n"))).unwrap();
-    std::fs::copy(src.join("queries.jsonl"), d.join("queries.jsonl")).unwrap();
-    d
-}
-
 #[test]
 fn a_killed_run_resumes_without_redoing_finished_stages() {
     plugin_dir();
     let tmp = tempfile::tempdir().unwrap();
-    let ds = mini_scifact(tmp.path());
+    let ds = mini_scifact(tmp.path(), "scifact-mini");
     let exp = format!(
         r#"
 name = "tiny"

@@ -191,7 +191,7 @@ fn client_errors_surface_the_server_message_and_are_not_retried() {
         .to_ascii_lowercase()
         .contains("authorization: bearer sk-secret-123"));
     let e =
-        OpenAiGenerator::new("base_url = \"x\"\nmodel = \"m\"\napi_key_env = \"RIR_NO_SUCH_VAR\"")
+        OpenAiGenerator::new("base_url = \"http://x\"\nmodel = \"m\"\napi_key_env = \"RIR_NO_SUCH_VAR\"")
             .err()
             .unwrap()
             .to_string();
@@ -295,8 +295,9 @@ fn rir_serve_speaks_the_api_the_openai_plugin_speaks() {
 
     let mut req = chat("x", 1, 0.0, 4);
     req.prompt = Prompt::Chat(vec![]);
-    let out = g.generate(&[req]).unwrap();
-    assert_eq!(out[0][0].text, " #0", "an empty conversation is valid and echoes nothing");
+    // An empty conversation is a client error (issue 19), answered 400 and not retried.
+    let e = g.generate(&[req]).unwrap_err().to_string();
+    assert!(e.contains("HTTP 400") && e.contains("`messages` is empty"), "{e}");
     // Bad JSON is a 400, and the server stays up.
     let e = ureq::post(&format!("{}/chat/completions", server.base))
         .config()

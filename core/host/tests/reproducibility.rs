@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -23,22 +23,6 @@ fn rir(threads: usize, args: &[&str], env: &[(&str, &str)]) {
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// 300 SciFact documents and the test queries judged on them.
-fn mini(dir: &Path) -> PathBuf {
-    let src = mirror().join("beir/scifact");
-    let d = dir.join("mini");
-    std::fs::create_dir_all(d.join("qrels")).unwrap();
-    let corpus: Vec<String> = std::fs::read_to_string(src.join("corpus.jsonl")).unwrap().lines().take(300).map(str::to_owned).collect();
-    let ids: std::collections::HashSet<String> =
-        corpus.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["_id"].as_str().unwrap().to_owned()).collect();
-    std::fs::write(d.join("corpus.jsonl"), corpus.join("\n") + "\n").unwrap();
-    let qrels = std::fs::read_to_string(src.join("qrels/test.tsv")).unwrap();
-    let kept: Vec<&str> = qrels.lines().skip(1).filter(|l| ids.contains(l.split('\t').nth(1).unwrap())).collect();
-    std::fs::write(d.join("qrels/test.tsv"), format!("query-id\tcorpus-id\tscore\n{}\n", kept.join("\n"))).unwrap();
-    std::fs::copy(src.join("queries.jsonl"), d.join("queries.jsonl")).unwrap();
-    d
-}
-
 fn same_files(a: &Path, b: &Path, what: &str) {
     assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap(), "{what}: {} and {} differ", a.display(), b.display());
 }
@@ -47,7 +31,7 @@ fn same_files(a: &Path, b: &Path, what: &str) {
 fn outputs_do_not_depend_on_the_thread_count() {
     plugin_dir();
     let tmp = tempfile::tempdir().unwrap();
-    let d = mini(tmp.path());
+    let d = mini_scifact(tmp.path(), "mini");
     let ds = d.to_str().unwrap();
     let at = |t: usize, s: &str| tmp.path().join(format!("{s}{t}"));
     let gen = format!("model = {SMOLLM:?}\nquantize = \"q8_0\"");

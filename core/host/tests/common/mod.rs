@@ -169,3 +169,20 @@ impl Drop for LlamaServer {
     }
 }
 
+
+/// The first 300 SciFact documents, all test queries, and the test qrels
+/// that judge those documents, as a BEIR folder `dir/name`.
+pub fn mini_scifact(dir: &Path, name: &str) -> PathBuf {
+    let src = mirror().join("beir/scifact");
+    let d = dir.join(name);
+    std::fs::create_dir_all(d.join("qrels")).unwrap();
+    let corpus: Vec<String> = std::fs::read_to_string(src.join("corpus.jsonl")).unwrap().lines().take(300).map(str::to_owned).collect();
+    let ids: std::collections::HashSet<String> =
+        corpus.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["_id"].to_string().trim_matches('"').to_owned()).collect();
+    std::fs::write(d.join("corpus.jsonl"), corpus.join("\n") + "\n").unwrap();
+    let qrels = std::fs::read_to_string(src.join("qrels/test.tsv")).unwrap();
+    let kept: Vec<&str> = qrels.lines().skip(1).filter(|l| ids.contains(l.split('\t').nth(1).unwrap())).collect();
+    std::fs::write(d.join("qrels/test.tsv"), format!("query-id\tcorpus-id\tscore\n{}\n", kept.join("\n"))).unwrap();
+    std::fs::copy(src.join("queries.jsonl"), d.join("queries.jsonl")).unwrap();
+    d
+}
