@@ -290,13 +290,11 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(
 ) -> Result<(), DataError> {
     for line in text_lines(path)? {
         let (n, line) = line?;
-        let i = n - 1;
         if line.trim().is_empty() {
             continue;
         }
-        let v: T = serde_json::from_str(&line)
-            .map_err(|e| DataError::Malformed { path: path.to_owned(), line: i + 1, reason: e.to_string() })?;
-        each(i + 1, v)?;
+        let v: T = serde_json::from_str(&line).map_err(|e| DataError::Malformed { path: path.to_owned(), line: n, reason: e.to_string() })?;
+        each(n, v)?;
     }
     Ok(())
 }
@@ -375,9 +373,8 @@ fn read_qrels(
     let mut qrels = Qrels::new();
     for line in text_lines(path)? {
         let (n, line) = line?;
-        let i = n - 1;
-        let bad = |reason: String| DataError::Malformed { path: path.to_owned(), line: i + 1, reason };
-        if line.trim().is_empty() || (i == 0 && line.starts_with("query-id")) {
+        let bad = |reason: String| DataError::Malformed { path: path.to_owned(), line: n, reason };
+        if line.trim().is_empty() || (n == 1 && line.starts_with("query-id")) {
             continue;
         }
         let cols: Vec<&str> = line.split('\t').collect();

@@ -222,23 +222,16 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
         let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
         let mut msg = e.message().to_owned();
         // A wrong type ("invalid type: string, expected usize") names no key.
-        if let Some(k) = e.span().and_then(|s| rir_sdk::config::key_before(text, s.start)).filter(|k| !msg.contains(&format!("`{k}`"))) {
+        if let Some(k) = e.span().and_then(|s| rir_sdk::config::key_at(text, s.start)).filter(|k| !msg.contains(&format!("`{k}`"))) {
             msg = format!("`{k}`: {msg}");
         }
         let hint = unknown_key_hint(&msg).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
         HostError::Input(format!("{}:{line}:{col}: {msg}{hint}", path.display()))
     })?;
     let at = |m: String| HostError::Input(format!("{}: {m}", path.display()));
-    // A top-level key's line (before the first table header).
-    let top_at = |k: &str, m: &str| {
-        let top = &text[..text.find("\n[").map_or(text.len(), |i| i + 1)];
-        let (line, col) = top
-            .match_indices(k)
-            .find(|(i, _)| (*i == 0 || top.as_bytes()[i - 1] == b'\n') && top[i + k.len()..].trim_start().starts_with('='))
-            .map(|(i, _)| line_col(text, i))
-            .unwrap_or((0, 0));
-        HostError::Input(format!("{}:{line}:{col}: {m}", path.display()))
-    };
+    // `file:line:col` of a key, found by toml's spanned parse.
+    let key_at = |key: &[&str]| format!("{}:{}", path.display(), key_pos(text, key));
+    let top_at = |k: &str, m: &str| HostError::Input(format!("{}: {m}", key_at(&[k])));
     if exp.datasets.is_empty() {
         return Err(top_at("datasets", "`datasets` is empty: name at least one dataset"));
     }
@@ -250,46 +243,29 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     }
     // Names become directory and file names under --output: checked here,
     // with the line they are on, before any work.
-    let named = |what: &str, name: &str| {
-        crate::paths::check_name(what, name).map_err(|m| {
-            let (line, col) = locate(text, name).unwrap_or((0, 0));
-            HostError::Input(format!("{}:{line}:{col}: {m}", path.display()))
-        })
-    };
-    named("experiment name", &exp.name)?;
+    let named = |what: &str, name: &str, key: &[&str]| crate::paths::check_name(what, name).map_err(|m| HostError::Input(format!("{}: {m}", key_at(key))));
+    named("experiment name", &exp.name, &["name"])?;
     // [eval] values, with the line of the key.
-    let key_at = |k: &str| {
-        // Within the [eval] table (other tables have keys of the same name).
-        let from = text.find("\n[eval]").unwrap_or(0);
-        let rest = &text[from..];
-        let (line, col) = rest
-            .find(&format!("\n{k} "))
-            .or_else(|| rest.find(&format!("\n{k}=")))
-            .map(|o| line_col(text, from + o + 1))
-            .unwrap_or((0, 0));
-        format!("{}:{line}:{col}", path.display())
-    };
-    let eval_err = |key: &'static str| move |m: String| HostError::Input(format!("{}: [eval] {m}", key_at(key)));
+    let eval_err = |key: &'static str| move |m: String| HostError::Input(format!("{}: [eval] {m}", key_at(&["eval", key])));
     crate::eval::check_k(exp.eval.k).map_err(eval_err("k"))?;
     crate::eval::check_query_weight(exp.eval.query_weight).map_err(eval_err("query_weight"))?;
     if !(exp.eval.alpha > 0.0 && exp.eval.alpha < 1.0) {
-        return Err(HostError::Input(format!("{}: [eval] alpha must be in (0, 1), got {}", key_at("alpha"), exp.eval.alpha)));
+        return Err(HostError::Input(format!("{}: [eval] alpha must be in (0, 1), got {}", key_at(&["eval", "alpha"]), exp.eval.alpha)));
     }
-    crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(|m| HostError::Input(format!("{}: [eval] measures: {m}", key_at("measures"))))?;
+    crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(|m| HostError::Input(format!("{}: [eval] measures: {m}", key_at(&["eval", "measures"]))))?;
     let mut names = std::collections::BTreeSet::new();
-    for v in &exp.variants {
-        named("variant name", &v.name)?;
+    for (i, v) in exp.variants.iter().enumerate() {
+        let i = i.to_string();
+        let variant_at = |key: &str, m: String| HostError::Input(format!("{}: variant `{}`: {m}", key_at(&["variants", &i, key]), v.name));
+        named("variant name", &v.name, &["variants", &i, "name"])?;
         if !names.insert(v.name.as_str()) {
-            return Err(at(format!("variant `{}` appears twice", v.name)));
+            return Err(variant_at("name", "appears twice".into()));
         }
         if let Some(w) = v.query_weight {
-            crate::eval::check_query_weight(w).map_err(|m| {
-                let (line, col) = locate(text, &v.name).unwrap_or((0, 0));
-                HostError::Input(format!("{}:{line}:{col}: variant `{}`: {m}", path.display(), v.name))
-            })?;
+            crate::eval::check_query_weight(w).map_err(|m| variant_at("query_weight", m))?;
         }
         if v.round.is_some_and(|r| r == 0 || r > exp.rounds) {
-            return Err(at(format!("variant `{}`: round must be in 1..={}", v.name, exp.rounds)));
+            return Err(variant_at("round", format!("round must be in 1..={}", exp.rounds)));
         }
     }
     if let (Some(m), Some(dir)) = (&exp.mirror, path.parent()) {
@@ -301,33 +277,11 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     Ok(exp)
 }
 
-/// Where `key` of the table `table` (e.g. `trainers.generator`, field
-/// `params`) is written: the key itself when found after the table's header
-/// (`[table]`, `[table.field]`, or a `table` key), else the field, else the
-/// header. Lines and columns are 1-based; (0, 0) when nothing is found.
-fn key_line(text: &str, table: &str, field: &str, key: Option<&str>) -> (usize, usize) {
-    let header = [format!("[{table}.{field}]"), format!("[{table}]")]
-        .into_iter()
-        .find_map(|h| text.find(&h))
-        .or_else(|| text.find(&format!("\n{} ", table.rsplit('.').next().unwrap_or(table))));
-    let Some(start) = header else { return (0, 0) };
-    // The table's extent: up to the next header that is not its own sub-table.
-    let rest = &text[start..];
-    let end = rest[1..]
-        .match_indices("\n[")
-        .map(|(i, _)| i + 1)
-        .find(|&i| !rest[i + 1..].trim_start_matches('[').starts_with(&format!("{table}.")))
-        .unwrap_or(rest.len());
-    let body = &rest[..end];
-    let word = |w: &str| {
-        body.match_indices(w).find(|(i, _)| {
-            let before = body[..*i].chars().last().is_none_or(|c| !(c.is_alphanumeric() || c == '_'));
-            let after = body[i + w.len()..].trim_start();
-            before && after.starts_with('=')
-        })
-    };
-    let at = key.and_then(&word).or_else(|| word(field)).map(|(i, _)| start + i).unwrap_or(start);
-    line_col(text, at)
+/// `line:col` (1-based) of the deepest key of `path` written in the file
+/// (the key itself, else the table holding it); `0:0` when none is.
+fn key_pos(text: &str, path: &[&str]) -> String {
+    let (line, col) = rir_sdk::config::key_offset(text, path).map_or((0, 0), |o| line_col(text, o));
+    format!("{line}:{col}")
 }
 
 /// A plugin's verdict on one of the experiment's tables, as an error that
@@ -343,8 +297,9 @@ fn table_error(exp: &Experiment, table: &str, field: &str, e: HostError) -> Host
     });
     match &exp.source {
         Some((path, text)) => {
-            let (line, col) = key_line(text, table, field, key.as_deref());
-            HostError::Input(format!("{}:{line}:{col}: [{table}] {field}: {msg}{hint}", path.display()))
+            let mut at: Vec<&str> = table.split('.').chain([field]).collect();
+            at.extend(key.as_deref());
+            HostError::Input(format!("{}:{}: [{table}] {field}: {msg}{hint}", path.display(), key_pos(text, &at)))
         }
         None => HostError::Input(format!("[{table}] {field}: {msg}{hint}")),
     }
@@ -354,28 +309,21 @@ fn table_error(exp: &Experiment, table: &str, field: &str, e: HostError) -> Host
 /// `validate`, which loads no model) before any work starts.
 pub fn validate_configs(host: &PluginHost, exp: &Experiment) -> Result<(), HostError> {
     use rir_sdk::ConfigOf;
-    let toml_text = |t: &toml::Table| toml::to_string(t).unwrap_or_default();
     let tables: Vec<(&str, &str, &str, Kind, ConfigOf, String)> = vec![
-        ("retriever", "config", &exp.retriever.plugin, Kind::Retriever, ConfigOf::Retriever, toml_text(&exp.retriever.config)),
-        ("generator", "config", &exp.generator.plugin, Kind::Generator, ConfigOf::Generator, toml_text(&exp.generator.config)),
-        ("rewards.retriever", "config", &exp.rewards.retriever.plugin, Kind::Reward, ConfigOf::Reward, toml_text(&exp.rewards.retriever.config)),
-        ("rewards.generator", "config", &exp.rewards.generator.plugin, Kind::Reward, ConfigOf::Reward, toml_text(&exp.rewards.generator.config)),
-        ("trainers.generator", "config", &exp.trainers.generator.plugin, Kind::Trainer, ConfigOf::Trainer, toml_text(&exp.trainers.generator.config)),
-        ("trainers.generator", "params", &exp.trainers.generator.plugin, Kind::Trainer, ConfigOf::Params, toml_text(&exp.trainers.generator.params)),
-        ("trainers.retriever", "config", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Trainer, toml_text(&exp.trainers.retriever.config)),
-        ("trainers.retriever", "params", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Params, toml_text(&exp.trainers.retriever.params)),
+        ("retriever", "config", &exp.retriever.plugin, Kind::Retriever, ConfigOf::Retriever, table_text(&exp.retriever.config)),
+        ("generator", "config", &exp.generator.plugin, Kind::Generator, ConfigOf::Generator, table_text(&exp.generator.config)),
+        ("rewards.retriever", "config", &exp.rewards.retriever.plugin, Kind::Reward, ConfigOf::Reward, table_text(&exp.rewards.retriever.config)),
+        ("rewards.generator", "config", &exp.rewards.generator.plugin, Kind::Reward, ConfigOf::Reward, table_text(&exp.rewards.generator.config)),
+        ("trainers.generator", "config", &exp.trainers.generator.plugin, Kind::Trainer, ConfigOf::Trainer, table_text(&exp.trainers.generator.config)),
+        ("trainers.generator", "params", &exp.trainers.generator.plugin, Kind::Trainer, ConfigOf::Params, table_text(&exp.trainers.generator.params)),
+        ("trainers.retriever", "config", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Trainer, table_text(&exp.trainers.retriever.config)),
+        ("trainers.retriever", "params", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Params, table_text(&exp.trainers.retriever.params)),
     ];
     for (table, field, name, kind, what, text) in tables {
         let plugin = host.load(name)?;
         plugin.validate(kind, what, &text).map_err(|e| table_error(exp, table, field, e))?;
     }
     Ok(())
-}
-
-/// Line and column of a string value as written in the file (quoted).
-fn locate(text: &str, value: &str) -> Option<(usize, usize)> {
-    let at = ['"', '\''].iter().find_map(|q| text.find(&format!("{q}{value}{q}")))?;
-    Some(line_col(text, at))
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -456,13 +404,18 @@ fn key(parts: &serde_json::Value) -> String {
     format!("{:x}", Sha256::digest(parts.to_string().as_bytes()))[..12].to_owned()
 }
 
+/// A config or params table as the TOML text a plugin is handed.
+fn table_text(t: &toml::Table) -> String {
+    toml::to_string(t).unwrap_or_default()
+}
+
 /// The TOML text of a config table with `model` replaced.
 fn with_model(t: &toml::Table, model: Option<&Path>) -> String {
     let mut t = t.clone();
     if let Some(m) = model {
         t.insert("model".into(), toml::Value::String(m.display().to_string()));
     }
-    toml::to_string(&t).unwrap_or_default()
+    table_text(&t)
 }
 
 /// How `run` goes about it.
@@ -715,7 +668,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                 let g = r_generator(host, exp, &gp)?;
                 let gc = gcache_for(host, exp, opts, g.as_ref(), &gp);
                 let ret = r_retriever(host, exp, &rp)?;
-                let rw = host.load(&exp.rewards.retriever.plugin)?.reward(&toml::to_string(&exp.rewards.retriever.config).unwrap_or_default())?;
+                let rw = host.load(&exp.rewards.retriever.plugin)?.reward(&table_text(&exp.rewards.retriever.config))?;
                 crate::rlrf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), rw.as_ref(), &exp.stages.rlrf, out).map(|_| ())
             })?;
             let gbase = match &gp.path {
@@ -728,9 +681,9 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     base_model: gbase.clone(),
                     data_file: rdir.join("dpo.jsonl"),
                     output_dir: out.to_owned(),
-                    params: toml::to_string(&exp.trainers.generator.params).unwrap_or_default(),
+                    params: table_text(&exp.trainers.generator.params),
                 };
-                crate::train::run(host, &exp.trainers.generator.plugin, &toml::to_string(&exp.trainers.generator.config).unwrap_or_default(), &job).map(|_| ())
+                crate::train::run(host, &exp.trainers.generator.plugin, &table_text(&exp.trainers.generator.config), &job).map(|_| ())
             })?;
             let gnew = Model { id: serde_json::json!({"trained": tk}), path: Some(tdir.join("merged")) };
 
@@ -742,7 +695,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                 let gc = gcache_for(host, exp, opts, g.as_ref(), &gnew);
                 let ret = r_retriever(host, exp, &rp)?;
                 let ec = opts.use_cache.then(|| crate::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
-                let rw = host.load(&exp.rewards.generator.plugin)?.reward(&toml::to_string(&exp.rewards.generator.config).unwrap_or_default())?;
+                let rw = host.load(&exp.rewards.generator.plugin)?.reward(&table_text(&exp.rewards.generator.config))?;
                 crate::rlgf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), ec.as_ref(), rw.as_ref(), &exp.stages.rlgf, host.settings.threads, out)
                     .map(|_| ())
             })?;
@@ -756,9 +709,9 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     base_model: rbase.clone(),
                     data_file: gdir.join("distill.jsonl"),
                     output_dir: out.join("model"),
-                    params: toml::to_string(&exp.trainers.retriever.params).unwrap_or_default(),
+                    params: table_text(&exp.trainers.retriever.params),
                 };
-                crate::train::run(host, &exp.trainers.retriever.plugin, &toml::to_string(&exp.trainers.retriever.config).unwrap_or_default(), &job).map(|_| ())
+                crate::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
             })?;
             gens.push(gnew);
             rets.push(Model { id: serde_json::json!({"trained": tk}), path: Some(rtdir.join("model")) });
@@ -776,7 +729,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     let g = r_generator(host, exp, &base_gen)?;
                     let ret = r_retriever(host, exp, &rp)?;
                     let ec = opts.use_cache.then(|| crate::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
-                    let rw = host.load(&exp.rewards.generator.plugin)?.reward(&toml::to_string(&exp.rewards.generator.config).unwrap_or_default())?;
+                    let rw = host.load(&exp.rewards.generator.plugin)?.reward(&table_text(&exp.rewards.generator.config))?;
                     crate::rlgf::run(&ds, &task, &queries, g.as_ref(), None, ret.as_ref(), ec.as_ref(), rw.as_ref(), &gcfg, host.settings.threads, out).map(|_| ())
                 })?;
                 let mut params = exp.trainers.retriever.params.clone();
@@ -788,9 +741,9 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                         base_model: rbase.clone(),
                         data_file: gpdir.join("distill.jsonl"),
                         output_dir: out.join("model"),
-                        params: toml::to_string(&params).unwrap_or_default(),
+                        params: table_text(&params),
                     };
-                    crate::train::run(host, &exp.trainers.retriever.plugin, &toml::to_string(&exp.trainers.retriever.config).unwrap_or_default(), &job).map(|_| ())
+                    crate::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
                 })?;
                 gpls.push(Model { id: serde_json::json!({"trained": tk}), path: Some(gptdir.join("model")) });
             }

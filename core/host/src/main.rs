@@ -851,24 +851,7 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
     if !(a.alpha > 0.0 && a.alpha < 1.0) {
         anyhow::bail!("--alpha must be in (0, 1), got {}", a.alpha);
     }
-    let (mut results, mut skipped) = (Vec::new(), Vec::new());
-    for p in &a.results {
-        // A directory (an eval stage's, or a glob over run folders) gives
-        // the results files in it; other files there are skipped with a note.
-        let files: Vec<std::path::PathBuf> = if p.is_dir() {
-            let mut v: Vec<_> = std::fs::read_dir(p).with_context(|| p.display().to_string())?.flatten().map(|e| e.path()).filter(|f| f.is_file()).collect();
-            v.sort();
-            v
-        } else {
-            vec![p.clone()]
-        };
-        for f in files {
-            match report::Results::read_if_results(&f)? {
-                Some(r) => results.push(r),
-                None => skipped.push(f),
-            }
-        }
-    }
+    let (mut results, skipped) = report::collect(&a.results)?;
     if results.is_empty() {
         let first = skipped.first().map_or(String::new(), |f| format!("{} is not a rir results file; ", f.display()));
         anyhow::bail!("{first}no results files among the {} path(s) given", a.results.len());
@@ -876,14 +859,7 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
     for f in &skipped {
         eprintln!("note: skipping {} (not a results file)", f.display());
     }
-    // Runs of one experiment carry their variant's place: order them as the
-    // experiment lists its variants (its first is the default baseline),
-    // not as a shell glob sorted the files.
-    let place = |r: &report::Results| r.config["experiment"]["variant_index"].as_u64();
-    let same_exp = results.windows(2).all(|w| w[0].config["experiment"]["name"] == w[1].config["experiment"]["name"]);
-    if same_exp && results.iter().all(|r| place(r).is_some()) {
-        results.sort_by_key(|r| (place(r), r.dataset.clone()));
-    } else if a.baseline.is_none() && results.len() > 2 {
+    if !report::order_by_variant(&mut results) && a.baseline.is_none() && results.len() > 2 {
         eprintln!("note: baseline is the first file given ({}); pass --baseline NAME to choose", results[0].name);
     }
     if let Some(names) = &a.names {

@@ -52,8 +52,12 @@ pub enum ReportError {
 impl Results {
     pub fn read(path: &Path) -> Result<Self, ReportError> {
         let bytes = std::fs::read(path).map_err(|source| ReportError::Io { path: path.into(), source })?;
+        Self::from_slice(path, &bytes)
+    }
+
+    fn from_slice(path: &Path, bytes: &[u8]) -> Result<Self, ReportError> {
         let r: Results =
-            serde_json::from_slice(&bytes).map_err(|e| ReportError::Parse { path: path.into(), reason: e.to_string() })?;
+            serde_json::from_slice(bytes).map_err(|e| ReportError::Parse { path: path.into(), reason: e.to_string() })?;
         if r.schema != RESULTS_SCHEMA {
             return Err(ReportError::Parse { path: path.into(), reason: format!("schema {:?}, expected {RESULTS_SCHEMA:?}", r.schema) });
         }
@@ -66,12 +70,18 @@ impl Results {
     /// results file of another schema version, is still an error.
     pub fn read_if_results(path: &Path) -> Result<Option<Self>, ReportError> {
         let bytes = std::fs::read(path).map_err(|source| ReportError::Io { path: path.into(), source })?;
-        match serde_json::from_slice::<serde_json::Value>(&bytes) {
-            Ok(v) if v.get("schema").and_then(|s| s.as_str()).is_some_and(|s| s.starts_with("rir.results")) => Self::read(path).map(Some),
+        let schema = serde_json::from_slice::<serde_json::Value>(&bytes).map(|v| v.get("schema").and_then(|s| s.as_str()).map(str::to_owned));
+        match schema {
+            Ok(Some(s)) if s.starts_with("rir.results") => Self::from_slice(path, &bytes).map(Some),
             Ok(_) => Ok(None),
-            Err(_) if path.extension().is_some_and(|e| e == "json") => Self::read(path).map(Some),
+            Err(_) if path.extension().is_some_and(|e| e == "json") => Self::from_slice(path, &bytes).map(Some),
             Err(_) => Ok(None),
         }
+    }
+
+    /// Where this run sits in the experiment that made it (`rir run`).
+    fn variant_index(&self) -> Option<u64> {
+        self.config["experiment"]["variant_index"].as_u64()
     }
 
     /// Writes atomically (temporary file, then rename).
@@ -81,6 +91,42 @@ impl Results {
         std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialisable")).map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)
     }
+}
+
+/// The results files among `paths`: a directory (an eval stage's, or one
+/// of a glob over run folders) gives the files in it, sorted. Also returns
+/// the files that were no results files, for a note.
+pub fn collect(paths: &[PathBuf]) -> Result<(Vec<Results>, Vec<PathBuf>), ReportError> {
+    let (mut results, mut skipped) = (Vec::new(), Vec::new());
+    for p in paths {
+        let files = if p.is_dir() {
+            let io = |source| ReportError::Io { path: p.clone(), source };
+            let mut v: Vec<PathBuf> = std::fs::read_dir(p).map_err(io)?.flatten().map(|e| e.path()).filter(|f| f.is_file()).collect();
+            v.sort();
+            v
+        } else {
+            vec![p.clone()]
+        };
+        for f in files {
+            match Results::read_if_results(&f)? {
+                Some(r) => results.push(r),
+                None => skipped.push(f),
+            }
+        }
+    }
+    Ok((results, skipped))
+}
+
+/// Runs of one experiment in the order it lists its variants (its first is
+/// the default baseline), whatever order a shell glob gave the files.
+/// `false` (nothing moved) when they are not all from one `rir run`.
+pub fn order_by_variant(results: &mut [Results]) -> bool {
+    let one = results.windows(2).all(|w| w[0].config["experiment"]["name"] == w[1].config["experiment"]["name"]);
+    if !one || results.iter().any(|r| r.variant_index().is_none()) {
+        return false;
+    }
+    results.sort_by_key(|r| (r.variant_index(), r.dataset.clone()));
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

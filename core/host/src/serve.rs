@@ -50,11 +50,11 @@ pub fn serve(generator: &dyn Generator, server: &tiny_http::Server, workers: usi
     serve_with(generator, server, workers, Limits::default())
 }
 
-/// A request whose body has been read and parsed.
-struct Parsed {
-    req: tiny_http::Request,
-    chat: bool,
-    body: Value,
+/// A request read, parsed and checked, waiting for a worker.
+enum Job {
+    Generate { chat: bool, reqs: Vec<GenerationRequest> },
+    /// `echo` with `max_tokens` 0: score these prompts.
+    Score { prompts: Vec<String> },
 }
 
 /// [`serve`] with explicit limits. Bodies are read on reader threads (at
@@ -63,19 +63,17 @@ struct Parsed {
 pub fn serve_with(generator: &dyn Generator, server: &tiny_http::Server, workers: usize, limits: Limits) {
     let workers = workers.max(1);
     let readers = AtomicUsize::new(0);
-    // Complete requests queued or being generated.
-    let in_house = AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Parsed>(limits.queue + workers);
+    // Holds only the requests waiting: a full channel is the 429.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(tiny_http::Request, Job)>(limits.queue);
     let rx = std::sync::Mutex::new(rx);
     let busy = |what: &str| error(429, "rate_limit_error", format!("the server is busy ({what}); retry later"));
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
                 let next = rx.lock().expect("queue poisoned").recv();
-                let Ok(p) = next else { break };
-                let (status, body) = answer(generator, p.chat, &p.body, &limits);
-                respond(p.req, status, &body);
-                in_house.fetch_sub(1, Ordering::SeqCst);
+                let Ok((req, job)) = next else { break };
+                let (status, body) = run(generator, job);
+                respond(req, status, &body);
             });
         }
         while let Ok(req) = server.recv() {
@@ -85,23 +83,23 @@ pub fn serve_with(generator: &dyn Generator, server: &tiny_http::Server, workers
                 continue;
             }
             readers.fetch_add(1, Ordering::SeqCst);
-            let (tx, readers, in_house) = (tx.clone(), &readers, &in_house);
+            let (tx, readers) = (tx.clone(), &readers);
             s.spawn(move || {
                 let mut req = req;
-                let parsed = read(generator, &mut req, &limits);
+                let job = read(generator, &mut req, &limits);
                 readers.fetch_sub(1, Ordering::SeqCst);
-                match parsed {
+                match job {
                     Err((status, body)) => respond(req, status, &body),
-                    Ok((chat, body)) => {
-                        if in_house.fetch_add(1, Ordering::SeqCst) >= workers + limits.queue {
-                            in_house.fetch_sub(1, Ordering::SeqCst);
+                    Ok(job) => match tx.try_send((req, job)) {
+                        Ok(()) => {}
+                        Err(std::sync::mpsc::TrySendError::Full((req, _))) => {
                             let (status, body) = busy(&format!("{workers} workers busy, queue of {} full", limits.queue));
                             respond(req, status, &body);
-                        } else if let Err(e) = tx.send(Parsed { req, chat, body }) {
-                            in_house.fetch_sub(1, Ordering::SeqCst);
-                            respond(e.0.req, 503, &error(503, "server_error", "the server is shutting down").1);
                         }
-                    }
+                        Err(std::sync::mpsc::TrySendError::Disconnected((req, _))) => {
+                            respond(req, 503, &error(503, "server_error", "the server is shutting down").1)
+                        }
+                    },
                 }
             });
         }
@@ -129,9 +127,10 @@ fn next_id(kind: &str) -> String {
     format!("{kind}-rir{:x}{:x}{:x}", nanos, std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Routes and reads a request: `Ok((chat, body))` for a generation request
-/// to queue, `Err(answer)` for everything answered at once (GETs, errors).
-fn read(g: &dyn Generator, req: &mut tiny_http::Request, limits: &Limits) -> Result<(bool, Value), (u16, Value)> {
+/// Routes, reads and checks a request: `Ok(job)` for a generation or
+/// scoring request to queue, `Err(answer)` for everything answered at once
+/// (GETs, every client error), so a bad request never waits in the queue.
+fn read(g: &dyn Generator, req: &mut tiny_http::Request, limits: &Limits) -> Result<Job, (u16, Value)> {
     let path = req.url().split('?').next().unwrap_or("").trim_end_matches('/').to_owned();
     match (req.method(), path.as_str()) {
         (tiny_http::Method::Get, "/health") => Err((200, json!({"status": "ok"}))),
@@ -160,11 +159,11 @@ fn read(g: &dyn Generator, req: &mut tiny_http::Request, limits: &Limits) -> Res
                 return Err(error(400, "invalid_request_error", "`stream: true` is not supported: this server answers with whole completions"));
             }
             let chat = path.ends_with("chat/completions");
-            // Checked here, so a bad request never waits in the queue.
-            if !(!chat && body.get("echo").and_then(Value::as_bool) == Some(true)) {
-                requests(&body, chat, limits).map_err(|m| error(400, "invalid_request_error", m))?;
+            let bad = |m: String| error(400, "invalid_request_error", m);
+            if !chat && body.get("echo").and_then(Value::as_bool) == Some(true) {
+                return echo_prompts(&body, limits).map(|prompts| Job::Score { prompts }).map_err(bad);
             }
-            Ok((chat, body))
+            requests(&body, chat, limits).map(|reqs| Job::Generate { chat, reqs }).map_err(bad)
         }
         (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health") => {
             Err(error(405, "invalid_request_error", format!("{} is not allowed on {path}", req.method())))
@@ -173,18 +172,15 @@ fn read(g: &dyn Generator, req: &mut tiny_http::Request, limits: &Limits) -> Res
     }
 }
 
-/// Runs a parsed generation (or scoring) request.
-fn answer(g: &dyn Generator, chat: bool, body: &Value, limits: &Limits) -> (u16, Value) {
-    if !chat && body.get("echo").and_then(Value::as_bool) == Some(true) {
-        return echo(g, body, limits);
-    }
-    match requests(body, chat, limits) {
-        Ok(reqs) => match g.generate(&reqs) {
+/// Runs a checked request on the generator.
+fn run(g: &dyn Generator, job: Job) -> (u16, Value) {
+    match job {
+        Job::Score { prompts } => echo(g, &prompts),
+        Job::Generate { chat, reqs } => match g.generate(&reqs) {
             Ok(out) => (200, response(g, chat, &reqs, out)),
             Err(e @ rir_sdk::PluginError::Input(_)) => error(400, "invalid_request_error", e),
             Err(e) => error(500, "server_error", e),
         },
-        Err(msg) => error(400, "invalid_request_error", msg),
     }
 }
 
@@ -270,19 +266,21 @@ fn text_prompts(b: &Value, limits: &Limits) -> Result<Vec<String>, String> {
     Ok(p)
 }
 
-/// A scoring request: `echo` with `max_tokens` 0 returns the prompt's
-/// tokens with their log-probabilities and character offsets.
-fn echo(g: &dyn Generator, b: &Value, limits: &Limits) -> (u16, Value) {
+/// The prompts of a scoring request (`echo` with `max_tokens` 0).
+fn echo_prompts(b: &Value, limits: &Limits) -> Result<Vec<String>, String> {
     if b.get("max_tokens").and_then(Value::as_u64).unwrap_or(16) != 0 {
-        return error(400, "invalid_request_error", "`echo` is supported with `max_tokens: 0` only (scoring the prompt)");
+        return Err("`echo` is supported with `max_tokens: 0` only (scoring the prompt)".into());
     }
-    let prompts = match text_prompts(b, limits) {
-        Ok(p) => p,
-        Err(m) => return error(400, "invalid_request_error", m),
-    };
+    let prompts = text_prompts(b, limits)?;
     if prompts.iter().any(String::is_empty) {
-        return error(400, "invalid_request_error", "an empty `prompt` has no tokens to score");
+        return Err("an empty `prompt` has no tokens to score".into());
     }
+    Ok(prompts)
+}
+
+/// A scoring request's answer: each prompt's tokens with their
+/// log-probabilities and character offsets.
+fn echo(g: &dyn Generator, prompts: &[String]) -> (u16, Value) {
     // The whole prompt is the continuation of an empty one.
     let reqs: Vec<ScoreRequest> = prompts.iter().map(|p| ScoreRequest { prompt: Prompt::Text(String::new()), continuation: p.clone() }).collect();
     let scores = match g.score(&reqs) {

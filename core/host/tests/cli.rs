@@ -45,12 +45,17 @@ fn version_names_the_plugin_abi() {
     assert_eq!(out.trim(), format!("rir {} (plugin ABI {})", env!("CARGO_PKG_VERSION"), rir_sdk::ffi::ABI_VERSION));
 }
 
-#[test]
-fn a_bad_registry_is_reported_with_its_line() {
+/// `rir --registry FILE plugins` over a registry of this text.
+fn plugins_with(registry: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let reg = dir.path().join("registry.toml");
-    std::fs::write(&reg, "[plugins.x]\nkinds = [\"retriever\"]\ncrate = \"y\"\nlibary = \"z\"\n").unwrap();
-    let (ok, _, err) = rir(&["--registry", reg.to_str().unwrap(), "plugins"]);
+    std::fs::write(&reg, registry).unwrap();
+    rir(&["--registry", reg.to_str().unwrap(), "plugins"])
+}
+
+#[test]
+fn a_bad_registry_is_reported_with_its_line() {
+    let (ok, _, err) = plugins_with("[plugins.x]\nkinds = [\"retriever\"]\ncrate = \"y\"\nlibary = \"z\"\n");
     assert!(!ok);
     assert!(err.contains("registry.toml:4:1: unknown field `libary`"), "{err}");
 }
@@ -88,9 +93,6 @@ fn every_option_has_help_text() {
 
 #[test]
 fn plugins_exits_non_zero_when_a_registered_plugin_is_missing() {
-    let d = tempfile::tempdir().unwrap();
-    let reg = d.path().join("registry.toml");
-    std::fs::write(&reg, "[plugins.ghost]\nkinds = [\"retriever\"]\ncrate = \"rir-plugin-ghost\"\n").unwrap();
-    let (ok, out, err) = rir(&["--registry", reg.to_str().unwrap(), "plugins"]);
+    let (ok, out, err) = plugins_with("[plugins.ghost]\nkinds = [\"retriever\"]\ncrate = \"rir-plugin-ghost\"\n");
     assert!(!ok && out.contains("ghost") && err.contains("1 registered plugin(s) missing or refused"), "{out}{err}");
 }

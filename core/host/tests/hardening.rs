@@ -63,8 +63,12 @@ fn out_of_range_options_and_empty_data_are_refused() {
     assert!(!ok && log.contains("--alpha must be in (0, 1)"), "{log}");
 }
 
+/// Mistakes in an experiment file are refused at parse, with the file and
+/// the line of the key: `[eval]` values out of range, `rounds = 0`, an empty
+/// `datasets`, a value of the wrong type (the key named), a variant's round
+/// out of range or its name given twice.
 #[test]
-fn experiment_eval_values_are_checked_with_their_line() {
+fn experiment_mistakes_name_line_and_key() {
     let p = Path::new("exp.toml");
     let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
     for (from, to, says) in [
@@ -72,12 +76,18 @@ fn experiment_eval_values_are_checked_with_their_line() {
         ("augmentation_max_tokens = 64", "augmentation_max_tokens = 64\nk = 0", "k (results per query)"),
         ("augmentation_max_tokens = 64", "augmentation_max_tokens = 64\nquery_weight = 7.0", "query_weight"),
         ("augmentation_max_tokens = 64", "augmentation_max_tokens = 64\nalpha = 5.0", "alpha must be in (0, 1)"),
+        ("rounds = 1", "rounds = 0", "`rounds` must be at least 1"),
+        ("datasets = [\"scifact\"]", "datasets = []", "`datasets` is empty"),
+        ("passages = 120", "passages = \"many\"", "`passages`: invalid type: string \"many\", expected usize"),
+        ("rounds = 1", "rounds = \"one\"", "`rounds`: invalid type"),
+        ("name = \"+RLRF\"", "name = \"+RLRF\"\nround = 5", "variant `+RLRF`: round must be in 1..=1"),
+        ("name = \"both\"", "name = \"base\"", "variant `base`: appears twice"),
     ] {
         let bad = base.replacen(from, to, 1);
         assert_ne!(bad, base, "{from} is not in the quickstart");
-        let key = to.lines().last().unwrap().split([' ', '=']).next().unwrap();
-        let eval_at = bad.lines().position(|l| l == "[eval]").unwrap();
-        let line = bad.lines().enumerate().skip(eval_at).find(|(_, l)| l.starts_with(key)).unwrap().0 + 1;
+        // The line the mistake is on: the last one the replacement wrote.
+        let last = to.lines().last().unwrap();
+        let line = bad.lines().enumerate().filter(|(_, l)| *l == last).last().unwrap().0 + 1;
         let e = rir::experiment::parse(&bad, p).unwrap_err().to_string();
         assert!(e.contains(&format!("exp.toml:{line}:")) && e.contains(says), "{to}: {e}");
     }
@@ -182,22 +192,4 @@ fn data_and_output_mistakes_name_the_file_and_line() {
     assert!(!ok && log.contains("is a file, not a directory") && !log.contains("os error 17"), "{log}");
     let (ok, log) = eval(&ds, &file.join("sub"));
     assert!(!ok && log.contains("a-file is a file, not a directory"), "{log}");
-}
-
-#[test]
-fn experiment_mistakes_name_line_and_key() {
-    let p = Path::new("exp.toml");
-    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
-    for (from, to, says) in [
-        ("rounds = 1", "rounds = 0", "`rounds` must be at least 1"),
-        ("datasets = [\"scifact\"]", "datasets = []", "`datasets` is empty"),
-        ("passages = 120", "passages = \"many\"", "`passages`: invalid type: string \"many\", expected usize"),
-        ("rounds = 1", "rounds = \"one\"", "`rounds`: invalid type"),
-    ] {
-        let bad = base.replacen(from, to, 1);
-        assert_ne!(bad, base, "{from}");
-        let line = bad.lines().position(|l| l == to).unwrap() + 1;
-        let e = rir::experiment::parse(&bad, p).unwrap_err().to_string();
-        assert!(e.contains(&format!("exp.toml:{line}:")) && e.contains(says), "{to}: {e}");
-    }
 }

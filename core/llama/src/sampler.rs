@@ -87,12 +87,12 @@ impl Sampler {
     }
 }
 
-/// log Σ exp(l): the log-partition for log-probabilities.
 /// log p(token) under `logits` (a log-softmax entry).
 pub fn token_logprob(logits: &[f32], token: u32) -> f32 {
     logits[token as usize] - log_sum_exp(logits)
 }
 
+/// log Σ exp(l): the log-partition for log-probabilities.
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut e = vec![0f32; logits.len()];

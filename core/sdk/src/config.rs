@@ -10,7 +10,7 @@ pub fn parse<T: DeserializeOwned>(text: &str) -> PluginResult<T> {
     toml::from_str(text).map_err(|e| {
         // serde's "invalid type: string \"x\", expected usize" names no key:
         // take it from the text at the error's position.
-        let key = e.span().and_then(|s| key_before(text, s.start)).filter(|k| !e.message().contains(&format!("`{k}`")));
+        let key = e.span().and_then(|s| key_at(text, s.start)).filter(|k| !e.message().contains(&format!("`{k}`")));
         let msg = one_line(&e.to_string());
         PluginError::Config(match key {
             Some(k) => format!("{k}: {msg}"),
@@ -19,15 +19,55 @@ pub fn parse<T: DeserializeOwned>(text: &str) -> PluginResult<T> {
     })
 }
 
-/// The key whose value starts at (or contains) byte `offset` of a TOML
-/// text: the name before the nearest `=` on that line (inline tables too).
-pub fn key_before(text: &str, offset: usize) -> Option<String> {
-    let head = text.get(..offset.min(text.len()))?;
-    let line = head.rsplit('\n').next().unwrap_or(head);
-    let (before, _) = line.rsplit_once('=')?;
-    let key: String = before.trim_end().chars().rev().take_while(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '"')).collect::<Vec<_>>().into_iter().rev().collect();
-    let key = key.trim_matches('"').to_owned();
-    (!key.is_empty()).then_some(key)
+/// The innermost key whose value holds byte `offset` of a TOML text (what a
+/// deserialisation error's span points at), from toml's spanned parse.
+pub fn key_at(text: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    // (span length, key) of every value that holds the offset; the shortest wins.
+    fn walk(t: &DeTable<'_>, offset: usize, best: &mut Option<(usize, String)>) {
+        for (k, v) in t.iter() {
+            let span = v.span();
+            if span.contains(&offset) && best.as_ref().is_none_or(|(len, _)| span.len() < *len) {
+                *best = Some((span.len(), k.get_ref().to_string()));
+            }
+            inner(v.get_ref(), offset, best);
+        }
+    }
+    fn inner(v: &DeValue<'_>, offset: usize, best: &mut Option<(usize, String)>) {
+        match v {
+            DeValue::Table(t) => walk(t, offset, best),
+            DeValue::Array(a) => a.iter().for_each(|x| inner(x.get_ref(), offset, best)),
+            _ => {}
+        }
+    }
+    let root = DeTable::parse(text).ok()?;
+    let mut best = None;
+    walk(root.get_ref(), offset, &mut best);
+    best.map(|(_, k)| k)
+}
+
+/// Where `path` (table names, then a key; an array's element by its index,
+/// as in `["variants", "2", "round"]`) is written in a TOML text: the byte
+/// offset of its deepest part that is there, `None` when not even the first is.
+pub fn key_offset(text: &str, path: &[&str]) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    fn find(t: &DeTable<'_>, path: &[&str]) -> Option<usize> {
+        let (name, rest) = path.split_first()?;
+        let (k, v) = t.iter().find(|(k, _)| k.get_ref().as_ref() == *name)?;
+        Some(descend(v.get_ref(), rest).unwrap_or(k.span().start))
+    }
+    fn descend(v: &DeValue<'_>, rest: &[&str]) -> Option<usize> {
+        match v {
+            DeValue::Table(t) => find(t, rest),
+            DeValue::Array(a) => {
+                let (i, rest) = rest.split_first()?;
+                let e = a.get(i.parse::<usize>().ok()?)?;
+                Some(descend(e.get_ref(), rest).unwrap_or(e.span().start))
+            }
+            _ => None,
+        }
+    }
+    find(DeTable::parse(text).ok()?.get_ref(), path)
 }
 
 /// Parses `text` as `T` and drops it: what a plugin's `validate` does for a
@@ -72,6 +112,14 @@ mod tests {
     fn type_errors_name_the_key() {
         let e = super::parse::<C>("model = 3\n").unwrap_err().to_string();
         assert!(e.contains("model: ") && e.contains("invalid type"), "{e}");
-        assert_eq!(super::key_before("a = { b = 1, c_d = \"x\" }", 21).as_deref(), Some("c_d"));
+        let t = "a = { b = 1, c_d = \"x\" }\n[s.t]\nk = [1, 2]\n";
+        assert_eq!(super::key_at(t, t.find("\"x\"").unwrap()).as_deref(), Some("c_d"));
+        assert_eq!(super::key_at(t, t.find("2]").unwrap()).as_deref(), Some("k"));
+        assert_eq!(super::key_offset(t, &["s", "t", "k"]), t.find("k ="));
+        assert_eq!(super::key_offset(t, &["s", "t", "nope"]), t.find("t]"), "the deepest key found");
+        assert_eq!(super::key_offset(t, &["zzz"]), None);
+        let v = "[[v]]\nname = \"a\"\n[[v]]\nname = \"b\"\nround = 3\n";
+        assert_eq!(super::key_offset(v, &["v", "1", "round"]), v.find("round"));
+        assert_eq!(super::key_offset(v, &["v", "1", "name"]), v.find("name = \"b\""));
     }
 }

@@ -96,7 +96,7 @@ pub struct CtParams {
     #[serde(default = "d_one")]
     pub norm_weight: f64,
     #[serde(default)]
-    pub pooling: Option<String>,
+    pub pooling: Option<Pooling>,
     #[serde(default)]
     pub normalize: Option<bool>,
     #[serde(default)]
@@ -115,6 +115,14 @@ pub struct CtParams {
 fn d_eval_fraction() -> f64 {
     0.1
 }
+/// How token states become one embedding.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    Cls,
+    Mean,
+}
+
 #[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LossKind {
@@ -394,9 +402,6 @@ pub fn checked_params(text: &str) -> PluginResult<CtParams> {
     if !(0.0..0.9).contains(&p.eval_fraction) {
         return Err(PluginError::config(format!("eval_fraction: {} is outside [0, 0.9)", p.eval_fraction)));
     }
-    if let Some(o) = p.pooling.as_deref().filter(|o| *o != "mean" && *o != "cls") {
-        return Err(PluginError::config(format!("pooling: {o:?} (cls | mean)")));
-    }
     for (name, v) in [("learning_rate", p.learning_rate), ("t_list", p.t_list), ("t_answer", p.t_answer), ("t_teacher", p.t_teacher), ("epochs", p.epochs)] {
         if !(v.is_finite() && v > 0.0) {
             return Err(PluginError::config(format!("{name}: {v} must be a positive number")));
@@ -424,12 +429,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     let model = TrainBert::new(&map, &cfg, prefix, DType::F32, &dev).map_err(cerr("model"))?;
     map.load(&weights).map_err(cerr("loading weights"))?;
     let (st_mean, st_norm) = st_defaults(&dir);
-    let mean = match p.pooling.as_deref() {
-        Some("mean") => true,
-        Some("cls") => false,
-        Some(o) => return Err(PluginError::config(format!("pooling: {o:?} (cls | mean)"))),
-        None => st_mean.unwrap_or(false),
-    };
+    let mean = p.pooling.map_or(st_mean.unwrap_or(false), |k| k == Pooling::Mean);
     let normalized = p.normalize.or(st_norm).unwrap_or(true);
 
     let mut examples = read_examples(&job.data_file)?;
