@@ -134,6 +134,9 @@ pub struct GenerateBench {
     pub tokens_per_s: f64,
 }
 
+/// Prompts in the prefill measurement.
+pub const PREFILL_PROMPTS: usize = 16;
+
 /// Raw-text prompts whose greedy continuations rarely end early, so both
 /// engines decode about `max_tokens` tokens.
 pub const GENERATE_PROMPTS: [&str; 3] = [
@@ -195,6 +198,43 @@ pub fn bench_generate_plugin(
     let (t1, s1) = best_of(repeats, || run(1, 0.0))?;
     let (tn, sn) = best_of(repeats, || run(samples, 0.9))?;
     Ok(vec![row(&name, "single", 1, t1, s1), row(&name, "aggregate", samples as usize, tn, sn)])
+}
+
+/// Long prompts of varied length (padding as in a real batch) for the
+/// prefill measurement: the generation prompts, rotated and repeated.
+pub fn prefill_prompts(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            let mut s = format!("Document {i}.");
+            for r in 0..2 + i % 5 {
+                for j in 0..GENERATE_PROMPTS.len() {
+                    s.push(' ');
+                    s.push_str(GENERATE_PROMPTS[(i + r + j) % GENERATE_PROMPTS.len()]);
+                    s.push_str(" more.");
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// Prompt processing: `prompts` in one call with one greedy token each (the
+/// plugin batches them as a stage's call would), best of `repeats`. Tokens
+/// are counted by scoring each prompt as the continuation of an empty one
+/// (untimed).
+pub fn bench_prefill_plugin(host: &PluginHost, plugin: &str, config: &str, prompts: &[String], repeats: usize) -> anyhow::Result<GenerateBench> {
+    use rir_sdk::{GenerationRequest, Prompt, ScoreRequest};
+    let g = host.load(plugin)?.generator(config)?;
+    let reqs: Vec<GenerationRequest> = prompts.iter().map(|p| GenerationRequest::greedy(Prompt::Text(p.clone()), 1)).collect();
+    let scored = g.score(&prompts.iter().map(|p| ScoreRequest { prompt: Prompt::Text(String::new()), continuation: p.clone() }).collect::<Vec<_>>())?;
+    let tokens: usize = scored.iter().map(|s| s.tokens.len()).sum();
+    g.generate(&reqs[..1])?;
+    let (tokens, secs) = best_of(repeats, || {
+        let t = Instant::now();
+        g.generate(&reqs)?;
+        Ok((tokens, t.elapsed().as_secs_f64()))
+    })?;
+    Ok(row(&format!("rir {plugin}"), "prefill", prompts.len(), tokens, secs))
 }
 
 /// The fastest of `repeats` runs (this is a shared VM: others' load only
@@ -295,5 +335,20 @@ pub fn bench_generate_llama_cpp(server: &LlamaCppServer, max_tokens: u32, sample
         Ok((tokens, secs))
     })?;
     let single = row("llama.cpp (xllamacpp)", "single", 1, single.0, single.1);
-    Ok(vec![single, row("llama.cpp (xllamacpp)", "aggregate", samples as usize, tokens, secs)])
+    // Prompt processing: the server's own count and time of prompt tokens.
+    let prefill = best_of(repeats, || {
+        let (mut tokens, mut secs) = (0, 0.0);
+        for p in &prefill_prompts(PREFILL_PROMPTS) {
+            let body = serde_json::json!({"prompt": p, "n_predict": 1, "temperature": 0.0, "cache_prompt": false});
+            let v: serde_json::Value = ureq::post(&format!("{}/completion", server.base)).send_json(body)?.body_mut().read_json()?;
+            tokens += v["timings"]["prompt_n"].as_u64().unwrap_or(0) as usize;
+            secs += v["timings"]["prompt_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+        }
+        Ok((tokens, secs))
+    })?;
+    Ok(vec![
+        single,
+        row("llama.cpp (xllamacpp)", "aggregate", samples as usize, tokens, secs),
+        row("llama.cpp (xllamacpp)", "prefill", PREFILL_PROMPTS, prefill.0, prefill.1),
+    ])
 }

@@ -719,6 +719,9 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     let ours = bench::bench_generate_plugin(host, &a.generator, &config, a.max_tokens, a.samples, a.repeat)
         .with_context(|| format!("benchmarking {}", a.generator))?;
     rows.splice(0..0, ours);
+    let prefill = bench::bench_prefill_plugin(host, &a.generator, &config, &bench::prefill_prompts(bench::PREFILL_PROMPTS), a.repeat)
+        .with_context(|| format!("benchmarking {}'s prefill", a.generator))?;
+    rows.insert(2, prefill);
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["engine", "mode", "sequences", "tokens", "s", "tokens/s"]);
     for r in &rows {
@@ -738,6 +741,10 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         println!("single-stream: rir / llama.cpp = {:.2}x", o / l);
         ratios.insert("single_vs_llama_cpp".into(), (o / l).into());
     }
+    if let (Some(o), Some(l)) = (rate("rir", "prefill"), rate("llama.cpp", "prefill")) {
+        println!("prefill: rir / llama.cpp = {:.2}x", o / l);
+        ratios.insert("prefill_vs_llama_cpp".into(), (o / l).into());
+    }
     if let (Some(s), Some(g)) = (rate("rir", "single"), rate("rir", "aggregate")) {
         println!("aggregate ({} sequences) / single-stream = {:.2}x", a.samples, g / s);
         ratios.insert("aggregate_vs_single".into(), (g / s).into());
@@ -746,10 +753,12 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         println!("{n}");
     }
     println!(
-        "{} prompts x {} tokens, {threads} thread(s), best of {}; tokens/s counts prefill and decode time",
+        "{} prompts x {} tokens, {threads} thread(s), best of {}; tokens/s counts prefill and decode time; \
+         prefill: {} longer prompts, prompt tokens/s (rir: one batched call with 1 token generated; llama.cpp: its prompt timings)",
         bench::GENERATE_PROMPTS.len(),
         a.max_tokens,
-        a.repeat
+        a.repeat,
+        bench::PREFILL_PROMPTS
     );
     if let Some(p) = &a.json {
         let v = serde_json::json!({"results": rows, "ratios": ratios, "threads": threads, "max_tokens": a.max_tokens, "samples": a.samples, "config": config});

@@ -19,7 +19,16 @@ fn req(prompt: Prompt, continuation: &str) -> ScoreRequest {
 
 #[test]
 fn scores_equal_the_log_probabilities_of_greedy_decoding() {
-    let g = LlamaGenerator::new(&format!("model = {SMOLLM:?}")).unwrap();
+    // On the integer kernels both ways: equal. With the default dense
+    // prefill, scores (prompt and continuation on f32 GEMMs) and decode
+    // steps (integer kernels, activations rounded to 8 bits) differ a little.
+    for (prefill, tol) in [("quantized", 2e-3f32), ("dense", 0.3)] {
+        scores_match_greedy_decoding(&format!("model = {SMOLLM:?}\nprefill = {prefill:?}"), tol);
+    }
+}
+
+fn scores_match_greedy_decoding(config: &str, tol: f32) {
+    let g = LlamaGenerator::new(config).unwrap();
     let prompts = [chat("What is the capital of France?"), chat("Name three colours.")];
     let reqs: Vec<GenerationRequest> = prompts
         .iter()
@@ -35,10 +44,10 @@ fn scores_equal_the_log_probabilities_of_greedy_decoding() {
         assert_eq!(s.tokens.len(), n, "{:?} vs {:?}", s.tokens, sampled);
         for (a, b) in s.tokens.iter().zip(sampled) {
             assert_eq!(a.token, b.token);
-            assert!((a.logprob - b.logprob).abs() < 2e-3, "{a:?} vs {b:?}");
+            assert!((a.logprob - b.logprob).abs() < tol, "{config}: {a:?} vs {b:?}");
         }
         let sum: f64 = sampled[..n].iter().map(|t| t.logprob as f64).sum();
-        assert!((s.logprob - sum).abs() < 1e-2, "{} vs {sum}", s.logprob);
+        assert!((s.logprob - sum).abs() < tol as f64 * n as f64, "{config}: {} vs {sum}", s.logprob);
         eprintln!("{:?}: logprob {:.4} over {} tokens", c.text, s.logprob, s.tokens.len());
     }
 }

@@ -18,9 +18,15 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 /// A weight matrix stored (out, in): quantized, or dense in any float dtype.
 /// Q4_1 and Q8_0 go to this crate's x86 kernels where the CPU has them
 /// (candle's Q4_1 is scalar); everything else to candle's QMatMul.
+///
+/// A `Quant` matrix may also hold its weights dequantized to f32, (in, out)
+/// contiguous (`keep_dense`): prefill and scoring multiply hundreds of rows
+/// at once, where an f32 GEMM beats the integer kernel, which is built for
+/// the few rows of a decode step (it re-reads every activation block and
+/// its scale for each weight row).
 pub enum Linear {
     Candle(QMatMul),
-    Quant(crate::quant::QMatrix),
+    Quant(crate::quant::QMatrix, Option<Tensor>),
 }
 
 impl Linear {
@@ -46,7 +52,7 @@ impl Linear {
         if let (Some(f), true) = (format, q.device().is_cpu()) {
             let (n, k) = q.shape().dims2()?;
             if let Some(m) = crate::quant::QMatrix::from_bytes(f, &q.data()?, n, k) {
-                return Ok(Linear::Quant(m));
+                return Ok(Linear::Quant(m, None));
             }
         }
         Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
@@ -57,20 +63,33 @@ impl Linear {
         match self {
             Linear::Candle(QMatMul::QTensor(q)) => q.dequantize(device),
             Linear::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w.to_dtype(DType::F32),
-            Linear::Quant(m) => Tensor::from_vec(m.dequantize(), (m.n, m.k), device),
+            Linear::Quant(m, _) => Tensor::from_vec(m.dequantize(), (m.n, m.k), device),
+        }
+    }
+
+    /// Keeps an f32 copy of a quantized matrix for `dense` forwards (no-op
+    /// for other kinds); returns whether one was made.
+    pub fn keep_dense(&mut self) -> Result<bool> {
+        match self {
+            Linear::Quant(m, d @ None) => {
+                *d = Some(Tensor::from_vec(m.dequantize(), (m.n, m.k), &Device::Cpu)?.t()?.contiguous()?);
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
     /// `x @ Wᵀ` for several matrices of the same input; the quantized kernels
-    /// quantize the input once for all of them.
-    pub fn forward_many(ls: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    /// quantize the input once for all of them. `dense`: use the f32 copies
+    /// where kept.
+    pub fn forward_many(ls: &[&Linear], x: &Tensor, dense: bool) -> Result<Vec<Tensor>> {
         let shared = match ls {
-            [Linear::Quant(first), rest @ ..] => {
-                rest.iter().all(|l| matches!(l, Linear::Quant(o) if first.shares_input(o))).then_some(first)
+            [Linear::Quant(first, _), rest @ ..] if !dense || ls.iter().any(|l| matches!(l, Linear::Quant(_, None))) => {
+                rest.iter().all(|l| matches!(l, Linear::Quant(o, _) if first.shares_input(o))).then_some(first)
             }
             _ => None,
         };
-        let Some(first) = shared else { return ls.iter().map(|l| l.forward(x)).collect() };
+        let Some(first) = shared else { return ls.iter().map(|l| l.forward_with(x, dense)).collect() };
         let dims = x.dims().to_vec();
         let last = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / last.max(1);
@@ -78,7 +97,7 @@ impl Linear {
         let act = first.quantize(&v, rows);
         ls.iter()
             .map(|l| {
-                let Linear::Quant(m) = l else { unreachable!() };
+                let Linear::Quant(m, _) = l else { unreachable!() };
                 let mut out = dims.clone();
                 *out.last_mut().unwrap() = m.n;
                 Tensor::from_vec(m.matmul_quantized(&act), out, x.device())?.to_dtype(x.dtype())
@@ -88,6 +107,11 @@ impl Linear {
 
     /// `x @ Wᵀ` over the last dimension, any leading dims.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// `forward`, on the f32 copy if `dense` and one is kept.
+    pub fn forward_with(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / last.max(1);
@@ -96,7 +120,14 @@ impl Linear {
         let y = match self {
             Linear::Candle(QMatMul::Tensor(w)) => flat.matmul(&w.t()?)?,
             Linear::Candle(q) => q.forward(&flat)?,
-            Linear::Quant(m) => {
+            Linear::Quant(_, Some(w)) if dense => {
+                // One row would take the GEMM crate's matrix-vector path (another
+                // summation order): two keep a lone row's numbers as in a batch.
+                let f = flat.to_dtype(DType::F32)?;
+                let y = if rows == 1 { Tensor::cat(&[&f, &f], 0)?.matmul(w)?.narrow(0, 0, 1)? } else { f.matmul(w)? };
+                y.to_dtype(x.dtype())?
+            }
+            Linear::Quant(m, _) => {
                 let v = flat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 Tensor::from_vec(m.matmul(&v, rows), (rows, m.n), x.device())?.to_dtype(x.dtype())?
             }
@@ -160,6 +191,8 @@ pub struct Llama {
     /// Activation dtype (f32 for quantized weights).
     pub dtype: DType,
     pub device: Device,
+    /// Whether the layers' quantized matrices keep f32 copies (`dense_prefill`).
+    dense: bool,
     cos: Tensor,
     sin: Tensor,
 }
@@ -261,7 +294,28 @@ impl Llama {
             shape,
             dtype,
             device: device.clone(),
+            dense: false,
         })
+    }
+
+    /// Keeps f32 copies of the layers' quantized (Q4_1 / Q8_0) matrices and
+    /// runs prompts (prefill) and scored continuations (`extend`) on them:
+    /// several times the memory of those weights, for faster prefill. Decode
+    /// steps and the output head stay on the integer kernels. Results do
+    /// not depend on the batch: a GEMM row is summed in one order whatever
+    /// the other rows. Returns how many matrices got a copy.
+    pub fn dense_prefill(&mut self) -> Result<usize> {
+        if !self.device.is_cpu() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for l in self.layers.iter_mut() {
+            for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.gate, &mut l.up, &mut l.down] {
+                n += lin.keep_dense()? as usize;
+            }
+        }
+        self.dense = n > 0;
+        Ok(n)
     }
 
     /// Runs left-padded prompts through the model; returns the last
@@ -272,14 +326,14 @@ impl Llama {
         let ids: Vec<u32> = prompts.iter().flat_map(|p| std::iter::repeat_n(0u32, width - p.len()).chain(p.iter().copied())).collect();
         let mut cache = KvCache { kv: Vec::new(), pads, len: 0, cap: 0 };
         let ids = Tensor::new(ids, &self.device)?.reshape((prompts.len(), width))?;
-        let logits = self.forward(&ids, &mut cache)?;
+        let logits = self.forward(&ids, &mut cache, true)?;
         Ok((logits, cache))
     }
 
     /// One new token per row; returns (rows, vocab) f32 logits.
     pub fn step(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let ids = Tensor::new(tokens, &self.device)?.reshape((tokens.len(), 1))?;
-        self.forward(&ids, cache)
+        self.forward(&ids, cache, false)
     }
 
     /// Appends `tokens` (the same count per row) to the cache and returns the
@@ -292,13 +346,13 @@ impl Llama {
         }
         let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
         let ids = Tensor::new(ids, &self.device)?.reshape((tokens.len(), l))?;
-        let h = self.hidden(&ids, cache)?;
+        let h = self.hidden(&ids, cache, true)?;
         self.head(&h)
     }
 
     /// The last position's logits, (rows, vocab) in f32.
-    fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.hidden(ids, cache)?;
+    fn forward(&self, ids: &Tensor, cache: &mut KvCache, dense: bool) -> Result<Tensor> {
+        let h = self.hidden(ids, cache, dense)?;
         let l = h.dim(1)?;
         self.head(&h.i((.., l - 1, ..))?.contiguous()?)
     }
@@ -310,7 +364,9 @@ impl Llama {
     }
 
     /// The hidden states after the last layer, (rows, len, hidden).
-    fn hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+    /// `dense`: on the f32 copies, if kept (prompts and continuations; decode
+    /// steps stay on the integer kernels).
+    fn hidden(&self, ids: &Tensor, cache: &mut KvCache, dense: bool) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let start = cache.len;
         let total = start + l;
@@ -347,13 +403,14 @@ impl Llama {
             Some(Tensor::new(m, &self.device)?.reshape((b, 1, l, total))?.to_dtype(self.dtype)?)
         };
 
+        let dense = self.dense && dense;
         let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, s.hidden))?;
         cache.reserve(total, s.context)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let x = candle_nn::ops::rms_norm(&h, &layer.attn_norm, s.eps as f32)?;
             let heads = |t: Tensor, n: usize| t.reshape((b, l, n, s.head_dim))?.transpose(1, 2)?.contiguous();
             let [q, k, v]: [Tensor; 3] = layer.biased(
-                Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &x)?
+                Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], &x, dense)?
                     .try_into()
                     .map_err(|_| candle_core::Error::Msg("q/k/v".into()))?,
             )?;
@@ -370,12 +427,12 @@ impl Llama {
             } else {
                 self.attend(&q, &k, &v, mask.as_ref(), l, total)?
             };
-            h = (h + layer.wo.forward(&y)?)?;
+            h = (h + layer.wo.forward_with(&y, dense)?)?;
             let x = candle_nn::ops::rms_norm(&h, &layer.ffn_norm, s.eps as f32)?;
-            let [g, u]: [Tensor; 2] = Linear::forward_many(&[&layer.gate, &layer.up], &x)?
+            let [g, u]: [Tensor; 2] = Linear::forward_many(&[&layer.gate, &layer.up], &x, dense)?
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg("gate/up".into()))?;
-            h = (h + layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?)?;
+            h = (h + layer.down.forward_with(&(candle_nn::ops::silu(&g)? * u)?, dense)?)?;
         }
         cache.len = total;
         Ok(h)

@@ -10,7 +10,15 @@
 //! dtype = "auto"      # dense weights: auto (f32 on CPU, bf16 on CUDA) | f32 | bf16 | f16
 //! max_batch = 8       # sequences decoded together (samples of a prompt, and prompts)
 //! quantize = "none"   # none | q8_0: dense weights (HF dirs, merged adapters) to Q8_0 at load (CPU)
+//! prefill = "dense"   # dense | quantized: how prompts and scored continuations are multiplied (CPU)
 //! ```
+//!
+//! `prefill = "dense"` keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
+//! (4 bytes a weight: ~0.4 GB for SmolLM2-135M) and runs prompts through an
+//! f32 GEMM, which is faster there than the integer kernels made for decode
+//! steps (`rir bench generate` prints both); decode steps stay quantized.
+//! The two give slightly different numbers (the dense path does not round
+//! activations to 8 bits), so the setting is part of the fingerprint.
 //!
 //! `quantize = "q8_0"` is for tuned models: DPO writes dense f32 weights, which
 //! decode several times slower than a GGUF on a CPU (each token streams every
@@ -57,6 +65,17 @@ pub struct LlamaConfig {
     pub max_batch: usize,
     #[serde(default = "default_quantize")]
     pub quantize: String,
+    #[serde(default)]
+    pub prefill: Prefill,
+}
+
+/// How prompt positions are multiplied on the CPU (see the module docs).
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Prefill {
+    #[default]
+    Dense,
+    Quantized,
 }
 
 fn default_device() -> String {
@@ -150,6 +169,13 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         let n = rir_llama::quantize_dense_q8_0(&mut model)?;
         rir_sdk::log::info!("quantized {n} dense linear maps to Q8_0");
         settings.push_str("quantize=q8_0");
+    }
+    if cfg.prefill == Prefill::Dense {
+        let n = model.dense_prefill().map_err(cerr("dense prefill"))?;
+        if n > 0 {
+            rir_sdk::log::info!("prefill on f32 copies of {n} quantized linear maps");
+            settings.push_str(if settings.is_empty() { "prefill=dense" } else { ",prefill=dense" });
+        }
     }
     let files = model_files(&path, hf, adapter_dir.as_deref())?;
     let fp = rir_models::encoder::fingerprint(&files, &settings).map_err(|e| PluginError::resource(e.to_string()))?;
