@@ -137,7 +137,7 @@ struct QueriesArgs {
     /// The generator's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     generator_config: String,
-    /// Stage settings (TOML text or @FILE): passages, max_chars, seed, lengths, styles, temperature, top_p, max_tokens, judge, batch
+    /// Stage settings (TOML text or @FILE): passages, max_chars, seed, lengths, styles, temperature, top_p, max_tokens, judge, batch, filter
     #[arg(long, default_value = "")]
     config: String,
     /// Output directory (queries.jsonl, queries.stats.json)
@@ -508,8 +508,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let task = rir::prompts::task_for(&ds.name);
             let (_, stats) = rir::queries::run(&ds, &task, g.as_ref(), cache.as_ref(), &cfg, &a.output)?;
             println!(
-                "{} passages sampled: {} queries kept, {} judged irrelevant, {} unparsed judgements, {} empty ({} generations from cache)",
-                stats.sampled, stats.kept, stats.judged_irrelevant, stats.judge_unparsed, stats.empty, stats.from_cache
+                "{} passages sampled: {} queries kept, {} filtered out, {} judged irrelevant, {} unparsed judgements, {} empty ({} generations from cache)",
+                stats.sampled, stats.kept, stats.filtered, stats.judged_irrelevant, stats.judge_unparsed, stats.empty, stats.from_cache
             );
             println!("wrote {}", a.output.join("queries.jsonl").display());
             Ok(ExitCode::SUCCESS)

@@ -3,7 +3,9 @@
 //! Passages are sampled (seeded) and cut to `max_chars`; for each, the
 //! generator writes one query of a length and style drawn with the weights
 //! below, then judges (a second call, temperature 0) whether the passage
-//! answers it; only pairs judged "1" are kept. Output: `queries.jsonl`
+//! answers it; only pairs judged "1" are kept. With `filter = true`, queries
+//! that restate the instructions or refuse are dropped first and lead-ins
+//! ("The scientific claim is:") stripped (`filter_query`). Output: `queries.jsonl`
 //! (`{"_id", "text", "passage_id", "length", "style"}`, BEIR's query layout
 //! plus the source) and `queries.stats.json`.
 
@@ -47,6 +49,13 @@ pub struct QueriesConfig {
     /// Requests per generator call.
     #[serde(default = "d_batch")]
     pub batch: usize,
+    /// Strip lead-ins ("The scientific claim is:", "1.", "10 to 15 words:")
+    /// and drop queries that restate the instructions or refuse, before the
+    /// judge sees them (see `filter_query`). Off by default: the quickstart's
+    /// published table was made without it. Not serialized when off, so
+    /// stage keys made before it existed still hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub filter: bool,
 }
 
 fn d_passages() -> usize {
@@ -144,6 +153,10 @@ pub struct QueriesStats {
     pub judged_irrelevant: usize,
     /// Judge answers with no 0/1 in them (counted as irrelevant).
     pub judge_unparsed: usize,
+    /// Dropped by the filter (`filter`): restated instructions, refusals,
+    /// fewer than three words.
+    #[serde(default)]
+    pub filtered: usize,
     pub kept: usize,
     /// kept / sampled: how much of what the generator writes the filter keeps.
     #[serde(default)]
@@ -194,6 +207,79 @@ pub fn clean_query(text: &str, query_type: &str) -> String {
     s.trim_matches(|c| c == '"' || c == '\'' || c == '“' || c == '”').trim().to_owned()
 }
 
+/// Words that mark a reply about the task rather than a query.
+const REFUSALS: [&str; 9] =
+    ["i'm ready", "i am ready", "i'll provide", "i will provide", "to address your request", "i cannot", "i can't", "as an ai", "word count"];
+
+/// Starts with `prefix`, ignoring ASCII case; the rest.
+fn strip_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    s.get(..prefix.len()).filter(|h| h.eq_ignore_ascii_case(prefix)).and_then(|_| s.get(prefix.len()..))
+}
+
+/// A small model's query with what is not the query removed, or None when
+/// what is left is not a query: it restates the prompt's length or style
+/// instruction ("5 to 10 words and plain and simple."), refuses or talks
+/// about the task, or has fewer than three words. InPars and GPL filter
+/// their generated queries too; this only looks at the text.
+pub fn filter_query(text: &str, task: &Task, cfg: &QueriesConfig) -> Option<String> {
+    let mut s = text.trim().to_owned();
+    let qt = task.query_type.to_lowercase();
+    let pt = task.passage_type.to_lowercase();
+    // Lead-ins, in any order, until none is left.
+    for _ in 0..4 {
+        let before = s.clone();
+        let mut t = s.as_str().trim_start();
+        // List markers: "1.", "2)", "-", "*".
+        let digits = t.len() - t.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if let Some(r) = t[digits..].strip_prefix(['.', ')']).filter(|_| digits > 0 && digits < 3) {
+            t = r;
+        } else if let Some(r) = t.strip_prefix(['-', '*', '•']) {
+            t = r;
+        }
+        t = t.trim_start();
+        // "The scientific claim is:", "This query that", "Here is the claim:".
+        for det in ["the ", "this ", "a ", "my ", "our ", "here is the ", "here's the ", "here is a ", "here's a "] {
+            let Some(r) = strip_ci(t, det) else { continue };
+            let r = r.trim_start();
+            let r = strip_ci(r, "rewritten ").unwrap_or(r).trim_start();
+            if let Some(r) = [qt.as_str(), "query", "question", "claim"].iter().find_map(|l| strip_ci(r, l)) {
+                let r = r.trim_start();
+                let word_end = |x: &&str| !x.starts_with(|c: char| c.is_alphanumeric());
+                let r = ["that", "is", "can be rewritten as", "would be", "reads", "answered"]
+                    .iter()
+                    .find_map(|v| strip_ci(r, v).filter(word_end))
+                    .unwrap_or(r);
+                t = r.trim_start().trim_start_matches(':');
+                break;
+            }
+        }
+        // A label: "Scientific claim:", "Query:", "Scientific paper abstract:".
+        for label in [qt.as_str(), pt.as_str(), "query", "question", "claim", "answer", "title", "science"] {
+            if let Some(r) = strip_ci(t, label).and_then(|r| r.trim_start().strip_prefix(':')) {
+                t = r;
+                break;
+            }
+        }
+        // A length instruction echoed as a label: "10 to 15 words: ...".
+        for (len, _) in &cfg.lengths {
+            if let Some(r) = strip_ci(t, len) {
+                if let Some(colon) = r.find(':').filter(|&c| c < 40) {
+                    t = &r[colon + 1..];
+                }
+            }
+        }
+        s = t.trim().trim_matches(|c| c == '"' || c == '\'' || c == '“' || c == '”').trim().to_owned();
+        if s == before {
+            break;
+        }
+    }
+    let lower = s.to_lowercase();
+    let echoes = cfg.lengths.iter().chain(&cfg.styles).any(|(x, _)| lower.contains(&x.to_lowercase()))
+        || lower.contains(&format!("{qt} is"))
+        || REFUSALS.iter().any(|r| lower.contains(r));
+    (s.split_whitespace().count() >= 3 && !echoes).then_some(s)
+}
+
 /// Runs the stage and writes `out_dir/queries.jsonl` and `queries.stats.json`.
 pub fn run(
     ds: &Dataset,
@@ -232,9 +318,20 @@ pub fn run(
     let err = |e: crate::generate::GenerateError| HostError::Input(format!("queries: {e}"));
     let (gen, cached1) = generate_all(generator, &reqs, cache, cfg.batch, "queries").map_err(err)?;
     let mut stats = QueriesStats { sampled: draws.len(), from_cache: cached1, ..Default::default() };
-    let texts: Vec<String> = gen.iter().map(|c| c.first().map(|c| clean_query(&c.text, &task.query_type)).unwrap_or_default()).collect();
+    let mut texts: Vec<String> = gen.iter().map(|c| c.first().map(|c| clean_query(&c.text, &task.query_type)).unwrap_or_default()).collect();
+    stats.empty = texts.iter().filter(|t| t.is_empty()).count();
+    if cfg.filter {
+        for t in texts.iter_mut().filter(|t| !t.is_empty()) {
+            match filter_query(t, task, cfg) {
+                Some(f) => *t = f,
+                None => {
+                    stats.filtered += 1;
+                    t.clear();
+                }
+            }
+        }
+    }
     let candidates: Vec<usize> = (0..texts.len()).filter(|&i| !texts[i].is_empty()).collect();
-    stats.empty = texts.len() - candidates.len();
     let verdicts: Vec<bool> = if cfg.judge {
         let jreqs: Vec<GenerationRequest> = candidates
             .iter()
@@ -345,5 +442,35 @@ mod tests {
         assert_eq!(clean_query("  \n Query: what is bm25?", "question"), "what is bm25?");
         // Labels never cut a multi-byte character.
         assert_eq!(clean_query("ROR-γ (Src-11) is overexpressed", "query"), "ROR-γ (Src-11) is overexpressed");
+    }
+
+    #[test]
+    fn the_filter_strips_lead_ins_and_drops_restated_instructions() {
+        let task = crate::prompts::task_for("scifact");
+        let cfg = QueriesConfig { filter: true, ..Default::default() };
+        let f = |t: &str| filter_query(t, &task, &cfg);
+        // What SmolLM2-135M wrote for SciFact passages (queries stage, 2026-12-02).
+        assert_eq!(f("1. Orai1/CRACM1 is a primary component of the store-operated calcium channels.").as_deref(),
+                   Some("Orai1/CRACM1 is a primary component of the store-operated calcium channels."));
+        assert_eq!(f("The scientific claim that the study examines husbands' involvement during childbirth").as_deref(),
+                   Some("the study examines husbands' involvement during childbirth"));
+        assert_eq!(f("This scientific claim is: \"Distant axonal patterns are not enough to determine the origin\"").as_deref(),
+                   Some("Distant axonal patterns are not enough to determine the origin"));
+        assert_eq!(f("10 to 15 words: Cineradiography of Monkey Lip-Smashing Reveals Putative Precursors of Speech").as_deref(),
+                   Some("Cineradiography of Monkey Lip-Smashing Reveals Putative Precursors of Speech"));
+        assert_eq!(f("Science: Targeted blockade of TGF-β inhibits lung cancer growth").as_deref(), Some("Targeted blockade of TGF-β inhibits lung cancer growth"));
+        for junk in [
+            "5 to 10 words and plain and simple.",
+            "This scientific claim can be rewritten as:",
+            "The scientific claim is:",
+            "to answer the scientific claim is 10 to 15 words and informal.",
+            "I'm ready to help you with the abstract.",
+            "To address your request, I'll provide a professional and complex scientific claim",
+            "Vitamin D.",
+        ] {
+            assert_eq!(f(junk), None, "{junk}");
+        }
+        // A multi-byte character where a label would end is no problem.
+        assert_eq!(f("ROR-γ (Src-11) is overexpressed in cancer").as_deref(), Some("ROR-γ (Src-11) is overexpressed in cancer"));
     }
 }

@@ -45,8 +45,16 @@ const PROMPTS: [&str; 5] = [
 
 #[test]
 fn batched_decoding_equals_sequential_decoding() {
-    let one = load("max_batch = 1");
-    let many = load("max_batch = 8");
+    // Both prefill paths: the integer kernels and the f32 GEMM.
+    for prefill in ["quantized", "dense"] {
+        batched_equals_sequential(&format!("prefill = {prefill:?}"));
+    }
+}
+
+fn batched_equals_sequential(prefill: &str) {
+    eprintln!("{prefill}");
+    let one = load(&format!("max_batch = 1\n{prefill}"));
+    let many = load(&format!("max_batch = 8\n{prefill}"));
     let mut reqs: Vec<GenerationRequest> = PROMPTS.iter().map(|p| GenerationRequest::greedy(chat(p), 24)).collect();
     // Sampled requests with several samples each, fanned out from one prefill.
     for p in &PROMPTS[..2] {

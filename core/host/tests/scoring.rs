@@ -54,7 +54,13 @@ fn scores_match_greedy_decoding(config: &str, tol: f32) {
 
 #[test]
 fn scoring_is_batch_invariant_and_shares_prompts() {
-    let g = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nmax_batch = 3")).unwrap();
+    for prefill in ["quantized", "dense"] {
+        scoring_batch_invariant(&format!("model = {SMOLLM:?}\nmax_batch = 3\nprefill = {prefill:?}"));
+    }
+}
+
+fn scoring_batch_invariant(config: &str) {
+    let g = LlamaGenerator::new(config).unwrap();
     let passage = "Passage: Vitamin D deficiency is associated with reduced bone mineral density in older adults.\nPlease write a question based on this passage.";
     let yes_no = chat("Passage: Aspirin lowers the risk of heart attack.\nQuery: does aspirin prevent heart attacks?\nDoes the passage answer the query? Answer Yes or No.");
     let reqs = vec![
