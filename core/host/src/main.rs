@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
-use rir::{bench, data, eval, metrics, registry, report, serve, HostError, HostSettings, PluginHost, Registry, Status};
+use rir::{bench, data, eval, metrics, registry, report, serve, HostError, HostSettings, Kind, PluginHost, Registry, Status};
+use rir_sdk::ConfigOf;
 
 #[derive(Parser)]
 #[command(
@@ -553,8 +554,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let h = host(&cli)?;
             // The stage settings first: a typo fails before any download.
             let cfg: rir::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
-            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
+            validate_flags(&h, &[("--generator-config", &a.generator, Kind::Generator, ConfigOf::Generator, &gcfg)])?;
+            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
             let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let task = rir::prompts::task_for(&ds.name);
@@ -570,12 +572,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let h = host(&cli)?;
             // The stage settings first: a typo fails before any download.
             let cfg: rir::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let (gcfg, rcfg, wcfg) = stage_configs(&h, &a.generator, &a.generator_config, &a.retriever, &a.retriever_config, &a.reward, &a.reward_config)?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let queries = rir::queries::read(&a.queries)?;
-            let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
-            let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
-            let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
+            let r = h.load(&a.retriever)?.retriever(&rcfg)?;
+            let rw = h.load(&a.reward)?.reward(&wcfg)?;
             let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let task = rir::prompts::task_for(&ds.name);
             let (_, s) = rir::rlrf::run(&ds, &task, &queries, g.as_ref(), cache.as_ref(), r.as_ref(), rw.as_ref(), &cfg, &a.output)?;
@@ -590,12 +592,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let h = host(&cli)?;
             // The stage settings first: a typo fails before any download.
             let cfg: rir::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let (gcfg, rcfg, wcfg) = stage_configs(&h, &a.generator, &a.generator_config, &a.retriever, &a.retriever_config, &a.reward, &a.reward_config)?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let queries = rir::queries::read(&a.queries)?;
-            let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
-            let r = h.load(&a.retriever)?.retriever(&toml_arg(&a.retriever_config, "--retriever-config")?)?;
-            let rw = h.load(&a.reward)?.reward(&toml_arg(&a.reward_config, "--reward-config")?)?;
+            let r = h.load(&a.retriever)?.retriever(&rcfg)?;
+            let rw = h.load(&a.reward)?.reward(&wcfg)?;
             let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
             let ecache = (!a.no_cache).then(|| rir::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info().fingerprint));
             let task = rir::prompts::task_for(&ds.name);
@@ -611,13 +613,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Train(a) => {
             let h = host(&cli)?;
-            let job = rir_sdk::TrainJob {
-                base_model: a.base.clone(),
-                data_file: a.data.clone(),
-                output_dir: a.output.clone(),
-                params: toml_arg(&a.params, "--params")?,
-            };
-            let r = rir::train::run(&h, &a.trainer, &toml_arg(&a.trainer_config, "--trainer-config")?, &job)?;
+            let (tcfg, params) = (toml_arg(&a.trainer_config, "--trainer-config")?, toml_arg(&a.params, "--params")?);
+            validate_flags(&h, &[
+                ("--trainer-config", &a.trainer, Kind::Trainer, ConfigOf::Trainer, &tcfg),
+                ("--params", &a.trainer, Kind::Trainer, ConfigOf::Params, &params),
+            ])?;
+            let job = rir_sdk::TrainJob { base_model: a.base.clone(), data_file: a.data.clone(), output_dir: a.output.clone(), params };
+            let r = rir::train::run(&h, &a.trainer, &tcfg, &job)?;
             println!(
                 "{} steps in {:.1} s; loss {} -> {}; model in {}",
                 r.steps,
@@ -858,6 +860,28 @@ fn data_cmd(action: &DataAction) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Plugin config tables given as flags, validated by their plugins (the ABI's
+/// `validate`) before any dataset, model or data file is touched; an error
+/// names the flag. Plugins that cannot validate are checked when built.
+fn validate_flags(h: &PluginHost, checks: &[(&str, &str, Kind, ConfigOf, &str)]) -> Result<()> {
+    for (flag, name, kind, what, text) in checks {
+        h.load(name)?.validate(*kind, *what, text).with_context(|| flag.to_string())?;
+    }
+    Ok(())
+}
+
+/// The generator, retriever and reward tables of a data stage, read and validated.
+#[allow(clippy::too_many_arguments)]
+fn stage_configs(h: &PluginHost, g: &str, gcfg: &str, r: &str, rcfg: &str, w: &str, wcfg: &str) -> Result<(String, String, String)> {
+    let (gcfg, rcfg, wcfg) = (toml_arg(gcfg, "--generator-config")?, toml_arg(rcfg, "--retriever-config")?, toml_arg(wcfg, "--reward-config")?);
+    validate_flags(h, &[
+        ("--generator-config", g, Kind::Generator, ConfigOf::Generator, &gcfg),
+        ("--retriever-config", r, Kind::Retriever, ConfigOf::Retriever, &rcfg),
+        ("--reward-config", w, Kind::Reward, ConfigOf::Reward, &wcfg),
+    ])?;
+    Ok((gcfg, rcfg, wcfg))
+}
+
 fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
     use rir::encode::{self, EmbeddingCache, Side};
     use rir::texts;
@@ -873,6 +897,10 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
     let docs = a.docs.as_deref().map(texts::read).transpose()?;
     let rcfg = toml_arg(&a.retriever_config, "--retriever-config")?;
     let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
+    validate_flags(host, &[("--retriever-config", &a.retriever, Kind::Retriever, ConfigOf::Retriever, &rcfg)])?;
+    if let Some(g) = &a.generator {
+        validate_flags(host, &[("--generator-config", g, Kind::Generator, ConfigOf::Generator, &gcfg)])?;
+    }
     let generator = a.generator.as_ref().map(|g| host.load(g).and_then(|p| p.generator(&gcfg).map_err(Into::into))).transpose()?;
     let retriever = host.load(&a.retriever)?.retriever(&rcfg)?;
     let cache_root = &host.settings.cache_dir;
@@ -954,6 +982,10 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         name,
         experiment: None,
     };
+    validate_flags(host, &[("--retriever-config", &opts.retriever, Kind::Retriever, ConfigOf::Retriever, &opts.retriever_config)])?;
+    if let Some(g) = &opts.generator {
+        validate_flags(host, &[("--generator-config", g, Kind::Generator, ConfigOf::Generator, &opts.generator_config)])?;
+    }
     let out = eval::run(host, &opts)?;
     let r = &out.results;
     let cmp = report::compare(std::slice::from_ref(r), &report::TableOptions::default())?;

@@ -96,3 +96,31 @@ fn plugins_exits_non_zero_when_a_registered_plugin_is_missing() {
     let (ok, out, err) = plugins_with("[plugins.ghost]\nkinds = [\"retriever\"]\ncrate = \"rir-plugin-ghost\"\n");
     assert!(!ok && out.contains("ghost") && err.contains("1 registered plugin(s) missing or refused"), "{out}{err}");
 }
+
+#[test]
+fn stage_commands_validate_plugin_configs_before_any_work() {
+    plugin_dir();
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().join("x");
+    // The dataset and the queries file do not exist: the config error must come first.
+    let (ok, _, err) = rir(&[
+        "rlrf-data", "--dataset", "no-such-dataset", "--queries", "/no/such/queries.jsonl",
+        "--generator", "llama-generator", "--generator-config", "model = \"unused\"",
+        "--retriever", "candle-encoder", "--retriever-config", "model = \"unused\"",
+        "--reward", "retriever-reward", "--reward-config", "query_wieght = 0.8",
+        "--output", o.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--reward-config") && err.contains("query_wieght"), "{err}");
+    assert!(!err.contains("no-such-dataset"), "{err}");
+    let (ok, _, err) = rir(&[
+        "train", "--trainer", "contrastive-trainer", "--base", "unused", "--data", "/no/such/distill.jsonl",
+        "--output", o.to_str().unwrap(), "--params", "learning_rat = 1e-5",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("--params") && err.contains("learning_rat"), "{err}");
+    let (ok, _, err) = rir(&["eval", "--dataset", "no-such-dataset", "--retriever", "candle-encoder", "--retriever-config", "modle = \"x\""]);
+    assert!(!ok);
+    assert!(err.contains("--retriever-config") && err.contains("modle"), "{err}");
+    assert!(!o.exists(), "nothing written");
+}
