@@ -539,7 +539,7 @@ impl Runner<'_> {
             return Err(e);
         }
         let secs = t.elapsed().as_secs_f64();
-        crate::queries::write_json(&partial.join("stage.json"), &serde_json::json!({"stage": stage, "label": label, "seconds": secs}))?;
+        crate::files::write_json(&partial.join("stage.json"), &serde_json::json!({"stage": stage, "label": label, "seconds": secs}))?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
@@ -863,7 +863,7 @@ fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<Stri
     let cmp = crate::report::compare(&results, &opts).map_err(|e| HostError::Input(e.to_string()))?;
     for (ext, f) in [("md", "md"), ("tex", "latex"), ("csv", "csv"), ("json", "json")] {
         let fmt: crate::report::Format = f.parse().map_err(HostError::Input)?;
-        crate::queries::write_atomic(&root.join(format!("table.{ext}")), crate::report::render(&cmp, fmt, true).as_bytes())?;
+        crate::files::write_atomic(&root.join(format!("table.{ext}")), crate::report::render(&cmp, fmt, true).as_bytes())?;
     }
     Ok(crate::report::render(&cmp, crate::report::Format::Terminal, true))
 }
@@ -905,7 +905,7 @@ fn write_manifest(
         "experiment": exp, "plugins": plugins, "models": models, "git_commit": git, "machine": machine,
         "rir_version": env!("CARGO_PKG_VERSION"), "finished": utc_now(), "steps": steps, "results": results, "seconds": seconds,
     });
-    crate::queries::write_json(&root.join("manifest.json"), &v)
+    crate::files::write_json(&root.join("manifest.json"), &v)
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod plugins;
 pub mod registry;
 pub mod suggest;
 pub mod progress;
+pub mod files;
 
 pub mod data;
 pub mod encode;

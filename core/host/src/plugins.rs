@@ -62,10 +62,7 @@ impl Default for HostSettings {
 
 /// `RIR_CACHE`, else `~/.cache/rir`.
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("RIR_CACHE") {
-        return PathBuf::from(p);
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/rir")).unwrap_or_else(|| PathBuf::from(".rir-cache"))
+    rir_models::default_cache()
 }
 
 /// A loaded, checked, initialised plugin library.

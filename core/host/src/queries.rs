@@ -9,13 +9,14 @@
 //! (`{"_id", "text", "passage_id", "length", "style"}`, BEIR's query layout
 //! plus the source) and `queries.stats.json`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rir_sdk::{GenerationRequest, Generator, Message, Prompt};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::error::HostError;
+use crate::files::{read_jsonl, write_json, write_jsonl, Rng};
 use crate::generate::{generate_all, GenerationCache};
 use crate::prompts::Task;
 
@@ -98,40 +99,6 @@ fn d_batch() -> usize {
 impl Default for QueriesConfig {
     fn default() -> Self {
         toml::from_str("").expect("defaults")
-    }
-}
-
-/// SplitMix64: small, seedable, the same everywhere.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Fisher–Yates.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, (self.next_u64() % (i as u64 + 1)) as usize);
-        }
-    }
-    /// An index drawn with probability proportional to its weight.
-    pub fn weighted(&mut self, weights: &[f64]) -> usize {
-        let total: f64 = weights.iter().sum();
-        let mut u = self.uniform() * total;
-        for (i, w) in weights.iter().enumerate() {
-            u -= w;
-            if u < 0.0 {
-                return i;
-            }
-        }
-        weights.len() - 1
     }
 }
 
@@ -378,41 +345,6 @@ pub fn run(
 /// Reads a queries.jsonl written by this stage; errors name file and line.
 pub fn read(path: &Path) -> Result<Vec<PseudoQuery>, HostError> {
     read_jsonl(path)
-}
-
-/// Writes JSON lines atomically (a temporary file renamed into place), so
-/// an interrupted stage never leaves a half-written output.
-pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), HostError> {
-    let mut buf = Vec::new();
-    for r in rows {
-        serde_json::to_writer(&mut buf, r).map_err(|e| HostError::Input(format!("{}: {e}", path.display())))?;
-        buf.push(b'\n');
-    }
-    write_atomic(path, &buf)
-}
-
-pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), HostError> {
-    let buf = serde_json::to_vec_pretty(v).map_err(|e| HostError::Input(format!("{}: {e}", path.display())))?;
-    write_atomic(path, &buf)
-}
-
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
-    let io = |source| HostError::Io { path: path.to_owned(), source };
-    if let Some(dir) = path.parent() {
-        crate::paths::ensure_dir(dir).map_err(io)?;
-    }
-    let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
-}
-
-pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, HostError> {
-    let text = std::fs::read_to_string(path).map_err(|source| HostError::Io { path: path.to_owned(), source })?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| HostError::Input(format!("{}:{}: {e}", path.display(), i + 1))))
-        .collect()
 }
 
 #[cfg(test)]

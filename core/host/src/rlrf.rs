@@ -22,7 +22,8 @@ use crate::data::Dataset;
 use crate::error::HostError;
 use crate::generate::{generate_all, GenerationCache};
 use crate::prompts::{augmentation, Task};
-use crate::queries::{write_json, write_jsonl, PseudoQuery};
+use crate::files::{write_json, write_jsonl};
+use crate::queries::PseudoQuery;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -116,7 +116,7 @@ pub fn npy_bytes(e: &Embeddings) -> Vec<u8> {
 pub fn write(dir: &Path, name: &str, texts: &[Text], e: &Embeddings, augmentations: Option<&[String]>) -> Result<[PathBuf; 2], TextsError> {
     crate::paths::ensure_dir(dir).map_err(|source| TextsError::Io { path: dir.to_owned(), source })?;
     let npy = dir.join(format!("{name}.npy"));
-    crate::queries::write_atomic(&npy, &npy_bytes(e))?;
+    crate::files::write_atomic(&npy, &npy_bytes(e))?;
     let jsonl = dir.join(format!("{name}.jsonl"));
     let mut buf = Vec::new();
     for (i, t) in texts.iter().enumerate() {
@@ -127,7 +127,7 @@ pub fn write(dir: &Path, name: &str, texts: &[Text], e: &Embeddings, augmentatio
         serde_json::to_writer(&mut buf, &row).expect("json values serialize");
         buf.write_all(b"\n").expect("writing to a Vec");
     }
-    crate::queries::write_atomic(&jsonl, &buf)?;
+    crate::files::write_atomic(&jsonl, &buf)?;
     Ok([npy, jsonl])
 }
 

@@ -73,7 +73,7 @@ pub fn run(host: &PluginHost, trainer: &str, trainer_config: &str, job: &TrainJo
     // Paths inside the output directory are kept relative to it: `rir run`
     // renames a finished stage's directory, which would leave them stale.
     relative_to(&mut v, &job.output_dir);
-    write_json(&job.output_dir.join("train_report.json"), &v)?;
+    crate::files::write_json(&job.output_dir.join("train_report.json"), &v)?;
     Ok(report)
 }
 
@@ -88,8 +88,4 @@ fn relative_to(v: &mut serde_json::Value, dir: &Path) {
         serde_json::Value::Object(o) => o.values_mut().for_each(|x| relative_to(x, dir)),
         _ => {}
     }
-}
-
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), HostError> {
-    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap_or_default()).map_err(|e| HostError::Io { path: path.to_owned(), source: e })
 }
