@@ -154,6 +154,15 @@ pub struct RlgfStats {
     pub answers_from_cache: usize,
 }
 
+/// Why mining fell back to sampled ranks (counted in `RlgfStats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The positive is not in the top `depth`.
+    NotInDepth,
+    /// No rank scores under `threshold` × the positive's.
+    NoRank,
+}
+
 /// Hard negatives for one query from its ranked `hits` (doc indices and
 /// scores, best first). `Err` names the fallback taken.
 pub fn mine(
@@ -161,13 +170,13 @@ pub fn mine(
     positive: usize,
     positive_score: f32,
     cfg: &RlgfDataConfig,
-) -> Result<Vec<usize>, &'static str> {
+) -> Result<Vec<usize>, Fallback> {
     let depth = hits.len().min(cfg.depth);
     if !hits[..depth].iter().any(|h| h.0 == positive) {
-        return Err("not_in_depth");
+        return Err(Fallback::NotInDepth);
     }
     let limit = cfg.threshold * positive_score;
-    let start = hits[..depth].iter().position(|h| h.0 != positive && h.1 <= limit).ok_or("no_rank")?;
+    let start = hits[..depth].iter().position(|h| h.0 != positive && h.1 <= limit).ok_or(Fallback::NoRank)?;
     let mut out: Vec<usize> = Vec::new();
     for h in hits[start..].iter().take(cfg.window) {
         if h.0 != positive && !out.contains(&h.0) {
@@ -176,7 +185,7 @@ pub fn mine(
     }
     out.truncate(cfg.negatives);
     if out.is_empty() {
-        return Err("no_rank");
+        return Err(Fallback::NoRank);
     }
     Ok(out)
 }
@@ -254,10 +263,9 @@ pub fn run(
                 n
             }
             Err(why) => {
-                if why == "not_in_depth" {
-                    stats.fallback_not_in_depth += 1;
-                } else {
-                    stats.fallback_no_rank += 1;
+                match why {
+                    Fallback::NotInDepth => stats.fallback_not_in_depth += 1,
+                    Fallback::NoRank => stats.fallback_no_rank += 1,
                 }
                 sample_ranks(&row, src, cfg.fallback_ranks, cfg.negatives, &mut rng)
             }
@@ -364,8 +372,8 @@ mod tests {
         assert_eq!(mine(&hits, 7, 1.0, &cfg(2, 50)), Ok(vec![9, 2]));
         // The window counts results, duplicates included.
         assert_eq!(mine(&hits, 7, 1.0, &cfg(15, 3)), Ok(vec![9, 2]));
-        assert_eq!(mine(&hits, 8, 1.0, &cfg(15, 50)), Err("not_in_depth"));
-        assert_eq!(mine(&[(7, 1.0), (3, 0.99)], 7, 1.0, &cfg(15, 50)), Err("no_rank"));
+        assert_eq!(mine(&hits, 8, 1.0, &cfg(15, 50)), Err(Fallback::NotInDepth));
+        assert_eq!(mine(&[(7, 1.0), (3, 0.99)], 7, 1.0, &cfg(15, 50)), Err(Fallback::NoRank));
     }
 
     #[test]

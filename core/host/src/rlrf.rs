@@ -113,18 +113,29 @@ pub struct RlrfStats {
     pub generations_from_cache: usize,
 }
 
-/// The pair rule; `Some((best, worst))` when the scores make a pair.
-pub fn pair_rule(raw: f64, scores: &[f64], w: f64, tau: f64) -> Result<(usize, usize), &'static str> {
-    let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).ok_or("degenerate")?;
-    let worst = (0..scores.len()).min_by(|&a, &b| scores[a].total_cmp(&scores[b])).ok_or("degenerate")?;
+/// Why a query made no preference pair (counted in `RlrfStats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPair {
+    /// No augmentation beat the query alone.
+    NoGain,
+    /// Best and worst too close (the τ rule).
+    TooClose,
+    /// Fewer than two distinct augmentations.
+    Degenerate,
+}
+
+/// The pair rule; `Ok((best, worst))` when the scores make a pair.
+pub fn pair_rule(raw: f64, scores: &[f64], w: f64, tau: f64) -> Result<(usize, usize), NoPair> {
+    let best = (0..scores.len()).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).ok_or(NoPair::Degenerate)?;
+    let worst = (0..scores.len()).min_by(|&a, &b| scores[a].total_cmp(&scores[b])).ok_or(NoPair::Degenerate)?;
     if best == worst {
-        return Err("degenerate");
+        return Err(NoPair::Degenerate);
     }
     if scores[best] <= raw {
-        return Err("no_gain");
+        return Err(NoPair::NoGain);
     }
     if (scores[best] - w * raw) * tau < scores[worst] - w * raw {
-        return Err("too_close");
+        return Err(NoPair::TooClose);
     }
     Ok((best, worst))
 }
@@ -236,11 +247,11 @@ pub fn run(
             c.dedup();
             c.len()
         };
-        let verdict = if distinct < 2 { Err("degenerate") } else { pair_rule(raw, &s.scores, cfg.query_weight, cfg.tau) };
+        let verdict = if distinct < 2 { Err(NoPair::Degenerate) } else { pair_rule(raw, &s.scores, cfg.query_weight, cfg.tau) };
         match verdict {
-            Err("no_gain") => stats.no_gain += 1,
-            Err("too_close") => stats.too_close += 1,
-            Err(_) => stats.degenerate += 1,
+            Err(NoPair::NoGain) => stats.no_gain += 1,
+            Err(NoPair::TooClose) => stats.too_close += 1,
+            Err(NoPair::Degenerate) => stats.degenerate += 1,
             Ok((b, w)) if item.candidates[b] == item.candidates[w] => stats.degenerate += 1,
             Ok((b, w)) => {
                 let Prompt::Chat(messages) = prompt else { unreachable!("augmentation prompts are chats") };
@@ -281,10 +292,10 @@ mod tests {
         // Best beats raw and is far enough from the worst.
         assert_eq!(pair_rule(0.5, &[0.52, 0.60, 0.45], 0.8, 0.95), Ok((1, 2)));
         // Nothing beats the query alone.
-        assert_eq!(pair_rule(0.7, &[0.52, 0.60, 0.45], 0.8, 0.95), Err("no_gain"));
+        assert_eq!(pair_rule(0.7, &[0.52, 0.60, 0.45], 0.8, 0.95), Err(NoPair::NoGain));
         // Best is 0.105 over w·raw = 0.4; 0.95 of that (0.09975) < the worst's 0.102.
-        assert_eq!(pair_rule(0.5, &[0.505, 0.502, 0.503], 0.8, 0.95), Err("too_close"));
-        assert_eq!(pair_rule(0.5, &[0.6], 0.8, 0.95), Err("degenerate"));
+        assert_eq!(pair_rule(0.5, &[0.505, 0.502, 0.503], 0.8, 0.95), Err(NoPair::TooClose));
+        assert_eq!(pair_rule(0.5, &[0.6], 0.8, 0.95), Err(NoPair::Degenerate));
     }
 
     #[test]
