@@ -72,6 +72,8 @@ pub struct EvalOptions {
     pub ignore_identical_ids: bool,
     /// Texts per plugin call.
     pub batch: usize,
+    /// Augmentation requests per generator call.
+    pub generation_batch: usize,
     pub use_cache: bool,
     pub output: PathBuf,
     pub name: String,
@@ -139,8 +141,8 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
     crate::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
     check_k(o.k).and(check_query_weight(o.query_weight)).map_err(EvalError::Invalid)?;
-    if o.batch == 0 {
-        return Err(EvalError::Invalid("batch must be at least 1".into()));
+    if o.batch == 0 || o.generation_batch == 0 {
+        return Err(EvalError::Invalid("batch and generation_batch must be at least 1".into()));
     }
     let mut timings = BTreeMap::new();
     let cache_root = host.settings.cache_dir.clone();
@@ -170,7 +172,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
         let generator = host.load(gname)?.generator(&o.generator_config)?;
         let task = prompts::task_for(&ds.name);
         let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator.as_ref()));
-        let a = augment_queries(retriever.as_ref(), &queries, generator.as_ref(), gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch)?;
+        let a = augment_queries(retriever.as_ref(), &queries, generator.as_ref(), gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch, o.generation_batch)?;
         timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
         queries = a.embeddings;
         generation = json!({
@@ -242,7 +244,8 @@ pub struct Augmented {
 /// Reinforced-IR's query side with a generator (DESIGN §1.4): each query's
 /// augmentation (the `task`'s prompt, greedy, `max_tokens`), encoded on the
 /// corpus side after the fixed prefix and mixed with the query's own
-/// embedding `query_emb` by `query_weight`. Both caches are used when given.
+/// embedding `query_emb` by `query_weight`. Both caches are used when given;
+/// `batch` texts per encoder call, `generation_batch` requests per generator call.
 #[allow(clippy::too_many_arguments)]
 pub fn augment_queries(
     retriever: &dyn rir_sdk::Retriever,
@@ -255,9 +258,10 @@ pub fn augment_queries(
     query_weight: f64,
     cache: Option<&EmbeddingCache>,
     batch: usize,
+    generation_batch: usize,
 ) -> Result<Augmented, EvalError> {
     let requests: Vec<GenerationRequest> = queries.iter().map(|q| GenerationRequest::greedy(prompts::augmentation(task, q), max_tokens)).collect();
-    let (completions, from_cache) = generate_all(generator, &requests, gcache, 8, "augment")?;
+    let (completions, from_cache) = generate_all(generator, &requests, gcache, generation_batch.max(1), "augment")?;
     let augmentations: Vec<String> = completions.iter().map(|c| c.first().map_or("", |c| c.text.trim()).to_owned()).collect();
     let prefixed: Vec<String> = augmentations.iter().map(|a| format!("{}{a}", prompts::AUGMENTATION_PREFIX)).collect();
     let (aug_emb, _) = encode::encode(retriever, Side::Corpus, &prefixed, cache, batch, "augment-enc")?;

@@ -115,6 +115,56 @@ pub struct EvalSpec {
     /// Multiple-comparison correction of the marks (every variant against the first).
     #[serde(default)]
     pub correction: crate::report::Correction,
+    // Options `rir eval` has as flags. Defaults are not serialized, so stage
+    // keys made before these keys existed still hold.
+    /// `flat` (exact) or `PLUGIN:FACTORY` (`faiss:HNSW32,Flat`).
+    #[serde(default = "d_index", skip_serializing_if = "is_d_index")]
+    pub index: String,
+    /// `run` (trec_eval, BEIR) or `qrels` (trec_eval -c).
+    #[serde(default = "d_averaging", skip_serializing_if = "is_d_averaging")]
+    pub averaging: String,
+    /// BEIR drops results whose doc id equals the query id.
+    #[serde(default = "d_true", skip_serializing_if = "is_true")]
+    pub ignore_identical_ids: bool,
+    /// The retriever's query instruction (FlagEmbedding's), overriding its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_instruction: Option<String>,
+    /// Texts per encoder call.
+    #[serde(default = "d_eval_batch", skip_serializing_if = "is_d_eval_batch")]
+    pub batch: usize,
+    /// Augmentation requests per generator call.
+    #[serde(default = "d_gen_batch", skip_serializing_if = "is_d_gen_batch")]
+    pub generation_batch: usize,
+}
+fn d_index() -> String {
+    "flat".into()
+}
+fn is_d_index(v: &String) -> bool {
+    *v == d_index()
+}
+fn d_averaging() -> String {
+    "run".into()
+}
+fn is_d_averaging(v: &String) -> bool {
+    *v == d_averaging()
+}
+fn d_true() -> bool {
+    true
+}
+fn is_true(v: &bool) -> bool {
+    *v
+}
+fn d_eval_batch() -> usize {
+    32
+}
+fn is_d_eval_batch(v: &usize) -> bool {
+    *v == d_eval_batch()
+}
+fn d_gen_batch() -> usize {
+    8
+}
+fn is_d_gen_batch(v: &usize) -> bool {
+    *v == d_gen_batch()
 }
 fn d_measures() -> Vec<String> {
     ["nDCG@10", "R@100", "RR@10"].iter().map(|s| s.to_string()).collect()
@@ -253,6 +303,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
         return Err(HostError::Input(format!("{}: [eval] alpha must be in (0, 1), got {}", key_at(&["eval", "alpha"]), exp.eval.alpha)));
     }
     crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(|m| HostError::Input(format!("{}: [eval] measures: {m}", key_at(&["eval", "measures"]))))?;
+    exp.eval.index.parse::<crate::eval::IndexChoice>().map_err(eval_err("index"))?;
+    exp.eval.averaging.parse::<crate::metrics::Averaging>().map_err(eval_err("averaging"))?;
+    if exp.eval.batch == 0 || exp.eval.generation_batch == 0 {
+        let key = if exp.eval.batch == 0 { "batch" } else { "generation_batch" };
+        return Err(eval_err(key)(format!("{key} must be at least 1")));
+    }
     let mut names = std::collections::BTreeSet::new();
     for (i, v) in exp.variants.iter().enumerate() {
         let i = i.to_string();
@@ -359,6 +415,17 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
             return Err(HostError::Input(format!("plugin `{name}` is used as a {kind} but registry.toml lists it as {:?}", reg.entry.kinds)));
         }
         host.load(name)?;
+    }
+    // An index plugin named by `[eval] index`: present, an index, its factory valid.
+    if let Ok(crate::eval::IndexChoice::Plugin { name, config }) = exp.eval.index.parse() {
+        let check = || -> Result<(), HostError> {
+            let reg = host.registry.get(&name)?;
+            if !reg.entry.kinds.contains(&Kind::Index) {
+                return Err(HostError::Input(format!("plugin `{name}` is not an index (registry.toml lists it as {:?})", reg.entry.kinds)));
+            }
+            host.load(&name)?.validate(Kind::Index, rir_sdk::ConfigOf::Index, &config).map(|_| ())
+        };
+        check().map_err(|e| table_error(exp, "eval", "index", e))?;
     }
     validate_configs(host, exp)
 }
@@ -771,17 +838,18 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     mirror: exp.mirror.clone(),
                     retriever: exp.retriever.plugin.clone(),
                     retriever_config: with_model(&exp.retriever.config, ret.path.as_deref()),
-                    query_instruction: None,
+                    query_instruction: exp.eval.query_instruction.clone(),
                     generator: gen.map(|_| exp.generator.plugin.clone()),
                     generator_config: gen.map(|g| with_model(&exp.generator.config, g.path.as_deref())).unwrap_or_default(),
                     query_weight: w,
                     augmentation_max_tokens: exp.eval.augmentation_max_tokens,
-                    index: crate::eval::IndexChoice::Exact,
+                    index: exp.eval.index.parse().map_err(HostError::Input)?,
                     k: exp.eval.k,
                     measures: crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
-                    averaging: crate::metrics::Averaging::Run,
-                    ignore_identical_ids: true,
-                    batch: 32,
+                    averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
+                    ignore_identical_ids: exp.eval.ignore_identical_ids,
+                    batch: exp.eval.batch,
+                    generation_batch: exp.eval.generation_batch,
                     use_cache: opts.use_cache,
                     output: out.to_owned(),
                     name: v.name.clone(),

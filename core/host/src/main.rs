@@ -396,6 +396,9 @@ struct EvalArgs {
     /// Texts per plugin call
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Augmentation requests per generator call
+    #[arg(long, default_value_t = 8)]
+    generation_batch: usize,
     /// Do not read or write the embedding and generation caches
     #[arg(long)]
     no_cache: bool,
@@ -445,6 +448,9 @@ struct EncodeArgs {
     /// Texts per plugin call
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Augmentation requests per generator call
+    #[arg(long, default_value_t = 8)]
+    generation_batch: usize,
     /// Directory for queries.npy / queries.jsonl / docs.npy / docs.jsonl [default: write nothing]
     #[arg(long)]
     output: Option<PathBuf>,
@@ -891,7 +897,7 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
     anyhow::ensure!(a.queries.is_some() || a.docs.is_some(), "nothing to encode: give --queries and/or --docs");
     anyhow::ensure!(!a.similarity || (a.queries.is_some() && a.docs.is_some()), "--similarity needs both --queries and --docs");
     anyhow::ensure!(a.output.is_some() || a.similarity, "nothing to do: give --output DIR and/or --similarity");
-    anyhow::ensure!(a.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(a.batch > 0 && a.generation_batch > 0, "--batch and --generation-batch must be at least 1");
     eval::check_query_weight(a.query_weight).map_err(|e| anyhow::anyhow!("--query-weight: {e}"))?;
     let queries = a.queries.as_deref().map(texts::read).transpose()?;
     let docs = a.docs.as_deref().map(texts::read).transpose()?;
@@ -919,7 +925,7 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
                 answer_type: a.answer_type.clone(),
             };
             let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(cache_root, name, &gcfg, g.as_ref()));
-            let aug = eval::augment_queries(retriever.as_ref(), &e, g.as_ref(), gcache.as_ref(), &task, &qt, a.augmentation_max_tokens, a.query_weight, cache.as_ref(), a.batch)?;
+            let aug = eval::augment_queries(retriever.as_ref(), &e, g.as_ref(), gcache.as_ref(), &task, &qt, a.augmentation_max_tokens, a.query_weight, cache.as_ref(), a.batch, a.generation_batch)?;
             e = aug.embeddings;
             augmentations = Some(aug.augmentations);
         }
@@ -977,6 +983,7 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         averaging: a.averaging.parse().map_err(anyhow::Error::msg)?,
         ignore_identical_ids: !a.keep_identical_ids,
         batch: a.batch,
+        generation_batch: a.generation_batch,
         use_cache: !a.no_cache,
         output: a.output.clone(),
         name,

@@ -50,6 +50,9 @@ pub struct RlgfDataConfig {
     pub seed: u64,
     #[serde(default = "d_batch")]
     pub batch: usize,
+    /// Texts per retriever call when mining (corpus and queries).
+    #[serde(default = "d_encode_batch", skip_serializing_if = "is_d_encode_batch")]
+    pub encode_batch: usize,
     /// Skip the generator's reranking (the retriever's order is kept).
     #[serde(default)]
     pub no_rerank: bool,
@@ -99,6 +102,13 @@ fn d_window() -> usize {
 }
 fn d_negatives() -> usize {
     15
+}
+fn d_encode_batch() -> usize {
+    32
+}
+// The default is not serialized: stage keys made before the key existed hold.
+fn is_d_encode_batch(v: &usize) -> bool {
+    *v == d_encode_batch()
 }
 fn d_depth() -> usize {
     2000
@@ -242,8 +252,8 @@ pub fn run(
     // Mining with the current retriever.
     let texts: Vec<String> = ds.corpus.iter().map(|d| d.encoder_text()).collect();
     let qtexts: Vec<String> = queries.iter().map(|q| q.text.clone()).collect();
-    let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, 32, "corpus").map_err(|e| input(e.to_string()))?;
-    let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, 32, "queries").map_err(|e| input(e.to_string()))?;
+    let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, cfg.encode_batch.max(1), "corpus").map_err(|e| input(e.to_string()))?;
+    let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, cfg.encode_batch.max(1), "queries").map_err(|e| input(e.to_string()))?;
     let k = cfg.depth.max(cfg.fallback_ranks.1).min(ds.corpus.len());
     let hits = crate::search::exact_topk(&eq, &ec, k, threads);
     let mut rng = Rng(cfg.seed);

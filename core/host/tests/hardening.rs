@@ -193,3 +193,26 @@ fn data_and_output_mistakes_name_the_file_and_line() {
     let (ok, log) = eval(&ds, &file.join("sub"));
     assert!(!ok && log.contains("a-file is a file, not a directory"), "{log}");
 }
+
+#[test]
+fn eval_table_options_are_checked_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
+    for (extra, want) in [("index = \"annoy\"", "[eval] index"), ("averaging = \"mean\"", "[eval] averaging"), ("generation_batch = 0", "generation_batch must be at least 1")] {
+        let text = base.replacen("[eval]\n", &format!("[eval]\n{extra}\n"), 1);
+        assert_ne!(text, base, "quickstart.toml has an [eval] table");
+        let p = dir.path().join("e.toml");
+        std::fs::write(&p, &text).unwrap();
+        let line = text.lines().position(|l| l == extra).unwrap() + 1;
+        let e = rir::experiment::load(&p).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains(&format!("e.toml:{line}:")), "{extra}: {e}");
+    }
+    // An index plugin that is not registered: refused by the plugin check, before any stage.
+    plugin_dir();
+    let text = base.replacen("[eval]\n", "[eval]\nindex = \"annoy:HNSW\"\n", 1);
+    let p = dir.path().join("e.toml");
+    std::fs::write(&p, &text).unwrap();
+    let exp = rir::experiment::load(&p).unwrap();
+    let e = rir::experiment::check_plugins(&host(), &exp).unwrap_err().to_string();
+    assert!(e.contains("[eval] index") && e.contains("annoy"), "{e}");
+}
