@@ -272,15 +272,9 @@ fn id_string(v: &serde_json::Value) -> Option<String> {
 fn text_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String), DataError>> + '_, DataError> {
     let f = std::fs::File::open(path).map_err(io(path))?;
     Ok(BufReader::new(f).split(b'\n').enumerate().map(move |(i, bytes)| {
-        let mut bytes = bytes.map_err(io(path))?;
-        if bytes.last() == Some(&b'\r') {
-            bytes.pop();
-        }
-        String::from_utf8(bytes).map(|l| (i + 1, l)).map_err(|e| DataError::Malformed {
-            path: path.to_owned(),
-            line: i + 1,
-            reason: format!("not UTF-8 (invalid byte at column {})", e.utf8_error().valid_up_to() + 1),
-        })
+        crate::files::utf8_line(bytes.map_err(io(path))?)
+            .map(|l| (i + 1, l))
+            .map_err(|reason| DataError::Malformed { path: path.to_owned(), line: i + 1, reason })
     }))
 }
 

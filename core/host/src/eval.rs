@@ -141,8 +141,10 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
     crate::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
     check_k(o.k).and(check_query_weight(o.query_weight)).map_err(EvalError::Invalid)?;
-    if o.batch == 0 || o.generation_batch == 0 {
-        return Err(EvalError::Invalid("batch and generation_batch must be at least 1".into()));
+    for (key, v) in [("batch", o.batch), ("generation_batch", o.generation_batch)] {
+        if v == 0 {
+            return Err(EvalError::Invalid(format!("{key} must be at least 1")));
+        }
     }
     let mut timings = BTreeMap::new();
     let cache_root = host.settings.cache_dir.clone();

@@ -130,10 +130,10 @@ pub struct EvalSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_instruction: Option<String>,
     /// Texts per encoder call.
-    #[serde(default = "d_eval_batch", skip_serializing_if = "is_d_eval_batch")]
+    #[serde(default = "crate::defaults::usize_of::<32>", skip_serializing_if = "crate::defaults::is_usize::<32>")]
     pub batch: usize,
     /// Augmentation requests per generator call.
-    #[serde(default = "d_gen_batch", skip_serializing_if = "is_d_gen_batch")]
+    #[serde(default = "crate::defaults::usize_of::<8>", skip_serializing_if = "crate::defaults::is_usize::<8>")]
     pub generation_batch: usize,
 }
 fn d_index() -> String {
@@ -154,18 +154,7 @@ fn d_true() -> bool {
 fn is_true(v: &bool) -> bool {
     *v
 }
-fn d_eval_batch() -> usize {
-    32
-}
-fn is_d_eval_batch(v: &usize) -> bool {
-    *v == d_eval_batch()
-}
-fn d_gen_batch() -> usize {
-    8
-}
-fn is_d_gen_batch(v: &usize) -> bool {
-    *v == d_gen_batch()
-}
+
 fn d_measures() -> Vec<String> {
     ["nDCG@10", "R@100", "RR@10"].iter().map(|s| s.to_string()).collect()
 }

@@ -9,6 +9,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::HostError;
 
+/// One line's bytes as text, a trailing `\r` dropped; the error names the
+/// column of the first byte that is not UTF-8.
+pub fn utf8_line(mut bytes: Vec<u8>) -> Result<String, String> {
+    if bytes.last() == Some(&b'\r') {
+        bytes.pop();
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 (invalid byte at column {})", e.utf8_error().valid_up_to() + 1))
+}
+
 /// Writes JSON lines atomically (a temporary file renamed into place), so
 /// an interrupted stage never leaves a half-written output.
 pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), HostError> {

@@ -11,6 +11,7 @@ pub mod registry;
 pub mod suggest;
 pub mod progress;
 pub mod files;
+pub mod defaults;
 
 pub mod data;
 pub mod encode;

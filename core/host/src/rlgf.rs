@@ -51,7 +51,7 @@ pub struct RlgfDataConfig {
     #[serde(default = "d_batch")]
     pub batch: usize,
     /// Texts per retriever call when mining (corpus and queries).
-    #[serde(default = "d_encode_batch", skip_serializing_if = "is_d_encode_batch")]
+    #[serde(default = "crate::defaults::usize_of::<32>", skip_serializing_if = "crate::defaults::is_usize::<32>")]
     pub encode_batch: usize,
     /// Skip the generator's reranking (the retriever's order is kept).
     #[serde(default)]
@@ -102,13 +102,6 @@ fn d_window() -> usize {
 }
 fn d_negatives() -> usize {
     15
-}
-fn d_encode_batch() -> usize {
-    32
-}
-// The default is not serialized: stage keys made before the key existed hold.
-fn is_d_encode_batch(v: &usize) -> bool {
-    *v == d_encode_batch()
 }
 fn d_depth() -> usize {
     2000

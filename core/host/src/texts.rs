@@ -54,15 +54,7 @@ pub fn read(path: &Path) -> Result<Vec<Text>, TextsError> {
     };
     let mut lines = Vec::new();
     for (i, bytes) in reader.split(b'\n').enumerate() {
-        let mut bytes = bytes.map_err(io)?;
-        if bytes.last() == Some(&b'\r') {
-            bytes.pop();
-        }
-        let line = String::from_utf8(bytes).map_err(|e| TextsError::Malformed {
-            path: path.to_owned(),
-            line: i + 1,
-            reason: format!("not UTF-8 (invalid byte at column {})", e.utf8_error().valid_up_to() + 1),
-        })?;
+        let line = crate::files::utf8_line(bytes.map_err(io)?).map_err(|reason| TextsError::Malformed { path: path.to_owned(), line: i + 1, reason })?;
         if !line.trim().is_empty() {
             lines.push((i + 1, line));
         }
@@ -160,6 +152,10 @@ mod tests {
         std::fs::write(&p, "{\"_id\": \"a\", \"title\": \"T\", \"text\": \"body\"}\n{\"_id\": 7, \"text\": \"x\"}\n").unwrap();
         assert_eq!(read(&p).unwrap()[0].text, "T body");
         assert_eq!(read(&p).unwrap()[1].id, "7");
+        let p = dir.join("latin1.txt");
+        std::fs::write(&p, b"fine\n\xe9t\xe9\n").unwrap();
+        let e = read(&p).unwrap_err().to_string();
+        assert!(e.contains("latin1.txt:2: not UTF-8 (invalid byte at column 1)"), "{e}");
         let p = dir.join("empty.txt");
         std::fs::write(&p, "\n \n").unwrap();
         assert!(read(&p).unwrap_err().to_string().contains("no texts"));

@@ -15,7 +15,7 @@
 //!
 //! `prefill = "dense"` (opt-in until the quickstart's table is re-measured
 //! with it: it changes the numbers slightly) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
-//! (4 bytes a weight: ~0.4 GB for SmolLM2-135M) and runs prompts through an
+//! (4 bytes a weight: 0.39 GB more peak RSS for SmolLM2-135M, docs/BENCHMARKS.md) and runs prompts through an
 //! f32 GEMM, which is faster there than the integer kernels made for decode
 //! steps (`rir bench generate` prints both); decode steps stay quantized.
 //! The two give slightly different numbers (the dense path does not round
