@@ -4,21 +4,12 @@ use std::path::PathBuf;
 
 use rir_sdk::PluginError;
 
-use crate::registry::Kind;
+use crate::plugins::registry::{Kind, RegistryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("{}:{line}:{column}: {message}", path.display())]
-    Registry { path: PathBuf, line: usize, column: usize, message: String },
-
-    #[error("cannot read {}: {message}", path.display())]
-    RegistryRead { path: PathBuf, message: String },
-
-    #[error("no registry.toml found (looked for RIR_REGISTRY, then ./registry.toml and its parent directories); pass --registry PATH")]
-    NoRegistry,
-
-    #[error("unknown plugin '{name}' in {}{}", registry.display(), suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
-    UnknownPlugin { name: String, registry: PathBuf, suggestion: Option<String> },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 
     #[error("plugin '{plugin}': library not found (tried {}); {build}", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     LibraryMissing { plugin: String, tried: Vec<PathBuf>, build: String },

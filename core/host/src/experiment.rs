@@ -20,10 +20,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::HostError;
 use crate::plugins::PluginHost;
-use crate::queries::QueriesConfig;
-use crate::registry::Kind;
-use crate::rlgf::RlgfDataConfig;
-use crate::rlrf::RlrfDataConfig;
+use crate::stages::queries::QueriesConfig;
+use crate::plugins::registry::Kind;
+use crate::stages::rlgf::RlgfDataConfig;
+use crate::stages::rlrf::RlrfDataConfig;
 
 /// A plugin and its config table.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,7 +114,7 @@ pub struct EvalSpec {
     pub alpha: f64,
     /// Multiple-comparison correction of the marks (every variant against the first).
     #[serde(default)]
-    pub correction: crate::report::Correction,
+    pub correction: crate::engine::report::Correction,
     // Options `rir eval` has as flags. Defaults are not serialized, so stage
     // keys made before these keys existed still hold.
     /// `flat` (exact) or `PLUGIN:FACTORY` (`faiss:HNSW32,Flat`).
@@ -130,10 +130,10 @@ pub struct EvalSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_instruction: Option<String>,
     /// Texts per encoder call.
-    #[serde(default = "crate::defaults::usize_of::<32>", skip_serializing_if = "crate::defaults::is_usize::<32>")]
+    #[serde(default = "crate::util::defaults::usize_of::<32>", skip_serializing_if = "crate::util::defaults::is_usize::<32>")]
     pub batch: usize,
     /// Augmentation requests per generator call.
-    #[serde(default = "crate::defaults::usize_of::<8>", skip_serializing_if = "crate::defaults::is_usize::<8>")]
+    #[serde(default = "crate::util::defaults::usize_of::<8>", skip_serializing_if = "crate::util::defaults::is_usize::<8>")]
     pub generation_batch: usize,
 }
 fn d_index() -> String {
@@ -282,18 +282,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     }
     // Names become directory and file names under --output: checked here,
     // with the line they are on, before any work.
-    let named = |what: &str, name: &str, key: &[&str]| crate::paths::check_name(what, name).map_err(|m| HostError::Input(format!("{}: {m}", key_at(key))));
+    let named = |what: &str, name: &str, key: &[&str]| crate::util::paths::check_name(what, name).map_err(|m| HostError::Input(format!("{}: {m}", key_at(key))));
     named("experiment name", &exp.name, &["name"])?;
     // [eval] values, with the line of the key.
     let eval_err = |key: &'static str| move |m: String| HostError::Input(format!("{}: [eval] {m}", key_at(&["eval", key])));
-    crate::eval::check_k(exp.eval.k).map_err(eval_err("k"))?;
-    crate::eval::check_query_weight(exp.eval.query_weight).map_err(eval_err("query_weight"))?;
+    crate::stages::eval::check_k(exp.eval.k).map_err(eval_err("k"))?;
+    crate::stages::eval::check_query_weight(exp.eval.query_weight).map_err(eval_err("query_weight"))?;
     if !(exp.eval.alpha > 0.0 && exp.eval.alpha < 1.0) {
         return Err(HostError::Input(format!("{}: [eval] alpha must be in (0, 1), got {}", key_at(&["eval", "alpha"]), exp.eval.alpha)));
     }
-    crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(|m| HostError::Input(format!("{}: [eval] measures: {m}", key_at(&["eval", "measures"]))))?;
-    exp.eval.index.parse::<crate::eval::IndexChoice>().map_err(eval_err("index"))?;
-    exp.eval.averaging.parse::<crate::metrics::Averaging>().map_err(eval_err("averaging"))?;
+    crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(|m| HostError::Input(format!("{}: [eval] measures: {m}", key_at(&["eval", "measures"]))))?;
+    exp.eval.index.parse::<crate::stages::eval::IndexChoice>().map_err(eval_err("index"))?;
+    exp.eval.averaging.parse::<crate::engine::metrics::Averaging>().map_err(eval_err("averaging"))?;
     if exp.eval.batch == 0 || exp.eval.generation_batch == 0 {
         let key = if exp.eval.batch == 0 { "batch" } else { "generation_batch" };
         return Err(eval_err(key)(format!("{key} must be at least 1")));
@@ -307,7 +307,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
             return Err(variant_at("name", "appears twice".into()));
         }
         if let Some(w) = v.query_weight {
-            crate::eval::check_query_weight(w).map_err(|m| variant_at("query_weight", m))?;
+            crate::stages::eval::check_query_weight(w).map_err(|m| variant_at("query_weight", m))?;
         }
         if v.round.is_some_and(|r| r == 0 || r > exp.rounds) {
             return Err(variant_at("round", format!("round must be in 1..={}", exp.rounds)));
@@ -384,7 +384,7 @@ fn unknown_key_hint(msg: &str) -> Option<String> {
     let rest = msg.strip_prefix("unknown field `")?;
     let (word, rest) = rest.split_once('`')?;
     let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
-    crate::suggest::nearest(word, expected)
+    crate::util::suggest::nearest(word, expected)
 }
 
 /// Every plugin the experiment names exists in the registry with the kind
@@ -406,7 +406,7 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
         host.load(name)?;
     }
     // An index plugin named by `[eval] index`: present, an index, its factory valid.
-    if let Ok(crate::eval::IndexChoice::Plugin { name, config }) = exp.eval.index.parse() {
+    if let Ok(crate::stages::eval::IndexChoice::Plugin { name, config }) = exp.eval.index.parse() {
         let check = || -> Result<(), HostError> {
             let reg = host.registry.get(&name)?;
             if !reg.entry.kinds.contains(&Kind::Index) {
@@ -449,7 +449,7 @@ impl std::str::FromStr for Stage {
     fn from_str(s: &str) -> Result<Self, String> {
         Stage::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| {
             let names: Vec<&str> = Stage::ALL.iter().map(|x| x.as_str()).collect();
-            let hint = crate::suggest::nearest(s, names.iter().copied()).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
+            let hint = crate::util::suggest::nearest(s, names.iter().copied()).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
             format!("unknown stage `{s}` (one of {}){hint}", names.join(", "))
         })
     }
@@ -562,8 +562,10 @@ impl Runner<'_> {
         let forced = self.opts.from.is_some_and(|f| stage >= f) && self.opts.only.is_none_or(|o| o == stage);
         let selected = self.opts.only.is_none_or(|o| o == stage);
         let cached = dir.is_dir() && !forced;
+        // `--only S`: the stages after S are not run (nor are they an error).
+        let after_only = self.opts.only.is_some_and(|o| stage > o);
         let mut step = Step { stage, dataset: dataset.into(), round, label: label.clone(), dir: dir.clone(), cached, seconds: None };
-        if cached || self.opts.dry_run {
+        if cached || self.opts.dry_run || after_only {
             if cached {
                 self.note(&format!("{label}: cached in {}", dir.display()));
                 // The time it took when it ran, so the manifest keeps it.
@@ -595,7 +597,7 @@ impl Runner<'_> {
             return Err(e);
         }
         let secs = t.elapsed().as_secs_f64();
-        crate::files::write_json(&partial.join("stage.json"), &serde_json::json!({"stage": stage, "label": label, "seconds": secs}))?;
+        crate::util::files::write_json(&partial.join("stage.json"), &serde_json::json!({"stage": stage, "label": label, "seconds": secs}))?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
@@ -683,7 +685,7 @@ fn model_source(t: &toml::Table, role: &str) -> Result<String, HostError> {
 pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<RunOutput, HostError> {
     check_plugins(host, exp)?;
     let root = opts.output.join(&exp.name);
-    crate::paths::ensure_dir(&root).map_err(io(&root))?;
+    crate::util::paths::ensure_dir(&root).map_err(io(&root))?;
     let log_path = root.join("run.log");
     let log = match opts.dry_run {
         true => None,
@@ -697,9 +699,9 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
     let base_ret = Model { id: r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?, path: None };
     let mut results = Vec::new();
     for dataset in &exp.datasets {
-        let ds = crate::data::open(dataset, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref())
+        let ds = crate::engine::data::open(dataset, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref())
             .map_err(|e| HostError::Input(e.to_string()))?;
-        let task = crate::prompts::task_for(&ds.name);
+        let task = crate::engine::prompts::task_for(&ds.name);
         // By the dataset's name: `dataset` may be a path.
         let droot = root.join(slug(&ds.name));
         let dn = ds.name.clone();
@@ -709,7 +711,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         let qdir = r.ensure(Stage::Queries, dataset, 0, format!("{dn}: queries"), droot.join(format!("queries-{qkey}")), |out| {
             let g = r_generator(host, exp, &base_gen)?;
             let gc = gcache_for(host, exp, opts, g.as_ref(), &base_gen);
-            crate::queries::run(&ds, &task, g.as_ref(), gc.as_ref(), &exp.stages.queries, out).map(|_| ())
+            crate::stages::queries::run(&ds, &task, g.as_ref(), gc.as_ref(), &exp.stages.queries, out).map(|_| ())
         })?;
 
         let mut gens = vec![base_gen.clone()];
@@ -720,12 +722,12 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             let k = key(&serde_json::json!({"stage": "rlrf-data", "queries": qkey, "generator": gp.id, "retriever": rp.id,
                                              "reward": exp.rewards.retriever, "config": exp.stages.rlrf}));
             let rdir = r.ensure(Stage::RlrfData, dataset, round, format!("{dn}: round {round}: rlrf-data"), droot.join(format!("rlrf-data-r{round}-{k}")), |out| {
-                let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
+                let queries = crate::stages::queries::read(&qdir.join("queries.jsonl"))?;
                 let g = r_generator(host, exp, &gp)?;
                 let gc = gcache_for(host, exp, opts, g.as_ref(), &gp);
                 let ret = r_retriever(host, exp, &rp)?;
                 let rw = host.load(&exp.rewards.retriever.plugin)?.reward(&table_text(&exp.rewards.retriever.config))?;
-                crate::rlrf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), rw.as_ref(), &exp.stages.rlrf, out).map(|_| ())
+                crate::stages::rlrf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), rw.as_ref(), &exp.stages.rlrf, out).map(|_| ())
             })?;
             let gbase = match &gp.path {
                 Some(p) => p.display().to_string(),
@@ -739,20 +741,20 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     output_dir: out.to_owned(),
                     params: table_text(&exp.trainers.generator.params),
                 };
-                crate::train::run(host, &exp.trainers.generator.plugin, &table_text(&exp.trainers.generator.config), &job).map(|_| ())
+                crate::stages::train::run(host, &exp.trainers.generator.plugin, &table_text(&exp.trainers.generator.config), &job).map(|_| ())
             })?;
             let gnew = Model { id: serde_json::json!({"trained": tk}), path: Some(tdir.join("merged")) };
 
             let k = key(&serde_json::json!({"stage": "rlgf-data", "queries": qkey, "generator": gnew.id, "retriever": rp.id,
                                              "reward": exp.rewards.generator, "config": exp.stages.rlgf}));
             let gdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dn}: round {round}: rlgf-data"), droot.join(format!("rlgf-data-r{round}-{k}")), |out| {
-                let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
+                let queries = crate::stages::queries::read(&qdir.join("queries.jsonl"))?;
                 let g = r_generator(host, exp, &gnew)?;
                 let gc = gcache_for(host, exp, opts, g.as_ref(), &gnew);
                 let ret = r_retriever(host, exp, &rp)?;
-                let ec = opts.use_cache.then(|| crate::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
+                let ec = opts.use_cache.then(|| crate::engine::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
                 let rw = host.load(&exp.rewards.generator.plugin)?.reward(&table_text(&exp.rewards.generator.config))?;
-                crate::rlgf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), ec.as_ref(), rw.as_ref(), &exp.stages.rlgf, host.settings.threads, out)
+                crate::stages::rlgf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), ec.as_ref(), rw.as_ref(), &exp.stages.rlgf, host.settings.threads, out)
                     .map(|_| ())
             })?;
             let rbase = match &rp.path {
@@ -767,7 +769,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     output_dir: out.join("model"),
                     params: table_text(&exp.trainers.retriever.params),
                 };
-                crate::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
+                crate::stages::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
             })?;
             gens.push(gnew);
             rets.push(Model { id: serde_json::json!({"trained": tk}), path: Some(rtdir.join("model")) });
@@ -776,21 +778,23 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             if exp.variants.iter().any(|v| v.retriever == RetrieverChoice::Gpl) {
                 let mut gcfg = exp.stages.rlgf.clone();
                 gcfg.no_rerank = true;
-                gcfg.positive = crate::rlgf::PositiveChoice::Source;
+                gcfg.positive = crate::stages::rlgf::PositiveChoice::Source;
                 gcfg.answer_max_tokens = 0;
                 let k = key(&serde_json::json!({"stage": "gpl-data", "queries": qkey, "retriever": rp.id, "config": gcfg}));
                 let gpdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dn}: round {round}: gpl-data"), droot.join(format!("gpl-data-r{round}-{k}")), |out| {
-                    let queries = crate::queries::read(&qdir.join("queries.jsonl"))?;
+                    let queries = crate::stages::queries::read(&qdir.join("queries.jsonl"))?;
                     // Neither called (no answers, no reranking): the stage's signature wants them.
                     let g = r_generator(host, exp, &base_gen)?;
                     let ret = r_retriever(host, exp, &rp)?;
-                    let ec = opts.use_cache.then(|| crate::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
+                    let ec = opts.use_cache.then(|| crate::engine::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
                     let rw = host.load(&exp.rewards.generator.plugin)?.reward(&table_text(&exp.rewards.generator.config))?;
-                    crate::rlgf::run(&ds, &task, &queries, g.as_ref(), None, ret.as_ref(), ec.as_ref(), rw.as_ref(), &gcfg, host.settings.threads, out).map(|_| ())
+                    crate::stages::rlgf::run(&ds, &task, &queries, g.as_ref(), None, ret.as_ref(), ec.as_ref(), rw.as_ref(), &gcfg, host.settings.threads, out).map(|_| ())
                 })?;
                 let mut params = exp.trainers.retriever.params.clone();
                 params.insert("loss".into(), toml::Value::String("infonce".into()));
                 params.insert("answer_weight".into(), toml::Value::Float(0.0));
+                // No teacher scores in gpl-data: nothing to denoise by.
+                params.remove("false_negative_margin");
                 let tk = key(&serde_json::json!({"stage": "gpl-train", "data": k, "trainer": exp.trainers.retriever.plugin, "config": exp.trainers.retriever.config, "params": params, "base": rp.id}));
                 let gptdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dn}: round {round}: gpl-train"), droot.join(format!("gpl-train-r{round}-{tk}")), |out| {
                     let job = rir_sdk::TrainJob {
@@ -799,7 +803,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                         output_dir: out.join("model"),
                         params: table_text(&params),
                     };
-                    crate::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
+                    crate::stages::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
                 })?;
                 gpls.push(Model { id: serde_json::json!({"trained": tk}), path: Some(gptdir.join("model")) });
             }
@@ -821,7 +825,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             let k = key(&serde_json::json!({"stage": "eval", "dataset": dataset, "variant": v.name, "retriever": ret.id,
                                              "generator": gen.map(|g| &g.id), "eval": exp.eval, "w": w}));
             let edir = r.ensure(Stage::Eval, dataset, round, format!("{dn}: eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), |out| {
-                let o = crate::eval::EvalOptions {
+                let o = crate::stages::eval::EvalOptions {
                     dataset: dataset.clone(),
                     split: exp.eval.split.clone(),
                     mirror: exp.mirror.clone(),
@@ -834,7 +838,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     augmentation_max_tokens: exp.eval.augmentation_max_tokens,
                     index: exp.eval.index.parse().map_err(HostError::Input)?,
                     k: exp.eval.k,
-                    measures: crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+                    measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
                     averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
                     ignore_identical_ids: exp.eval.ignore_identical_ids,
                     batch: exp.eval.batch,
@@ -844,7 +848,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     name: v.name.clone(),
                     experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": vi})),
                 };
-                crate::eval::run(host, &o).map(|_| ()).map_err(|e| HostError::Input(format!("eval {}: {e}", v.name)))
+                crate::stages::eval::run(host, &o).map(|_| ()).map_err(|e| HostError::Input(format!("eval {}: {e}", v.name)))
             })?;
             results.push(edir.join(format!("{}.{}.json", v.name, ds.name)));
         }
@@ -865,9 +869,9 @@ fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn
 fn r_retriever(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Retriever>, HostError> {
     host.load(&exp.retriever.plugin)?.retriever(&with_model(&exp.retriever.config, m.path.as_deref()))
 }
-fn gcache_for(host: &PluginHost, exp: &Experiment, opts: &RunOptions, g: &dyn rir_sdk::Generator, m: &Model) -> Option<crate::generate::GenerationCache> {
+fn gcache_for(host: &PluginHost, exp: &Experiment, opts: &RunOptions, g: &dyn rir_sdk::Generator, m: &Model) -> Option<crate::engine::generate::GenerationCache> {
     let config = with_model(&exp.generator.config, m.path.as_deref());
-    opts.use_cache.then(|| crate::generate::GenerationCache::for_generator(&host.settings.cache_dir, &exp.generator.plugin, &config, g))
+    opts.use_cache.then(|| crate::engine::generate::GenerationCache::for_generator(&host.settings.cache_dir, &exp.generator.plugin, &config, g))
 }
 
 /// The CPU's model name (Linux), for the manifest.
@@ -908,21 +912,21 @@ fn slug(s: &str) -> String {
 /// The comparison of all variants across datasets, against the first
 /// variant: printed form returned, md / latex / csv / json saved.
 fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<String, HostError> {
-    let results = files.iter().map(|p| crate::report::Results::read(p)).collect::<Result<Vec<_>, _>>().map_err(|e| HostError::Input(e.to_string()))?;
-    let opts = crate::report::TableOptions {
+    let results = files.iter().map(|p| crate::engine::report::Results::read(p)).collect::<Result<Vec<_>, _>>().map_err(|e| HostError::Input(e.to_string()))?;
+    let opts = crate::engine::report::TableOptions {
         baseline: exp.variants.first().map(|v| v.name.clone()),
         alpha: exp.eval.alpha,
-        measures: crate::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+        measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
         show_delta: true,
         correction: exp.eval.correction,
         ..Default::default()
     };
-    let cmp = crate::report::compare(&results, &opts).map_err(|e| HostError::Input(e.to_string()))?;
+    let cmp = crate::engine::report::compare(&results, &opts).map_err(|e| HostError::Input(e.to_string()))?;
     for (ext, f) in [("md", "md"), ("tex", "latex"), ("csv", "csv"), ("json", "json")] {
-        let fmt: crate::report::Format = f.parse().map_err(HostError::Input)?;
-        crate::files::write_atomic(&root.join(format!("table.{ext}")), crate::report::render(&cmp, fmt, true).as_bytes())?;
+        let fmt: crate::engine::report::Format = f.parse().map_err(HostError::Input)?;
+        crate::util::files::write_atomic(&root.join(format!("table.{ext}")), crate::engine::report::render(&cmp, fmt, true).as_bytes())?;
     }
-    Ok(crate::report::render(&cmp, crate::report::Format::Terminal, true))
+    Ok(crate::engine::report::render(&cmp, crate::engine::report::Format::Terminal, true))
 }
 
 /// `models`: the base generator's and retriever's ids (plugin, version,
@@ -962,7 +966,7 @@ fn write_manifest(
         "experiment": exp, "plugins": plugins, "models": models, "git_commit": git, "machine": machine,
         "rir_version": env!("CARGO_PKG_VERSION"), "finished": utc_now(), "steps": steps, "results": results, "seconds": seconds,
     });
-    crate::files::write_json(&root.join("manifest.json"), &v)
+    crate::util::files::write_json(&root.join("manifest.json"), &v)
 }
 
 #[cfg(test)]

@@ -1,37 +1,24 @@
-//! The rir host. Modules read in the order the pipeline runs:
-//! plugins (registry, loading) → data → encode → search → metrics → report,
-//! with `eval` tying them together; generation and prompts serve the
-//! generator-augmented retrieval of Reinforced-IR.
+//! The rir host, as a library (the `rir` binary is a thin layer over it).
+//! Its folders read as the pipeline does:
+//!
+//! - [`plugins`]: the registry and loading plugins through the stable ABI;
+//! - [`engine`]: what every stage uses: BEIR data, encoding and generation
+//!   through their caches, prompts, exact search, metrics, significance
+//!   tests, run files and comparison tables;
+//! - [`stages`]: the Reinforced-IR stages (pseudo queries, RLRF data, RLGF
+//!   data, training, evaluation);
+//! - [`experiment`]: `rir run`'s plan over those stages, cached by content;
+//! - [`tools`]: serving a generator over HTTP and the benchmarks;
+//! - [`util`]: logging, progress, paths, files and serde defaults.
 
 pub mod error;
-pub mod logging;
-pub mod paths;
+pub mod util;
 pub mod plugins;
-pub mod registry;
-pub mod suggest;
-pub mod progress;
-pub mod files;
-pub mod defaults;
-
-pub mod data;
-pub mod encode;
-pub mod generate;
-pub mod prompts;
-pub mod search;
-pub mod metrics;
-pub mod runfile;
-pub mod stats;
-pub mod report;
-pub mod eval;
-pub mod texts;
-pub mod bench;
-pub mod serve;
-pub mod queries;
-pub mod rlrf;
-pub mod rlgf;
-pub mod train;
+pub mod engine;
+pub mod stages;
 pub mod experiment;
+pub mod tools;
 
 pub use error::HostError;
+pub use plugins::registry::{Kind, Registry};
 pub use plugins::{HostSettings, Plugin, PluginHost, Status};
-pub use registry::{Kind, Registry};

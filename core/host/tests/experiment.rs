@@ -184,6 +184,15 @@ retriever = "rlgf"
     let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("base") || l.contains("+RLRF") || l.contains("both")).collect();
     let at = |n: &str| rows.iter().position(|l| l.contains(n)).unwrap_or(usize::MAX);
     assert!(at("base") < at("+RLRF") && at("+RLRF") < at("both"), "{stdout}");
+
+    // `--only queries` on a fresh output: that stage runs, the later ones are
+    // neither run nor an error, and no table is written.
+    let out2 = tmp.path().join("runs-only");
+    let (ok, _, err) = rir(&["run", file.to_str().unwrap(), "--output", out2.to_str().unwrap(), "--only", "queries"]);
+    assert!(ok, "{err}");
+    let made = names(&out2.join("tiny").join("scifact-mini"));
+    assert!(made.len() == 1 && made[0].starts_with("queries-"), "{made:?}");
+    assert!(!out2.join("tiny/table.md").exists());
 }
 
 /// A model named by a local path is hashed by content: retrained in place,

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use rir::data;
-use rir::search::{exact_topk, recall_against};
+use rir::engine::data;
+use rir::engine::search::{exact_topk, recall_against};
 use rir_sdk::{Embeddings, Hits, Retriever};
 
 fn scifact_embeddings() -> (Embeddings, Embeddings) {

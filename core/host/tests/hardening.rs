@@ -99,20 +99,20 @@ fn a_torn_cache_line_is_cut_off_and_loses_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
     let host = host();
     let g = host.load("probe").unwrap().generator("").unwrap();
-    let cache = rir::generate::GenerationCache::for_generator(tmp.path(), "probe", "", g.as_ref());
+    let cache = rir::engine::generate::GenerationCache::for_generator(tmp.path(), "probe", "", g.as_ref());
     let req = |t: &str| GenerationRequest::greedy(Prompt::Text(t.into()), 4);
-    rir::generate::generate_all(g.as_ref(), &[req("one")], Some(&cache), 8, "t").unwrap();
+    rir::engine::generate::generate_all(g.as_ref(), &[req("one")], Some(&cache), 8, "t").unwrap();
     let file = std::fs::read_dir(tmp.path().join("generations")).unwrap().flatten().next().unwrap().path();
     // A crash in the middle of the next write.
     let mut text = std::fs::read_to_string(&file).unwrap();
     text.push_str("{\"key\": \"abc\", \"completions\": [{\"te");
     std::fs::write(&file, &text).unwrap();
-    rir::generate::generate_all(g.as_ref(), &[req("two")], Some(&cache), 8, "t").unwrap();
+    rir::engine::generate::generate_all(g.as_ref(), &[req("two")], Some(&cache), 8, "t").unwrap();
     let lines: Vec<String> = std::fs::read_to_string(&file).unwrap().lines().map(str::to_owned).collect();
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert!(lines.iter().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{lines:?}");
     // Both answers come back from the cache.
-    let (_, from_cache) = rir::generate::generate_all(g.as_ref(), &[req("one"), req("two")], Some(&cache), 8, "t").unwrap();
+    let (_, from_cache) = rir::engine::generate::generate_all(g.as_ref(), &[req("one"), req("two")], Some(&cache), 8, "t").unwrap();
     assert_eq!(from_cache, 2);
 }
 
@@ -156,10 +156,10 @@ fn a_panicking_validate_is_contained() {
     plugin_dir();
     let host = host();
     let probe = host.load("probe").unwrap();
-    let e = probe.validate(rir::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "panic_on_validate = true").unwrap_err().to_string();
+    let e = probe.validate(rir::plugins::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "panic_on_validate = true").unwrap_err().to_string();
     assert!(e.contains("validate asked to panic"), "{e}");
-    assert!(probe.validate(rir::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "steps = 3").unwrap());
-    let e = probe.validate(rir::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "stepz = 3").unwrap_err().to_string();
+    assert!(probe.validate(rir::plugins::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "steps = 3").unwrap());
+    let e = probe.validate(rir::plugins::registry::Kind::Retriever, rir_sdk::ConfigOf::Retriever, "stepz = 3").unwrap_err().to_string();
     assert!(e.contains("unknown field `stepz`"), "{e}");
 }
 

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use common::*;
-use rir::data;
-use rir::metrics::{self, Averaging, Measure, Run};
-use rir::runfile;
+use rir::engine::data;
+use rir::engine::metrics::{self, Averaging, Measure, Run};
+use rir::engine::runfile;
 
 fn measures() -> Vec<Measure> {
     metrics::parse_measures(
@@ -64,7 +64,7 @@ fn hash_run(ds: &data::Dataset) -> Run {
     let qs: Vec<String> = ds.queries.iter().map(|q| q.1.clone()).collect();
     let c = r.encode_corpus(&docs).unwrap();
     let q = r.encode_queries(&qs, None).unwrap();
-    let hits = rir::search::exact_topk(&q, &c, 1000, 2);
+    let hits = rir::engine::search::exact_topk(&q, &c, 1000, 2);
     let mut run = Run::new();
     for (qi, (qid, _)) in ds.queries.iter().enumerate() {
         run.insert(

@@ -10,7 +10,7 @@ mod common;
 mod llama_cpp;
 
 use common::*;
-use rir::data;
+use rir::engine::data;
 use rir_plugin_llama_generator::LlamaGenerator;
 use rir_sdk::{Generator, Message, Prompt, ScoreRequest};
 use serde_json::{json, Value};

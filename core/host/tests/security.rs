@@ -195,6 +195,6 @@ fn dataset_names_never_leave_the_cache_or_mirror() {
     // A dataset folder whose own name would be hidden gets a clean one.
     let hidden = tmp.path().join(".hidden-set");
     std::fs::rename(tiny_beir(tmp.path()), &hidden).unwrap();
-    let ds = rir::data::open(hidden.to_str().unwrap(), None, &cache, None).unwrap();
+    let ds = rir::engine::data::open(hidden.to_str().unwrap(), None, &cache, None).unwrap();
     assert_eq!(ds.name, "hidden-set");
 }

@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rir::serve::Limits;
+use rir::tools::serve::Limits;
 use serde_json::{json, Value};
 
 fn start(workers: usize, limits: Limits) -> SocketAddr {
@@ -20,7 +20,7 @@ fn start(workers: usize, limits: Limits) -> SocketAddr {
     let g: &'static dyn rir_sdk::Generator = Box::leak(host.load("probe").unwrap().generator("").unwrap());
     let server: &'static tiny_http::Server = Box::leak(Box::new(tiny_http::Server::http("127.0.0.1:0").unwrap()));
     let addr = server.server_addr().to_ip().unwrap();
-    std::thread::spawn(move || rir::serve::serve_with(g, server, workers, limits));
+    std::thread::spawn(move || rir::tools::serve::serve_with(g, server, workers, limits));
     addr
 }
 

@@ -49,7 +49,7 @@ fn dpo_trainer_writes_a_peft_adapter_and_a_merged_model_that_generates() {
         params: "learning_rate = 1e-4\nlora_rank = 8\nlora_alpha = 16.0\ngrad_accum = 2\nepochs = 2.0\nseed = 7".into(),
     };
     let host = host();
-    let r = rir::train::run(&host, "dpo-trainer", "", &job).unwrap();
+    let r = rir::stages::train::run(&host, "dpo-trainer", "", &job).unwrap();
     eprintln!("dpo loss per step: {:?}", r.loss);
     assert_eq!(r.steps, 4);
     assert!((r.loss[0] - std::f64::consts::LN_2).abs() < 1e-4, "B = 0 at the start: loss ln 2, got {}", r.loss[0]);
@@ -83,7 +83,7 @@ fn dpo_trainer_writes_a_peft_adapter_and_a_merged_model_that_generates() {
         params: "learning_rate = 1e-4\nlora_rank = 8\nlora_alpha = 16.0\ngrad_accum = 1\nseed = 7\neval_fraction = 0.5\neval_steps = 1\nmerge = false".into(),
         ..job.clone()
     };
-    let r = rir::train::run(&host, "dpo-trainer", "", &held).unwrap();
+    let r = rir::stages::train::run(&host, "dpo-trainer", "", &held).unwrap();
     let extra: serde_json::Value = serde_json::from_str(&r.extra_json).unwrap();
     let h = &extra["held_out"];
     eprintln!("dpo held-out: {h}");
@@ -96,16 +96,16 @@ fn dpo_trainer_writes_a_peft_adapter_and_a_merged_model_that_generates() {
 
     // Malformed lines are named.
     std::fs::write(&data, "{\"conversations\": []}\n").unwrap();
-    let e = rir::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
+    let e = rir::stages::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
     assert!(e.contains("dpo.jsonl:1") && e.contains("missing field"), "{e}");
     let good = std::fs::read_to_string(pairs_file(tmp.path())).unwrap();
     std::fs::write(&data, format!("{}not json\n", good.lines().next().unwrap().to_owned() + "\n")).unwrap();
-    let e = rir::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
+    let e = rir::stages::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
     assert!(e.contains("dpo.jsonl:2"), "{e}");
     std::fs::write(&data, "").unwrap();
-    let e = rir::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
+    let e = rir::stages::train::run(&host, "dpo-trainer", "", &job).unwrap_err().to_string();
     assert!(e.contains("no preference pairs"), "{e}");
-    let e = rir::train::run(&host, "dpo-trainer", "", &TrainJob { params: "lora_rnak = 4".into(), ..job.clone() }).unwrap_err().to_string();
+    let e = rir::stages::train::run(&host, "dpo-trainer", "", &TrainJob { params: "lora_rnak = 4".into(), ..job.clone() }).unwrap_err().to_string();
     assert!(e.contains("lora_rnak"), "{e}");
 }
 
@@ -139,7 +139,7 @@ fn llamafactory_trainer_files_follow_llama_factory_and_transformers() {
     let out = tmp.path().join("lf");
     let job = TrainJob { base_model: "meta-llama/Meta-Llama-3-8B-Instruct".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true".into() };
     let host = host();
-    rir::train::run(&host, "llamafactory-trainer", "", &job).unwrap();
+    rir::stages::train::run(&host, "llamafactory-trainer", "", &job).unwrap();
     for file in ["train.yaml", "export.yaml"] {
         let text = std::fs::read_to_string(out.join(file)).unwrap();
         for line in text.lines() {
@@ -166,7 +166,7 @@ fn llamafactory_trainer_files_follow_llama_factory_and_transformers() {
     assert_eq!(rir_llama::prefs::read_pairs(&out.join("data/dpo.jsonl")).unwrap().len(), 4);
 
     // Without llamafactory-cli the job says how to run the written configs.
-    let e = rir::train::run(&host, "llamafactory-trainer", "", &TrainJob { params: "cli = \"/nonexistent/llamafactory-cli\"".into(), ..job })
+    let e = rir::stages::train::run(&host, "llamafactory-trainer", "", &TrainJob { params: "cli = \"/nonexistent/llamafactory-cli\"".into(), ..job })
         .unwrap_err()
         .to_string();
     assert!(e.contains("is not installed") && e.contains("train.yaml"), "{e}");
@@ -188,7 +188,7 @@ fn flagembedding_trainer_arguments_are_flagembeddings_own() {
     let out = tmp.path().join("fe");
     let job = TrainJob { base_model: "BAAI/bge-base-en-v1.5".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true\nnproc_per_node = 8".into() };
     let host = host();
-    rir::train::run(&host, "flagembedding-trainer", "", &job).unwrap();
+    rir::stages::train::run(&host, "flagembedding-trainer", "", &job).unwrap();
     let sh = std::fs::read_to_string(out.join("train.sh")).unwrap();
     assert!(sh.contains("torchrun --nproc_per_node 8 -m FlagEmbedding.finetune.embedder.encoder_only.base"), "{sh}");
     let flags: Vec<&str> = sh.split_whitespace().filter_map(|w| w.strip_prefix("--")).filter(|f| *f != "nproc_per_node").collect();
@@ -196,7 +196,7 @@ fn flagembedding_trainer_arguments_are_flagembeddings_own() {
     for f in flags {
         assert!(known.contains(f), "--{f} is not an argument FlagEmbedding or transformers declares");
     }
-    let e = rir::train::run(&host, "flagembedding-trainer", "", &TrainJob { params: "python = \"/nonexistent/python\"".into(), ..job })
+    let e = rir::stages::train::run(&host, "flagembedding-trainer", "", &TrainJob { params: "python = \"/nonexistent/python\"".into(), ..job })
         .unwrap_err()
         .to_string();
     assert!(e.contains("not available here") && e.contains("train.sh"), "{e}");
@@ -206,9 +206,9 @@ fn flagembedding_trainer_arguments_are_flagembeddings_own() {
 fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
     plugin_dir();
     let cache = temp_cache();
-    let ds = rir::data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
+    let ds = rir::engine::data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
     // Real SciFact queries with their judged documents as positives.
-    let docs: std::collections::HashMap<&str, &rir::data::Doc> = ds.corpus.iter().map(|d| (d.id.as_str(), d)).collect();
+    let docs: std::collections::HashMap<&str, &rir::engine::data::Doc> = ds.corpus.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut lines = Vec::new();
     for (i, (qid, text)) in ds.queries.iter().take(12).enumerate() {
         let pos = ds.qrels[qid].keys().next().unwrap();
@@ -231,7 +231,7 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
         params: "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nepochs = 1.0\nlearning_rate = 5e-5\nloss = \"kl\"\neval_fraction = 0.0".into(),
     };
     let host = host();
-    let r = rir::train::run(&host, "contrastive-trainer", "", &job).unwrap();
+    let r = rir::stages::train::run(&host, "contrastive-trainer", "", &job).unwrap();
     eprintln!("contrastive loss per step: {:?}", r.loss);
     assert_eq!(r.steps, 3);
     assert!(r.loss.iter().all(|l| l.is_finite() && *l > 0.0));
@@ -254,7 +254,7 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
         params: "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nlearning_rate = 5e-5\neval_fraction = 0.25\neval_steps = 1".into(),
         ..job.clone()
     };
-    let r2 = rir::train::run(&host, "contrastive-trainer", "", &held).unwrap();
+    let r2 = rir::stages::train::run(&host, "contrastive-trainer", "", &held).unwrap();
     let extra: serde_json::Value = serde_json::from_str(&r2.extra_json).unwrap();
     let h = &extra["held_out"];
     eprintln!("held-out: {h}");
@@ -270,6 +270,6 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
     assert_eq!(h["best_step"].as_u64() == Some(0), cos0 > 0.999999, "best step {} but cosine with the base {cos0}", h["best_step"]);
     assert!(std::fs::read_to_string(out2.join("trainer_log.jsonl")).unwrap().contains("held_out_mrr@10"));
 
-    let e = rir::train::run(&host, "contrastive-trainer", "", &TrainJob { params: "batch_size = 1".into(), ..job }).unwrap_err().to_string();
+    let e = rir::stages::train::run(&host, "contrastive-trainer", "", &TrainJob { params: "batch_size = 1".into(), ..job }).unwrap_err().to_string();
     assert!(e.contains("at least 2"), "{e}");
 }

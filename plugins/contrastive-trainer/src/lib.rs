@@ -13,6 +13,12 @@
 //!   encoded as inference encodes augmentations: corpus side, after `prefix`;
 //! - MSE(‖e(answer)‖, 1) when embeddings are not normalised.
 //!
+//! Denoising (`false_negative_margin`, RocketQA's use of a teacher): a mined
+//! negative the teacher scores above the positive's score minus the margin is
+//! a likely false negative and is dropped from the training examples (never
+//! from the held-out ones, so the checkpoint metric stays comparable). It
+//! needs `pos_scores` / `neg_scores` (rlgf-data with `teacher_scores = "raw"`).
+//!
 //! Held out: `eval_fraction` of the examples (pseudo queries, never test
 //! judgments) are not trained on; before training, every `eval_steps` and at
 //! the end, each held-out query ranks the held-out passages (every
@@ -40,6 +46,7 @@
 //! t_teacher = 1.0         # kl: temperature of the teacher's scores
 //! t_answer = 0.05
 //! answer_weight = 1.0
+//! false_negative_margin = 0.0  # unset: no denoising; else drop negatives scored > pos - margin
 //! norm_weight = 1.0
 //! pooling = "mean"        # cls | mean (default: the model's sentence-transformers config, else cls)
 //! normalize = true        # default: the model's sentence-transformers config, else true
@@ -95,6 +102,10 @@ pub struct CtParams {
     pub answer_weight: f64,
     #[serde(default = "d_one")]
     pub norm_weight: f64,
+    /// Drop mined negatives whose teacher score exceeds the positive's minus
+    /// this (unset: keep every negative).
+    #[serde(default)]
+    pub false_negative_margin: Option<f64>,
     #[serde(default)]
     pub pooling: Option<Pooling>,
     #[serde(default)]
@@ -201,6 +212,22 @@ pub fn teacher_targets(e: &Example, g: usize, t: f64) -> Result<Vec<f64>, String
     let ex: Vec<f64> = s.iter().map(|x| ((x - m) / t).exp()).collect();
     let z: f64 = ex.iter().sum();
     Ok(ex.into_iter().map(|x| x / z).collect())
+}
+
+/// Drops `e`'s negatives that the teacher scores above its positive's score
+/// minus `margin` (likely false negatives); returns how many it dropped.
+pub fn drop_false_negatives(e: &mut Example, margin: f64) -> Result<usize, String> {
+    let pos = *e.pos_scores.first().ok_or("false_negative_margin: an example has no pos_scores (rlgf-data with teacher_scores = \"raw\" writes them)")?;
+    if e.neg_scores.len() != e.neg.len() {
+        return Err(format!("false_negative_margin: {} negatives but {} neg_scores", e.neg.len(), e.neg_scores.len()));
+    }
+    let before = e.neg.len();
+    let keep: Vec<bool> = e.neg_scores.iter().map(|&s| s <= pos - margin).collect();
+    let mut it = keep.iter();
+    e.neg.retain(|_| *it.next().unwrap());
+    let mut it = keep.iter();
+    e.neg_scores.retain(|_| *it.next().unwrap());
+    Ok(before - e.neg.len())
 }
 
 /// Reads the distillation jsonl; errors name the file and line.
@@ -402,6 +429,11 @@ pub fn checked_params(text: &str) -> PluginResult<CtParams> {
     if !(0.0..0.9).contains(&p.eval_fraction) {
         return Err(PluginError::config(format!("eval_fraction: {} is outside [0, 0.9)", p.eval_fraction)));
     }
+    if let Some(m) = p.false_negative_margin {
+        if !m.is_finite() {
+            return Err(PluginError::config(format!("false_negative_margin: {m} must be a finite number")));
+        }
+    }
     for (name, v) in [("learning_rate", p.learning_rate), ("t_list", p.t_list), ("t_answer", p.t_answer), ("t_teacher", p.t_teacher), ("epochs", p.epochs)] {
         if !(v.is_finite() && v > 0.0) {
             return Err(PluginError::config(format!("{name}: {v} must be a positive number")));
@@ -447,6 +479,13 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     }
     let n_eval = ((examples.len() as f64) * p.eval_fraction).round() as usize;
     let held: Vec<Example> = examples.drain(..n_eval).collect();
+    let mut dropped = 0usize;
+    if let Some(margin) = p.false_negative_margin {
+        for e in &mut examples {
+            dropped += drop_false_negatives(e, margin).map_err(|m| PluginError::input(format!("{}: {m}", job.data_file.display())))?;
+        }
+        rir_sdk::log::info!("false_negative_margin {margin}: dropped {dropped} mined negatives of {} training examples as likely false negatives", examples.len());
+    }
     if examples.len() < p.batch_size {
         return Err(PluginError::input(format!(
             "{}: {} examples to train on ({} held out), fewer than one batch of {}",
@@ -599,6 +638,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             "pooling": if mean { "mean" } else { "cls" },
             "normalized": normalized,
             "held_out": kept,
+            "false_negatives_dropped": dropped,
             "params": job.params,
         })
         .to_string(),
@@ -722,6 +762,22 @@ mod tests {
         assert!((t[1] - t[3]).abs() < 1e-12 && t[0] > t[1] && t[1] > t[2]);
         let bad = Example { neg_scores: vec![], ..e };
         assert!(teacher_targets(&bad, 4, 1.0).unwrap_err().contains("neg_scores"));
+    }
+
+    /// Denoising drops exactly the negatives scored above pos - margin, and
+    /// keeps negatives and their scores aligned.
+    #[test]
+    fn false_negatives_are_the_negatives_the_teacher_ranks_near_the_positive() {
+        let e = Example { query: "q".into(), answer: String::new(), pos: vec!["p".into()], neg: vec!["a".into(), "b".into(), "c".into()], pos_scores: vec![-1.0], neg_scores: vec![-0.5, -3.0, -1.2] };
+        let mut m0 = e.clone();
+        assert_eq!(drop_false_negatives(&mut m0, 0.0).unwrap(), 1);
+        assert_eq!((m0.neg, m0.neg_scores), (vec!["b".to_string(), "c".to_string()], vec![-3.0, -1.2]));
+        let mut m1 = e.clone();
+        assert_eq!(drop_false_negatives(&mut m1, 0.5).unwrap(), 2);
+        assert_eq!(m1.neg, vec!["b".to_string()]);
+        let mut none = Example { pos_scores: vec![], ..e };
+        assert!(drop_false_negatives(&mut none, 0.0).unwrap_err().contains("pos_scores"));
+        assert!(checked_params("false_negative_margin = nan").is_err());
     }
 
     /// The training forward equals candle-transformers' BertModel on the real

@@ -33,7 +33,7 @@ pub fn host_from(text: &str) -> (tempfile::TempDir, Result<PluginHost, rir::Host
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.toml");
     std::fs::write(&path, text).unwrap();
-    let host = Registry::load(&path).map(|r| PluginHost::new(r, settings()));
+    let host = Registry::load(&path).map(|r| PluginHost::new(r, settings())).map_err(rir::HostError::from);
     (dir, host)
 }
 

@@ -3,7 +3,7 @@
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::metrics::{trec_order, Run};
+use crate::engine::metrics::{trec_order, Run};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunFileError {

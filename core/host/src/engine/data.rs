@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// The manifest shipped in the binary (data/datasets.toml).
-const MANIFEST: &str = include_str!("../../../data/datasets.toml");
+const MANIFEST: &str = include_str!("../../../../data/datasets.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -78,7 +78,7 @@ pub fn manifest_entry(name: &str) -> Result<ManifestEntry, DataError> {
     m.get(name).cloned().ok_or_else(|| DataError::Unknown {
         name: name.to_owned(),
         known: m.keys().cloned().collect::<Vec<_>>().join(", "),
-        suggestion: crate::suggest::nearest(name, m.keys().map(String::as_str)),
+        suggestion: crate::util::suggest::nearest(name, m.keys().map(String::as_str)),
     })
 }
 
@@ -102,7 +102,7 @@ const PROVENANCE: &str = "rir-source.json";
 /// directory. Already-cached datasets are left alone unless `force`.
 pub fn fetch(name: &str, cache: &Path, mirror: Option<&Path>, force: bool) -> Result<PathBuf, DataError> {
     // The name is a folder of the cache and of the mirror: never `../x`.
-    crate::paths::check_name("dataset", name).map_err(DataError::BadName)?;
+    crate::util::paths::check_name("dataset", name).map_err(DataError::BadName)?;
     let entry = manifest_entry(name);
     let dest = cache_dir(cache, name);
     if dest.join(PROVENANCE).is_file() && !force {
@@ -272,7 +272,7 @@ fn id_string(v: &serde_json::Value) -> Option<String> {
 fn text_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String), DataError>> + '_, DataError> {
     let f = std::fs::File::open(path).map_err(io(path))?;
     Ok(BufReader::new(f).split(b'\n').enumerate().map(move |(i, bytes)| {
-        crate::files::utf8_line(bytes.map_err(io(path))?)
+        crate::util::files::utf8_line(bytes.map_err(io(path))?)
             .map(|l| (i + 1, l))
             .map_err(|reason| DataError::Malformed { path: path.to_owned(), line: i + 1, reason })
     }))
@@ -403,7 +403,7 @@ pub fn open(spec: &str, split: Option<&str>, cache: &Path, mirror: Option<&Path>
             Some(n) => n.to_owned(),
             None => as_path.canonicalize().map_err(io(as_path))?.file_name().unwrap_or_default().to_owned(),
         };
-        let name = crate::paths::sanitize(&folder.to_string_lossy());
+        let name = crate::util::paths::sanitize(&folder.to_string_lossy());
         return load_dir(&name, as_path, split.unwrap_or("test"));
     }
     let entry = manifest_entry(spec)?;

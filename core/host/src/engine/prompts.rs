@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rir_sdk::{Message, Prompt};
 use serde::Deserialize;
 
-const TASKS: &str = include_str!("../../../data/tasks.toml");
+const TASKS: &str = include_str!("../../../../data/tasks.toml");
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -14,11 +14,11 @@ use std::path::Path;
 use rir_sdk::{GenerationRequest, Generator, Message, Prompt};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
+use crate::engine::data::Dataset;
 use crate::error::HostError;
-use crate::files::{read_jsonl, write_json, write_jsonl, Rng};
-use crate::generate::{generate_all, GenerationCache};
-use crate::prompts::Task;
+use crate::util::files::{read_jsonl, write_json, write_jsonl, Rng};
+use crate::engine::generate::{generate_all, GenerationCache};
+use crate::engine::prompts::Task;
 
 /// The stage's settings; every constant of the method is here.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -282,7 +282,7 @@ pub fn run(
             logprobs: false,
         })
         .collect();
-    let err = |e: crate::generate::GenerateError| HostError::Input(format!("queries: {e}"));
+    let err = |e: crate::engine::generate::GenerateError| HostError::Input(format!("queries: {e}"));
     let (gen, cached1) = generate_all(generator, &reqs, cache, cfg.batch, "queries").map_err(err)?;
     let mut stats = QueriesStats { sampled: draws.len(), from_cache: cached1, ..Default::default() };
     let mut texts: Vec<String> = gen.iter().map(|c| c.first().map(|c| clean_query(&c.text, &task.query_type)).unwrap_or_default()).collect();
@@ -378,7 +378,7 @@ mod tests {
 
     #[test]
     fn the_filter_strips_lead_ins_and_drops_restated_instructions() {
-        let task = crate::prompts::task_for("scifact");
+        let task = crate::engine::prompts::task_for("scifact");
         let cfg = QueriesConfig { filter: true, ..Default::default() };
         let f = |t: &str| filter_query(t, &task, &cfg);
         // What SmolLM2-135M wrote for SciFact passages (queries stage, 2026-12-02).

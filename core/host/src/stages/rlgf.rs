@@ -17,13 +17,13 @@ use std::path::Path;
 use rir_sdk::{GenerationRequest, Generator, Retriever, Reward, RewardContext, RewardItem};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
-use crate::encode::{encode, EmbeddingCache, Side};
+use crate::engine::data::Dataset;
+use crate::engine::encode::{encode, EmbeddingCache, Side};
 use crate::error::HostError;
-use crate::generate::{generate_all, GenerationCache};
-use crate::prompts::{augmentation, Task};
-use crate::files::{write_json, write_jsonl, Rng};
-use crate::queries::PseudoQuery;
+use crate::engine::generate::{generate_all, GenerationCache};
+use crate::engine::prompts::{augmentation, Task};
+use crate::util::files::{write_json, write_jsonl, Rng};
+use crate::stages::queries::PseudoQuery;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -51,7 +51,7 @@ pub struct RlgfDataConfig {
     #[serde(default = "d_batch")]
     pub batch: usize,
     /// Texts per retriever call when mining (corpus and queries).
-    #[serde(default = "crate::defaults::usize_of::<32>", skip_serializing_if = "crate::defaults::is_usize::<32>")]
+    #[serde(default = "crate::util::defaults::usize_of::<32>", skip_serializing_if = "crate::util::defaults::is_usize::<32>")]
     pub encode_batch: usize,
     /// Skip the generator's reranking (the retriever's order is kept).
     #[serde(default)]
@@ -248,7 +248,7 @@ pub fn run(
     let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, cfg.encode_batch.max(1), "corpus").map_err(|e| input(e.to_string()))?;
     let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, cfg.encode_batch.max(1), "queries").map_err(|e| input(e.to_string()))?;
     let k = cfg.depth.max(cfg.fallback_ranks.1).min(ds.corpus.len());
-    let hits = crate::search::exact_topk(&eq, &ec, k, threads);
+    let hits = crate::engine::search::exact_topk(&eq, &ec, k, threads);
     let mut rng = Rng(cfg.seed);
     let mut stats = RlgfStats { queries: queries.len(), answers_from_cache, ..Default::default() };
     let mut groups: Vec<Vec<usize>> = Vec::with_capacity(queries.len());
@@ -289,9 +289,9 @@ pub fn run(
         scores = groups.iter().map(|g| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect()).collect();
     } else {
         // The teacher's calls go through the stage's generation cache.
-        let cached = crate::generate::Cached::new(generator, gcache);
+        let cached = crate::engine::generate::Cached::new(generator, gcache);
         let ctx = RewardContext { retriever: Some(retriever), generator: Some(&cached) };
-        let bar = crate::progress::bar(items.len(), "rerank", "queries");
+        let bar = crate::util::progress::bar(items.len(), "rerank", "queries");
         for chunk in items.chunks(cfg.batch.max(1)) {
             let s = reward.score(&ctx, chunk).map_err(|e| input(format!("reward: {e}")))?;
             if s.len() != chunk.len() {

@@ -7,6 +7,8 @@
 //! ABI version and layout, declared kinds), then initialised with the host's
 //! logging and thread budget.
 
+pub mod registry;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,7 +26,7 @@ use rir_sdk::{
 use sha2::{Digest, Sha256};
 
 use crate::error::HostError;
-use crate::registry::{Kind, Registered, Registry};
+use crate::plugins::registry::{Kind, Registered, Registry};
 
 /// What the host hands every plugin it loads.
 #[derive(Debug, Clone)]

@@ -18,12 +18,12 @@ use std::path::Path;
 use rir_sdk::{GenerationRequest, Generator, Message, Prompt, Retriever, Reward, RewardContext, RewardItem};
 use serde::{Deserialize, Serialize};
 
-use crate::data::Dataset;
+use crate::engine::data::Dataset;
 use crate::error::HostError;
-use crate::generate::{generate_all, GenerationCache};
-use crate::prompts::{augmentation, Task};
-use crate::files::{write_json, write_jsonl};
-use crate::queries::PseudoQuery;
+use crate::engine::generate::{generate_all, GenerationCache};
+use crate::engine::prompts::{augmentation, Task};
+use crate::util::files::{write_json, write_jsonl};
+use crate::stages::queries::PseudoQuery;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -225,7 +225,7 @@ pub fn run(
         })
         .collect();
     let ctx = RewardContext { retriever: Some(retriever), generator: Some(generator) };
-    let bar = crate::progress::bar(items.len(), "reward", "queries");
+    let bar = crate::util::progress::bar(items.len(), "reward", "queries");
     let mut scored = Vec::with_capacity(items.len());
     for chunk in items.chunks(cfg.batch.max(1)) {
         let s = reward.score(&ctx, chunk).map_err(|e| HostError::Input(format!("rlrf-data: reward: {e}")))?;

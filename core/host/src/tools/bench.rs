@@ -263,7 +263,7 @@ impl LlamaCppServer {
         use anyhow::Context;
         std::fs::create_dir_all(scratch)?;
         let script = scratch.join("llama_server.py");
-        std::fs::write(&script, include_str!("../../../tests/python/llama_server.py"))?;
+        std::fs::write(&script, include_str!("../../../../tests/python/llama_server.py"))?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = std::process::Command::new(python)
             .args([script.as_os_str(), gguf.as_os_str()])

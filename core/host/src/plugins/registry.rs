@@ -16,7 +16,21 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::error::HostError;
+/// What can go wrong reading a registry (wrapped by the host's error).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Syntax { path: PathBuf, line: usize, column: usize, message: String },
+
+    #[error("cannot read {}: {message}", path.display())]
+    Read { path: PathBuf, message: String },
+
+    #[error("no registry.toml found (looked for RIR_REGISTRY, then ./registry.toml and its parent directories); pass --registry PATH")]
+    NotFound,
+
+    #[error("unknown plugin '{name}' in {}{}", registry.display(), suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
+    UnknownPlugin { name: String, registry: PathBuf, suggestion: Option<String> },
+}
 
 /// The plugin kinds the host knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -86,17 +100,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn load(path: &Path) -> Result<Self, HostError> {
+    pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|e| HostError::RegistryRead { path: path.to_owned(), message: e.to_string() })?;
+            .map_err(|e| RegistryError::Read { path: path.to_owned(), message: e.to_string() })?;
         Self::parse(&text, path)
     }
 
     /// Parses registry text; `path` is used for messages and relative paths.
-    pub fn parse(text: &str, path: &Path) -> Result<Self, HostError> {
+    pub fn parse(text: &str, path: &Path) -> Result<Self, RegistryError> {
         let at = |offset: usize, message: String| {
             let (line, column) = line_col(text, offset);
-            HostError::Registry { path: path.to_owned(), line, column, message }
+            RegistryError::Syntax { path: path.to_owned(), line, column, message }
         };
         let file: RegistryFile =
             toml::from_str(text).map_err(|e| at(e.span().map_or(0, |s| s.start), e.message().to_string()))?;
@@ -123,11 +137,11 @@ impl Registry {
         Ok(Registry { path: path.to_owned(), plugins })
     }
 
-    pub fn get(&self, name: &str) -> Result<&Registered, HostError> {
-        self.plugins.get(name).ok_or_else(|| HostError::UnknownPlugin {
+    pub fn get(&self, name: &str) -> Result<&Registered, RegistryError> {
+        self.plugins.get(name).ok_or_else(|| RegistryError::UnknownPlugin {
             name: name.to_owned(),
             registry: self.path.clone(),
-            suggestion: crate::suggest::nearest(name, self.plugins.keys().map(String::as_str)),
+            suggestion: crate::util::suggest::nearest(name, self.plugins.keys().map(String::as_str)),
         })
     }
 

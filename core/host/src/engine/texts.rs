@@ -54,7 +54,7 @@ pub fn read(path: &Path) -> Result<Vec<Text>, TextsError> {
     };
     let mut lines = Vec::new();
     for (i, bytes) in reader.split(b'\n').enumerate() {
-        let line = crate::files::utf8_line(bytes.map_err(io)?).map_err(|reason| TextsError::Malformed { path: path.to_owned(), line: i + 1, reason })?;
+        let line = crate::util::files::utf8_line(bytes.map_err(io)?).map_err(|reason| TextsError::Malformed { path: path.to_owned(), line: i + 1, reason })?;
         if !line.trim().is_empty() {
             lines.push((i + 1, line));
         }
@@ -106,9 +106,9 @@ pub fn npy_bytes(e: &Embeddings) -> Vec<u8> {
 /// Writes `NAME.npy` and `NAME.jsonl` (`_id`, `text`, `embedding`, and the
 /// `augmentation` when there is one) into `dir`; returns both paths.
 pub fn write(dir: &Path, name: &str, texts: &[Text], e: &Embeddings, augmentations: Option<&[String]>) -> Result<[PathBuf; 2], TextsError> {
-    crate::paths::ensure_dir(dir).map_err(|source| TextsError::Io { path: dir.to_owned(), source })?;
+    crate::util::paths::ensure_dir(dir).map_err(|source| TextsError::Io { path: dir.to_owned(), source })?;
     let npy = dir.join(format!("{name}.npy"));
-    crate::files::write_atomic(&npy, &npy_bytes(e))?;
+    crate::util::files::write_atomic(&npy, &npy_bytes(e))?;
     let jsonl = dir.join(format!("{name}.jsonl"));
     let mut buf = Vec::new();
     for (i, t) in texts.iter().enumerate() {
@@ -119,7 +119,7 @@ pub fn write(dir: &Path, name: &str, texts: &[Text], e: &Embeddings, augmentatio
         serde_json::to_writer(&mut buf, &row).expect("json values serialize");
         buf.write_all(b"\n").expect("writing to a Vec");
     }
-    crate::files::write_atomic(&jsonl, &buf)?;
+    crate::util::files::write_atomic(&jsonl, &buf)?;
     Ok([npy, jsonl])
 }
 

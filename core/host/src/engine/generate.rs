@@ -289,7 +289,7 @@ pub fn generate_all(
     let cached = cache.map(GenerationCache::load).unwrap_or_default();
     let keys: Vec<String> = requests.iter().map(|r| cache.map(|c| c.key(r)).unwrap_or_default()).collect();
     let todo = keys.iter().filter(|k| !cached.contains_key(*k)).count();
-    let bar = crate::progress::bar(todo, label, "prompts");
+    let bar = crate::util::progress::bar(todo, label, "prompts");
     let out = fill(requests, &keys, &cached, batch, |r| Ok(generator.generate(r)?), |recs| write_completions(cache, recs), |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     Ok(out)

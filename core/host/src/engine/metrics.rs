@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::Qrels;
+use crate::engine::data::Qrels;
 
 /// A run: query id → (doc id, score). Order does not matter.
 pub type Run = BTreeMap<String, Vec<(String, f64)>>;

@@ -37,7 +37,7 @@ pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), HostError> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
     let io = |source| HostError::Io { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
-        crate::paths::ensure_dir(dir).map_err(io)?;
+        crate::util::paths::ensure_dir(dir).map_err(io)?;
     }
     let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;

@@ -147,7 +147,7 @@ pub fn encode(
     // the progress bar's ETA is pessimistic rather than optimistic.
     todo.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
 
-    let bar = crate::progress::bar(todo.len(), label, "texts");
+    let bar = crate::util::progress::bar(todo.len(), label, "texts");
     for chunk in todo.chunks(batch.max(1)) {
         let batch_texts: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
         let e = match &side {

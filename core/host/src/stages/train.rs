@@ -8,10 +8,10 @@ use std::sync::Mutex;
 use indicatif::ProgressBar;
 use rir_sdk::{Progress, ProgressSink, TrainJob, TrainReport};
 
-use crate::progress::bar as progress_bar;
+use crate::util::progress::bar as progress_bar;
 use crate::error::HostError;
 use crate::plugins::PluginHost;
-use crate::registry::Kind;
+use crate::plugins::registry::Kind;
 
 /// A progress bar per stage the trainer reports; `cancelled` turns true on
 /// Ctrl-C when the caller wires it up.
@@ -73,7 +73,7 @@ pub fn run(host: &PluginHost, trainer: &str, trainer_config: &str, job: &TrainJo
     // Paths inside the output directory are kept relative to it: `rir run`
     // renames a finished stage's directory, which would leave them stale.
     relative_to(&mut v, &job.output_dir);
-    crate::files::write_json(&job.output_dir.join("train_report.json"), &v)?;
+    crate::util::files::write_json(&job.output_dir.join("train_report.json"), &v)?;
     Ok(report)
 }
 

@@ -8,14 +8,14 @@ use std::time::Instant;
 use rir_sdk::{Embeddings, GenerationRequest, Hits};
 use serde_json::json;
 
-use crate::data;
-use crate::encode::{self, EmbeddingCache, Side};
-use crate::generate::{generate_all, GenerationCache};
-use crate::metrics::{self, Averaging, Measure, Run};
+use crate::engine::data;
+use crate::engine::encode::{self, EmbeddingCache, Side};
+use crate::engine::generate::{generate_all, GenerationCache};
+use crate::engine::metrics::{self, Averaging, Measure, Run};
 use crate::plugins::PluginHost;
-use crate::prompts;
-use crate::report::{Results, RESULTS_SCHEMA};
-use crate::runfile;
+use crate::engine::prompts;
+use crate::engine::report::{Results, RESULTS_SCHEMA};
+use crate::engine::runfile;
 
 /// Where top-k search happens.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,7 +92,7 @@ pub enum EvalError {
     #[error(transparent)]
     Encode(#[from] encode::EncodeError),
     #[error(transparent)]
-    Generate(#[from] crate::generate::GenerateError),
+    Generate(#[from] crate::engine::generate::GenerateError),
     #[error("index plugin '{plugin}': {source}")]
     Index {
         plugin: String,
@@ -102,7 +102,7 @@ pub enum EvalError {
     #[error(transparent)]
     RunFile(#[from] runfile::RunFileError),
     #[error(transparent)]
-    Report(#[from] crate::report::ReportError),
+    Report(#[from] crate::engine::report::ReportError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -139,7 +139,7 @@ pub struct EvalOutput {
 
 pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
     // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
-    crate::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
+    crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
     check_k(o.k).and(check_query_weight(o.query_weight)).map_err(EvalError::Invalid)?;
     for (key, v) in [("batch", o.batch), ("generation_batch", o.generation_batch)] {
         if v == 0 {
@@ -202,7 +202,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     let evaluation = metrics::evaluate(&ds.qrels, &run, &o.measures, o.averaging, o.ignore_identical_ids);
     timings.insert("evaluate".to_owned(), t.elapsed().as_secs_f64());
 
-    crate::paths::ensure_dir(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
+    crate::util::paths::ensure_dir(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
     let run_file = o.output.join(format!("{}.{}.trec", o.name, ds.name));
     runfile::write(&run_file, &run, &o.name)?;
     let results = Results {
@@ -273,7 +273,7 @@ pub fn augment_queries(
 /// Top-k with the chosen index.
 pub fn search(host: &PluginHost, index: &IndexChoice, queries: &Embeddings, corpus: &Embeddings, k: usize) -> Result<Hits, EvalError> {
     match index {
-        IndexChoice::Exact => Ok(crate::search::exact_topk(queries, corpus, k, host.settings.threads)),
+        IndexChoice::Exact => Ok(crate::engine::search::exact_topk(queries, corpus, k, host.settings.threads)),
         IndexChoice::Plugin { name, config } => {
             let err = |source| EvalError::Index { plugin: name.clone(), source };
             let mut idx = host.load(name)?.index(config, corpus.dim)?;

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Attribute, Cell, CellAlignment, Table};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{Evaluation, Measure};
-use crate::stats::{paired_t_test, randomization_test};
+use crate::engine::metrics::{Evaluation, Measure};
+use crate::engine::stats::{paired_t_test, randomization_test};
 
 pub const RESULTS_SCHEMA: &str = "rir.results.v1";
 

@@ -1,0 +1,13 @@
+//! The retrieval engine every stage runs on, in pipeline order: data →
+//! encode (and generate) → search → metrics → significance → report.
+
+pub mod data;
+pub mod texts;
+pub mod prompts;
+pub mod encode;
+pub mod generate;
+pub mod search;
+pub mod metrics;
+pub mod stats;
+pub mod runfile;
+pub mod report;
