@@ -188,8 +188,10 @@ retriever = "rlgf"
     // `--only queries` on a fresh output: that stage runs, the later ones are
     // neither run nor an error, and no table is written.
     let out2 = tmp.path().join("runs-only");
-    let (ok, _, err) = rir(&["run", file.to_str().unwrap(), "--output", out2.to_str().unwrap(), "--only", "queries"]);
+    let (ok, stdout, err) = rir(&["run", file.to_str().unwrap(), "--output", out2.to_str().unwrap(), "--only", "queries"]);
     assert!(ok, "{err}");
+    assert!(stdout.lines().any(|l| l.contains("queries") && l.contains("ran")), "{stdout}");
+    assert!(stdout.lines().any(|l| l.contains("rlrf-data") && l.contains("not run")), "{stdout}");
     let made = names(&out2.join("tiny").join("scifact-mini"));
     assert!(made.len() == 1 && made[0].starts_with("queries-"), "{made:?}");
     assert!(!out2.join("tiny/table.md").exists());

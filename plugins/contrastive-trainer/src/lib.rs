@@ -46,7 +46,7 @@
 //! t_teacher = 1.0         # kl: temperature of the teacher's scores
 //! t_answer = 0.05
 //! answer_weight = 1.0
-//! false_negative_margin = 0.0  # unset: no denoising; else drop negatives scored > pos - margin
+//! # false_negative_margin = 0.0  # default unset (no denoising); drop negatives scored > pos - margin
 //! norm_weight = 1.0
 //! pooling = "mean"        # cls | mean (default: the model's sentence-transformers config, else cls)
 //! normalize = true        # default: the model's sentence-transformers config, else true
@@ -194,6 +194,9 @@ pub struct Example {
     pub pos_scores: Vec<f64>,
     #[serde(default)]
     pub neg_scores: Vec<f64>,
+    /// The example's line in the data file, for errors found after reading.
+    #[serde(skip)]
+    pub line: usize,
 }
 
 /// The teacher's target distribution over one group of `g` passages (the
@@ -217,16 +220,12 @@ pub fn teacher_targets(e: &Example, g: usize, t: f64) -> Result<Vec<f64>, String
 /// Drops `e`'s negatives that the teacher scores above its positive's score
 /// minus `margin` (likely false negatives); returns how many it dropped.
 pub fn drop_false_negatives(e: &mut Example, margin: f64) -> Result<usize, String> {
-    let pos = *e.pos_scores.first().ok_or("false_negative_margin: an example has no pos_scores (rlgf-data with teacher_scores = \"raw\" writes them)")?;
+    let pos = *e.pos_scores.first().ok_or("false_negative_margin: no pos_scores (rlgf-data with teacher_scores = \"raw\" writes them)")?;
     if e.neg_scores.len() != e.neg.len() {
         return Err(format!("false_negative_margin: {} negatives but {} neg_scores", e.neg.len(), e.neg_scores.len()));
     }
     let before = e.neg.len();
-    let keep: Vec<bool> = e.neg_scores.iter().map(|&s| s <= pos - margin).collect();
-    let mut it = keep.iter();
-    e.neg.retain(|_| *it.next().unwrap());
-    let mut it = keep.iter();
-    e.neg_scores.retain(|_| *it.next().unwrap());
+    (e.neg, e.neg_scores) = std::mem::take(&mut e.neg).into_iter().zip(std::mem::take(&mut e.neg_scores)).filter(|&(_, s)| s <= pos - margin).unzip();
     Ok(before - e.neg.len())
 }
 
@@ -237,7 +236,8 @@ pub fn read_examples(path: &Path) -> PluginResult<Vec<Example>> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            let e: Example = serde_json::from_str(l).map_err(|e| PluginError::input(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            let mut e: Example = serde_json::from_str(l).map_err(|e| PluginError::input(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            e.line = i + 1;
             if e.pos.is_empty() {
                 return Err(PluginError::input(format!("{}:{}: `pos` is empty", path.display(), i + 1)));
             }
@@ -482,7 +482,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     let mut dropped = 0usize;
     if let Some(margin) = p.false_negative_margin {
         for e in &mut examples {
-            dropped += drop_false_negatives(e, margin).map_err(|m| PluginError::input(format!("{}: {m}", job.data_file.display())))?;
+            dropped += drop_false_negatives(e, margin).map_err(|m| PluginError::input(format!("{}:{}: {m}", job.data_file.display(), e.line)))?;
         }
         rir_sdk::log::info!("false_negative_margin {margin}: dropped {dropped} mined negatives of {} training examples as likely false negatives", examples.len());
     }
@@ -570,7 +570,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             LossKind::Kl => {
                 let mut t = Vec::with_capacity(p.batch_size * p.group_size);
                 for e in &batch {
-                    t.extend(teacher_targets(e, p.group_size, p.t_teacher).map_err(|m| PluginError::input(format!("{}: {m}", job.data_file.display())))?);
+                    t.extend(teacher_targets(e, p.group_size, p.t_teacher).map_err(|m| PluginError::input(format!("{}:{}: {m}", job.data_file.display(), e.line)))?);
                 }
                 Some(Tensor::from_vec(t, (p.batch_size, p.group_size), &dev).and_then(|t| t.to_dtype(DType::F32)).map_err(cerr("teacher"))?)
             }
@@ -755,7 +755,7 @@ mod tests {
 
     #[test]
     fn teacher_targets_follow_the_group_layout() {
-        let e = Example { query: "q".into(), answer: String::new(), pos: vec!["p".into()], neg: vec!["a".into(), "b".into()], pos_scores: vec![0.0], neg_scores: vec![-1.0, -2.0] };
+        let e = Example { query: "q".into(), answer: String::new(), pos: vec!["p".into()], neg: vec!["a".into(), "b".into()], pos_scores: vec![0.0], neg_scores: vec![-1.0, -2.0], line: 1 };
         let t = teacher_targets(&e, 4, 1.0).unwrap();
         assert!((t.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         // The negatives repeat cyclically, and so do their scores.
@@ -768,7 +768,7 @@ mod tests {
     /// keeps negatives and their scores aligned.
     #[test]
     fn false_negatives_are_the_negatives_the_teacher_ranks_near_the_positive() {
-        let e = Example { query: "q".into(), answer: String::new(), pos: vec!["p".into()], neg: vec!["a".into(), "b".into(), "c".into()], pos_scores: vec![-1.0], neg_scores: vec![-0.5, -3.0, -1.2] };
+        let e = Example { query: "q".into(), answer: String::new(), pos: vec!["p".into()], neg: vec!["a".into(), "b".into(), "c".into()], pos_scores: vec![-1.0], neg_scores: vec![-0.5, -3.0, -1.2], line: 1 };
         let mut m0 = e.clone();
         assert_eq!(drop_false_negatives(&mut m0, 0.0).unwrap(), 1);
         assert_eq!((m0.neg, m0.neg_scores), (vec!["b".to_string(), "c".to_string()], vec![-3.0, -1.2]));
