@@ -162,7 +162,7 @@ fn d_k() -> usize {
     1000
 }
 fn d_w() -> f64 {
-    0.8
+    rir_sdk::method::QUERY_WEIGHT
 }
 fn d_aug() -> u32 {
     300
@@ -644,7 +644,7 @@ fn local_fingerprints(config: &toml::Table) -> Result<BTreeMap<String, String>, 
         let mut files = Vec::new();
         collect_files(&path, &mut files).map_err(io(&path))?;
         files.sort();
-        let fp = rir_models::encoder::fingerprint(&files, "").map_err(|e| HostError::Input(format!("{key} = {spec:?}: {e}")))?;
+        let fp = rir_models::encoder::fingerprint(&files, "").map_err(|e| HostError::step(format!("{key} = {spec:?}"), e))?;
         out.insert(key.clone(), fp);
     }
     Ok(out)
@@ -699,8 +699,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
     let base_ret = Model { id: r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?, path: None };
     let mut results = Vec::new();
     for dataset in &exp.datasets {
-        let ds = crate::engine::data::open(dataset, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref())
-            .map_err(|e| HostError::Input(e.to_string()))?;
+        let ds = crate::engine::data::open(dataset, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref())?;
         let task = crate::engine::prompts::task_for(&ds.name);
         // By the dataset's name: `dataset` may be a path.
         let droot = root.join(slug(&ds.name));
@@ -848,7 +847,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
                     name: v.name.clone(),
                     experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": vi})),
                 };
-                crate::stages::eval::run(host, &o).map(|_| ()).map_err(|e| HostError::Input(format!("eval {}: {e}", v.name)))
+                crate::stages::eval::run(host, &o).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
             })?;
             results.push(edir.join(format!("{}.{}.json", v.name, ds.name)));
         }
@@ -912,7 +911,7 @@ fn slug(s: &str) -> String {
 /// The comparison of all variants across datasets, against the first
 /// variant: printed form returned, md / latex / csv / json saved.
 fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<String, HostError> {
-    let results = files.iter().map(|p| crate::engine::report::Results::read(p)).collect::<Result<Vec<_>, _>>().map_err(|e| HostError::Input(e.to_string()))?;
+    let results = files.iter().map(|p| crate::engine::report::Results::read(p)).collect::<Result<Vec<_>, _>>()?;
     let opts = crate::engine::report::TableOptions {
         baseline: exp.variants.first().map(|v| v.name.clone()),
         alpha: exp.eval.alpha,
@@ -921,7 +920,7 @@ fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<Stri
         correction: exp.eval.correction,
         ..Default::default()
     };
-    let cmp = crate::engine::report::compare(&results, &opts).map_err(|e| HostError::Input(e.to_string()))?;
+    let cmp = crate::engine::report::compare(&results, &opts)?;
     for (ext, f) in [("md", "md"), ("tex", "latex"), ("csv", "csv"), ("json", "json")] {
         let fmt: crate::engine::report::Format = f.parse().map_err(HostError::Input)?;
         crate::util::files::write_atomic(&root.join(format!("table.{ext}")), crate::engine::report::render(&cmp, fmt, true).as_bytes())?;

@@ -184,7 +184,7 @@ struct RlrfArgs {
     /// The reward's config table (TOML text or @FILE)
     #[arg(long, default_value = "")]
     reward_config: String,
-    /// Stage settings (TOML text or @FILE): k, temperature, top_p, max_tokens, tau, query_weight, seed, batch
+    /// Stage settings (TOML text or @FILE): k, temperature, top_p, max_tokens, tau, seed, batch (w is the reward's `query_weight`)
     #[arg(long, default_value = "")]
     config: String,
     /// Output directory (pairs.jsonl, dpo.jsonl, dataset_info.json, rlrf.stats.json)
@@ -411,7 +411,7 @@ struct AugmentArgs {
     #[arg(long, default_value = "")]
     generator_config: String,
     /// Weight w of the query embedding in the augmentation mix
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = rir_sdk::method::QUERY_WEIGHT)]
     query_weight: f64,
     /// Max tokens per augmentation
     #[arg(long, default_value_t = 300)]

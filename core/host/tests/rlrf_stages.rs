@@ -47,7 +47,7 @@ fn queries_then_preference_pairs_on_scifact() {
     assert_eq!(s.pairs + s.no_gain + s.too_close + s.degenerate, qs.len());
     for p in &pairs {
         assert!(p.chosen_score > p.raw_score && p.chosen_score >= p.rejected_score && p.chosen != p.rejected);
-        assert_eq!(rlrf::pair_rule(p.raw_score, &p.scores, 0.8, 0.95).map(|(b, w)| (p.candidates[b].clone(), p.candidates[w].clone())), Ok((p.chosen.clone(), p.rejected.clone())));
+        assert_eq!(rlrf::pair_rule(p.raw_score, &p.scores, 0.8f32 as f64, 0.95).map(|(b, w)| (p.candidates[b].clone(), p.candidates[w].clone())), Ok((p.chosen.clone(), p.rejected.clone())));
     }
     let dpo = rir_llama::prefs::read_pairs(&out.path().join("dpo.jsonl")).unwrap();
     assert_eq!(dpo.len(), pairs.len());
@@ -63,6 +63,9 @@ fn queries_then_preference_pairs_on_scifact() {
     eprintln!("rlgf-data: {gs:?}");
     assert_eq!(ex.len(), qs.len());
     assert!(gs.teacher_failed <= qs.len() && gs.dropped == 0 && gs.kept == qs.len());
+    // A failed teacher had at least one window answered without a usable
+    // permutation: the reward's `fallbacks` reach the stats.
+    assert!(gs.rerank_fallbacks >= gs.teacher_failed, "{gs:?}");
     assert_eq!(gs.mined + gs.fallback_not_in_depth + gs.fallback_no_rank, qs.len());
     for (e, q) in ex.iter().zip(&qs) {
         assert_eq!((e.pos.len(), e.neg.len(), e.pos_scores.clone(), e.neg_scores.clone()), (1, 3, vec![1.0], vec![0.5, 1.0 / 3.0, 0.25]));
@@ -135,6 +138,8 @@ fn queries_then_preference_pairs_on_scifact() {
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>();
     let raw = dot(eq.row(0), ed.row(0));
     assert!((got[0].baseline.unwrap() - raw).abs() < 1e-6);
+    // The reward reports its w, which the pair rule above used (0.8 as f32).
+    assert_eq!(got[0].query_weight, Some(0.8f32 as f64));
     for i in 0..2 {
         let want = 0.8 * raw + 0.2 * dot(ea.row(i), ed.row(0));
         assert!((got[0].scores[i] - want).abs() < 1e-6, "{} vs {want}", got[0].scores[i]);

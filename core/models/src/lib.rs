@@ -264,6 +264,22 @@ pub fn set_candle_threads(threads: usize) {
     }
 }
 
+/// The once-only thread setup of a candle-based plugin, one place for all
+/// of them: candle's (and rayon's global) pools sized to the host's budget
+/// (`set_candle_threads`), and, with `keep_freed`, the allocator settings of
+/// `keep_freed_memory`. The trainers and the encoder pass true; the
+/// generator passes false (it lost speed with them). Later calls do
+/// nothing: the pools are sized at their first use anyway.
+pub fn init_threads_once(threads: usize, keep_freed: bool) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        set_candle_threads(threads);
+        if keep_freed {
+            keep_freed_memory();
+        }
+    });
+}
+
 /// A device setting: `cpu` → None, `cuda` → Some(0), `cuda:N` → Some(N).
 pub fn device_ordinal(spec: &str) -> Result<Option<usize>, String> {
     match spec {

@@ -196,10 +196,20 @@ pub struct RewardItem {
 
 /// Scores for one [`RewardItem`]: one per candidate, plus the baseline the
 /// candidates compete against (e.g. the raw query–passage score), if any.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RewardScores {
+    /// The score the candidates compete against (retriever feedback: the
+    /// raw query's score), if the reward has one.
     pub baseline: Option<f64>,
+    /// One score per candidate, in the item's order.
     pub scores: Vec<f64>,
+    /// The query weight w the scores were mixed with (retriever feedback:
+    /// `w·e(q) + (1−w)·e(P+a)`), so that the host's pair rule uses the same
+    /// w as the reward instead of a second copy of it.
+    pub query_weight: Option<f64>,
+    /// How many of the judge's answers for this item needed a fallback
+    /// (generator feedback: a listwise answer with no usable permutation).
+    pub fallbacks: u32,
 }
 
 /// The models a reward may consult: the ones the current stage runs with.

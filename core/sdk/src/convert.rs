@@ -118,12 +118,12 @@ impl From<&FfiRewardItem> for RewardItem {
 }
 impl From<RewardScores> for FfiRewardScores {
     fn from(s: RewardScores) -> Self {
-        FfiRewardScores { baseline: s.baseline.into(), scores: s.scores.into() }
+        FfiRewardScores { baseline: s.baseline.into(), scores: s.scores.into(), query_weight: s.query_weight.into(), fallbacks: s.fallbacks }
     }
 }
 impl From<FfiRewardScores> for RewardScores {
     fn from(s: FfiRewardScores) -> Self {
-        RewardScores { baseline: s.baseline.into_option(), scores: s.scores.into_vec() }
+        RewardScores { baseline: s.baseline.into_option(), scores: s.scores.into_vec(), query_weight: s.query_weight.into_option(), fallbacks: s.fallbacks }
     }
 }
 

@@ -28,7 +28,8 @@ use crate::error::FfiError;
 ///
 /// 0.2.0: generators can score continuations (`GeneratorFfi::score`).
 /// 0.3.0: `validate` checks a config or params table without loading anything.
-pub const ABI_VERSION: &str = "0.3.0";
+/// 0.4.0: reward scores carry the query weight they used and a fallback count.
+pub const ABI_VERSION: &str = "0.4.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -141,6 +142,8 @@ pub struct FfiRewardItem {
 pub struct FfiRewardScores {
     pub baseline: ROption<f64>,
     pub scores: RVec<f64>,
+    pub query_weight: ROption<f64>,
+    pub fallbacks: u32,
 }
 
 #[repr(C)]

@@ -112,18 +112,8 @@ fn weight_files(dir: &Path) -> PluginResult<Vec<PathBuf>> {
 /// Sets the compute thread budget for this library's copy of rayon (and so
 /// candle's GEMM) once, from the host's budget.
 fn init_threads() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let n = rir_sdk::host().threads;
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            // candle sizes its GEMM parallelism from this variable.
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        }
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
-        rir_models::keep_freed_memory();
-    });
+    rir_models::init_threads_once(rir_sdk::host().threads, true);
 }
-
 
 impl CandleEncoder {
     pub fn new(config_toml: &str) -> PluginResult<Self> {

@@ -176,7 +176,7 @@ fn d_ta() -> f64 {
     0.05
 }
 fn d_prefix() -> String {
-    "Generate the topic about this passage: ".into()
+    rir_sdk::method::AUGMENTATION_PREFIX.into()
 }
 fn d_seed() -> u64 {
     42
@@ -646,11 +646,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
 }
 
 fn init_threads() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        rir_models::set_candle_threads(rir_sdk::host().threads);
-        rir_models::keep_freed_memory();
-    });
+    rir_models::init_threads_once(rir_sdk::host().threads, true);
 }
 
 rir_sdk::export_plugin! {

@@ -430,11 +430,7 @@ impl DpoTrainer {
 
 /// candle sizes its CPU thread pools from these variables at first use.
 fn init_threads() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        rir_models::set_candle_threads(rir_sdk::host().threads);
-        rir_models::keep_freed_memory();
-    });
+    rir_models::init_threads_once(rir_sdk::host().threads, true);
 }
 
 impl DpoTrainer {

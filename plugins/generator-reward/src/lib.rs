@@ -25,7 +25,7 @@
 //! The answer is parsed leniently: the numbers in it, in order, out-of-range
 //! and repeated ones dropped, missing passages appended in their previous
 //! order; an answer without a usable number keeps the window's order. Each
-//! item's `baseline` is the number of its windows whose answer needed a
+//! item's `fallbacks` is the number of its windows whose answer needed a
 //! fallback (0: every answer was a clean permutation), so the stage can
 //! count and report them; totals are also logged.
 //!
@@ -210,7 +210,7 @@ impl GeneratorReward {
                 };
                 s.push(v.ok_or_else(|| PluginError::other("the generator returned fewer scores than asked for"))?);
             }
-            out.push(RewardScores { baseline: Some(0.0), scores: s });
+            out.push(RewardScores { scores: s, ..Default::default() });
         }
         Ok(out)
     }
@@ -314,7 +314,7 @@ impl Reward for GeneratorReward {
                         scores[i] = 1.0 / (rank as f64 + 1.0);
                     }
                 }
-                RewardScores { baseline: Some(f as f64), scores }
+                RewardScores { scores, fallbacks: f, ..Default::default() }
             })
             .collect())
     }

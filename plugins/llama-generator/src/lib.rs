@@ -108,10 +108,7 @@ fn cerr(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
 
 /// candle sizes its CPU thread pools from these variables at first use.
 fn init_threads() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        rir_models::set_candle_threads(rir_sdk::host().threads);
-    });
+    rir_models::init_threads_once(rir_sdk::host().threads, false);
 }
 
 /// Loads a model the way the config names it: `model` (GGUF or HF dir),

@@ -9,6 +9,10 @@
 //! the query weight. The augmentation is encoded on the corpus side because
 //! inference encodes it there.
 //!
+//! w is reported with the scores (`RewardScores::query_weight`), so the
+//! host's pair rule uses the reward's w; the defaults of w and P are
+//! `rir_sdk::method`'s.
+//!
 //! ```toml
 //! query_weight = 0.8
 //! prefix = "Generate the topic about this passage: "
@@ -29,10 +33,10 @@ pub struct RetrieverRewardConfig {
     pub query_instruction: Option<String>,
 }
 fn d_w() -> f32 {
-    0.8
+    rir_sdk::method::QUERY_WEIGHT as f32
 }
 fn d_prefix() -> String {
-    "Generate the topic about this passage: ".into()
+    rir_sdk::method::AUGMENTATION_PREFIX.into()
 }
 
 pub struct RetrieverReward {
@@ -86,7 +90,8 @@ impl Reward for RetrieverReward {
                         w * raw + (1.0 - w) * dot(a, d)
                     })
                     .collect();
-                RewardScores { baseline: Some(raw), scores }
+                // w goes back with the scores: the host's pair rule reads it.
+                RewardScores { baseline: Some(raw), scores, query_weight: Some(w), fallbacks: 0 }
             })
             .collect())
     }

@@ -34,8 +34,9 @@ pub fn augmentation(task: &Task, query: &str) -> Prompt {
     ))])
 }
 
-/// The fixed prefix put before an augmentation when it is encoded on the corpus side.
-pub const AUGMENTATION_PREFIX: &str = "Generate the topic about this passage: ";
+/// The fixed prefix put before an augmentation when it is encoded on the
+/// corpus side (one definition, shared with the plugins through the SDK).
+pub use rir_sdk::method::AUGMENTATION_PREFIX;
 
 #[cfg(test)]
 mod tests {

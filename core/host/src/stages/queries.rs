@@ -282,7 +282,7 @@ pub fn run(
             logprobs: false,
         })
         .collect();
-    let err = |e: crate::engine::generate::GenerateError| HostError::Input(format!("queries: {e}"));
+    let err = |e: crate::engine::generate::GenerateError| HostError::step("queries", e);
     let (gen, cached1) = generate_all(generator, &reqs, cache, cfg.batch, "queries").map_err(err)?;
     let mut stats = QueriesStats { sampled: draws.len(), from_cache: cached1, ..Default::default() };
     let mut texts: Vec<String> = gen.iter().map(|c| c.first().map(|c| clean_query(&c.text, &task.query_type)).unwrap_or_default()).collect();

@@ -146,7 +146,7 @@ pub struct RlgfStats {
     pub fallback_no_rank: usize,
     /// Queries whose top passage after reranking is not the source passage.
     pub positive_changed: usize,
-    /// Reranking answers that needed a fallback (from the reward's baseline).
+    /// Reranking answers that needed a fallback (the reward's `fallbacks`).
     pub rerank_fallbacks: usize,
     /// Items whose teacher scores were flat (an unusable answer).
     pub teacher_failed: usize,
@@ -238,15 +238,15 @@ pub fn run(
     } else {
         let reqs: Vec<GenerationRequest> =
             queries.iter().map(|q| GenerationRequest::greedy(augmentation(task, &q.text), cfg.answer_max_tokens)).collect();
-        let (answers, from_cache) = generate_all(generator, &reqs, gcache, cfg.batch, "answers").map_err(|e| input(e.to_string()))?;
+        let (answers, from_cache) = generate_all(generator, &reqs, gcache, cfg.batch, "answers").map_err(|e| HostError::step("rlgf-data", e))?;
         (answers.iter().map(|c| c.first().map(|c| c.text.trim().to_owned()).unwrap_or_default()).collect(), from_cache)
     };
 
     // Mining with the current retriever.
     let texts: Vec<String> = ds.corpus.iter().map(|d| d.encoder_text()).collect();
     let qtexts: Vec<String> = queries.iter().map(|q| q.text.clone()).collect();
-    let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, cfg.encode_batch.max(1), "corpus").map_err(|e| input(e.to_string()))?;
-    let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, cfg.encode_batch.max(1), "queries").map_err(|e| input(e.to_string()))?;
+    let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, cfg.encode_batch.max(1), "corpus").map_err(|e| HostError::step("rlgf-data", e))?;
+    let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, cfg.encode_batch.max(1), "queries").map_err(|e| HostError::step("rlgf-data", e))?;
     let k = cfg.depth.max(cfg.fallback_ranks.1).min(ds.corpus.len());
     let hits = crate::engine::search::exact_topk(&eq, &ec, k, threads);
     let mut rng = Rng(cfg.seed);
@@ -293,12 +293,12 @@ pub fn run(
         let ctx = RewardContext { retriever: Some(retriever), generator: Some(&cached) };
         let bar = crate::util::progress::bar(items.len(), "rerank", "queries");
         for chunk in items.chunks(cfg.batch.max(1)) {
-            let s = reward.score(&ctx, chunk).map_err(|e| input(format!("reward: {e}")))?;
+            let s = reward.score(&ctx, chunk).map_err(|e| HostError::step("rlgf-data: reward", e))?;
             if s.len() != chunk.len() {
                 return Err(input(format!("the reward returned {} scores for {} items", s.len(), chunk.len())));
             }
             for r in s {
-                stats.rerank_fallbacks += r.baseline.unwrap_or(0.0) as usize;
+                stats.rerank_fallbacks += r.fallbacks as usize;
                 scores.push(r.scores);
             }
             bar.inc(chunk.len() as u64);

@@ -40,9 +40,6 @@ pub struct RlrfDataConfig {
     /// τ of the pair rule.
     #[serde(default = "d_tau")]
     pub tau: f64,
-    /// w of the pair rule (the reward's query weight).
-    #[serde(default = "d_w")]
-    pub query_weight: f64,
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Requests per generator call, and items per reward call.
@@ -63,9 +60,6 @@ fn d_max() -> u32 {
 }
 fn d_tau() -> f64 {
     0.95
-}
-fn d_w() -> f64 {
-    0.8
 }
 fn d_seed() -> u64 {
     42
@@ -213,7 +207,7 @@ pub fn run(
         })
         .collect();
     let (gen, from_cache) = generate_all(generator, &reqs, cache, cfg.batch, "augment")
-        .map_err(|e| HostError::Input(format!("rlrf-data: {e}")))?;
+        .map_err(|e| HostError::step("rlrf-data", e))?;
     let items: Vec<RewardItem> = queries
         .iter()
         .zip(&passages)
@@ -228,7 +222,7 @@ pub fn run(
     let bar = crate::util::progress::bar(items.len(), "reward", "queries");
     let mut scored = Vec::with_capacity(items.len());
     for chunk in items.chunks(cfg.batch.max(1)) {
-        let s = reward.score(&ctx, chunk).map_err(|e| HostError::Input(format!("rlrf-data: reward: {e}")))?;
+        let s = reward.score(&ctx, chunk).map_err(|e| HostError::step("rlrf-data: reward", e))?;
         if s.len() != chunk.len() {
             return Err(HostError::Input(format!("rlrf-data: the reward returned {} scores for {} items", s.len(), chunk.len())));
         }
@@ -247,7 +241,7 @@ pub fn run(
             c.dedup();
             c.len()
         };
-        let verdict = if distinct < 2 { Err(NoPair::Degenerate) } else { pair_rule(raw, &s.scores, cfg.query_weight, cfg.tau) };
+        let verdict = if distinct < 2 { Err(NoPair::Degenerate) } else { pair_rule(raw, &s.scores, s.query_weight.unwrap_or(rir_sdk::method::QUERY_WEIGHT), cfg.tau) };
         match verdict {
             Err(NoPair::NoGain) => stats.no_gain += 1,
             Err(NoPair::TooClose) => stats.too_close += 1,

@@ -23,14 +23,14 @@ pub fn utf8_line(mut bytes: Vec<u8>) -> Result<String, String> {
 pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), HostError> {
     let mut buf = Vec::new();
     for r in rows {
-        serde_json::to_writer(&mut buf, r).map_err(|e| HostError::Input(format!("{}: {e}", path.display())))?;
+        serde_json::to_writer(&mut buf, r).map_err(|e| HostError::Json { path: path.to_owned(), line: None, source: e })?;
         buf.push(b'\n');
     }
     write_atomic(path, &buf)
 }
 
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), HostError> {
-    let buf = serde_json::to_vec_pretty(v).map_err(|e| HostError::Input(format!("{}: {e}", path.display())))?;
+    let buf = serde_json::to_vec_pretty(v).map_err(|e| HostError::Json { path: path.to_owned(), line: None, source: e })?;
     write_atomic(path, &buf)
 }
 
@@ -49,7 +49,7 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, H
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| HostError::Input(format!("{}:{}: {e}", path.display(), i + 1))))
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| HostError::Json { path: path.to_owned(), line: Some(i + 1), source: e }))
         .collect()
 }
 

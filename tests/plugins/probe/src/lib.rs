@@ -99,7 +99,7 @@ impl Reward for Probe {
                 let q = r.encode_queries(std::slice::from_ref(&it.query), None)?;
                 let c = r.encode_corpus(&it.candidates)?;
                 let scores = (0..c.rows).map(|i| dot(q.row(0), c.row(i)) as f64).collect();
-                Ok(RewardScores { baseline: None, scores })
+                Ok(RewardScores { scores, ..Default::default() })
             })
             .collect()
     }
