@@ -6,43 +6,109 @@ use rir_sdk::PluginError;
 
 use crate::plugins::registry::{Kind, RegistryError};
 
+/// Everything the host can fail with; `Display` is one line that names the
+/// plugin, file, line or key, and typed causes stay reachable by `source()`.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// registry.toml cannot be found, read or parsed, or lacks a plugin.
     #[error(transparent)]
     Registry(#[from] RegistryError),
 
+    /// No library file for a plugin in any place looked at.
     #[error("plugin '{plugin}': library not found (tried {}); {build}", tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
-    LibraryMissing { plugin: String, tried: Vec<PathBuf>, build: String },
+    LibraryMissing {
+        /// The plugin's registry name.
+        plugin: String,
+        /// Every path looked at, in order.
+        tried: Vec<PathBuf>,
+        /// How to build it (`cargo build …`), or why there is nothing to build.
+        build: String,
+    },
 
+    /// A library whose digest is not the one registry.toml pins.
     #[error("plugin '{plugin}': sha256 mismatch for {}: expected {expected}, found {found}", path.display())]
-    Sha256Mismatch { plugin: String, path: PathBuf, expected: String, found: String },
+    Sha256Mismatch {
+        /// The plugin's registry name.
+        plugin: String,
+        /// The library file.
+        path: PathBuf,
+        /// The digest registry.toml pins.
+        expected: String,
+        /// The digest of the file found.
+        found: String,
+    },
 
+    /// The dynamic loader refused the library.
     #[error("plugin '{plugin}': cannot load {}: {message}", path.display())]
-    Open { plugin: String, path: PathBuf, message: String },
+    Open {
+        /// The plugin's registry name.
+        plugin: String,
+        /// The library file.
+        path: PathBuf,
+        /// The dynamic loader's reason.
+        message: String,
+    },
 
+    /// A library built against another plugin ABI (or no rir plugin at all).
     #[error("plugin '{plugin}': ABI mismatch in {}: {message}", path.display())]
-    Abi { plugin: String, path: PathBuf, message: String },
+    Abi {
+        /// The plugin's registry name.
+        plugin: String,
+        /// The library file.
+        path: PathBuf,
+        /// What differs (version, type layouts, a missing root symbol).
+        message: String,
+    },
 
+    /// registry.toml claims a kind the library does not export.
     #[error("plugin '{plugin}': registry lists kind '{kind}' but the library provides only {}", join(provides))]
-    KindMismatch { plugin: String, kind: Kind, provides: Vec<String> },
+    KindMismatch {
+        /// The plugin's registry name.
+        plugin: String,
+        /// The kind registry.toml claims.
+        kind: Kind,
+        /// The kinds the library exports.
+        provides: Vec<String>,
+    },
 
+    /// A plugin asked for as a kind it does not provide.
     #[error("plugin '{plugin}' does not provide a {kind} (it provides {})", join(provides))]
-    KindNotProvided { plugin: String, kind: Kind, provides: Vec<String> },
+    KindNotProvided {
+        /// The plugin's registry name.
+        plugin: String,
+        /// The kind asked for.
+        kind: Kind,
+        /// The kinds the library exports.
+        provides: Vec<String>,
+    },
 
+    /// A plugin call that failed (construction, validation or work).
     #[error("plugin '{plugin}' ({kind}): {source}")]
     Plugin {
+        /// The plugin's registry name.
         plugin: String,
+        /// The kind of object that failed.
         kind: Kind,
+        /// The plugin's own error (a panic inside it arrives as `PluginError::Panic`).
         #[source]
         source: PluginError,
     },
 
+    /// A plugin config that is not a TOML table.
     #[error("plugin '{plugin}': config is not a TOML table: {message}")]
-    Config { plugin: String, message: String },
+    Config {
+        /// The plugin's registry name.
+        plugin: String,
+        /// The TOML parser's message.
+        message: String,
+    },
 
+    /// A file or directory that cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
@@ -51,15 +117,20 @@ pub enum HostError {
     /// 1-based, for JSON lines).
     #[error("{}{}: {source}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
     Json {
+        /// The file.
         path: PathBuf,
+        /// The 1-based line of a JSON-lines file, if one.
         line: Option<usize>,
+        /// serde_json's error.
         #[source]
         source: serde_json::Error,
     },
 
+    /// A BEIR dataset that cannot be fetched or read.
     #[error(transparent)]
     Data(#[from] crate::engine::data::DataError),
 
+    /// Results files that cannot be read or compared.
     #[error(transparent)]
     Report(#[from] crate::engine::report::ReportError),
 
@@ -67,7 +138,9 @@ pub enum HostError {
     /// cause chain (what `rir` prints, and what a library caller can walk).
     #[error("{step}: {source}")]
     Step {
+        /// The stage and step ("rlrf-data: reward").
         step: String,
+        /// The typed cause.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },

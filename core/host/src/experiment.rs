@@ -29,7 +29,9 @@ use crate::stages::rlrf::RlrfDataConfig;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSpec {
+    /// The plugin's registry name.
     pub plugin: String,
+    /// Its config table.
     #[serde(default)]
     pub config: toml::Table,
 }
@@ -38,18 +40,24 @@ pub struct PluginSpec {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerSpec {
+    /// The trainer plugin's registry name.
     pub plugin: String,
+    /// Its own config table.
     #[serde(default)]
     pub config: toml::Table,
+    /// The job's hyper-parameters (the trainer's schema).
     #[serde(default)]
     pub params: toml::Table,
 }
 
+/// `[rewards]`: the feedback of each loop.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Rewards {
+    /// RLRF's: the retriever scores the generator's augmentations.
     #[serde(default = "d_rr")]
     pub retriever: PluginSpec,
+    /// RLGF's: the generator scores (reranks) the retriever's candidates.
     #[serde(default = "d_gr")]
     pub generator: PluginSpec,
 }
@@ -65,11 +73,14 @@ impl Default for Rewards {
     }
 }
 
+/// `[trainers]`: who trains each model.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Trainers {
+    /// RLRF's generator trainer (DPO).
     #[serde(default = "d_gt")]
     pub generator: TrainerSpec,
+    /// RLGF's retriever trainer.
     #[serde(default = "d_rt")]
     pub retriever: TrainerSpec,
 }
@@ -85,28 +96,38 @@ impl Default for Trainers {
     }
 }
 
+/// `[stages]`: the data stages' settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Stages {
+    /// `[stages.queries]`.
     #[serde(default)]
     pub queries: QueriesConfig,
+    /// `[stages.rlrf]`.
     #[serde(default)]
     pub rlrf: RlrfDataConfig,
+    /// `[stages.rlgf]`.
     #[serde(default)]
     pub rlgf: RlgfDataConfig,
 }
 
+/// `[eval]`: how every variant is evaluated.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalSpec {
+    /// Measures, ir-measures names.
     #[serde(default = "d_measures")]
     pub measures: Vec<String>,
+    /// Results kept per query.
     #[serde(default = "d_k")]
     pub k: usize,
+    /// w of the augmentation mix (`rir_sdk::method::QUERY_WEIGHT` by default).
     #[serde(default = "d_w")]
     pub query_weight: f64,
+    /// Tokens per augmentation.
     #[serde(default = "d_aug")]
     pub augmentation_max_tokens: u32,
+    /// The qrels split (default: the dataset's evaluation split).
     #[serde(default)]
     pub split: Option<String>,
     /// Significance level of the table's marks.
@@ -189,9 +210,11 @@ pub enum GeneratorChoice {
     Rlrf,
 }
 
+/// Which retriever a variant evaluates.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum RetrieverChoice {
+    /// The experiment's retriever, untrained.
     #[default]
     Base,
     /// The retriever after RLGF of the variant's round.
@@ -206,9 +229,12 @@ pub enum RetrieverChoice {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Variant {
+    /// The row's name (checked: it becomes a file name).
     pub name: String,
+    /// The generator that augments queries, if any.
     #[serde(default)]
     pub generator: GeneratorChoice,
+    /// The retriever evaluated.
     #[serde(default)]
     pub retriever: RetrieverChoice,
     /// Which round's models (default: the last).
@@ -219,26 +245,38 @@ pub struct Variant {
     pub query_weight: Option<f64>,
 }
 
+/// An experiment file: the models, the method's settings, the rounds and the
+/// variants of the comparison table.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Experiment {
+    /// Its name (checked: runs go to OUTPUT/NAME).
     pub name: String,
+    /// BEIR dataset names or directories.
     pub datasets: Vec<String>,
     /// Local BEIR mirror (DIR/beir/NAME); relative to the experiment file.
     #[serde(default)]
     pub mirror: Option<PathBuf>,
     #[serde(default = "d_rounds")]
+    /// Rounds of RLRF + RLGF, each starting from the last round's models.
     pub rounds: usize,
+    /// The retriever to adapt.
     pub retriever: PluginSpec,
+    /// The generator to adapt.
     pub generator: PluginSpec,
+    /// `[rewards]`.
     #[serde(default)]
     pub rewards: Rewards,
+    /// `[trainers]`.
     #[serde(default)]
     pub trainers: Trainers,
+    /// `[stages]`.
     #[serde(default)]
     pub stages: Stages,
+    /// `[eval]`.
     #[serde(default)]
     pub eval: EvalSpec,
+    /// `[[variants]]`: the table's rows, the first one the baseline.
     pub variants: Vec<Variant>,
     /// The file this was read from and its text, so later checks (the
     /// plugins' own validation) can name the line.
@@ -256,6 +294,8 @@ pub fn load(path: &Path) -> Result<Experiment, HostError> {
     parse(&text, path)
 }
 
+/// Parses experiment text and checks it (names, ranges, variants) before
+/// any work; `path` is named in errors and anchors a relative `mirror`.
 pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     let mut exp: Experiment = toml::from_str(text).map_err(|e| {
         let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
@@ -422,16 +462,24 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
 /// The stages, in pipeline order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub enum Stage {
+    /// Pseudo queries from sampled passages (the base generator).
     Queries,
+    /// RLRF's preference pairs (augmentations scored by the retriever).
     RlrfData,
+    /// RLRF's DPO of the generator.
     RlrfTrain,
+    /// RLGF's distillation data (candidates scored by the generator).
     RlgfData,
+    /// RLGF's training of the retriever.
     RlgfTrain,
+    /// Every variant evaluated.
     Eval,
 }
 
 impl Stage {
+    /// Every stage, in pipeline order.
     pub const ALL: [Stage; 6] = [Stage::Queries, Stage::RlrfData, Stage::RlrfTrain, Stage::RlgfData, Stage::RlgfTrain, Stage::Eval];
+    /// The name the CLI and messages use (`rlrf-data`).
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Queries => "queries",
@@ -485,17 +533,24 @@ pub struct RunOptions {
     pub only: Option<Stage>,
     /// Recompute this stage and every later one.
     pub from: Option<Stage>,
+    /// Read and write the embedding and generation caches.
     pub use_cache: bool,
 }
 
 /// One step of the plan and where its output is.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
+    /// The stage.
     pub stage: Stage,
+    /// The dataset it is for.
     pub dataset: String,
+    /// Its round (0: before the rounds).
     pub round: usize,
+    /// What the progress output calls it.
     pub label: String,
+    /// Its output directory (STAGE-HASH).
     pub dir: PathBuf,
+    /// Whether its output was already there.
     pub cached: bool,
     /// What the stage took when it ran (for a cached one, read from its stage.json).
     pub seconds: Option<f64>,
@@ -503,9 +558,13 @@ pub struct Step {
 
 /// What a finished run leaves: the steps and the results files.
 pub struct RunOutput {
+    /// The plan's steps, with what each did.
     pub steps: Vec<Step>,
+    /// The variants' results files.
     pub results: Vec<PathBuf>,
+    /// The comparison table as printed (None for a dry run or `--only`).
     pub table: Option<String>,
+    /// OUTPUT/NAME.
     pub root: PathBuf,
 }
 

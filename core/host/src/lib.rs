@@ -8,8 +8,13 @@
 //! - [`stages`]: the Reinforced-IR stages (pseudo queries, RLRF data, RLGF
 //!   data, training, evaluation);
 //! - [`experiment`]: `rir run`'s plan over those stages, cached by content;
+//! - [`model`]: a Reinforced-IR model in code (retriever + optional
+//!   generator) for one's own texts: `encode_queries`, `encode_corpus`,
+//!   similarity and search;
 //! - [`tools`]: serving a generator over HTTP and the benchmarks;
 //! - [`util`]: logging, progress, paths, files and serde defaults.
+
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod util;
@@ -17,6 +22,7 @@ pub mod plugins;
 pub mod engine;
 pub mod stages;
 pub mod experiment;
+pub mod model;
 pub mod tools;
 
 pub use error::HostError;

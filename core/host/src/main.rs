@@ -892,7 +892,6 @@ fn stage_configs(h: &PluginHost, g: &str, gcfg: &str, r: &str, rcfg: &str, w: &s
 }
 
 fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
-    use rir::engine::encode::{self, EmbeddingCache, Side};
     use rir::engine::texts;
     // Everything checked before a model is loaded.
     let stdin = [&a.queries, &a.docs].iter().filter(|p| p.as_deref() == Some(std::path::Path::new("-"))).count();
@@ -908,35 +907,26 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
     let rcfg = toml_arg(&a.retriever_config, "--retriever-config")?;
     let gcfg = toml_arg(&a.aug.generator_config, "--generator-config")?;
     validate_query_side(host, &a.retriever, &rcfg, a.aug.generator.as_deref(), &gcfg)?;
-    let generator = a.aug.generator.as_ref().map(|g| host.load(g).and_then(|p| p.generator(&gcfg).map_err(Into::into))).transpose()?;
-    let retriever = host.load(&a.retriever)?.retriever(&rcfg)?;
-    let cache_root = &host.settings.cache_dir;
-    let cache = (!a.no_cache).then(|| EmbeddingCache::new(cache_root, &retriever.info().fingerprint));
-
-    let mut q_emb = None;
-    let mut augmentations = None;
-    if let Some(qs) = &queries {
-        let qt: Vec<String> = qs.iter().map(|t| t.text.clone()).collect();
-        let (mut e, _) = encode::encode(retriever.as_ref(), Side::Query(a.aug.query_instruction.as_deref()), &qt, cache.as_ref(), a.batch, "queries")?;
-        if let (Some(g), Some(name)) = (&generator, &a.aug.generator) {
-            let task = rir::engine::prompts::Task {
-                task: a.task_instruction.clone(),
-                query_type: "query".into(),
-                passage_type: "passage".into(),
-                answer_type: a.answer_type.clone(),
-            };
-            let gcache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(cache_root, name, &gcfg, g.as_ref()));
-            let aug = eval::augment_queries(retriever.as_ref(), &e, g.as_ref(), gcache.as_ref(), &task, &qt, a.aug.augmentation_max_tokens, a.aug.query_weight, cache.as_ref(), a.batch, a.aug.generation_batch)?;
-            e = aug.embeddings;
-            augmentations = Some(aug.augmentations);
-        }
-        q_emb = Some(e);
+    let mut model = rir::model::ReinforcedIr::load(host, (&a.retriever, &rcfg), a.aug.generator.as_deref().map(|g| (g, gcfg.as_str())))?;
+    if a.no_cache {
+        model = model.without_caches();
     }
-    let d_emb = match &docs {
-        Some(ds) => {
-            let dt: Vec<String> = ds.iter().map(|t| t.text.clone()).collect();
-            Some(encode::encode(retriever.as_ref(), Side::Corpus, &dt, cache.as_ref(), a.batch, "docs")?.0)
+    model.query_weight = a.aug.query_weight;
+    model.augmentation_max_tokens = a.aug.augmentation_max_tokens;
+    model.query_instruction = a.aug.query_instruction.clone();
+    model.batch = a.batch;
+    model.generation_batch = a.aug.generation_batch;
+
+    let (q_emb, augmentations) = match &queries {
+        Some(qs) => {
+            let qt: Vec<String> = qs.iter().map(|t| t.text.clone()).collect();
+            let e = model.encode_queries(&a.task_instruction, &a.answer_type, &qt)?;
+            (Some(e.embeddings), e.augmentations)
         }
+        None => (None, None),
+    };
+    let d_emb = match &docs {
+        Some(ds) => Some(model.encode_corpus(&ds.iter().map(|t| t.text.clone()).collect::<Vec<_>>())?),
         None => None,
     };
     if let Some(dir) = &a.output {
@@ -953,9 +943,8 @@ fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
         t.set_header(std::iter::once(String::from("query \\ doc")).chain(ds.iter().map(|d| d.id.clone())));
-        for (i, q) in qs.iter().enumerate() {
-            let row = (0..ds.len()).map(|j| format!("{:.4}", qe.row(i).iter().zip(de.row(j)).map(|(x, y)| x * y).sum::<f32>()));
-            t.add_row(std::iter::once(q.id.clone()).chain(row));
+        for (q, row) in qs.iter().zip(rir::model::ReinforcedIr::similarity(qe, de)) {
+            t.add_row(std::iter::once(q.id.clone()).chain(row.iter().map(|v| format!("{v:.4}"))));
         }
         println!("{t}");
     }

@@ -11,45 +11,111 @@ use serde::{Deserialize, Serialize};
 /// The manifest shipped in the binary (data/datasets.toml).
 const MANIFEST: &str = include_str!("../../../../data/datasets.toml");
 
+/// What fetching or reading a BEIR dataset can fail with; each names the
+/// file (and line) or dataset it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
+    /// A corpus, queries or qrels line that cannot be read.
     #[error("{}:{line}: {reason}", path.display())]
-    Malformed { path: PathBuf, line: usize, reason: String },
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file that cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// A name that is neither a known BEIR dataset nor a directory.
     #[error("unknown dataset '{name}' (known: {known}){}", suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
-    Unknown { name: String, known: String, suggestion: Option<String> },
+    Unknown {
+        /// The name given.
+        name: String,
+        /// The known names, comma-separated.
+        known: String,
+        /// The nearest known name, if one is near.
+        suggestion: Option<String>,
+    },
+    /// A known dataset that is not in the cache, when fetching is off.
     #[error("dataset '{name}' is not in the cache ({}); fetch it with `rir data fetch {name}` (add `--mirror DIR` to copy from a local mirror)", path.display())]
-    NotFetched { name: String, path: PathBuf },
+    NotFetched {
+        /// The dataset.
+        name: String,
+        /// Where the cache expected it.
+        path: PathBuf,
+    },
+    /// A mirror without the dataset.
     #[error("mirror {} has no dataset '{name}' (expected {})", mirror.display(), expected.display())]
-    NotInMirror { name: String, mirror: PathBuf, expected: PathBuf },
+    NotInMirror {
+        /// The dataset.
+        name: String,
+        /// The mirror directory.
+        mirror: PathBuf,
+        /// The directory looked for.
+        expected: PathBuf,
+    },
+    /// A download that failed.
     #[error("download of {url} failed: {reason}")]
-    Download { url: String, reason: String },
+    Download {
+        /// What was fetched.
+        url: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A download whose md5 is not BEIR's.
     #[error("{url}: md5 mismatch: expected {expected}, found {found}; the download was discarded")]
-    Checksum { url: String, expected: String, found: String },
+    Checksum {
+        /// What was fetched.
+        url: String,
+        /// BEIR's md5.
+        expected: String,
+        /// The download's md5.
+        found: String,
+    },
+    /// No qrels file for the split asked for.
     #[error("{}: no qrels for split '{split}': expected {} (qrels found: {})", dir.display(), dir.join("qrels").join(format!("{split}.tsv")).display(), if have.is_empty() { "none" } else { have.as_str() })]
-    NoSplit { dir: PathBuf, split: String, have: String },
+    NoSplit {
+        /// The dataset directory.
+        dir: PathBuf,
+        /// The split asked for.
+        split: String,
+        /// The splits there are, comma-separated.
+        have: String,
+    },
     /// A dataset name that cannot be a file name (it names cache folders and output files).
     #[error("{0}")]
     BadName(String),
     /// Nothing to evaluate: an empty corpus, or no query with judgments.
     #[error("{}: {what}", path.display())]
-    Empty { path: PathBuf, what: String },
+    Empty {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is missing.
+        what: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
     move |source| DataError::Io { path: path.to_owned(), source }
 }
 
+/// One dataset of data/datasets.toml: where BEIR publishes it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestEntry {
+    /// BEIR's zip.
     pub url: String,
+    /// Its md5, as BEIR publishes it.
     pub md5: String,
+    /// The split tables report (test, or dev for MS MARCO).
     pub eval_split: String,
 }
 
@@ -73,6 +139,7 @@ pub fn manifest() -> BTreeMap<String, ManifestEntry> {
     m
 }
 
+/// The manifest entry of a known dataset, or an error that suggests the nearest name.
 pub fn manifest_entry(name: &str) -> Result<ManifestEntry, DataError> {
     let m = manifest();
     m.get(name).cloned().ok_or_else(|| DataError::Unknown {
@@ -90,9 +157,13 @@ pub fn cache_dir(cache: &Path, name: &str) -> PathBuf {
 /// How a cached dataset got there (written next to its files).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Provenance {
+    /// The dataset.
     pub name: String,
+    /// The URL or mirror directory it came from.
     pub source: String,
+    /// Whether the md5 was checked (a mirror copy is not).
     pub md5_checked: bool,
+    /// When, in seconds since the Unix epoch.
     pub fetched_unix: u64,
 }
 
@@ -160,8 +231,11 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), DataError> {
 /// A cached dataset: name, directory, provenance.
 #[derive(Debug, Clone)]
 pub struct Cached {
+    /// The dataset.
     pub name: String,
+    /// Its directory in the cache.
     pub dir: PathBuf,
+    /// How it got there, when recorded.
     pub provenance: Option<Provenance>,
 }
 
@@ -187,8 +261,11 @@ pub fn list_cached(cache: &Path) -> Vec<Cached> {
 /// One corpus document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Doc {
+    /// `_id`.
     pub id: String,
+    /// `title` (may be empty).
     pub title: String,
+    /// `text`.
     pub text: String,
 }
 
@@ -205,14 +282,20 @@ pub type Qrels = BTreeMap<String, BTreeMap<String, i32>>;
 /// What loading found that a researcher should know about.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoadReport {
+    /// Documents whose id was already seen (the first is kept).
     pub duplicate_doc_ids: usize,
+    /// Queries whose id was already seen (the first is kept).
     pub duplicate_query_ids: usize,
+    /// Judgments of queries not in queries.jsonl (dropped).
     pub qrels_unknown_query: usize,
+    /// Judgments of documents not in the corpus (kept, never retrievable).
     pub qrels_unknown_doc: usize,
+    /// Repeated (query, document) judgments (the last is kept).
     pub qrels_duplicate: usize,
 }
 
 impl LoadReport {
+    /// One line per non-zero count, for the log.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = Vec::new();
         let mut add = |n: usize, what: &str| {
@@ -232,13 +315,19 @@ impl LoadReport {
 /// A loaded BEIR dataset, restricted to the queries judged in one split.
 #[derive(Debug, Clone)]
 pub struct Dataset {
+    /// The dataset's name (the directory's, for a path).
     pub name: String,
+    /// Its directory.
     pub dir: PathBuf,
+    /// The qrels split loaded.
     pub split: String,
+    /// Every document, in corpus.jsonl order.
     pub corpus: Vec<Doc>,
     /// The queries of the split, in queries.jsonl order: (id, text).
     pub queries: Vec<(String, String)>,
+    /// The split's judgments.
     pub qrels: Qrels,
+    /// What loading found.
     pub report: LoadReport,
 }
 

@@ -12,24 +12,41 @@ use rir_sdk::{Embeddings, PluginError, Retriever};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+/// What encoding through the cache can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
+    /// A cache file that cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// The retriever plugin failed.
     #[error("retriever: {0}")]
     Plugin(#[from] PluginError),
+    /// The retriever returned embeddings of the wrong shape.
     #[error("retriever returned {got} rows of dimension {dim} for {want} texts (its info says dimension {info_dim})")]
-    Shape { got: usize, dim: usize, want: usize, info_dim: usize },
+    Shape {
+        /// Rows returned.
+        got: usize,
+        /// Their dimension.
+        dim: usize,
+        /// Rows asked for (one per text).
+        want: usize,
+        /// The dimension the retriever's info claims.
+        info_dim: usize,
+    },
 }
 
 /// Which encoder side, and for queries the instruction in force.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Side<'a> {
+    /// The query side, with the instruction in force (`None`: the retriever's own).
     Query(Option<&'a str>),
+    /// The corpus side.
     Corpus,
 }
 
@@ -65,6 +82,7 @@ pub struct EmbeddingCache {
 }
 
 impl EmbeddingCache {
+    /// The cache of the encoder whose fingerprint is `fingerprint`, under `cache_root/embeddings`.
     pub fn new(cache_root: &Path, fingerprint: &str) -> Self {
         let h = format!("{:x}", Sha256::digest(fingerprint.as_bytes()));
         Self { dir: cache_root.join("embeddings").join(&h[..24]) }
@@ -111,9 +129,13 @@ impl EmbeddingCache {
 /// What an encode call did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EncodeStats {
+    /// Texts asked for.
     pub texts: usize,
+    /// Of those, read from the cache.
     pub from_cache: usize,
+    /// Of those, encoded now.
     pub encoded: usize,
+    /// Wall-clock seconds.
     pub seconds: f64,
 }
 

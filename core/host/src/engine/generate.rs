@@ -13,14 +13,19 @@ use rir_sdk::{Completion, GenerationRequest, Generator, PluginError, PluginResul
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// What generating through the cache can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// A cache file that cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// The generator plugin failed.
     #[error("generator: {0}")]
     Plugin(#[from] PluginError),
 }
@@ -37,6 +42,7 @@ struct ScoreRecord {
     score: Score,
 }
 
+/// Completions and scores kept on disk per generator identity and request, so a rerun does not ask the generator again.
 pub struct GenerationCache {
     path: PathBuf,
     identity: String,
@@ -217,6 +223,7 @@ pub struct Cached<'a> {
 }
 
 impl<'a> Cached<'a> {
+    /// `inner`, answering from `cache` (when given) before asking the generator.
     pub fn new(inner: &'a dyn Generator, cache: Option<&'a GenerationCache>) -> Self {
         Self { inner, cache, memo: std::sync::Mutex::new(None) }
     }

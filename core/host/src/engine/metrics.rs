@@ -17,20 +17,28 @@ use crate::engine::data::Qrels;
 /// A run: query id → (doc id, score). Order does not matter.
 pub type Run = BTreeMap<String, Vec<(String, f64)>>;
 
+/// A measure family, named as ir-measures and pytrec_eval name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Family {
+    /// Normalised discounted cumulative gain (trec_eval's gains: the judgement's grade).
     #[serde(rename = "nDCG")]
     Ndcg,
+    /// Average precision.
     AP,
+    /// Recall.
     R,
+    /// Precision.
     P,
+    /// Reciprocal rank of the first relevant result.
     RR,
 }
 
 /// A measure at a cutoff (`None`: the whole ranking; not allowed for P and R).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Measure {
+    /// The family.
     pub family: Family,
+    /// The cutoff k of `@k`; `None`: the whole ranking.
     pub cutoff: Option<usize>,
 }
 
@@ -89,6 +97,7 @@ impl<'de> Deserialize<'de> for Measure {
     }
 }
 
+/// Parses a comma-separated measure list ("nDCG@10,R@100").
 pub fn parse_measures(list: &str) -> Result<Vec<Measure>, String> {
     list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect()
 }
@@ -124,9 +133,13 @@ impl FromStr for Averaging {
 /// Per-query and mean values.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Evaluation {
+    /// The measures computed, in the order asked.
     pub measures: Vec<Measure>,
+    /// Over which queries the means are taken.
     pub averaging: Averaging,
+    /// Each query's values.
     pub per_query: BTreeMap<String, BTreeMap<Measure, f64>>,
+    /// The means.
     pub aggregate: BTreeMap<Measure, f64>,
 }
 

@@ -8,12 +8,17 @@ use serde::Deserialize;
 
 const TASKS: &str = include_str!("../../../../data/tasks.toml");
 
+/// How a dataset's task is described in the prompts (the seed's task table, by dataset name).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Task {
+    /// The task instruction the prompts open with.
     pub task: String,
+    /// What a query is called (SciFact: a claim).
     pub query_type: String,
+    /// What a passage is called.
     pub passage_type: String,
+    /// What an augmentation answers with (the seed's `answer_type`).
     pub answer_type: String,
 }
 

@@ -15,41 +15,63 @@ use serde::{Deserialize, Serialize};
 use crate::engine::metrics::{Evaluation, Measure};
 use crate::engine::stats::{paired_t_test, randomization_test};
 
+/// The `schema` tag of a results file this version reads and writes.
 pub const RESULTS_SCHEMA: &str = "rir.results.v1";
 
+/// One evaluated run on one dataset: what `rir eval` writes as
+/// `NAME.DATASET.json` and `rir table` compares.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
+    /// [`RESULTS_SCHEMA`].
     pub schema: String,
     /// Run name shown in tables.
     pub name: String,
+    /// The dataset's name.
     pub dataset: String,
+    /// The qrels split evaluated on.
     pub split: String,
+    /// Per-query and mean values.
     pub evaluation: Evaluation,
     /// Seconds per step (load, encode_corpus, encode_queries, generate, search, evaluate).
     pub timings: BTreeMap<String, f64>,
     /// Everything that produced the run (plugins, their configs, k, index, ...).
     pub config: serde_json::Value,
+    /// The rir version that wrote it.
     pub rir_version: String,
+    /// When, in seconds since the Unix epoch.
     pub created_unix: u64,
 }
 
+/// What reading and comparing results can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
+    /// A results file that cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// A file that is not a results file of this schema.
     #[error("{}: not a rir results file: {reason}", path.display())]
-    Parse { path: PathBuf, reason: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--baseline` names no run (the name, the runs there are).
     #[error("baseline '{0}' is not one of the runs ({1})")]
     NoBaseline(String, String),
+    /// Nothing to compare, or options that do not fit the runs.
     #[error("{0}")]
     Usage(String),
 }
 
 impl Results {
+    /// Reads a results file; the error names it.
     pub fn read(path: &Path) -> Result<Self, ReportError> {
         let bytes = std::fs::read(path).map_err(|source| ReportError::Io { path: path.into(), source })?;
         Self::from_slice(path, &bytes)
@@ -129,12 +151,18 @@ pub fn order_by_variant(results: &mut [Results]) -> bool {
     true
 }
 
+/// How a comparison is rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// A comfy-table for the terminal, marks and colours included.
     Terminal,
+    /// A GitHub-flavoured Markdown table.
     Markdown,
+    /// A LaTeX tabular (booktabs), best values in bold.
     Latex,
+    /// One row per run and column, p-values included.
     Csv,
+    /// The [`Comparison`] as JSON.
     Json,
 }
 
@@ -152,6 +180,7 @@ impl std::str::FromStr for Format {
     }
 }
 
+/// What a comparison table shows and how it tests.
 #[derive(Debug, Clone)]
 pub struct TableOptions {
     /// Run name to compare against; the first run when None.
@@ -160,7 +189,9 @@ pub struct TableOptions {
     pub alpha: f64,
     /// Measures to show; every measure the runs share when empty.
     pub measures: Vec<Measure>,
+    /// Iterations of the paired randomization test.
     pub randomization_iterations: usize,
+    /// Show each cell's difference from the baseline.
     pub show_delta: bool,
     /// Correction for comparing several runs against one baseline.
     pub correction: Correction,
@@ -180,7 +211,9 @@ pub enum Correction {
     /// Holm–Bonferroni step-down (controls the family-wise error, less conservative).
     #[default]
     Holm,
+    /// Bonferroni: each p-value times the number of comparisons.
     Bonferroni,
+    /// No correction.
     None,
 }
 
@@ -236,23 +269,34 @@ impl Correction {
 /// One cell of the comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct CellValue {
+    /// The run's mean.
     pub value: f64,
+    /// value − the baseline's (None for the baseline itself).
     pub delta: Option<f64>,
+    /// Two-sided paired t-test p-value against the baseline.
     pub p_t_test: Option<f64>,
+    /// Two-sided paired randomization test p-value against the baseline.
     pub p_randomization: Option<f64>,
     /// The p-values after the table's correction (what the marks use).
     pub p_t_test_adjusted: Option<f64>,
+    /// The randomization test's p-value after the correction.
     pub p_randomization_adjusted: Option<f64>,
+    /// The best value of its column.
     pub best: bool,
+    /// Queries the mean is over.
     pub queries: usize,
 }
 
 /// The computed comparison, before rendering.
 #[derive(Debug, Clone, Serialize)]
 pub struct Comparison {
+    /// Run names, in row order.
     pub runs: Vec<String>,
+    /// The baseline's name.
     pub baseline: String,
+    /// The significance level.
     pub alpha: f64,
+    /// The correction applied.
     pub correction: Correction,
     /// Comparisons per column the correction covered (runs besides the baseline).
     pub comparisons: usize,
@@ -262,6 +306,8 @@ pub struct Comparison {
     pub cells: Vec<Vec<Option<CellValue>>>,
 }
 
+/// Compares every run with the baseline on every (dataset, measure) they
+/// share: means, differences, both paired tests and the correction.
 pub fn compare(results: &[Results], opts: &TableOptions) -> Result<Comparison, ReportError> {
     if results.is_empty() {
         return Err(ReportError::Usage("no results to compare".into()));
@@ -380,6 +426,7 @@ fn marks(c: &CellValue, alpha: f64) -> String {
     s
 }
 
+/// Renders a comparison in one format.
 pub fn render(c: &Comparison, format: Format, show_delta: bool) -> String {
     let text = |cell: &Option<CellValue>| -> String {
         match cell {

@@ -5,13 +5,25 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::metrics::{trec_order, Run};
 
+/// A run file that cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum RunFileError {
+    /// A line that is not `qid Q0 docid rank score tag`.
     #[error("{}:{line}: {reason}", path.display())]
-    Malformed { path: PathBuf, line: usize, reason: String },
+    Malformed {
+        /// The run file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },

@@ -8,18 +8,35 @@ use std::path::{Path, PathBuf};
 use rir_sdk::Embeddings;
 use serde::Deserialize;
 
+/// What reading one's own texts can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum TextsError {
+    /// A file that cannot be read.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file (`-` for stdin).
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
+    /// A line that is not a usable text.
     #[error("{}:{line}: {reason}", path.display())]
-    Malformed { path: PathBuf, line: usize, reason: String },
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file with no texts.
     #[error("{}: no texts in it", path.display())]
-    Empty { path: PathBuf },
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A host error on the way (writing the outputs).
     #[error(transparent)]
     Host(#[from] crate::HostError),
 }
@@ -27,7 +44,9 @@ pub enum TextsError {
 /// One text and its id (`_id`, else its line number).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Text {
+    /// `_id`, else the 1-based line number.
     pub id: String,
+    /// The text.
     pub text: String,
 }
 

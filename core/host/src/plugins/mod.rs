@@ -35,6 +35,7 @@ pub struct HostSettings {
     pub threads: usize,
     /// Directories searched for workspace-built plugin libraries, first match wins.
     pub plugin_dirs: Vec<PathBuf>,
+    /// Where plugins keep models and other downloads (`RIR_CACHE`, else ~/.cache/rir).
     pub cache_dir: PathBuf,
 }
 
@@ -44,12 +45,12 @@ impl Default for HostSettings {
         if let Some(d) = std::env::var_os("RIR_PLUGIN_DIR") {
             plugin_dirs.extend(std::env::split_paths(&d));
         }
-        // Next to the running binary (target/release/rir), and for test
-        // binaries (target/release/deps/x) the directory above.
+        // Next to the running binary (target/release/rir), and for test and
+        // example binaries (target/release/{deps,examples}/x) the directory above.
         if let Ok(exe) = std::env::current_exe() {
             if let Some(dir) = exe.parent() {
                 plugin_dirs.push(dir.to_owned());
-                if dir.ends_with("deps") {
+                if dir.ends_with("deps") || dir.ends_with("examples") {
                     plugin_dirs.extend(dir.parent().map(Path::to_owned));
                 }
             }
@@ -69,11 +70,17 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// A loaded, checked, initialised plugin library.
 pub struct Plugin {
+    /// Its registry name.
     pub name: String,
+    /// The library file loaded.
     pub path: PathBuf,
+    /// The library file's sha256 (part of stage hashes: a rebuilt plugin recomputes).
     pub sha256: String,
+    /// The plugin crate's version.
     pub version: String,
+    /// The rir-sdk version it was built with.
     pub sdk_version: String,
+    /// Its own one-line description.
     pub description: String,
     /// Kinds the library itself says it provides.
     pub provides: Vec<String>,
@@ -86,10 +93,13 @@ impl std::fmt::Debug for Plugin {
     }
 }
 
-/// Owned plugin objects, callable through the plain SDK traits.
+/// An owned retriever object, callable through the plain SDK trait.
 pub type RetrieverHandle = RemoteRetriever<'static, abi_stable::std_types::RBox<()>>;
+/// An owned generator object, callable through the plain SDK trait.
 pub type GeneratorHandle = RemoteGenerator<'static, abi_stable::std_types::RBox<()>>;
+/// An owned reward object, callable through the plain SDK trait.
 pub type RewardHandle = RemoteReward<'static, abi_stable::std_types::RBox<()>>;
+/// An owned trainer object, callable through the plain SDK trait.
 pub type TrainerHandle = RemoteTrainer<'static, abi_stable::std_types::RBox<()>>;
 
 impl Plugin {
@@ -115,21 +125,25 @@ impl Plugin {
         let obj = self.call(Kind::Retriever, (self.module.new_retriever())(RStr::from_str(config)))?;
         Ok(Box::new(self.wrap(Kind::Retriever, RetrieverHandle::new(obj))?))
     }
+    /// Creates the plugin's generator from its config table (TOML text).
     pub fn generator(&self, config: &str) -> Result<Box<dyn Generator>, HostError> {
         self.provides(Kind::Generator)?;
         let obj = self.call(Kind::Generator, (self.module.new_generator())(RStr::from_str(config)))?;
         Ok(Box::new(self.wrap(Kind::Generator, GeneratorHandle::new(obj))?))
     }
+    /// Creates the plugin's reward from its config table (TOML text).
     pub fn reward(&self, config: &str) -> Result<Box<dyn Reward>, HostError> {
         self.provides(Kind::Reward)?;
         let obj = self.call(Kind::Reward, (self.module.new_reward())(RStr::from_str(config)))?;
         Ok(Box::new(RemoteReward(obj)))
     }
+    /// Creates the plugin's trainer from its config table (TOML text).
     pub fn trainer(&self, config: &str) -> Result<Box<dyn Trainer>, HostError> {
         self.provides(Kind::Trainer)?;
         let obj = self.call(Kind::Trainer, (self.module.new_trainer())(RStr::from_str(config)))?;
         Ok(Box::new(RemoteTrainer(obj)))
     }
+    /// Creates the plugin's index for `dim`-dimensional vectors from its config table.
     pub fn index(&self, config: &str, dim: usize) -> Result<Box<dyn Index>, HostError> {
         self.provides(Kind::Index)?;
         let obj = self.call(Kind::Index, (self.module.new_index())(RStr::from_str(config), dim as u64))?;
@@ -183,6 +197,7 @@ pub fn build_hint(p: &Registered) -> String {
     }
 }
 
+/// A file's sha256 in lowercase hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut f = std::fs::File::open(path)?;
@@ -249,12 +264,15 @@ extern "C" fn host_log(level: u8, target: RStr<'_>, msg: RStr<'_>) {
 
 /// Loads plugins on demand and keeps each library loaded once.
 pub struct PluginHost {
+    /// The registry plugins are looked up in.
     pub registry: Registry,
+    /// What every loaded plugin is handed.
     pub settings: HostSettings,
     loaded: Mutex<HashMap<String, Arc<Plugin>>>,
 }
 
 impl PluginHost {
+    /// A host over `registry`; nothing is loaded until asked for.
     pub fn new(registry: Registry, settings: HostSettings) -> Self {
         Self { registry, settings, loaded: Mutex::new(HashMap::new()) }
     }

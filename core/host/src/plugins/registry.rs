@@ -19,32 +19,64 @@ use serde::Deserialize;
 /// What can go wrong reading a registry (wrapped by the host's error).
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    /// Not valid TOML, or a table that breaks the registry's rules.
     #[error("{}:{line}:{column}: {message}", path.display())]
-    Syntax { path: PathBuf, line: usize, column: usize, message: String },
+    Syntax {
+        /// The registry file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong there.
+        message: String,
+    },
 
+    /// The registry file cannot be read.
     #[error("cannot read {}: {message}", path.display())]
-    Read { path: PathBuf, message: String },
+    Read {
+        /// The registry file.
+        path: PathBuf,
+        /// What the OS said.
+        message: String,
+    },
 
+    /// No registry given and none found.
     #[error("no registry.toml found (looked for RIR_REGISTRY, then ./registry.toml and its parent directories); pass --registry PATH")]
     NotFound,
 
+    /// A plugin name the registry does not list.
     #[error("unknown plugin '{name}' in {}{}", registry.display(), suggestion.as_ref().map(|s| format!("; did you mean '{s}'?")).unwrap_or_default())]
-    UnknownPlugin { name: String, registry: PathBuf, suggestion: Option<String> },
+    UnknownPlugin {
+        /// The name asked for.
+        name: String,
+        /// The registry file.
+        registry: PathBuf,
+        /// The nearest listed name, if one is near.
+        suggestion: Option<String>,
+    },
 }
 
 /// The plugin kinds the host knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
+    /// Encodes queries and passages into vectors.
     Retriever,
+    /// Writes text (and scores given continuations).
     Generator,
+    /// Scores candidates with the retriever and/or generator in use.
     Reward,
+    /// Trains a model from a data file.
     Trainer,
+    /// Searches vectors (approximate or exact).
     Index,
 }
 
 impl Kind {
+    /// Every kind, in the order `rir plugins` lists them.
     pub const ALL: [Kind; 5] = [Kind::Retriever, Kind::Generator, Kind::Reward, Kind::Trainer, Kind::Index];
+    /// The name registry.toml and messages use.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Retriever => "retriever",
@@ -73,6 +105,7 @@ struct RegistryFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
+    /// What the library provides.
     pub kinds: Vec<Kind>,
     /// A crate built in this workspace (its library is looked up in the plugin dirs).
     #[serde(rename = "crate")]
@@ -81,6 +114,7 @@ pub struct Entry {
     pub library: Option<PathBuf>,
     /// Pin: the library's sha256 in hex.
     pub sha256: Option<String>,
+    /// One line for `rir plugins`.
     #[serde(default)]
     pub description: String,
 }
@@ -88,18 +122,23 @@ pub struct Entry {
 /// A registered plugin with its resolved name.
 #[derive(Debug, Clone)]
 pub struct Registered {
+    /// The `NAME` of `[plugins.NAME]`.
     pub name: String,
+    /// Its table.
     pub entry: Entry,
 }
 
 /// A parsed registry file.
 #[derive(Debug, Clone)]
 pub struct Registry {
+    /// The file it was read from.
     pub path: PathBuf,
+    /// The plugins by name.
     pub plugins: BTreeMap<String, Registered>,
 }
 
 impl Registry {
+    /// Reads and parses a registry file.
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| RegistryError::Read { path: path.to_owned(), message: e.to_string() })?;
@@ -137,6 +176,7 @@ impl Registry {
         Ok(Registry { path: path.to_owned(), plugins })
     }
 
+    /// The plugin named `name`, or an error that suggests the nearest name.
     pub fn get(&self, name: &str) -> Result<&Registered, RegistryError> {
         self.plugins.get(name).ok_or_else(|| RegistryError::UnknownPlugin {
             name: name.to_owned(),

@@ -23,7 +23,12 @@ pub enum IndexChoice {
     /// The built-in exact inner-product search.
     Exact,
     /// An Index plugin with its config table (`faiss:SPEC` → plugin "faiss", `factory = SPEC`).
-    Plugin { name: String, config: String },
+    Plugin {
+        /// The index plugin's registry name.
+        name: String,
+        /// Its config table (TOML text).
+        config: String,
+    },
 }
 
 impl std::fmt::Display for IndexChoice {
@@ -51,31 +56,49 @@ impl std::str::FromStr for IndexChoice {
     }
 }
 
+/// Everything one evaluation needs (what `rir eval`'s flags and an
+/// experiment's `[eval]` table become).
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
+    /// A dataset name (fetched into the cache) or a BEIR directory.
     pub dataset: String,
+    /// The qrels split (None: the dataset's evaluation split).
     pub split: Option<String>,
+    /// A local BEIR mirror to fetch from.
     pub mirror: Option<PathBuf>,
+    /// The retriever plugin's registry name.
     pub retriever: String,
+    /// Its config table (TOML text).
     pub retriever_config: String,
     /// Overrides the retriever's own query instruction.
     pub query_instruction: Option<String>,
+    /// A generator plugin that augments each query (None: plain queries).
     pub generator: Option<String>,
+    /// Its config table (TOML text).
     pub generator_config: String,
     /// Weight of the query embedding in the augmentation mix (DESIGN §1.4).
     pub query_weight: f64,
+    /// Tokens per augmentation.
     pub augmentation_max_tokens: u32,
+    /// Where search happens.
     pub index: IndexChoice,
+    /// Results kept per query.
     pub k: usize,
+    /// The measures computed.
     pub measures: Vec<Measure>,
+    /// Over which queries means are taken.
     pub averaging: Averaging,
+    /// Drop results whose document id is the query's id (BEIR does).
     pub ignore_identical_ids: bool,
     /// Texts per plugin call.
     pub batch: usize,
     /// Augmentation requests per generator call.
     pub generation_batch: usize,
+    /// Read and write the embedding and generation caches.
     pub use_cache: bool,
+    /// The directory NAME.DATASET.{trec,json} go to.
     pub output: PathBuf,
+    /// The run's name (checked: it becomes a file name).
     pub name: String,
     /// Where the run sits in an experiment (`{"name", "variant",
     /// "variant_index"}`), recorded so `rir table` can order runs as the
@@ -83,29 +106,42 @@ pub struct EvalOptions {
     pub experiment: Option<serde_json::Value>,
 }
 
+/// What an evaluation can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
+    /// The dataset cannot be fetched or read.
     #[error(transparent)]
     Data(#[from] data::DataError),
+    /// Loading or calling a plugin failed.
     #[error(transparent)]
     Host(#[from] crate::HostError),
+    /// Encoding (or its cache) failed.
     #[error(transparent)]
     Encode(#[from] encode::EncodeError),
+    /// Augmenting (or its cache) failed.
     #[error(transparent)]
     Generate(#[from] crate::engine::generate::GenerateError),
+    /// The index plugin failed.
     #[error("index plugin '{plugin}': {source}")]
     Index {
+        /// Its registry name.
         plugin: String,
+        /// Its error.
         #[source]
         source: rir_sdk::PluginError,
     },
+    /// The run file cannot be written.
     #[error(transparent)]
     RunFile(#[from] runfile::RunFileError),
+    /// The results file cannot be written.
     #[error(transparent)]
     Report(#[from] crate::engine::report::ReportError),
+    /// A file that cannot be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },
@@ -132,11 +168,16 @@ pub fn check_query_weight(w: f64) -> Result<(), String> {
 
 /// What `run` produced, with where it wrote it.
 pub struct EvalOutput {
+    /// The measured results.
     pub results: Results,
+    /// The TREC run file written.
     pub run_file: PathBuf,
+    /// The results JSON written.
     pub results_file: PathBuf,
 }
 
+/// Loads the dataset and plugins, encodes (augmenting queries when a
+/// generator is given), searches, evaluates, and writes the run and results.
 pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
     // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
     crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;

@@ -30,6 +30,7 @@ pub struct QueriesConfig {
     /// Passages are cut to this many characters in the prompt.
     #[serde(default = "d_chars")]
     pub max_chars: usize,
+    /// Seeds the passage sample, the instructions drawn and the sampling.
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Length instructions and their weights.
@@ -38,10 +39,13 @@ pub struct QueriesConfig {
     /// Style instructions and their weights.
     #[serde(default = "d_styles")]
     pub styles: Vec<(String, f64)>,
+    /// Sampling temperature of the query writer.
     #[serde(default = "d_temp")]
     pub temperature: f32,
+    /// Nucleus sampling's p.
     #[serde(default = "d_top_p")]
     pub top_p: f32,
+    /// Tokens per query.
     #[serde(default = "d_qmax")]
     pub max_tokens: u32,
     /// Keep only pairs the generator judges relevant (its 0/1 answer).
@@ -105,18 +109,27 @@ impl Default for QueriesConfig {
 /// One kept pseudo query.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PseudoQuery {
+    /// Its id (`_id`, BEIR's field name).
     #[serde(rename = "_id")]
     pub id: String,
+    /// The query.
     pub text: String,
+    /// The passage it was written from (its positive).
     pub passage_id: String,
+    /// The length instruction drawn for it.
     pub length: String,
+    /// The style instruction drawn for it.
     pub style: String,
 }
 
+/// What the queries stage did (`queries.stats.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QueriesStats {
+    /// Passages sampled (one query each).
     pub sampled: usize,
+    /// Empty completions.
     pub empty: usize,
+    /// Queries the judge answered 0 for.
     pub judged_irrelevant: usize,
     /// Judge answers with no 0/1 in them (counted as irrelevant).
     pub judge_unparsed: usize,
@@ -124,10 +137,12 @@ pub struct QueriesStats {
     /// fewer than three words.
     #[serde(default)]
     pub filtered: usize,
+    /// Queries written to queries.jsonl.
     pub kept: usize,
     /// kept / sampled: how much of what the generator writes the filter keeps.
     #[serde(default)]
     pub keep_rate: f64,
+    /// Completions read from the generation cache.
     pub from_cache: usize,
 }
 
@@ -135,6 +150,7 @@ fn cut(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
 }
 
+/// The prompt that asks for one query a passage answers.
 pub fn query_prompt(task: &Task, passage: &str, length: &str, style: &str) -> Prompt {
     Prompt::Chat(vec![Message::user(format!(
         "{task}\nRead the following {pt} and write one {qt} that it answers. The {qt} should be {length} and {style}. Reply with the {qt} only.\n\n{pt}: {passage}",
@@ -144,6 +160,7 @@ pub fn query_prompt(task: &Task, passage: &str, length: &str, style: &str) -> Pr
     ))])
 }
 
+/// The prompt that asks whether a passage answers a query (0/1).
 pub fn judge_prompt(task: &Task, query: &str, passage: &str) -> Prompt {
     Prompt::Chat(vec![Message::user(format!(
         "{task}\nDoes the {pt} below answer the {qt}? Reply with 1 if it does and 0 if it does not, and nothing else.\n\n{qt}: {query}\n\n{pt}: {passage}",

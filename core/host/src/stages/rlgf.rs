@@ -25,6 +25,7 @@ use crate::engine::prompts::{augmentation, Task};
 use crate::util::files::{write_json, write_jsonl, Rng};
 use crate::stages::queries::PseudoQuery;
 
+/// `[stages.rlgf]`: how rlgf-data mines negatives and asks the teacher.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RlgfDataConfig {
@@ -46,8 +47,10 @@ pub struct RlgfDataConfig {
     /// Ranks (0-based, end exclusive) sampled when mining finds nothing.
     #[serde(default = "d_fallback")]
     pub fallback_ranks: (usize, usize),
+    /// Seeds the fallback sampling.
     #[serde(default = "d_seed")]
     pub seed: u64,
+    /// Requests per generator call, and items per reward call.
     #[serde(default = "d_batch")]
     pub batch: usize,
     /// Texts per retriever call when mining (corpus and queries).
@@ -73,19 +76,25 @@ pub struct RlgfDataConfig {
     pub drop_failed: bool,
 }
 
+/// Which passage is an example's positive (`positive`).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PositiveChoice {
+    /// The teacher's top pick (the method as described).
     #[default]
     Teacher,
+    /// The passage the query was written from.
     Source,
 }
 
+/// The teacher scores written (`teacher_scores`).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TeacherScores {
+    /// 1/(i+1) in the teacher's order.
     #[default]
     Rank,
+    /// The reward's own scores.
     Raw,
 }
 fn d_true() -> bool {
@@ -125,24 +134,38 @@ impl Default for RlgfDataConfig {
 /// One training example in FlagEmbedding's format.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DistillExample {
+    /// The pseudo query.
     pub query: String,
+    /// The generator's answer to it (empty without answers).
     pub answer: String,
+    /// The positive passage (one).
     pub pos: Vec<String>,
+    /// The negatives, in the teacher's order.
     pub neg: Vec<String>,
+    /// The positive's teacher score.
     pub pos_scores: Vec<f64>,
+    /// The negatives' teacher scores.
     pub neg_scores: Vec<f64>,
+    /// The pseudo query's id.
     pub query_id: String,
+    /// The positive's document id.
     pub pos_id: String,
+    /// The negatives' document ids.
     pub neg_ids: Vec<String>,
     /// The passage the pseudo query was written from.
     pub source_id: String,
 }
 
+/// What rlgf-data did (`rlgf.stats.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RlgfStats {
+    /// Pseudo queries read.
     pub queries: usize,
+    /// Queries whose negatives came from mining.
     pub mined: usize,
+    /// Fallbacks: the positive was not in the top `depth`.
     pub fallback_not_in_depth: usize,
+    /// Fallbacks: no rank qualified under the threshold.
     pub fallback_no_rank: usize,
     /// Queries whose top passage after reranking is not the source passage.
     pub positive_changed: usize,
@@ -154,6 +177,7 @@ pub struct RlgfStats {
     pub dropped: usize,
     /// Items written to distill.jsonl.
     pub kept: usize,
+    /// Answers read from the generation cache.
     pub answers_from_cache: usize,
 }
 
@@ -206,6 +230,9 @@ pub fn sample_ranks(hits: &[(usize, f32)], positive: usize, range: (usize, usize
     pool
 }
 
+/// Stage rlgf-data: answers from the generator, negatives mined with the
+/// retriever, the group reranked (scored) by the generator's reward; writes
+/// distill.jsonl (FlagEmbedding's format) and rlgf.stats.json.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     ds: &Dataset,

@@ -25,21 +25,26 @@ use crate::engine::prompts::{augmentation, Task};
 use crate::util::files::{write_json, write_jsonl};
 use crate::stages::queries::PseudoQuery;
 
+/// `[stages.rlrf]`: how rlrf-data samples augmentations and makes pairs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RlrfDataConfig {
     /// Augmentations sampled per query.
     #[serde(default = "d_k")]
     pub k: u32,
+    /// Sampling temperature.
     #[serde(default = "d_temp")]
     pub temperature: f32,
+    /// Nucleus sampling's p.
     #[serde(default = "d_top_p")]
     pub top_p: f32,
+    /// Tokens per augmentation.
     #[serde(default = "d_max")]
     pub max_tokens: u32,
     /// τ of the pair rule.
     #[serde(default = "d_tau")]
     pub tau: f64,
+    /// Seeds the sampling (each query's samples from seed + its index).
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Requests per generator call, and items per reward call.
@@ -77,23 +82,36 @@ impl Default for RlrfDataConfig {
 /// A kept preference pair with what decided it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PreferencePair {
+    /// The pseudo query's id.
     pub query_id: String,
+    /// The pseudo query.
     pub query: String,
+    /// Its source passage.
     pub passage_id: String,
     /// The augmentation prompt, as chat messages.
     pub prompt: Vec<Message>,
+    /// The best-scored augmentation.
     pub chosen: String,
+    /// The worst-scored augmentation.
     pub rejected: String,
+    /// The reward's score of `chosen`.
     pub chosen_score: f64,
+    /// The reward's score of `rejected`.
     pub rejected_score: f64,
+    /// The reward's baseline (the query alone).
     pub raw_score: f64,
+    /// All k augmentations.
     pub candidates: Vec<String>,
+    /// Their scores.
     pub scores: Vec<f64>,
 }
 
+/// What rlrf-data did (`rlrf.stats.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RlrfStats {
+    /// Queries augmented.
     pub queries: usize,
+    /// Pairs kept.
     pub pairs: usize,
     /// No augmentation beat the query alone.
     pub no_gain: usize,
@@ -101,9 +119,13 @@ pub struct RlrfStats {
     pub too_close: usize,
     /// Fewer than two distinct augmentations.
     pub degenerate: usize,
+    /// Mean baseline score.
     pub mean_raw: f64,
+    /// Mean best augmentation score.
     pub mean_best: f64,
+    /// Mean worst augmentation score.
     pub mean_worst: f64,
+    /// Augmentations read from the generation cache.
     pub generations_from_cache: usize,
 }
 
@@ -168,6 +190,9 @@ pub fn dataset_info(name: &str) -> serde_json::Value {
     })
 }
 
+/// Stage rlrf-data: k augmentations per pseudo query, scored by the
+/// reward; the pair rule keeps (best, worst) pairs for DPO. Writes
+/// pairs.jsonl, dpo.jsonl (sharegpt), dataset_info.json and rlrf.stats.json.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     ds: &Dataset,

@@ -17,10 +17,12 @@ use crate::plugins::registry::Kind;
 /// Ctrl-C when the caller wires it up.
 pub struct BarSink {
     bar: Mutex<Option<(String, ProgressBar)>>,
+    /// Set to stop the trainer at its next check (Ctrl-C).
     pub cancel: AtomicBool,
 }
 
 impl BarSink {
+    /// A sink with no bar shown yet.
     pub fn new() -> Self {
         BarSink { bar: Mutex::new(None), cancel: AtomicBool::new(false) }
     }

@@ -12,11 +12,16 @@ use crate::plugins::PluginHost;
 /// same GEMM crate candle's CPU backend uses.
 #[derive(Debug, Clone, Serialize)]
 pub struct GemmPeak {
+    /// The matrix size.
     pub n: usize,
+    /// Threads used.
     pub threads: usize,
+    /// The best rate, GFLOP/s.
     pub gflops: f64,
 }
 
+/// Measures [`GemmPeak`]: the machine's fp32 GEMM ceiling, against which
+/// encoding throughput is reported as a share.
 pub fn gemm_peak(n: usize, threads: usize, reps: usize) -> GemmPeak {
     let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32) * 0.01).collect();
     let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32) * 0.01).collect();
@@ -47,8 +52,11 @@ pub fn gemm_peak(n: usize, threads: usize, reps: usize) -> GemmPeak {
 /// BERT shape, from config.json, for counting FLOPs.
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
 pub struct BertShape {
+    /// Model width.
     pub hidden_size: usize,
+    /// FFN width.
     pub intermediate_size: usize,
+    /// Layers.
     pub num_hidden_layers: usize,
 }
 
@@ -63,17 +71,28 @@ impl BertShape {
     }
 }
 
+/// One row of `rir bench encode`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EncodeBench {
+    /// The retriever plugin.
     pub plugin: String,
+    /// Its config table.
     pub config: String,
+    /// Documents encoded.
     pub docs: usize,
+    /// Their tokens (after truncation).
     pub tokens: usize,
+    /// Wall-clock seconds.
     pub seconds: f64,
+    /// Documents per second.
     pub docs_per_s: f64,
+    /// Tokens per second.
     pub tokens_per_s: f64,
+    /// Forward FLOPs done, in GFLOP ([`BertShape::flops`]).
     pub gflop: f64,
+    /// Their rate, GFLOP/s.
     pub gflops: f64,
+    /// That rate as a share of [`gemm_peak`].
     pub percent_of_peak: f64,
 }
 
@@ -125,12 +144,17 @@ pub fn bench_encode(
 /// One row of `rir bench generate`.
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerateBench {
+    /// Which engine: `rir PLUGIN` or llama.cpp.
     pub engine: String,
     /// "single" (one sequence at a time) or "aggregate" (`sequences` together).
     pub mode: String,
+    /// Sequences generated.
     pub sequences: usize,
+    /// Tokens generated (or, for prefill, prompt tokens).
     pub tokens: usize,
+    /// Wall-clock seconds.
     pub seconds: f64,
+    /// Tokens per second.
     pub tokens_per_s: f64,
 }
 
@@ -253,6 +277,7 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> anyhow::Result<(usize, f64)>) 
 /// A llama.cpp server (the xllamacpp Python package) on loopback, stopped on drop.
 pub struct LlamaCppServer {
     child: std::process::Child,
+    /// Its base URL (`http://127.0.0.1:PORT`).
     pub base: String,
 }
 

@@ -29,11 +29,13 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), HostErro
     write_atomic(path, &buf)
 }
 
+/// Writes `v` as pretty JSON, atomically.
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), HostError> {
     let buf = serde_json::to_vec_pretty(v).map_err(|e| HostError::Json { path: path.to_owned(), line: None, source: e })?;
     write_atomic(path, &buf)
 }
 
+/// Writes `bytes` to a temporary file beside `path`, then renames it over `path`: a reader never sees half a file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
     let io = |source| HostError::Io { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
@@ -44,6 +46,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
     std::fs::rename(&tmp, path).map_err(io)
 }
 
+/// Reads JSON lines (blank lines skipped); an error names the file and line.
 pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, HostError> {
     let text = std::fs::read_to_string(path).map_err(|source| HostError::Io { path: path.to_owned(), source })?;
     text.lines()
@@ -57,6 +60,7 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, H
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -64,6 +68,7 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+    /// Uniform in [0, 1), from 53 random bits.
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }

@@ -1,0 +1,29 @@
+//! The cargo examples run as a user would run them (`cargo test` builds
+//! them first, so they cannot rot and their output is checked here).
+
+mod common;
+
+use common::*;
+
+fn example(name: &str) -> std::process::Command {
+    let dir = plugin_dir(); // target/<profile>, where the examples are built too
+    let exe = dir.join("examples").join(name);
+    assert!(exe.is_file(), "{} is not built (cargo test builds examples)", exe.display());
+    let mut c = std::process::Command::new(exe);
+    c.env("RIR_REGISTRY", root().join("registry.toml")).env("RIR_MIRROR", mirror());
+    c
+}
+
+#[test]
+fn zero_shot_prints_the_seeds_similarity_matrix() {
+    let out = example("zero_shot").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // Two augmentation lines and a 2 × 2 matrix; the example itself checks
+    // that each query's own document scores higher.
+    assert_eq!(stdout.lines().filter(|l| l.contains(" augmented with ")).count(), 2, "{stdout}");
+    let matrix = stdout.lines().last().unwrap();
+    let values: Vec<f32> = matrix.trim_matches(|c| c == '[' || c == ']').split(|c| c == ',' || c == '[' || c == ']').filter_map(|v| v.trim().parse().ok()).collect();
+    assert_eq!(values.len(), 4, "{matrix}");
+    assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)), "{matrix}");
+}
