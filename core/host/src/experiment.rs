@@ -294,6 +294,14 @@ pub fn load(path: &Path) -> Result<Experiment, HostError> {
     parse(&text, path)
 }
 
+/// An experiment built in code, put through the same checks as a file
+/// (names, ranges, variants): it is written as TOML and parsed back, so an
+/// error names the key as it would in a file called `<in code>`.
+pub fn checked(exp: &Experiment) -> Result<Experiment, HostError> {
+    let text = toml::to_string(exp).map_err(|e| HostError::Input(format!("<in code>: cannot write the experiment as TOML: {e}")))?;
+    parse(&text, Path::new("<in code>"))
+}
+
 /// Parses experiment text and checks it (names, ranges, variants) before
 /// any work; `path` is named in errors and anchors a relative `mirror`.
 pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {

@@ -27,3 +27,27 @@ fn zero_shot_prints_the_seeds_similarity_matrix() {
     assert_eq!(values.len(), 4, "{matrix}");
     assert!(values.iter().all(|v| (-1.0..=1.0).contains(v)), "{matrix}");
 }
+
+#[test]
+fn eval_scifact_reproduces_minilms_published_score() {
+    let out = example("eval_scifact").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // all-MiniLM-L6-v2 on SciFact: MTEB's nDCG@10 0.6451 (pytrec_eval).
+    let ndcg: f64 = stdout.lines().find_map(|l| l.strip_prefix("nDCG@10\t")).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("{stdout}"));
+    assert!((ndcg - 0.6451).abs() < 5e-4, "{stdout}");
+    assert!(stdout.contains("run file: ") && stdout.contains("results: "), "{stdout}");
+}
+
+#[test]
+fn an_experiment_built_in_code_plans_like_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = example("experiment_in_code").args(["scifact", "--dry-run"]).current_dir(tmp.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // One round: queries, the four training-data / training stages, and the four variants' evaluations.
+    for label in ["scifact: queries", "round 1: rlrf-data", "round 1: rlrf-train", "round 1: rlgf-data", "round 1: rlgf-train", "eval base", "eval +RLRF", "eval +RLGF", "eval both"] {
+        assert!(stdout.lines().any(|l| l.contains(label) && l.contains("to run")), "{label}: {stdout}");
+    }
+    assert!(tmp.path().join("runs/in-code").is_dir(), "runs go under ./runs/in-code");
+}
