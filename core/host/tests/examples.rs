@@ -51,3 +51,24 @@ fn an_experiment_built_in_code_plans_like_a_file() {
     }
     assert!(tmp.path().join("runs/in-code").is_dir(), "runs go under ./runs/in-code");
 }
+
+#[test]
+fn a_third_party_reward_loads_and_scores() {
+    let lib = plugin_dir().join("examples").join(format!("{}third_party_reward{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX));
+    assert!(lib.is_file(), "{} is not built (cargo test builds examples)", lib.display());
+    let (_dir, host) = host_from(&format!("[plugins.overlap-reward]\nkinds = [\"reward\"]\nlibrary = {:?}\n", lib.display().to_string()));
+    let host = host.unwrap();
+    let p = host.load("overlap-reward").unwrap();
+    assert!(p.validate(rir::Kind::Reward, rir_sdk::ConfigOf::Reward, "min_len = 0").is_err(), "its own config check runs");
+    let reward = p.reward("").unwrap();
+    let item = rir_sdk::RewardItem {
+        query: "vitamin trial".into(),
+        reference: "A randomized trial of vitamin D in older adults".into(),
+        candidates: vec!["vitamin D randomized adults".into(), "football".into()],
+    };
+    let s = reward.score(&rir_sdk::RewardContext::default(), &[item]).unwrap();
+    // Passage words of 4+ letters: randomized, trial, vitamin, older, adults (5).
+    assert_eq!(s[0].baseline, Some(2.0 / 5.0));
+    assert_eq!(s[0].scores, vec![3.0 / 5.0, 0.0]);
+    assert_eq!(s[0].query_weight, Some(0.0));
+}

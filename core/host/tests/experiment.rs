@@ -170,6 +170,12 @@ retriever = "rlgf"
     let steps = m["steps"].as_array().unwrap();
     assert!(!steps.is_empty() && steps.iter().all(|s| s["cached"] == true && s["seconds"].as_f64().is_some()), "{steps:?}");
 
+    // The zero-shot example on the run's tuned models (examples/zero_shot.rs --run).
+    let ex = Command::new(plugin_dir().join("examples/zero_shot")).args(["--run", run_dir.to_str().unwrap()]).env("RIR_REGISTRY", root().join("registry.toml")).output().unwrap();
+    let ex_out = String::from_utf8_lossy(&ex.stdout);
+    assert!(ex.status.success(), "{ex_out}\n{}", String::from_utf8_lossy(&ex.stderr));
+    assert_eq!(ex_out.lines().filter(|l| l.contains(" augmented with ")).count(), 2, "{ex_out}");
+
     // `rir table` over every eval folder, as a shell glob lists them (`+RLRF`
     // sorts before `base`): stage.json and run files are skipped with a
     // note, and the rows follow the experiment's variants, base first.
