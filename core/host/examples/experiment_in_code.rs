@@ -59,8 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let opts = RunOptions { output: "runs".into(), dry_run, only: None, from: None, use_cache: true };
     let out = experiment::run(&host, &exp, &opts)?;
     for s in &out.steps {
-        let status = if s.cached { "cached" } else if s.seconds.is_some() { "ran" } else { "to run" };
-        println!("{:<40} {status:<7} {}", s.label, s.dir.display());
+        println!("{:<40} {:<7} {}", s.label, s.status(dry_run), s.dir.display());
     }
     if let Some(t) = &out.table {
         println!("{t}");

@@ -174,9 +174,8 @@ mod tests {
 
     #[test]
     fn typed_causes_stay_in_the_chain() {
-        let dir = std::env::temp_dir().join(format!("rir-error-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("rows.jsonl");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("rows.jsonl");
         std::fs::write(&f, "{\"a\": 1}\n{oops\n").unwrap();
         let e = crate::util::files::read_jsonl::<serde_json::Value>(&f).unwrap_err();
         assert!(e.to_string().starts_with(&format!("{}:2: ", f.display())), "{e}");
@@ -186,6 +185,5 @@ mod tests {
         let e = HostError::step("rlrf-data: augment", io);
         assert_eq!(e.to_string(), "rlrf-data: augment: disk gone");
         assert_eq!(e.source().unwrap().to_string(), "disk gone");
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -564,6 +564,22 @@ pub struct Step {
     pub seconds: Option<f64>,
 }
 
+impl Step {
+    /// What the step table says: `cached`, `ran` (it has a time), `to run`
+    /// (a dry run) or `not run` (after `--only`).
+    pub fn status(&self, dry_run: bool) -> &'static str {
+        if self.cached {
+            "cached"
+        } else if self.seconds.is_some() {
+            "ran"
+        } else if dry_run {
+            "to run"
+        } else {
+            "not run"
+        }
+    }
+}
+
 /// What a finished run leaves: the steps and the results files.
 pub struct RunOutput {
     /// The plan's steps, with what each did.

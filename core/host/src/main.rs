@@ -724,9 +724,7 @@ fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["step", "status", "seconds", "directory"]);
     for s in &out.steps {
-        // A stage that ran has its time; a dry run's and the stages after `--only` have none.
-        let status = if s.cached { "cached" } else if s.seconds.is_some() { "ran" } else if a.dry_run { "to run" } else { "not run" };
-        t.add_row(vec![s.label.clone(), status.into(), s.seconds.map_or("-".into(), |x| format!("{x:.1}")), s.dir.display().to_string()]);
+        t.add_row(vec![s.label.clone(), s.status(a.dry_run).into(), s.seconds.map_or("-".into(), |x| format!("{x:.1}")), s.dir.display().to_string()]);
     }
     println!("{t}");
     if let Some(table) = &out.table {

@@ -72,24 +72,29 @@ impl ReinforcedIr {
     pub fn load(host: &PluginHost, retriever: (&str, &str), generator: Option<(&str, &str)>) -> Result<Self, HostError> {
         use crate::plugins::registry::Kind;
         use rir_sdk::ConfigOf;
+        // Both tables checked before either model loads.
         let rp = host.load(retriever.0)?;
         rp.validate(Kind::Retriever, ConfigOf::Retriever, retriever.1)?;
-        let gp = generator.map(|(name, _)| host.load(name)).transpose()?;
-        if let (Some(p), Some((_, cfg))) = (&gp, generator) {
-            p.validate(Kind::Generator, ConfigOf::Generator, cfg)?;
-        }
-        let r = rp.retriever(retriever.1)?;
-        let g = match (&gp, generator) {
-            (Some(p), Some((_, cfg))) => Some(p.generator(cfg)?),
-            _ => None,
+        let gp = match generator {
+            Some((name, cfg)) => {
+                let p = host.load(name)?;
+                p.validate(Kind::Generator, ConfigOf::Generator, cfg)?;
+                Some((p, name, cfg))
+            }
+            None => None,
         };
         let root = &host.settings.cache_dir;
-        let mut m = Self::from_parts(r, g, host.settings.threads);
-        m.ecache = Some(EmbeddingCache::new(root, &m.retriever.info().fingerprint));
-        if let (Some(g), Some((name, cfg))) = (&m.generator, generator) {
-            m.gcache = Some(GenerationCache::for_generator(root, name, cfg, g.as_ref()));
-        }
-        Ok(m)
+        let r = rp.retriever(retriever.1)?;
+        let ecache = Some(EmbeddingCache::new(root, &r.info().fingerprint));
+        let (g, gcache) = match gp {
+            Some((p, name, cfg)) => {
+                let g = p.generator(cfg)?;
+                let c = GenerationCache::for_generator(root, name, cfg, g.as_ref());
+                (Some(g), Some(c))
+            }
+            None => (None, None),
+        };
+        Ok(Self { ecache, gcache, ..Self::from_parts(r, g, host.settings.threads) })
     }
 
     /// A model over objects already made (no caches); `threads` sizes search.
