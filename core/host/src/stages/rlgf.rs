@@ -14,16 +14,17 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use rir_sdk::{GenerationRequest, Generator, Retriever, Reward, RewardContext, RewardItem};
+use rir_sdk::{GenerationRequest, Reward, RewardContext, RewardItem};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::data::Dataset;
-use crate::engine::encode::{encode, EmbeddingCache, Side};
+use crate::engine::encode::{encode, Side};
 use crate::error::HostError;
-use crate::engine::generate::{generate_all, GenerationCache};
+use crate::engine::generate::generate_all;
 use crate::engine::prompts::{augmentation, Task};
 use crate::util::files::{write_json, write_jsonl, Rng};
 use crate::stages::queries::PseudoQuery;
+use crate::stages::{Context, DataStage, GeneratorIn, Needs, RetrieverIn, Stage};
 
 /// `[stages.rlgf]`: how rlgf-data mines negatives and asks the teacher.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -123,6 +124,14 @@ fn d_seed() -> u64 {
 }
 fn d_batch() -> usize {
     8
+}
+
+impl RlgfDataConfig {
+    /// The same mining without the generator (GPL/InPars-style data): no
+    /// answers, no reranking, the source passage as the positive.
+    pub fn gpl(&self) -> Self {
+        RlgfDataConfig { no_rerank: true, positive: PositiveChoice::Source, answer_max_tokens: 0, ..self.clone() }
+    }
 }
 
 impl Default for RlgfDataConfig {
@@ -232,21 +241,55 @@ pub fn sample_ranks(hits: &[(usize, f32)], positive: usize, range: (usize, usize
 
 /// Stage rlgf-data: answers from the generator, negatives mined with the
 /// retriever, the group reranked (scored) by the generator's reward; writes
-/// distill.jsonl (FlagEmbedding's format) and rlgf.stats.json.
+/// distill.jsonl (FlagEmbedding's format) and rlgf.stats.json. With
+/// `no_rerank` and `answer_max_tokens = 0` neither the generator nor the
+/// reward is called and the context need not hold them (GPL-style data).
+pub struct RlgfData;
+
+impl DataStage for RlgfData {
+    const STAGE: Stage = Stage::RlgfData;
+    const ABOUT: &'static str = "Stage `rlgf-data`: answers, hard negatives, generator reranking -> FlagEmbedding-style distillation data";
+    const NEEDS: Needs = Needs {
+        queries: true,
+        generator: "The (tuned) generator: answers and reranking",
+        retriever: Some("The current retriever: hard-negative mining"),
+        reward: Some(("generator-reward", "Reward plugin (generator feedback)")),
+    };
+    const OUTPUTS: &'static [&'static str] = &["distill.jsonl", "rlgf.stats.json"];
+    type Config = RlgfDataConfig;
+    type Output = Vec<DistillExample>;
+    type Stats = RlgfStats;
+
+    fn run(ctx: &Context<'_>, cfg: &RlgfDataConfig, out: &Path) -> Result<(Vec<DistillExample>, RlgfStats), HostError> {
+        let r = ctx.retriever(Stage::RlgfData)?;
+        // Only asked for when they are called.
+        let g = if cfg.answer_max_tokens > 0 || !cfg.no_rerank { Some(ctx.generator(Stage::RlgfData)?) } else { ctx.generator };
+        let w = if cfg.no_rerank { ctx.reward } else { Some(ctx.reward(Stage::RlgfData)?) };
+        run(ctx.dataset, ctx.task, ctx.queries, g, r, w, cfg, ctx.threads, out)
+    }
+
+    fn summary(s: &RlgfStats) -> String {
+        format!(
+            "{} queries: negatives mined for {} ({} fell back: positive beyond depth; {} fell back: no rank under the threshold); the generator moved the positive in {}; {} reranking answers needed a fallback",
+            s.queries, s.mined, s.fallback_not_in_depth, s.fallback_no_rank, s.positive_changed, s.rerank_fallbacks
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-pub fn run(
+fn run(
     ds: &Dataset,
     task: &Task,
     queries: &[PseudoQuery],
-    generator: &dyn Generator,
-    gcache: Option<&GenerationCache>,
-    retriever: &dyn Retriever,
-    ecache: Option<&EmbeddingCache>,
-    reward: &dyn Reward,
+    generator: Option<GeneratorIn<'_>>,
+    retriever: RetrieverIn<'_>,
+    reward: Option<&dyn Reward>,
     cfg: &RlgfDataConfig,
     threads: usize,
     out_dir: &Path,
 ) -> Result<(Vec<DistillExample>, RlgfStats), HostError> {
+    let (ecache, retriever) = (retriever.cache, retriever.model);
+    let missing = |what: &str| HostError::Input(format!("rlgf-data: needs a {what}"));
     let by_id: HashMap<&str, usize> = ds.corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
     let sources: Vec<usize> = queries
         .iter()
@@ -265,7 +308,8 @@ pub fn run(
     } else {
         let reqs: Vec<GenerationRequest> =
             queries.iter().map(|q| GenerationRequest::greedy(augmentation(task, &q.text), cfg.answer_max_tokens)).collect();
-        let (answers, from_cache) = generate_all(generator, &reqs, gcache, cfg.batch, "answers").map_err(|e| HostError::step("rlgf-data", e))?;
+        let g = generator.ok_or_else(|| missing("generator"))?;
+        let (answers, from_cache) = generate_all(g.model, &reqs, g.cache, cfg.batch, "answers").map_err(|e| HostError::step("rlgf-data", e))?;
         (answers.iter().map(|c| c.first().map(|c| c.text.trim().to_owned()).unwrap_or_default()).collect(), from_cache)
     };
 
@@ -316,7 +360,9 @@ pub fn run(
         scores = groups.iter().map(|g| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect()).collect();
     } else {
         // The teacher's calls go through the stage's generation cache.
-        let cached = crate::engine::generate::Cached::new(generator, gcache);
+        let g = generator.ok_or_else(|| missing("generator"))?;
+        let reward = reward.ok_or_else(|| missing("reward plugin"))?;
+        let cached = crate::engine::generate::Cached::new(g.model, g.cache);
         let ctx = RewardContext { retriever: Some(retriever), generator: Some(&cached) };
         let bar = crate::util::progress::bar(items.len(), "rerank", "queries");
         for chunk in items.chunks(cfg.batch.max(1)) {

@@ -24,6 +24,7 @@ use crate::engine::generate::{generate_all, GenerationCache};
 use crate::engine::prompts::{augmentation, Task};
 use crate::util::files::{write_json, write_jsonl};
 use crate::stages::queries::PseudoQuery;
+use crate::stages::{Context, DataStage, Needs, Stage};
 
 /// `[stages.rlrf]`: how rlrf-data samples augmentations and makes pairs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -193,8 +194,37 @@ pub fn dataset_info(name: &str) -> serde_json::Value {
 /// Stage rlrf-data: k augmentations per pseudo query, scored by the
 /// reward; the pair rule keeps (best, worst) pairs for DPO. Writes
 /// pairs.jsonl, dpo.jsonl (sharegpt), dataset_info.json and rlrf.stats.json.
+pub struct RlrfData;
+
+impl DataStage for RlrfData {
+    const STAGE: Stage = Stage::RlrfData;
+    const ABOUT: &'static str = "Stage `rlrf-data`: k augmentations per pseudo query, scored by a reward, kept as DPO pairs";
+    const NEEDS: Needs = Needs {
+        queries: true,
+        generator: "Generator plugin that writes the augmentations",
+        retriever: Some("Retriever plugin the reward scores them with"),
+        reward: Some(("retriever-reward", "Reward plugin (retriever feedback)")),
+    };
+    const OUTPUTS: &'static [&'static str] = &["pairs.jsonl", "dpo.jsonl", "dataset_info.json", "rlrf.stats.json"];
+    type Config = RlrfDataConfig;
+    type Output = Vec<PreferencePair>;
+    type Stats = RlrfStats;
+
+    fn run(ctx: &Context<'_>, cfg: &RlrfDataConfig, out: &Path) -> Result<(Vec<PreferencePair>, RlrfStats), HostError> {
+        let (g, r, w) = (ctx.generator(Stage::RlrfData)?, ctx.retriever(Stage::RlrfData)?, ctx.reward(Stage::RlrfData)?);
+        run(ctx.dataset, ctx.task, ctx.queries, g.model, g.cache, r.model, w, cfg, out)
+    }
+
+    fn summary(s: &RlrfStats) -> String {
+        format!(
+            "{} queries: {} pairs ({} without gain over the query alone, {} too close under tau, {} degenerate); mean raw {:.4}, best {:.4}, worst {:.4}",
+            s.queries, s.pairs, s.no_gain, s.too_close, s.degenerate, s.mean_raw, s.mean_best, s.mean_worst
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
-pub fn run(
+fn run(
     ds: &Dataset,
     task: &Task,
     queries: &[PseudoQuery],
