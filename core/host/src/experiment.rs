@@ -782,9 +782,7 @@ struct Planned {
 /// GPL-style peer when a variant asks for it), then one eval per variant.
 /// Every directory name is a hash of what the step reads (settings, plugin
 /// ids, upstream hashes), so the plan is known before anything runs.
-fn plan(r: &Runner, exp: &Experiment, datasets: &[crate::engine::data::Dataset], root: &Path) -> Result<Vec<Planned>, HostError> {
-    let base_gen = Model { id: r.plugin_id(&exp.generator.plugin, &exp.generator.config)?, path: None };
-    let base_ret = Model { id: r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?, path: None };
+fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, datasets: &[crate::engine::data::Dataset], root: &Path) -> Result<Vec<Planned>, HostError> {
     let mut plan = Vec::new();
     for (di, (dataset, ds)) in exp.datasets.iter().zip(datasets).enumerate() {
         // By the dataset's name: `dataset` may be a path.
@@ -973,7 +971,9 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         .iter()
         .map(|d| crate::engine::data::open(d, exp.eval.split.as_deref(), &cache, exp.mirror.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
-    let steps = plan(&r, exp, &datasets, &root)?;
+    let base_gen = Model { id: r.plugin_id(&exp.generator.plugin, &exp.generator.config)?, path: None };
+    let base_ret = Model { id: r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?, path: None };
+    let steps = plan(exp, &base_gen, &base_ret, &datasets, &root)?;
     let mut results = Vec::new();
     for p in &steps {
         let ds = &datasets[p.dataset];
@@ -985,7 +985,8 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
     let table = if opts.dry_run || results.iter().any(|p| !p.is_file()) { None } else { Some(write_tables(exp, &results, &root)?) };
     // A dry run does no work: the manifest stays that of the last real run.
     if !opts.dry_run {
-        let models = serde_json::json!({"generator": r.plugin_id(&exp.generator.plugin, &exp.generator.config)?, "retriever": r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?});
+        // The ids the plan hashed (local model files fingerprinted once).
+        let models = serde_json::json!({"generator": base_gen.id, "retriever": base_ret.id});
         write_manifest(host, exp, &models, &r.steps, &results, t_all.elapsed().as_secs_f64(), &root)?;
     }
     let steps = std::mem::take(&mut r.steps);

@@ -45,7 +45,7 @@
 //! loss = "listwise"       # listwise (Plackett-Luce over the order) | kl (over the teacher's scores) | infonce (positive only)
 //! t_teacher = 1.0         # kl: temperature of the teacher's scores
 //! t_answer = 0.05
-//! answer_weight = 1.0      # 0 (with normalised embeddings): answers are not encoded at all
+//! answer_weight = 1.0      # 0 (with normalised embeddings): answers are not encoded (~0.5 GB less peak memory)
 //! # false_negative_margin = 0.0  # default unset (no denoising); drop negatives scored > pos - margin
 //! norm_weight = 1.0
 //! pooling = "mean"        # cls | mean (default: the model's sentence-transformers config, else cls)
@@ -754,6 +754,28 @@ mod tests {
                 checked += 1;
             }
             assert!(checked >= 10);
+            if normalized {
+                // Without answers (answer_weight 0, normalised): the same
+                // ranking loss and gradients as with them at weight 0.
+                let mut p0 = p.clone();
+                p0.answer_weight = 0.0;
+                let e = |(i, m): &(Tensor, Tensor), mean: bool| l2_normalize(&pool(&model.forward(i, m).unwrap(), m, mean).unwrap()).unwrap();
+                let (eq, ea, ep) = (e(&q, true), e(&a, true), e(&ps, false));
+                let with = rlgf_loss(&eq, Some(&ea), &ep, 3, &p0, true, teacher).unwrap();
+                let without = rlgf_loss(&eq, None, &ep, 3, &p0, true, teacher).unwrap();
+                assert_eq!(with.list, without.list);
+                let t = |x: &Tensor| x.to_scalar::<f64>().unwrap();
+                assert!((t(&with.total) - t(&without.total)).abs() < 1e-12 && without.answer == 0.0);
+                let (gw, go) = (with.total.backward().unwrap(), without.total.backward().unwrap());
+                for (name, v) in &vars {
+                    let (a, b) = (gw.get(v.as_tensor()), go.get(v.as_tensor()));
+                    let flat = |g: Option<&Tensor>| g.map(|g| g.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+                    let (a, b) = (flat(a), flat(b));
+                    if let (Some(a), Some(b)) = (&a, &b) {
+                        assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12), "{name}");
+                    }
+                }
+            }
         }
     }
 

@@ -124,7 +124,8 @@ pub fn toml_arg(s: &str, what: &str) -> Result<String, HostError> {
         Some(path) => std::fs::read_to_string(path).map_err(|e| HostError::Input(format!("{what}: reading {path}: {e}")))?,
         None => s.to_owned(),
     };
-    text.parse::<toml::Table>().map_err(|e| HostError::Input(format!("{what} is not a TOML table: {}", e.message())))?;
+    // toml's own text: the line, column and the offending key.
+    text.parse::<toml::Table>().map_err(|e| HostError::Input(format!("{what} is not a TOML table: {e}")))?;
     Ok(text)
 }
 
@@ -138,7 +139,7 @@ pub fn run(host: &PluginHost, c: &StageCommand) -> Result<Vec<String>, HostError
 pub fn run_stage<S: DataStage>(host: &PluginHost, f: &StageFlags) -> Result<Vec<String>, HostError> {
     let cfg: S::Config = {
         let text = toml_arg(&f.config, "--config")?;
-        toml::from_str(&text).map_err(|e| HostError::Input(format!("--config: {}", e.message())))?
+        toml::from_str(&text).map_err(|e| HostError::Input(format!("--config: {e}")))?
     };
     let gcfg = toml_arg(&f.generator.1, "--generator-config")?;
     let mut checks = vec![("--generator-config", f.generator.0.as_str(), Kind::Generator, ConfigOf::Generator, gcfg.clone())];

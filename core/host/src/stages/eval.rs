@@ -176,10 +176,9 @@ pub struct EvalOutput {
     pub results_file: PathBuf,
 }
 
-/// Loads the dataset and plugins, encodes (augmenting queries when a
-/// generator is given), searches, evaluates, and writes the run and results.
-pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
-    // The name becomes NAME.DATASET.{trec,json} inside `output`: checked before any work.
+/// The options that would give wrong numbers or paths, refused before any work.
+fn check(o: &EvalOptions) -> Result<(), EvalError> {
+    // The name becomes NAME.DATASET.{trec,json} inside `output`.
     crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
     check_k(o.k).and(check_query_weight(o.query_weight)).map_err(EvalError::Invalid)?;
     for (key, v) in [("batch", o.batch), ("generation_batch", o.generation_batch)] {
@@ -187,18 +186,23 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
             return Err(EvalError::Invalid(format!("{key} must be at least 1")));
         }
     }
+    Ok(())
+}
+
+/// Loads the dataset and plugins, encodes (augmenting queries when a
+/// generator is given), searches, evaluates, and writes the run and results.
+pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
+    check(o)?;
     let t = Instant::now();
     let ds = data::open(&o.dataset, o.split.as_deref(), &host.settings.cache_dir, o.mirror.as_deref())?;
     for w in ds.report.warnings() {
         log::warn!("{}: {w}", ds.dir.display());
     }
-    let load = t.elapsed().as_secs_f64();
+    let mut timings = BTreeMap::new();
+    timings.insert("load".to_owned(), t.elapsed().as_secs_f64());
     let retriever = host.load(&o.retriever)?.retriever(&o.retriever_config)?;
     let generator = o.generator.as_ref().map(|g| host.load(g)?.generator(&o.generator_config)).transpose()?;
-    let mut out = run_loaded(host, o, &ds, retriever.as_ref(), generator.as_deref())?;
-    out.results.timings.insert("load".to_owned(), load);
-    out.results.write(&out.results_file)?;
-    Ok(out)
+    evaluate(host, o, &ds, retriever.as_ref(), generator.as_deref(), timings)
 }
 
 /// [`run`] with the dataset open and the models loaded (what `rir run`
@@ -211,9 +215,19 @@ pub fn run_loaded(
     retriever: &dyn rir_sdk::Retriever,
     generator: Option<&dyn rir_sdk::Generator>,
 ) -> Result<EvalOutput, EvalError> {
-    crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
-    check_k(o.k).and(check_query_weight(o.query_weight)).map_err(EvalError::Invalid)?;
-    let mut timings = BTreeMap::new();
+    check(o)?;
+    evaluate(host, o, ds, retriever, generator, BTreeMap::new())
+}
+
+/// The evaluation itself; `timings` holds what the caller already timed.
+fn evaluate(
+    host: &PluginHost,
+    o: &EvalOptions,
+    ds: &data::Dataset,
+    retriever: &dyn rir_sdk::Retriever,
+    generator: Option<&dyn rir_sdk::Generator>,
+    mut timings: BTreeMap<String, f64>,
+) -> Result<EvalOutput, EvalError> {
     let cache_root = host.settings.cache_dir.clone();
     let info = retriever.info();
     let cache = o.use_cache.then(|| EmbeddingCache::new(&cache_root, &info.fingerprint));

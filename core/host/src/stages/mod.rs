@@ -193,3 +193,19 @@ pub trait DataStage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_keys_are_the_config_types_own() {
+        let keys = queries::Queries::config_keys();
+        for k in ["passages", "max_chars", "filter", "judge"] {
+            assert!(keys.split(", ").any(|x| x == k), "{k} in {keys}");
+        }
+        // Keys left out of serialisation when unchanged are listed too.
+        assert!(rlgf::RlgfData::config_keys().split(", ").any(|x| x == "encode_batch"));
+        assert!(rlrf::RlrfData::config_keys().split(", ").any(|x| x == "tau"));
+    }
+}

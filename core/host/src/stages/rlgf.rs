@@ -261,10 +261,11 @@ impl DataStage for RlgfData {
     type Stats = RlgfStats;
 
     fn run(ctx: &Context<'_>, cfg: &RlgfDataConfig, out: &Path) -> Result<(Vec<DistillExample>, RlgfStats), HostError> {
+        // The generator and the reward only when they are called, asked
+        // for before any work.
         let r = ctx.retriever(Stage::RlgfData)?;
-        // Only asked for when they are called.
-        let g = if cfg.answer_max_tokens > 0 || !cfg.no_rerank { Some(ctx.generator(Stage::RlgfData)?) } else { ctx.generator };
-        let w = if cfg.no_rerank { ctx.reward } else { Some(ctx.reward(Stage::RlgfData)?) };
+        let g = if cfg.answer_max_tokens > 0 || !cfg.no_rerank { Some(ctx.generator(Stage::RlgfData)?) } else { None };
+        let w = if cfg.no_rerank { None } else { Some(ctx.reward(Stage::RlgfData)?) };
         run(ctx.dataset, ctx.task, ctx.queries, g, r, w, cfg, ctx.threads, out)
     }
 
@@ -289,7 +290,8 @@ fn run(
     out_dir: &Path,
 ) -> Result<(Vec<DistillExample>, RlgfStats), HostError> {
     let (ecache, retriever) = (retriever.cache, retriever.model);
-    let missing = |what: &str| HostError::Input(format!("rlgf-data: needs a {what}"));
+    // Checked by `RlgfData::run` before any work: present when called.
+    let missing = || HostError::Input("rlgf-data: the generator or reward it calls is missing".into());
     let by_id: HashMap<&str, usize> = ds.corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
     let sources: Vec<usize> = queries
         .iter()
@@ -308,7 +310,7 @@ fn run(
     } else {
         let reqs: Vec<GenerationRequest> =
             queries.iter().map(|q| GenerationRequest::greedy(augmentation(task, &q.text), cfg.answer_max_tokens)).collect();
-        let g = generator.ok_or_else(|| missing("generator"))?;
+        let g = generator.ok_or_else(missing)?;
         let (answers, from_cache) = generate_all(g.model, &reqs, g.cache, cfg.batch, "answers").map_err(|e| HostError::step("rlgf-data", e))?;
         (answers.iter().map(|c| c.first().map(|c| c.text.trim().to_owned()).unwrap_or_default()).collect(), from_cache)
     };
@@ -360,8 +362,8 @@ fn run(
         scores = groups.iter().map(|g| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect()).collect();
     } else {
         // The teacher's calls go through the stage's generation cache.
-        let g = generator.ok_or_else(|| missing("generator"))?;
-        let reward = reward.ok_or_else(|| missing("reward plugin"))?;
+        let g = generator.ok_or_else(missing)?;
+        let reward = reward.ok_or_else(missing)?;
         let cached = crate::engine::generate::Cached::new(g.model, g.cache);
         let ctx = RewardContext { retriever: Some(retriever), generator: Some(&cached) };
         let bar = crate::util::progress::bar(items.len(), "rerank", "queries");
