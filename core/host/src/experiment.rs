@@ -251,6 +251,10 @@ pub enum RetrieverChoice {
     /// same pseudo queries and mined negatives, the source passage as the
     /// positive, no generator feedback and no answers (the trainer's InfoNCE loss).
     Gpl,
+    /// The experiment's `[lexical]` text retriever (BM25 by default): the
+    /// baseline every IR table has. With a generator, queries are expanded
+    /// Query2doc-style.
+    Lexical,
 }
 
 /// One row of the comparison table: a set of overrides of the base setup.
@@ -304,6 +308,10 @@ pub struct Experiment {
     /// `[eval]`.
     #[serde(default)]
     pub eval: EvalSpec,
+    /// `[lexical]`: the text retriever of `retriever = "lexical"` variants
+    /// (default: the `bm25` plugin with its defaults, pyserini's settings).
+    #[serde(default)]
+    pub lexical: Option<PluginSpec>,
     /// `[[variants]]`: the table's rows, the first one the baseline.
     pub variants: Vec<Variant>,
     /// The file this was read from and its text, so later checks (the
@@ -441,6 +449,10 @@ pub fn validate_configs(host: &PluginHost, exp: &Experiment) -> Result<(), HostE
         ("trainers.retriever", "params", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Params, table_text(&exp.trainers.retriever.params)),
     ];
     let mut tables = tables;
+    let lexical = exp.lexical_spec();
+    if exp.uses_lexical() {
+        tables.push(("lexical", "config", &lexical.plugin, Kind::TextRetriever, ConfigOf::TextRetriever, table_text(&lexical.config)));
+    }
     if let Some(g) = &exp.trainers.gpl {
         tables.push(("trainers.gpl", "params", &exp.trainers.retriever.plugin, Kind::Trainer, ConfigOf::Params, table_text(&g.params)));
     }
@@ -467,10 +479,21 @@ fn unknown_key_hint(msg: &str) -> Option<String> {
     crate::util::suggest::nearest(word, expected)
 }
 
+impl Experiment {
+    /// The text retriever `retriever = "lexical"` variants use.
+    pub fn lexical_spec(&self) -> PluginSpec {
+        self.lexical.clone().unwrap_or_else(|| PluginSpec { plugin: "bm25".into(), config: toml::Table::new() })
+    }
+    fn uses_lexical(&self) -> bool {
+        self.variants.iter().any(|v| v.retriever == RetrieverChoice::Lexical)
+    }
+}
+
 /// Every plugin the experiment names exists in the registry with the kind
 /// it is used as — checked before any work starts.
 pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostError> {
-    let uses = [
+    let lexical = exp.lexical_spec();
+    let mut uses = vec![
         (&exp.retriever.plugin, Kind::Retriever),
         (&exp.generator.plugin, Kind::Generator),
         (&exp.rewards.retriever.plugin, Kind::Reward),
@@ -478,6 +501,9 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
         (&exp.trainers.generator.plugin, Kind::Trainer),
         (&exp.trainers.retriever.plugin, Kind::Trainer),
     ];
+    if exp.uses_lexical() {
+        uses.push((&lexical.plugin, Kind::TextRetriever));
+    }
     for (name, kind) in uses {
         let reg = host.registry.get(name)?;
         if !reg.entry.kinds.contains(&kind) {
@@ -763,7 +789,8 @@ enum Work {
     /// A trainer job: `base` trained on `data`, written to OUT/`into`.
     Train { trainer: PluginSpec, params: toml::Table, base: String, data: PathBuf, into: &'static str },
     /// One variant evaluated.
-    Eval { variant: usize, retriever: Model, generator: Option<Model>, query_weight: f64 },
+    /// `lexical`: `retriever` is the `[lexical]` text retriever.
+    Eval { variant: usize, retriever: Model, lexical: bool, generator: Option<Model>, query_weight: f64 },
 }
 
 /// One step of the plan: which stage, where its output goes, what makes it.
@@ -782,7 +809,7 @@ struct Planned {
 /// GPL-style peer when a variant asks for it), then one eval per variant.
 /// Every directory name is a hash of what the step reads (settings, plugin
 /// ids, upstream hashes), so the plan is known before anything runs.
-fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, datasets: &[crate::engine::data::Dataset], root: &Path) -> Result<Vec<Planned>, HostError> {
+fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&Model>, datasets: &[crate::engine::data::Dataset], root: &Path) -> Result<Vec<Planned>, HostError> {
     let mut plan = Vec::new();
     for (di, (dataset, ds)) in exp.datasets.iter().zip(datasets).enumerate() {
         // By the dataset's name: `dataset` may be a path.
@@ -892,6 +919,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, datasets: &[crate:
                 RetrieverChoice::Base => &rets[0],
                 RetrieverChoice::Rlgf => &rets[round],
                 RetrieverChoice::Gpl => &gpls[round - 1],
+                RetrieverChoice::Lexical => lexical.ok_or_else(|| HostError::Input("a lexical variant without its retriever's id".into()))?,
             };
             let gen = match v.generator {
                 GeneratorChoice::None => None,
@@ -904,6 +932,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, datasets: &[crate:
             push(Stage::Eval, round, format!("eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), Work::Eval {
                 variant: vi,
                 retriever: ret.clone(),
+                lexical: v.retriever == RetrieverChoice::Lexical,
                 generator: gen.cloned(),
                 query_weight: w,
             });
@@ -973,7 +1002,9 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         .collect::<Result<Vec<_>, _>>()?;
     let base_gen = Model { id: r.plugin_id(&exp.generator.plugin, &exp.generator.config)?, path: None };
     let base_ret = Model { id: r.plugin_id(&exp.retriever.plugin, &exp.retriever.config)?, path: None };
-    let steps = plan(exp, &base_gen, &base_ret, &datasets, &root)?;
+    let lexical = exp.lexical_spec();
+    let lex = if exp.uses_lexical() { Some(Model { id: r.plugin_id(&lexical.plugin, &lexical.config)?, path: None }) } else { None };
+    let steps = plan(exp, &base_gen, &base_ret, lex.as_ref(), &datasets, &root)?;
     let mut results = Vec::new();
     for p in &steps {
         let ds = &datasets[p.dataset];
@@ -1029,14 +1060,19 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
             let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params) };
             crate::stages::train::run(host, &trainer.plugin, &table_text(&trainer.config), &job).map(|_| ())
         }
-        Work::Eval { variant, retriever, generator, query_weight } => {
+        Work::Eval { variant, retriever, lexical, generator, query_weight } => {
             let v = &exp.variants[*variant];
+            let lex = exp.lexical_spec();
+            let (rname, rconfig) = match lexical {
+                true => (lex.plugin.clone(), table_text(&lex.config)),
+                false => (exp.retriever.plugin.clone(), with_model(&exp.retriever.config, retriever.path.as_deref())),
+            };
             let o = crate::stages::eval::EvalOptions {
                 dataset: name.clone(),
                 split: exp.eval.split.clone(),
                 mirror: exp.mirror.clone(),
-                retriever: exp.retriever.plugin.clone(),
-                retriever_config: with_model(&exp.retriever.config, retriever.path.as_deref()),
+                retriever: rname,
+                retriever_config: rconfig,
                 query_instruction: exp.eval.query_instruction.clone(),
                 generator: generator.as_ref().map(|_| exp.generator.plugin.clone()),
                 generator_config: generator.as_ref().map(|g| with_model(&exp.generator.config, g.path.as_deref())).unwrap_or_default(),
@@ -1054,9 +1090,16 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 name: v.name.clone(),
                 experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
             };
-            let ret = r_retriever(host, exp, retriever)?;
+            use crate::stages::eval::FirstStage;
             let gen = generator.as_ref().map(|m| r_generator(host, exp, m)).transpose()?;
-            crate::stages::eval::run_loaded(host, &o, ds, ret.as_ref(), gen.as_deref())
+            let result = if *lexical {
+                let mut tr = host.load(&o.retriever)?.text_retriever(&o.retriever_config)?;
+                crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Text(tr.as_mut()), gen.as_deref())
+            } else {
+                let ret = r_retriever(host, exp, retriever)?;
+                crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Dense(ret.as_ref()), gen.as_deref())
+            };
+            result
                 .map(|_| ())
                 .map_err(|e| HostError::step(format!("eval {}", v.name), e))
         }

@@ -156,6 +156,33 @@ enum BenchWhat {
     /// Generator decoding speed, single-stream and several samples together, beside llama.cpp
     /// on the same GGUF (one thread unless --threads is given)
     Generate(BenchGenerateArgs),
+    /// Text-retriever (BM25) speed: documents indexed per second and queries searched per second
+    Lexical(BenchLexicalArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchLexicalArgs {
+    /// Datasets whose corpora are indexed and whose queries are searched
+    #[arg(long, value_delimiter = ',', default_value = "scifact,nfcorpus")]
+    datasets: Vec<String>,
+    /// Local BEIR mirror (DIR/beir/NAME) to copy the datasets from
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// Text-retriever plugin
+    #[arg(long, default_value = "bm25")]
+    retriever: String,
+    /// Its config table, as TOML text or @FILE
+    #[arg(long, default_value = "")]
+    retriever_config: String,
+    /// Results per query
+    #[arg(long, default_value_t = 1000)]
+    k: usize,
+    /// Runs of each measurement; the fastest is reported
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Also write the figures as JSON here
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -470,6 +497,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchWhat::Encode(a) } => bench_encode_cmd(&host(&cli)?, a),
+        Command::Bench { what: BenchWhat::Lexical(a) } => bench_lexical_cmd(&host(&cli)?, a),
         Command::Bench { what: BenchWhat::Generate(a) } => {
             let mut h = host(&cli)?;
             // Both engines get the same threads; one unless asked (two
@@ -540,6 +568,38 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     if let Some(p) = &a.json {
         let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len()});
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_lexical_cmd(host: &PluginHost, a: &BenchLexicalArgs) -> Result<ExitCode> {
+    anyhow::ensure!(a.k > 0 && a.repeat > 0, "--k and --repeat must be at least 1");
+    let cfg = toml_arg(&a.retriever_config, "--retriever-config")?;
+    let plugin = host.load(&a.retriever)?;
+    plugin.validate(Kind::TextRetriever, ConfigOf::TextRetriever, &cfg).context("--retriever-config")?;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["dataset", "docs", "index s", "docs/s", "queries", "search s", "queries/s"]);
+    let mut rows = Vec::new();
+    for name in &a.datasets {
+        let ds = data::open(name, None, &host.settings.cache_dir, a.mirror.as_deref())?;
+        let docs: Vec<String> = ds.corpus.iter().map(data::Doc::encoder_text).collect();
+        let queries: Vec<String> = ds.queries.iter().map(|(_, q)| q.clone()).collect();
+        let r = bench::bench_lexical(&plugin, &cfg, &docs, &queries, a.k, a.repeat).with_context(|| format!("benchmarking {} on {name}", a.retriever))?;
+        t.add_row(vec![
+            ds.name.clone(),
+            r.docs.to_string(),
+            format!("{:.2}", r.index_seconds),
+            format!("{:.0}", r.docs as f64 / r.index_seconds),
+            r.queries.to_string(),
+            format!("{:.3}", r.search_seconds),
+            format!("{:.0}", r.queries as f64 / r.search_seconds),
+        ]);
+        rows.push(serde_json::json!({"dataset": ds.name, "result": r}));
+    }
+    println!("{t}");
+    println!("{} ({}), k {}, {} threads, best of {}", a.retriever, plugin.text_retriever(&cfg)?.info().model, a.k, host.settings.threads, a.repeat);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&serde_json::json!({"retriever": a.retriever, "config": cfg, "k": a.k, "results": rows}))?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -797,12 +857,27 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         name,
         experiment: None,
     };
-    validate_query_side(host, &opts.retriever, &opts.retriever_config, opts.generator.as_deref(), &opts.generator_config)?;
+    let text = eval::is_text_retriever(&*host.load(&opts.retriever)?);
+    if text {
+        let mut checks = vec![("--retriever-config", opts.retriever.as_str(), Kind::TextRetriever, ConfigOf::TextRetriever, opts.retriever_config.as_str())];
+        checks.extend(opts.generator.as_deref().map(|g| ("--generator-config", g, Kind::Generator, ConfigOf::Generator, opts.generator_config.as_str())));
+        validate_flags(host, &checks)?;
+    } else {
+        validate_query_side(host, &opts.retriever, &opts.retriever_config, opts.generator.as_deref(), &opts.generator_config)?;
+    }
     let out = eval::run(host, &opts)?;
     let r = &out.results;
     let cmp = report::compare(std::slice::from_ref(r), &report::TableOptions::default())?;
     print!("{}", report::render(&cmp, report::Format::Terminal, false));
     let enc = &r.config["encode"];
+    if text {
+        println!(
+            "{} queries, {} documents; index {}",
+            r.evaluation.per_query.len(),
+            r.config["dataset"]["docs"],
+            if enc["index_from_cache"] == true { "from cache" } else { "built" }
+        );
+    } else {
     println!(
         "{} queries, {} documents; encoded {} documents ({} from cache) and {} queries ({} from cache)",
         r.evaluation.per_query.len(),
@@ -812,6 +887,7 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         enc["queries"]["encoded"],
         enc["queries"]["from_cache"]
     );
+    }
     println!(
         "timings (s): {}",
         r.timings.iter().map(|(k, v)| format!("{k} {v:.2}")).collect::<Vec<_>>().join(", ")

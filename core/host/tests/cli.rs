@@ -30,7 +30,7 @@ fn plugins_check_reports_library_and_kinds() {
     plugin_dir();
     let (ok, out, err) = rir(&["plugins", "check", "probe"]);
     assert!(ok, "{err}");
-    assert!(out.contains("provides    retriever, generator, reward, trainer, index"), "{out}");
+    assert!(out.contains("provides    retriever, generator, reward, trainer, index, text-retriever"), "{out}");
     assert!(out.contains("librir_plugin_probe"), "{out}");
 
     let (ok, _, err) = rir(&["plugins", "check", "prob"]);

@@ -131,6 +131,9 @@ generator = "rlrf"
 name = "both"
 generator = "rlrf"
 retriever = "rlgf"
+[[variants]]
+name = "BM25"
+retriever = "lexical"
 "#,
         ds = ds.display().to_string()
     );
@@ -173,6 +176,11 @@ retriever = "rlgf"
     let after = names(&run_dir);
     assert!(!after.iter().any(|n| n.ends_with(".partial")), "{after:?}");
     assert!(stdout.contains("+RLRF") && stdout.contains("nDCG@10"), "the comparison table: {stdout}");
+    // The lexical row: BM25 through the text-retriever kind, in the same table.
+    let bm25 = names(&run_dir).into_iter().find(|n| n.starts_with("eval-BM25-")).expect("a BM25 eval step");
+    let r = rir::engine::report::Results::read(&run_dir.join(bm25).join("BM25.scifact-mini.json")).unwrap();
+    assert_eq!(r.config["retriever"]["plugin"], "bm25");
+    assert!(stdout.lines().any(|l| l.contains("BM25")), "{stdout}");
     for f in ["table.md", "table.tex", "table.csv", "table.json", "manifest.json", "run.log"] {
         assert!(out.join("tiny").join(f).is_file(), "{f}");
     }

@@ -57,6 +57,33 @@ fn a_panic_in_a_plugin_is_an_error_and_the_host_carries_on() {
 }
 
 #[test]
+fn a_text_retriever_crosses_the_boundary_and_its_failures_stay_errors() {
+    plugin_dir();
+    let host = host();
+    let p = host.load("probe").unwrap();
+    let mut r = p.text_retriever("").unwrap();
+    let docs = texts(&["red fish", "blue fish", "red red"]);
+    let cache = temp_cache();
+    // Built once, then opened from the cache by a fresh object.
+    assert!(!rir::engine::lexical::open_or_build("probe", r.as_mut(), &docs, Some(cache.path())).unwrap());
+    let mut again = p.text_retriever("").unwrap();
+    assert!(rir::engine::lexical::open_or_build("probe", again.as_mut(), &docs, Some(cache.path())).unwrap());
+    let h = rir::engine::lexical::search("probe", again.as_ref(), &texts(&["red", "fish blue"]), 2, 1).unwrap();
+    assert_eq!(h.ids, vec![2, 0, 1, 0]);
+    assert_eq!(h.scores, vec![2.0, 1.0, 2.0, 1.0]);
+    match r.search(&texts(&["panic"]), 1) {
+        Err(PluginError::Panic(m)) => assert!(m.contains("asked to panic"), "{m}"),
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+    assert!(matches!(r.search(&texts(&["error"]), 1), Err(PluginError::Input(_))));
+    // An id past the corpus is the plugin's error, caught before the host indexes with it.
+    let e = rir::engine::lexical::search("probe", r.as_ref(), &texts(&["bad-id"]), 1, 8).unwrap_err().to_string();
+    assert!(e.contains("plugin 'probe' (text-retriever)") && e.contains("document 3, the index holds 3"), "{e}");
+    // The same object still answers.
+    assert_eq!(r.search(&texts(&["blue"]), 1).unwrap().ids, vec![1]);
+}
+
+#[test]
 fn config_errors_name_the_key() {
     plugin_dir();
     let e = host().load("example-hash").unwrap().retriever("dimm = 3").err().unwrap().to_string();
@@ -155,7 +182,7 @@ fn asking_for_a_kind_the_plugin_lacks_is_refused_before_calling_it() {
     plugin_dir();
     let e = host().load("example-hash").unwrap().generator("").err().unwrap();
     assert!(matches!(e, HostError::KindNotProvided { kind: Kind::Generator, .. }));
-    assert_eq!(e.to_string(), "plugin 'example-hash' does not provide a generator (it provides retriever)");
+    assert_eq!(e.to_string(), "plugin 'example-hash' does not provide a generator (it provides retriever, text-retriever)");
 }
 
 #[test]
@@ -170,7 +197,7 @@ fn registry_that_claims_a_kind_the_library_lacks_is_a_mismatch() {
     assert!(matches!(status, Status::Mismatch(_)));
     assert_eq!(
         err.unwrap().to_string(),
-        "plugin 'liar': registry lists kind 'trainer' but the library provides only retriever"
+        "plugin 'liar': registry lists kind 'trainer' but the library provides only retriever, text-retriever"
     );
 }
 

@@ -302,6 +302,36 @@ pub trait Index: Send {
     fn load(&mut self, path: &std::path::Path) -> PluginResult<()>;
 }
 
+/// What a text retriever tells the host about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextRetrieverInfo {
+    /// Human-readable model and settings ("BM25 k1=0.9 b=0.4, english/porter").
+    pub model: String,
+    /// Changes whenever the index or its scores would change (analyzer,
+    /// parameters, index format). The host keys its index cache on it.
+    pub fingerprint: String,
+}
+
+/// A retriever that searches texts itself (BM25 and other lexical models):
+/// it builds its own index over a corpus and answers query texts with hits.
+/// Hit ids are positions in the indexed corpus, as with [`Index`].
+pub trait TextRetriever: Send + Sync {
+    fn info(&self) -> TextRetrieverInfo;
+    /// Indexes `texts` into the empty directory `dir` and keeps the index
+    /// open for search. The host caches `dir` by corpus and fingerprint.
+    fn build(&mut self, dir: &std::path::Path, texts: &[String], progress: &dyn ProgressSink) -> PluginResult<()>;
+    /// Opens an index that [`TextRetriever::build`] wrote into `dir`.
+    fn open(&mut self, dir: &std::path::Path) -> PluginResult<()>;
+    /// Documents in the open index (0 before build or open).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The `k` best documents for each query text (fewer slots filled when
+    /// fewer documents match: id -1, score -inf).
+    fn search(&self, queries: &[String], k: usize) -> PluginResult<Hits>;
+}
+
 /// Which table a plugin's `validate` is handed: the config of one of its
 /// kinds, or a trainer job's hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +341,7 @@ pub enum ConfigOf {
     Reward,
     Trainer,
     Index,
+    TextRetriever,
     /// A trainer job's `params` table.
     Params,
 }
@@ -324,10 +355,12 @@ impl ConfigOf {
             ConfigOf::Reward => "reward",
             ConfigOf::Trainer => "trainer",
             ConfigOf::Index => "index",
+            ConfigOf::TextRetriever => "text-retriever",
             ConfigOf::Params => "params",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        [ConfigOf::Retriever, ConfigOf::Generator, ConfigOf::Reward, ConfigOf::Trainer, ConfigOf::Index, ConfigOf::Params].into_iter().find(|c| c.as_str() == s)
+        [ConfigOf::Retriever, ConfigOf::Generator, ConfigOf::Reward, ConfigOf::Trainer, ConfigOf::Index, ConfigOf::TextRetriever, ConfigOf::Params]
+            .into_iter().find(|c| c.as_str() == s)
     }
 }

@@ -221,6 +221,26 @@ impl<I: Index> IndexFfi for GuardedIndex<I> {
     }
 }
 
+pub struct GuardedTextRetriever<T>(pub T);
+impl<T: TextRetriever> TextRetrieverFfi for GuardedTextRetriever<T> {
+    fn info(&self) -> RResult<FfiTextRetrieverInfo, FfiError> {
+        guard(|| Ok(self.0.info().into()))
+    }
+    fn build(&mut self, dir: RStr<'_>, texts: RSlice<'_, RString>, progress: ProgressFfi_TO<'_, RRef<'_, ()>>) -> RResult<(), FfiError> {
+        guard(|| self.0.build(Path::new(dir.as_str()), &to_strings(texts.as_slice()), &RemoteProgress(progress)))
+    }
+    fn open(&mut self, dir: RStr<'_>) -> RResult<(), FfiError> {
+        guard(|| self.0.open(Path::new(dir.as_str())))
+    }
+    fn len(&self) -> u64 {
+        // A panic here must not unwind through the boundary; 0 reads as "nothing open".
+        catch_unwind(AssertUnwindSafe(|| self.0.len() as u64)).unwrap_or(0)
+    }
+    fn search(&self, queries: RSlice<'_, RString>, k: u64) -> RResult<FfiHits, FfiError> {
+        guard(|| Ok(self.0.search(&to_strings(queries.as_slice()), k as usize)?.into()))
+    }
+}
+
 // ---- FFI -> plain API ---------------------------------------------------
 
 /// A retriever on the other side of the boundary. `info` is fetched once.
@@ -334,5 +354,38 @@ impl Index for RemoteIndex {
     }
     fn load(&mut self, path: &Path) -> PluginResult<()> {
         back(self.0.load(RStr::from_str(&path.to_string_lossy())))
+    }
+}
+
+/// An owned text retriever on the other side of the boundary. `info` is fetched once.
+pub struct RemoteTextRetriever {
+    inner: TextRetrieverBox,
+    info: TextRetrieverInfo,
+}
+impl RemoteTextRetriever {
+    pub fn new(inner: TextRetrieverBox) -> PluginResult<Self> {
+        let info = back(inner.info())?.into();
+        Ok(Self { inner, info })
+    }
+}
+impl TextRetriever for RemoteTextRetriever {
+    fn info(&self) -> TextRetrieverInfo {
+        self.info.clone()
+    }
+    fn build(&mut self, dir: &Path, texts: &[String], progress: &dyn ProgressSink) -> PluginResult<()> {
+        let p = GuardedProgress(progress);
+        let p = ProgressFfi_TO::from_ptr(RRef::new(&p), TD_Opaque);
+        let texts = to_rstrings(texts);
+        back(self.inner.build(RStr::from_str(&dir.to_string_lossy()), texts.as_rslice(), p))
+    }
+    fn open(&mut self, dir: &Path) -> PluginResult<()> {
+        back(self.inner.open(RStr::from_str(&dir.to_string_lossy())))
+    }
+    fn len(&self) -> usize {
+        self.inner.len() as usize
+    }
+    fn search(&self, queries: &[String], k: usize) -> PluginResult<Hits> {
+        let q = to_rstrings(queries);
+        Ok(back(self.inner.search(q.as_rslice(), k as u64))?.into())
     }
 }

@@ -257,3 +257,14 @@ impl From<FfiScore> for Score {
         Score { logprob: s.logprob, tokens: logprobs_from_ffi(s.tokens) }
     }
 }
+
+impl From<TextRetrieverInfo> for FfiTextRetrieverInfo {
+    fn from(i: TextRetrieverInfo) -> Self {
+        FfiTextRetrieverInfo { model: i.model.into(), fingerprint: i.fingerprint.into() }
+    }
+}
+impl From<FfiTextRetrieverInfo> for TextRetrieverInfo {
+    fn from(i: FfiTextRetrieverInfo) -> Self {
+        TextRetrieverInfo { model: i.model.into(), fingerprint: i.fingerprint.into() }
+    }
+}

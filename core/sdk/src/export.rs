@@ -9,8 +9,8 @@ use abi_stable::{
     std_types::{RBox, RResult, RStr, RString, RVec},
 };
 
-use crate::api::{Generator, Index, Retriever, Reward, Trainer};
-use crate::bridge::{guard, GuardedGenerator, GuardedIndex, GuardedRetriever, GuardedReward, GuardedTrainer, LAST_PANIC};
+use crate::api::{Generator, Index, Retriever, Reward, TextRetriever, Trainer};
+use crate::bridge::{guard, GuardedGenerator, GuardedIndex, GuardedRetriever, GuardedReward, GuardedTextRetriever, GuardedTrainer, LAST_PANIC};
 use crate::error::{FfiError, PluginError, PluginResult};
 use crate::ffi::*;
 
@@ -146,6 +146,14 @@ pub fn make_index<T: Index + 'static>(ctor: Option<IndexCtor<T>>, cfg: RStr<'_>,
     }
 }
 
+#[doc(hidden)]
+pub fn make_text_retriever<T: TextRetriever + 'static>(ctor: Option<Ctor<T>>, cfg: RStr<'_>) -> RResult<TextRetrieverBox, FfiError> {
+    match ctor {
+        None => unsupported("text-retriever"),
+        Some(f) => guard(|| Ok(TextRetrieverFfi_TO::from_ptr(RBox::new(GuardedTextRetriever(f(cfg.as_str())?)), TD_Opaque))),
+    }
+}
+
 /// A plugin's config check: the table `what` names, as TOML text.
 pub type Validator = fn(crate::api::ConfigOf, &str) -> PluginResult<()>;
 
@@ -186,6 +194,13 @@ macro_rules! never_impls {
             fn save(&self, _: &std::path::Path) -> PluginResult<()> { match *self {} }
             fn load(&mut self, _: &std::path::Path) -> PluginResult<()> { match *self {} }
         }
+        impl TextRetriever for Never {
+            fn info(&self) -> crate::api::TextRetrieverInfo { match *self {} }
+            fn build(&mut self, _: &std::path::Path, _: &[String], _: &dyn crate::api::ProgressSink) -> PluginResult<()> { match *self {} }
+            fn open(&mut self, _: &std::path::Path) -> PluginResult<()> { match *self {} }
+            fn len(&self) -> usize { match *self {} }
+            fn search(&self, _: &[String], _: usize) -> PluginResult<crate::api::Hits> { match *self {} }
+        }
     };
 }
 never_impls!();
@@ -223,6 +238,7 @@ macro_rules! export_plugin {
         $(, reward: $reward:expr)?
         $(, trainer: $trainer:expr)?
         $(, index: $index:expr)?
+        $(, text_retriever: $text_retriever:expr)?
         $(, validate: $validate:expr)?
         $(,)?
     ) => {
@@ -239,6 +255,7 @@ macro_rules! export_plugin {
                 $( let _ = $reward; kinds.push("reward"); )?
                 $( let _ = $trainer; kinds.push("trainer"); )?
                 $( let _ = $index; kinds.push("index"); )?
+                $( let _ = $text_retriever; kinds.push("text-retriever"); )?
                 ex::manifest($name, env!("CARGO_PKG_VERSION"), $desc, &kinds)
             }
             extern "C" fn new_retriever(c: RStr<'_>) -> RResult<RetrieverBox, FfiError> {
@@ -256,6 +273,9 @@ macro_rules! export_plugin {
             extern "C" fn new_index(c: RStr<'_>, dim: u64) -> RResult<IndexBox, FfiError> {
                 $crate::__rir_index_ctor!(c, dim $(, $index)?)
             }
+            extern "C" fn new_text_retriever(c: RStr<'_>) -> RResult<TextRetrieverBox, FfiError> {
+                $crate::__rir_ctor!(make_text_retriever, c $(, $text_retriever)?)
+            }
             extern "C" fn validate(what: RStr<'_>, text: RStr<'_>) -> RResult<(), FfiError> {
                 $crate::__rir_validate!(what, text $(, $validate)?)
             }
@@ -269,6 +289,7 @@ macro_rules! export_plugin {
                     new_reward,
                     new_trainer,
                     new_index,
+                    new_text_retriever,
                     validate,
                 }
                 .leak_into_prefix()

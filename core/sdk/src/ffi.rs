@@ -29,7 +29,8 @@ use crate::error::FfiError;
 /// 0.2.0: generators can score continuations (`GeneratorFfi::score`).
 /// 0.3.0: `validate` checks a config or params table without loading anything.
 /// 0.4.0: reward scores carry the query weight they used and a fallback count.
-pub const ABI_VERSION: &str = "0.4.0";
+/// 0.5.0: text retrievers (`TextRetrieverFfi`: lexical search such as BM25).
+pub const ABI_VERSION: &str = "0.5.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -73,6 +74,13 @@ pub struct FfiRetrieverInfo {
     pub dim: u64,
     pub max_length: u64,
     pub normalized: bool,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug)]
+pub struct FfiTextRetrieverInfo {
+    pub model: RString,
+    pub fingerprint: RString,
 }
 
 #[repr(C)]
@@ -254,11 +262,28 @@ pub trait IndexFfi: Send {
     fn load(&mut self, path: RStr<'_>) -> RResult<(), FfiError>;
 }
 
+/// FFI form of [`crate::api::TextRetriever`].
+#[sabi_trait]
+pub trait TextRetrieverFfi: Send + Sync {
+    fn info(&self) -> RResult<FfiTextRetrieverInfo, FfiError>;
+    fn build(
+        &mut self,
+        dir: RStr<'_>,
+        texts: RSlice<'_, RString>,
+        progress: ProgressFfi_TO<'_, RRef<'_, ()>>,
+    ) -> RResult<(), FfiError>;
+    fn open(&mut self, dir: RStr<'_>) -> RResult<(), FfiError>;
+    fn len(&self) -> u64;
+    #[sabi(last_prefix_field)]
+    fn search(&self, queries: RSlice<'_, RString>, k: u64) -> RResult<FfiHits, FfiError>;
+}
+
 pub type RetrieverBox = RetrieverFfi_TO<'static, RBox<()>>;
 pub type GeneratorBox = GeneratorFfi_TO<'static, RBox<()>>;
 pub type RewardBox = RewardFfi_TO<'static, RBox<()>>;
 pub type TrainerBox = TrainerFfi_TO<'static, RBox<()>>;
 pub type IndexBox = IndexFfi_TO<'static, RBox<()>>;
+pub type TextRetrieverBox = TextRetrieverFfi_TO<'static, RBox<()>>;
 
 /// The root module every plugin library exports (through
 /// [`crate::export_plugin!`]). Each constructor takes the plugin's TOML config
@@ -276,6 +301,7 @@ pub struct PluginMod {
     pub new_reward: extern "C" fn(config: RStr<'_>) -> RResult<RewardBox, FfiError>,
     pub new_trainer: extern "C" fn(config: RStr<'_>) -> RResult<TrainerBox, FfiError>,
     pub new_index: extern "C" fn(config: RStr<'_>, dim: u64) -> RResult<IndexBox, FfiError>,
+    pub new_text_retriever: extern "C" fn(config: RStr<'_>) -> RResult<TextRetrieverBox, FfiError>,
     /// Parses a table (`what`: a kind's config, or `"params"` for a
     /// trainer's job) and checks its values without loading models, so the
     /// host can refuse a typo before any work; `Unsupported` when the

@@ -5,10 +5,16 @@
 //! (1 + ln tf), and the vector is L2-normalised. It is a real (if weak) lexical
 //! retriever with no model files, which makes it a good template: copy this
 //! crate, replace `encode`, keep the rest.
+//!
+//! It also shows the text-retriever kind (`HashText`): the same vectors,
+//! but the plugin indexes the corpus itself (a file in the directory the
+//! host gives it) and answers query texts, as BM25-like plugins do.
 
 use std::collections::HashMap;
 
-use rir_sdk::{config, Embeddings, PluginError, PluginResult, Retriever, RetrieverInfo};
+use std::path::Path;
+
+use rir_sdk::{config, Embeddings, Hits, PluginError, PluginResult, ProgressSink, Retriever, RetrieverInfo, TextRetriever, TextRetrieverInfo};
 use serde::Deserialize;
 
 /// The plugin's config table (from an experiment TOML). Unknown keys are
@@ -93,13 +99,72 @@ impl Retriever for HashRetriever {
     }
 }
 
+/// The text-retriever kind: the corpus's hashed vectors kept in
+/// `DIR/vectors.f32`, searched exhaustively by inner product.
+pub struct HashText {
+    enc: HashRetriever,
+    docs: Option<Embeddings>,
+}
+
+impl HashText {
+    pub fn new(config_toml: &str) -> PluginResult<Self> {
+        Ok(Self { enc: HashRetriever::new(config_toml)?, docs: None })
+    }
+}
+
+impl TextRetriever for HashText {
+    fn info(&self) -> TextRetrieverInfo {
+        // The fingerprint names everything that changes the index's contents.
+        let i = self.enc.info();
+        TextRetrieverInfo { model: i.model, fingerprint: format!("{}/text-v1", i.fingerprint) }
+    }
+    fn build(&mut self, dir: &Path, texts: &[String], progress: &dyn ProgressSink) -> PluginResult<()> {
+        let docs = self.enc.encode_corpus(texts)?;
+        let bytes: Vec<u8> = docs.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(dir.join("vectors.f32"), bytes)?;
+        let n = texts.len() as u64;
+        progress.report(&rir_sdk::Progress { stage: "index".into(), done: n, total: n, loss: None, message: String::new() });
+        self.docs = Some(docs);
+        Ok(())
+    }
+    fn open(&mut self, dir: &Path) -> PluginResult<()> {
+        let path = dir.join("vectors.f32");
+        let bytes = std::fs::read(&path)?;
+        let dim = self.enc.cfg.dim;
+        if bytes.len() % (4 * dim) != 0 {
+            return Err(PluginError::input(format!("{}: {} bytes is not a whole number of {dim}-d vectors", path.display(), bytes.len())));
+        }
+        let data: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        self.docs = Some(Embeddings::new(data.len() / dim, dim, data)?);
+        Ok(())
+    }
+    fn len(&self) -> usize {
+        self.docs.as_ref().map_or(0, |d| d.rows)
+    }
+    fn search(&self, queries: &[String], k: usize) -> PluginResult<Hits> {
+        let docs = self.docs.as_ref().ok_or_else(|| PluginError::input("search before build or open"))?;
+        let q = self.enc.encode_queries(queries, None)?;
+        let mut hits = Hits { queries: q.rows, k, ids: vec![-1; q.rows * k], scores: vec![f32::NEG_INFINITY; q.rows * k] };
+        for i in 0..q.rows {
+            let mut s: Vec<(f32, i64)> = (0..docs.rows).map(|j| (q.row(i).iter().zip(docs.row(j)).map(|(a, b)| a * b).sum(), j as i64)).collect();
+            s.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (slot, (score, id)) in s.into_iter().take(k).enumerate() {
+                hits.ids[i * k + slot] = id;
+                hits.scores[i * k + slot] = score;
+            }
+        }
+        Ok(hits)
+    }
+}
+
 rir_sdk::export_plugin! {
     name: "example-hash",
     description: "Feature-hashing bag-of-words retriever (example plugin)",
     retriever: HashRetriever::new,
+    text_retriever: HashText::new,
     // Refuses a typo before the host starts work; nothing is loaded.
     validate: |what, text| match what {
-        rir_sdk::ConfigOf::Retriever => rir_sdk::config::check::<HashConfig>(text),
+        rir_sdk::ConfigOf::Retriever | rir_sdk::ConfigOf::TextRetriever => rir_sdk::config::check::<HashConfig>(text),
         _ => Ok(()),
     },
 }
@@ -115,6 +180,21 @@ mod tests {
         let d = r.encode_corpus(&["How proteins fold: protein folding kinetics".into(), "Tax law in Norway".into()]).unwrap();
         let dot = |i: usize| q.row(0).iter().zip(d.row(i)).map(|(a, b)| a * b).sum::<f32>();
         assert!(dot(0) > 0.3 && dot(1).abs() < 0.2, "{} {}", dot(0), dot(1));
+    }
+
+    #[test]
+    fn the_text_kind_ranks_as_the_vectors_do_and_reopens_its_index() {
+        let docs: Vec<String> = ["protein folding kinetics", "tax law", "folding chairs"].iter().map(|s| s.to_string()).collect();
+        let dir = std::env::temp_dir().join(format!("example-hash-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut t = HashText::new("dim = 256").unwrap();
+        t.build(&dir, &docs, &rir_sdk::NoProgress).unwrap();
+        let mut reopened = HashText::new("dim = 256").unwrap();
+        reopened.open(&dir).unwrap();
+        let h = reopened.search(&["protein folding".into()], 2).unwrap();
+        assert_eq!(h.ids, vec![0, 2]);
+        assert_eq!(h, t.search(&["protein folding".into()], 2).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod prompts;
 pub mod encode;
 pub mod generate;
 pub mod search;
+pub mod lexical;
 pub mod metrics;
 pub mod stats;
 pub mod runfile;

@@ -18,10 +18,10 @@ use abi_stable::{
     std_types::{RStr, RString},
 };
 use rir_sdk::{
-    bridge::{RemoteGenerator, RemoteIndex, RemoteRetriever, RemoteReward, RemoteTrainer},
+    bridge::{RemoteGenerator, RemoteIndex, RemoteRetriever, RemoteReward, RemoteTextRetriever, RemoteTrainer},
     error::FfiError,
     ffi::{FfiHost, PluginModRef, ABI_VERSION},
-    Generator, Index, PluginError, Retriever, Reward, Trainer,
+    Generator, Index, PluginError, Retriever, Reward, TextRetriever, Trainer,
 };
 use sha2::{Digest, Sha256};
 
@@ -148,6 +148,17 @@ impl Plugin {
         self.provides(Kind::Index)?;
         let obj = self.call(Kind::Index, (self.module.new_index())(RStr::from_str(config), dim as u64))?;
         Ok(Box::new(RemoteIndex(obj)))
+    }
+
+    /// Creates the plugin's text retriever from its config table (TOML text).
+    pub fn text_retriever(&self, config: &str) -> Result<Box<dyn TextRetriever>, HostError> {
+        self.provides(Kind::TextRetriever)?;
+        let obj = self.call(Kind::TextRetriever, (self.module.new_text_retriever())(RStr::from_str(config)))?;
+        Ok(Box::new(self.wrap(Kind::TextRetriever, RemoteTextRetriever::new(obj))?))
+    }
+    /// Whether the library says it provides `kind`.
+    pub fn has(&self, kind: Kind) -> bool {
+        self.provides.iter().any(|k| k == kind.as_str())
     }
 
     /// Has the plugin parse and check a table (`what`: a kind's config or a

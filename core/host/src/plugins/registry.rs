@@ -71,11 +71,14 @@ pub enum Kind {
     Trainer,
     /// Searches vectors (approximate or exact).
     Index,
+    /// Indexes and searches texts itself (BM25 and other lexical models).
+    #[serde(rename = "text-retriever")]
+    TextRetriever,
 }
 
 impl Kind {
     /// Every kind, in the order `rir plugins` lists them.
-    pub const ALL: [Kind; 5] = [Kind::Retriever, Kind::Generator, Kind::Reward, Kind::Trainer, Kind::Index];
+    pub const ALL: [Kind; 6] = [Kind::Retriever, Kind::Generator, Kind::Reward, Kind::Trainer, Kind::Index, Kind::TextRetriever];
     /// The name registry.toml and messages use.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -84,6 +87,7 @@ impl Kind {
             Kind::Reward => "reward",
             Kind::Trainer => "trainer",
             Kind::Index => "index",
+            Kind::TextRetriever => "text-retriever",
         }
     }
 }

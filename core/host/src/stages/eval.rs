@@ -189,8 +189,18 @@ fn check(o: &EvalOptions) -> Result<(), EvalError> {
     Ok(())
 }
 
+/// What produces the first-stage ranking.
+pub enum FirstStage<'a> {
+    /// An encoder: corpus and queries embedded (cached), then searched with the chosen index.
+    Dense(&'a dyn rir_sdk::Retriever),
+    /// A text retriever (BM25...) that indexes the corpus itself (the index is cached).
+    Text(&'a mut dyn rir_sdk::TextRetriever),
+}
+
 /// Loads the dataset and plugins, encodes (augmenting queries when a
 /// generator is given), searches, evaluates, and writes the run and results.
+/// A retriever plugin that provides the `text-retriever` kind (BM25) is
+/// searched with texts instead.
 pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> {
     check(o)?;
     let t = Instant::now();
@@ -200,9 +210,21 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     }
     let mut timings = BTreeMap::new();
     timings.insert("load".to_owned(), t.elapsed().as_secs_f64());
-    let retriever = host.load(&o.retriever)?.retriever(&o.retriever_config)?;
+    let plugin = host.load(&o.retriever)?;
     let generator = o.generator.as_ref().map(|g| host.load(g)?.generator(&o.generator_config)).transpose()?;
-    evaluate(host, o, &ds, retriever.as_ref(), generator.as_deref(), timings)
+    if is_text_retriever(&plugin) {
+        let mut tr = plugin.text_retriever(&o.retriever_config)?;
+        return evaluate(host, o, &ds, FirstStage::Text(tr.as_mut()), generator.as_deref(), timings);
+    }
+    let retriever = plugin.retriever(&o.retriever_config)?;
+    evaluate(host, o, &ds, FirstStage::Dense(retriever.as_ref()), generator.as_deref(), timings)
+}
+
+/// Whether a plugin is used through its text-retriever kind (it provides
+/// that kind and no encoder).
+pub fn is_text_retriever(p: &crate::plugins::Plugin) -> bool {
+    use crate::plugins::registry::Kind;
+    p.has(Kind::TextRetriever) && !p.has(Kind::Retriever)
 }
 
 /// [`run`] with the dataset open and the models loaded (what `rir run`
@@ -212,11 +234,11 @@ pub fn run_loaded(
     host: &PluginHost,
     o: &EvalOptions,
     ds: &data::Dataset,
-    retriever: &dyn rir_sdk::Retriever,
+    first: FirstStage<'_>,
     generator: Option<&dyn rir_sdk::Generator>,
 ) -> Result<EvalOutput, EvalError> {
     check(o)?;
-    evaluate(host, o, ds, retriever, generator, BTreeMap::new())
+    evaluate(host, o, ds, first, generator, BTreeMap::new())
 }
 
 /// The evaluation itself; `timings` holds what the caller already timed.
@@ -224,42 +246,69 @@ fn evaluate(
     host: &PluginHost,
     o: &EvalOptions,
     ds: &data::Dataset,
-    retriever: &dyn rir_sdk::Retriever,
+    first: FirstStage<'_>,
     generator: Option<&dyn rir_sdk::Generator>,
     mut timings: BTreeMap<String, f64>,
 ) -> Result<EvalOutput, EvalError> {
     let cache_root = host.settings.cache_dir.clone();
-    let info = retriever.info();
-    let cache = o.use_cache.then(|| EmbeddingCache::new(&cache_root, &info.fingerprint));
-
     let doc_texts: Vec<String> = ds.corpus.iter().map(data::Doc::encoder_text).collect();
-    let (corpus, corpus_stats) = encode::encode(retriever, Side::Corpus, &doc_texts, cache.as_ref(), o.batch, "corpus")?;
-    timings.insert("encode_corpus".to_owned(), corpus_stats.seconds);
-
     let query_texts: Vec<String> = ds.queries.iter().map(|(_, t)| t.clone()).collect();
-    let side = Side::Query(o.query_instruction.as_deref());
-    let (mut queries, query_stats) = encode::encode(retriever, side, &query_texts, cache.as_ref(), o.batch, "queries")?;
-    timings.insert("encode_queries".to_owned(), query_stats.seconds);
-
-    let mut generation = serde_json::Value::Null;
-    if let Some(generator) = generator {
-        let gname = o.generator.as_deref().unwrap_or_default();
-        let t = Instant::now();
-        let task = prompts::task_for(&ds.name);
-        let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator));
-        let a = augment_queries(retriever, &queries, generator, gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch, o.generation_batch)?;
-        timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
-        queries = a.embeddings;
-        generation = json!({
+    let gname = o.generator.as_deref().unwrap_or_default();
+    let gen_json = |generator: &dyn rir_sdk::Generator, from_cache: usize, how: &str| {
+        json!({
             "plugin": gname, "config": o.generator_config, "model": generator.model_name(),
             "query_weight": o.query_weight, "max_tokens": o.augmentation_max_tokens,
-            "prefix": prompts::AUGMENTATION_PREFIX, "from_cache": a.from_cache,
-        });
-    }
+            "prefix": prompts::AUGMENTATION_PREFIX, "from_cache": from_cache, "query_side": how,
+        })
+    };
 
-    let t = Instant::now();
-    let hits = search(host, &o.index, &queries, &corpus, o.k)?;
-    timings.insert("search".to_owned(), t.elapsed().as_secs_f64());
+    let (hits, retriever_json, encode_json, generation) = match first {
+        FirstStage::Dense(retriever) => {
+            let info = retriever.info();
+            let cache = o.use_cache.then(|| EmbeddingCache::new(&cache_root, &info.fingerprint));
+            let (corpus, corpus_stats) = encode::encode(retriever, Side::Corpus, &doc_texts, cache.as_ref(), o.batch, "corpus")?;
+            timings.insert("encode_corpus".to_owned(), corpus_stats.seconds);
+            let side = Side::Query(o.query_instruction.as_deref());
+            let (mut queries, query_stats) = encode::encode(retriever, side, &query_texts, cache.as_ref(), o.batch, "queries")?;
+            timings.insert("encode_queries".to_owned(), query_stats.seconds);
+            let mut generation = serde_json::Value::Null;
+            if let Some(generator) = generator {
+                let t = Instant::now();
+                let task = prompts::task_for(&ds.name);
+                let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator));
+                let a = augment_queries(retriever, &queries, generator, gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch, o.generation_batch)?;
+                timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
+                queries = a.embeddings;
+                generation = gen_json(generator, a.from_cache, "embedding mix");
+            }
+            let t = Instant::now();
+            let hits = search(host, &o.index, &queries, &corpus, o.k)?;
+            timings.insert("search".to_owned(), t.elapsed().as_secs_f64());
+            let rj = json!({"plugin": o.retriever, "config": o.retriever_config, "info": info, "query_instruction": o.query_instruction});
+            (hits, rj, json!({"corpus": corpus_stats, "queries": query_stats}), generation)
+        }
+        FirstStage::Text(retriever) => {
+            let t = Instant::now();
+            let cached = crate::engine::lexical::open_or_build(&o.retriever, retriever, &doc_texts, o.use_cache.then_some(cache_root.as_path()))?;
+            timings.insert("index".to_owned(), t.elapsed().as_secs_f64());
+            let mut lexical_queries = query_texts.clone();
+            let mut generation = serde_json::Value::Null;
+            if let Some(generator) = generator {
+                let t = Instant::now();
+                let task = prompts::task_for(&ds.name);
+                let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator));
+                let (augmentations, from_cache) = augmentations(generator, gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.generation_batch)?;
+                timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
+                lexical_queries = query_texts.iter().zip(&augmentations).map(|(q, a)| crate::engine::lexical::query2doc(q, a)).collect();
+                generation = gen_json(generator, from_cache, "query2doc");
+            }
+            let t = Instant::now();
+            let hits = crate::engine::lexical::search(&o.retriever, retriever, &lexical_queries, o.k, o.batch)?;
+            timings.insert("search".to_owned(), t.elapsed().as_secs_f64());
+            let rj = json!({"plugin": o.retriever, "config": o.retriever_config, "info": retriever.info(), "kind": "text-retriever"});
+            (hits, rj, json!({"index_from_cache": cached}), generation)
+        }
+    };
 
     let mut run = Run::new();
     for (qi, (qid, _)) in ds.queries.iter().enumerate() {
@@ -286,15 +335,14 @@ fn evaluate(
         evaluation,
         timings,
         config: json!({
-            "retriever": {"plugin": o.retriever, "config": o.retriever_config, "info": info,
-                          "query_instruction": o.query_instruction},
+            "retriever": retriever_json,
             "generator": generation,
             "index": o.index.to_string(),
             "k": o.k,
             "ignore_identical_ids": o.ignore_identical_ids,
             "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len(),
                         "load_report": ds.report},
-            "encode": {"corpus": corpus_stats, "queries": query_stats},
+            "encode": encode_json,
             "threads": host.settings.threads,
             "experiment": o.experiment,
         }),
@@ -335,12 +383,25 @@ pub fn augment_queries(
     batch: usize,
     generation_batch: usize,
 ) -> Result<Augmented, EvalError> {
-    let requests: Vec<GenerationRequest> = queries.iter().map(|q| GenerationRequest::greedy(prompts::augmentation(task, q), max_tokens)).collect();
-    let (completions, from_cache) = generate_all(generator, &requests, gcache, generation_batch.max(1), "augment")?;
-    let augmentations: Vec<String> = completions.iter().map(|c| c.first().map_or("", |c| c.text.trim()).to_owned()).collect();
+    let (augmentations, from_cache) = augmentations(generator, gcache, task, queries, max_tokens, generation_batch)?;
     let prefixed: Vec<String> = augmentations.iter().map(|a| format!("{}{a}", prompts::AUGMENTATION_PREFIX)).collect();
     let (aug_emb, _) = encode::encode(retriever, Side::Corpus, &prefixed, cache, batch, "augment-enc")?;
     Ok(Augmented { embeddings: encode::mix(query_emb, &aug_emb, query_weight as f32), augmentations, from_cache })
+}
+
+/// The generator's augmentation of each query (greedy, `max_tokens`,
+/// trimmed), and how many came from the cache.
+fn augmentations(
+    generator: &dyn rir_sdk::Generator,
+    gcache: Option<&GenerationCache>,
+    task: &prompts::Task,
+    queries: &[String],
+    max_tokens: u32,
+    generation_batch: usize,
+) -> Result<(Vec<String>, usize), EvalError> {
+    let requests: Vec<GenerationRequest> = queries.iter().map(|q| GenerationRequest::greedy(prompts::augmentation(task, q), max_tokens)).collect();
+    let (completions, from_cache) = generate_all(generator, &requests, gcache, generation_batch.max(1), "augment")?;
+    Ok((completions.iter().map(|c| c.first().map_or("", |c| c.text.trim()).to_owned()).collect(), from_cache))
 }
 
 /// Top-k with the chosen index.

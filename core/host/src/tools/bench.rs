@@ -1,5 +1,6 @@
 //! `rir bench encode`: encoder throughput against this machine's fp32 GEMM
-//! peak, measured in the same run.
+//! peak, measured in the same run. `rir bench generate`: decoding beside
+//! llama.cpp. `rir bench lexical`: a text retriever's indexing and search.
 
 use std::time::Instant;
 
@@ -376,4 +377,38 @@ pub fn bench_generate_llama_cpp(server: &LlamaCppServer, max_tokens: u32, sample
         row("llama.cpp (xllamacpp)", "aggregate", samples as usize, tokens, secs),
         row("llama.cpp (xllamacpp)", "prefill", PREFILL_PROMPTS, prefill.0, prefill.1),
     ])
+}
+
+/// A text retriever's speed on one corpus: the fastest of the repeats of
+/// a fresh index build and of one search over every query.
+#[derive(Debug, Clone, Serialize)]
+pub struct LexicalBench {
+    /// Documents indexed.
+    pub docs: usize,
+    /// Seconds to build the index.
+    pub index_seconds: f64,
+    /// Queries searched.
+    pub queries: usize,
+    /// Seconds to search them all (one call).
+    pub search_seconds: f64,
+    /// Results per query.
+    pub k: usize,
+}
+
+/// Builds `docs`' index in a temporary directory `repeat` times and
+/// searches `queries` `repeat` times with a fresh object of `plugin`.
+pub fn bench_lexical(plugin: &crate::plugins::Plugin, config: &str, docs: &[String], queries: &[String], k: usize, repeat: usize) -> Result<LexicalBench, crate::HostError> {
+    let err = |source| crate::HostError::Plugin { plugin: plugin.name.clone(), kind: crate::Kind::TextRetriever, source };
+    let (mut index_s, mut search_s) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..repeat.max(1) {
+        let dir = tempfile::tempdir().map_err(|e| crate::HostError::Input(format!("temporary directory: {e}")))?;
+        let mut r = plugin.text_retriever(config)?;
+        let t = Instant::now();
+        r.build(dir.path(), docs, &rir_sdk::NoProgress).map_err(err)?;
+        index_s = index_s.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(r.search(queries, k).map_err(err)?);
+        search_s = search_s.min(t.elapsed().as_secs_f64());
+    }
+    Ok(LexicalBench { docs: docs.len(), index_seconds: index_s, queries: queries.len(), search_seconds: search_s, k })
 }

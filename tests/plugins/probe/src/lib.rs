@@ -6,6 +6,9 @@
 //! - trainer: writes `output_dir/model.txt`, reports `steps` progress updates,
 //!   stops when cancelled.
 //! - index: exact inner-product search, saved as little-endian f32.
+//! - text-retriever: a document's score is how many of the query's words it
+//!   contains; the query "panic" panics, "error" errors, "bad-id" returns
+//!   an id past the corpus.
 
 use std::path::Path;
 
@@ -176,6 +179,66 @@ impl Index for FlatIndex {
     }
 }
 
+/// Whitespace words, scored by overlap; the index is the texts in one file.
+pub struct WordOverlap {
+    docs: Vec<String>,
+}
+
+impl WordOverlap {
+    pub fn new(text: &str) -> PluginResult<Self> {
+        cfg(text)?;
+        Ok(Self { docs: Vec::new() })
+    }
+}
+
+impl TextRetriever for WordOverlap {
+    fn info(&self) -> TextRetrieverInfo {
+        TextRetrieverInfo { model: "probe word overlap".into(), fingerprint: "probe-overlap-v1".into() }
+    }
+    fn build(&mut self, dir: &Path, texts: &[String], progress: &dyn ProgressSink) -> PluginResult<()> {
+        std::fs::write(dir.join("docs.json"), serde_json::to_vec(texts).map_err(|e| PluginError::Other(e.to_string()))?)?;
+        progress.report(&Progress { stage: "index".into(), done: texts.len() as u64, total: texts.len() as u64, loss: None, message: String::new() });
+        self.docs = texts.to_vec();
+        Ok(())
+    }
+    fn open(&mut self, dir: &Path) -> PluginResult<()> {
+        self.docs = serde_json::from_slice(&std::fs::read(dir.join("docs.json"))?).map_err(|e| PluginError::Other(e.to_string()))?;
+        Ok(())
+    }
+    fn len(&self) -> usize {
+        self.docs.len()
+    }
+    fn search(&self, queries: &[String], k: usize) -> PluginResult<Hits> {
+        let mut hits = Hits { queries: queries.len(), k, ids: vec![-1; queries.len() * k], scores: vec![f32::NEG_INFINITY; queries.len() * k] };
+        for (i, q) in queries.iter().enumerate() {
+            match q.as_str() {
+                "panic" => panic!("probe text retriever was asked to panic"),
+                "error" => return Err(PluginError::input("probe text retriever was asked to fail")),
+                "bad-id" if k > 0 => {
+                    hits.ids[i * k] = self.docs.len() as i64;
+                    hits.scores[i * k] = 1.0;
+                    continue;
+                }
+                _ => {}
+            }
+            let words: Vec<&str> = q.split_whitespace().collect();
+            let mut s: Vec<(f32, i64)> = self
+                .docs
+                .iter()
+                .enumerate()
+                .map(|(j, d)| (d.split_whitespace().filter(|w| words.contains(w)).count() as f32, j as i64))
+                .filter(|(s, _)| *s > 0.0)
+                .collect();
+            s.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (slot, (score, id)) in s.into_iter().take(k).enumerate() {
+                hits.ids[i * k + slot] = id;
+                hits.scores[i * k + slot] = score;
+            }
+        }
+        Ok(hits)
+    }
+}
+
 rir_sdk::export_plugin! {
     name: "probe",
     description: "Test plugin: every kind, failing on request",
@@ -184,6 +247,7 @@ rir_sdk::export_plugin! {
     reward: Probe::new,
     trainer: Probe::new,
     index: FlatIndex::new,
+    text_retriever: WordOverlap::new,
     validate: |_, text| {
         let c: ProbeConfig = config::parse(text)?;
         if c.panic_on_validate {
