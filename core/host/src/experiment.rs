@@ -275,6 +275,48 @@ pub struct Variant {
     /// Overrides the experiment's `eval.query_weight`.
     #[serde(default)]
     pub query_weight: Option<f64>,
+    /// A fusion of earlier variants' runs instead of a retriever of its own.
+    #[serde(default)]
+    pub fuse: Option<FuseSpec>,
+}
+
+/// `fuse = { runs = ["+RLGF", "BM25"], method = "rrf" }`: a variant whose
+/// run fuses earlier variants' runs (`rir fuse`'s options).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FuseSpec {
+    /// The variants fused (two or more, listed before this one).
+    pub runs: Vec<String>,
+    /// rrf, combsum, combmnz or wsum.
+    #[serde(default = "d_fuse_method")]
+    pub method: String,
+    /// min-max, max, sum, zmuv or none.
+    #[serde(default = "d_fuse_norm")]
+    pub norm: String,
+    /// wsum's weights, one per run.
+    #[serde(default)]
+    pub weights: Vec<f64>,
+    /// RRF's rank constant.
+    #[serde(default = "d_rrf_k")]
+    pub rrf_k: f64,
+}
+fn d_fuse_method() -> String {
+    "rrf".into()
+}
+fn d_fuse_norm() -> String {
+    "min-max".into()
+}
+fn d_rrf_k() -> f64 {
+    60.0
+}
+
+impl FuseSpec {
+    /// The method and normalisation, parsed.
+    pub fn parsed(&self) -> Result<(crate::engine::fusion::Method, crate::engine::fusion::Norm), String> {
+        let m = crate::engine::fusion::Method::parse(&self.method, Some(self.rrf_k), &self.weights)?;
+        crate::engine::fusion::check(&m, self.runs.len()).map_err(|e| e.to_string())?;
+        Ok((m, self.norm.parse()?))
+    }
 }
 
 /// An experiment file: the models, the method's settings, the rounds and the
@@ -395,6 +437,20 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
         }
         if v.round.is_some_and(|r| r == 0 || r > exp.rounds) {
             return Err(variant_at("round", format!("round must be in 1..={}", exp.rounds)));
+        }
+        if let Some(f) = &v.fuse {
+            if f.runs.len() < 2 {
+                return Err(variant_at("fuse", format!("fuse.runs needs two or more variants, got {}", f.runs.len())));
+            }
+            for r in &f.runs {
+                if !names.contains(r.as_str()) || r == &v.name {
+                    return Err(variant_at("fuse", format!("fuse.runs: `{r}` is not a variant listed before this one")));
+                }
+            }
+            if v.generator != GeneratorChoice::None || v.retriever != RetrieverChoice::Base || v.query_weight.is_some() {
+                return Err(variant_at("fuse", "a fused variant's run comes from fuse.runs: leave out generator, retriever and query_weight".into()));
+            }
+            f.parsed().map_err(|m| variant_at("fuse", m))?;
         }
     }
     if let (Some(m), Some(dir)) = (&exp.mirror, path.parent()) {
@@ -789,6 +845,8 @@ enum Work {
     /// A trainer job: `base` trained on `data`, written to OUT/`into`.
     Train { trainer: PluginSpec, params: toml::Table, base: String, data: PathBuf, into: &'static str },
     /// One variant evaluated.
+    /// A fusion of earlier eval steps' run files.
+    Fuse { variant: usize, inputs: Vec<PathBuf> },
     /// `lexical`: `retriever` is the `[lexical]` text retriever.
     Eval { variant: usize, retriever: Model, lexical: bool, generator: Option<Model>, query_weight: f64 },
 }
@@ -913,8 +971,19 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
             }
         }
 
+        // Each variant's run file, for the fused variants after it.
+        let mut run_files: std::collections::HashMap<&str, PathBuf> = std::collections::HashMap::new();
         for (vi, v) in exp.variants.iter().enumerate() {
             let round = v.round.unwrap_or(exp.rounds);
+            if let Some(f) = &v.fuse {
+                let inputs: Vec<PathBuf> = f.runs.iter().map(|r| run_files[r.as_str()].clone()).collect();
+                // Upstream steps by their hashed directory names (not paths: the hash must not depend on --output).
+                let upstream: Vec<String> = inputs.iter().filter_map(|p| p.parent()?.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+                let k = key(&serde_json::json!({"stage": "fuse", "dataset": dataset, "variant": v.name, "inputs": upstream, "fuse": f, "eval": exp.eval}));
+                let dir = push(Stage::Eval, round, format!("eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), Work::Fuse { variant: vi, inputs });
+                run_files.insert(v.name.as_str(), dir.join(format!("{}.{}.trec", v.name, ds.name)));
+                continue;
+            }
             let ret = match v.retriever {
                 RetrieverChoice::Base => &rets[0],
                 RetrieverChoice::Rlgf => &rets[round],
@@ -929,13 +998,14 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
             let w = v.query_weight.unwrap_or(exp.eval.query_weight);
             let k = key(&serde_json::json!({"stage": "eval", "dataset": dataset, "variant": v.name, "retriever": ret.id,
                                              "generator": gen.map(|g| &g.id), "eval": exp.eval, "w": w}));
-            push(Stage::Eval, round, format!("eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), Work::Eval {
+            let dir = push(Stage::Eval, round, format!("eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), Work::Eval {
                 variant: vi,
                 retriever: ret.clone(),
                 lexical: v.retriever == RetrieverChoice::Lexical,
                 generator: gen.cloned(),
                 query_weight: w,
             });
+            run_files.insert(v.name.as_str(), dir.join(format!("{}.{}.trec", v.name, ds.name)));
         }
     }
     Ok(plan)
@@ -1009,7 +1079,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
     for p in &steps {
         let ds = &datasets[p.dataset];
         let dir = r.ensure(p.stage, &exp.datasets[p.dataset], p.round, p.label.clone(), p.dir.clone(), |out| execute(host, exp, opts, (&exp.datasets[p.dataset], ds), &p.work, out))?;
-        if let Work::Eval { variant, .. } = &p.work {
+        if let Work::Eval { variant, .. } | Work::Fuse { variant, .. } = &p.work {
             results.push(dir.join(format!("{}.{}.json", exp.variants[*variant].name, ds.name)));
         }
     }
@@ -1059,6 +1129,27 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
         Work::Train { trainer, params, base, data, into } => {
             let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params) };
             crate::stages::train::run(host, &trainer.plugin, &table_text(&trainer.config), &job).map(|_| ())
+        }
+        Work::Fuse { variant, inputs } => {
+            let v = &exp.variants[*variant];
+            let f = v.fuse.as_ref().ok_or_else(|| HostError::Input(format!("variant {} has no fuse table", v.name)))?;
+            let (method, norm) = f.parsed().map_err(HostError::Input)?;
+            let o = crate::stages::fuse::FuseOptions {
+                runs: inputs.clone(),
+                norm,
+                method,
+                k: exp.eval.k,
+                dataset: name.clone(),
+                split: exp.eval.split.clone(),
+                mirror: exp.mirror.clone(),
+                measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+                averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
+                ignore_identical_ids: exp.eval.ignore_identical_ids,
+                output: out.to_owned(),
+                name: v.name.clone(),
+                experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
+            };
+            crate::stages::fuse::run_on(ds, &o).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
         }
         Work::Eval { variant, retriever, lexical, generator, query_weight } => {
             let v = &exp.variants[*variant];

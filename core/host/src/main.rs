@@ -49,6 +49,8 @@ enum Command {
     },
     /// Evaluate a retriever (optionally generator-augmented) on a dataset
     Eval(EvalArgs),
+    /// Fuse run files (RRF, CombSUM, CombMNZ, weighted sum, as ranx does) and evaluate the result
+    Fuse(FuseArgs),
     /// Encode one's own queries and documents (jsonl, text lines or stdin) to .npy + jsonl
     Encode(EncodeArgs),
     /// Compare results files: runs x (dataset, measure) with significance marks
@@ -377,6 +379,52 @@ struct EncodeArgs {
 }
 
 #[derive(clap::Args)]
+struct FuseArgs {
+    /// TREC run files to fuse (two or more; weights follow this order)
+    #[arg(required = true, num_args = 2..)]
+    runs: Vec<PathBuf>,
+    /// rrf, combsum, combmnz or wsum
+    #[arg(long, default_value = "rrf")]
+    method: String,
+    /// Score normalisation before combining: min-max, max, sum, zmuv (z-score) or none (RRF uses ranks)
+    #[arg(long, default_value = "min-max")]
+    norm: String,
+    /// RRF's rank constant
+    #[arg(long, default_value_t = 60.0)]
+    rrf_k: f64,
+    /// wsum's weights, comma-separated, one per run
+    #[arg(long, value_delimiter = ',')]
+    weights: Vec<f64>,
+    /// Results kept per query
+    #[arg(long, default_value_t = 1000)]
+    k: usize,
+    /// Dataset whose qrels evaluate the fused run (name or BEIR directory)
+    #[arg(long)]
+    dataset: String,
+    /// qrels split [default: the dataset's evaluation split]
+    #[arg(long)]
+    split: Option<String>,
+    /// Local mirror laid out as DIR/beir/NAME
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
+    /// Measures, comma-separated (ir-measures names)
+    #[arg(long, default_value = "nDCG@10,R@100,AP@100,RR@10,P@10,R@1000")]
+    measures: String,
+    /// Average over queries in the run or over all judged queries
+    #[arg(long, default_value = "run")]
+    averaging: String,
+    /// Keep results whose doc id equals the query id
+    #[arg(long)]
+    keep_identical_ids: bool,
+    /// Directory for the fused run file and results JSON
+    #[arg(long, default_value = "runs")]
+    output: PathBuf,
+    /// The fused run's name [default: the method]
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(clap::Args)]
 struct TableArgs {
     /// Results JSON files written by `rir eval` (or `rir run`)
     #[arg(required = true)]
@@ -467,6 +515,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plugins { action: Some(PluginsAction::Check { name }) } => check_plugin(&host(&cli)?, name),
         Command::Data { action } => data_cmd(action),
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
+        Command::Fuse(a) => fuse_cmd(&host(&cli)?, a),
         Command::Encode(a) => encode_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
         Command::Run(a) => run_cmd(&host(&cli)?, a),
@@ -894,6 +943,31 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
     );
     println!("run file: {}
 results:  {}", out.run_file.display(), out.results_file.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fuse_cmd(host: &PluginHost, a: &FuseArgs) -> Result<ExitCode> {
+    use rir::engine::fusion::{Method, Norm};
+    let method = Method::parse(&a.method, Some(a.rrf_k), &a.weights).map_err(anyhow::Error::msg).context("--method")?;
+    let opts = rir::stages::fuse::FuseOptions {
+        runs: a.runs.clone(),
+        norm: a.norm.parse::<Norm>().map_err(anyhow::Error::msg).context("--norm")?,
+        method,
+        k: a.k,
+        dataset: a.dataset.clone(),
+        split: a.split.clone(),
+        mirror: a.mirror.clone(),
+        measures: metrics::parse_measures(&a.measures).map_err(anyhow::Error::msg)?,
+        averaging: a.averaging.parse().map_err(anyhow::Error::msg)?,
+        ignore_identical_ids: !a.keep_identical_ids,
+        output: a.output.clone(),
+        name: a.name.clone().unwrap_or_else(|| a.method.clone()),
+        experiment: None,
+    };
+    let out = rir::stages::fuse::run(&host.settings.cache_dir, &opts)?;
+    let cmp = report::compare(std::slice::from_ref(&out.results), &report::TableOptions::default())?;
+    print!("{}", report::render(&cmp, report::Format::Terminal, false));
+    println!("run file: {}\nresults:  {}", out.run_file.display(), out.results_file.display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -134,6 +134,9 @@ retriever = "rlgf"
 [[variants]]
 name = "BM25"
 retriever = "lexical"
+[[variants]]
+name = "RRF"
+fuse = {{ runs = ["both", "BM25"] }}
 "#,
         ds = ds.display().to_string()
     );
@@ -181,6 +184,11 @@ retriever = "lexical"
     let r = rir::engine::report::Results::read(&run_dir.join(bm25).join("BM25.scifact-mini.json")).unwrap();
     assert_eq!(r.config["retriever"]["plugin"], "bm25");
     assert!(stdout.lines().any(|l| l.contains("BM25")), "{stdout}");
+    // The fused row: RRF of the two runs, as `rir fuse` computes it.
+    let rrf = names(&run_dir).into_iter().find(|n| n.starts_with("eval-RRF-")).expect("an RRF step");
+    let r = rir::engine::report::Results::read(&run_dir.join(&rrf).join("RRF.scifact-mini.json")).unwrap();
+    assert_eq!(r.config["fusion"]["method"]["method"], "rrf");
+    assert!(stdout.lines().any(|l| l.contains("RRF")), "{stdout}");
     for f in ["table.md", "table.tex", "table.csv", "table.json", "manifest.json", "run.log"] {
         assert!(out.join("tiny").join(f).is_file(), "{f}");
     }

@@ -8,6 +8,7 @@ pub mod encode;
 pub mod generate;
 pub mod search;
 pub mod lexical;
+pub mod fusion;
 pub mod metrics;
 pub mod stats;
 pub mod runfile;

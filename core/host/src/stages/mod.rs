@@ -15,6 +15,7 @@ pub mod rlrf;
 pub mod rlgf;
 pub mod train;
 pub mod eval;
+pub mod fuse;
 
 use std::path::Path;
 

@@ -1,0 +1,101 @@
+//! `rir fuse`: run files → one fused run (RRF, CombSUM, CombMNZ, weighted
+//! sum; [`crate::engine::fusion`]), evaluated on a dataset's qrels like any
+//! run, so `rir table` compares it with the runs it came from.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::engine::fusion::{self, Method, Norm};
+use crate::engine::metrics::{self, Averaging, Measure, Run};
+use crate::engine::report::{Results, RESULTS_SCHEMA};
+use crate::engine::{data, runfile};
+use crate::stages::eval::{EvalError, EvalOutput};
+
+/// What one fusion needs.
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    /// The runs fused, in the order weights refer to.
+    pub runs: Vec<PathBuf>,
+    /// Score normalisation before combining.
+    pub norm: Norm,
+    /// How the runs are combined.
+    pub method: Method,
+    /// Results kept per query.
+    pub k: usize,
+    /// The dataset whose qrels evaluate the fused run (name or BEIR directory).
+    pub dataset: String,
+    /// The qrels split (None: the dataset's evaluation split).
+    pub split: Option<String>,
+    /// A local BEIR mirror.
+    pub mirror: Option<PathBuf>,
+    /// The measures computed.
+    pub measures: Vec<Measure>,
+    /// Over which queries means are taken.
+    pub averaging: Averaging,
+    /// Drop results whose document id is the query's id.
+    pub ignore_identical_ids: bool,
+    /// Where NAME.DATASET.{trec,json} go.
+    pub output: PathBuf,
+    /// The fused run's name (checked: it becomes a file name).
+    pub name: String,
+    /// Where the run sits in an experiment, as for `rir eval`.
+    pub experiment: Option<serde_json::Value>,
+}
+
+/// Opens the dataset, then [`run_on`].
+pub fn run(cache_dir: &std::path::Path, o: &FuseOptions) -> Result<EvalOutput, EvalError> {
+    check(o)?;
+    let ds = data::open(&o.dataset, o.split.as_deref(), cache_dir, o.mirror.as_deref())?;
+    run_on(&ds, o)
+}
+
+fn check(o: &FuseOptions) -> Result<(), EvalError> {
+    crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
+    crate::stages::eval::check_k(o.k).map_err(EvalError::Invalid)?;
+    fusion::check(&o.method, o.runs.len()).map_err(|e| EvalError::Invalid(e.to_string()))?;
+    if o.runs.len() < 2 {
+        return Err(EvalError::Invalid(fusion::FusionError::TooFew(o.runs.len()).to_string()));
+    }
+    Ok(())
+}
+
+/// Reads the runs, fuses, evaluates on `ds`, writes the run file and results.
+pub fn run_on(ds: &data::Dataset, o: &FuseOptions) -> Result<EvalOutput, EvalError> {
+    check(o)?;
+    let t = Instant::now();
+    let runs: Vec<Run> = o.runs.iter().map(|p| runfile::read(p)).collect::<Result<_, _>>()?;
+    let refs: Vec<&Run> = runs.iter().collect();
+    let fused = fusion::fuse(&refs, o.norm, &o.method, Some(o.k)).map_err(|e| match e {
+        fusion::FusionError::DifferentQueries { run, detail } => {
+            EvalError::Invalid(format!("{} and {} are over different queries: {detail}", o.runs[run - 1].display(), o.runs[0].display()))
+        }
+        e => EvalError::Invalid(e.to_string()),
+    })?;
+    let seconds = t.elapsed().as_secs_f64();
+    let evaluation = metrics::evaluate(&ds.qrels, &fused, &o.measures, o.averaging, o.ignore_identical_ids);
+    crate::util::paths::ensure_dir(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
+    let run_file = o.output.join(format!("{}.{}.trec", o.name, ds.name));
+    runfile::write(&run_file, &fused, &o.name)?;
+    let results = Results {
+        schema: RESULTS_SCHEMA.into(),
+        name: o.name.clone(),
+        dataset: ds.name.clone(),
+        split: ds.split.clone(),
+        evaluation,
+        timings: [("fuse".to_owned(), seconds)].into_iter().collect(),
+        config: json!({
+            "fusion": {"runs": o.runs, "norm": o.norm, "method": o.method},
+            "k": o.k,
+            "ignore_identical_ids": o.ignore_identical_ids,
+            "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len()},
+            "experiment": o.experiment,
+        }),
+        rir_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    let results_file = o.output.join(format!("{}.{}.json", o.name, ds.name));
+    results.write(&results_file)?;
+    Ok(EvalOutput { results, run_file, results_file })
+}
