@@ -100,7 +100,7 @@ pub fn log_sum_exp(logits: &[f32]) -> f32 {
     max + (e.iter().map(|v| *v as f64).sum::<f64>() as f32).ln()
 }
 
-/// out[i] = exp((x[i] − max)·scale), vectorized where the CPU allows.
+/// `out[i] = exp((x[i] − max)·scale)`, vectorized where the CPU allows.
 pub fn exp_into(x: &[f32], max: f32, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {

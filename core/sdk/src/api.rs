@@ -2,7 +2,7 @@
 //!
 //! A plugin author implements these with ordinary std types; the SDK converts to
 //! and from the stable ABI ([`crate::ffi`]) and catches panics at the boundary.
-//! The host calls plugins through the same traits (see [`crate::client`]).
+//! The host calls plugins through the same traits (see [`crate::bridge`]).
 
 use std::path::PathBuf;
 

@@ -135,7 +135,7 @@ fn cut_words(text: &str, n: usize) -> String {
     text.split_whitespace().take(n).collect::<Vec<_>>().join(" ")
 }
 
-/// RankGPT's prompt, as one chat: the passages labelled [1]..[n], then the
+/// RankGPT's prompt, as one chat: the passages labelled `[1]`..`[n]`, then the
 /// request for a permutation.
 pub fn rank_prompt(query: &str, passages: &[String]) -> Prompt {
     let n = passages.len();

@@ -382,7 +382,7 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(
     Ok(())
 }
 
-/// Loads a BEIR folder; `split` picks qrels/<split>.tsv and the queries it judges.
+/// Loads a BEIR folder; `split` picks `qrels/SPLIT.tsv` and the queries it judges.
 pub fn load_dir(name: &str, dir: &Path, split: &str) -> Result<Dataset, DataError> {
     let mut report = LoadReport::default();
     let qrels_path = dir.join("qrels").join(format!("{split}.tsv"));
