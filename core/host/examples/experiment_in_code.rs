@@ -38,6 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         trainers: Default::default(),
         stages: Default::default(),
         eval: Default::default(),
+        lexical: None,
         variants: vec![
             variant("base", GeneratorChoice::None, RetrieverChoice::Base),
             variant("+RLRF", GeneratorChoice::Rlrf, RetrieverChoice::Base),
