@@ -5,21 +5,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use rir::engine::report::Results;
 use rir_sdk::{NoProgress, TextRetriever};
 
 fn rir(args: &[&str], cache: &Path) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rir"))
-        .args(args)
-        .current_dir(root())
-        .env("RIR_CACHE", cache)
-        .env_remove("RIR_REGISTRY")
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    rir_in(args, Some(cache))
 }
 
 fn eval_bm25(dataset: &str, cache: &Path, out: &Path, extra: &[&str]) -> (Results, String) {

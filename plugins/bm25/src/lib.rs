@@ -121,6 +121,7 @@ struct Segment {
 
 struct Open {
     _reader: IndexReader,
+    field: Field,
     segments: Vec<Segment>,
     meta: Meta,
     /// 1 / (k1 · (1 − b + b · LENGTH[i] / avgdl)) for each length byte.
@@ -189,11 +190,14 @@ impl Bm25 {
         for (i, v) in norm_inverse.iter_mut().enumerate() {
             *v = 1.0 / (self.cfg.k1 * ((1.0 - self.cfg.b) + self.cfg.b * byte4_to_int(i as u8) as f32 / avgdl));
         }
-        Ok(Open { _reader: reader, segments, meta, norm_inverse, docs })
+        Ok(Open { _reader: reader, field: schema().1, segments, meta, norm_inverse, docs })
     }
 
-    /// One query's top k as (corpus position, score).
-    fn search_one(&self, o: &Open, field: Field, query: &str, k: usize) -> PluginResult<Vec<(u32, f32)>> {
+    /// One query's top k as (corpus position, score). `acc` is the
+    /// caller's per-thread accumulator (all NaN, as long as the largest
+    /// segment); it is left all NaN again, so no query allocates one.
+    fn search_one(&self, o: &Open, query: &str, k: usize, acc: &mut [f64]) -> PluginResult<Vec<(u32, f32)>> {
+        let field = o.field;
         let mut counts: BTreeMap<String, u32> = BTreeMap::new();
         for t in self.analyzer.analyze(query) {
             *counts.entry(t).or_default() += 1;
@@ -216,14 +220,10 @@ impl Bm25 {
         }
         let mut best: Vec<(u32, f32)> = Vec::new();
         for (seg, inv) in o.segments.iter().zip(&inverted) {
-            let mut acc: Vec<f64> = Vec::new();
             let mut touched: Vec<u32> = Vec::new();
             for (t, w) in &terms {
                 let w = *w;
                 let Some(mut postings) = inv.read_postings(t, IndexRecordOption::WithFreqs).map_err(io)? else { continue };
-                if acc.is_empty() {
-                    acc = vec![f64::NAN; seg.pos.len()];
-                }
                 let mut d = postings.doc();
                 while d != TERMINATED {
                     let tf = postings.term_freq() as f32;
@@ -237,7 +237,10 @@ impl Bm25 {
                     d = postings.advance();
                 }
             }
-            best.extend(touched.into_iter().map(|d| (seg.pos[d as usize], acc[d as usize] as f32)));
+            for d in touched {
+                best.push((seg.pos[d as usize], acc[d as usize] as f32));
+                acc[d as usize] = f64::NAN;
+            }
         }
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if best.len() > k {
@@ -315,7 +318,6 @@ impl TextRetriever for Bm25 {
 
     fn search(&self, queries: &[String], k: usize) -> PluginResult<Hits> {
         let o = self.open.as_ref().ok_or_else(|| PluginError::input("search before build or open: no index is open"))?;
-        let field = schema().1;
         let mut hits = Hits { queries: queries.len(), k, ids: vec![-1; queries.len() * k], scores: vec![f32::NEG_INFINITY; queries.len() * k] };
         if k == 0 || queries.is_empty() {
             return Ok(hits);
@@ -325,7 +327,12 @@ impl TextRetriever for Bm25 {
         let rows: Vec<PluginResult<Vec<(u32, f32)>>> = std::thread::scope(|s| {
             let handles: Vec<_> = queries
                 .chunks(per)
-                .map(|c| s.spawn(move || c.iter().map(|q| self.search_one(o, field, q, k)).collect::<Vec<_>>()))
+                .map(|c| {
+                    s.spawn(move || {
+                        let mut acc = vec![f64::NAN; o.segments.iter().map(|g| g.pos.len()).max().unwrap_or(0)];
+                        c.iter().map(|q| self.search_one(o, q, k, &mut acc)).collect::<Vec<_>>()
+                    })
+                })
                 .collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
         });

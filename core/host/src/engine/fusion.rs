@@ -199,8 +199,9 @@ pub fn fuse(runs: &[&Run], norm: Norm, method: &Method, depth: Option<usize>) ->
                 l
             })
             .collect();
+        // RRF reads ranks only: normalising would not change them.
         let normed: Vec<Vec<(String, f64)>> = match method {
-            Method::Rrf { .. } => lists.clone(),
+            Method::Rrf { .. } => lists,
             _ => lists.iter().map(|l| normalise(l, norm)).collect(),
         };
         for (ri, list) in normed.iter().enumerate() {

@@ -320,38 +320,62 @@ fn evaluate(
             .collect();
         run.insert(qid.clone(), row);
     }
-    let t = Instant::now();
-    let evaluation = metrics::evaluate(&ds.qrels, &run, &o.measures, o.averaging, o.ignore_identical_ids);
-    timings.insert("evaluate".to_owned(), t.elapsed().as_secs_f64());
+    let config = json!({
+        "retriever": retriever_json,
+        "generator": generation,
+        "index": o.index.to_string(),
+        "k": o.k,
+        "ignore_identical_ids": o.ignore_identical_ids,
+        "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len(),
+                    "load_report": ds.report},
+        "encode": encode_json,
+        "threads": host.settings.threads,
+        "experiment": o.experiment,
+    });
+    let out = Scoring { measures: &o.measures, averaging: o.averaging, ignore_identical_ids: o.ignore_identical_ids, output: &o.output, name: &o.name };
+    out.write(ds, &run, timings, config)
+}
 
-    crate::util::paths::ensure_dir(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
-    let run_file = o.output.join(format!("{}.{}.trec", o.name, ds.name));
-    runfile::write(&run_file, &run, &o.name)?;
-    let results = Results {
-        schema: RESULTS_SCHEMA.into(),
-        name: o.name.clone(),
-        dataset: ds.name.clone(),
-        split: ds.split.clone(),
-        evaluation,
-        timings,
-        config: json!({
-            "retriever": retriever_json,
-            "generator": generation,
-            "index": o.index.to_string(),
-            "k": o.k,
-            "ignore_identical_ids": o.ignore_identical_ids,
-            "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len(),
-                        "load_report": ds.report},
-            "encode": encode_json,
-            "threads": host.settings.threads,
-            "experiment": o.experiment,
-        }),
-        rir_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-    };
-    let results_file = o.output.join(format!("{}.{}.json", o.name, ds.name));
-    results.write(&results_file)?;
-    Ok(EvalOutput { results, run_file, results_file })
+/// How a finished run is judged and where it is written: what `rir eval`
+/// and `rir fuse` share.
+pub struct Scoring<'a> {
+    /// The measures computed.
+    pub measures: &'a [Measure],
+    /// Over which queries means are taken.
+    pub averaging: Averaging,
+    /// Drop results whose document id is the query's id.
+    pub ignore_identical_ids: bool,
+    /// The directory NAME.DATASET.{trec,json} go to.
+    pub output: &'a std::path::Path,
+    /// The run's name (checked by the caller: it becomes a file name).
+    pub name: &'a str,
+}
+
+impl Scoring<'_> {
+    /// Evaluates `run` on `ds`'s qrels and writes the run file and the
+    /// results JSON (`config` is recorded as is; `timings` gains `evaluate`).
+    pub fn write(&self, ds: &data::Dataset, run: &Run, mut timings: BTreeMap<String, f64>, config: serde_json::Value) -> Result<EvalOutput, EvalError> {
+        let t = Instant::now();
+        let evaluation = metrics::evaluate(&ds.qrels, run, self.measures, self.averaging, self.ignore_identical_ids);
+        timings.insert("evaluate".to_owned(), t.elapsed().as_secs_f64());
+        crate::util::paths::ensure_dir(self.output).map_err(|source| EvalError::Io { path: self.output.to_owned(), source })?;
+        let run_file = self.output.join(format!("{}.{}.trec", self.name, ds.name));
+        runfile::write(&run_file, run, self.name)?;
+        let results = Results {
+            schema: RESULTS_SCHEMA.into(),
+            name: self.name.to_owned(),
+            dataset: ds.name.clone(),
+            split: ds.split.clone(),
+            evaluation,
+            timings,
+            config,
+            rir_version: env!("CARGO_PKG_VERSION").into(),
+            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        let results_file = self.output.join(format!("{}.{}.json", self.name, ds.name));
+        results.write(&results_file)?;
+        Ok(EvalOutput { results, run_file, results_file })
+    }
 }
 
 /// Queries augmented by a generator, as Reinforced-IR encodes them.

@@ -8,10 +8,9 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::engine::fusion::{self, Method, Norm};
-use crate::engine::metrics::{self, Averaging, Measure, Run};
-use crate::engine::report::{Results, RESULTS_SCHEMA};
+use crate::engine::metrics::{Averaging, Measure, Run};
 use crate::engine::{data, runfile};
-use crate::stages::eval::{EvalError, EvalOutput};
+use crate::stages::eval::{EvalError, EvalOutput, Scoring};
 
 /// What one fusion needs.
 #[derive(Debug, Clone)]
@@ -44,26 +43,29 @@ pub struct FuseOptions {
     pub experiment: Option<serde_json::Value>,
 }
 
-/// Opens the dataset, then [`run_on`].
+/// Opens the dataset, then [`run_on`] (the options are checked first).
 pub fn run(cache_dir: &std::path::Path, o: &FuseOptions) -> Result<EvalOutput, EvalError> {
     check(o)?;
     let ds = data::open(&o.dataset, o.split.as_deref(), cache_dir, o.mirror.as_deref())?;
-    run_on(&ds, o)
+    fuse_on(&ds, o)
 }
 
 fn check(o: &FuseOptions) -> Result<(), EvalError> {
     crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
     crate::stages::eval::check_k(o.k).map_err(EvalError::Invalid)?;
-    fusion::check(&o.method, o.runs.len()).map_err(|e| EvalError::Invalid(e.to_string()))?;
     if o.runs.len() < 2 {
         return Err(EvalError::Invalid(fusion::FusionError::TooFew(o.runs.len()).to_string()));
     }
-    Ok(())
+    fusion::check(&o.method, o.runs.len()).map_err(|e| EvalError::Invalid(e.to_string()))
 }
 
 /// Reads the runs, fuses, evaluates on `ds`, writes the run file and results.
 pub fn run_on(ds: &data::Dataset, o: &FuseOptions) -> Result<EvalOutput, EvalError> {
     check(o)?;
+    fuse_on(ds, o)
+}
+
+fn fuse_on(ds: &data::Dataset, o: &FuseOptions) -> Result<EvalOutput, EvalError> {
     let t = Instant::now();
     let runs: Vec<Run> = o.runs.iter().map(|p| runfile::read(p)).collect::<Result<_, _>>()?;
     let refs: Vec<&Run> = runs.iter().collect();
@@ -73,29 +75,14 @@ pub fn run_on(ds: &data::Dataset, o: &FuseOptions) -> Result<EvalOutput, EvalErr
         }
         e => EvalError::Invalid(e.to_string()),
     })?;
-    let seconds = t.elapsed().as_secs_f64();
-    let evaluation = metrics::evaluate(&ds.qrels, &fused, &o.measures, o.averaging, o.ignore_identical_ids);
-    crate::util::paths::ensure_dir(&o.output).map_err(|source| EvalError::Io { path: o.output.clone(), source })?;
-    let run_file = o.output.join(format!("{}.{}.trec", o.name, ds.name));
-    runfile::write(&run_file, &fused, &o.name)?;
-    let results = Results {
-        schema: RESULTS_SCHEMA.into(),
-        name: o.name.clone(),
-        dataset: ds.name.clone(),
-        split: ds.split.clone(),
-        evaluation,
-        timings: [("fuse".to_owned(), seconds)].into_iter().collect(),
-        config: json!({
-            "fusion": {"runs": o.runs, "norm": o.norm, "method": o.method},
-            "k": o.k,
-            "ignore_identical_ids": o.ignore_identical_ids,
-            "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len()},
-            "experiment": o.experiment,
-        }),
-        rir_version: env!("CARGO_PKG_VERSION").into(),
-        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-    };
-    let results_file = o.output.join(format!("{}.{}.json", o.name, ds.name));
-    results.write(&results_file)?;
-    Ok(EvalOutput { results, run_file, results_file })
+    let timings = [("fuse".to_owned(), t.elapsed().as_secs_f64())].into_iter().collect();
+    let config = json!({
+        "fusion": {"runs": o.runs, "norm": o.norm, "method": o.method},
+        "k": o.k,
+        "ignore_identical_ids": o.ignore_identical_ids,
+        "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len()},
+        "experiment": o.experiment,
+    });
+    let out = Scoring { measures: &o.measures, averaging: o.averaging, ignore_identical_ids: o.ignore_identical_ids, output: &o.output, name: &o.name };
+    out.write(ds, &fused, timings, config)
 }

@@ -186,3 +186,15 @@ pub fn mini_scifact(dir: &Path, name: &str) -> PathBuf {
     std::fs::copy(src.join("queries.jsonl"), d.join("queries.jsonl")).unwrap();
     d
 }
+
+/// Runs the `rir` binary from the workspace root with the workspace's own
+/// registry (and `RIR_CACHE` when given): (success, stdout, stderr).
+pub fn rir_in(args: &[&str], cache: Option<&Path>) -> (bool, String, String) {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rir"));
+    c.args(args).current_dir(root()).env_remove("RIR_REGISTRY");
+    if let Some(cache) = cache {
+        c.env("RIR_CACHE", cache);
+    }
+    let out = c.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
