@@ -541,7 +541,11 @@ impl Experiment {
         self.lexical.clone().unwrap_or_else(|| PluginSpec { plugin: "bm25".into(), config: toml::Table::new() })
     }
     fn uses_lexical(&self) -> bool {
-        self.variants.iter().any(|v| v.retriever == RetrieverChoice::Lexical)
+        self.variants.iter().any(|v| v.retriever == RetrieverChoice::Lexical) || self.mines_lexically()
+    }
+    /// Whether rlgf-data (and gpl-data) mine negatives with the text retriever.
+    fn mines_lexically(&self) -> bool {
+        self.stages.rlgf.miner == crate::stages::rlgf::Miner::Lexical
     }
 }
 
@@ -841,7 +845,8 @@ fn model_source(t: &toml::Table, role: &str) -> Result<String, HostError> {
 enum Work {
     /// A data stage ([`crate::stages::DataStage`]) over the dataset, its
     /// config as the experiment's table holds it.
-    Data { stage: Stage, config: serde_json::Value, queries: Option<PathBuf>, generator: Option<Model>, retriever: Option<Model>, reward: Option<PluginSpec> },
+    /// `lexical`: the `[lexical]` text retriever is opened for it.
+    Data { stage: Stage, config: serde_json::Value, queries: Option<PathBuf>, generator: Option<Model>, retriever: Option<Model>, reward: Option<PluginSpec>, lexical: bool },
     /// A trainer job: `base` trained on `data`, written to OUT/`into`.
     Train { trainer: PluginSpec, params: toml::Table, base: String, data: PathBuf, into: &'static str },
     /// One variant evaluated.
@@ -887,6 +892,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
             generator: Some(base_gen.clone()),
             retriever: None,
             reward: None,
+            lexical: false,
         });
         let qfile = qdir.join("queries.jsonl");
 
@@ -904,6 +910,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                 generator: Some(gp.clone()),
                 retriever: Some(rp.clone()),
                 reward: Some(exp.rewards.retriever.clone()),
+                lexical: false,
             });
             let gbase = match &gp.path {
                 Some(p) => p.display().to_string(),
@@ -920,8 +927,14 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
             });
             let gnew = Model { id: serde_json::json!({"trained": tk}), path: Some(tdir.join("merged")) };
 
-            let k = key(&serde_json::json!({"stage": "rlgf-data", "queries": qkey, "generator": gnew.id, "retriever": rp.id,
-                                             "reward": exp.rewards.generator, "config": exp.stages.rlgf}));
+            // The text retriever that mines, when one does (absent otherwise: older hashes stay).
+            let miner = if exp.mines_lexically() { Some(lexical.ok_or_else(|| HostError::Input("lexical mining without the text retriever's id".into()))?) } else { None };
+            let mut kj = serde_json::json!({"stage": "rlgf-data", "queries": qkey, "generator": gnew.id, "retriever": rp.id,
+                                             "reward": exp.rewards.generator, "config": exp.stages.rlgf});
+            if let Some(m) = miner {
+                kj["miner"] = m.id.clone();
+            }
+            let k = key(&kj);
             let gdir = push(Stage::RlgfData, round, format!("round {round}: rlgf-data"), droot.join(format!("rlgf-data-r{round}-{k}")), Work::Data {
                 stage: Stage::RlgfData,
                 config: to_json(&exp.stages.rlgf),
@@ -929,6 +942,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                 generator: Some(gnew.clone()),
                 retriever: Some(rp.clone()),
                 reward: Some(exp.rewards.generator.clone()),
+                lexical: miner.is_some(),
             });
             let rbase = match &rp.path {
                 Some(p) => p.display().to_string(),
@@ -948,7 +962,11 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
             // The GPL/InPars-style peer, only when a variant asks for it.
             if exp.variants.iter().any(|v| v.retriever == RetrieverChoice::Gpl) {
                 let gcfg = exp.stages.rlgf.gpl();
-                let k = key(&serde_json::json!({"stage": "gpl-data", "queries": qkey, "retriever": rp.id, "config": gcfg}));
+                let mut kj = serde_json::json!({"stage": "gpl-data", "queries": qkey, "retriever": rp.id, "config": gcfg});
+                if let Some(m) = miner {
+                    kj["miner"] = m.id.clone();
+                }
+                let k = key(&kj);
                 let gpdir = push(Stage::RlgfData, round, format!("round {round}: gpl-data"), droot.join(format!("gpl-data-r{round}-{k}")), Work::Data {
                     stage: Stage::RlgfData,
                     config: to_json(&gcfg),
@@ -957,6 +975,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                     generator: None,
                     retriever: Some(rp.clone()),
                     reward: None,
+                    lexical: miner.is_some(),
                 });
                 let params = exp.trainers.gpl_params();
                 let tk = key(&serde_json::json!({"stage": "gpl-train", "data": k, "trainer": exp.trainers.retriever.plugin, "config": exp.trainers.retriever.config, "params": params, "base": rp.id}));
@@ -1100,7 +1119,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
     let (name, ds) = dataset;
     use crate::stages::{Context, DataStage, GeneratorIn, RetrieverIn};
     match work {
-        Work::Data { stage, config, queries, generator, retriever, reward } => {
+        Work::Data { stage, config, queries, generator, retriever, reward, lexical } => {
             let queries = queries.as_deref().map(crate::stages::queries::read).transpose()?.unwrap_or_default();
             let g = generator.as_ref().map(|m| r_generator(host, exp, m)).transpose()?;
             let gc = match (generator, &g) {
@@ -1110,6 +1129,12 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
             let ret = retriever.as_ref().map(|m| r_retriever(host, exp, m)).transpose()?;
             let ec = ret.as_ref().filter(|_| opts.use_cache).map(|r| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info().fingerprint));
             let rw = reward.as_ref().map(|w| host.load(&w.plugin)?.reward(&table_text(&w.config))).transpose()?;
+            let lex = exp.lexical_spec();
+            let mut tr = if *lexical { Some(host.load(&lex.plugin)?.text_retriever(&table_text(&lex.config))?) } else { None };
+            if let Some(t) = tr.as_mut() {
+                let texts: Vec<String> = ds.corpus.iter().map(crate::engine::data::Doc::encoder_text).collect();
+                crate::engine::lexical::open_or_build(&lex.plugin, t.as_mut(), &texts, opts.use_cache.then_some(host.settings.cache_dir.as_path()))?;
+            }
             let task = crate::engine::prompts::task_for(&ds.name);
             let ctx = Context {
                 dataset: ds,
@@ -1118,6 +1143,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 generator: g.as_deref().map(|model| GeneratorIn { model, cache: gc.as_ref() }),
                 retriever: ret.as_deref().map(|model| RetrieverIn { model, cache: ec.as_ref() }),
                 reward: rw.as_deref(),
+                text_retriever: tr.as_deref().map(|model| crate::stages::TextRetrieverIn { plugin: &lex.plugin, model }),
                 threads: host.settings.threads,
             };
             fn data<S: DataStage>(ctx: &Context<'_>, config: &serde_json::Value, out: &Path) -> Result<(), HostError> {

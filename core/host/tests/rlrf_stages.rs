@@ -26,7 +26,7 @@ fn queries_then_preference_pairs_on_scifact() {
 
     let qcfg: queries::QueriesConfig = toml::from_str("passages = 6\nmax_chars = 600\nmax_tokens = 24\nseed = 3").unwrap();
     let gen = Some(GeneratorIn { model: g.as_ref(), cache: Some(&gcache) });
-    let qctx = Context { dataset: &ds, task: &task, queries: &[], generator: gen, retriever: None, reward: None, threads: 2 };
+    let qctx = Context { dataset: &ds, task: &task, queries: &[], generator: gen, retriever: None, reward: None, text_retriever: None, threads: 2 };
     let (qs, stats) = queries::Queries::run(&qctx, &qcfg, out.path()).unwrap();
     eprintln!("queries: {stats:?}");
     assert_eq!(stats.sampled, 6);

@@ -14,7 +14,7 @@ use crate::engine::generate::GenerationCache;
 use crate::error::HostError;
 use crate::plugins::registry::Kind;
 use crate::plugins::PluginHost;
-use crate::stages::{dispatch_data_stage, Context, DataStage, GeneratorIn, RetrieverIn, Stage, DATA_STAGES};
+use crate::stages::{dispatch_data_stage, Context, DataStage, GeneratorIn, RetrieverIn, Stage, TextRetrieverIn, DATA_STAGES};
 
 /// A data stage chosen on the command line, with its flags' values.
 pub struct StageCommand {
@@ -39,6 +39,8 @@ pub struct StageFlags {
     pub retriever: Option<(String, String)>,
     /// `--reward` and `--reward-config`.
     pub reward: Option<(String, String)>,
+    /// `--lexical` and `--lexical-config` (used when the config asks).
+    pub lexical: Option<(String, String)>,
     /// `--config`.
     pub config: String,
     /// `--output`.
@@ -71,6 +73,10 @@ pub fn command<S: DataStage>() -> Command {
         c = c.arg(flag("reward", "PLUGIN", format!("{what} (registry name)")).default_value(default));
         c = c.arg(flag("reward-config", "TOML", "The reward's config table (TOML text or @FILE)".into()).default_value(""));
     }
+    if let Some((default, what)) = n.text_retriever {
+        c = c.arg(flag("lexical", "PLUGIN", format!("{what} (registry name)")).default_value(default));
+        c = c.arg(flag("lexical-config", "TOML", "The text retriever's config table (TOML text or @FILE)".into()).default_value(""));
+    }
     c = c.arg(flag("config", "TOML", format!("Stage settings (TOML text or @FILE): {}", S::config_keys())).default_value(""));
     c = c.arg(flag("output", "DIR", format!("Output directory ({})", S::OUTPUTS.join(", "))).required(true).value_parser(clap::value_parser!(PathBuf)));
     c.arg(Arg::new("no-cache").long("no-cache").action(ArgAction::SetTrue).help("Skip the embedding and generation caches"))
@@ -90,6 +96,7 @@ impl clap::FromArgMatches for StageCommand {
             generator: pair("generator").unwrap_or_default(),
             retriever: pair("retriever"),
             reward: pair("reward"),
+            lexical: pair("lexical"),
             config: s("config").unwrap_or_default(),
             output: p("output").unwrap_or_default(),
             no_cache: sub.get_flag("no-cache"),
@@ -151,6 +158,12 @@ pub fn run_stage<S: DataStage>(host: &PluginHost, f: &StageFlags) -> Result<Vec<
     if let (Some((name, _)), Some(t)) = (&f.reward, &wcfg) {
         checks.push(("--reward-config", name, Kind::Reward, ConfigOf::Reward, t.clone()));
     }
+    // The text retriever only when the stage's settings use one.
+    let lexical = f.lexical.as_ref().filter(|_| S::wants_text_retriever(&cfg));
+    let lcfg = lexical.map(|(_, t)| toml_arg(t, "--lexical-config")).transpose()?;
+    if let (Some((name, _)), Some(t)) = (lexical, &lcfg) {
+        checks.push(("--lexical-config", name, Kind::TextRetriever, ConfigOf::TextRetriever, t.clone()));
+    }
     for (flag, name, kind, what, text) in &checks {
         host.load(name)?.validate(*kind, *what, text).map_err(|e| HostError::step(*flag, e))?;
     }
@@ -172,6 +185,14 @@ pub fn run_stage<S: DataStage>(host: &PluginHost, f: &StageFlags) -> Result<Vec<
         (Some((name, _)), Some(t)) => Some(host.load(name)?.reward(t)?),
         _ => None,
     };
+    let mut lex = match (lexical, &lcfg) {
+        (Some((name, _)), Some(t)) => Some((name.as_str(), host.load(name)?.text_retriever(t)?)),
+        _ => None,
+    };
+    if let Some((name, tr)) = lex.as_mut() {
+        let texts: Vec<String> = ds.corpus.iter().map(crate::engine::data::Doc::encoder_text).collect();
+        crate::engine::lexical::open_or_build(name, tr.as_mut(), &texts, (!f.no_cache).then_some(cache_dir.as_path()))?;
+    }
     let task = crate::engine::prompts::task_for(&ds.name);
     let ctx = Context {
         dataset: &ds,
@@ -180,6 +201,7 @@ pub fn run_stage<S: DataStage>(host: &PluginHost, f: &StageFlags) -> Result<Vec<
         generator: Some(GeneratorIn { model: g.as_ref(), cache: gcache.as_ref() }),
         retriever: r.as_deref().map(|model| RetrieverIn { model, cache: ecache.as_ref() }),
         reward: w.as_deref(),
+        text_retriever: lex.as_ref().map(|(plugin, model)| TextRetrieverIn { plugin, model: model.as_ref() }),
         threads: host.settings.threads,
     };
     let (_, stats) = S::run(&ctx, &cfg, &f.output)?;

@@ -19,7 +19,7 @@ pub mod fuse;
 
 use std::path::Path;
 
-use rir_sdk::{Generator, Retriever, Reward};
+use rir_sdk::{Generator, Retriever, Reward, TextRetriever};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -116,6 +116,16 @@ pub struct RetrieverIn<'a> {
     pub cache: Option<&'a EmbeddingCache>,
 }
 
+/// A text retriever (BM25) with its corpus index open, and its plugin's
+/// name for messages.
+#[derive(Clone, Copy)]
+pub struct TextRetrieverIn<'a> {
+    /// The registry name.
+    pub plugin: &'a str,
+    /// The retriever, its index of the dataset's corpus open.
+    pub model: &'a dyn TextRetriever,
+}
+
 /// What a data stage runs over: the dataset and the loaded plugins it uses.
 /// Fields a stage does not [need](Needs) may be `None`; asking for a
 /// missing one is an error that names the stage.
@@ -132,6 +142,9 @@ pub struct Context<'a> {
     pub retriever: Option<RetrieverIn<'a>>,
     /// The reward (the feedback of the stage's loop).
     pub reward: Option<&'a dyn Reward>,
+    /// A text retriever over the corpus, when the stage's config asks for
+    /// one ([`DataStage::wants_text_retriever`]).
+    pub text_retriever: Option<TextRetrieverIn<'a>>,
     /// Compute threads for host-side work (exact search).
     pub threads: usize,
 }
@@ -144,6 +157,10 @@ impl<'a> Context<'a> {
     /// The retriever, or an error naming `stage`.
     pub fn retriever(&self, stage: Stage) -> Result<RetrieverIn<'a>, HostError> {
         self.retriever.ok_or_else(|| HostError::Input(format!("{stage}: needs a retriever")))
+    }
+    /// The text retriever, or an error naming `stage`.
+    pub fn text_retriever(&self, stage: Stage) -> Result<TextRetrieverIn<'a>, HostError> {
+        self.text_retriever.ok_or_else(|| HostError::Input(format!("{stage}: needs a text retriever")))
     }
     /// The reward, or an error naming `stage`.
     pub fn reward(&self, stage: Stage) -> Result<&'a dyn Reward, HostError> {
@@ -163,6 +180,9 @@ pub struct Needs {
     pub retriever: Option<&'static str>,
     /// The reward plugin the stage uses by default and what it is for.
     pub reward: Option<(&'static str, &'static str)>,
+    /// The text retriever the stage can use (loaded only when its config
+    /// [asks](DataStage::wants_text_retriever)): the default and what for.
+    pub text_retriever: Option<(&'static str, &'static str)>,
 }
 
 /// One data stage: its config, its inputs, its outputs and its work.
@@ -183,6 +203,11 @@ pub trait DataStage {
     type Stats: Serialize;
     /// Runs the stage over `ctx` into `out`.
     fn run(ctx: &Context<'_>, cfg: &Self::Config, out: &Path) -> Result<(Self::Output, Self::Stats), HostError>;
+    /// Whether `cfg` makes the stage use a text retriever (its index is
+    /// opened, or built, before the stage runs).
+    fn wants_text_retriever(_cfg: &Self::Config) -> bool {
+        false
+    }
     /// The one-line summary `rir STAGE` prints.
     fn summary(stats: &Self::Stats) -> String;
     /// The config keys, for `--config`'s help: serde's own list, which

@@ -272,7 +272,7 @@ pub struct Queries;
 impl DataStage for Queries {
     const STAGE: Stage = Stage::Queries;
     const ABOUT: &'static str = "Stage `queries`: pseudo queries for a corpus, written by the generator and judged by it";
-    const NEEDS: Needs = Needs { queries: false, generator: "Generator plugin that writes and judges the queries", retriever: None, reward: None };
+    const NEEDS: Needs = Needs { queries: false, generator: "Generator plugin that writes and judges the queries", retriever: None, reward: None, text_retriever: None };
     const OUTPUTS: &'static [&'static str] = &["queries.jsonl", "queries.stats.json"];
     type Config = QueriesConfig;
     type Output = Vec<PseudoQuery>;

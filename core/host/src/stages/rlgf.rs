@@ -1,7 +1,8 @@
 //! Stage `rlgf-data` (DESIGN §1.3): distillation data from generator feedback.
 //!
 //! For each pseudo query: the (tuned) generator's answer at temperature 0;
-//! hard negatives mined with the current retriever (the first rank whose
+//! hard negatives mined with the current retriever, or with a text
+//! retriever such as BM25 (`miner = "lexical"`) (the first rank whose
 //! score is at most `threshold` × the positive's, the next `window` results,
 //! the positive dropped, `negatives` kept; ranks `fallback_ranks` sampled
 //! when the positive is not in the top `depth` or no rank qualifies); then
@@ -24,7 +25,7 @@ use crate::engine::generate::generate_all;
 use crate::engine::prompts::{augmentation, Task};
 use crate::util::files::{write_json, write_jsonl, Rng};
 use crate::stages::queries::PseudoQuery;
-use crate::stages::{Context, DataStage, GeneratorIn, Needs, RetrieverIn, Stage};
+use crate::stages::{Context, DataStage, GeneratorIn, Needs, RetrieverIn, Stage, TextRetrieverIn};
 
 /// `[stages.rlgf]`: how rlgf-data mines negatives and asks the teacher.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -75,6 +76,31 @@ pub struct RlgfDataConfig {
     /// the stats either way.
     #[serde(default = "d_true")]
     pub drop_failed: bool,
+    /// Which first stage mines the negatives: `dense` (the current
+    /// retriever, as described) or `lexical` (the experiment's text
+    /// retriever, BM25 by default: RocketQA's and DPR's negatives, fewer of
+    /// them unlabelled positives than a dense retriever's top ranks).
+    #[serde(default, skip_serializing_if = "Miner::is_dense")]
+    pub miner: Miner,
+}
+
+/// Which first stage mines the hard negatives (`miner`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Miner {
+    /// The current dense retriever.
+    #[default]
+    Dense,
+    /// A text retriever (the `text-retriever` kind, BM25 by default).
+    Lexical,
+}
+
+impl Miner {
+    // Left out of the serialised config when dense, so the step hashes of
+    // experiments written before the key existed do not change.
+    fn is_dense(&self) -> bool {
+        *self == Miner::Dense
+    }
 }
 
 /// Which passage is an example's positive (`positive`).
@@ -188,6 +214,8 @@ pub struct RlgfStats {
     pub kept: usize,
     /// Answers read from the generation cache.
     pub answers_from_cache: usize,
+    /// The first stage that mined the negatives.
+    pub miner: Miner,
 }
 
 /// Why mining fell back to sampled ranks (counted in `RlgfStats`).
@@ -254,6 +282,7 @@ impl DataStage for RlgfData {
         generator: "The (tuned) generator: answers and reranking",
         retriever: Some("The current retriever: hard-negative mining"),
         reward: Some(("generator-reward", "Reward plugin (generator feedback)")),
+        text_retriever: Some(("bm25", "Text retriever that mines the negatives with `miner = \"lexical\"`")),
     };
     const OUTPUTS: &'static [&'static str] = &["distill.jsonl", "rlgf.stats.json"];
     type Config = RlgfDataConfig;
@@ -266,7 +295,12 @@ impl DataStage for RlgfData {
         let r = ctx.retriever(Stage::RlgfData)?;
         let g = if cfg.answer_max_tokens > 0 || !cfg.no_rerank { Some(ctx.generator(Stage::RlgfData)?) } else { None };
         let w = if cfg.no_rerank { None } else { Some(ctx.reward(Stage::RlgfData)?) };
-        run(ctx.dataset, ctx.task, ctx.queries, g, r, w, cfg, ctx.threads, out)
+        let lex = if cfg.miner == Miner::Lexical { Some(ctx.text_retriever(Stage::RlgfData)?) } else { None };
+        run(ctx.dataset, ctx.task, ctx.queries, g, r, lex, w, cfg, ctx.threads, out)
+    }
+
+    fn wants_text_retriever(cfg: &RlgfDataConfig) -> bool {
+        cfg.miner == Miner::Lexical
     }
 
     fn summary(s: &RlgfStats) -> String {
@@ -284,6 +318,7 @@ fn run(
     queries: &[PseudoQuery],
     generator: Option<GeneratorIn<'_>>,
     retriever: RetrieverIn<'_>,
+    lexical: Option<TextRetrieverIn<'_>>,
     reward: Option<&dyn Reward>,
     cfg: &RlgfDataConfig,
     threads: usize,
@@ -315,15 +350,35 @@ fn run(
         (answers.iter().map(|c| c.first().map(|c| c.text.trim().to_owned()).unwrap_or_default()).collect(), from_cache)
     };
 
-    // Mining with the current retriever.
+    // Mining with the current retriever, or the text retriever.
     let texts: Vec<String> = ds.corpus.iter().map(|d| d.encoder_text()).collect();
     let qtexts: Vec<String> = queries.iter().map(|q| q.text.clone()).collect();
-    let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, cfg.encode_batch.max(1), "corpus").map_err(|e| HostError::step("rlgf-data", e))?;
-    let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, cfg.encode_batch.max(1), "queries").map_err(|e| HostError::step("rlgf-data", e))?;
     let k = cfg.depth.max(cfg.fallback_ranks.1).min(ds.corpus.len());
-    let hits = crate::engine::search::exact_topk(&eq, &ec, k, threads);
+    let (hits, pos_scores): (rir_sdk::Hits, Vec<Option<f32>>) = match lexical {
+        None => {
+            let (ec, _) = encode(retriever, Side::Corpus, &texts, ecache, cfg.encode_batch.max(1), "corpus").map_err(|e| HostError::step("rlgf-data", e))?;
+            let (eq, _) = encode(retriever, Side::Query(None), &qtexts, ecache, cfg.encode_batch.max(1), "queries").map_err(|e| HostError::step("rlgf-data", e))?;
+            let hits = crate::engine::search::exact_topk(&eq, &ec, k, threads);
+            let pos = sources.iter().enumerate().map(|(qi, &src)| Some(eq.row(qi).iter().zip(ec.row(src)).map(|(a, b)| a * b).sum())).collect();
+            (hits, pos)
+        }
+        Some(t) => {
+            if t.model.len() != ds.corpus.len() {
+                return Err(input(format!("the text retriever's index holds {} documents, the corpus {}", t.model.len(), ds.corpus.len())));
+            }
+            let hits = crate::engine::lexical::search(t.plugin, t.model, &qtexts, k, cfg.encode_batch.max(1))?;
+            // A text retriever scores only the documents it returns: the
+            // positive's score is its score in the list (absent: beyond depth).
+            let pos = sources
+                .iter()
+                .enumerate()
+                .map(|(qi, &src)| (0..hits.k).find(|&j| hits.ids[qi * hits.k + j] == src as i64).map(|j| hits.scores[qi * hits.k + j]))
+                .collect();
+            (hits, pos)
+        }
+    };
     let mut rng = Rng(cfg.seed);
-    let mut stats = RlgfStats { queries: queries.len(), answers_from_cache, ..Default::default() };
+    let mut stats = RlgfStats { queries: queries.len(), answers_from_cache, miner: cfg.miner, ..Default::default() };
     let mut groups: Vec<Vec<usize>> = Vec::with_capacity(queries.len());
     for (qi, &src) in sources.iter().enumerate() {
         let row: Vec<(usize, f32)> = (0..hits.k)
@@ -332,8 +387,11 @@ fn run(
                 (id >= 0).then(|| (id as usize, hits.scores[qi * hits.k + j]))
             })
             .collect();
-        let pos_score: f32 = eq.row(qi).iter().zip(ec.row(src)).map(|(a, b)| a * b).sum();
-        let negs = match mine(&row, src, pos_score, cfg) {
+        let mined = match pos_scores[qi] {
+            Some(pos_score) => mine(&row, src, pos_score, cfg),
+            None => Err(Fallback::NotInDepth),
+        };
+        let negs = match mined {
             Ok(n) => {
                 stats.mined += 1;
                 n

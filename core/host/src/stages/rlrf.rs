@@ -204,6 +204,7 @@ impl DataStage for RlrfData {
         generator: "Generator plugin that writes the augmentations",
         retriever: Some("Retriever plugin the reward scores them with"),
         reward: Some(("retriever-reward", "Reward plugin (retriever feedback)")),
+        text_retriever: None,
     };
     const OUTPUTS: &'static [&'static str] = &["pairs.jsonl", "dpo.jsonl", "dataset_info.json", "rlrf.stats.json"];
     type Config = RlrfDataConfig;
