@@ -299,6 +299,13 @@ pub struct FuseSpec {
     /// RRF's rank constant.
     #[serde(default = "d_rrf_k")]
     pub rrf_k: f64,
+    /// Runs over different queries: `union` (default), `intersection` or
+    /// `same` (refused). Left out of the hash when the default.
+    #[serde(default, skip_serializing_if = "is_union")]
+    pub queries: crate::engine::fusion::QuerySet,
+}
+fn is_union(q: &crate::engine::fusion::QuerySet) -> bool {
+    *q == crate::engine::fusion::QuerySet::Union
 }
 fn d_fuse_method() -> String {
     "rrf".into()
@@ -1164,6 +1171,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 runs: inputs.clone(),
                 norm,
                 method,
+                queries: f.queries,
                 k: exp.eval.k,
                 dataset: name.clone(),
                 split: exp.eval.split.clone(),

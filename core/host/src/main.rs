@@ -395,6 +395,9 @@ struct FuseArgs {
     /// wsum's weights, comma-separated, one per run
     #[arg(long, value_delimiter = ',')]
     weights: Vec<f64>,
+    /// Runs over different queries: union (a run without a query adds nothing to it), intersection, or same (refuse, as ranx does)
+    #[arg(long, default_value = "union")]
+    queries: String,
     /// Results kept per query
     #[arg(long, default_value_t = 1000)]
     k: usize,
@@ -953,6 +956,7 @@ fn fuse_cmd(host: &PluginHost, a: &FuseArgs) -> Result<ExitCode> {
         runs: a.runs.clone(),
         norm: a.norm.parse::<Norm>().map_err(anyhow::Error::msg).context("--norm")?,
         method,
+        queries: a.queries.parse().map_err(anyhow::Error::msg).context("--queries")?,
         k: a.k,
         dataset: a.dataset.clone(),
         split: a.split.clone(),

@@ -59,7 +59,7 @@ fn fusion_matches_ranx_on_scifact_bm25_and_minilm() {
     let mut ours = BTreeMap::new();
     let mut add = |name: &str, norm: &str, method: Method, ranx_method: &str, params: serde_json::Value| {
         specs.push(serde_json::json!({"name": name, "norm": norm, "method": ranx_method, "params": params}));
-        ours.insert(name.to_owned(), fuse(&refs, norm.parse::<Norm>().unwrap(), &method, None).unwrap());
+        ours.insert(name.to_owned(), fuse(&refs, norm.parse::<Norm>().unwrap(), &method, None, rir::engine::fusion::QuerySet::Same).unwrap());
     };
     add("rrf", "min-max", Method::Rrf { k: 60.0 }, "rrf", serde_json::json!({"k": 60}));
     for norm in ["min-max", "max", "sum", "zmuv"] {
@@ -131,8 +131,10 @@ fn fuse_refuses_bad_input_with_what_is_wrong() {
         let v: Vec<&str> = v.iter().map(String::as_str).collect();
         rir(&v)
     };
-    let (ok, _, err) = base(&[&a, &b], &[]);
+    let (ok, _, err) = base(&[&a, &b], &["--queries", "same"]);
     assert!(!ok && err.contains("b.trec and") && err.contains("different queries") && err.contains("only in the other (3)"), "{err}");
+    let (ok, _, err) = base(&[&a, &b], &["--queries", "all"]);
+    assert!(!ok && err.contains("--queries") && err.contains("intersection"), "{err}");
     let (ok, _, err) = base(&[&a, &bad], &[]);
     assert!(!ok && err.contains("bad.trec:1") && err.contains("score \"high\""), "{err}");
     let (ok, _, err) = base(&[&a, &a], &["--method", "wsum", "--weights", "1"]);
@@ -141,4 +143,46 @@ fn fuse_refuses_bad_input_with_what_is_wrong() {
     assert!(!ok && err.contains("--norm") && err.contains("zmuv"), "{err}");
     let (ok, _, err) = base(&[&a], &[]);
     assert!(!ok && err.contains("2 values required"), "{err}");
+}
+
+/// Runs over different queries, as BM25's is on NFCorpus (no result for a
+/// query whose terms the corpus lacks): the union (default) fuses every
+/// query, each from the runs that have it, and says so; the intersection
+/// drops them; `same` refuses, as ranx does.
+#[test]
+fn fuse_handles_runs_over_different_queries() {
+    plugin_dir();
+    let out = tempfile::tempdir().unwrap();
+    let (bm25, minilm) = scifact_runs(out.path());
+    // The BM25 run without its first 10 queries.
+    let text = std::fs::read_to_string(&bm25).unwrap();
+    let mut qids: Vec<&str> = text.lines().map(|l| l.split_whitespace().next().unwrap()).collect();
+    qids.dedup();
+    let dropped: std::collections::HashSet<&str> = qids[..10].iter().copied().collect();
+    let part = out.path().join("bm25-part.trec");
+    std::fs::write(&part, text.lines().filter(|l| !dropped.contains(l.split_whitespace().next().unwrap())).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let m = mirror();
+    let fuse = |queries: &str, name: &str| {
+        rir(&["fuse", minilm.to_str().unwrap(), part.to_str().unwrap(), "--dataset", "scifact", "--mirror", m.to_str().unwrap(),
+              "--output", out.path().to_str().unwrap(), "--name", name, "--queries", queries])
+    };
+    let read = |name: &str| rir::engine::runfile::read(&out.path().join(format!("{name}.scifact.trec"))).unwrap();
+    let (ok, _, err) = fuse("union", "u");
+    assert!(ok, "{err}");
+    assert!(err.contains("bm25-part.trec lacks 10 queries") && err.contains("union"), "{err}");
+    let (u, a, b) = (read("u"), rir::engine::runfile::read(&minilm).unwrap(), rir::engine::runfile::read(&part).unwrap());
+    assert_eq!(u.len(), a.len());
+    // A query only MiniLM has keeps MiniLM's order (RRF over one run).
+    let q = qids[0];
+    let order = |r: &[(String, f64)]| r.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    let mut mine = a[q].clone();
+    rir::engine::metrics::trec_order(&mut mine);
+    assert_eq!(order(&u[q]), order(&mine));
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("u.scifact.json")).unwrap()).unwrap();
+    assert_eq!(results["config"]["fusion"]["missing_queries"][0]["queries"], 10, "{}", results["config"]["fusion"]);
+    let (ok, _, err) = fuse("intersection", "i");
+    assert!(ok, "{err}");
+    assert_eq!(read("i").len(), b.len());
+    let (ok, _, err) = fuse("same", "s");
+    assert!(!ok && err.contains("different queries") && err.contains("10 only in run 1"), "{err}");
 }

@@ -12,6 +12,12 @@
 //! s/max, `sum` (s − min)/Σ(s − min), `zmuv` (s − mean)/std (population
 //! std), `none`;
 //! denominators below 1e-9 are taken as 1e-9, as ranx does.
+//!
+//! Runs over different queries ([`QuerySet`]): ranx refuses them (`same`
+//! here); `union` (the default) fuses every query any run has, a run
+//! without a query adding nothing to it — what a text retriever's run needs,
+//! as BM25 returns nothing for a query of terms the corpus lacks (15 of
+//! NFCorpus's 323 test queries); `intersection` keeps the queries all have.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -91,6 +97,44 @@ impl Method {
             _ => return Err(format!("fusion method {name:?}: use rrf, combsum, combmnz or wsum")),
         })
     }
+}
+
+/// Which queries a fusion covers when the runs' query sets differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum QuerySet {
+    /// Every query of any run (a run without it adds nothing).
+    #[default]
+    Union,
+    /// Only the queries every run has.
+    Intersection,
+    /// The runs must have the same queries (ranx's rule), else an error.
+    Same,
+}
+
+impl FromStr for QuerySet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "union" => QuerySet::Union,
+            "intersection" => QuerySet::Intersection,
+            "same" => QuerySet::Same,
+            _ => return Err(format!("query set {s:?}: use union, intersection or same")),
+        })
+    }
+}
+
+/// Queries only some of the runs have: (1-based run, how many it lacks, the
+/// first few), for every run that lacks any.
+pub fn missing_queries(runs: &[&Run]) -> Vec<(usize, usize, Vec<String>)> {
+    let all: std::collections::BTreeSet<&String> = runs.iter().flat_map(|r| r.keys()).collect();
+    runs.iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let lacks: Vec<String> = all.iter().filter(|q| !r.contains_key(q.as_str())).map(|q| (*q).clone()).collect();
+            (!lacks.is_empty()).then(|| (i + 1, lacks.len(), lacks.into_iter().take(5).collect()))
+        })
+        .collect()
 }
 
 /// Why runs cannot be fused.
@@ -175,26 +219,33 @@ fn normalise(results: &[(String, f64)], norm: Norm) -> Vec<(String, f64)> {
     results.iter().map(|(d, s)| (d.clone(), f(*s))).collect()
 }
 
-/// Fuses `runs` (over the same queries); each query's result list comes
-/// back in trec order, cut to `depth` documents when given.
-pub fn fuse(runs: &[&Run], norm: Norm, method: &Method, depth: Option<usize>) -> Result<Run, FusionError> {
+/// Fuses `runs` over the queries `queries` chooses; each query's result
+/// list comes back in trec order, cut to `depth` documents when given.
+pub fn fuse(runs: &[&Run], norm: Norm, method: &Method, depth: Option<usize>, queries: QuerySet) -> Result<Run, FusionError> {
     if runs.len() < 2 {
         return Err(FusionError::TooFew(runs.len()));
     }
     check(method, runs.len())?;
-    for (i, r) in runs.iter().enumerate().skip(1) {
-        if let Some(detail) = differing(runs[0], r) {
-            return Err(FusionError::DifferentQueries { run: i + 1, detail });
+    if queries == QuerySet::Same {
+        for (i, r) in runs.iter().enumerate().skip(1) {
+            if let Some(detail) = differing(runs[0], r) {
+                return Err(FusionError::DifferentQueries { run: i + 1, detail });
+            }
         }
     }
+    let qids: std::collections::BTreeSet<&String> = match queries {
+        QuerySet::Intersection => runs[0].keys().filter(|q| runs.iter().all(|r| r.contains_key(q.as_str()))).collect(),
+        _ => runs.iter().flat_map(|r| r.keys()).collect(),
+    };
+    let empty: Vec<(String, f64)> = Vec::new();
     let mut out = Run::new();
-    for qid in runs[0].keys() {
+    for qid in qids {
         // doc → (combined score, runs that retrieved it)
         let mut acc: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
         let lists: Vec<Vec<(String, f64)>> = runs
             .iter()
             .map(|r| {
-                let mut l = r[qid].clone();
+                let mut l = r.get(qid.as_str()).unwrap_or(&empty).clone();
                 trec_order(&mut l);
                 l
             })
@@ -224,7 +275,7 @@ pub fn fuse(runs: &[&Run], norm: Norm, method: &Method, depth: Option<usize>) ->
         if let Some(depth) = depth {
             fused.truncate(depth);
         }
-        out.insert(qid.clone(), fused);
+        out.insert(qid.to_owned(), fused);
     }
     Ok(out)
 }
@@ -241,7 +292,7 @@ mod tests {
     fn rrf_sums_reciprocal_ranks() {
         let a = run(&[("q", &[("d1", 9.0), ("d2", 5.0)])]);
         let b = run(&[("q", &[("d2", 0.9), ("d3", 0.1)])]);
-        let f = fuse(&[&a, &b], Norm::MinMax, &Method::Rrf { k: 60.0 }, None).unwrap();
+        let f = fuse(&[&a, &b], Norm::MinMax, &Method::Rrf { k: 60.0 }, None, QuerySet::Same).unwrap();
         let got: BTreeMap<_, _> = f["q"].iter().cloned().collect();
         assert!((got["d2"] - (1.0 / 62.0 + 1.0 / 61.0)).abs() < 1e-15);
         assert!((got["d1"] - 1.0 / 61.0).abs() < 1e-15);
@@ -252,7 +303,7 @@ mod tests {
     fn combmnz_multiplies_by_the_runs_that_retrieved() {
         let a = run(&[("q", &[("d1", 3.0), ("d2", 1.0), ("d3", 2.0)])]);
         let b = run(&[("q", &[("d1", 1.0), ("d4", 0.0)])]);
-        let f = fuse(&[&a, &b], Norm::MinMax, &Method::CombMnz, None).unwrap();
+        let f = fuse(&[&a, &b], Norm::MinMax, &Method::CombMnz, None, QuerySet::Same).unwrap();
         let got: BTreeMap<_, _> = f["q"].iter().cloned().collect();
         assert_eq!(got["d1"], (1.0 + 1.0) * 2.0);
         assert_eq!(got["d3"], 0.5);
@@ -263,7 +314,7 @@ mod tests {
     fn zmuv_and_wsum_weights() {
         let a = run(&[("q", &[("d1", 2.0), ("d2", 0.0)])]);
         let b = run(&[("q", &[("d1", 0.0), ("d2", 4.0)])]);
-        let f = fuse(&[&a, &b], Norm::Zmuv, &Method::WSum { weights: vec![0.75, 0.25] }, None).unwrap();
+        let f = fuse(&[&a, &b], Norm::Zmuv, &Method::WSum { weights: vec![0.75, 0.25] }, None, QuerySet::Same).unwrap();
         let got: BTreeMap<_, _> = f["q"].iter().cloned().collect();
         assert!((got["d1"] - (0.75 - 0.25)).abs() < 1e-12 && (got["d2"] - (-0.75 + 0.25)).abs() < 1e-12, "{got:?}");
     }
@@ -272,14 +323,22 @@ mod tests {
     fn bad_input_is_refused_with_what_is_wrong() {
         let a = run(&[("q1", &[("d", 1.0)]), ("q2", &[("d", 1.0)])]);
         let b = run(&[("q1", &[("d", 1.0)]), ("q3", &[("d", 1.0)])]);
-        let e = fuse(&[&a, &b], Norm::MinMax, &Method::CombSum, None).unwrap_err();
+        let e = fuse(&[&a, &b], Norm::MinMax, &Method::CombSum, None, QuerySet::Same).unwrap_err();
         assert_eq!(e.to_string(), "run 2 and run 1 are over different queries: 1 only in run 1 (q2); 1 only in the other (q3)");
-        assert_eq!(fuse(&[&a], Norm::MinMax, &Method::CombSum, None).unwrap_err(), FusionError::TooFew(1));
-        let e = fuse(&[&a, &a], Norm::MinMax, &Method::WSum { weights: vec![1.0] }, None).unwrap_err();
+        // The union fuses each query from the runs that have it; the intersection drops q2 and q3.
+        let u = fuse(&[&a, &b], Norm::MinMax, &Method::Rrf { k: 60.0 }, None, QuerySet::Union).unwrap();
+        assert_eq!(u.keys().collect::<Vec<_>>(), ["q1", "q2", "q3"]);
+        assert_eq!(u["q2"], vec![("d".to_owned(), 1.0 / 61.0)]);
+        assert_eq!(u["q1"], vec![("d".to_owned(), 2.0 / 61.0)]);
+        let i = fuse(&[&a, &b], Norm::MinMax, &Method::CombSum, None, QuerySet::Intersection).unwrap();
+        assert_eq!(i.keys().collect::<Vec<_>>(), ["q1"]);
+        assert_eq!(missing_queries(&[&a, &b]), vec![(1, 1, vec!["q3".to_owned()]), (2, 1, vec!["q2".to_owned()])]);
+        assert_eq!(fuse(&[&a], Norm::MinMax, &Method::CombSum, None, QuerySet::Same).unwrap_err(), FusionError::TooFew(1));
+        let e = fuse(&[&a, &a], Norm::MinMax, &Method::WSum { weights: vec![1.0] }, None, QuerySet::Same).unwrap_err();
         assert!(e.to_string().contains("one weight per run"), "{e}");
         assert!("l2".parse::<Norm>().is_err() && Method::parse("borda", None, &[]).is_err());
         // A query no run retrieved anything for fuses to an empty list.
         let empty = run(&[("q", &[])]);
-        assert!(fuse(&[&empty, &empty], Norm::MinMax, &Method::Rrf { k: 60.0 }, None).unwrap()["q"].is_empty());
+        assert!(fuse(&[&empty, &empty], Norm::MinMax, &Method::Rrf { k: 60.0 }, None, QuerySet::Same).unwrap()["q"].is_empty());
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::engine::fusion::{self, Method, Norm};
+use crate::engine::fusion::{self, Method, Norm, QuerySet};
 use crate::engine::metrics::{Averaging, Measure, Run};
 use crate::engine::{data, runfile};
 use crate::stages::eval::{EvalError, EvalOutput, Scoring};
@@ -21,6 +21,8 @@ pub struct FuseOptions {
     pub norm: Norm,
     /// How the runs are combined.
     pub method: Method,
+    /// The queries fused when the runs' query sets differ.
+    pub queries: QuerySet,
     /// Results kept per query.
     pub k: usize,
     /// The dataset whose qrels evaluate the fused run (name or BEIR directory).
@@ -69,7 +71,14 @@ fn fuse_on(ds: &data::Dataset, o: &FuseOptions) -> Result<EvalOutput, EvalError>
     let t = Instant::now();
     let runs: Vec<Run> = o.runs.iter().map(|p| runfile::read(p)).collect::<Result<_, _>>()?;
     let refs: Vec<&Run> = runs.iter().collect();
-    let fused = fusion::fuse(&refs, o.norm, &o.method, Some(o.k)).map_err(|e| match e {
+    let missing = fusion::missing_queries(&refs);
+    if o.queries != QuerySet::Same {
+        for (run, n, first) in &missing {
+            log::warn!("{} lacks {n} queries the other runs have ({}{}); fusing the {}", o.runs[run - 1].display(), first.join(", "), if *n > first.len() { ", …" } else { "" },
+                if o.queries == QuerySet::Union { "union" } else { "intersection" });
+        }
+    }
+    let fused = fusion::fuse(&refs, o.norm, &o.method, Some(o.k), o.queries).map_err(|e| match e {
         fusion::FusionError::DifferentQueries { run, detail } => {
             EvalError::Invalid(format!("{} and {} are over different queries: {detail}", o.runs[run - 1].display(), o.runs[0].display()))
         }
@@ -77,7 +86,8 @@ fn fuse_on(ds: &data::Dataset, o: &FuseOptions) -> Result<EvalOutput, EvalError>
     })?;
     let timings = [("fuse".to_owned(), t.elapsed().as_secs_f64())].into_iter().collect();
     let config = json!({
-        "fusion": {"runs": o.runs, "norm": o.norm, "method": o.method},
+        "fusion": {"runs": o.runs, "norm": o.norm, "method": o.method, "queries": o.queries,
+                   "missing_queries": missing.iter().map(|(run, n, _)| json!({"run": o.runs[run - 1], "queries": n})).collect::<Vec<_>>()},
         "k": o.k,
         "ignore_identical_ids": o.ignore_identical_ids,
         "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len()},
