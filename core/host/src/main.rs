@@ -987,9 +987,7 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
     for f in &skipped {
         eprintln!("note: skipping {} (not a results file)", f.display());
     }
-    if !report::order_by_variant(&mut results) && a.baseline.is_none() && results.len() > 2 {
-        eprintln!("note: baseline is the first file given ({}); pass --baseline NAME to choose", results[0].name);
-    }
+    let by_variant = report::order_by_variant(&mut results);
     if let Some(names) = &a.names {
         let names: Vec<&str> = names.split(',').map(str::trim).collect();
         if names.len() != results.len() {
@@ -998,6 +996,10 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
         for (r, n) in results.iter_mut().zip(names) {
             r.name = n.to_owned();
         }
+    }
+    // After renaming: the note names the baseline as the table shows it.
+    if !by_variant && a.baseline.is_none() && results.len() > 2 {
+        eprintln!("note: baseline is the first file given ({}); pass --baseline NAME to choose", results[0].name);
     }
     let opts = report::TableOptions {
         baseline: a.baseline.clone(),
