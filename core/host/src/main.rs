@@ -51,6 +51,8 @@ enum Command {
     Eval(EvalArgs),
     /// Fuse run files (RRF, CombSUM, CombMNZ, weighted sum, as ranx does) and evaluate the result
     Fuse(FuseArgs),
+    /// Rerank a run's top results with a reranker (the generator's query likelihood, UPR) and evaluate
+    Rerank(RerankArgs),
     /// Encode one's own queries and documents (jsonl, text lines or stdin) to .npy + jsonl
     Encode(EncodeArgs),
     /// Compare results files: runs x (dataset, measure) with significance marks
@@ -273,15 +275,8 @@ enum DataAction {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// Dataset name (fetched into the cache) or a directory in BEIR layout
-    #[arg(long)]
-    dataset: String,
-    /// qrels split [default: the dataset's evaluation split, usually test]
-    #[arg(long)]
-    split: Option<String>,
-    /// Local mirror laid out as DIR/beir/NAME; fetches from it when not cached
-    #[arg(long, env = "RIR_MIRROR")]
-    mirror: Option<PathBuf>,
+    #[command(flatten)]
+    judge: JudgeArgs,
     /// Retriever plugin name (registry.toml)
     #[arg(long)]
     retriever: String,
@@ -296,6 +291,30 @@ struct EvalArgs {
     /// Results kept per query
     #[arg(long, default_value_t = 1000)]
     k: usize,
+    /// Texts per plugin call
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Do not read or write the embedding and generation caches
+    #[arg(long)]
+    no_cache: bool,
+    /// Run name in tables and file names [default: RETRIEVER or RETRIEVER+GENERATOR]
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// How a run is judged and where it goes: shared by `rir eval`, `rir fuse`
+/// and `rir rerank`.
+#[derive(clap::Args)]
+struct JudgeArgs {
+    /// Dataset name (fetched into the cache) or a directory in BEIR layout; its qrels judge the run
+    #[arg(long)]
+    dataset: String,
+    /// qrels split [default: the dataset's evaluation split, usually test]
+    #[arg(long)]
+    split: Option<String>,
+    /// Local mirror laid out as DIR/beir/NAME; fetches from it when not cached
+    #[arg(long, env = "RIR_MIRROR")]
+    mirror: Option<PathBuf>,
     /// Measures, comma-separated (ir-measures names)
     #[arg(long, default_value = "nDCG@10,R@100,AP@100,RR@10,P@10,R@1000")]
     measures: String,
@@ -305,18 +324,9 @@ struct EvalArgs {
     /// Keep results whose doc id equals the query id (BEIR drops them by default)
     #[arg(long)]
     keep_identical_ids: bool,
-    /// Texts per plugin call
-    #[arg(long, default_value_t = 256)]
-    batch: usize,
-    /// Do not read or write the embedding and generation caches
-    #[arg(long)]
-    no_cache: bool,
     /// Directory for the run file and results JSON
     #[arg(long, default_value = "runs")]
     output: PathBuf,
-    /// Run name in tables and file names [default: RETRIEVER or RETRIEVER+GENERATOR]
-    #[arg(long)]
-    name: Option<String>,
 }
 
 /// The query side of Reinforced-IR inference, shared by `rir eval` and `rir encode`.
@@ -401,28 +411,41 @@ struct FuseArgs {
     /// Results kept per query
     #[arg(long, default_value_t = 1000)]
     k: usize,
-    /// Dataset whose qrels evaluate the fused run (name or BEIR directory)
-    #[arg(long)]
-    dataset: String,
-    /// qrels split [default: the dataset's evaluation split]
-    #[arg(long)]
-    split: Option<String>,
-    /// Local mirror laid out as DIR/beir/NAME
-    #[arg(long, env = "RIR_MIRROR")]
-    mirror: Option<PathBuf>,
-    /// Measures, comma-separated (ir-measures names)
-    #[arg(long, default_value = "nDCG@10,R@100,AP@100,RR@10,P@10,R@1000")]
-    measures: String,
-    /// Average over queries in the run or over all judged queries
-    #[arg(long, default_value = "run")]
-    averaging: String,
-    /// Keep results whose doc id equals the query id
-    #[arg(long)]
-    keep_identical_ids: bool,
-    /// Directory for the fused run file and results JSON
-    #[arg(long, default_value = "runs")]
-    output: PathBuf,
+    #[command(flatten)]
+    judge: JudgeArgs,
     /// The fused run's name [default: the method]
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RerankArgs {
+    /// TREC run file whose top results are reranked (from rir eval, fuse or any system)
+    run: PathBuf,
+    /// Reranker: a Reward plugin that scores a query's passages (generator-reward, mode = "query_likelihood" is UPR)
+    #[arg(long, default_value = "generator-reward")]
+    reranker: String,
+    /// The reranker's config table, as TOML text or @FILE
+    #[arg(long, default_value = "mode = \"query_likelihood\"")]
+    reranker_config: String,
+    /// Generator plugin the reranker scores with (for generator-reward)
+    #[arg(long)]
+    generator: Option<String>,
+    /// The generator's config table, as TOML text or @FILE
+    #[arg(long, default_value = "")]
+    generator_config: String,
+    /// Results reranked per query (the reranked run holds these only, as BEIR's reranking does)
+    #[arg(long, default_value_t = 100)]
+    depth: usize,
+    /// Queries per reranker call
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Do not read or write the generation cache
+    #[arg(long)]
+    no_cache: bool,
+    #[command(flatten)]
+    judge: JudgeArgs,
+    /// The reranked run's name [default: RERANKER]
     #[arg(long)]
     name: Option<String>,
 }
@@ -519,6 +542,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Data { action } => data_cmd(action),
         Command::Eval(a) => eval_cmd(&host(&cli)?, a),
         Command::Fuse(a) => fuse_cmd(&host(&cli)?, a),
+        Command::Rerank(a) => rerank_cmd(&host(&cli)?, a),
         Command::Encode(a) => encode_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
         Command::Run(a) => run_cmd(&host(&cli)?, a),
@@ -886,10 +910,11 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         Some(g) => format!("{}+{g}", a.retriever),
         None => a.retriever.clone(),
     });
+    let j = &a.judge;
     let opts = eval::EvalOptions {
-        dataset: a.dataset.clone(),
-        split: a.split.clone(),
-        mirror: a.mirror.clone(),
+        dataset: j.dataset.clone(),
+        split: j.split.clone(),
+        mirror: j.mirror.clone(),
         retriever: a.retriever.clone(),
         retriever_config: toml_arg(&a.retriever_config, "--retriever-config")?,
         query_instruction: a.aug.query_instruction.clone(),
@@ -899,13 +924,13 @@ fn eval_cmd(host: &PluginHost, a: &EvalArgs) -> Result<ExitCode> {
         augmentation_max_tokens: a.aug.augmentation_max_tokens,
         index: a.index.parse().map_err(anyhow::Error::msg)?,
         k: a.k,
-        measures: metrics::parse_measures(&a.measures).map_err(anyhow::Error::msg)?,
-        averaging: a.averaging.parse().map_err(anyhow::Error::msg)?,
-        ignore_identical_ids: !a.keep_identical_ids,
+        measures: metrics::parse_measures(&a.judge.measures).map_err(anyhow::Error::msg)?,
+        averaging: a.judge.averaging.parse().map_err(anyhow::Error::msg)?,
+        ignore_identical_ids: !a.judge.keep_identical_ids,
         batch: a.batch,
         generation_batch: a.aug.generation_batch,
         use_cache: !a.no_cache,
-        output: a.output.clone(),
+        output: a.judge.output.clone(),
         name,
         experiment: None,
     };
@@ -958,19 +983,49 @@ fn fuse_cmd(host: &PluginHost, a: &FuseArgs) -> Result<ExitCode> {
         method,
         queries: a.queries.parse().map_err(anyhow::Error::msg).context("--queries")?,
         k: a.k,
-        dataset: a.dataset.clone(),
-        split: a.split.clone(),
-        mirror: a.mirror.clone(),
-        measures: metrics::parse_measures(&a.measures).map_err(anyhow::Error::msg)?,
-        averaging: a.averaging.parse().map_err(anyhow::Error::msg)?,
-        ignore_identical_ids: !a.keep_identical_ids,
-        output: a.output.clone(),
+        dataset: a.judge.dataset.clone(),
+        split: a.judge.split.clone(),
+        mirror: a.judge.mirror.clone(),
+        measures: metrics::parse_measures(&a.judge.measures).map_err(anyhow::Error::msg)?,
+        averaging: a.judge.averaging.parse().map_err(anyhow::Error::msg)?,
+        ignore_identical_ids: !a.judge.keep_identical_ids,
+        output: a.judge.output.clone(),
         name: a.name.clone().unwrap_or_else(|| a.method.clone()),
         experiment: None,
     };
     let out = rir::stages::fuse::run(&host.settings.cache_dir, &opts)?;
     let cmp = report::compare(std::slice::from_ref(&out.results), &report::TableOptions::default())?;
     print!("{}", report::render(&cmp, report::Format::Terminal, false));
+    println!("run file: {}\nresults:  {}", out.run_file.display(), out.results_file.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rerank_cmd(host: &PluginHost, a: &RerankArgs) -> Result<ExitCode> {
+    let j = &a.judge;
+    let opts = rir::stages::rerank::RerankOptions {
+        run: a.run.clone(),
+        depth: a.depth,
+        reranker: a.reranker.clone(),
+        reranker_config: toml_arg(&a.reranker_config, "--reranker-config")?,
+        generator: a.generator.clone(),
+        generator_config: toml_arg(&a.generator_config, "--generator-config")?,
+        batch: a.batch,
+        use_cache: !a.no_cache,
+        dataset: j.dataset.clone(),
+        split: j.split.clone(),
+        mirror: j.mirror.clone(),
+        measures: metrics::parse_measures(&j.measures).map_err(anyhow::Error::msg)?,
+        averaging: j.averaging.parse().map_err(anyhow::Error::msg)?,
+        ignore_identical_ids: !j.keep_identical_ids,
+        output: j.output.clone(),
+        name: a.name.clone().unwrap_or_else(|| a.reranker.clone()),
+        experiment: None,
+    };
+    let out = rir::stages::rerank::run(host, &opts)?;
+    let cmp = report::compare(std::slice::from_ref(&out.results), &report::TableOptions::default())?;
+    print!("{}", report::render(&cmp, report::Format::Terminal, false));
+    let rr = &out.results.config["rerank"];
+    println!("reranked {} passages of {} queries (top {}); flat scores for {}", rr["scored"], out.results.evaluation.per_query.len(), a.depth, rr["flat_queries"]);
     println!("run file: {}\nresults:  {}", out.run_file.display(), out.results_file.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -16,6 +16,7 @@ pub mod rlgf;
 pub mod train;
 pub mod eval;
 pub mod fuse;
+pub mod rerank;
 
 use std::path::Path;
 
