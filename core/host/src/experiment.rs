@@ -1137,11 +1137,8 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
             let ec = ret.as_ref().filter(|_| opts.use_cache).map(|r| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info().fingerprint));
             let rw = reward.as_ref().map(|w| host.load(&w.plugin)?.reward(&table_text(&w.config))).transpose()?;
             let lex = exp.lexical_spec();
-            let mut tr = if *lexical { Some(host.load(&lex.plugin)?.text_retriever(&table_text(&lex.config))?) } else { None };
-            if let Some(t) = tr.as_mut() {
-                let texts: Vec<String> = ds.corpus.iter().map(crate::engine::data::Doc::encoder_text).collect();
-                crate::engine::lexical::open_or_build(&lex.plugin, t.as_mut(), &texts, opts.use_cache.then_some(host.settings.cache_dir.as_path()))?;
-            }
+            let cache_root = opts.use_cache.then_some(host.settings.cache_dir.as_path());
+            let tr = lexical.then(|| crate::engine::lexical::load_for(host, &lex.plugin, &table_text(&lex.config), ds, cache_root)).transpose()?;
             let task = crate::engine::prompts::task_for(&ds.name);
             let ctx = Context {
                 dataset: ds,
@@ -1173,15 +1170,17 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 method,
                 queries: f.queries,
                 k: exp.eval.k,
-                dataset: name.clone(),
-                split: exp.eval.split.clone(),
-                mirror: exp.mirror.clone(),
-                measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
-                averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
-                ignore_identical_ids: exp.eval.ignore_identical_ids,
-                output: out.to_owned(),
-                name: v.name.clone(),
-                experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
+                judging: crate::stages::eval::Judging {
+                    dataset: name.clone(),
+                    split: exp.eval.split.clone(),
+                    mirror: exp.mirror.clone(),
+                    measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+                    averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
+                    ignore_identical_ids: exp.eval.ignore_identical_ids,
+                    output: out.to_owned(),
+                    name: v.name.clone(),
+                    experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
+                },
             };
             crate::stages::fuse::run_on(ds, &o).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
         }

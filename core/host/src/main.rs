@@ -329,6 +329,23 @@ struct JudgeArgs {
     output: PathBuf,
 }
 
+impl JudgeArgs {
+    /// The library's judging options for a run named `name`.
+    fn judging(&self, name: String) -> Result<rir::stages::eval::Judging> {
+        Ok(rir::stages::eval::Judging {
+            dataset: self.dataset.clone(),
+            split: self.split.clone(),
+            mirror: self.mirror.clone(),
+            measures: metrics::parse_measures(&self.measures).map_err(anyhow::Error::msg).context("--measures")?,
+            averaging: self.averaging.parse().map_err(anyhow::Error::msg).context("--averaging")?,
+            ignore_identical_ids: !self.keep_identical_ids,
+            output: self.output.clone(),
+            name,
+            experiment: None,
+        })
+    }
+}
+
 /// The query side of Reinforced-IR inference, shared by `rir eval` and `rir encode`.
 #[derive(clap::Args)]
 struct AugmentArgs {
@@ -983,15 +1000,7 @@ fn fuse_cmd(host: &PluginHost, a: &FuseArgs) -> Result<ExitCode> {
         method,
         queries: a.queries.parse().map_err(anyhow::Error::msg).context("--queries")?,
         k: a.k,
-        dataset: a.judge.dataset.clone(),
-        split: a.judge.split.clone(),
-        mirror: a.judge.mirror.clone(),
-        measures: metrics::parse_measures(&a.judge.measures).map_err(anyhow::Error::msg)?,
-        averaging: a.judge.averaging.parse().map_err(anyhow::Error::msg)?,
-        ignore_identical_ids: !a.judge.keep_identical_ids,
-        output: a.judge.output.clone(),
-        name: a.name.clone().unwrap_or_else(|| a.method.clone()),
-        experiment: None,
+        judging: a.judge.judging(a.name.clone().unwrap_or_else(|| a.method.clone()))?,
     };
     let out = rir::stages::fuse::run(&host.settings.cache_dir, &opts)?;
     let cmp = report::compare(std::slice::from_ref(&out.results), &report::TableOptions::default())?;
@@ -1001,7 +1010,6 @@ fn fuse_cmd(host: &PluginHost, a: &FuseArgs) -> Result<ExitCode> {
 }
 
 fn rerank_cmd(host: &PluginHost, a: &RerankArgs) -> Result<ExitCode> {
-    let j = &a.judge;
     let opts = rir::stages::rerank::RerankOptions {
         run: a.run.clone(),
         depth: a.depth,
@@ -1011,15 +1019,7 @@ fn rerank_cmd(host: &PluginHost, a: &RerankArgs) -> Result<ExitCode> {
         generator_config: toml_arg(&a.generator_config, "--generator-config")?,
         batch: a.batch,
         use_cache: !a.no_cache,
-        dataset: j.dataset.clone(),
-        split: j.split.clone(),
-        mirror: j.mirror.clone(),
-        measures: metrics::parse_measures(&j.measures).map_err(anyhow::Error::msg)?,
-        averaging: j.averaging.parse().map_err(anyhow::Error::msg)?,
-        ignore_identical_ids: !j.keep_identical_ids,
-        output: j.output.clone(),
-        name: a.name.clone().unwrap_or_else(|| a.reranker.clone()),
-        experiment: None,
+        judging: a.judge.judging(a.name.clone().unwrap_or_else(|| a.reranker.clone()))?,
     };
     let out = rir::stages::rerank::run(host, &opts)?;
     let cmp = report::compare(std::slice::from_ref(&out.results), &report::TableOptions::default())?;

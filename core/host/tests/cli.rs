@@ -65,7 +65,7 @@ fn a_bad_registry_is_reported_with_its_line() {
 #[test]
 fn every_option_has_help_text() {
     let commands: &[&[&str]] = &[
-        &["run"], &["eval"], &["fuse"], &["table"], &["queries"], &["rlrf-data"], &["rlgf-data"], &["train"], &["serve"],
+        &["run"], &["eval"], &["fuse"], &["rerank"], &["table"], &["queries"], &["rlrf-data"], &["rlgf-data"], &["train"], &["serve"],
         &["data", "list"], &["data", "fetch"], &["plugins", "check"], &["bench", "encode"], &["bench", "generate"], &["bench", "lexical"],
     ];
     for c in commands {

@@ -76,6 +76,21 @@ pub fn open_or_build(plugin: &str, retriever: &mut dyn TextRetriever, texts: &[S
     Ok(false)
 }
 
+/// Loads `plugin`'s text retriever with `config` and opens (or builds) its
+/// index of `ds`'s corpus: what a stage that mines with it needs.
+pub fn load_for(
+    host: &crate::plugins::PluginHost,
+    plugin: &str,
+    config: &str,
+    ds: &crate::engine::data::Dataset,
+    cache_root: Option<&Path>,
+) -> Result<Box<dyn TextRetriever>, HostError> {
+    let mut tr = host.load(plugin)?.text_retriever(config)?;
+    let texts: Vec<String> = ds.corpus.iter().map(crate::engine::data::Doc::encoder_text).collect();
+    open_or_build(plugin, tr.as_mut(), &texts, cache_root)?;
+    Ok(tr)
+}
+
 /// Searches `queries` in batches of `batch` with a progress bar.
 pub fn search(plugin: &str, retriever: &dyn TextRetriever, queries: &[String], k: usize, batch: usize) -> Result<Hits, HostError> {
     let k = k.min(retriever.len()).max(1);

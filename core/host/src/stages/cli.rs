@@ -185,14 +185,10 @@ pub fn run_stage<S: DataStage>(host: &PluginHost, f: &StageFlags) -> Result<Vec<
         (Some((name, _)), Some(t)) => Some(host.load(name)?.reward(t)?),
         _ => None,
     };
-    let mut lex = match (lexical, &lcfg) {
-        (Some((name, _)), Some(t)) => Some((name.as_str(), host.load(name)?.text_retriever(t)?)),
+    let lex = match (lexical, &lcfg) {
+        (Some((name, _)), Some(t)) => Some((name.as_str(), crate::engine::lexical::load_for(host, name, t, &ds, (!f.no_cache).then_some(cache_dir.as_path()))?)),
         _ => None,
     };
-    if let Some((name, tr)) = lex.as_mut() {
-        let texts: Vec<String> = ds.corpus.iter().map(crate::engine::data::Doc::encoder_text).collect();
-        crate::engine::lexical::open_or_build(name, tr.as_mut(), &texts, (!f.no_cache).then_some(cache_dir.as_path()))?;
-    }
     let task = crate::engine::prompts::task_for(&ds.name);
     let ctx = Context {
         dataset: &ds,

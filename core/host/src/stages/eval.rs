@@ -336,8 +336,48 @@ fn evaluate(
     out.write(ds, &run, timings, config)
 }
 
-/// How a finished run is judged and where it is written: what `rir eval`
-/// and `rir fuse` share.
+/// The dataset that judges a run made from other runs, how, and where it
+/// goes: what `rir fuse` and `rir rerank` share (and write through
+/// [`Scoring`], as `rir eval` does).
+#[derive(Debug, Clone)]
+pub struct Judging {
+    /// The dataset whose qrels judge the run (name or BEIR directory).
+    pub dataset: String,
+    /// The qrels split (None: the dataset's evaluation split).
+    pub split: Option<String>,
+    /// A local BEIR mirror.
+    pub mirror: Option<PathBuf>,
+    /// The measures computed.
+    pub measures: Vec<Measure>,
+    /// Over which queries means are taken.
+    pub averaging: Averaging,
+    /// Drop results whose document id is the query's id.
+    pub ignore_identical_ids: bool,
+    /// Where NAME.DATASET.{trec,json} go.
+    pub output: PathBuf,
+    /// The run's name (checked: it becomes a file name).
+    pub name: String,
+    /// Where the run sits in an experiment, as for `rir eval`.
+    pub experiment: Option<serde_json::Value>,
+}
+
+impl Judging {
+    /// Refuses a name that would leave the output directory.
+    pub fn check(&self) -> Result<(), EvalError> {
+        crate::util::paths::check_name("--name", &self.name).map_err(EvalError::Invalid)
+    }
+    /// Opens (fetches) the dataset.
+    pub fn open(&self, cache_dir: &std::path::Path) -> Result<data::Dataset, EvalError> {
+        Ok(data::open(&self.dataset, self.split.as_deref(), cache_dir, self.mirror.as_deref())?)
+    }
+    /// The writer of the judged run.
+    pub fn scoring(&self) -> Scoring<'_> {
+        Scoring { measures: &self.measures, averaging: self.averaging, ignore_identical_ids: self.ignore_identical_ids, output: &self.output, name: &self.name }
+    }
+}
+
+/// How a finished run is judged and where it is written: what `rir eval`,
+/// `rir fuse` and `rir rerank` share.
 pub struct Scoring<'a> {
     /// The measures computed.
     pub measures: &'a [Measure],

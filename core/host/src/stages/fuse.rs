@@ -8,9 +8,10 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::engine::fusion::{self, Method, Norm, QuerySet};
-use crate::engine::metrics::{Averaging, Measure, Run};
+use crate::engine::metrics::Run;
 use crate::engine::{data, runfile};
-use crate::stages::eval::{EvalError, EvalOutput, Scoring};
+
+use crate::stages::eval::{EvalError, EvalOutput, Judging};
 
 /// What one fusion needs.
 #[derive(Debug, Clone)]
@@ -25,35 +26,19 @@ pub struct FuseOptions {
     pub queries: QuerySet,
     /// Results kept per query.
     pub k: usize,
-    /// The dataset whose qrels evaluate the fused run (name or BEIR directory).
-    pub dataset: String,
-    /// The qrels split (None: the dataset's evaluation split).
-    pub split: Option<String>,
-    /// A local BEIR mirror.
-    pub mirror: Option<PathBuf>,
-    /// The measures computed.
-    pub measures: Vec<Measure>,
-    /// Over which queries means are taken.
-    pub averaging: Averaging,
-    /// Drop results whose document id is the query's id.
-    pub ignore_identical_ids: bool,
-    /// Where NAME.DATASET.{trec,json} go.
-    pub output: PathBuf,
-    /// The fused run's name (checked: it becomes a file name).
-    pub name: String,
-    /// Where the run sits in an experiment, as for `rir eval`.
-    pub experiment: Option<serde_json::Value>,
+    /// The dataset that judges the fused run, and where it goes.
+    pub judging: Judging,
 }
 
 /// Opens the dataset, then [`run_on`] (the options are checked first).
 pub fn run(cache_dir: &std::path::Path, o: &FuseOptions) -> Result<EvalOutput, EvalError> {
     check(o)?;
-    let ds = data::open(&o.dataset, o.split.as_deref(), cache_dir, o.mirror.as_deref())?;
+    let ds = o.judging.open(cache_dir)?;
     fuse_on(&ds, o)
 }
 
 fn check(o: &FuseOptions) -> Result<(), EvalError> {
-    crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
+    o.judging.check()?;
     crate::stages::eval::check_k(o.k).map_err(EvalError::Invalid)?;
     if o.runs.len() < 2 {
         return Err(EvalError::Invalid(fusion::FusionError::TooFew(o.runs.len()).to_string()));
@@ -89,10 +74,9 @@ fn fuse_on(ds: &data::Dataset, o: &FuseOptions) -> Result<EvalOutput, EvalError>
         "fusion": {"runs": o.runs, "norm": o.norm, "method": o.method, "queries": o.queries,
                    "missing_queries": missing.iter().map(|(run, n, _)| json!({"run": o.runs[run - 1], "queries": n})).collect::<Vec<_>>()},
         "k": o.k,
-        "ignore_identical_ids": o.ignore_identical_ids,
+        "ignore_identical_ids": o.judging.ignore_identical_ids,
         "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len()},
-        "experiment": o.experiment,
+        "experiment": o.judging.experiment,
     });
-    let out = Scoring { measures: &o.measures, averaging: o.averaging, ignore_identical_ids: o.ignore_identical_ids, output: &o.output, name: &o.name };
-    out.write(ds, &fused, timings, config)
+    o.judging.scoring().write(ds, &fused, timings, config)
 }

@@ -18,10 +18,10 @@ use rir_sdk::{Generator, Reward, RewardContext, RewardItem};
 use serde_json::json;
 
 use crate::engine::generate::{Cached, GenerationCache};
-use crate::engine::metrics::{trec_order, Averaging, Measure, Run};
+use crate::engine::metrics::{trec_order, Run};
 use crate::engine::{data, runfile};
 use crate::plugins::PluginHost;
-use crate::stages::eval::{EvalError, EvalOutput, Scoring};
+use crate::stages::eval::{EvalError, EvalOutput, Judging};
 
 /// What one reranking needs.
 #[derive(Debug, Clone)]
@@ -42,28 +42,12 @@ pub struct RerankOptions {
     pub batch: usize,
     /// Read and write the generation cache.
     pub use_cache: bool,
-    /// The dataset whose queries, corpus and qrels are used (name or BEIR directory).
-    pub dataset: String,
-    /// The qrels split (None: the dataset's evaluation split).
-    pub split: Option<String>,
-    /// A local BEIR mirror.
-    pub mirror: Option<PathBuf>,
-    /// The measures computed.
-    pub measures: Vec<Measure>,
-    /// Over which queries means are taken.
-    pub averaging: Averaging,
-    /// Drop results whose document id is the query's id.
-    pub ignore_identical_ids: bool,
-    /// Where NAME.DATASET.{trec,json} go.
-    pub output: PathBuf,
-    /// The reranked run's name (checked: it becomes a file name).
-    pub name: String,
-    /// Where the run sits in an experiment, as for `rir eval`.
-    pub experiment: Option<serde_json::Value>,
+    /// The dataset (its queries, corpus and qrels), and where the run goes.
+    pub judging: Judging,
 }
 
 fn check(o: &RerankOptions) -> Result<(), EvalError> {
-    crate::util::paths::check_name("--name", &o.name).map_err(EvalError::Invalid)?;
+    o.judging.check()?;
     if o.depth == 0 || o.depth > 10_000 {
         return Err(EvalError::Invalid(format!("--depth must be in 1..=10000 (results reranked per query), got {}", o.depth)));
     }
@@ -85,10 +69,12 @@ pub fn run(host: &PluginHost, o: &RerankOptions) -> Result<EvalOutput, EvalError
     }
     // The run file is read before the models load: a bad line costs nothing.
     let first = runfile::read(&o.run)?;
-    let ds = data::open(&o.dataset, o.split.as_deref(), &host.settings.cache_dir, o.mirror.as_deref())?;
+    let ds = o.judging.open(&host.settings.cache_dir)?;
+    // A run of another dataset is refused before the models load.
+    let lists = top_lists(o, &ds, &first)?;
     let reward = host.load(&o.reranker)?.reward(&o.reranker_config)?;
     let generator = o.generator.as_ref().map(|g| host.load(g)?.generator(&o.generator_config)).transpose()?;
-    rerank(host, o, &ds, first, reward.as_ref(), generator.as_deref())
+    rerank(host, o, &ds, &lists, reward.as_ref(), generator.as_deref())
 }
 
 /// [`run`] with the dataset open and the models loaded (what `rir run`
@@ -96,29 +82,36 @@ pub fn run(host: &PluginHost, o: &RerankOptions) -> Result<EvalOutput, EvalError
 pub fn run_loaded(host: &PluginHost, o: &RerankOptions, ds: &data::Dataset, reward: &dyn Reward, generator: Option<&dyn Generator>) -> Result<EvalOutput, EvalError> {
     check(o)?;
     let first = runfile::read(&o.run)?;
-    rerank(host, o, ds, first, reward, generator)
+    let lists = top_lists(o, ds, &first)?;
+    rerank(host, o, ds, &lists, reward, generator)
 }
 
-fn rerank(host: &PluginHost, o: &RerankOptions, ds: &data::Dataset, first: Run, reward: &dyn Reward, generator: Option<&dyn Generator>) -> Result<EvalOutput, EvalError> {
-    let t = Instant::now();
-    let queries: HashMap<&str, &str> = ds.queries.iter().map(|(id, text)| (id.as_str(), text.as_str())).collect();
-    let docs: HashMap<&str, usize> = ds.corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
-    // Every query and document of the run must be the dataset's: a run of
-    // another dataset is refused before any scoring.
-    let unknown_q: Vec<&String> = first.keys().filter(|q| !queries.contains_key(q.as_str())).collect();
+/// Each query's top `depth` in trec order, every query and document checked
+/// against the dataset.
+fn top_lists(o: &RerankOptions, ds: &data::Dataset, first: &Run) -> Result<Vec<(String, Vec<(String, f64)>)>, EvalError> {
+    let queries: std::collections::HashSet<&str> = ds.queries.iter().map(|(id, _)| id.as_str()).collect();
+    let docs: std::collections::HashSet<&str> = ds.corpus.iter().map(|d| d.id.as_str()).collect();
+    let unknown_q: Vec<&String> = first.keys().filter(|q| !queries.contains(q.as_str())).collect();
     if let Some(q) = unknown_q.first() {
         return Err(EvalError::Invalid(format!("{}: query {q} is not in {} ({} of the run's {} queries are not)", o.run.display(), ds.name, unknown_q.len(), first.len())));
     }
-    let mut lists: Vec<(&String, Vec<(String, f64)>)> = Vec::with_capacity(first.len());
-    for (qid, results) in &first {
+    let mut lists = Vec::with_capacity(first.len());
+    for (qid, results) in first {
         let mut l = results.clone();
         trec_order(&mut l);
         l.truncate(o.depth);
-        if let Some((d, _)) = l.iter().find(|(d, _)| !docs.contains_key(d.as_str())) {
+        if let Some((d, _)) = l.iter().find(|(d, _)| !docs.contains(d.as_str())) {
             return Err(EvalError::Invalid(format!("{}: query {qid} ranks document {d}, which is not in {}'s corpus", o.run.display(), ds.name)));
         }
-        lists.push((qid, l));
+        lists.push((qid.clone(), l));
     }
+    Ok(lists)
+}
+
+fn rerank(host: &PluginHost, o: &RerankOptions, ds: &data::Dataset, lists: &[(String, Vec<(String, f64)>)], reward: &dyn Reward, generator: Option<&dyn Generator>) -> Result<EvalOutput, EvalError> {
+    let t = Instant::now();
+    let queries: HashMap<&str, &str> = ds.queries.iter().map(|(id, text)| (id.as_str(), text.as_str())).collect();
+    let docs: HashMap<&str, usize> = ds.corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
     let texts: Vec<String> = ds.corpus.iter().map(data::Doc::encoder_text).collect();
 
     let gname = o.generator.as_deref().unwrap_or_default();
@@ -148,14 +141,14 @@ fn rerank(host: &PluginHost, o: &RerankOptions, ds: &data::Dataset, first: Run, 
                 )));
             }
             fallbacks += u64::from(s.fallbacks);
-            if s.scores.len() > 1 && s.scores.iter().all(|x| *x == s.scores[0]) {
+            if crate::stages::rlgf::is_flat(&s.scores) {
                 // A flat answer is the reward's "could not score": keep the first stage's order.
                 flat += 1;
                 let n = l.len() as f64;
-                run.insert((*qid).clone(), l.iter().enumerate().map(|(i, (d, _))| (d.clone(), n - i as f64)).collect());
+                run.insert(qid.clone(), l.iter().enumerate().map(|(i, (d, _))| (d.clone(), n - i as f64)).collect());
                 continue;
             }
-            run.insert((*qid).clone(), l.iter().zip(&s.scores).map(|((d, _), x)| (d.clone(), *x)).collect());
+            run.insert(qid.clone(), l.iter().zip(&s.scores).map(|((d, _), x)| (d.clone(), *x)).collect());
         }
         bar.inc(chunk.len() as u64);
     }
@@ -168,10 +161,9 @@ fn rerank(host: &PluginHost, o: &RerankOptions, ds: &data::Dataset, first: Run, 
         "rerank": {"run": o.run, "depth": o.depth, "plugin": o.reranker, "config": o.reranker_config,
                    "flat_queries": flat, "fallbacks": fallbacks, "scored": lists.iter().map(|l| l.1.len()).sum::<usize>()},
         "generator": o.generator.as_ref().map(|g| json!({"plugin": g, "config": o.generator_config, "model": generator.map(|m| m.model_name())})),
-        "ignore_identical_ids": o.ignore_identical_ids,
+        "ignore_identical_ids": o.judging.ignore_identical_ids,
         "dataset": {"dir": ds.dir, "docs": ds.corpus.len(), "queries": ds.queries.len()},
-        "experiment": o.experiment,
+        "experiment": o.judging.experiment,
     });
-    let out = Scoring { measures: &o.measures, averaging: o.averaging, ignore_identical_ids: o.ignore_identical_ids, output: &o.output, name: &o.name };
-    out.write(ds, &run, timings, config)
+    o.judging.scoring().write(ds, &run, timings, config)
 }

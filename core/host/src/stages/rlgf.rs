@@ -254,6 +254,12 @@ pub fn mine(
     Ok(out)
 }
 
+/// Whether a reward's scores for one item are flat (every candidate the
+/// same, within 1e-12): how the rewards report an answer they could not use.
+pub fn is_flat(scores: &[f64]) -> bool {
+    scores.len() > 1 && scores.iter().all(|x| (x - scores[0]).abs() <= 1e-12)
+}
+
 /// The fallback: `n` distinct documents sampled from the ranks in `range`.
 pub fn sample_ranks(hits: &[(usize, f32)], positive: usize, range: (usize, usize), n: usize, rng: &mut Rng) -> Vec<usize> {
     let (a, b) = (range.0.min(hits.len()), range.1.min(hits.len()));
@@ -443,7 +449,7 @@ fn run(
     for (qi, q) in queries.iter().enumerate() {
         let g = &groups[qi];
         let s = &scores[qi];
-        let flat = s.len() > 1 && s.iter().all(|x| (x - s[0]).abs() <= 1e-12);
+        let flat = is_flat(s);
         if flat && !cfg.no_rerank {
             stats.teacher_failed += 1;
             if cfg.drop_failed {
