@@ -160,3 +160,46 @@ fn queries_then_preference_pairs_on_scifact() {
         .to_string();
     assert!(e.contains("needs the stage's retriever"), "{e}");
 }
+
+/// `per_passage = 3`: three samples of each passage's one prompt, distinct
+/// within a passage, ids pq{i}.{s}; sample 0 is the query `per_passage = 1`
+/// writes (the same seed, and decoding is batch-invariant).
+#[test]
+fn several_queries_per_passage() {
+    plugin_dir();
+    let cache = temp_cache();
+    let mut ds = data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
+    ds.corpus.truncate(300);
+    let task = prompts::task_for("scifact");
+    let host = host();
+    let g = host.load("llama-generator").unwrap().generator(&format!("model = {SMOLLM:?}")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let ctx = Context { dataset: &ds, task: &task, queries: &[], generator: Some(GeneratorIn { model: g.as_ref(), cache: None }), retriever: None, reward: None, text_retriever: None, threads: 2 };
+    let base = "passages = 4\nmax_chars = 400\nmax_tokens = 20\nseed = 5\njudge = false\n";
+    let one: queries::QueriesConfig = toml::from_str(base).unwrap();
+    let three: queries::QueriesConfig = toml::from_str(&format!("{base}per_passage = 3")).unwrap();
+    // At 1 the key is what it was before the setting existed.
+    assert!(!toml::to_string(&one).unwrap().contains("per_passage"));
+    let (q1, _) = queries::Queries::run(&ctx, &one, out.path()).unwrap();
+    let (q3, s3) = queries::Queries::run(&ctx, &three, out.path()).unwrap();
+    eprintln!("{s3:?}\n{q3:#?}");
+    assert_eq!((s3.sampled, s3.per_passage), (4, 3));
+    assert_eq!(s3.kept + s3.empty + s3.duplicates, 12);
+    assert_eq!(s3.kept, q3.len());
+    assert!((s3.keep_rate - q3.len() as f64 / 12.0).abs() < 1e-12);
+    assert!(q3.len() > q1.len(), "three samples a passage gave no more queries: {s3:?}");
+    for q in &q3 {
+        let (i, s) = q.id.strip_prefix("pq").and_then(|r| r.split_once('.')).expect("pq{i}.{s}");
+        assert!(s.parse::<u32>().unwrap() < 3);
+        let same: Vec<_> = q3.iter().filter(|o| o.id.starts_with(&format!("pq{i}."))).collect();
+        assert!(same.iter().all(|o| o.passage_id == q.passage_id && o.length == q.length && o.style == q.style));
+        assert_eq!(same.iter().filter(|o| o.text == q.text).count(), 1, "a repeated sample was kept: {q:?}");
+    }
+    for q in &q1 {
+        let first = q3.iter().find(|o| o.id == format!("{}.0", q.id)).expect("sample 0 of the passage");
+        assert_eq!((&first.text, &first.passage_id), (&q.text, &q.passage_id));
+    }
+    let bad: queries::QueriesConfig = toml::from_str(&format!("{base}per_passage = 0")).unwrap();
+    let e = queries::Queries::run(&ctx, &bad, out.path()).unwrap_err().to_string();
+    assert!(e.contains("per_passage"), "{e}");
+}

@@ -1,8 +1,8 @@
 //! Stage `queries` (DESIGN §1.1): pseudo queries for an unlabeled corpus.
 //!
 //! Passages are sampled (seeded) and cut to `max_chars`; for each, the
-//! generator writes one query of a length and style drawn with the weights
-//! below, then judges (a second call, temperature 0) whether the passage
+//! generator writes one query (or `per_passage` samples of one prompt) of a
+//! length and style drawn with the weights below, then judges (a second call, temperature 0) whether the passage
 //! answers it; only pairs judged "1" are kept. With `filter = true`, queries
 //! that restate the instructions or refuse are dropped first and lead-ins
 //! ("The scientific claim is:") stripped (`filter_query`). Output: `queries.jsonl`
@@ -62,6 +62,19 @@ pub struct QueriesConfig {
     /// stage keys made before it existed still hold.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub filter: bool,
+    /// Queries sampled per passage (GPL writes 3). The samples share one
+    /// prompt, so its prefill is paid once; a sample that repeats an earlier
+    /// one of its passage is dropped. Not serialized at 1, so stage keys made
+    /// before it existed still hold.
+    #[serde(default = "d_one", skip_serializing_if = "is_one")]
+    pub per_passage: u32,
+}
+
+fn d_one() -> u32 {
+    1
+}
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 fn d_passages() -> usize {
@@ -126,8 +139,14 @@ pub struct PseudoQuery {
 /// What the queries stage did (`queries.stats.json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct QueriesStats {
-    /// Passages sampled (one query each).
+    /// Passages sampled.
     pub sampled: usize,
+    /// Queries written for each (`per_passage`).
+    #[serde(default = "d_one")]
+    pub per_passage: u32,
+    /// Samples that repeated an earlier sample of the same passage.
+    #[serde(default)]
+    pub duplicates: usize,
     /// Empty completions.
     pub empty: usize,
     /// Queries the judge answered 0 for.
@@ -140,7 +159,8 @@ pub struct QueriesStats {
     pub filtered: usize,
     /// Queries written to queries.jsonl.
     pub kept: usize,
-    /// kept / sampled: how much of what the generator writes the filter keeps.
+    /// kept / (sampled × per_passage): how much of what the generator
+    /// writes the filter and the judge keep.
     #[serde(default)]
     pub keep_rate: f64,
     /// Completions read from the generation cache.
@@ -285,8 +305,8 @@ impl DataStage for Queries {
 
     fn summary(s: &QueriesStats) -> String {
         format!(
-            "{} passages sampled: {} queries kept, {} filtered out, {} judged irrelevant, {} unparsed judgements, {} empty ({} generations from cache)",
-            s.sampled, s.kept, s.filtered, s.judged_irrelevant, s.judge_unparsed, s.empty, s.from_cache
+            "{} passages sampled ({} queries each): {} queries kept, {} filtered out, {} judged irrelevant, {} unparsed judgements, {} empty, {} duplicates ({} generations from cache)",
+            s.sampled, s.per_passage, s.kept, s.filtered, s.judged_irrelevant, s.judge_unparsed, s.empty, s.duplicates, s.from_cache
         )
     }
 }
@@ -309,6 +329,9 @@ fn run(
     if lw.is_empty() || sw.is_empty() || lw.iter().chain(&sw).any(|w| *w < 0.0) {
         return Err(HostError::Input("queries: `lengths` and `styles` need non-negative weights".into()));
     }
+    if cfg.per_passage == 0 {
+        return Err(HostError::Input("queries: `per_passage` must be at least 1".into()));
+    }
     let draws: Vec<(usize, usize, usize)> = order.iter().map(|&d| (d, rng.weighted(&lw), rng.weighted(&sw))).collect();
     let passages: Vec<String> = draws.iter().map(|(d, _, _)| cut(&ds.corpus[*d].encoder_text(), cfg.max_chars)).collect();
     let reqs: Vec<GenerationRequest> = draws
@@ -317,7 +340,7 @@ fn run(
         .enumerate()
         .map(|(i, ((_, l, s), p))| GenerationRequest {
             prompt: query_prompt(task, p, &cfg.lengths[*l].0, &cfg.styles[*s].0),
-            n: 1,
+            n: cfg.per_passage,
             temperature: cfg.temperature,
             top_p: cfg.top_p,
             max_tokens: cfg.max_tokens,
@@ -328,9 +351,29 @@ fn run(
         .collect();
     let err = |e: crate::engine::generate::GenerateError| HostError::step("queries", e);
     let (gen, cached1) = generate_all(generator, &reqs, cache, cfg.batch, "queries").map_err(err)?;
-    let mut stats = QueriesStats { sampled: draws.len(), from_cache: cached1, ..Default::default() };
-    let mut texts: Vec<String> = gen.iter().map(|c| c.first().map(|c| clean_query(&c.text, &task.query_type)).unwrap_or_default()).collect();
-    stats.empty = texts.iter().filter(|t| t.is_empty()).count();
+    let mut stats = QueriesStats { sampled: draws.len(), per_passage: cfg.per_passage, from_cache: cached1, ..Default::default() };
+    // One slot per (passage, sample): `owner[j]` is the passage's index in
+    // `draws`, `ids[j]` the query id (pq{i}, or pq{i}.{s} with several).
+    let mut owner = Vec::new();
+    let mut ids = Vec::new();
+    let mut texts: Vec<String> = Vec::new();
+    for (i, completions) in gen.iter().enumerate() {
+        let mut seen: Vec<String> = Vec::new();
+        for s in 0..cfg.per_passage as usize {
+            let mut t = completions.get(s).map(|c| clean_query(&c.text, &task.query_type)).unwrap_or_default();
+            if !t.is_empty() && seen.contains(&t) {
+                stats.duplicates += 1;
+                t.clear();
+            } else if !t.is_empty() {
+                seen.push(t.clone());
+            } else {
+                stats.empty += 1;
+            }
+            owner.push(i);
+            ids.push(if cfg.per_passage == 1 { format!("pq{i}") } else { format!("pq{i}.{s}") });
+            texts.push(t);
+        }
+    }
     if cfg.filter {
         for t in texts.iter_mut().filter(|t| !t.is_empty()) {
             match filter_query(t, task, cfg) {
@@ -346,7 +389,7 @@ fn run(
     let verdicts: Vec<bool> = if cfg.judge {
         let jreqs: Vec<GenerationRequest> = candidates
             .iter()
-            .map(|&i| GenerationRequest::greedy(judge_prompt(task, &texts[i], &passages[i]), 4))
+            .map(|&j| GenerationRequest::greedy(judge_prompt(task, &texts[j], &passages[owner[j]]), 4))
             .collect();
         let (answers, cached2) = generate_all(generator, &jreqs, cache, cfg.batch, "judge").map_err(err)?;
         stats.from_cache += cached2;
@@ -364,15 +407,15 @@ fn run(
         vec![true; candidates.len()]
     };
     let mut kept = Vec::new();
-    for (&i, ok) in candidates.iter().zip(&verdicts) {
+    for (&j, ok) in candidates.iter().zip(&verdicts) {
         if !ok {
             stats.judged_irrelevant += 1;
             continue;
         }
-        let (d, l, s) = draws[i];
+        let (d, l, s) = draws[owner[j]];
         kept.push(PseudoQuery {
-            id: format!("pq{i}"),
-            text: texts[i].clone(),
+            id: ids[j].clone(),
+            text: texts[j].clone(),
             passage_id: ds.corpus[d].id.clone(),
             length: cfg.lengths[l].0.clone(),
             style: cfg.styles[s].0.clone(),
@@ -380,7 +423,8 @@ fn run(
     }
     stats.judged_irrelevant -= stats.judge_unparsed.min(stats.judged_irrelevant);
     stats.kept = kept.len();
-    stats.keep_rate = if stats.sampled == 0 { 0.0 } else { stats.kept as f64 / stats.sampled as f64 };
+    let written = stats.sampled * cfg.per_passage as usize;
+    stats.keep_rate = if written == 0 { 0.0 } else { stats.kept as f64 / written as f64 };
     write_jsonl(&out_dir.join("queries.jsonl"), &kept)?;
     write_json(&out_dir.join("queries.stats.json"), &stats)?;
     Ok((kept, stats))
