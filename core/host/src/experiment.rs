@@ -278,6 +278,39 @@ pub struct Variant {
     /// A fusion of earlier variants' runs instead of a retriever of its own.
     #[serde(default)]
     pub fuse: Option<FuseSpec>,
+    /// An earlier variant's run reranked instead of a retriever of its own.
+    #[serde(default)]
+    pub rerank: Option<RerankSpec>,
+}
+
+/// `rerank = { run = "BM25", depth = 100, generator = "rlrf" }`: a variant
+/// whose run is an earlier variant's top `depth` scored again by
+/// `[rewards.generator]` with the chosen generator (`rir rerank`'s options):
+/// with `mode = "query_likelihood"` that is UPR reranking, and `rlrf`
+/// against `base` shows whether RLRF's generator reranks better.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RerankSpec {
+    /// The variant reranked (listed before this one).
+    pub run: String,
+    /// Results reranked (and kept) per query.
+    #[serde(default = "d_rerank_depth")]
+    pub depth: usize,
+    /// Queries per reranker call.
+    #[serde(default = "d_rerank_batch")]
+    pub batch: usize,
+    /// The generator that scores: `base` (default) or `rlrf` (the variant's round).
+    #[serde(default = "d_rerank_gen")]
+    pub generator: GeneratorChoice,
+}
+fn d_rerank_depth() -> usize {
+    100
+}
+fn d_rerank_batch() -> usize {
+    4
+}
+fn d_rerank_gen() -> GeneratorChoice {
+    GeneratorChoice::Base
 }
 
 /// `fuse = { runs = ["+RLGF", "BM25"], method = "rrf" }`: a variant whose
@@ -458,6 +491,26 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
                 return Err(variant_at("fuse", "a fused variant's run comes from fuse.runs: leave out generator, retriever and query_weight".into()));
             }
             f.parsed().map_err(|m| variant_at("fuse", m))?;
+        }
+        if let Some(rr) = &v.rerank {
+            if v.fuse.is_some() {
+                return Err(variant_at("rerank", "a variant either fuses or reranks: leave out one of fuse and rerank".into()));
+            }
+            if !names.contains(rr.run.as_str()) || rr.run == v.name {
+                return Err(variant_at("rerank", format!("rerank.run: `{}` is not a variant listed before this one", rr.run)));
+            }
+            if v.generator != GeneratorChoice::None || v.retriever != RetrieverChoice::Base || v.query_weight.is_some() {
+                return Err(variant_at("rerank", "a reranked variant's run comes from rerank.run: leave out generator, retriever and query_weight (rerank.generator chooses the scorer)".into()));
+            }
+            if rr.generator == GeneratorChoice::None {
+                return Err(variant_at("rerank", "rerank.generator must be `base` or `rlrf`: [rewards.generator] scores with it".into()));
+            }
+            if rr.depth == 0 || rr.depth > 10_000 {
+                return Err(variant_at("rerank", format!("rerank.depth must be in 1..=10000, got {}", rr.depth)));
+            }
+            if rr.batch == 0 {
+                return Err(variant_at("rerank", "rerank.batch must be at least 1".into()));
+            }
         }
     }
     if let (Some(m), Some(dir)) = (&exp.mirror, path.parent()) {
@@ -859,6 +912,8 @@ enum Work {
     /// One variant evaluated.
     /// A fusion of earlier eval steps' run files.
     Fuse { variant: usize, inputs: Vec<PathBuf> },
+    /// A variant reranking an earlier variant's run with a generator.
+    Rerank { variant: usize, input: PathBuf, generator: Model },
     /// `lexical`: `retriever` is the `[lexical]` text retriever.
     Eval { variant: usize, retriever: Model, lexical: bool, generator: Option<Model>, query_weight: f64 },
 }
@@ -1010,6 +1065,16 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                 run_files.insert(v.name.as_str(), dir.join(format!("{}.{}.trec", v.name, ds.name)));
                 continue;
             }
+            if let Some(rr) = &v.rerank {
+                let input = run_files[rr.run.as_str()].clone();
+                let upstream = input.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+                let g = if rr.generator == GeneratorChoice::Rlrf { &gens[round] } else { &gens[0] };
+                let k = key(&serde_json::json!({"stage": "rerank", "dataset": dataset, "variant": v.name, "input": upstream, "rerank": rr,
+                                                 "generator": g.id, "reward": exp.rewards.generator, "eval": exp.eval}));
+                let dir = push(Stage::Eval, round, format!("eval {}", v.name), droot.join(format!("eval-{}-{k}", slug(&v.name))), Work::Rerank { variant: vi, input, generator: g.clone() });
+                run_files.insert(v.name.as_str(), dir.join(format!("{}.{}.trec", v.name, ds.name)));
+                continue;
+            }
             let ret = match v.retriever {
                 RetrieverChoice::Base => &rets[0],
                 RetrieverChoice::Rlgf => &rets[round],
@@ -1105,7 +1170,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
     for p in &steps {
         let ds = &datasets[p.dataset];
         let dir = r.ensure(p.stage, &exp.datasets[p.dataset], p.round, p.label.clone(), p.dir.clone(), |out| execute(host, exp, opts, (&exp.datasets[p.dataset], ds), &p.work, out))?;
-        if let Work::Eval { variant, .. } | Work::Fuse { variant, .. } = &p.work {
+        if let Work::Eval { variant, .. } | Work::Fuse { variant, .. } | Work::Rerank { variant, .. } = &p.work {
             results.push(dir.join(format!("{}.{}.json", exp.variants[*variant].name, ds.name)));
         }
     }
@@ -1170,19 +1235,28 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 method,
                 queries: f.queries,
                 k: exp.eval.k,
-                judging: crate::stages::eval::Judging {
-                    dataset: name.clone(),
-                    split: exp.eval.split.clone(),
-                    mirror: exp.mirror.clone(),
-                    measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
-                    averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
-                    ignore_identical_ids: exp.eval.ignore_identical_ids,
-                    output: out.to_owned(),
-                    name: v.name.clone(),
-                    experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
-                },
+                judging: judging_for(exp, name, *variant, out)?,
             };
             crate::stages::fuse::run_on(ds, &o).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
+        }
+        Work::Rerank { variant, input, generator } => {
+            let v = &exp.variants[*variant];
+            let rr = v.rerank.as_ref().ok_or_else(|| HostError::Input(format!("variant {} has no rerank table", v.name)))?;
+            let w = &exp.rewards.generator;
+            let o = crate::stages::rerank::RerankOptions {
+                run: input.clone(),
+                depth: rr.depth,
+                reranker: w.plugin.clone(),
+                reranker_config: table_text(&w.config),
+                generator: Some(exp.generator.plugin.clone()),
+                generator_config: with_model(&exp.generator.config, generator.path.as_deref()),
+                batch: rr.batch,
+                use_cache: opts.use_cache,
+                judging: judging_for(exp, name, *variant, out)?,
+            };
+            let reward = host.load(&w.plugin)?.reward(&o.reranker_config)?;
+            let g = r_generator(host, exp, generator)?;
+            crate::stages::rerank::run_loaded(host, &o, ds, reward.as_ref(), Some(g.as_ref())).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
         }
         Work::Eval { variant, retriever, lexical, generator, query_weight } => {
             let v = &exp.variants[*variant];
@@ -1228,6 +1302,23 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 .map_err(|e| HostError::step(format!("eval {}", v.name), e))
         }
     }
+}
+
+/// How a fused or reranked variant's run is judged and written: the
+/// experiment's `[eval]` settings, into `out` under the variant's name.
+fn judging_for(exp: &Experiment, dataset: &str, variant: usize, out: &Path) -> Result<crate::stages::eval::Judging, HostError> {
+    let v = &exp.variants[variant];
+    Ok(crate::stages::eval::Judging {
+        dataset: dataset.to_owned(),
+        split: exp.eval.split.clone(),
+        mirror: exp.mirror.clone(),
+        measures: crate::engine::metrics::parse_measures(&exp.eval.measures.join(",")).map_err(HostError::Input)?,
+        averaging: exp.eval.averaging.parse().map_err(HostError::Input)?,
+        ignore_identical_ids: exp.eval.ignore_identical_ids,
+        output: out.to_owned(),
+        name: v.name.clone(),
+        experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
+    })
 }
 
 fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Generator>, HostError> {

@@ -59,6 +59,19 @@ fn experiment_files_fail_clearly_before_any_work() {
     assert!(!ok && err.contains("unknown plugin 'dpo-trainr'") && err.contains("did you mean 'dpo-trainer'"), "{err}");
     assert!(std::fs::read_dir(out.path().join("quickstart")).map_or(true, |d| d.filter_map(Result::ok).all(|e| !e.path().is_dir())));
 
+    // A rerank variant names an earlier variant and a generator; the error names the key.
+    for (rerank, want) in [
+        ("rerank = { run = \"later\" }", "rerank.run: `later` is not a variant listed before this one"),
+        ("rerank = { run = \"base\", generator = \"none\" }", "rerank.generator must be `base` or `rlrf`"),
+        ("rerank = { run = \"base\", depth = 0 }", "rerank.depth must be in 1..=10000"),
+        ("rerank = { run = \"base\", dept = 5 }", "dept"),
+        ("rerank = { run = \"base\" }\nretriever = \"rlgf\"", "leave out generator, retriever and query_weight"),
+    ] {
+        let bad = format!("{base}\n[[variants]]\nname = \"reranked\"\n{rerank}\n");
+        let e = experiment::parse(&bad, &p).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("exp.toml:"), "{rerank}: {e}");
+    }
+
     let (ok, _, err) = rir(&["run", "--dry-run", "--only", "rlrf-trian"]);
     assert!(!ok && err.contains("did you mean `rlrf-train`?"), "{err}");
 
@@ -137,6 +150,9 @@ retriever = "lexical"
 [[variants]]
 name = "RRF"
 fuse = {{ runs = ["both", "BM25"] }}
+[[variants]]
+name = "BM25+rerank"
+rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
 "#,
         ds = ds.display().to_string()
     );
@@ -181,7 +197,7 @@ fuse = {{ runs = ["both", "BM25"] }}
     assert!(stdout.contains("+RLRF") && stdout.contains("nDCG@10"), "the comparison table: {stdout}");
     // The lexical row: BM25 through the text-retriever kind, in the same table.
     let bm25 = names(&run_dir).into_iter().find(|n| n.starts_with("eval-BM25-")).expect("a BM25 eval step");
-    let r = rir::engine::report::Results::read(&run_dir.join(bm25).join("BM25.scifact-mini.json")).unwrap();
+    let r = rir::engine::report::Results::read(&run_dir.join(&bm25).join("BM25.scifact-mini.json")).unwrap();
     assert_eq!(r.config["retriever"]["plugin"], "bm25");
     assert!(stdout.lines().any(|l| l.contains("BM25")), "{stdout}");
     // The fused row: RRF of the two runs, as `rir fuse` computes it.
@@ -189,6 +205,25 @@ fuse = {{ runs = ["both", "BM25"] }}
     let r = rir::engine::report::Results::read(&run_dir.join(&rrf).join("RRF.scifact-mini.json")).unwrap();
     assert_eq!(r.config["fusion"]["method"]["method"], "rrf");
     assert!(stdout.lines().any(|l| l.contains("RRF")), "{stdout}");
+    // The reranked row: BM25's top 5 scored by [rewards.generator] with the
+    // RLRF-tuned generator; each query keeps the top 5 BM25 ranked.
+    let rr = names(&run_dir).into_iter().find(|n| n.starts_with("eval-BM25_rerank-")).expect("a rerank step");
+    let r = rir::engine::report::Results::read(&run_dir.join(&rr).join("BM25+rerank.scifact-mini.json")).unwrap();
+    assert_eq!((r.config["rerank"]["depth"].as_u64(), r.config["rerank"]["plugin"].as_str()), (Some(5), Some("generator-reward")));
+    assert!(r.config["generator"]["config"].as_str().is_some_and(|c| c.contains("rlrf-train-")), "{}", r.config["generator"]);
+    let first = rir::engine::runfile::read(&run_dir.join(&bm25).join("BM25.scifact-mini.trec")).unwrap();
+    let reranked = rir::engine::runfile::read(&run_dir.join(&rr).join("BM25+rerank.scifact-mini.trec")).unwrap();
+    assert_eq!(first.keys().collect::<Vec<_>>(), reranked.keys().collect::<Vec<_>>());
+    for (q, l) in &reranked {
+        let mut top = first[q].clone();
+        rir::engine::metrics::trec_order(&mut top);
+        let mut want: Vec<&String> = top.iter().take(5).map(|(d, _)| d).collect();
+        let mut got: Vec<&String> = l.iter().map(|(d, _)| d).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{q}");
+    }
+    assert!(stdout.lines().any(|l| l.contains("BM25+rerank")), "{stdout}");
     for f in ["table.md", "table.tex", "table.csv", "table.json", "manifest.json", "run.log"] {
         assert!(out.join("tiny").join(f).is_file(), "{f}");
     }
