@@ -3,7 +3,7 @@
 //! sentence-transformers' `CrossEncoder.predict` computes it for a
 //! `BertForSequenceClassification` checkpoint (e.g. the ms-marco MiniLM
 //! cross-encoders): `[CLS] query [SEP] passage [SEP]`, token types 0/1,
-//! longest-first truncation to `max_length`, the pooler's tanh over [CLS],
+//! longest-first truncation to `max_length`, the pooler's tanh over `[CLS]`,
 //! then the classifier.
 //!
 //! It is a Reward plugin because a reward already scores a query's candidate
