@@ -18,6 +18,7 @@
 //! reads the cache and touches no network.
 
 pub mod encoder;
+pub mod kernels;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

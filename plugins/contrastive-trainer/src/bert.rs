@@ -1,5 +1,7 @@
-//! A differentiable BERT forward (HF's BertModel maths) from plain tensor
-//! ops: candle-nn's fused LayerNorm and softmax have no backward pass. All
+//! A differentiable BERT forward (HF's BertModel maths): candle-nn's fused
+//! LayerNorm and softmax have no backward pass, so LayerNorm, GELU and the
+//! attention softmax are this crate's own fused ops with one (`fused.rs`),
+//! the rest plain tensor ops. All
 //! weights are `Var`s in a `VarMap` under HF's names, so the trained model
 //! saves as a `model.safetensors` the candle encoder loads.
 
@@ -38,10 +40,7 @@ impl Norm {
         Ok(Norm { w: vb.get(h, "weight")?, b: vb.get(h, "bias")?, eps })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.broadcast_mul(&self.w)?.broadcast_add(&self.b)
+        crate::fused::layer_norm(x, &self.w, &self.b, self.eps)
     }
 }
 
@@ -118,12 +117,10 @@ impl TrainBert {
         for layer in &self.layers {
             let heads = |t: Tensor| t.reshape((b, l, self.heads, d))?.transpose(1, 2)?.contiguous();
             let (q, k, v) = (heads(layer.q.forward(&x)?)?, heads(layer.k.forward(&x)?)?, heads(layer.v.forward(&x)?)?);
-            let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&add)?;
-            let e = att.broadcast_sub(&att.max_keepdim(D::Minus1)?.detach())?.exp()?;
-            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let p = crate::fused::masked_softmax(&q.matmul(&k.t()?.contiguous()?)?, &add, scale)?;
             let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
             x = layer.n1.forward(&(layer.o.forward(&ctx)? + &x)?)?;
-            let f = layer.out.forward(&layer.inter.forward(&x)?.gelu_erf()?)?;
+            let f = layer.out.forward(&crate::fused::gelu(&layer.inter.forward(&x)?)?)?;
             x = layer.n2.forward(&(f + &x)?)?;
         }
         Ok(x)

@@ -59,6 +59,7 @@
 //! ```
 
 pub mod bert;
+pub mod fused;
 
 use std::path::Path;
 use std::time::Instant;
