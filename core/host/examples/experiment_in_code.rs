@@ -16,7 +16,7 @@ fn table(text: &str) -> toml::Table {
 }
 
 fn variant(name: &str, generator: GeneratorChoice, retriever: RetrieverChoice) -> Variant {
-    Variant { name: name.into(), generator, retriever, round: None, query_weight: None, fuse: None }
+    Variant { name: name.into(), generator, retriever, round: None, query_weight: None, fuse: None, rerank: None }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

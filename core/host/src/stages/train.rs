@@ -13,10 +13,15 @@ use crate::error::HostError;
 use crate::plugins::PluginHost;
 use crate::plugins::registry::Kind;
 
-/// A progress bar per stage the trainer reports; `cancelled` turns true on
-/// Ctrl-C when the caller wires it up.
+/// A progress bar per stage the trainer reports (kept while the trainer
+/// switches between them, e.g. training steps and held-out checks, so each
+/// keeps its position and rate); `cancelled` turns true on Ctrl-C when the
+/// caller wires it up.
 pub struct BarSink {
-    bar: Mutex<Option<(String, ProgressBar)>>,
+    bars: Mutex<Vec<(String, ProgressBar)>>,
+    /// On a terminal the bars share one `MultiProgress` so that two of them
+    /// redraw as two lines instead of overwriting each other.
+    multi: Option<indicatif::MultiProgress>,
     /// Set to stop the trainer at its next check (Ctrl-C).
     pub cancel: AtomicBool,
 }
@@ -24,7 +29,8 @@ pub struct BarSink {
 impl BarSink {
     /// A sink with no bar shown yet.
     pub fn new() -> Self {
-        BarSink { bar: Mutex::new(None), cancel: AtomicBool::new(false) }
+        let multi = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(indicatif::MultiProgress::new);
+        BarSink { bars: Mutex::new(Vec::new()), multi, cancel: AtomicBool::new(false) }
     }
 }
 
@@ -36,14 +42,20 @@ impl Default for BarSink {
 
 impl ProgressSink for BarSink {
     fn report(&self, p: &Progress) {
-        let Ok(mut slot) = self.bar.lock() else { return };
-        if slot.as_ref().is_none_or(|(stage, _)| stage != &p.stage) {
-            if let Some((_, old)) = slot.take() {
-                old.finish();
+        let Ok(mut bars) = self.bars.lock() else { return };
+        let i = match bars.iter().position(|(stage, _)| stage == &p.stage) {
+            Some(i) => i,
+            None => {
+                let bar = progress_bar(p.total as usize, &p.stage, "");
+                let bar = match &self.multi {
+                    Some(m) => m.add(bar),
+                    None => bar,
+                };
+                bars.push((p.stage.clone(), bar));
+                bars.len() - 1
             }
-            *slot = Some((p.stage.clone(), progress_bar(p.total as usize, &p.stage, "")));
-        }
-        if let Some((_, bar)) = slot.as_ref() {
+        };
+        if let Some((_, bar)) = bars.get(i) {
             bar.set_length(p.total);
             bar.set_position(p.done);
             let loss = p.loss.map(|l| format!("loss {l:.4} ")).unwrap_or_default();
@@ -61,8 +73,8 @@ pub fn run(host: &PluginHost, trainer: &str, trainer_config: &str, job: &TrainJo
     let t = host.load(trainer)?.trainer(trainer_config)?;
     let sink = BarSink::new();
     let report = t.train(job, &sink).map_err(|source| HostError::Plugin { plugin: trainer.into(), kind: Kind::Trainer, source })?;
-    if let Ok(mut slot) = sink.bar.lock() {
-        if let Some((_, b)) = slot.take() {
+    if let Ok(mut bars) = sink.bars.lock() {
+        for (_, b) in bars.drain(..) {
             b.finish();
         }
     }
