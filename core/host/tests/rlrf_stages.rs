@@ -55,6 +55,12 @@ fn queries_then_preference_pairs_on_scifact() {
     }
     let dpo = rir_llama::prefs::read_pairs(&out.path().join("dpo.jsonl")).unwrap();
     assert_eq!(dpo.len(), pairs.len());
+    // `max_queries`: pairs from the first query only; unset, the key is unchanged.
+    assert!(!toml::to_string(&rcfg).unwrap().contains("max_queries"));
+    let one: rlrf::RlrfDataConfig = toml::from_str("k = 3\nmax_tokens = 32\nmax_queries = 1").unwrap();
+    let (p1, s1) = rlrf::RlrfData::run(&rctx, &one, tempfile::tempdir().unwrap().path()).unwrap();
+    assert_eq!(s1.queries, 1);
+    assert!(p1.iter().all(|p| p.query_id == qs[0].id));
     assert!(out.path().join("dataset_info.json").is_file() && out.path().join("rlrf.stats.json").is_file());
 
     // Stage rlgf-data on the same queries: answers, mined negatives, the
@@ -132,6 +138,21 @@ fn queries_then_preference_pairs_on_scifact() {
     let (again, _) = RlgfData::run(&uctx, &pcfg, pdir.path()).unwrap();
     assert_eq!(again, px);
     assert_eq!(std::fs::read_to_string(&scores_file).unwrap().lines().count(), cached_lines, "nothing scored twice");
+
+    // A teacher budget: only the first query is reranked (from the cache),
+    // the rest keep the miner's order with rank scores, as GPL-style items.
+    let capped: rir::stages::rlgf::RlgfDataConfig = toml::from_str(
+        "negatives = 3\nwindow = 10\nanswer_max_tokens = 24\npositive = \"source\"\nteacher_scores = \"raw\"\nteacher_queries = 1",
+    )
+    .unwrap();
+    assert!(!toml::to_string(&pcfg).unwrap().contains("teacher_queries"), "at 0 the stage key is what it was");
+    let (cx, cs) = RlgfData::run(&uctx, &capped, tempfile::tempdir().unwrap().path()).unwrap();
+    assert_eq!((cs.teacher_scored, ps.teacher_scored, cx.len()), (1, qs.len(), qs.len()));
+    assert_eq!(cx[0], px[0], "the taught item is the uncapped run's");
+    for e in &cx[1..] {
+        assert_eq!((e.pos_scores.clone(), e.neg_scores.clone()), (vec![1.0], vec![0.5, 1.0 / 3.0, 0.25]));
+    }
+    assert_eq!(std::fs::read_to_string(&scores_file).unwrap().lines().count(), cached_lines, "nothing scored for the capped run");
 
     // The reward's numbers, recomputed from the retriever directly.
     let q = &qs[0];

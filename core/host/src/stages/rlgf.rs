@@ -82,6 +82,18 @@ pub struct RlgfDataConfig {
     /// them unlabelled positives than a dense retriever's top ranks).
     #[serde(default, skip_serializing_if = "Miner::is_dense")]
     pub miner: Miner,
+    /// The teacher reranks only the first this many queries (0: all); the
+    /// others keep the miner's negatives in its order with rank scores
+    /// 1/(i+1), as GPL-style items. The queries stage writes queries in a
+    /// seeded shuffled order, so the teacher sees a random sample: a CPU run
+    /// can train on pseudo queries for the whole corpus and pay the
+    /// teacher's scoring (~0.3 queries/s for a 135M model) for a few
+    /// hundred. With `teacher_scores = "raw"` the two kinds of item carry
+    /// scores on different scales: fine for InfoNCE with a false-negative
+    /// margin (it compares within an item), not for `loss = "kl"`. Not
+    /// serialized at 0, so stage keys made before it existed still hold.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub teacher_queries: usize,
 }
 
 /// Which first stage mines the hard negatives (`miner`).
@@ -138,6 +150,9 @@ fn d_window() -> usize {
 }
 fn d_negatives() -> usize {
     15
+}
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 fn d_depth() -> usize {
     2000
@@ -216,6 +231,9 @@ pub struct RlgfStats {
     pub answers_from_cache: usize,
     /// The first stage that mined the negatives.
     pub miner: Miner,
+    /// Items the teacher reranked (`teacher_queries`; 0 with `no_rerank`).
+    #[serde(default)]
+    pub teacher_scored: usize,
 }
 
 /// Why mining fell back to sampled ranks (counted in `RlgfStats`).
@@ -311,8 +329,8 @@ impl DataStage for RlgfData {
 
     fn summary(s: &RlgfStats) -> String {
         format!(
-            "{} queries: negatives mined for {} ({} fell back: positive beyond depth; {} fell back: no rank under the threshold); the generator moved the positive in {}; {} reranking answers needed a fallback",
-            s.queries, s.mined, s.fallback_not_in_depth, s.fallback_no_rank, s.positive_changed, s.rerank_fallbacks
+            "{} queries: negatives mined for {} ({} fell back: positive beyond depth; {} fell back: no rank under the threshold); the teacher reranked {} and moved the positive in {}; {} reranking answers needed a fallback",
+            s.queries, s.mined, s.fallback_not_in_depth, s.fallback_no_rank, s.teacher_scored, s.positive_changed, s.rerank_fallbacks
         )
     }
 }
@@ -421,17 +439,18 @@ fn run(
         .zip(&groups)
         .map(|(q, g)| RewardItem { query: q.text.clone(), reference: String::new(), candidates: g.iter().map(|&d| texts[d].clone()).collect() })
         .collect();
+    let rank_scores = |g: &Vec<usize>| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect::<Vec<f64>>();
+    let taught = if cfg.no_rerank { 0 } else if cfg.teacher_queries > 0 { cfg.teacher_queries.min(items.len()) } else { items.len() };
+    stats.teacher_scored = taught;
     let mut scores: Vec<Vec<f64>> = Vec::with_capacity(items.len());
-    if cfg.no_rerank {
-        scores = groups.iter().map(|g| (0..g.len()).map(|i| 1.0 / (i as f64 + 1.0)).collect()).collect();
-    } else {
+    if taught > 0 {
         // The teacher's calls go through the stage's generation cache.
         let g = generator.ok_or_else(missing)?;
         let reward = reward.ok_or_else(missing)?;
         let cached = crate::engine::generate::Cached::new(g.model, g.cache);
         let ctx = RewardContext { retriever: Some(retriever), generator: Some(&cached) };
-        let bar = crate::util::progress::bar(items.len(), "rerank", "queries");
-        for chunk in items.chunks(cfg.batch.max(1)) {
+        let bar = crate::util::progress::bar(taught, "rerank", "queries");
+        for chunk in items[..taught].chunks(cfg.batch.max(1)) {
             let s = reward.score(&ctx, chunk).map_err(|e| HostError::step("rlgf-data: reward", e))?;
             if s.len() != chunk.len() {
                 return Err(input(format!("the reward returned {} scores for {} items", s.len(), chunk.len())));
@@ -444,13 +463,14 @@ fn run(
         }
         bar.finish_and_clear();
     }
+    scores.extend(groups[taught..].iter().map(rank_scores));
 
     let mut out = Vec::with_capacity(queries.len());
     for (qi, q) in queries.iter().enumerate() {
         let g = &groups[qi];
         let s = &scores[qi];
         let flat = is_flat(s);
-        if flat && !cfg.no_rerank {
+        if flat && qi < taught {
             stats.teacher_failed += 1;
             if cfg.drop_failed {
                 stats.dropped += 1;

@@ -51,6 +51,16 @@ pub struct RlrfDataConfig {
     /// Requests per generator call, and items per reward call.
     #[serde(default = "d_batch")]
     pub batch: usize,
+    /// Use only the first this many pseudo queries (0: all). The queries
+    /// stage writes them in its seeded shuffled order, so these are a random
+    /// sample: a CPU run can write queries for the whole corpus (what the
+    /// retriever trains on) and make DPO pairs from a few hundred. Not
+    /// serialized at 0, so stage keys made before it existed still hold.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_queries: usize,
+}
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 fn d_k() -> u32 {
     5
@@ -239,6 +249,7 @@ fn run(
     if cfg.k < 2 {
         return Err(HostError::Input("rlrf-data: k must be at least 2 (a pair needs two augmentations)".into()));
     }
+    let queries = if cfg.max_queries > 0 { &queries[..cfg.max_queries.min(queries.len())] } else { queries };
     let by_id: HashMap<&str, usize> = ds.corpus.iter().enumerate().map(|(i, d)| (d.id.as_str(), i)).collect();
     let mut passages = Vec::with_capacity(queries.len());
     for q in queries {
