@@ -464,6 +464,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
         let key = if exp.eval.batch == 0 { "batch" } else { "generation_batch" };
         return Err(eval_err(key)(format!("{key} must be at least 1")));
     }
+    if let Some(t) = &exp.stages.queries.prompt {
+        crate::stages::queries::check_prompt(t).map_err(|m| HostError::Input(format!("{}: [stages.queries] {m}", key_at(&["stages", "queries", "prompt"]))))?;
+    }
     let mut names = std::collections::BTreeSet::new();
     for (i, v) in exp.variants.iter().enumerate() {
         let i = i.to_string();

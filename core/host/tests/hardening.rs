@@ -82,6 +82,7 @@ fn experiment_mistakes_name_line_and_key() {
         ("rounds = 1", "rounds = \"one\"", "`rounds`: invalid type"),
         ("name = \"+RLRF\"", "name = \"+RLRF\"\nround = 5", "variant `+RLRF`: round must be in 1..=1"),
         ("name = \"both\"", "name = \"base\"", "variant `base`: appears twice"),
+        ("passages = 120", "passages = 120\nprompt = \"A claim of {{ lenght }} for {{ text }}\"", "[stages.queries] `prompt`"),
     ] {
         let bad = base.replacen(from, to, 1);
         assert_ne!(bad, base, "{from} is not in the quickstart");

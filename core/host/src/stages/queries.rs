@@ -68,6 +68,16 @@ pub struct QueriesConfig {
     /// before it existed still hold.
     #[serde(default = "d_one", skip_serializing_if = "is_one")]
     pub per_passage: u32,
+    /// The query-writing prompt as a minijinja template (the user message),
+    /// instead of the method's. Variables: `passage` (title and text, cut to
+    /// `max_chars`), `title`, `text` (the text alone, cut), `length`,
+    /// `style`, `task`, `passage_type`, `query_type`. A stronger model
+    /// follows a prompt that asks for what the test queries look like (e.g.
+    /// a claim "in your own words", without the title it would copy); see
+    /// docs/BENCHMARKS.md. Checked before any work; not serialized when
+    /// unset, so stage keys made before it existed still hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
 }
 
 fn d_one() -> u32 {
@@ -179,6 +189,41 @@ pub fn query_prompt(task: &Task, passage: &str, length: &str, style: &str) -> Pr
         pt = task.passage_type,
         qt = task.query_type,
     ))])
+}
+
+/// What a `prompt` template is rendered with.
+#[derive(Serialize)]
+struct PromptVars<'a> {
+    passage: &'a str,
+    title: &'a str,
+    text: &'a str,
+    length: &'a str,
+    style: &'a str,
+    task: &'a str,
+    passage_type: &'a str,
+    query_type: &'a str,
+}
+
+/// A `prompt` template compiled, with undefined variables an error.
+fn template_env(template: &str) -> Result<minijinja::Environment<'_>, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    env.add_template("prompt", template).map_err(|e| format!("`prompt` is not a valid template: {e}"))?;
+    Ok(env)
+}
+
+/// Checks a `prompt` template before any work: it compiles, uses only the
+/// variables it is given, and shows the passage (`passage` or `text`).
+pub fn check_prompt(template: &str) -> Result<(), String> {
+    let env = template_env(template)?;
+    let t = env.get_template("prompt").map_err(|e| e.to_string())?;
+    let mark = "\u{1}PASSAGE\u{1}";
+    let vars = PromptVars { passage: mark, title: "t", text: mark, length: "l", style: "s", task: "k", passage_type: "p", query_type: "q" };
+    let out = t.render(&vars).map_err(|e| format!("`prompt`: {e} (variables: passage, title, text, length, style, task, passage_type, query_type)"))?;
+    if !out.contains(mark) {
+        return Err("`prompt` never shows the passage: use {{ passage }} or {{ text }}".into());
+    }
+    Ok(())
 }
 
 /// The prompt that asks whether a passage answers a query (0/1).
@@ -332,14 +377,31 @@ fn run(
     if cfg.per_passage == 0 {
         return Err(HostError::Input("queries: `per_passage` must be at least 1".into()));
     }
+    let env = cfg.prompt.as_deref().map(template_env).transpose().map_err(|m| HostError::Input(format!("queries: {m}")))?;
+    if let Some(t) = &cfg.prompt {
+        check_prompt(t).map_err(|m| HostError::Input(format!("queries: {m}")))?;
+    }
     let draws: Vec<(usize, usize, usize)> = order.iter().map(|&d| (d, rng.weighted(&lw), rng.weighted(&sw))).collect();
     let passages: Vec<String> = draws.iter().map(|(d, _, _)| cut(&ds.corpus[*d].encoder_text(), cfg.max_chars)).collect();
-    let reqs: Vec<GenerationRequest> = draws
-        .iter()
-        .zip(&passages)
+    let mut prompts = Vec::with_capacity(draws.len());
+    for ((d, l, s), p) in draws.iter().zip(&passages) {
+        let (length, style) = (cfg.lengths[*l].0.as_str(), cfg.styles[*s].0.as_str());
+        prompts.push(match &env {
+            None => query_prompt(task, p, length, style),
+            Some(env) => {
+                let doc = &ds.corpus[*d];
+                let text = cut(&doc.text, cfg.max_chars);
+                let vars = PromptVars { passage: p, title: &doc.title, text: &text, length, style, task: &task.task, passage_type: &task.passage_type, query_type: &task.query_type };
+                let rendered = env.get_template("prompt").and_then(|t| t.render(&vars)).map_err(|e| HostError::Input(format!("queries: `prompt`: {e}")))?;
+                Prompt::Chat(vec![Message::user(rendered)])
+            }
+        });
+    }
+    let reqs: Vec<GenerationRequest> = prompts
+        .into_iter()
         .enumerate()
-        .map(|(i, ((_, l, s), p))| GenerationRequest {
-            prompt: query_prompt(task, p, &cfg.lengths[*l].0, &cfg.styles[*s].0),
+        .map(|(i, prompt)| GenerationRequest {
+            prompt,
             n: cfg.per_passage,
             temperature: cfg.temperature,
             top_p: cfg.top_p,
@@ -492,5 +554,20 @@ mod tests {
         }
         // A multi-byte character where a label would end is no problem.
         assert_eq!(f("ROR-γ (Src-11) is overexpressed in cancer").as_deref(), Some("ROR-γ (Src-11) is overexpressed in cancer"));
+    }
+
+    #[test]
+    fn prompt_templates_are_checked_before_any_work() {
+        assert_eq!(check_prompt("Write a {{ query_type }} of {{ length }} for this {{ passage_type }}: {{ text }}"), Ok(()));
+        assert_eq!(check_prompt("{{ task }} {{ title }} {{ passage }} {{ style }}"), Ok(()));
+        let e = check_prompt("Claim for {{ passage }} in {{ lenght }}").unwrap_err();
+        assert!(e.contains("lenght") || e.contains("undefined"), "{e}");
+        assert!(e.contains("variables: passage, title, text"), "{e}");
+        let e = check_prompt("Claim for {{ passage }").unwrap_err();
+        assert!(e.contains("not a valid template"), "{e}");
+        let e = check_prompt("Write a claim about {{ title }}").unwrap_err();
+        assert!(e.contains("never shows the passage"), "{e}");
+        // Unset, the stage key is what it was before the setting existed.
+        assert!(!toml::to_string(&QueriesConfig::default()).unwrap().contains("prompt"));
     }
 }

@@ -47,6 +47,13 @@ impl ProgressSink for BarSink {
             Some(i) => i,
             None => {
                 let bar = progress_bar(p.total as usize, &p.stage, "");
+                if p.loss.is_none() && !p.message.is_empty() {
+                    // A checkpoint (e.g. held-out checks every N steps): its
+                    // position jumps, so a rate and ETA would be nonsense.
+                    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len}") {
+                        bar.set_style(style.progress_chars("=> "));
+                    }
+                }
                 let bar = match &self.multi {
                     Some(m) => m.add(bar),
                     None => bar,
@@ -59,7 +66,9 @@ impl ProgressSink for BarSink {
             bar.set_length(p.total);
             bar.set_position(p.done);
             let loss = p.loss.map(|l| format!("loss {l:.4} ")).unwrap_or_default();
-            bar.set_message(format!("{} {loss}{}", p.stage, p.message));
+            // "held-out held-out MRR@10 ..." when the message names its stage.
+            let msg = p.message.strip_prefix(p.stage.as_str()).map(str::trim_start).unwrap_or(&p.message);
+            bar.set_message(format!("{} {loss}{msg}", p.stage));
         }
     }
     fn cancelled(&self) -> bool {
