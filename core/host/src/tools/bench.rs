@@ -396,10 +396,20 @@ pub struct LexicalBench {
 }
 
 /// Builds `docs`' index in a temporary directory `repeat` times and
-/// searches `queries` `repeat` times with a fresh object of `plugin`.
-pub fn bench_lexical(plugin: &crate::plugins::Plugin, config: &str, docs: &[String], queries: &[String], k: usize, repeat: usize) -> Result<LexicalBench, crate::HostError> {
+/// searches `queries` `repeat` times with a fresh object of `plugin`; the
+/// last search's ranking comes back (document indices, best first) so the
+/// caller can check its quality beside its speed.
+pub fn bench_lexical(
+    plugin: &crate::plugins::Plugin,
+    config: &str,
+    docs: &[String],
+    queries: &[String],
+    k: usize,
+    repeat: usize,
+) -> Result<(LexicalBench, rir_sdk::Hits), crate::HostError> {
     let err = |source| crate::HostError::Plugin { plugin: plugin.name.clone(), kind: crate::Kind::TextRetriever, source };
     let (mut index_s, mut search_s) = (f64::INFINITY, f64::INFINITY);
+    let mut hits = None;
     for _ in 0..repeat.max(1) {
         let dir = tempfile::tempdir().map_err(|e| crate::HostError::Input(format!("temporary directory: {e}")))?;
         let mut r = plugin.text_retriever(config)?;
@@ -407,8 +417,77 @@ pub fn bench_lexical(plugin: &crate::plugins::Plugin, config: &str, docs: &[Stri
         r.build(dir.path(), docs, &rir_sdk::NoProgress).map_err(err)?;
         index_s = index_s.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        std::hint::black_box(r.search(queries, k).map_err(err)?);
+        let h = std::hint::black_box(r.search(queries, k).map_err(err)?);
         search_s = search_s.min(t.elapsed().as_secs_f64());
+        hits = Some(h);
     }
-    Ok(LexicalBench { docs: docs.len(), index_seconds: index_s, queries: queries.len(), search_seconds: search_s, k })
+    let hits = hits.expect("repeat is at least 1");
+    Ok((LexicalBench { docs: docs.len(), index_seconds: index_s, queries: queries.len(), search_seconds: search_s, k }, hits))
+}
+
+/// The peer: Anserini, the Lucene toolkit pyserini drives (its wheel ships
+/// the fat jar), on the same documents (`id`, `contents` = title + text, as
+/// pyserini's BEIR "flat" indexes) and queries, with the same thread count:
+/// `IndexCollection` (positions, document vectors and raw text stored, as
+/// pyserini's prebuilt BEIR indexes are) and `SearchCollection -bm25` (k1
+/// 0.9, b 0.4). Times are wall clock of each Java process, so they include
+/// the JVM's start (about half a second here) — what a pyserini user waits
+/// for on the command line. The last run's ranking comes back.
+pub fn bench_anserini(
+    java: &std::path::Path,
+    jar: &std::path::Path,
+    docs: &[(String, String)],
+    queries: &[(String, String)],
+    k: usize,
+    threads: usize,
+    repeat: usize,
+) -> anyhow::Result<(LexicalBench, crate::engine::metrics::Run)> {
+    use anyhow::Context;
+    use std::io::Write;
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    std::fs::create_dir(dir.path().join("input"))?;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(dir.path().join("input/docs.jsonl"))?);
+    for (id, text) in docs {
+        writeln!(w, "{}", serde_json::json!({"id": id, "contents": text}))?;
+    }
+    w.flush()?;
+    // Anserini's TsvString topics: one `id<TAB>text` a line.
+    let mut topics = String::new();
+    for (id, text) in queries {
+        topics.push_str(&format!("{id}\t{}\n", text.replace(['\t', '\n', '\r'], " ")));
+    }
+    std::fs::write(dir.path().join("topics.tsv"), topics)?;
+    let run_java = |args: &[&str], what: &str| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let out = std::process::Command::new(java)
+            .arg("-cp")
+            .arg(jar)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .with_context(|| format!("running {} (set --java or JAVA)", java.display()))?;
+        let secs = t.elapsed().as_secs_f64();
+        if !out.status.success() {
+            let log = String::from_utf8_lossy(&out.stderr);
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            anyhow::bail!("Anserini's {what} failed ({}): {}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join(" | "));
+        }
+        Ok(secs)
+    };
+    let t = threads.max(1).to_string();
+    let hits = k.to_string();
+    let (mut index_s, mut search_s) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..repeat.max(1) {
+        let _ = std::fs::remove_dir_all(dir.path().join("index"));
+        index_s = index_s.min(run_java(
+            &["io.anserini.index.IndexCollection", "-collection", "JsonCollection", "-input", "input", "-index", "index", "-generator", "DefaultLuceneDocumentGenerator", "-threads", &t, "-storePositions", "-storeDocvectors", "-storeRaw"],
+            "IndexCollection",
+        )?);
+        search_s = search_s.min(run_java(
+            &["io.anserini.search.SearchCollection", "-index", "index", "-topics", "topics.tsv", "-topicreader", "TsvString", "-output", "run.txt", "-bm25", "-hits", &hits, "-threads", &t],
+            "SearchCollection",
+        )?);
+    }
+    let run = crate::engine::runfile::read(&dir.path().join("run.txt")).context("reading Anserini's run file")?;
+    Ok((LexicalBench { docs: docs.len(), index_seconds: index_s, queries: queries.len(), search_seconds: search_s, k }, run))
 }
