@@ -124,3 +124,16 @@ fn stage_commands_validate_plugin_configs_before_any_work() {
     assert!(err.contains("--retriever-config") && err.contains("modle"), "{err}");
     assert!(!o.exists(), "nothing written");
 }
+
+/// `rir bench lexical` reports speed and quality side by side: BM25's
+/// SciFact figures are pyserini's (0.6789 / 0.9253), and a missing Anserini
+/// jar is refused before any work.
+#[test]
+fn bench_lexical_reports_speed_and_parity() {
+    let (ok, out, err) = rir(&["bench", "lexical", "--datasets", "scifact", "--repeat", "1", "--mirror", mirror().to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let row = out.lines().find(|l| l.contains("rir bm25")).unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains("5183") && row.contains("0.6789") && row.contains("0.9253"), "{row}");
+    let (ok, _, err) = rir(&["bench", "lexical", "--datasets", "scifact", "--anserini-jar", "/nonexistent/anserini.jar"]);
+    assert!(!ok && err.contains("--anserini-jar: /nonexistent/anserini.jar is not a file"), "{err}");
+}
