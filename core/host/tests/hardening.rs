@@ -217,3 +217,32 @@ fn eval_table_options_are_checked_with_their_line() {
     let e = rir::experiment::check_plugins(&host(), &exp).unwrap_err().to_string();
     assert!(e.contains("[eval] index") && e.contains("annoy"), "{e}");
 }
+
+/// A full disk while a result is written (simulated with /dev/full behind
+/// the temporary file's name): a clear error naming the file and the
+/// cause, no temporary file or half a run left behind, and the earlier
+/// result in place untouched.
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_no_partial_file() {
+    plugin_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let ds = beir(
+        &tmp.path().join("tiny"),
+        "{\"_id\": \"d1\", \"text\": \"bones and vitamin d\"}\n{\"_id\": \"d2\", \"text\": \"heart\"}\n",
+        "{\"_id\": \"q1\", \"text\": \"vitamin d\"}\n",
+        "q1\td1\t1\n",
+    );
+    let out = tmp.path().join("out");
+    let args = ["eval", "--dataset", ds.to_str().unwrap(), "--retriever", "example-hash", "--name", "x", "--output", out.to_str().unwrap()];
+    let (ok, log) = rir(&args, &cache);
+    assert!(ok, "{log}");
+    let run = out.join("x.tiny.trec");
+    let before = std::fs::read(&run).unwrap();
+    std::os::unix::fs::symlink("/dev/full", out.join("x.tiny.trec.partial")).unwrap();
+    let (ok, log) = rir(&args, &cache);
+    assert!(!ok, "{log}");
+    assert!(log.contains(&format!("{}: No space left on device", run.display())), "{log}");
+    assert!(!out.join("x.tiny.trec.partial").exists() && std::fs::symlink_metadata(out.join("x.tiny.trec.partial")).is_err(), "the temporary file is removed");
+    assert_eq!(std::fs::read(&run).unwrap(), before, "the earlier run file is untouched");
+}

@@ -110,8 +110,8 @@ impl Results {
     pub fn write(&self, path: &Path) -> Result<(), ReportError> {
         let tmp = path.with_extension("json.partial");
         let err = |source| ReportError::Io { path: path.into(), source };
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialisable")).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        let bytes = serde_json::to_vec_pretty(self).expect("serialisable");
+        crate::util::files::replace_with(path, &tmp, |w| std::io::Write::write_all(w, &bytes)).map_err(err)
     }
 }
 

@@ -1,6 +1,6 @@
 //! TREC run files: `qid Q0 docid rank score tag`, one result per line.
 
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use crate::engine::metrics::{trec_order, Run};
@@ -34,18 +34,17 @@ pub enum RunFileError {
 pub fn write(path: &Path, run: &Run, tag: &str) -> Result<(), RunFileError> {
     let err = |source| RunFileError::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("trec.partial");
-    {
-        let mut w = BufWriter::new(std::fs::File::create(&tmp).map_err(err)?);
+    crate::util::files::replace_with(path, &tmp, |w| {
         for (qid, results) in run {
             let mut r = results.clone();
             trec_order(&mut r);
             for (i, (doc, score)) in r.iter().enumerate() {
-                writeln!(w, "{qid} Q0 {doc} {} {score} {tag}", i + 1).map_err(err)?;
+                writeln!(w, "{qid} Q0 {doc} {} {score} {tag}", i + 1)?;
             }
         }
-        w.flush().map_err(err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(err)
+        Ok(())
+    })
+    .map_err(err)
 }
 
 /// Reads a run file. Whitespace-separated, six columns; the rank column is

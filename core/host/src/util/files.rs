@@ -3,6 +3,7 @@
 //! JSON lines in and out with errors naming file and line, and the seeded
 //! RNG whose draws are the same on every machine.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -42,8 +43,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
         crate::util::paths::ensure_dir(dir).map_err(io)?;
     }
     let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    replace_with(path, &tmp, |w| w.write_all(bytes)).map_err(io)
+}
+
+/// Writes through `fill` into `tmp` (buffered), then renames `tmp` over
+/// `path`. On any failure — a full disk, a write error, a failed rename —
+/// `tmp` is removed, so a failed write leaves neither half a file nor a
+/// temporary one behind, and `path` keeps what it held before.
+pub fn replace_with(path: &Path, tmp: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> std::io::Result<()> {
+    use std::io::Write;
+    let result = (|| {
+        let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        fill(&mut w)?;
+        w.flush()?;
+        w.into_inner().map_err(|e| e.into_error())?.sync_data()?;
+        std::fs::rename(tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
 }
 
 /// Reads JSON lines (blank lines skipped); an error names the file and line.
