@@ -22,17 +22,17 @@ fn beir(dir: &Path, corpus: &str, queries: &str, qrels: &str) -> PathBuf {
     dir.to_owned()
 }
 
+/// Two documents, one judged query: the smallest dataset an eval runs on.
+fn two_docs(dir: &Path) -> PathBuf {
+    beir(dir, "{\"_id\": \"d1\", \"text\": \"bones and vitamin d\"}\n{\"_id\": \"d2\", \"text\": \"heart\"}\n", "{\"_id\": \"q1\", \"text\": \"vitamin d\"}\n", "q1\td1\t1\n")
+}
+
 #[test]
 fn out_of_range_options_and_empty_data_are_refused() {
     plugin_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let good = beir(
-        &tmp.path().join("good"),
-        "{\"_id\": \"d1\", \"text\": \"bones and vitamin d\"}\n{\"_id\": \"d2\", \"text\": \"heart\"}\n",
-        "{\"_id\": \"q1\", \"text\": \"vitamin d\"}\n",
-        "q1\td1\t1\n",
-    );
+    let good = two_docs(&tmp.path().join("good"));
     let out = tmp.path().join("out");
     let eval = |extra: &[&str]| {
         let mut a = vec!["eval", "--dataset", good.to_str().unwrap(), "--retriever", "example-hash", "--output", out.to_str().unwrap()];
@@ -227,12 +227,7 @@ fn a_full_disk_is_a_clear_error_and_leaves_no_partial_file() {
     plugin_dir();
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let ds = beir(
-        &tmp.path().join("tiny"),
-        "{\"_id\": \"d1\", \"text\": \"bones and vitamin d\"}\n{\"_id\": \"d2\", \"text\": \"heart\"}\n",
-        "{\"_id\": \"q1\", \"text\": \"vitamin d\"}\n",
-        "q1\td1\t1\n",
-    );
+    let ds = two_docs(&tmp.path().join("tiny"));
     let out = tmp.path().join("out");
     let args = ["eval", "--dataset", ds.to_str().unwrap(), "--retriever", "example-hash", "--name", "x", "--output", out.to_str().unwrap()];
     let (ok, log) = rir(&args, &cache);
