@@ -714,19 +714,9 @@ fn bench_lexical_cmd(host: &PluginHost, a: &BenchLexicalArgs) -> Result<ExitCode
             rows.push(serde_json::json!({"dataset": ds.name, "engine": engine, "result": r, "ndcg@10": q[0], "recall@100": q[1]}));
         };
         let (r, hits) = bench::bench_lexical(&plugin, &cfg, &docs, &queries, a.k, a.repeat).with_context(|| format!("benchmarking {} on {name}", a.retriever))?;
-        let mut run = rir::engine::metrics::Run::new();
-        for (qi, (qid, _)) in ds.queries.iter().enumerate() {
-            let row = (0..hits.k)
-                .filter_map(|j| {
-                    let id = hits.ids[qi * hits.k + j];
-                    (id >= 0).then(|| (ds.corpus[id as usize].id.clone(), hits.scores[qi * hits.k + j] as f64))
-                })
-                .collect();
-            run.insert(qid.clone(), row);
-        }
-        add(&format!("rir {}", a.retriever), &r, &quality(&run));
+        add(&format!("rir {}", a.retriever), &r, &quality(&rir::engine::search::hits_to_run(&ds, &hits)));
         if let Some(jar) = &a.anserini_jar {
-            let ids: Vec<(String, String)> = ds.corpus.iter().map(|d| (d.id.clone(), d.encoder_text())).collect();
+            let ids: Vec<(String, String)> = ds.corpus.iter().zip(&docs).map(|(d, t)| (d.id.clone(), t.clone())).collect();
             let (r, run) = bench::bench_anserini(&a.java, jar, &ids, &ds.queries, a.k, host.settings.threads, a.repeat).with_context(|| format!("Anserini on {name}"))?;
             add("Anserini (pyserini's Lucene)", &r, &quality(&run));
         }

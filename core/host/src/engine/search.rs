@@ -114,6 +114,22 @@ pub fn recall_against(exact: &Hits, approx: &Hits, k: usize) -> f64 {
     }
 }
 
+/// A run (query id → (document id, score), best first) from `hits` over
+/// `ds`'s queries in order; a slot without a hit (id −1) is skipped.
+pub fn hits_to_run(ds: &crate::engine::data::Dataset, hits: &Hits) -> crate::engine::metrics::Run {
+    let mut run = crate::engine::metrics::Run::new();
+    for (qi, (qid, _)) in ds.queries.iter().enumerate() {
+        let row = (0..hits.k)
+            .filter_map(|j| {
+                let id = hits.ids[qi * hits.k + j];
+                (id >= 0).then(|| (ds.corpus[id as usize].id.clone(), hits.scores[qi * hits.k + j] as f64))
+            })
+            .collect();
+        run.insert(qid.clone(), row);
+    }
+    run
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -310,16 +310,7 @@ fn evaluate(
         }
     };
 
-    let mut run = Run::new();
-    for (qi, (qid, _)) in ds.queries.iter().enumerate() {
-        let row: Vec<(String, f64)> = (0..hits.k)
-            .filter_map(|s| {
-                let id = hits.ids[qi * hits.k + s];
-                (id >= 0).then(|| (ds.corpus[id as usize].id.clone(), hits.scores[qi * hits.k + s] as f64))
-            })
-            .collect();
-        run.insert(qid.clone(), row);
-    }
+    let run = crate::engine::search::hits_to_run(ds, &hits);
     let config = json!({
         "retriever": retriever_json,
         "generator": generation,

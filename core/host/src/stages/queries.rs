@@ -204,26 +204,28 @@ struct PromptVars<'a> {
     query_type: &'a str,
 }
 
-/// A `prompt` template compiled, with undefined variables an error.
-fn template_env(template: &str) -> Result<minijinja::Environment<'_>, String> {
+/// Compiles a `prompt` template (undefined variables an error) and checks
+/// it before any work: it uses only the variables it is given and shows the
+/// passage (`passage` or `text`).
+fn compile_prompt(template: &str) -> Result<minijinja::Environment<'_>, String> {
     let mut env = minijinja::Environment::new();
     env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
     env.add_template("prompt", template).map_err(|e| format!("`prompt` is not a valid template: {e}"))?;
-    Ok(env)
-}
-
-/// Checks a `prompt` template before any work: it compiles, uses only the
-/// variables it is given, and shows the passage (`passage` or `text`).
-pub fn check_prompt(template: &str) -> Result<(), String> {
-    let env = template_env(template)?;
-    let t = env.get_template("prompt").map_err(|e| e.to_string())?;
     let mark = "\u{1}PASSAGE\u{1}";
     let vars = PromptVars { passage: mark, title: "t", text: mark, length: "l", style: "s", task: "k", passage_type: "p", query_type: "q" };
-    let out = t.render(&vars).map_err(|e| format!("`prompt`: {e} (variables: passage, title, text, length, style, task, passage_type, query_type)"))?;
+    let out = env
+        .get_template("prompt")
+        .and_then(|t| t.render(&vars))
+        .map_err(|e| format!("`prompt`: {e} (variables: passage, title, text, length, style, task, passage_type, query_type)"))?;
     if !out.contains(mark) {
         return Err("`prompt` never shows the passage: use {{ passage }} or {{ text }}".into());
     }
-    Ok(())
+    Ok(env)
+}
+
+/// The checks of `compile_prompt` alone (the experiment file's, at parse).
+pub fn check_prompt(template: &str) -> Result<(), String> {
+    compile_prompt(template).map(drop)
 }
 
 /// The prompt that asks whether a passage answers a query (0/1).
@@ -377,10 +379,7 @@ fn run(
     if cfg.per_passage == 0 {
         return Err(HostError::Input("queries: `per_passage` must be at least 1".into()));
     }
-    let env = cfg.prompt.as_deref().map(template_env).transpose().map_err(|m| HostError::Input(format!("queries: {m}")))?;
-    if let Some(t) = &cfg.prompt {
-        check_prompt(t).map_err(|m| HostError::Input(format!("queries: {m}")))?;
-    }
+    let env = cfg.prompt.as_deref().map(compile_prompt).transpose().map_err(|m| HostError::Input(format!("queries: {m}")))?;
     let draws: Vec<(usize, usize, usize)> = order.iter().map(|&d| (d, rng.weighted(&lw), rng.weighted(&sw))).collect();
     let passages: Vec<String> = draws.iter().map(|(d, _, _)| cut(&ds.corpus[*d].encoder_text(), cfg.max_chars)).collect();
     let mut prompts = Vec::with_capacity(draws.len());

@@ -92,7 +92,7 @@ pub struct RlgfDataConfig {
     /// scores on different scales: fine for InfoNCE with a false-negative
     /// margin (it compares within an item), not for `loss = "kl"`. Not
     /// serialized at 0, so stage keys made before it existed still hold.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::util::defaults::is_usize::<0>")]
     pub teacher_queries: usize,
 }
 
@@ -150,9 +150,6 @@ fn d_window() -> usize {
 }
 fn d_negatives() -> usize {
     15
-}
-fn is_zero(n: &usize) -> bool {
-    *n == 0
 }
 fn d_depth() -> usize {
     2000

@@ -56,11 +56,8 @@ pub struct RlrfDataConfig {
     /// sample: a CPU run can write queries for the whole corpus (what the
     /// retriever trains on) and make DPO pairs from a few hundred. Not
     /// serialized at 0, so stage keys made before it existed still hold.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::util::defaults::is_usize::<0>")]
     pub max_queries: usize,
-}
-fn is_zero(n: &usize) -> bool {
-    *n == 0
 }
 fn d_k() -> u32 {
     5

@@ -431,8 +431,8 @@ pub fn bench_lexical(
 /// `IndexCollection` (positions, document vectors and raw text stored, as
 /// pyserini's prebuilt BEIR indexes are) and `SearchCollection -bm25` (k1
 /// 0.9, b 0.4). Times are wall clock of each Java process, so they include
-/// the JVM's start (about half a second here) — what a pyserini user waits
-/// for on the command line. The last run's ranking comes back.
+/// the JVM's start and class loading — what a pyserini user waits for on
+/// the command line. The last run's ranking comes back.
 pub fn bench_anserini(
     java: &std::path::Path,
     jar: &std::path::Path,

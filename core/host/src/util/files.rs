@@ -51,7 +51,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
 /// `tmp` is removed, so a failed write leaves neither half a file nor a
 /// temporary one behind, and `path` keeps what it held before.
 pub fn replace_with(path: &Path, tmp: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> std::io::Result<()> {
-    use std::io::Write;
     let result = (|| {
         let mut w = std::io::BufWriter::new(std::fs::File::create(tmp)?);
         fill(&mut w)?;
