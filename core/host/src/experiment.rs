@@ -701,6 +701,11 @@ pub struct Step {
     pub cached: bool,
     /// What the stage took when it ran (for a cached one, read from its stage.json).
     pub seconds: Option<f64>,
+    /// Its peak resident memory in bytes (the process's high-water mark,
+    /// reset when the stage started), where the OS reports it; read back
+    /// from stage.json for a cached one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
 }
 
 impl Step {
@@ -786,15 +791,18 @@ impl Runner<'_> {
         let cached = dir.is_dir() && !forced;
         // `--only S`: the stages after S are not run (nor are they an error).
         let after_only = self.opts.only.is_some_and(|o| stage > o);
-        let mut step = Step { stage, dataset: dataset.into(), round, label: label.clone(), dir: dir.clone(), cached, seconds: None };
+        let mut step =
+            Step { stage, dataset: dataset.into(), round, label: label.clone(), dir: dir.clone(), cached, seconds: None, peak_rss_bytes: None };
         if cached || self.opts.dry_run || after_only {
             if cached {
                 self.note(&format!("{label}: cached in {}", dir.display()));
                 // The time it took when it ran, so the manifest keeps it.
-                step.seconds = std::fs::read(dir.join("stage.json"))
+                let meta = std::fs::read(dir.join("stage.json"))
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["seconds"].as_f64());
+                    .unwrap_or_default();
+                step.seconds = meta["seconds"].as_f64();
+                step.peak_rss_bytes = meta["peak_rss_bytes"].as_u64();
             }
             self.steps.push(step);
             return Ok(dir);
@@ -812,6 +820,7 @@ impl Runner<'_> {
         std::fs::create_dir_all(&partial).map_err(io(&partial))?;
         eprintln!("== {label}");
         self.note(&format!("{label}: started in {}", partial.display()));
+        let own_peak = crate::util::memory::next_stage();
         let t = Instant::now();
         if let Err(e) = work(&partial) {
             // The log says what failed and where, whatever the caller prints.
@@ -819,14 +828,24 @@ impl Runner<'_> {
             return Err(e);
         }
         let secs = t.elapsed().as_secs_f64();
-        crate::util::files::write_json(&partial.join("stage.json"), &serde_json::json!({"stage": stage, "label": label, "seconds": secs}))?;
+        // Without a reset the high-water mark is the process's: not recorded.
+        let peak = crate::util::memory::peak_rss_bytes().filter(|_| own_peak);
+        let mut meta = serde_json::json!({"stage": stage, "label": label, "seconds": secs});
+        if let Some(p) = peak {
+            meta["peak_rss_bytes"] = p.into();
+        }
+        crate::util::files::write_json(&partial.join("stage.json"), &meta)?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
         }
         std::fs::rename(&partial, &dir).map_err(io(&dir))?;
-        self.note(&format!("{label}: done in {secs:.1} s"));
+        match peak {
+            Some(p) => self.note(&format!("{label}: done in {secs:.1} s, peak RSS {:.2} GB", p as f64 / 1e9)),
+            None => self.note(&format!("{label}: done in {secs:.1} s")),
+        }
         remove_stale_partials(&dir, |m| self.note(m));
         step.seconds = Some(secs);
+        step.peak_rss_bytes = peak;
         self.steps.push(step);
         Ok(dir)
     }
@@ -1423,9 +1442,14 @@ fn write_manifest(
         "cpu": cpu_model(),
         "simd": simd_features(),
     });
+    // The run's peak: the largest of the steps run in this process. Each
+    // step resets the kernel's high-water mark, so an outside measure
+    // (`/usr/bin/time`, getrusage) sees only the peak since the last step.
+    let peak = steps.iter().filter(|s| !s.cached).filter_map(|s| s.peak_rss_bytes).max();
     let v = serde_json::json!({
         "experiment": exp, "plugins": plugins, "models": models, "git_commit": git, "machine": machine,
         "rir_version": env!("CARGO_PKG_VERSION"), "finished": utc_now(), "steps": steps, "results": results, "seconds": seconds,
+        "peak_rss_bytes": peak,
     });
     crate::util::files::write_json(&root.join("manifest.json"), &v)
 }

@@ -744,9 +744,15 @@ fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
     let opts = experiment::RunOptions { output: a.output.clone(), dry_run: a.dry_run, only: stage(&a.only)?, from: stage(&a.from)?, use_cache: !a.no_cache };
     let out = experiment::run(host, &exp, &opts)?;
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(["step", "status", "seconds", "directory"]);
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["step", "status", "seconds", "peak RSS (GB)", "directory"]);
     for s in &out.steps {
-        t.add_row(vec![s.label.clone(), s.status(a.dry_run).into(), s.seconds.map_or("-".into(), |x| format!("{x:.1}")), s.dir.display().to_string()]);
+        t.add_row(vec![
+            s.label.clone(),
+            s.status(a.dry_run).into(),
+            s.seconds.map_or("-".into(), |x| format!("{x:.1}")),
+            s.peak_rss_bytes.map_or("-".into(), |b| format!("{:.2}", b as f64 / 1e9)),
+            s.dir.display().to_string(),
+        ]);
     }
     println!("{t}");
     if let Some(table) = &out.table {

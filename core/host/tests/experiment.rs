@@ -229,6 +229,13 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     }
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tiny/manifest.json")).unwrap()).unwrap();
     assert!(m["plugins"]["dpo-trainer"]["sha256"].as_str().is_some_and(|s| s.len() == 64));
+    // The run's peak is the largest of the steps this process ran (the
+    // killed run's steps are cached here).
+    if cfg!(target_os = "linux") {
+        let steps = m["steps"].as_array().unwrap();
+        let largest = steps.iter().filter(|s| s["cached"] == false).filter_map(|s| s["peak_rss_bytes"].as_u64()).max();
+        assert!(largest.is_some() && m["peak_rss_bytes"].as_u64() == largest, "{m}");
+    }
     assert_eq!(m["models"]["generator"]["plugin"], "llama-generator");
     assert_eq!(m["models"]["retriever"]["config"]["max_length"], 128);
 
@@ -241,6 +248,11 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tiny/manifest.json")).unwrap()).unwrap();
     let steps = m["steps"].as_array().unwrap();
     assert!(!steps.is_empty() && steps.iter().all(|s| s["cached"] == true && s["seconds"].as_f64().is_some()), "{steps:?}");
+    // And each stage's own peak memory (Linux; a process holding models
+    // is past 10 MB), kept from when it ran.
+    if cfg!(target_os = "linux") {
+        assert!(steps.iter().all(|s| s["peak_rss_bytes"].as_u64().is_some_and(|b| b > 10 << 20)), "{steps:?}");
+    }
 
     // The zero-shot example on the run's tuned models (examples/zero_shot.rs --run).
     let ex = Command::new(plugin_dir().join("examples/zero_shot")).args(["--run", run_dir.to_str().unwrap()]).env("RIR_REGISTRY", root().join("registry.toml")).output().unwrap();
@@ -325,7 +337,8 @@ fn lexical_mining_changes_only_the_steps_that_mine() {
             .lines()
             .filter_map(|l| {
                 let cells: Vec<&str> = l.split('┆').map(|c| c.trim_matches(|c: char| c.is_whitespace() || c == '│')).collect();
-                (cells.len() == 4 && cells[3].contains("/scifact/")).then(|| (cells[0].to_owned(), cells[3].rsplit('/').next().unwrap().to_owned()))
+                // step, status, seconds, peak RSS, directory
+                (cells.len() == 5 && cells[4].contains("/scifact/")).then(|| (cells[0].to_owned(), cells[4].rsplit('/').next().unwrap().to_owned()))
             })
             .collect())
     };

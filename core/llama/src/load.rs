@@ -128,9 +128,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> PluginResult<(Llama, Assets)> 
     let mut q = |name: &str| content.tensor(&mut file, name, device).map_err(cerr(format!("{d}: tensor {name}")));
     let embed_q = q("token_embd.weight")?;
     let embed = embed_q.dequantize(device).map_err(cerr("token_embd"))?;
-    let output = match q("output.weight") {
-        Ok(t) => t,
-        Err(_) => embed_q,
+    let (output, tied) = match q("output.weight") {
+        Ok(t) => (t, false),
+        Err(_) => (embed_q, true),
     };
     let lin = |t| Linear::quantized(t).map_err(cerr("weights"));
     let deq = |t: candle_core::quantized::QTensor| t.dequantize(device).map_err(cerr("norm"));
@@ -159,7 +159,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> PluginResult<(Llama, Assets)> 
         });
     }
     let norm = deq(q("output_norm.weight")?)?;
-    let model = Llama::new(embed, layers, norm, lin(output)?, shape, DType::F32, device).map_err(cerr("model"))?;
+    let mut model = Llama::new(embed, layers, norm, lin(output)?, shape, DType::F32, device).map_err(cerr("model"))?;
+    model.tied_output = tied;
     Ok((model, assets))
 }
 

@@ -191,6 +191,9 @@ pub struct Llama {
     /// Activation dtype (f32 for quantized weights).
     pub dtype: DType,
     pub device: Device,
+    /// The output head is the token embedding (tied; GGUF files without
+    /// `output.weight`): the trainer then shares the embedding's f32 copy.
+    pub tied_output: bool,
     /// Whether the layers' quantized matrices keep f32 copies (`dense_prefill`).
     dense: bool,
     cos: Tensor,
@@ -294,6 +297,7 @@ impl Llama {
             shape,
             dtype,
             device: device.clone(),
+            tied_output: false,
             dense: false,
         })
     }

@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Result, Tensor, Var, D};
 
 use crate::load::{permute_rows, LINEARS};
 use crate::model::{Llama, Shape};
@@ -61,16 +62,72 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
+/// `x @ wᵀ` for a frozen `w`, with a gradient for `x` only.
+///
+/// Why: candle's matmul backward always computes both operands' gradients,
+/// so every frozen base matrix got a weight-sized gradient per micro-batch
+/// (held in the gradient store until the backward pass ended: the size of
+/// the model again, and a third of the backward's arithmetic), which LoRA
+/// training never reads. Here the product is computed untracked and joined
+/// to `x` by an op whose backward is `g @ w`. CPU only (the op's forward is
+/// a copy of the product); other devices take candle's matmul.
+fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() || !x.device().is_cpu() {
+        return matmul_t(x, w);
+    }
+    let y = matmul_t(&x.detach(), w)?;
+    x.apply_op2(&y, FrozenGrad { w: w.clone() })
+}
+
+struct FrozenGrad {
+    w: Tensor,
+}
+
+impl CustomOp2 for FrozenGrad {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+    /// The product, computed untracked beforehand: copied as it is.
+    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        let Some((a, z)) = l2.contiguous_offsets() else {
+            candle_core::bail!("frozen-linear: contiguous product only")
+        };
+        let out = match s2 {
+            CpuStorage::F32(v) => CpuStorage::F32(v[a..z].to_vec()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[a..z].to_vec()),
+            CpuStorage::BF16(v) => CpuStorage::BF16(v[a..z].to_vec()),
+            CpuStorage::F16(v) => CpuStorage::F16(v[a..z].to_vec()),
+            _ => candle_core::bail!("frozen-linear: float tensors only"),
+        };
+        Ok((out, l2.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _y: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = *g.dims().last().unwrap_or(&1);
+        let gx = g.reshape((g.elem_count() / n, n))?.matmul(&self.w)?.reshape(x.shape())?;
+        Ok((Some(gx), None))
+    }
+}
+
+/// Which forward pass: the base model (adapters off: DPO's reference), the
+/// adapted model with gradients for the adapters, or the adapted model
+/// without them (held-out evaluation: no autograd graph is kept).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Pass {
+    Base,
+    Train,
+    Eval,
+}
+
 impl TLinear {
-    fn forward(&self, x: &Tensor, lora_on: bool) -> Result<Tensor> {
-        let y = matmul_t(x, &self.w)?;
-        match (&self.lora, lora_on) {
-            (Some((a, b)), true) => {
-                let d = matmul_t(&matmul_t(x, a.as_tensor())?, b.as_tensor())?;
-                y + (d * self.scale)?
-            }
-            _ => Ok(y),
-        }
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let y = frozen_linear(x, &self.w)?;
+        let Some((a, b)) = &self.lora else { return Ok(y) };
+        let (a, b) = match pass {
+            Pass::Base => return Ok(y),
+            Pass::Train => (a.as_tensor().clone(), b.as_tensor().clone()),
+            Pass::Eval => (a.as_tensor().detach(), b.as_tensor().detach()),
+        };
+        y + (matmul_t(&matmul_t(x, &a)?, &b)? * self.scale)?
     }
 }
 
@@ -93,6 +150,21 @@ pub struct TrainModel {
     pub lora: LoraSpec,
     pub dtype: DType,
     pub device: Device,
+    /// Logit elements per slice of the output head (`head_chunk`).
+    pub head_elems: usize,
+}
+
+/// Per-forward constants shared by the layers.
+struct Ctx {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+/// A gradient store with no parameter in it (candle has no public
+/// constructor; an untracked scalar's backward holds only that scalar).
+pub fn empty_grads(dev: &Device) -> Result<GradStore> {
+    Tensor::zeros((), DType::F32, dev)?.backward()
 }
 
 /// Deterministic uniform numbers in [−1, 1) (SplitMix64).
@@ -172,13 +244,16 @@ impl TrainModel {
             embed: model.embed.to_dtype(dtype)?,
             layers,
             norm: model.norm.to_dtype(dtype)?,
-            lm_head: model.output.dequantize(&dev)?.to_dtype(dtype)?,
+            // A tied head is the embedding's f32 copy (the exact weights; the
+            // inference head may be requantized), not a second copy of it.
+            lm_head: if model.tied_output { model.embed.to_dtype(dtype)? } else { model.output.dequantize(&dev)?.to_dtype(dtype)? },
             cos: f.cos()?.to_dtype(dtype)?,
             sin: f.sin()?.to_dtype(dtype)?,
             shape: s,
             lora,
             dtype,
             device: dev,
+            head_elems: 8 << 20,
         })
     }
 
@@ -190,69 +265,213 @@ impl TrainModel {
             .collect()
     }
 
-    /// Hidden states after the final norm, (b, L, hidden), for right-padded
-    /// `ids` (b, L): padding at the end never reaches earlier positions.
-    pub fn hidden(&self, ids: &Tensor, lora_on: bool) -> Result<Tensor> {
+    /// The token embeddings of `ids` (b, L): the first layer's input.
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let s = &self.shape;
-        let mut h = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, s.hidden))?;
-        let (cos, sin) = (self.cos.narrow(0, 0, l)?, self.sin.narrow(0, 0, l)?);
+        self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, self.shape.hidden))
+    }
+
+    /// What every layer of a forward over L positions shares: rope tables
+    /// and the causal mask.
+    fn context(&self, l: usize) -> Result<Ctx> {
         let mask: Vec<f32> = (0..l).flat_map(|i| (0..l).map(move |j| if j > i { -1e9 } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (l, l), &self.device)?.to_dtype(self.dtype)?;
+        Ok(Ctx {
+            cos: self.cos.narrow(0, 0, l)?,
+            sin: self.sin.narrow(0, 0, l)?,
+            mask: Tensor::from_vec(mask, (l, l), &self.device)?.to_dtype(self.dtype)?,
+        })
+    }
+
+    /// One decoder layer: its input `h` (b, L, hidden) to its output.
+    fn layer(&self, layer: &TLayer, h: &Tensor, ctx: &Ctx, pass: Pass) -> Result<Tensor> {
+        let (b, l, _) = h.dims3()?;
+        let s = &self.shape;
         let rep = s.n_head / s.n_kv_head;
         let scale = 1.0 / (s.head_dim as f64).sqrt();
+        let x = rms_norm(h, &layer.attn_norm, s.eps)?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, l, n, s.head_dim))?.transpose(1, 2);
+        let bias = |t: Tensor, i: usize| match &layer.bias {
+            Some(b) => t.broadcast_add(&b[i]),
+            None => Ok(t),
+        };
+        let q = heads(bias(layer.lin[0].forward(&x, pass)?, 0)?, s.n_head)?;
+        let k = heads(bias(layer.lin[1].forward(&x, pass)?, 1)?, s.n_kv_head)?;
+        let v = heads(bias(layer.lin[2].forward(&x, pass)?, 2)?, s.n_kv_head)?;
+        let (q, k) = (rope(&q, &ctx.cos, &ctx.sin)?, rope(&k, &ctx.cos, &ctx.sin)?);
+        let (k, v) = if rep > 1 {
+            let r = |t: &Tensor| Tensor::cat(&vec![t; rep], 2)?.reshape((b, s.n_head, l, s.head_dim));
+            (r(&k)?, r(&v)?)
+        } else {
+            (k, v)
+        };
+        let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&ctx.mask)?;
+        let y = softmax(&att)?.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, l, s.n_head * s.head_dim))?;
+        let h = (h + layer.lin[3].forward(&y, pass)?)?;
+        let x = rms_norm(&h, &layer.ffn_norm, s.eps)?;
+        let g = layer.lin[4].forward(&x, pass)?.silu()?;
+        let u = layer.lin[5].forward(&x, pass)?;
+        h + layer.lin[6].forward(&(g * u)?, pass)?
+    }
+
+    /// Hidden states after the final norm, (b, L, hidden), for right-padded
+    /// `ids` (b, L): padding at the end never reaches earlier positions.
+    pub fn hidden(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
+        let ctx = self.context(ids.dim(1)?)?;
+        let mut h = self.embed_ids(ids)?;
         for layer in &self.layers {
-            let x = rms_norm(&h, &layer.attn_norm, s.eps)?;
-            let heads = |t: Tensor, n: usize| t.reshape((b, l, n, s.head_dim))?.transpose(1, 2);
-            let bias = |t: Tensor, i: usize| match &layer.bias {
-                Some(b) => t.broadcast_add(&b[i]),
-                None => Ok(t),
-            };
-            let q = heads(bias(layer.lin[0].forward(&x, lora_on)?, 0)?, s.n_head)?;
-            let k = heads(bias(layer.lin[1].forward(&x, lora_on)?, 1)?, s.n_kv_head)?;
-            let v = heads(bias(layer.lin[2].forward(&x, lora_on)?, 2)?, s.n_kv_head)?;
-            let (q, k) = (rope(&q, &cos, &sin)?, rope(&k, &cos, &sin)?);
-            let (k, v) = if rep > 1 {
-                let r = |t: &Tensor| Tensor::cat(&vec![t; rep], 2)?.reshape((b, s.n_head, l, s.head_dim));
-                (r(&k)?, r(&v)?)
-            } else {
-                (k, v)
-            };
-            let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
-            let y = softmax(&att)?.matmul(&v.contiguous()?)?;
-            let y = y.transpose(1, 2)?.reshape((b, l, s.n_head * s.head_dim))?;
-            h = (h + layer.lin[3].forward(&y, lora_on)?)?;
-            let x = rms_norm(&h, &layer.ffn_norm, s.eps)?;
-            let g = layer.lin[4].forward(&x, lora_on)?.silu()?;
-            let u = layer.lin[5].forward(&x, lora_on)?;
-            h = (h + layer.lin[6].forward(&(g * u)?, lora_on)?)?;
+            h = self.layer(layer, &h, &ctx, pass)?;
         }
-        rms_norm(&h, &self.norm, s.eps)
+        rms_norm(&h, &self.norm, self.shape.eps)
     }
 
     /// Logits for all positions, (b, L, vocab).
-    pub fn logits(&self, ids: &Tensor, lora_on: bool) -> Result<Tensor> {
-        matmul_t(&self.hidden(ids, lora_on)?, &self.lm_head)
+    pub fn logits(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
+        matmul_t(&self.hidden(ids, pass)?, &self.lm_head)
+    }
+
+    /// Positions per slice of the output head: a slice's logits (b × n ×
+    /// vocab) stay near 32 MB in f32 (151,936-word vocabularies made one
+    /// (2, 256, vocab) tensor 300 MB, and autograd kept five of them).
+    fn head_chunk(&self, b: usize) -> usize {
+        (self.head_elems / (b.max(1) * self.lm_head.dim(0).unwrap_or(1).max(1))).max(1)
+    }
+
+    /// Σ log p over a slice of positions: `h` (b, n, hidden) are the last
+    /// layer's outputs (before the final norm) at positions t, `targets`
+    /// (b, n) the tokens at t + 1 and `keep` (b, n) 1 where they count.
+    fn slice_logprobs(&self, h: &Tensor, targets: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        // Half precisions are summed in f32; f32 and f64 stay as they are.
+        let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let h = rms_norm(h, &self.norm, self.shape.eps)?;
+        let logits = frozen_linear(&h.contiguous()?, &self.lm_head)?.to_dtype(wide)?;
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+        let lp = (logits.gather(&targets.unsqueeze(2)?.contiguous()?, 2)? - lse)?.squeeze(2)?;
+        (lp * keep.to_dtype(wide)?)?.sum(1)
+    }
+
+    /// The response positions `from − 1 .. L − 1` in head-sized slices:
+    /// (start, length, targets, keep) with `to[i]` row i's length.
+    fn head_slices(&self, ids: &Tensor, from: usize, to: &[usize]) -> Result<Vec<(usize, usize, Tensor, Tensor)>> {
+        let (b, l) = ids.dims2()?;
+        let chunk = self.head_chunk(b);
+        let mut out = Vec::new();
+        let mut t = from - 1;
+        while t < l - 1 {
+            let n = chunk.min(l - 1 - t);
+            let keep: Vec<f32> = (0..b).flat_map(|i| (t + 1..t + 1 + n).map(move |u| if u < to[i] { 1.0 } else { 0.0 })).collect();
+            let keep = Tensor::from_vec(keep, (b, n), &self.device)?;
+            out.push((t, n, ids.narrow(1, t + 1, n)?, keep));
+            t += n;
+        }
+        Ok(out)
     }
 
     /// Σ log p(ids[t+1] | ids[..=t]) over t ∈ [from−1, to−1) per row: the
     /// log-probability of the tokens `from..to` (a response after a prompt
     /// of `from` tokens). Rows are right-padded; `to[i]` is row i's length.
-    pub fn sequence_logprobs(&self, ids: &Tensor, from: usize, to: &[usize], lora_on: bool) -> Result<Tensor> {
-        let (b, l) = ids.dims2()?;
-        // Only the response positions need the vocabulary projection.
-        let h = self.hidden(ids, lora_on)?.narrow(1, from - 1, l - from)?;
-        // Half precisions are summed in f32; f32 and f64 stay as they are.
+    /// With `Pass::Train` the whole forward stays in the autograd graph;
+    /// training goes through `logprob_grads`, which keeps one layer's.
+    pub fn sequence_logprobs(&self, ids: &Tensor, from: usize, to: &[usize], pass: Pass) -> Result<Tensor> {
+        let ctx = self.context(ids.dim(1)?)?;
+        let mut h = self.embed_ids(ids)?;
+        for layer in &self.layers {
+            h = self.layer(layer, &h, &ctx, pass)?;
+        }
+        let mut sum: Option<Tensor> = None;
+        for (t, n, targets, keep) in self.head_slices(ids, from, to)? {
+            let lp = self.slice_logprobs(&h.narrow(1, t, n)?, &targets, &keep)?;
+            sum = Some(match sum {
+                None => lp,
+                Some(s) => (s + lp)?,
+            });
+        }
+        sum.ok_or_else(|| candle_core::Error::Msg("no response tokens".into()))
+    }
+
+    /// The policy's response log-probabilities (as `sequence_logprobs`),
+    /// the loss `loss_of` makes of them, and that loss's gradients for the
+    /// adapters — by activation checkpointing: a forward pass without
+    /// autograd keeps only each layer's input, and the backward pass
+    /// recomputes one layer at a time under autograd, chaining the gradient
+    /// of its input into the layer below. Why: the whole graph of a
+    /// (2, 256) batch held ~100 MB per layer of SmolLM2 (3 GB in all, most
+    /// of a DPO step's peak); one layer's is what is alive now. Costs one
+    /// more forward pass. `loss_of` receives the log-probabilities (b,) as
+    /// an autograd leaf and returns a scalar.
+    pub fn logprob_grads(
+        &self,
+        ids: &Tensor,
+        from: usize,
+        to: &[usize],
+        loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor, GradStore)> {
+        let ctx = self.context(ids.dim(1)?)?;
+        // Forward without a graph, keeping every layer's input.
+        let mut inputs = vec![self.embed_ids(ids)?];
+        for layer in &self.layers {
+            let next = self.layer(layer, &inputs[inputs.len() - 1], &ctx, Pass::Eval)?;
+            inputs.push(next);
+        }
+        let last = inputs.pop().ok_or_else(|| candle_core::Error::Msg("no layers".into()))?;
+        let slices = self.head_slices(ids, from, to)?;
+        let mut lp: Option<Tensor> = None;
+        for (t, n, targets, keep) in &slices {
+            let x = self.slice_logprobs(&last.narrow(1, *t, *n)?, targets, keep)?;
+            lp = Some(match lp {
+                None => x,
+                Some(s) => (s + x)?,
+            });
+        }
+        let lp = lp.ok_or_else(|| candle_core::Error::Msg("no response tokens".into()))?;
+        // dLoss/dlogp per row, from the (small) loss graph.
+        let leaf = Var::from_tensor(&lp)?;
+        let loss = loss_of(leaf.as_tensor())?;
+        let dlp = loss.backward()?.get(leaf.as_tensor()).cloned().unwrap_or(lp.zeros_like()?);
+        // The head, slice by slice: the gradient of the last layer's output.
+        let (b, l, hdim) = last.dims3()?;
+        let mut parts = Vec::with_capacity(slices.len() + 2);
+        let first = from - 1;
+        if first > 0 {
+            parts.push(Tensor::zeros((b, first, hdim), self.dtype, &self.device)?);
+        }
         let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let logits = matmul_t(&h.contiguous()?, &self.lm_head)?.to_dtype(wide)?;
-        let max = logits.max_keepdim(D::Minus1)?.detach();
-        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
-        let targets = ids.narrow(1, from, l - from)?.unsqueeze(2)?;
-        let lp = (logits.gather(&targets.contiguous()?, 2)? - lse)?.squeeze(2)?;
-        let mask: Vec<f32> =
-            (0..b).flat_map(|i| (from..l).map(move |t| if t < to[i] { 1.0 } else { 0.0 })).collect();
-        let mask = Tensor::from_vec(mask, (b, l - from), &self.device)?.to_dtype(wide)?;
-        (lp * mask)?.sum(1)
+        let coef = dlp.to_dtype(wide)?;
+        for (t, n, targets, keep) in &slices {
+            let x = Var::from_tensor(&last.narrow(1, *t, *n)?)?;
+            let s = (self.slice_logprobs(x.as_tensor(), targets, keep)? * &coef)?.sum_all()?;
+            let g = s.backward()?;
+            parts.push(g.get(x.as_tensor()).cloned().unwrap_or(x.as_tensor().zeros_like()?));
+        }
+        let done = first + slices.iter().map(|s| s.1).sum::<usize>();
+        if done < l {
+            parts.push(Tensor::zeros((b, l - done, hdim), self.dtype, &self.device)?);
+        }
+        let mut grad = Tensor::cat(&parts, 1)?;
+        drop(parts);
+        // The layers, top down, each recomputed under autograd.
+        let mut store = empty_grads(&self.device)?;
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let input = inputs.pop().ok_or_else(|| candle_core::Error::Msg("checkpoint".into()))?;
+            // The embeddings are frozen: layer 0's input needs no gradient.
+            let x = if i > 0 { Some(Var::from_tensor(&input)?) } else { None };
+            let out = self.layer(layer, x.as_ref().map_or(&input, |v| v.as_tensor()), &ctx, Pass::Train)?;
+            let g = (out * &grad)?.sum_all()?.backward()?;
+            for lin in &layer.lin {
+                if let Some((a, b)) = &lin.lora {
+                    for v in [a, b] {
+                        if let Some(gv) = g.get(v.as_tensor()) {
+                            store.insert(v.as_tensor(), gv.clone());
+                        }
+                    }
+                }
+            }
+            if let Some(x) = &x {
+                grad = g.get(x.as_tensor()).cloned().unwrap_or(input.zeros_like()?);
+            }
+        }
+        Ok((lp, loss, store))
     }
 
     /// The adapters under PEFT's names, in HF layout.
@@ -345,10 +564,10 @@ mod tests {
         // Two pairs sharing a 3-token prompt; rows right-padded.
         let c = Tensor::new(&[[1u32, 2, 3, 4, 5, 6], [1, 2, 3, 7, 0, 0]], &dev).unwrap();
         let r = Tensor::new(&[[1u32, 2, 3, 8, 9, 0], [1, 2, 3, 10, 4, 2]], &dev).unwrap();
-        let pc = m.sequence_logprobs(&c, 3, &[6, 4], true).unwrap();
-        let pr = m.sequence_logprobs(&r, 3, &[5, 6], true).unwrap();
-        let rc = m.sequence_logprobs(&c, 3, &[6, 4], false).unwrap().detach();
-        let rr = m.sequence_logprobs(&r, 3, &[5, 6], false).unwrap().detach();
+        let pc = m.sequence_logprobs(&c, 3, &[6, 4], Pass::Train).unwrap();
+        let pr = m.sequence_logprobs(&r, 3, &[5, 6], Pass::Train).unwrap();
+        let rc = m.sequence_logprobs(&c, 3, &[6, 4], Pass::Base).unwrap().detach();
+        let rr = m.sequence_logprobs(&r, 3, &[5, 6], Pass::Base).unwrap().detach();
         dpo_loss(&pc, &pr, &rc, &rr, 0.5).unwrap().loss
     }
 
@@ -391,6 +610,48 @@ mod tests {
         assert_eq!(checked, 2 * 7 * 2 * 3);
     }
 
+    /// The checkpointed gradients (one layer's graph at a time, the head in
+    /// slices) equal the whole graph's, for every adapter matrix.
+    #[test]
+    fn checkpointed_gradients_equal_whole_graph() {
+        let base = tiny(DType::F64);
+        let spec = LoraSpec { rank: 2, alpha: 4.0, targets: LoraSpec::targets_from(&["all-linear".into()]).unwrap() };
+        let mut m = TrainModel::from_llama(&base, spec, DType::F64, 3).unwrap();
+        // Slices of two positions: the 7 response positions take four.
+        m.head_elems = 4 * 11 * 2;
+        let mut rng = Rng(9);
+        for v in m.vars() {
+            let vals: Vec<f64> = (0..v.elem_count()).map(|_| rng.next() * 0.3).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        // Rows: chosen 0, chosen 1, rejected 0, rejected 1 after a 2-token prompt.
+        let dev = Device::Cpu;
+        let ids = Tensor::new(&[[1u32, 2, 4, 5, 6, 3, 2, 1, 9], [1, 2, 7, 0, 0, 0, 0, 0, 0], [1, 2, 8, 9, 0, 0, 0, 0, 0], [1, 2, 10, 4, 2, 5, 5, 6, 7]], &dev).unwrap();
+        let to = [9, 3, 4, 9];
+        let refs = m.sequence_logprobs(&ids, 2, &to, Pass::Base).unwrap();
+        let loss_of = |lp: &Tensor| {
+            let (c, r) = (lp.narrow(0, 0, 2)?, lp.narrow(0, 2, 2)?);
+            Ok(dpo_loss(&c, &r, &refs.narrow(0, 0, 2)?, &refs.narrow(0, 2, 2)?, 0.5)?.loss)
+        };
+        let whole = loss_of(&m.sequence_logprobs(&ids, 2, &to, Pass::Train).unwrap()).unwrap();
+        let gw = whole.backward().unwrap();
+        let (lp, loss, gc) = m.logprob_grads(&ids, 2, &to, loss_of).unwrap();
+        let eval = m.sequence_logprobs(&ids, 2, &to, Pass::Eval).unwrap();
+        let (a, b): (Vec<f64>, Vec<f64>) = (lp.to_vec1().unwrap(), eval.to_vec1().unwrap());
+        assert_eq!(a, b, "log-probabilities");
+        let (lw, lc): (f64, f64) = (whole.to_scalar().unwrap(), loss.to_scalar().unwrap());
+        assert!((lw - lc).abs() < 1e-12, "{lw} vs {lc}");
+        for (i, v) in m.vars().iter().enumerate() {
+            let w: Vec<f64> = gw.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let c: Vec<f64> = gc.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let scale = w.iter().fold(0f64, |a, x| a.max(x.abs()));
+            assert!(scale > 0.0, "var {i}: no gradient");
+            for (x, y) in w.iter().zip(&c) {
+                assert!((x - y).abs() <= 1e-10 * scale.max(1.0), "var {i}: whole graph {x} vs checkpointed {y}");
+            }
+        }
+    }
+
     /// With B = 0 the adapted forward equals the base, and the training
     /// forward equals the inference forward.
     #[test]
@@ -400,7 +661,7 @@ mod tests {
         let m = TrainModel::from_llama(&base, spec, DType::F32, 3).unwrap();
         let ids = [1u32, 5, 2, 9, 3];
         let ids_t = Tensor::new(&[ids], &Device::Cpu).unwrap();
-        let train = m.logits(&ids_t, true).unwrap().squeeze(0).unwrap();
+        let train = m.logits(&ids_t, Pass::Train).unwrap().squeeze(0).unwrap();
         let (inf, _) = base.prefill(&[&ids]).unwrap();
         let a: Vec<f32> = train.get(ids.len() - 1).unwrap().to_vec1().unwrap();
         let b: Vec<f32> = inf.get(0).unwrap().to_vec1().unwrap();

