@@ -379,9 +379,15 @@ impl TrainModel {
         for layer in &self.layers {
             h = self.layer(layer, &h, &ctx, pass)?;
         }
+        self.head_logprobs(&h, &self.head_slices(ids, from, to)?)
+    }
+
+    /// Σ over the head's slices of `slice_logprobs`, for the last layer's
+    /// output `h` (b, L, hidden).
+    fn head_logprobs(&self, h: &Tensor, slices: &[(usize, usize, Tensor, Tensor)]) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
-        for (t, n, targets, keep) in self.head_slices(ids, from, to)? {
-            let lp = self.slice_logprobs(&h.narrow(1, t, n)?, &targets, &keep)?;
+        for (t, n, targets, keep) in slices {
+            let lp = self.slice_logprobs(&h.narrow(1, *t, *n)?, targets, keep)?;
             sum = Some(match sum {
                 None => lp,
                 Some(s) => (s + lp)?,
@@ -416,15 +422,7 @@ impl TrainModel {
         }
         let last = inputs.pop().ok_or_else(|| candle_core::Error::Msg("no layers".into()))?;
         let slices = self.head_slices(ids, from, to)?;
-        let mut lp: Option<Tensor> = None;
-        for (t, n, targets, keep) in &slices {
-            let x = self.slice_logprobs(&last.narrow(1, *t, *n)?, targets, keep)?;
-            lp = Some(match lp {
-                None => x,
-                Some(s) => (s + x)?,
-            });
-        }
-        let lp = lp.ok_or_else(|| candle_core::Error::Msg("no response tokens".into()))?;
+        let lp = self.head_logprobs(&last, &slices)?;
         // dLoss/dlogp per row, from the (small) loss graph.
         let leaf = Var::from_tensor(&lp)?;
         let loss = loss_of(leaf.as_tensor())?;

@@ -358,10 +358,14 @@ struct StepTexts<'a> {
 /// and the tokens they took.
 fn embed(model: &TrainBert, enc: &Enc<'_>, texts: &[String], max: usize, mean: bool, normalized: bool) -> PluginResult<(Tensor, usize)> {
     let (ids, mask) = enc.batch(texts, max)?;
-    let h = model.forward(&ids, &mask).map_err(cerr("forward"))?;
-    let e = pool(&h, &mask, mean).map_err(cerr("pooling"))?;
-    let e = if normalized { l2_normalize(&e).map_err(cerr("normalize"))? } else { e };
-    Ok((e, ids.elem_count()))
+    Ok((embed_ids(model, &ids, &mask, mean, normalized)?, ids.elem_count()))
+}
+
+/// `embed` on a batch tokenized already.
+fn embed_ids(model: &TrainBert, ids: &Tensor, mask: &Tensor, mean: bool, normalized: bool) -> PluginResult<Tensor> {
+    let h = model.forward(ids, mask).map_err(cerr("forward"))?;
+    let e = pool(&h, mask, mean).map_err(cerr("pooling"))?;
+    if normalized { l2_normalize(&e).map_err(cerr("normalize")) } else { Ok(e) }
 }
 
 /// The step's loss and every variable's gradient, and the tokens encoded.
@@ -400,33 +404,37 @@ fn step_grads(
         return Ok((parts, grads, tokens));
     }
     // Embeddings without a graph: each chunk's graph is dropped with it.
-    let mut leaves: Vec<Option<Var>> = Vec::with_capacity(3);
+    // The chunks' token ids are kept for the second pass.
+    let mut leaves: Vec<Option<(Var, Vec<(Tensor, Tensor)>)>> = Vec::with_capacity(3);
     for (t, max) in sides {
         let Some(t) = t else {
             leaves.push(None);
             continue;
         };
-        let mut rows = Vec::with_capacity(t.len().div_ceil(chunk));
+        let (mut rows, mut batches) = (Vec::new(), Vec::new());
         for c in t.chunks(chunk) {
-            let (x, n) = embed(model, enc, c, max, mean, normalized)?;
-            tokens += n;
-            rows.push(x.detach());
+            let (ids, mask) = enc.batch(c, max)?;
+            tokens += ids.elem_count();
+            rows.push(embed_ids(model, &ids, &mask, mean, normalized)?.detach());
+            batches.push((ids, mask));
         }
         let all = Tensor::cat(&rows, 0).map_err(cerr("embeddings"))?;
-        leaves.push(Some(Var::from_tensor(&all).map_err(cerr("embeddings"))?));
+        leaves.push(Some((Var::from_tensor(&all).map_err(cerr("embeddings"))?, batches)));
     }
-    let t = |i: usize| leaves[i].as_ref().map(|v| v.as_tensor());
+    let t = |i: usize| leaves[i].as_ref().map(|(v, _)| v.as_tensor());
     let (eq, ep) = (t(0).ok_or_else(|| PluginError::other("queries"))?, t(2).ok_or_else(|| PluginError::other("passages"))?);
     let parts = rlgf_loss(eq, t(1), ep, p.group_size, p, normalized, teacher).map_err(cerr("loss"))?;
     let de = parts.total.backward().map_err(cerr("backward"))?;
     // Each chunk again, under autograd, with its slice of dLoss/dembedding.
     let mut acc = Tensor::zeros((), DType::F32, &Device::Cpu).and_then(|z| z.backward()).map_err(cerr("gradients"))?;
-    for ((t, max), leaf) in sides.into_iter().zip(&leaves) {
-        let (Some(t), Some(leaf)) = (t, leaf) else { continue };
+    for (leaf, batches) in leaves.iter().flatten() {
         let Some(g) = de.get(leaf.as_tensor()) else { continue };
-        for (ci, c) in t.chunks(chunk).enumerate() {
-            let (x, _) = embed(model, enc, c, max, mean, normalized)?;
-            let gc = g.narrow(0, ci * chunk, c.len()).map_err(cerr("gradients"))?;
+        let mut row = 0;
+        for (ids, mask) in batches {
+            let x = embed_ids(model, ids, mask, mean, normalized)?;
+            let n = ids.dim(0).map_err(cerr("gradients"))?;
+            let gc = g.narrow(0, row, n).map_err(cerr("gradients"))?;
+            row += n;
             let grads = (x * gc).and_then(|s| s.sum_all()).and_then(|s| s.backward()).map_err(cerr("backward"))?;
             for v in vars {
                 if let Some(gv) = grads.get(v.as_tensor()) {
