@@ -1121,7 +1121,38 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
             run_files.insert(v.name.as_str(), dir.join(format!("{}.{}.trec", v.name, ds.name)));
         }
     }
-    Ok(plan)
+    Ok(prune(plan))
+}
+
+impl Work {
+    /// The paths this step reads (files or model directories of earlier steps).
+    fn reads(&self) -> Vec<PathBuf> {
+        let model = |m: &Model| m.path.clone();
+        match self {
+            Work::Data { queries, generator, retriever, .. } => queries.iter().cloned().chain(generator.iter().filter_map(model)).chain(retriever.iter().filter_map(model)).collect(),
+            Work::Train { base, data, .. } => vec![PathBuf::from(base), data.clone()],
+            Work::Fuse { inputs, .. } => inputs.clone(),
+            Work::Rerank { input, generator, .. } => std::iter::once(input.clone()).chain(model(generator)).collect(),
+            Work::Eval { retriever, generator, .. } => model(retriever).into_iter().chain(generator.iter().filter_map(model)).collect(),
+        }
+    }
+}
+
+/// Drops the steps no evaluation reads, directly or through later steps:
+/// an experiment without RLGF variants does not mine, score or train a
+/// retriever in its last round (an hour with a 1.5B teacher). The plan is
+/// in run order, so one backward pass finds them.
+fn prune(plan: Vec<Planned>) -> Vec<Planned> {
+    let mut read: Vec<PathBuf> = Vec::new();
+    let mut keep = vec![false; plan.len()];
+    for (i, p) in plan.iter().enumerate().rev() {
+        let evaluates = matches!(p.work, Work::Eval { .. } | Work::Fuse { .. } | Work::Rerank { .. });
+        if evaluates || read.iter().any(|r| r.starts_with(&p.dir)) {
+            keep[i] = true;
+            read.extend(p.work.reads());
+        }
+    }
+    plan.into_iter().zip(keep).filter_map(|(p, k)| k.then_some(p)).collect()
 }
 
 /// The models a finished run tuned for one dataset, last round: what

@@ -357,3 +357,35 @@ fn lexical_mining_changes_only_the_steps_that_mine() {
     let err = plan(&base.replace("[stages.rlgf]\n", "[stages.rlgf]\nminer = \"sparse\"\n")).unwrap_err();
     assert!(err.contains("miner") && err.contains("sparse"), "{err}");
 }
+
+/// The plan runs only what some variant reads: without RLGF variants no
+/// rlgf-data or rlgf-train step (a 1.5B teacher's hour), without any
+/// generator variant not even the pseudo queries.
+#[test]
+fn steps_no_variant_reads_are_not_planned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
+    let head = &base[..base.find("[[variants]]").unwrap()];
+    let m = mirror().display().to_string();
+    let labels = |variants: &str| -> Vec<String> {
+        let file = tmp.path().join("exp.toml");
+        std::fs::write(&file, format!("{head}{variants}")).unwrap();
+        let out = tmp.path().join("runs");
+        let (ok, stdout, err) = rir(&["run", file.to_str().unwrap(), "--dry-run", "--output", out.to_str().unwrap(), "--mirror", &m]);
+        assert!(ok, "{err}");
+        stdout
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('┆').map(|c| c.trim_matches(|c: char| c.is_whitespace() || c == '│')).collect();
+                (cells.len() == 5 && cells[4].contains("/scifact/")).then(|| cells[0].to_owned())
+            })
+            .collect()
+    };
+    let rlrf = labels("[[variants]]\nname = \"base\"\n\n[[variants]]\nname = \"+RLRF\"\ngenerator = \"rlrf\"\n");
+    assert_eq!(rlrf, ["scifact: queries", "scifact: round 1: rlrf-data", "scifact: round 1: rlrf-train", "scifact: eval base", "scifact: eval +RLRF"], "{rlrf:?}");
+    let only_base = labels("[[variants]]\nname = \"base\"\n");
+    assert_eq!(only_base, ["scifact: eval base"]);
+    // RLGF needs the RLRF generator (its teacher), so everything runs.
+    let rlgf = labels("[[variants]]\nname = \"+RLGF\"\nretriever = \"rlgf\"\n");
+    assert_eq!(rlgf.len(), 6, "{rlgf:?}");
+}

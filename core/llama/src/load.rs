@@ -27,6 +27,9 @@ pub struct Assets {
     pub eos: String,
     pub eos_ids: Vec<u32>,
     pub name: String,
+    /// The GGUF's metadata when the model was loaded from one (tokenizer,
+    /// template, architecture keys): what [`export_gguf`] writes again.
+    pub gguf_metadata: Option<HashMap<String, gguf_file::Value>>,
 }
 
 fn cerr(what: impl std::fmt::Display) -> impl Fn(candle_core::Error) -> PluginError {
@@ -124,6 +127,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> PluginResult<(Llama, Assets)> 
             .cloned()
             .unwrap_or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()),
         tokenizer,
+        gguf_metadata: Some(content.metadata.clone()),
     };
     let mut q = |name: &str| content.tensor(&mut file, name, device).map_err(cerr(format!("{d}: tensor {name}")));
     let embed_q = q("token_embd.weight")?;
@@ -269,6 +273,7 @@ pub fn load_hf(dir: &Path, dtype: DType, device: &Device) -> PluginResult<(Llama
         template: tc.get("chat_template").and_then(|v| v.as_str()).map(str::to_owned),
         name: dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         tokenizer,
+        gguf_metadata: None,
     };
     let mut w = read_safetensors(dir, device)?;
     let mut take = |name: &str| {
@@ -454,6 +459,98 @@ pub fn export_hf(model: &Llama, assets: &Assets, out: &Path) -> PluginResult<()>
         .save(out.join("tokenizer.json"), false)
         .map_err(|err| PluginError::other(format!("{}: tokenizer.json: {err}", out.display())))?;
     Ok(())
+}
+
+/// The weight type of a GGUF export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    /// 8-bit blocks (llama.cpp's `Q8_0`, file type 7).
+    Q8_0,
+    /// Half precision (file type 1).
+    F16,
+}
+
+impl GgufType {
+    fn ggml(self) -> candle_core::quantized::GgmlDType {
+        match self {
+            GgufType::Q8_0 => candle_core::quantized::GgmlDType::Q8_0,
+            GgufType::F16 => candle_core::quantized::GgmlDType::F16,
+        }
+    }
+    /// llama.cpp's `general.file_type` (LLAMA_FTYPE_MOSTLY_*).
+    fn file_type(self) -> u32 {
+        match self {
+            GgufType::Q8_0 => 7,
+            GgufType::F16 => 1,
+        }
+    }
+}
+
+/// Writes a loaded model as one GGUF file llama.cpp serves: the metadata of
+/// the GGUF it was loaded from (architecture keys, tokenizer, chat
+/// template) with `general.file_type` set to `ty`, and its weights under
+/// llama.cpp's tensor names in `ty` (norms and biases f32, as llama.cpp
+/// requires; a map whose rows are not a whole number of 32-wide blocks in
+/// f16). The model's Q/K rows are already in llama.cpp's order (the GGUF
+/// loader and the LoRA merge keep them so), so nothing is permuted. A model
+/// loaded from an HF directory has no GGUF metadata: export it with
+/// llama.cpp's `convert_hf_to_gguf.py` instead (refused here, naming it).
+pub fn export_gguf(model: &Llama, assets: &Assets, out: &Path, ty: GgufType) -> PluginResult<()> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let md = assets.gguf_metadata.as_ref().ok_or_else(|| {
+        PluginError::config(format!(
+            "{}: a GGUF export needs a model loaded from a GGUF (its tokenizer and template metadata); this one came from an HF directory: \
+             convert that with llama.cpp's convert_hf_to_gguf.py",
+            out.display()
+        ))
+    })?;
+    let e = |e: candle_core::Error| PluginError::other(format!("GGUF export: {e}"));
+    let cpu = Device::Cpu;
+    let quant = |w: &Tensor, ty: GgmlDType| -> candle_core::Result<QTensor> {
+        let w = w.to_device(&cpu)?.to_dtype(DType::F32)?;
+        let k = w.dims().last().copied().unwrap_or(0);
+        // Q8_0 blocks are 32 wide along a row; narrower rows go to f16.
+        let ty = if ty == GgmlDType::Q8_0 && !k.is_multiple_of(32) { GgmlDType::F16 } else { ty };
+        QTensor::quantize(&w, ty)
+    };
+    let f32_of = |w: &Tensor| QTensor::quantize(&w.to_device(&cpu)?.to_dtype(DType::F32)?, GgmlDType::F32);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    tensors.push(("token_embd.weight".into(), quant(&model.embed, ty.ggml()).map_err(e)?));
+    tensors.push(("output_norm.weight".into(), f32_of(&model.norm).map_err(e)?));
+    if !model.tied_output {
+        tensors.push(("output.weight".into(), quant(&model.output.dequantize(&cpu).map_err(e)?, ty.ggml()).map_err(e)?));
+    }
+    const NAMES: [&str; 7] = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"];
+    for (i, l) in model.layers.iter().enumerate() {
+        let p = format!("blk.{i}");
+        tensors.push((format!("{p}.attn_norm.weight"), f32_of(&l.attn_norm).map_err(e)?));
+        for (j, w) in [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].into_iter().enumerate() {
+            tensors.push((format!("{p}.{}.weight", NAMES[j]), quant(&w.dequantize(&cpu).map_err(e)?, ty.ggml()).map_err(e)?));
+        }
+        if let Some(b) = &l.qkv_bias {
+            for (n, b) in ["attn_q", "attn_k", "attn_v"].iter().zip(b) {
+                tensors.push((format!("{p}.{n}.bias"), f32_of(b).map_err(e)?));
+            }
+        }
+        tensors.push((format!("{p}.ffn_norm.weight"), f32_of(&l.ffn_norm).map_err(e)?));
+    }
+    let file_type = gguf_file::Value::U32(ty.file_type());
+    let mut keys: Vec<&String> = md.keys().filter(|k| k.as_str() != "general.file_type").collect();
+    keys.sort();
+    let mut metadata: Vec<(&str, &gguf_file::Value)> = keys.iter().map(|k| (k.as_str(), &md[*k])).collect();
+    metadata.push(("general.file_type", &file_type));
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let io = |err: std::io::Error| PluginError::resource(format!("{}: {err}", out.display()));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    // Written beside and renamed: a reader never sees half a file.
+    let tmp = out.with_extension(format!("gguf.{}.tmp", rir_models::unique()));
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    gguf_file::write(&mut w, &metadata, &refs).map_err(e)?;
+    std::io::Write::flush(&mut w).map_err(io)?;
+    drop(w);
+    std::fs::rename(&tmp, out).map_err(io)
 }
 
 /// Quantizes every dense linear map (and the output head) to Q8_0, the way

@@ -28,11 +28,14 @@
 //! dtype = "f32"                 # f32 | bf16 (bf16 wants a GPU)
 //! device = "cpu"                # cpu | cuda | cuda:N (`cuda` feature)
 //! merge = true                  # also write the merged model
+//! merge_format = "hf"           # hf | gguf-q8_0 | gguf-f16 (merged/model.gguf; needs a GGUF base)
 //! ```
 //!
 //! Output (`output_dir`): `adapter/` (PEFT: adapter_model.safetensors,
 //! adapter_config.json), `merged/` (an HF llama directory with the adapter
-//! merged in, which the llama-generator loads; the report's `model_dir`),
+//! merged in, or with `merge_format = "gguf-…"` one `model.gguf` carrying
+//! the base GGUF's metadata, which llama.cpp serves; the llama-generator
+//! loads either; the report's `model_dir`),
 //! and `trainer_log.jsonl` (one line per optimiser step: loss, reward
 //! margin, preference accuracy, learning rate). Reference log-probabilities
 //! are computed once, with the adapters off.
@@ -91,6 +94,15 @@ pub struct DpoParams {
     pub device: String,
     #[serde(default = "d_true")]
     pub merge: bool,
+    /// How the merged model is written: `hf` (an f32 HF directory) or
+    /// `gguf-q8_0` / `gguf-f16` (`merged/model.gguf`, the base GGUF's
+    /// metadata, what llama.cpp serves and the llama-generator maps
+    /// without an f32 copy). GGUF needs a GGUF base.
+    #[serde(default = "d_merge_format")]
+    pub merge_format: String,
+}
+fn d_merge_format() -> String {
+    "hf".into()
 }
 fn d_beta() -> f64 {
     0.1
@@ -241,11 +253,22 @@ pub fn checked_params(text: &str) -> PluginResult<DpoParams> {
         return Err(PluginError::config(format!("dtype: {:?} (f32 | bf16)", p.dtype)));
     }
     rir_models::device_ordinal(&p.device).map_err(PluginError::config)?;
+    gguf_type(&p.merge_format)?;
     let positive = |v: f64| v.is_finite() && v > 0.0;
     if !positive(p.learning_rate) || !positive(p.beta) {
         return Err(PluginError::config(format!("learning_rate ({}) and beta ({}) must be positive numbers", p.learning_rate, p.beta)));
     }
     Ok(p)
+}
+
+/// `merge_format`: None for an HF directory, else the GGUF weight type.
+fn gguf_type(format: &str) -> PluginResult<Option<rir_llama::GgufType>> {
+    match format {
+        "hf" => Ok(None),
+        "gguf-q8_0" => Ok(Some(rir_llama::GgufType::Q8_0)),
+        "gguf-f16" => Ok(Some(rir_llama::GgufType::F16)),
+        other => Err(PluginError::config(format!("merge_format: {other:?} (hf | gguf-q8_0 | gguf-f16)"))),
+    }
 }
 
 impl DpoTrainer {
@@ -266,6 +289,15 @@ impl DpoTrainer {
         let (path, hf) = rir_llama::model_file(&src)?;
         let (base, assets): (Llama, Assets) =
             if hf { rir_llama::load_hf(&path, DType::F32, &device)? } else { rir_llama::load_gguf(&path, &device)? };
+        let gguf = gguf_type(&p.merge_format)?;
+        if p.merge && gguf.is_some() && assets.gguf_metadata.is_none() {
+            // Refused before training, not after it.
+            return Err(PluginError::config(format!(
+                "merge_format = {:?} needs a GGUF base (its tokenizer metadata); {} is an HF directory (use merge_format = \"hf\")",
+                p.merge_format,
+                path.display()
+            )));
+        }
         let spec = LoraSpec { rank: p.lora_rank, alpha: p.lora_alpha, targets };
         let model = TrainModel::from_llama(&base, spec, dtype, p.seed).map_err(cerr("building the trainable model"))?;
         // The training model holds its own dense copies; the (quantized)
@@ -413,7 +445,10 @@ impl DpoTrainer {
                 if hf { rir_llama::load_hf(&path, DType::F32, &device)? } else { rir_llama::load_gguf(&path, &device)? };
             rir_llama::merge_lora(&mut merged, &adapter)?;
             let dir = job.output_dir.join("merged");
-            rir_llama::export_hf(&merged, &assets, &dir)?;
+            match gguf {
+                None => rir_llama::export_hf(&merged, &assets, &dir)?,
+                Some(ty) => rir_llama::export_gguf(&merged, &assets, &dir.join("model.gguf"), ty)?,
+            }
             dir
         } else {
             adapter.clone()

@@ -8,17 +8,55 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
+use indicatif::{HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle, TermLike};
 
 /// The bar every long host step shows: label, bar, count, rate, ETA.
 pub fn bar(len: usize, label: &str, unit: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(len as u64), draw_target()).with_message(label.to_owned());
-    let template = format!("{{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}");
-    bar.set_style(ProgressStyle::with_template(&template).expect("template").progress_chars("=> "));
+    let template = format!("{{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{rate}}  ETA {{left}}");
+    let style = ProgressStyle::with_template(&template)
+        .expect("template")
+        .progress_chars("=> ")
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&rate_text(s.pos(), s.elapsed()));
+        })
+        .with_key("left", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&left_text(s.pos(), s.len(), s.elapsed()));
+        });
+    bar.set_style(style);
     // No steady tick: with indicatif 0.18 every tick counts as a step of no
     // progress, and the rate of a step that advances in chunks (a batch of
     // generations) decayed to nonsense (0.009/s, "ETA 2h" for 4 minutes).
     bar
+}
+
+/// The rate since the start. indicatif's own estimate weights the last
+/// seconds, so a step that advances once every few minutes (a 1.5B DPO
+/// step) read "0/s" and an ETA of hours; the mean since the start does not
+/// decay between steps. Slow steps read as seconds each.
+fn rate_text(done: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64();
+    if done == 0 || secs <= 0.0 {
+        return "-".into();
+    }
+    let per_sec = done as f64 / secs;
+    match per_sec {
+        r if r >= 10.0 => format!("{r:.0}/s"),
+        r if r >= 1.0 => format!("{r:.1}/s"),
+        r if r >= 0.1 => format!("{r:.2}/s"),
+        r => format!("{:.0} s each", 1.0 / r),
+    }
+}
+
+/// Time left at the mean rate since the start ("-" before the first item).
+fn left_text(done: u64, len: Option<u64>, elapsed: Duration) -> String {
+    match len {
+        Some(len) if done > 0 && len >= done => {
+            let left = elapsed.as_secs_f64() * (len - done) as f64 / done as f64;
+            HumanDuration(Duration::from_secs_f64(left)).to_string()
+        }
+        _ => "-".into(),
+    }
 }
 
 fn draw_target() -> ProgressDrawTarget {
@@ -103,5 +141,18 @@ mod tests {
         log.flush().unwrap();
         assert_eq!(log.state.lock().unwrap().1, first, "a redraw inside the interval is dropped");
         assert!(log.state.lock().unwrap().0.is_empty(), "the dropped line does not pile up");
+    }
+
+    /// A step every 200 s (Qwen 1.5B's DPO steps) reads as such, with the
+    /// time left at that pace, not "0/s" and hours.
+    #[test]
+    fn slow_steps_read_as_seconds_each_with_the_time_left_at_that_pace() {
+        assert_eq!(rate_text(3, Duration::from_secs(600)), "200 s each");
+        assert_eq!(left_text(3, Some(12), Duration::from_secs(600)), "30 minutes");
+        assert_eq!(rate_text(0, Duration::from_secs(5)), "-");
+        assert_eq!(left_text(0, Some(12), Duration::from_secs(5)), "-");
+        assert_eq!(rate_text(300, Duration::from_secs(2)), "150/s");
+        assert_eq!(rate_text(3, Duration::from_secs(2)), "1.5/s");
+        assert_eq!(rate_text(1, Duration::from_secs(4)), "0.25/s");
     }
 }

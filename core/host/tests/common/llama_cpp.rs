@@ -2,6 +2,7 @@
 //! same GGUF, shared by the SmolLM2 and Qwen2 tests. (Not in `common`: every
 //! test binary includes that, and some link another plugin's rlib, which
 //! cannot share a binary with llama-generator's.)
+#![allow(dead_code)]
 
 use rir_plugin_llama_generator::LlamaGenerator;
 use rir_sdk::{GenerationRequest, Generator, Message, Prompt};
