@@ -230,6 +230,15 @@ fn llamafactory_trainer_files_follow_llama_factory_and_transformers() {
     }
     let train = std::fs::read_to_string(out.join("train.yaml")).unwrap();
     assert!(train.contains("stage: \"dpo\"") && train.contains("pref_loss: \"sigmoid\"") && train.contains("pref_beta: 0.1"));
+    // The authors' multi-GPU settings: ZeRO stage 1, 4 pairs per device, no accumulation.
+    assert!(train.contains("per_device_train_batch_size: 4") && train.contains("gradient_accumulation_steps: 1"), "{train}");
+    let ds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("ds_config.json")).unwrap()).unwrap();
+    assert_eq!(ds["zero_optimization"]["stage"], 1);
+    assert!(train.contains(&format!("deepspeed: {:?}", out.join("ds_config.json").display().to_string())), "{train}");
+    let eight = TrainJob { params: "dry_run = true\nnproc_per_node = 8".into(), output_dir: tmp.path().join("lf8"), ..job.clone() };
+    let r = rir::stages::train::run(&host, "llamafactory-trainer", "", &eight).unwrap();
+    let env: serde_json::Value = serde_json::from_str::<serde_json::Value>(&r.extra_json).unwrap()["env"].clone();
+    assert_eq!((env["FORCE_TORCHRUN"].as_str(), env["NPROC_PER_NODE"].as_str()), (Some("1"), Some("8")), "{env}");
 
     // dataset_info.json: keys LLaMA-Factory's parser reads, and the data it points at.
     let parser = std::fs::read_to_string(lf.join("data/parser.py")).unwrap();
@@ -277,6 +286,9 @@ fn flagembedding_trainer_arguments_are_flagembeddings_own() {
     for f in flags {
         assert!(known.contains(f), "--{f} is not an argument FlagEmbedding or transformers declares");
     }
+    assert!(sh.contains("--deepspeed") && sh.contains("--gradient_checkpointing 'True'"), "{sh}");
+    let ds: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("ds_config.json")).unwrap()).unwrap();
+    assert_eq!(ds["zero_optimization"]["stage"], 1);
     let e = rir::stages::train::run(&host, "flagembedding-trainer", "", &TrainJob { params: "python = \"/nonexistent/python\"".into(), ..job })
         .unwrap_err()
         .to_string();

@@ -17,6 +17,7 @@ mod convert;
 pub mod error;
 pub mod export;
 pub mod ffi;
+pub mod launch;
 pub mod method;
 pub mod secret;
 

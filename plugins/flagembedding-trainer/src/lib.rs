@@ -26,6 +26,8 @@
 //! query_instruction = ""       # FlagEmbedding's query_instruction_for_retrieval
 //! warmup_ratio = 0.1
 //! fp16 = true
+//! deepspeed_stage = 1          # ZeRO stage of the written ds_config.json (0: none), as the authors trained
+//! gradient_checkpointing = true
 //! python = "python"
 //! torchrun = "torchrun"
 //! dry_run = false
@@ -66,6 +68,10 @@ pub struct FeParams {
     pub warmup_ratio: f64,
     #[serde(default = "d_true")]
     pub fp16: bool,
+    #[serde(default = "d_stage")]
+    pub deepspeed_stage: u8,
+    #[serde(default = "d_true")]
+    pub gradient_checkpointing: bool,
     #[serde(default = "d_python")]
     pub python: String,
     #[serde(default = "d_torchrun")]
@@ -74,6 +80,9 @@ pub struct FeParams {
     pub dry_run: bool,
 }
 fn d_one_u() -> u32 {
+    1
+}
+fn d_stage() -> u8 {
     1
 }
 fn d_lr() -> f64 {
@@ -119,7 +128,7 @@ pub const MODULE: &str = "FlagEmbedding.finetune.embedder.encoder_only.base";
 /// FlagEmbedding's (and transformers') arguments for the job, `--name value`.
 pub fn arguments(job: &TrainJob, p: &FeParams) -> Vec<(String, String)> {
     let s = |v: &dyn ToString| v.to_string();
-    vec![
+    let mut args: Vec<(String, String)> = vec![
         ("model_name_or_path".into(), job.base_model.clone()),
         ("train_data".into(), job.data_file.display().to_string()),
         ("train_group_size".into(), s(&p.group_size)),
@@ -144,8 +153,16 @@ pub fn arguments(job: &TrainJob, p: &FeParams) -> Vec<(String, String)> {
         ("save_strategy".into(), "no".into()),
         ("fp16".into(), if p.fp16 { "True" } else { "False" }.into()),
         ("report_to".into(), "none".into()),
-    ]
+        ("gradient_checkpointing".into(), if p.gradient_checkpointing { "True" } else { "False" }.into()),
+    ];
+    if p.deepspeed_stage > 0 {
+        args.push(("deepspeed".into(), job.output_dir.join(DS_CONFIG).display().to_string()));
+    }
+    args
 }
+
+/// The DeepSpeed config the script names (written beside it).
+pub const DS_CONFIG: &str = "ds_config.json";
 
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -181,6 +198,12 @@ impl Trainer for FlagEmbeddingTrainer {
         std::fs::create_dir_all(&job.output_dir)?;
         if !job.data_file.is_file() {
             return Err(PluginError::input(format!("{}: no such training file", job.data_file.display())));
+        }
+        if p.deepspeed_stage > 3 {
+            return Err(PluginError::config(format!("deepspeed_stage: {} (0 for none, or a ZeRO stage 1 | 2 | 3)", p.deepspeed_stage)));
+        }
+        if p.deepspeed_stage > 0 {
+            std::fs::write(job.output_dir.join(DS_CONFIG), rir_sdk::launch::deepspeed_zero_config(p.deepspeed_stage))?;
         }
         let sh = job.output_dir.join("train.sh");
         std::fs::write(&sh, script(job, &p))?;

@@ -7,7 +7,8 @@
 //! the files are still written and the job fails with a message saying how to
 //! run them; `dry_run = true` writes them and stops without error.
 //!
-//! Job params (defaults are Reinforced-IR's):
+//! Job params (defaults are the Reinforced-IR authors' generator training:
+//! their `llamafactory-cli train` command, DeepSpeed ZeRO stage 1):
 //! ```toml
 //! template = "llama3"          # LLaMA-Factory chat template of the base model
 //! beta = 0.1                   # pref_beta (sigmoid loss)
@@ -16,11 +17,14 @@
 //! lora_target = "all"
 //! learning_rate = 1e-5
 //! epochs = 1.0
-//! warmup_ratio = 0.1
-//! per_device_batch = 1
-//! grad_accum = 8
-//! cutoff_len = 2048
+//! warmup_ratio = 0.0
+//! per_device_batch = 4
+//! grad_accum = 1
+//! cutoff_len = 4096
 //! bf16 = true
+//! deepspeed_stage = 1          # ZeRO stage of the written ds_config.json (0: no DeepSpeed)
+//! nproc_per_node = 0           # GPUs: 0 lets LLaMA-Factory use every visible one; N sets
+//!                              # FORCE_TORCHRUN=1 and NPROC_PER_NODE=N
 //! cli = "llamafactory-cli"     # or a full path
 //! env = { FORCE_TORCHRUN = "1" }   # extra environment for the runs
 //! dry_run = false
@@ -64,6 +68,10 @@ pub struct LfParams {
     pub cutoff_len: u32,
     #[serde(default = "d_true")]
     pub bf16: bool,
+    #[serde(default = "d_stage")]
+    pub deepspeed_stage: u8,
+    #[serde(default)]
+    pub nproc_per_node: u32,
     #[serde(default = "d_cli")]
     pub cli: String,
     #[serde(default)]
@@ -93,16 +101,19 @@ fn d_one() -> f64 {
     1.0
 }
 fn d_warmup() -> f64 {
-    0.1
+    0.0
 }
 fn d_batch() -> u32 {
-    1
+    4
 }
 fn d_accum() -> u32 {
-    8
+    1
 }
 fn d_cutoff() -> u32 {
-    2048
+    4096
+}
+fn d_stage() -> u8 {
+    1
 }
 fn d_true() -> bool {
     true
@@ -122,7 +133,7 @@ fn yaml(entries: &[(&str, serde_json::Value)]) -> String {
 /// train.yaml for `llamafactory-cli train`.
 pub fn train_yaml(job: &TrainJob, p: &LfParams, dataset_dir: &Path) -> String {
     use serde_json::json;
-    yaml(&[
+    let mut entries = vec![
         ("model_name_or_path", json!(job.base_model)),
         ("trust_remote_code", json!(true)),
         ("stage", json!("dpo")),
@@ -151,8 +162,15 @@ pub fn train_yaml(job: &TrainJob, p: &LfParams, dataset_dir: &Path) -> String {
         ("lr_scheduler_type", json!("cosine")),
         ("warmup_ratio", json!(p.warmup_ratio)),
         ("bf16", json!(p.bf16)),
-    ])
+    ];
+    if p.deepspeed_stage > 0 {
+        entries.push(("deepspeed", json!(job.output_dir.join(DS_CONFIG))));
+    }
+    yaml(&entries)
 }
+
+/// The DeepSpeed config train.yaml names (written beside it).
+pub const DS_CONFIG: &str = "ds_config.json";
 
 /// export.yaml for `llamafactory-cli export` (merge the adapter).
 pub fn export_yaml(job: &TrainJob, p: &LfParams) -> String {
@@ -192,7 +210,21 @@ pub fn write_files(job: &TrainJob, p: &LfParams) -> PluginResult<()> {
     std::fs::write(data_dir.join("dataset_info.json"), serde_json::to_string_pretty(&dataset_info()).unwrap_or_default())?;
     std::fs::write(job.output_dir.join("train.yaml"), train_yaml(job, p, &data_dir))?;
     std::fs::write(job.output_dir.join("export.yaml"), export_yaml(job, p))?;
+    if p.deepspeed_stage > 0 {
+        std::fs::write(job.output_dir.join(DS_CONFIG), rir_sdk::launch::deepspeed_zero_config(p.deepspeed_stage))?;
+    }
     Ok(())
+}
+
+/// The environment of the `llamafactory-cli` runs: `env`, and for
+/// `nproc_per_node` N > 0 LLaMA-Factory's own torchrun switches.
+pub fn run_env(p: &LfParams) -> BTreeMap<String, String> {
+    let mut env = p.env.clone();
+    if p.nproc_per_node > 0 {
+        env.insert("FORCE_TORCHRUN".into(), "1".into());
+        env.insert("NPROC_PER_NODE".into(), p.nproc_per_node.to_string());
+    }
+    env
 }
 
 /// Whether `cli` can be started.
@@ -216,6 +248,9 @@ struct NoKeys {}
 impl Trainer for LlamaFactoryTrainer {
     fn train(&self, job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
         let p: LfParams = config::parse(&job.params)?;
+        if p.deepspeed_stage > 3 {
+            return Err(PluginError::config(format!("deepspeed_stage: {} (0 for none, or a ZeRO stage 1 | 2 | 3)", p.deepspeed_stage)));
+        }
         let t0 = Instant::now();
         write_files(job, &p)?;
         let report = |steps: u64, extra: serde_json::Value| TrainReport {
@@ -226,7 +261,7 @@ impl Trainer for LlamaFactoryTrainer {
             extra_json: extra.to_string(),
         };
         if p.dry_run {
-            return Ok(report(0, serde_json::json!({"dry_run": true, "train_yaml": job.output_dir.join("train.yaml")})));
+            return Ok(report(0, serde_json::json!({"dry_run": true, "train_yaml": job.output_dir.join("train.yaml"), "env": run_env(&p)})));
         }
         if !available(&p.cli) {
             return Err(PluginError::Unsupported(format!(
@@ -248,7 +283,7 @@ impl Trainer for LlamaFactoryTrainer {
             let status = Command::new(&p.cli)
                 .arg(what)
                 .arg(job.output_dir.join(file))
-                .envs(&p.env)
+                .envs(run_env(&p))
                 .stdout(out.try_clone()?)
                 .stderr(out)
                 .status()
