@@ -1300,7 +1300,11 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 let cfg: S::Config = serde_json::from_value(config.clone()).map_err(|e| HostError::Input(format!("[stages] {}: {e}", S::STAGE)))?;
                 S::run(ctx, &cfg, out).map(|_| ())
             }
-            crate::stages::dispatch_data_stage!(*stage, data(&ctx, config, out))
+            let result = crate::stages::dispatch_data_stage!(*stage, data(&ctx, config, out));
+            match (result, g) {
+                (Err(e), Some(mut g)) => Err(g.explain(e)),
+                (result, _) => result,
+            }
         }
         Work::Train { trainer, params, base, data, into } => {
             let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params) };
@@ -1324,7 +1328,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
             let v = &exp.variants[*variant];
             let rr = v.rerank.as_ref().ok_or_else(|| HostError::Input(format!("variant {} has no rerank table", v.name)))?;
             let w = &exp.rewards.generator;
-            let g = r_generator(host, exp, generator, out)?;
+            let mut g = r_generator(host, exp, generator, out)?;
             let o = crate::stages::rerank::RerankOptions {
                 run: input.clone(),
                 depth: rr.depth,
@@ -1337,11 +1341,12 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 judging: judging_for(exp, name, *variant, out)?,
             };
             let reward = host.load(&w.plugin)?.reward(&o.reranker_config)?;
-            crate::stages::rerank::run_loaded(host, &o, ds, reward.as_ref(), Some(g.g.as_ref())).map(|_| ()).map_err(|e| HostError::step(format!("eval {}", v.name), e))
+            let result = crate::stages::rerank::run_loaded(host, &o, ds, reward.as_ref(), Some(g.g.as_ref()));
+            result.map(|_| ()).map_err(|e| g.explain(HostError::step(format!("eval {}", v.name), e)))
         }
         Work::Eval { variant, retriever, lexical, generator, query_weight } => {
             let v = &exp.variants[*variant];
-            let gen = generator.as_ref().map(|m| r_generator(host, exp, m, out)).transpose()?;
+            let mut step_gen = generator.as_ref().map(|m| r_generator(host, exp, m, out)).transpose()?;
             let lex = exp.lexical_spec();
             let (rname, rconfig) = match lexical {
                 true => (lex.plugin.clone(), table_text(&lex.config)),
@@ -1355,7 +1360,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 retriever_config: rconfig,
                 query_instruction: exp.eval.query_instruction.clone(),
                 generator: generator.as_ref().map(|_| exp.generator.plugin.clone()),
-                generator_config: gen.as_ref().map(|g| g.config.clone()).unwrap_or_default(),
+                generator_config: step_gen.as_ref().map(|g| g.config.clone()).unwrap_or_default(),
                 query_weight: *query_weight,
                 augmentation_max_tokens: exp.eval.augmentation_max_tokens,
                 index: exp.eval.index.parse().map_err(HostError::Input)?,
@@ -1371,7 +1376,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 experiment: Some(serde_json::json!({"name": exp.name, "variant": v.name, "variant_index": variant})),
             };
             use crate::stages::eval::FirstStage;
-            let gen = gen.as_ref().map(|g| g.g.as_ref());
+            let gen = step_gen.as_ref().map(|g| g.g.as_ref());
             let result = if *lexical {
                 let mut tr = host.load(&o.retriever)?.text_retriever(&o.retriever_config)?;
                 crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Text(tr.as_mut()), gen)
@@ -1379,9 +1384,13 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 let ret = r_retriever(host, exp, retriever)?;
                 crate::stages::eval::run_loaded(host, &o, ds, FirstStage::Dense(ret.as_ref()), gen)
             };
-            result
-                .map(|_| ())
-                .map_err(|e| HostError::step(format!("eval {}", v.name), e))
+            result.map(|_| ()).map_err(|e| {
+                let e = HostError::step(format!("eval {}", v.name), e);
+                match step_gen.as_mut() {
+                    Some(g) => g.explain(e),
+                    None => e,
+                }
+            })
         }
     }
 }
@@ -1411,14 +1420,25 @@ struct StepGenerator {
     /// The config text that names it in caches and results: without the
     /// engine's address, which changes with every start.
     config: String,
-    _engine: Option<crate::engine::served::ServedEngine>,
+    engine: Option<crate::engine::served::ServedEngine>,
+}
+
+impl StepGenerator {
+    /// A step's error, with the engine's exit and log tail when it died
+    /// during the step (the generator's own error is a refused connection).
+    fn explain(&mut self, e: HostError) -> HostError {
+        match self.engine.as_mut().and_then(|en| en.exit_note()) {
+            Some(note) => HostError::Input(format!("{e}\n{note}")),
+            None => e,
+        }
+    }
 }
 
 fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model, out: &Path) -> Result<StepGenerator, HostError> {
     let plugin = host.load(&exp.generator.plugin)?;
     let Some(spec) = &exp.serve else {
         let config = with_model(&exp.generator.config, m.path.as_deref());
-        return Ok(StepGenerator { g: plugin.generator(&config)?, config, _engine: None });
+        return Ok(StepGenerator { g: plugin.generator(&config)?, config, engine: None });
     };
     // The engine gets a local path: the tuned model's directory, or the
     // base model's source resolved (downloaded) into the cache.
@@ -1447,7 +1467,7 @@ fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model, out: &Path) -> Re
     let config = table_text(&t);
     let running = crate::engine::served::ServedEngine::start(spec, &model, &out.join("engine.log"))?;
     t.insert("base_url".into(), toml::Value::String(format!("{}/v1", running.base)));
-    Ok(StepGenerator { g: plugin.generator(&table_text(&t))?, config, _engine: Some(running) })
+    Ok(StepGenerator { g: plugin.generator(&table_text(&t))?, config, engine: Some(running) })
 }
 fn r_retriever(host: &PluginHost, exp: &Experiment, m: &Model) -> Result<Box<dyn rir_sdk::Retriever>, HostError> {
     host.load(&exp.retriever.plugin)?.retriever(&with_model(&exp.retriever.config, m.path.as_deref()))

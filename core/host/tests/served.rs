@@ -177,6 +177,14 @@ fn rir_run_serves_the_base_then_the_tuned_gguf_and_leaves_no_engine_behind() {
     let (ok, _, err) = rir_in(&["run", bad.to_str().unwrap(), "--output", out.to_str().unwrap()], Some(cache.path()));
     assert!(!ok && err.contains("exited") && err.contains("engine.log"), "{err}");
 
+    // An engine that dies mid-step (killed after 15 s, inside the queries
+    // stage): the step's error names its exit and log; finished batches
+    // stay in the generation cache.
+    let dies = format!("timeout 15 {}", llama_cpp_command());
+    std::fs::write(&bad, tiny_experiment(&ds, &dies).replace("name = \"served\"", "name = \"dies\"").replace("passages = 10", "passages = 60")).unwrap();
+    let (ok, _, err) = rir_in(&["run", bad.to_str().unwrap(), "--output", out.to_str().unwrap()], Some(cache.path()));
+    assert!(!ok && err.contains("the serving engine exited") && err.contains("engine.log"), "{err}");
+
     // llama.cpp's own engine needs a GGUF for the tuned model: refused before any work.
     let hf = tiny_experiment(&ds, &llama_cpp_command())
         .replace("engine = \"command\"\ncommand", "engine = \"llama.cpp\"\n# command")

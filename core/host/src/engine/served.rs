@@ -231,6 +231,14 @@ impl ServedEngine {
         }
     }
 
+    /// When the engine has exited (it died mid-step): its status and the
+    /// tail of its log, for the step's error.
+    pub fn exit_note(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(format!("the serving engine exited ({status}) during the step; its log ({}):\n{}", self.log.display(), log_tail(&self.log, 0)))
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
