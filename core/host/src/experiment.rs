@@ -656,7 +656,10 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
         uses.push((&lexical.plugin, Kind::TextRetriever));
     }
     if let Some(s) = &exp.serve {
-        s.check_program().map_err(|m| HostError::Input(format!("[serve] {m}")))?;
+        s.check_program().map_err(|m| match &exp.source {
+            Some((path, text)) => HostError::Input(format!("{}:{}: [serve] {m}", path.display(), key_pos(text, &["serve", "engine"]))),
+            None => HostError::Input(format!("[serve] {m}")),
+        })?;
     }
     for (name, kind) in uses {
         let reg = host.registry.get(name)?;
@@ -1457,15 +1460,9 @@ fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model, out: &Path) -> Re
     let served = spec.model_arg(&model)?;
     let mut t = exp.generator.config.clone();
     t.insert("model".into(), toml::Value::String(served.display().to_string()));
-    let engine = match spec.engine {
-        crate::engine::served::Engine::LlamaCpp => "llama.cpp",
-        crate::engine::served::Engine::Vllm => "vllm",
-        crate::engine::served::Engine::Command => "command",
-        crate::engine::served::Engine::Rir => "rir serve",
-    };
-    t.insert("identity".into(), toml::Value::String(format!("served by {engine}")));
+    t.insert("identity".into(), toml::Value::String(format!("served by {}", spec.engine.name())));
     let config = table_text(&t);
-    let running = crate::engine::served::ServedEngine::start(spec, &model, &out.join("engine.log"))?;
+    let running = crate::engine::served::ServedEngine::start(spec, &served, &out.join("engine.log"))?;
     t.insert("base_url".into(), toml::Value::String(format!("{}/v1", running.base)));
     Ok(StepGenerator { g: plugin.generator(&table_text(&t))?, config, engine: Some(running) })
 }

@@ -193,6 +193,11 @@ fn rir_run_serves_the_base_then_the_tuned_gguf_and_leaves_no_engine_behind() {
     let (ok, _, err) = rir_in(&["run", bad.to_str().unwrap(), "--output", out.to_str().unwrap(), "--dry-run"], Some(cache.path()));
     assert!(!ok && err.contains("merge_format") && err.contains("bad.toml:"), "{err}");
 
+    // A missing engine program: the dry run names the file and line of `engine`.
+    std::fs::write(&bad, tiny_experiment(&ds, "/nonexistent/llama-server {model} {port}")).unwrap();
+    let (ok, _, err) = rir_in(&["run", bad.to_str().unwrap(), "--output", out.to_str().unwrap(), "--dry-run"], Some(cache.path()));
+    assert!(!ok && err.contains("bad.toml:") && err.contains("[serve]") && err.contains("not found"), "{err}");
+
     // Killed outright mid-run: the engine dies with it (parent-death signal).
     let killed = tmp.path().join("killed.toml");
     std::fs::write(&killed, tiny_experiment(&ds, &llama_cpp_command()).replace("name = \"served\"", "name = \"killed\"").replace("passages = 10", "passages = 40")).unwrap();

@@ -18,7 +18,7 @@ pub mod quant;
 pub mod sampler;
 pub mod train;
 
-pub use load::{export_gguf, export_hf, load_gguf, load_hf, merge_lora, model_file, quantize_dense_q8_0, Assets, GgufType};
+pub use load::{export_gguf, export_hf, load_gguf, load_hf, load_model, merge_lora, model_file, quantize_dense_q8_0, Assets, GgufType};
 pub use model::{KvCache, Linear, Llama, Shape};
 
 use rir_sdk::{Message, PluginError, PluginResult};

@@ -76,6 +76,16 @@ pub fn model_file(p: &Path) -> PluginResult<(PathBuf, bool)> {
     Ok((g, false))
 }
 
+/// Loads what [`model_file`] found: an HF directory in `dtype`, or a GGUF
+/// (its weights as they are quantized).
+pub fn load_model(path: &Path, hf: bool, dtype: DType, device: &Device) -> PluginResult<(Llama, Assets)> {
+    if hf {
+        load_hf(path, dtype, device)
+    } else {
+        load_gguf(path, device)
+    }
+}
+
 pub fn load_gguf(path: &Path, device: &Device) -> PluginResult<(Llama, Assets)> {
     let d = path.display();
     let mut file = std::fs::File::open(path).map_err(|e| PluginError::resource(format!("{d}: {e}")))?;

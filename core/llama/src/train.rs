@@ -314,15 +314,21 @@ impl TrainModel {
         h + layer.lin[6].forward(&(g * u)?, pass)?
     }
 
-    /// Hidden states after the final norm, (b, L, hidden), for right-padded
-    /// `ids` (b, L): padding at the end never reaches earlier positions.
-    pub fn hidden(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
+    /// The last layer's output (before the final norm), (b, L, hidden),
+    /// for right-padded `ids` (b, L): padding at the end never reaches
+    /// earlier positions.
+    fn trunk(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
         let ctx = self.context(ids.dim(1)?)?;
         let mut h = self.embed_ids(ids)?;
         for layer in &self.layers {
             h = self.layer(layer, &h, &ctx, pass)?;
         }
-        rms_norm(&h, &self.norm, self.shape.eps)
+        Ok(h)
+    }
+
+    /// Hidden states after the final norm, (b, L, hidden).
+    pub fn hidden(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
+        rms_norm(&self.trunk(ids, pass)?, &self.norm, self.shape.eps)
     }
 
     /// Logits for all positions, (b, L, vocab).
@@ -374,12 +380,7 @@ impl TrainModel {
     /// With `Pass::Train` the whole forward stays in the autograd graph;
     /// training goes through `logprob_grads`, which keeps one layer's.
     pub fn sequence_logprobs(&self, ids: &Tensor, from: usize, to: &[usize], pass: Pass) -> Result<Tensor> {
-        let ctx = self.context(ids.dim(1)?)?;
-        let mut h = self.embed_ids(ids)?;
-        for layer in &self.layers {
-            h = self.layer(layer, &h, &ctx, pass)?;
-        }
-        self.head_logprobs(&h, &self.head_slices(ids, from, to)?)
+        self.head_logprobs(&self.trunk(ids, pass)?, &self.head_slices(ids, from, to)?)
     }
 
     /// Σ over the head's slices of `slice_logprobs`, for the last layer's

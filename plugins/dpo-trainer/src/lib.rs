@@ -287,8 +287,7 @@ impl DpoTrainer {
         // Base model: GGUF (dequantized) or HF directory.
         let src = rir_models::resolve(&job.base_model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
         let (path, hf) = rir_llama::model_file(&src)?;
-        let (base, assets): (Llama, Assets) =
-            if hf { rir_llama::load_hf(&path, DType::F32, &device)? } else { rir_llama::load_gguf(&path, &device)? };
+        let (base, assets): (Llama, Assets) = rir_llama::load_model(&path, hf, DType::F32, &device)?;
         let gguf = gguf_type(&p.merge_format)?;
         if p.merge && gguf.is_some() && assets.gguf_metadata.is_none() {
             // Refused before training, not after it.
@@ -441,8 +440,7 @@ impl DpoTrainer {
         model.save_adapter(&adapter, &job.base_model).map_err(PluginError::other)?;
         let model_dir = if p.merge {
             drop(model);
-            let (mut merged, _) =
-                if hf { rir_llama::load_hf(&path, DType::F32, &device)? } else { rir_llama::load_gguf(&path, &device)? };
+            let (mut merged, _) = rir_llama::load_model(&path, hf, DType::F32, &device)?;
             rir_llama::merge_lora(&mut merged, &adapter)?;
             let dir = job.output_dir.join("merged");
             match gguf {

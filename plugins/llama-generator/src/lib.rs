@@ -153,7 +153,7 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         other => return Err(PluginError::config(format!("quantize: unknown value {other:?} (none | q8_0)"))),
     };
     let (path, hf) = load::model_file(&dir)?;
-    let (mut model, assets) = if hf { load_hf(&path, dtype, &device)? } else { load_gguf(&path, &device)? };
+    let (mut model, assets) = rir_llama::load_model(&path, hf, dtype, &device)?;
     let mut adapter_dir = None;
     if let Some(a) = &cfg.adapter {
         let adir = rir_models::resolve(a, cache).map_err(PluginError::resource)?;

@@ -33,11 +33,23 @@ pub enum Engine {
     Rir,
 }
 
+impl Engine {
+    /// Its name in `[serve] engine`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::LlamaCpp => "llama.cpp",
+            Engine::Vllm => "vllm",
+            Engine::Command => "command",
+            Engine::Rir => "rir",
+        }
+    }
+}
+
 /// `[serve]`: how the experiment's generator is served.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServeSpec {
-    /// `llama.cpp`, `vllm` or `command`.
+    /// `llama.cpp`, `vllm`, `rir` or `command`.
     pub engine: Engine,
     /// For `engine = "command"`: the command line. Split at whitespace
     /// before the placeholders are filled, so a path with spaces stays one
@@ -160,11 +172,13 @@ pub struct ServedEngine {
     pub base: String,
     /// Where its output goes.
     pub log: PathBuf,
+    /// Where this start's output begins in the log (a retried step appends).
+    log_from: u64,
 }
 
 impl ServedEngine {
-    /// Starts the engine on `model` and waits until its health endpoint
-    /// answers 200. A port that is taken, an engine that cannot start or
+    /// Starts the engine on `model` (as [`ServeSpec::model_arg`] gives it)
+    /// and waits until its health endpoint answers 200. A port that is taken, an engine that cannot start or
     /// that exits, and the timeout are errors that quote the log's tail.
     pub fn start(spec: &ServeSpec, model: &Path, log: &Path) -> Result<Self, HostError> {
         let port = match spec.port {
@@ -178,8 +192,7 @@ impl ServedEngine {
                 p
             }
         };
-        let model = spec.model_arg(model)?;
-        let argv = spec.argv(&model, port);
+        let argv = spec.argv(model, port);
         let io = |e: std::io::Error| HostError::Io { path: log.to_owned(), source: e };
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
@@ -205,14 +218,14 @@ impl ServedEngine {
             }
         }
         let child = cmd.spawn().map_err(|e| HostError::Input(format!("[serve] cannot start `{}`: {e} (is it installed and on PATH?)", argv[0])))?;
-        let mut engine = ServedEngine { child: Some(child), base: format!("http://{}:{port}", url_host(&spec.host)), log: log.to_owned() };
+        let mut engine = ServedEngine { child: Some(child), base: format!("http://{}:{port}", url_host(&spec.host)), log: log.to_owned(), log_from: start_at };
         log::info!("serving {} at {} (log: {})", model.display(), engine.base, log.display());
         let deadline = Instant::now() + Duration::from_secs_f64(spec.start_timeout);
         let health = format!("{}{}", engine.base, spec.health);
         let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(5))).http_status_as_error(false).build().into();
         loop {
             if let Some(status) = engine.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                let tail = log_tail(log, start_at);
+                let tail = log_tail(log, engine.log_from);
                 engine.child = None;
                 return Err(HostError::Input(format!("[serve] `{}` exited ({status}) before it was ready; its log ({}):\n{tail}", argv[0], log.display())));
             }
@@ -220,7 +233,7 @@ impl ServedEngine {
                 return Ok(engine);
             }
             if Instant::now() >= deadline {
-                let tail = log_tail(log, start_at);
+                let tail = log_tail(log, engine.log_from);
                 return Err(HostError::Input(format!(
                     "[serve] {health} did not answer 200 within {} s (start_timeout); the engine's log ({}):\n{tail}",
                     spec.start_timeout,
@@ -236,7 +249,7 @@ impl ServedEngine {
     pub fn exit_note(&mut self) -> Option<String> {
         let status = self.child.as_mut()?.try_wait().ok().flatten()?;
         self.child = None;
-        Some(format!("the serving engine exited ({status}) during the step; its log ({}):\n{}", self.log.display(), log_tail(&self.log, 0)))
+        Some(format!("the serving engine exited ({status}) during the step; its log ({}):\n{}", self.log.display(), log_tail(&self.log, self.log_from)))
     }
 
     /// The process id, while it runs.
@@ -289,8 +302,10 @@ fn rir_program() -> String {
 
 /// A port nobody listens on now (the engine binds it a moment later).
 fn free_port(host: &str) -> Result<u16, HostError> {
-    let l = std::net::TcpListener::bind((host, 0)).map_err(|e| HostError::Input(format!("[serve] no free port on {host}: {e}")))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| HostError::Input(format!("[serve] no free port on {host}: {e}")))
+    std::net::TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| HostError::Input(format!("[serve] no free port on {host}: {e}")))
 }
 
 /// An IPv6 address in a URL is bracketed.
