@@ -57,14 +57,20 @@ enum Command {
     Encode(EncodeArgs),
     /// Compare results files: runs x (dataset, measure) with significance marks
     Table(TableArgs),
-    /// Serve a Generator plugin as an OpenAI-compatible HTTP API
+    /// Serve a Generator (OpenAI completions) and/or a Retriever (OpenAI /v1/embeddings, TEI /embed) over HTTP
     Serve {
         /// Generator plugin name (registry.toml)
-        #[arg(long)]
-        generator: String,
+        #[arg(long, required_unless_present = "retriever")]
+        generator: Option<String>,
         /// The generator's config table, as TOML text or @FILE
         #[arg(long, default_value = "")]
         generator_config: String,
+        /// Retriever plugin name (registry.toml): serves /v1/embeddings, /embed and /info
+        #[arg(long)]
+        retriever: Option<String>,
+        /// The retriever's config table, as TOML text or @FILE
+        #[arg(long, default_value = "")]
+        retriever_config: String,
         /// Address to listen on
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
@@ -83,7 +89,7 @@ enum Command {
         /// Largest `max_tokens` a request may ask for
         #[arg(long, default_value_t = 4096)]
         max_tokens: u32,
-        /// Most prompts in one completions request
+        /// Most prompts in one completions request (texts in one embedding request)
         #[arg(long, default_value_t = 64)]
         max_prompts: usize,
         /// Complete requests that may wait for a worker; more are answered 429 at once
@@ -607,17 +613,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             h.settings.threads = cli.threads.unwrap_or(1).max(1);
             bench_generate_cmd(&h, a)
         }
-        Command::Serve { generator, generator_config, host: addr, port, workers, max_body_bytes, max_n, max_tokens, max_prompts, queue, max_readers } => {
+        Command::Serve { generator, generator_config, retriever, retriever_config, host: addr, port, workers, max_body_bytes, max_n, max_tokens, max_prompts, queue, max_readers } => {
             let limits = serve::Limits { max_body_bytes: *max_body_bytes, max_n: *max_n, max_tokens: *max_tokens, max_prompts: *max_prompts, queue: *queue, max_readers: *max_readers };
             let h = host(&cli)?;
-            let g = h.load(generator)?.generator(&toml_arg(generator_config, "--generator-config")?)?;
+            let g = match generator {
+                Some(name) => Some(h.load(name)?.generator(&toml_arg(generator_config, "--generator-config")?)?),
+                None => None,
+            };
+            let r = match retriever {
+                Some(name) => Some(h.load(name)?.retriever(&toml_arg(retriever_config, "--retriever-config")?)?),
+                None => None,
+            };
             let server = tiny_http::Server::http((addr.as_str(), *port))
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}:{port}: {e}"))?;
             let bound = server.server_addr().to_ip().map_or(format!("{addr}:{port}"), |a| a.to_string());
-            println!("serving {} ({generator}) on http://{bound}/v1", g.model_name());
+            if let (Some(g), Some(name)) = (&g, generator) {
+                println!("serving {} ({name}) on http://{bound}/v1", g.model_name());
+            }
+            if let (Some(r), Some(name)) = (&r, retriever) {
+                println!("serving embeddings of {} ({name}) on http://{bound}/v1/embeddings and http://{bound}/embed", r.info().model);
+            }
             use std::io::Write as _;
             std::io::stdout().flush()?;
-            serve::serve_with(g.as_ref(), &server, *workers, limits);
+            let backends = serve::Backends { generator: g.as_deref(), retriever: r.as_deref() };
+            serve::serve_with(backends, &server, *workers, limits);
             Ok(ExitCode::SUCCESS)
         }
     }

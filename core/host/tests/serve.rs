@@ -20,7 +20,7 @@ fn start(workers: usize, limits: Limits) -> SocketAddr {
     let g: &'static dyn rir_sdk::Generator = Box::leak(host.load("probe").unwrap().generator("").unwrap());
     let server: &'static tiny_http::Server = Box::leak(Box::new(tiny_http::Server::http("127.0.0.1:0").unwrap()));
     let addr = server.server_addr().to_ip().unwrap();
-    std::thread::spawn(move || rir::tools::serve::serve_with(g, server, workers, limits));
+    std::thread::spawn(move || rir::tools::serve::serve_with(rir::tools::serve::Backends::generator(g), server, workers, limits));
     addr
 }
 

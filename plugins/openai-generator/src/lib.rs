@@ -30,10 +30,9 @@
 //! sent only in the Authorization header: it is not logged, not part of the
 //! model name (which keys the host's caches), and not in any error.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
 
+use rir_models::api::{self, ApiClient, ApiSettings, CallError};
 use rir_sdk::{
     config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, Score,
     ScoreRequest, TokenLogprob,
@@ -61,6 +60,18 @@ pub struct OpenAiConfig {
     pub identity: Option<String>,
 }
 
+impl OpenAiConfig {
+    fn api(&self) -> ApiSettings {
+        ApiSettings {
+            base_url: self.base_url.clone(),
+            api_key_env: self.api_key_env.clone(),
+            timeout_s: self.timeout_s,
+            max_retries: self.max_retries,
+            backoff_ms: self.backoff_ms,
+        }
+    }
+}
+
 fn default_concurrency() -> usize {
     4
 }
@@ -75,29 +86,13 @@ fn default_backoff() -> u64 {
 }
 
 pub struct OpenAiGenerator {
-    base: String,
     model: String,
     /// What names the server in `model_name` (the URL unless `identity`).
     identity: String,
-    /// Never printed: the struct has no Debug, errors never include it.
-    key: Option<String>,
-    agent: ureq::Agent,
+    client: ApiClient,
     concurrency: usize,
-    max_retries: u32,
-    backoff_ms: u64,
     /// Largest n the server accepted or was configured with (0: unknown).
     max_n: AtomicU32,
-    jitter: AtomicU64,
-}
-
-/// How one HTTP attempt ended.
-enum Attempt {
-    Ok(Value),
-    /// Worth another try after the delay (server's Retry-After, if any).
-    Retry(String, Option<Duration>),
-    Fail(PluginError),
-    /// The server refused n > 1.
-    TooManyChoices(String),
 }
 
 impl OpenAiGenerator {
@@ -105,57 +100,22 @@ impl OpenAiGenerator {
     /// `validate` runs too): a permanent mistake fails here, not after retries.
     pub fn checked(config_toml: &str) -> PluginResult<OpenAiConfig> {
         let cfg: OpenAiConfig = config::parse(config_toml)?;
-        let scheme = cfg.base_url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
-        if !matches!(scheme.as_deref(), Some("http") | Some("https")) {
-            // The URL is not quoted whole: it may carry credentials.
-            return Err(PluginError::config("base_url: must start with http:// or https://"));
-        }
+        api::check(&cfg.api())?;
         if cfg.concurrency == 0 {
             return Err(PluginError::config("concurrency must be at least 1"));
-        }
-        if !(cfg.timeout_s.is_finite() && cfg.timeout_s > 0.0) {
-            return Err(PluginError::config(format!("timeout_s: {} must be a positive number of seconds", cfg.timeout_s)));
         }
         Ok(cfg)
     }
 
     pub fn new(config_toml: &str) -> PluginResult<Self> {
         let cfg = Self::checked(config_toml)?;
-        let key = match &cfg.api_key_env {
-            Some(var) => Some(std::env::var(var).map_err(|_| {
-                PluginError::config(format!(
-                    "api_key_env: environment variable {var} is not set"
-                ))
-            })?),
-            None => None,
-        };
-        // Registered so this library's log records and errors never show it.
-        if let Some(k) = &key {
-            rir_sdk::secret::register(k);
-        }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .tls_config(
-                ureq::tls::TlsConfig::builder()
-                    .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-                    .build(),
-            )
-            .timeout_global(Some(Duration::from_secs_f64(cfg.timeout_s.max(0.1))))
-            // Status codes are ours to interpret (retry or surface the message).
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let base = cfg.base_url.trim_end_matches('/').to_owned();
+        let client = ApiClient::new(&cfg.api())?;
         Ok(Self {
-            identity: cfg.identity.unwrap_or_else(|| base.clone()),
-            base,
+            identity: cfg.identity.unwrap_or_else(|| client.base().to_owned()),
+            client,
             model: cfg.model,
-            key,
-            agent,
             concurrency: cfg.concurrency,
-            max_retries: cfg.max_retries,
-            backoff_ms: cfg.backoff_ms,
             max_n: AtomicU32::new(cfg.max_n),
-            jitter: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
         })
     }
 
@@ -191,92 +151,6 @@ impl OpenAiGenerator {
         }
     }
 
-    fn attempt(&self, path: &str, body: &Value) -> Attempt {
-        let url = format!("{}/{path}", self.base);
-        let mut req = self
-            .agent
-            .post(&url)
-            .header("Content-Type", "application/json");
-        if let Some(k) = &self.key {
-            req = req.header("Authorization", &format!("Bearer {k}"));
-        }
-        let mut resp = match req.send(body.to_string().as_bytes()) {
-            Ok(r) => r,
-            Err(e) => return Attempt::Retry(format!("{url}: {e}"), None),
-        };
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(Duration::from_secs_f64);
-        let text = match resp.body_mut().read_to_string() {
-            Ok(t) => t,
-            Err(e) => return Attempt::Retry(format!("{url}: reading the response: {e}"), None),
-        };
-        match status {
-            200..=299 => match serde_json::from_str::<Value>(&text) {
-                Ok(v) => Attempt::Ok(v),
-                Err(e) => Attempt::Fail(PluginError::other(format!(
-                    "{url}: malformed JSON in a {status} response: {e} (body starts {:?})",
-                    text.chars().take(120).collect::<String>()
-                ))),
-            },
-            408 | 409 | 429 | 500..=599 => Attempt::Retry(
-                format!("{url}: HTTP {status}: {}", server_message(&text)),
-                retry_after,
-            ),
-            400 if body["n"].as_u64().unwrap_or(1) > 1 => {
-                Attempt::TooManyChoices(server_message(&text))
-            }
-            _ => Attempt::Fail(PluginError::other(format!(
-                "{url}: HTTP {status}: {}",
-                server_message(&text)
-            ))),
-        }
-    }
-
-    /// One request with retries; returns the parsed response.
-    fn call(&self, path: &str, body: &Value) -> Result<Value, Attempt> {
-        let mut delay = Duration::from_millis(self.backoff_ms);
-        let mut last = String::new();
-        for attempt in 0..=self.max_retries {
-            match self.attempt(path, body) {
-                Attempt::Retry(msg, after) => {
-                    last = msg;
-                    if attempt == self.max_retries {
-                        break;
-                    }
-                    let wait = after.unwrap_or_else(|| delay + self.jitter_of(delay));
-                    rir_sdk::log::warn!("{last}; retrying in {:.1} s", wait.as_secs_f64());
-                    std::thread::sleep(wait);
-                    delay *= 2;
-                }
-                other => {
-                    return match other {
-                        Attempt::Ok(v) => Ok(v),
-                        e => Err(e),
-                    }
-                }
-            }
-        }
-        Err(Attempt::Fail(PluginError::other(format!(
-            "{last} (gave up after {} retries)",
-            self.max_retries
-        ))))
-    }
-
-    /// Up to half of `d`, from a cheap shared xorshift.
-    fn jitter_of(&self, d: Duration) -> Duration {
-        let mut x = self.jitter.load(Ordering::Relaxed);
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.jitter.store(x, Ordering::Relaxed);
-        d.mul_f64((x % 1000) as f64 / 2000.0)
-    }
-
     /// All `r.n` completions for one request, splitting n when the server caps it.
     fn one(&self, r: &GenerationRequest) -> PluginResult<Vec<Completion>> {
         let mut out = Vec::with_capacity(r.n as usize);
@@ -287,42 +161,20 @@ impl OpenAiGenerator {
             // Split requests get distinct seeds so they do not repeat each other.
             let seed = r.seed.map(|s| s + out.len() as u64);
             let (path, body) = self.body(r, n, seed);
-            match self.call(&path, &body) {
+            match self.client.post(&path, &body) {
                 Ok(v) => out.extend(parse_choices(&v, &path, n)?),
-                Err(Attempt::TooManyChoices(msg)) => {
+                // A 400 for n > 1: the server caps n (OpenAI's o-series, some engines).
+                Err(CallError::Refused { status: 400, message: msg, .. }) if n > 1 => {
                     let new_cap = (n / 2).max(1);
                     rir_sdk::log::warn!(
                         "server refused n={n} ({msg}); asking for at most {new_cap} per request"
                     );
                     self.max_n.store(new_cap, Ordering::Relaxed);
                 }
-                Err(Attempt::Fail(e)) => return Err(e),
-                Err(_) => unreachable!("call returns Ok, TooManyChoices or Fail"),
+                Err(e) => return Err(e.into_plugin_error()),
             }
         }
         Ok(out)
-    }
-}
-
-/// The server's own words from an error body, leniently: `{"error": {"message", "code"}}`,
-/// `{"error": "..."}`, `{"message": ...}`, or the raw text.
-pub fn server_message(body: &str) -> String {
-    let Ok(v) = serde_json::from_str::<Value>(body) else {
-        return body.chars().take(300).collect();
-    };
-    let err = v.get("error").unwrap_or(&v);
-    let msg = err
-        .get("message")
-        .and_then(Value::as_str)
-        .or_else(|| err.as_str());
-    let code = err.get("code").map(|c| match c {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    });
-    match (msg, code) {
-        (Some(m), Some(c)) => format!("{m} (code {c})"),
-        (Some(m), None) => m.to_owned(),
-        (None, _) => body.chars().take(300).collect(),
     }
 }
 
@@ -436,38 +288,6 @@ fn parse_echo(v: &Value, prompt: &str, continuation: &str) -> PluginResult<Score
 }
 
 impl OpenAiGenerator {
-    /// Runs `f` over `0..n` on a fixed pool of `concurrency` workers, in
-    /// order; the first error stops handing out work and is returned.
-    fn pooled<T: Send>(&self, n: usize, f: impl Fn(usize) -> PluginResult<T> + Sync) -> PluginResult<Vec<T>> {
-        let next = AtomicU64::new(0);
-        let results: Mutex<Vec<Option<PluginResult<T>>>> = Mutex::new((0..n).map(|_| None).collect());
-        std::thread::scope(|s| {
-            for _ in 0..self.concurrency.min(n) {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    if i >= n {
-                        break;
-                    }
-                    let r = f(i);
-                    let failed = r.is_err();
-                    results.lock().expect("results lock")[i] = Some(r);
-                    if failed {
-                        next.store(n as u64, Ordering::Relaxed);
-                    }
-                });
-            }
-        });
-        let mut out = Vec::with_capacity(n);
-        for r in results.into_inner().expect("results lock") {
-            match r {
-                Some(Ok(c)) => out.push(c),
-                Some(Err(e)) => return Err(e),
-                None => return Err(PluginError::other("a request was not attempted after an earlier failure")),
-            }
-        }
-        Ok(out)
-    }
-
     fn score_one(&self, r: &ScoreRequest) -> PluginResult<Score> {
         let Prompt::Text(prompt) = &r.prompt else {
             return Err(PluginError::Unsupported(
@@ -480,11 +300,9 @@ impl OpenAiGenerator {
             "model": self.model, "prompt": format!("{prompt}{}", r.continuation), "max_tokens": 0,
             "echo": true, "logprobs": 0, "temperature": 0.0,
         });
-        match self.call("completions", &body) {
+        match self.client.post("completions", &body) {
             Ok(v) => parse_echo(&v, prompt, &r.continuation),
-            Err(Attempt::Fail(e)) => Err(e),
-            Err(Attempt::TooManyChoices(m)) => Err(PluginError::other(format!("completions: {m}"))),
-            Err(_) => Err(PluginError::other("completions: no answer")),
+            Err(e) => Err(e.into_plugin_error()),
         }
     }
 }
@@ -495,11 +313,11 @@ impl Generator for OpenAiGenerator {
     }
 
     fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
-        self.pooled(requests.len(), |i| self.score_one(&requests[i]))
+        api::pooled(self.concurrency, requests.len(), |i| self.score_one(&requests[i]))
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
-        self.pooled(requests.len(), |i| self.one(&requests[i]))
+        api::pooled(self.concurrency, requests.len(), |i| self.one(&requests[i]))
     }
 }
 
@@ -515,7 +333,7 @@ rir_sdk::export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_echo, server_message, OpenAiGenerator};
+    use super::{parse_echo, OpenAiGenerator};
 
     #[test]
     fn permanent_setup_mistakes_fail_at_once() {
@@ -551,20 +369,5 @@ mod tests {
         let v = serde_json::json!({"choices": [{"text": ".", "logprobs": null}]});
         let e = parse_echo(&v, "Q:", " a").unwrap_err().to_string();
         assert!(e.contains("no prompt log-probabilities") && e.contains("it returned"), "{e}");
-    }
-
-    #[test]
-    fn error_bodies_are_read_leniently() {
-        assert_eq!(
-            server_message(r#"{"error": {"message": "bad key", "code": 401}}"#),
-            "bad key (code 401)"
-        );
-        assert_eq!(
-            server_message(r#"{"error": {"message": "slow down", "code": "rate_limited"}}"#),
-            "slow down (code rate_limited)"
-        );
-        assert_eq!(server_message(r#"{"error": "plain"}"#), "plain");
-        assert_eq!(server_message(r#"{"message": "top-level"}"#), "top-level");
-        assert_eq!(server_message("<html>502</html>"), "<html>502</html>");
     }
 }

@@ -1,6 +1,13 @@
-//! `rir serve`: any Generator plugin behind an OpenAI-compatible HTTP API
-//! (`/v1/chat/completions`, `/v1/completions`, `/v1/models`, `/health`), so a
-//! tuned generator can be used by other tools.
+//! `rir serve`: a Generator plugin behind an OpenAI-compatible HTTP API
+//! (`/v1/chat/completions`, `/v1/completions`), a Retriever plugin behind
+//! OpenAI's `/v1/embeddings` and Text Embeddings Inference's `/embed` and
+//! `/info`, or both; `/v1/models` and `/health` always. A tuned generator
+//! or retriever can so be used by other tools, and one machine's encoder by
+//! the remote-encoder plugin on another.
+//!
+//! Embeddings are the retriever's corpus-side encoding of the text as sent
+//! (no instruction added: a client that wants one prepends it, as with any
+//! embedding server). `/embed` normalises unless `"normalize": false`.
 //!
 //! `/v1/completions` with `echo: true`, `logprobs` and `max_tokens: 0`
 //! scores the prompt instead of continuing it (as vLLM and OpenAI's legacy
@@ -18,7 +25,7 @@ use std::io::Read as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rir_sdk::{Completion, GenerationRequest, Generator, Message, Prompt, ScoreRequest};
+use rir_sdk::{Completion, GenerationRequest, Generator, Message, Prompt, Retriever, ScoreRequest};
 use serde_json::{json, Value};
 
 /// What one server accepts.
@@ -45,9 +52,25 @@ impl Default for Limits {
     }
 }
 
-/// Serves until the process is stopped, with `workers` request threads.
+/// What one server serves: a generator, a retriever, or both.
+#[derive(Clone, Copy)]
+pub struct Backends<'a> {
+    /// Answers `/v1/completions` and `/v1/chat/completions`.
+    pub generator: Option<&'a dyn Generator>,
+    /// Answers `/v1/embeddings`, `/embed` and `/info`.
+    pub retriever: Option<&'a dyn Retriever>,
+}
+
+impl<'a> Backends<'a> {
+    /// A generator alone.
+    pub fn generator(g: &'a dyn Generator) -> Self {
+        Backends { generator: Some(g), retriever: None }
+    }
+}
+
+/// Serves a generator until the process is stopped, with `workers` request threads.
 pub fn serve(generator: &dyn Generator, server: &tiny_http::Server, workers: usize) {
-    serve_with(generator, server, workers, Limits::default())
+    serve_with(Backends::generator(generator), server, workers, Limits::default())
 }
 
 /// A request read, parsed and checked, waiting for a worker.
@@ -55,12 +78,14 @@ enum Job {
     Generate { chat: bool, reqs: Vec<GenerationRequest> },
     /// `echo` with `max_tokens` 0: score these prompts.
     Score { prompts: Vec<String> },
+    /// `/v1/embeddings` (`tei` false) or `/embed`.
+    Embed { texts: Vec<String>, tei: bool, normalize: bool },
 }
 
-/// [`serve`] with explicit limits. Bodies are read on reader threads (at
-/// most `max_readers`), so a client that stalls mid-body holds a reader,
-/// never a generation worker; complete requests wait in a queue of `queue`.
-pub fn serve_with(generator: &dyn Generator, server: &tiny_http::Server, workers: usize, limits: Limits) {
+/// [`serve`] with explicit backends and limits. Bodies are read on reader
+/// threads (at most `max_readers`), so a client that stalls mid-body holds a
+/// reader, never a worker; complete requests wait in a queue of `queue`.
+pub fn serve_with(backends: Backends, server: &tiny_http::Server, workers: usize, limits: Limits) {
     let workers = workers.max(1);
     let readers = AtomicUsize::new(0);
     // Holds only the requests waiting: a full channel is the 429.
@@ -72,7 +97,7 @@ pub fn serve_with(generator: &dyn Generator, server: &tiny_http::Server, workers
             s.spawn(|| loop {
                 let next = rx.lock().expect("queue poisoned").recv();
                 let Ok((req, job)) = next else { break };
-                let (status, body) = run(generator, job);
+                let (status, body) = run(backends, job);
                 respond(req, status, &body);
             });
         }
@@ -86,7 +111,7 @@ pub fn serve_with(generator: &dyn Generator, server: &tiny_http::Server, workers
             let (tx, readers) = (tx.clone(), &readers);
             s.spawn(move || {
                 let mut req = req;
-                let job = read(generator, &mut req, &limits);
+                let job = read(backends, &mut req, &limits);
                 readers.fetch_sub(1, Ordering::SeqCst);
                 match job {
                     Err((status, body)) => respond(req, status, &body),
@@ -127,61 +152,148 @@ fn next_id(kind: &str) -> String {
     format!("{kind}-rir{:x}{:x}{:x}", nanos, std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Routes, reads and checks a request: `Ok(job)` for a generation or
-/// scoring request to queue, `Err(answer)` for everything answered at once
-/// (GETs, every client error), so a bad request never waits in the queue.
-fn read(g: &dyn Generator, req: &mut tiny_http::Request, limits: &Limits) -> Result<Job, (u16, Value)> {
+/// Routes, reads and checks a request: `Ok(job)` for a generation,
+/// scoring or embedding request to queue, `Err(answer)` for everything
+/// answered at once (GETs, every client error), so a bad request never
+/// waits in the queue.
+fn read(b: Backends, req: &mut tiny_http::Request, limits: &Limits) -> Result<Job, (u16, Value)> {
     let path = req.url().split('?').next().unwrap_or("").trim_end_matches('/').to_owned();
+    let generation = matches!(path.as_str(), "/v1/chat/completions" | "/v1/completions");
+    let embedding = matches!(path.as_str(), "/v1/embeddings" | "/embed");
     match (req.method(), path.as_str()) {
         (tiny_http::Method::Get, "/health") => Err((200, json!({"status": "ok"}))),
-        (tiny_http::Method::Get, "/v1/models") => Err((
-            200,
-            json!({"object": "list", "data": [{"id": g.model_name(), "object": "model", "owned_by": "rir"}]}),
-        )),
-        (tiny_http::Method::Post, "/v1/chat/completions") | (tiny_http::Method::Post, "/v1/completions") => {
-            if req.body_length().is_some_and(|n| n > limits.max_body_bytes) {
-                return Err(error(413, "invalid_request_error", format!("the body is over {} bytes", limits.max_body_bytes)));
+        (tiny_http::Method::Get, "/v1/models") => {
+            let mut data = Vec::new();
+            if let Some(g) = b.generator {
+                data.push(json!({"id": g.model_name(), "object": "model", "owned_by": "rir"}));
             }
-            // Read at most one byte past the limit (a chunked body has no length up front).
-            let mut bytes = Vec::new();
-            if let Err(e) = req.as_reader().take(limits.max_body_bytes as u64 + 1).read_to_end(&mut bytes) {
-                return Err(error(400, "invalid_request_error", format!("reading the body: {e}")));
+            if let Some(r) = b.retriever {
+                data.push(json!({"id": r.info().model, "object": "model", "owned_by": "rir"}));
             }
-            if bytes.len() > limits.max_body_bytes {
-                return Err(error(413, "invalid_request_error", format!("the body is over {} bytes", limits.max_body_bytes)));
+            Err((200, json!({"object": "list", "data": data})))
+        }
+        (tiny_http::Method::Get, "/info") if b.retriever.is_some() => {
+            let info = b.retriever.expect("checked").info();
+            Err((
+                200,
+                json!({"model_id": info.model, "model_type": {"embedding": {"pooling": "model"}}, "max_input_length": info.max_length,
+                       "max_client_batch_size": limits.max_prompts, "dim": info.dim, "version": env!("CARGO_PKG_VERSION")}),
+            ))
+        }
+        (tiny_http::Method::Post, _) if generation && b.generator.is_none() => {
+            Err(error(404, "not_found", format!("no generator is served here (POST {path}): start rir serve with --generator")))
+        }
+        (tiny_http::Method::Post, _) if embedding && b.retriever.is_none() => {
+            Err(error(404, "not_found", format!("no retriever is served here (POST {path}): start rir serve with --retriever")))
+        }
+        (tiny_http::Method::Post, _) if generation || embedding => {
+            let body = json_body(req, limits)?;
+            let bad = |m: String| error(400, "invalid_request_error", m);
+            if embedding {
+                return embed_request(&body, path == "/embed", limits).map_err(bad);
             }
-            let body: Value = match serde_json::from_slice(&bytes) {
-                Ok(v @ Value::Object(_)) => v,
-                Ok(_) => return Err(error(400, "invalid_request_error", "the body must be a JSON object")),
-                Err(e) => return Err(error(400, "invalid_request_error", format!("body is not JSON: {e}"))),
-            };
             if body.get("stream").and_then(Value::as_bool) == Some(true) {
                 return Err(error(400, "invalid_request_error", "`stream: true` is not supported: this server answers with whole completions"));
             }
             let chat = path.ends_with("chat/completions");
-            let bad = |m: String| error(400, "invalid_request_error", m);
             if !chat && body.get("echo").and_then(Value::as_bool) == Some(true) {
                 return echo_prompts(&body, limits).map(|prompts| Job::Score { prompts }).map_err(bad);
             }
             requests(&body, chat, limits).map(|reqs| Job::Generate { chat, reqs }).map_err(bad)
         }
-        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health") => {
+        (_, "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/embed" | "/info" | "/v1/models" | "/health") => {
             Err(error(405, "invalid_request_error", format!("{} is not allowed on {path}", req.method())))
         }
         _ => Err(error(404, "not_found", format!("no route for {} {path}", req.method()))),
     }
 }
 
-/// Runs a checked request on the generator.
-fn run(g: &dyn Generator, job: Job) -> (u16, Value) {
-    match job {
-        Job::Score { prompts } => echo(g, &prompts),
-        Job::Generate { chat, reqs } => match g.generate(&reqs) {
-            Ok(out) => (200, response(g, chat, &reqs, out)),
-            Err(e @ rir_sdk::PluginError::Input(_)) => error(400, "invalid_request_error", e),
-            Err(e) => error(500, "server_error", e),
-        },
+/// The body as a JSON object, read up to the size limit.
+fn json_body(req: &mut tiny_http::Request, limits: &Limits) -> Result<Value, (u16, Value)> {
+    if req.body_length().is_some_and(|n| n > limits.max_body_bytes) {
+        return Err(error(413, "invalid_request_error", format!("the body is over {} bytes", limits.max_body_bytes)));
     }
+    // Read at most one byte past the limit (a chunked body has no length up front).
+    let mut bytes = Vec::new();
+    if let Err(e) = req.as_reader().take(limits.max_body_bytes as u64 + 1).read_to_end(&mut bytes) {
+        return Err(error(400, "invalid_request_error", format!("reading the body: {e}")));
+    }
+    if bytes.len() > limits.max_body_bytes {
+        return Err(error(413, "invalid_request_error", format!("the body is over {} bytes", limits.max_body_bytes)));
+    }
+    match serde_json::from_slice(&bytes) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(error(400, "invalid_request_error", "the body must be a JSON object")),
+        Err(e) => Err(error(400, "invalid_request_error", format!("body is not JSON: {e}"))),
+    }
+}
+
+/// An embedding request: OpenAI's `input` or TEI's `inputs`, a string or a
+/// list of strings (token-id inputs are refused: the tokenizer is ours).
+fn embed_request(b: &Value, tei: bool, limits: &Limits) -> Result<Job, String> {
+    let key = if tei { "inputs" } else { "input" };
+    let texts: Vec<String> = match b.get(key) {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|p| p.as_str().map(str::to_owned).ok_or_else(|| format!("`{key}` items must be strings (token ids are not accepted)")))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(format!("`{key}` (a string or list of strings) is required")),
+    };
+    if texts.is_empty() || texts.len() > limits.max_prompts {
+        return Err(format!("`{key}` must hold 1..={} texts (got {})", limits.max_prompts, texts.len()));
+    }
+    if !tei {
+        if let Some(f) = b.get("encoding_format").and_then(Value::as_str).filter(|f| *f != "float") {
+            return Err(format!("`encoding_format` {f:?} is not supported: use \"float\""));
+        }
+        if b.get("dimensions").is_some_and(|d| !d.is_null()) {
+            return Err("`dimensions` is not supported: this model's embeddings have one size".into());
+        }
+    }
+    let normalize = if tei { b.get("normalize").and_then(Value::as_bool).unwrap_or(true) } else { false };
+    Ok(Job::Embed { texts, tei, normalize })
+}
+
+/// Runs a checked request on its backend.
+fn run(b: Backends, job: Job) -> (u16, Value) {
+    match job {
+        Job::Embed { texts, tei, normalize } => embed(b.retriever.expect("routed only when served"), &texts, tei, normalize),
+        Job::Score { prompts } => echo(b.generator.expect("routed only when served"), &prompts),
+        Job::Generate { chat, reqs } => {
+            let g = b.generator.expect("routed only when served");
+            match g.generate(&reqs) {
+                Ok(out) => (200, response(g, chat, &reqs, out)),
+                Err(e @ rir_sdk::PluginError::Input(_)) => error(400, "invalid_request_error", e),
+                Err(e) => error(500, "server_error", e),
+            }
+        }
+    }
+}
+
+/// An embedding request's answer, in OpenAI's or TEI's shape.
+fn embed(r: &dyn Retriever, texts: &[String], tei: bool, normalize: bool) -> (u16, Value) {
+    let e = match r.encode_corpus(texts) {
+        Ok(e) => e,
+        Err(e @ rir_sdk::PluginError::Input(_)) => return error(400, "invalid_request_error", e),
+        Err(e) => return error(500, "server_error", e),
+    };
+    let rows: Vec<Vec<f32>> = (0..e.rows)
+        .map(|i| {
+            let mut v = e.row(i).to_vec();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if normalize && n > 0.0 {
+                v.iter_mut().for_each(|x| *x /= n);
+            }
+            v
+        })
+        .collect();
+    if tei {
+        return (200, json!(rows));
+    }
+    let data: Vec<Value> =
+        rows.into_iter().enumerate().map(|(index, v)| json!({"object": "embedding", "index": index, "embedding": v})).collect();
+    (200, json!({"object": "list", "data": data, "model": r.info().model, "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
 }
 
 /// OpenAI request JSON → generation requests (a completions prompt may be a

