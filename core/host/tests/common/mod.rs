@@ -158,21 +158,18 @@ impl LlamaServer {
             child,
             base: format!("http://127.0.0.1:{port}"),
         };
-        // /health answers 503 while the model loads, 200 when ready.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        loop {
-            if let Ok(r) = ureq::get(&format!("{}/health", server.base)).call() {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "llama.cpp server did not become healthy"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(250));
-        }
+        wait_healthy(&server.base, "llama.cpp server");
         server
+    }
+}
+
+/// Waits up to 120 s for `BASE/health` to answer 200 (a model server
+/// answers 503 while its model loads).
+pub fn wait_healthy(base: &str, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !ureq::get(&format!("{base}/health")).call().is_ok_and(|r| r.status() == 200) {
+        assert!(std::time::Instant::now() < deadline, "{what} at {base} did not become healthy in 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
 }
 
