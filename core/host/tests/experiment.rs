@@ -238,6 +238,26 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     }
     assert_eq!(m["models"]["generator"]["plugin"], "llama-generator");
     assert_eq!(m["models"]["retriever"]["config"]["max_length"], 128);
+    // What each generation stage asked of the generator: requests, tokens
+    // (the llama-generator counts every one), seconds; the killed run's
+    // queries stage keeps its record. Stages without generation have none.
+    let steps = m["steps"].as_array().unwrap();
+    let gen_of = |label: &str| steps.iter().find(|s| s["label"].as_str().is_some_and(|l| l.ends_with(label))).unwrap()["generation"].clone();
+    // (A warm generation cache answers some of them: `cached`, no tokens.)
+    for label in ["queries", "round 1: rlrf-data", "round 1: rlgf-data", "eval +RLRF", "eval both", "eval BM25+rerank"] {
+        let g = gen_of(label);
+        let n = |k: &str| g[k].as_u64().unwrap();
+        assert!(n("requests") + n("cached") > 0 && n("uncounted") == 0, "{label}: {g}");
+        if n("requests") > 0 {
+            assert!(n("prompt_tokens") > 0 && n("completion_tokens") > 0 && g["seconds"].as_f64().unwrap() > 0.0, "{label}: {g}");
+        }
+    }
+    for label in ["round 1: rlrf-train", "round 1: rlgf-train", "eval base", "eval BM25", "eval RRF"] {
+        assert!(gen_of(label).is_null(), "{label}");
+    }
+    let total: u64 = steps.iter().filter_map(|s| s["generation"]["prompt_tokens"].as_u64()).sum();
+    assert_eq!(m["generation"]["prompt_tokens"].as_u64(), Some(total), "{}", m["generation"]);
+    assert!(stdout.contains("requests (cached)") && stdout.lines().any(|l| l.contains("total")), "{stdout}");
 
     // A third run does nothing but read.
     let t = Instant::now();
@@ -274,6 +294,44 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("base") || l.contains("+RLRF") || l.contains("both")).collect();
     let at = |n: &str| rows.iter().position(|l| l.contains(n)).unwrap_or(usize::MAX);
     assert!(at("base") < at("+RLRF") && at("+RLRF") < at("both"), "{stdout}");
+
+    // A dry run on a fresh output, priced: every generation stage's estimate
+    // (requests, tokens in / at most out) and its cost, before any work. The
+    // queries stage's requests and tokens out are upper bounds of what it
+    // did above; tokens in are within a factor of 2 (4 characters a token).
+    let priced = tmp.path().join("priced.toml");
+    std::fs::write(&priced, std::fs::read_to_string(&file).unwrap().replace("[rewards.generator]", "price = { input = 0.5, output = 1.5 }\n[rewards.generator]")).unwrap();
+    let out3 = tmp.path().join("runs-dry");
+    let (ok, stdout, err) = rir(&["run", priced.to_str().unwrap(), "--output", out3.to_str().unwrap(), "--dry-run"]);
+    assert!(ok, "{err}");
+    eprintln!("{stdout}");
+    assert!(stdout.contains("requests (est.)") && stdout.contains("cost (est.)"), "{stdout}");
+    let cells = |label: &str| -> Vec<String> { stdout.lines().find(|l| l.contains(label)).unwrap_or_else(|| panic!("{label}: {stdout}")).split('┆').map(|c| c.trim().to_owned()).collect() };
+    // The same stage run without the generation cache: what it did ask.
+    let (ok, _, err) = rir(&["run", priced.to_str().unwrap(), "--output", out3.to_str().unwrap(), "--only", "queries", "--no-cache"]);
+    assert!(ok, "{err}");
+    let m3: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out3.join("tiny/manifest.json")).unwrap()).unwrap();
+    let q_step = m3["steps"].as_array().unwrap().iter().find(|s| s["label"] == "scifact-mini: queries").unwrap().clone();
+    let q_actual = q_step["generation"].clone();
+    assert_eq!(q_actual["cached"], 0, "{q_actual}");
+    let cost_ran = (q_actual["prompt_tokens"].as_f64().unwrap() * 0.5 + q_actual["completion_tokens"].as_f64().unwrap() * 1.5) / 1e6;
+    assert!((q_step["cost"].as_f64().unwrap() - cost_ran).abs() < 1e-12 && m3["cost"].as_f64() == q_step["cost"].as_f64(), "{m3}");
+    let q = cells("scifact-mini: queries");
+    let est_requests: u64 = q[4].parse().unwrap();
+    let (est_in, est_out) = q[5].split_once(" / ").map(|(a, b)| (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap())).unwrap();
+    let (req, pin, pout) = (q_actual["requests"].as_u64().unwrap() + q_actual["cached"].as_u64().unwrap(), q_actual["prompt_tokens"].as_u64().unwrap(), q_actual["completion_tokens"].as_u64().unwrap());
+    eprintln!("queries: estimated {est_requests} requests, {est_in} / {est_out} tokens; did {req} requests, {pin} / {pout} tokens");
+    assert!(est_requests >= req && est_out >= pout, "{q:?} vs {q_actual}");
+    let ratio = est_in as f64 / pin as f64 * req as f64 / est_requests as f64;
+    assert!((0.5..2.0).contains(&ratio), "prompt tokens per request, estimated / counted: {ratio}");
+    let cost: f64 = q[6].parse().unwrap();
+    assert!((cost - (est_in as f64 * 0.5 + est_out as f64 * 1.5) / 1e6).abs() < 1e-4, "{q:?}");
+    assert!(cells("round 1: rlrf-train")[4] == "-" && stdout.lines().any(|l| l.starts_with("│ total")), "{stdout}");
+    // A price anywhere but [generator] is refused with its line.
+    let bad = tmp.path().join("bad-price.toml");
+    std::fs::write(&bad, std::fs::read_to_string(&file).unwrap().replace("[generator]", "price = { input = 1.0, output = 1.0 }\n[generator]")).unwrap();
+    let (ok, _, err) = rir(&["run", bad.to_str().unwrap(), "--output", out3.to_str().unwrap(), "--dry-run"]);
+    assert!(!ok && err.contains("bad-price.toml:") && err.contains("only [generator] has a price"), "{err}");
 
     // `--only queries` on a fresh output: that stage runs, the later ones are
     // neither run nor an error, and no table is written.
@@ -337,8 +395,9 @@ fn lexical_mining_changes_only_the_steps_that_mine() {
             .lines()
             .filter_map(|l| {
                 let cells: Vec<&str> = l.split('┆').map(|c| c.trim_matches(|c: char| c.is_whitespace() || c == '│')).collect();
-                // step, status, seconds, peak RSS, directory
-                (cells.len() == 5 && cells[4].contains("/scifact/")).then(|| (cells[0].to_owned(), cells[4].rsplit('/').next().unwrap().to_owned()))
+                // step, status, seconds, peak RSS, (generator requests, tokens,) directory
+                let dir = cells.last().copied().unwrap_or_default();
+                (cells.len() >= 5 && dir.contains("/scifact/")).then(|| (cells[0].to_owned(), dir.rsplit('/').next().unwrap().to_owned()))
             })
             .collect())
     };
@@ -377,7 +436,7 @@ fn steps_no_variant_reads_are_not_planned() {
             .lines()
             .filter_map(|l| {
                 let cells: Vec<&str> = l.split('┆').map(|c| c.trim_matches(|c: char| c.is_whitespace() || c == '│')).collect();
-                (cells.len() == 5 && cells[4].contains("/scifact/")).then(|| cells[0].to_owned())
+                (cells.len() >= 5 && cells.last().is_some_and(|d| d.contains("/scifact/"))).then(|| cells[0].to_owned())
             })
             .collect()
     };
@@ -388,4 +447,39 @@ fn steps_no_variant_reads_are_not_planned() {
     // RLGF needs the RLRF generator (its teacher), so everything runs.
     let rlgf = labels("[[variants]]\nname = \"+RLGF\"\nretriever = \"rlgf\"\n");
     assert_eq!(rlgf.len(), 6, "{rlgf:?}");
+}
+
+/// The full-scale config on a machine without vLLM, LLaMA-Factory and
+/// FlagEmbedding: the dry run prints the plan with each generation step's
+/// token estimate, then lists every step whose programs are missing (what
+/// and how to install it) and fails; a run fails the same way before any
+/// work.
+#[test]
+fn a_dry_run_lists_the_programs_each_step_lacks() {
+    plugin_dir();
+    let on_path = |p: &str| std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()));
+    if on_path("vllm") || on_path("llamafactory-cli") || on_path("torchrun") {
+        eprintln!("skipped: this machine has the GPU stack");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("runs");
+    let m = mirror().display().to_string();
+    let args = ["run", "experiments/scifact-full.toml", "--dry-run", "--output", out.to_str().unwrap(), "--mirror", m.as_str()];
+    let (ok, stdout, err) = rir(&args);
+    assert!(!ok, "{stdout}");
+    assert!(stdout.contains("scifact: round 1: rlgf-train") && stdout.contains("requests (est.)"), "the plan comes first: {stdout}");
+    let listed = |step: &str, what: &str| err.lines().any(|l| l.trim_start().starts_with(&format!("{step}:")) && l.contains(what));
+    for step in ["scifact: queries", "scifact: round 1: rlrf-data", "scifact: round 1: rlgf-data", "scifact: eval both"] {
+        assert!(listed(step, "[serve] `vllm` is not on PATH: pip install vllm"), "{step}: {err}");
+    }
+    assert!(listed("scifact: round 1: rlrf-train", "`llamafactory-cli` is not installed here (pip install llamafactory"), "{err}");
+    assert!(listed("scifact: round 1: rlgf-train", "FlagEmbedding") && err.contains("pip install FlagEmbedding"), "{err}");
+    assert!(!listed("scifact: eval base", ""), "eval base runs nothing outside: {err}");
+    assert!(err.contains("scifact-full.toml:") && err.contains("nothing was run"), "{err}");
+    // A real run stops at the same check: no stage directory is made.
+    let (ok, _, err2) = rir(&args[..args.len()].iter().filter(|a| **a != "--dry-run").copied().collect::<Vec<_>>());
+    assert!(!ok && err2.contains("need programs that are not installed here"), "{err2}");
+    let made: Vec<_> = std::fs::read_dir(out.join("scifact-full")).map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(!made.iter().any(|n| n.to_string_lossy() == "scifact"), "{made:?}");
 }

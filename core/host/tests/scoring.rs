@@ -111,6 +111,25 @@ fn scores_cross_the_plugin_boundary_and_rir_serve_answers_echo_requests() {
     let over_http = client.score(std::slice::from_ref(&r)).unwrap().remove(0);
     assert_eq!(over_http.tokens.len(), direct.tokens.len(), "{:?} vs {:?}", over_http.tokens, direct.tokens);
     assert!((over_http.logprob - direct.logprob).abs() < 1e-2, "{} over HTTP, {} direct", over_http.logprob, direct.logprob);
+    // Usage: the tokens read, counted by the plugin, reported by rir serve
+    // and read back by the client (the joined text may split differently at the seam).
+    let read = |s: &rir_sdk::Score| s.usage.and_then(|u| u.prompt_tokens).unwrap();
+    let want = local.encode(&local.render(&r.prompt).unwrap()).unwrap().len() + local.encode(&r.continuation).unwrap().len();
+    assert_eq!(read(&direct) as usize, want);
+    assert!(read(&over_http).abs_diff(read(&direct)) <= 2, "{} over HTTP, {} direct", read(&over_http), read(&direct));
+    // Generation: a request's usage on its first completion — its prompt's
+    // tokens and every sample's (the end-of-sequence token included, as
+    // each carries a logprob), the same in-process and over HTTP.
+    let mut g = GenerationRequest::greedy(Prompt::Text("The capital of France is".into()), 6);
+    g.logprobs = true;
+    g.n = 2;
+    let out = local.generate(std::slice::from_ref(&g)).unwrap().remove(0);
+    let u = out[0].usage.unwrap();
+    assert!(out[1].usage.is_none(), "{:?}", out[1]);
+    assert_eq!(u.prompt_tokens.unwrap() as usize, local.encode("The capital of France is").unwrap().len());
+    assert_eq!(u.completion_tokens.unwrap() as usize, out.iter().map(|c| c.logprobs.as_ref().unwrap().len()).sum::<usize>());
+    let http = client.generate(std::slice::from_ref(&g)).unwrap().remove(0);
+    assert_eq!(http[0].usage, Some(u), "rir serve reports the plugin's counts");
     // A chat prompt cannot be scored through the completions API.
     let e = client.score(&[req(chat("hi"), "there")]).unwrap_err().to_string();
     assert!(e.contains("text prompts only"), "{e}");

@@ -193,10 +193,14 @@ fn rir_run_serves_the_base_then_the_tuned_gguf_and_leaves_no_engine_behind() {
     let (ok, _, err) = rir_in(&["run", bad.to_str().unwrap(), "--output", out.to_str().unwrap(), "--dry-run"], Some(cache.path()));
     assert!(!ok && err.contains("merge_format") && err.contains("bad.toml:"), "{err}");
 
-    // A missing engine program: the dry run names the file and line of `engine`.
+    // A missing engine program: the dry run names the file and line of
+    // `engine`, per step that would start it (on a fresh output: steps
+    // already done start nothing and are not checked).
     std::fs::write(&bad, tiny_experiment(&ds, "/nonexistent/llama-server {model} {port}")).unwrap();
-    let (ok, _, err) = rir_in(&["run", bad.to_str().unwrap(), "--output", out.to_str().unwrap(), "--dry-run"], Some(cache.path()));
+    let fresh = tmp.path().join("runs-missing");
+    let (ok, _, err) = rir_in(&["run", bad.to_str().unwrap(), "--output", fresh.to_str().unwrap(), "--dry-run"], Some(cache.path()));
     assert!(!ok && err.contains("bad.toml:") && err.contains("[serve]") && err.contains("not found"), "{err}");
+    assert!(err.lines().any(|l| l.trim_start().starts_with("scifact-mini: queries: ")), "{err}");
 
     // Killed outright mid-run: the engine dies with it (parent-death signal).
     let killed = tmp.path().join("killed.toml");

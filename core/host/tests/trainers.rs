@@ -362,6 +362,28 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
     // The base weights come back exactly when no step beat them.
     assert_eq!(h["best_step"].as_u64() == Some(0), cos0 > 0.999999, "best step {} but cosine with the base {cos0}", h["best_step"]);
     assert!(std::fs::read_to_string(out2.join("trainer_log.jsonl")).unwrap().contains("held_out_mrr@10"));
+    // Every checkpoint's cross-entropy is logged; the kept one has the best
+    // MRR@10 and, among those, the lowest cross-entropy.
+    let ce = |x: &serde_json::Value| x[2].as_f64().unwrap();
+    assert!(history.iter().all(|x| ce(x).is_finite() && ce(x) >= 0.0));
+    let kept_ce = h["best_ce"].as_f64().unwrap();
+    assert!(history.iter().filter(|x| x[1].as_f64().unwrap() == best).all(|x| ce(x) >= kept_ce), "{h}");
+
+    // `eval_pool = "all"`: the held-out queries rank every distinct passage
+    // of the file (the 3 held-out examples' 12 and the 9 training ones').
+    let out3 = tmp.path().join("ct-all");
+    let all = TrainJob {
+        output_dir: out3.clone(),
+        params: format!("{}\neval_pool = \"all\"", held.params),
+        ..held.clone()
+    };
+    let r3 = rir::stages::train::run(&host, "contrastive-trainer", "", &all).unwrap();
+    let extra3: serde_json::Value = serde_json::from_str(&r3.extra_json).unwrap();
+    let (p2, p3) = (h["pool"].as_u64().unwrap(), extra3["held_out"]["pool"].as_u64().unwrap());
+    eprintln!("held-out pools: held {p2}, all {p3}");
+    assert_eq!(p2, 12);
+    assert!(p3 > p2 && p3 <= 48, "{p3}");
+    assert!(extra3["held_out"]["metric"].as_str().unwrap().contains("every passage"));
 
     let e = rir::stages::train::run(&host, "contrastive-trainer", "", &TrainJob { params: "batch_size = 1".into(), ..job }).unwrap_err().to_string();
     assert!(e.contains("at least 2"), "{e}");

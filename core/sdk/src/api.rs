@@ -131,6 +131,19 @@ pub struct TokenLogprob {
     pub logprob: f32,
 }
 
+/// What one request cost, as the backend counted it: tokens read and
+/// written (None where the backend cannot tell, e.g. a server that sends no
+/// `usage`) and HTTP retries. A generation request's usage covers all its
+/// `n` completions and rides on the first of them (the others carry None),
+/// as OpenAI's `usage` covers all choices of a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RequestUsage {
+    pub prompt_tokens: Option<u32>,
+    pub completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub retries: u32,
+}
+
 /// One sampled text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Completion {
@@ -138,6 +151,16 @@ pub struct Completion {
     /// "stop", "length", ... as OpenAI reports it.
     pub finish_reason: String,
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// The request's usage, on its first completion only (see [`RequestUsage`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<RequestUsage>,
+}
+
+impl Completion {
+    /// A completion without logprobs or usage.
+    pub fn text(text: impl Into<String>, finish_reason: impl Into<String>) -> Self {
+        Self { text: text.into(), finish_reason: finish_reason.into(), logprobs: None, usage: None }
+    }
 }
 
 /// One scoring request: how likely is `continuation` right after `prompt`?
@@ -156,6 +179,9 @@ pub struct ScoreRequest {
 pub struct Score {
     pub logprob: f64,
     pub tokens: Vec<TokenLogprob>,
+    /// The tokens read (prompt and continuation: `prompt_tokens`) and retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<RequestUsage>,
 }
 
 impl Score {
@@ -344,6 +370,12 @@ pub enum ConfigOf {
     TextRetriever,
     /// A trainer job's `params` table.
     Params,
+    /// A trainer job's `params` table, asked whether the programs the job
+    /// would run (LLaMA-Factory's CLI, torchrun, a Python package) are
+    /// installed here: `Err(PluginError::Resource)` naming each missing one
+    /// and how to install it. Plugins that run nothing outside keep the
+    /// default `Ok`. `rir run` asks before any work (a dry run lists them).
+    Requirements,
 }
 
 impl ConfigOf {
@@ -357,10 +389,11 @@ impl ConfigOf {
             ConfigOf::Index => "index",
             ConfigOf::TextRetriever => "text-retriever",
             ConfigOf::Params => "params",
+            ConfigOf::Requirements => "requirements",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        [ConfigOf::Retriever, ConfigOf::Generator, ConfigOf::Reward, ConfigOf::Trainer, ConfigOf::Index, ConfigOf::TextRetriever, ConfigOf::Params]
+        [ConfigOf::Retriever, ConfigOf::Generator, ConfigOf::Reward, ConfigOf::Trainer, ConfigOf::Index, ConfigOf::TextRetriever, ConfigOf::Params, ConfigOf::Requirements]
             .into_iter().find(|c| c.as_str() == s)
     }
 }

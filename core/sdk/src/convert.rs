@@ -85,6 +85,7 @@ impl From<Completion> for FfiCompletion {
             text: c.text.into(),
             finish_reason: c.finish_reason.into(),
             logprobs: c.logprobs.map(logprobs_to_ffi).into(),
+            usage: c.usage.map(FfiUsage::from).into(),
         }
     }
 }
@@ -94,7 +95,19 @@ impl From<FfiCompletion> for Completion {
             text: c.text.into(),
             finish_reason: c.finish_reason.into(),
             logprobs: c.logprobs.into_option().map(logprobs_from_ffi),
+            usage: c.usage.into_option().map(RequestUsage::from),
         }
+    }
+}
+
+impl From<RequestUsage> for FfiUsage {
+    fn from(u: RequestUsage) -> Self {
+        FfiUsage { prompt_tokens: u.prompt_tokens.into(), completion_tokens: u.completion_tokens.into(), retries: u.retries }
+    }
+}
+impl From<FfiUsage> for RequestUsage {
+    fn from(u: FfiUsage) -> Self {
+        RequestUsage { prompt_tokens: u.prompt_tokens.into_option(), completion_tokens: u.completion_tokens.into_option(), retries: u.retries }
     }
 }
 
@@ -249,12 +262,12 @@ fn logprobs_from_ffi(l: RVec<FfiLogprob>) -> Vec<TokenLogprob> {
 
 impl From<Score> for FfiScore {
     fn from(s: Score) -> Self {
-        FfiScore { logprob: s.logprob, tokens: logprobs_to_ffi(s.tokens) }
+        FfiScore { logprob: s.logprob, tokens: logprobs_to_ffi(s.tokens), usage: s.usage.map(FfiUsage::from).into() }
     }
 }
 impl From<FfiScore> for Score {
     fn from(s: FfiScore) -> Self {
-        Score { logprob: s.logprob, tokens: logprobs_from_ffi(s.tokens) }
+        Score { logprob: s.logprob, tokens: logprobs_from_ffi(s.tokens), usage: s.usage.into_option().map(RequestUsage::from) }
     }
 }
 

@@ -30,7 +30,9 @@ use crate::error::FfiError;
 /// 0.3.0: `validate` checks a config or params table without loading anything.
 /// 0.4.0: reward scores carry the query weight they used and a fallback count.
 /// 0.5.0: text retrievers (`TextRetrieverFfi`: lexical search such as BM25).
-pub const ABI_VERSION: &str = "0.5.0";
+/// 0.6.0: completions and scores carry the request's usage (`FfiUsage`);
+///        `validate` answers "requirements" (the programs a job runs).
+pub const ABI_VERSION: &str = "0.6.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -114,11 +116,20 @@ pub struct FfiLogprob {
 }
 
 #[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug)]
+pub struct FfiUsage {
+    pub prompt_tokens: ROption<u32>,
+    pub completion_tokens: ROption<u32>,
+    pub retries: u32,
+}
+
+#[repr(C)]
 #[derive(StableAbi, Clone, Debug)]
 pub struct FfiCompletion {
     pub text: RString,
     pub finish_reason: RString,
     pub logprobs: ROption<RVec<FfiLogprob>>,
+    pub usage: ROption<FfiUsage>,
 }
 
 #[repr(C)]
@@ -135,6 +146,7 @@ pub struct FfiScoreRequest {
 pub struct FfiScore {
     pub logprob: f64,
     pub tokens: RVec<FfiLogprob>,
+    pub usage: ROption<FfiUsage>,
 }
 
 #[repr(C)]

@@ -217,9 +217,7 @@ impl Trainer for FlagEmbeddingTrainer {
         if p.dry_run {
             return Ok(report());
         }
-        let ready = Command::new(&p.python).args(["-c", "import FlagEmbedding, torch"]).output().map(|o| o.status.success()).unwrap_or(false)
-            && Command::new(&p.torchrun).arg("--help").output().is_ok();
-        if !ready {
+        if missing(&p).is_some() {
             return Err(PluginError::Unsupported(format!(
                 "FlagEmbedding and torchrun are not available here (pip install FlagEmbedding on a GPU machine); the command is written: sh {}",
                 sh.display()
@@ -236,6 +234,28 @@ impl Trainer for FlagEmbeddingTrainer {
     }
 }
 
+/// What of FlagEmbedding's stack is not here: its Python package (with
+/// torch) and torchrun.
+fn missing(p: &FeParams) -> Option<String> {
+    let mut gone = Vec::new();
+    if !Command::new(&p.python).args(["-c", "import FlagEmbedding, torch"]).output().is_ok_and(|o| o.status.success()) {
+        gone.push(format!("FlagEmbedding and torch for `{}`", p.python));
+    }
+    if Command::new(&p.torchrun).arg("--help").output().is_err() {
+        gone.push(format!("`{}`", p.torchrun));
+    }
+    (!gone.is_empty()).then(|| format!("{} {} not installed here (pip install FlagEmbedding, on a GPU machine)", gone.join(" and "), if gone.len() > 1 { "are" } else { "is" }))
+}
+
+/// What a job with these params runs that is not here (nothing for `dry_run`).
+fn requirements(params: &str) -> PluginResult<()> {
+    let p: FeParams = config::parse(params)?;
+    match missing(&p) {
+        Some(m) if !p.dry_run => Err(PluginError::resource(m)),
+        _ => Ok(()),
+    }
+}
+
 rir_sdk::export_plugin! {
     name: "flagembedding-trainer",
     description: "Retriever fine-tuning with FlagEmbedding under torchrun (knowledge distillation from the generator's order)",
@@ -243,6 +263,7 @@ rir_sdk::export_plugin! {
     validate: |what, text| match what {
         rir_sdk::ConfigOf::Trainer => config::check::<NoKeys>(text),
         rir_sdk::ConfigOf::Params => config::check::<FeParams>(text),
+        rir_sdk::ConfigOf::Requirements => requirements(text),
         _ => Ok(()),
     },
 }

@@ -47,7 +47,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use rir_sdk::{config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, Score, ScoreRequest, TokenLogprob};
+use rir_sdk::{config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, RequestUsage, Score, ScoreRequest, TokenLogprob};
 use serde::Deserialize;
 
 pub use rir_llama::{export_hf, load, load_gguf, load_hf, merge_lora, model, sampler, Assets, Llama};
@@ -234,7 +234,7 @@ impl LlamaGenerator {
         jobs: &[(usize, usize)],
         prompts: &[Vec<u32>],
         requests: &[GenerationRequest],
-        out: &mut [Vec<Option<Completion>>],
+        out: &mut [Vec<Option<(Completion, u32)>>],
     ) -> PluginResult<()> {
         let mut uniq: Vec<usize> = jobs.iter().map(|j| j.0).collect();
         uniq.dedup();
@@ -283,11 +283,10 @@ impl LlamaGenerator {
                 }
                 match finish {
                     Some(f) => {
-                        out[s.req][s.sample] = Some(Completion {
-                            text: s.text,
-                            finish_reason: f.into(),
-                            logprobs: r.logprobs.then_some(s.logprobs),
-                        })
+                        // Tokens sampled: the kept ones and an end-of-sequence one (never kept).
+                        let sampled = s.out.len() as u32 + u32::from(self.assets.eos_ids.contains(&tok));
+                        let c = Completion { text: s.text, finish_reason: f.into(), logprobs: r.logprobs.then_some(s.logprobs), usage: None };
+                        out[s.req][s.sample] = Some((c, sampled))
                     }
                     None => {
                         next.push(tok);
@@ -414,7 +413,9 @@ impl LlamaGenerator {
                         if let Some(h) = first[i] {
                             tokens.insert(0, TokenLogprob { token: tok(h), logprob: 0.0 });
                         }
-                        out[i] = Some(Score { logprob, tokens });
+                        // Tokens read: the prompt's (shared prompts counted per request, as a server would) and the continuation's.
+                        let read = (prompts[conts[i].0].len() + conts[i].1.len()) as u32;
+                        out[i] = Some(Score { logprob, tokens, usage: Some(RequestUsage { prompt_tokens: Some(read), completion_tokens: Some(0), retries: 0 }) });
                     }
                 }
             }
@@ -454,7 +455,8 @@ impl Generator for LlamaGenerator {
             })
             .collect::<PluginResult<Vec<_>>>()?;
         let _busy = self.busy.lock().map_err(|_| PluginError::other("generator lock poisoned"))?;
-        let mut out: Vec<Vec<Option<Completion>>> = requests.iter().map(|r| vec![None; r.n as usize]).collect();
+        // Each sample with the tokens it sampled, for the request's usage.
+        let mut out: Vec<Vec<Option<(Completion, u32)>>> = requests.iter().map(|r| vec![None; r.n as usize]).collect();
         // Similar lengths share a batch so little is spent on padding.
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
@@ -468,7 +470,19 @@ impl Generator for LlamaGenerator {
             }
             Ok::<_, PluginError>(())
         })?;
-        Ok(out.into_iter().map(|v| v.into_iter().flatten().collect()).collect())
+        // Each request's usage on its first completion: its prompt and every sample's tokens.
+        Ok(out
+            .into_iter()
+            .zip(&prompts)
+            .map(|(v, prompt)| {
+                let (mut v, sampled): (Vec<Completion>, Vec<u32>) = v.into_iter().flatten().unzip();
+                let written = sampled.iter().sum();
+                if let Some(c) = v.first_mut() {
+                    c.usage = Some(RequestUsage { prompt_tokens: Some(prompt.len() as u32), completion_tokens: Some(written), retries: 0 });
+                }
+                v
+            })
+            .collect())
     }
 }
 

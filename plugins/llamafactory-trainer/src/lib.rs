@@ -232,6 +232,15 @@ fn available(cli: &str) -> bool {
     Command::new(cli).arg("version").output().is_ok()
 }
 
+/// What a job with these params runs that is not here (nothing for `dry_run`).
+fn requirements(params: &str) -> PluginResult<()> {
+    let p: LfParams = config::parse(params)?;
+    if p.dry_run || available(&p.cli) {
+        return Ok(());
+    }
+    Err(PluginError::resource(format!("`{}` is not installed here (pip install llamafactory, on a GPU machine)", p.cli)))
+}
+
 pub struct LlamaFactoryTrainer;
 
 impl LlamaFactoryTrainer {
@@ -314,6 +323,7 @@ rir_sdk::export_plugin! {
     validate: |what, text| match what {
         rir_sdk::ConfigOf::Trainer => config::check::<NoKeys>(text),
         rir_sdk::ConfigOf::Params => config::check::<LfParams>(text),
+        rir_sdk::ConfigOf::Requirements => requirements(text),
         _ => Ok(()),
     },
 }

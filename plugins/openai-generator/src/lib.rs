@@ -11,7 +11,14 @@
 //! backoff_ms = 500                 # first retry delay; doubles, with jitter; Retry-After wins
 //! max_n = 0                        # cap on n per request (0: none; learned from 400s)
 //! identity = "..."                 # optional: names the model in caches instead of the URL
+//! tokenizer = "hf:Qwen/Qwen2.5-7B-Instruct"  # optional: counts tokens when the server sends no `usage`
 //! ```
+//!
+//! Usage: each request's prompt and completion tokens are the server's
+//! `usage`; a server that sends none has them counted with `tokenizer`
+//! (a `tokenizer.json`, or a model source whose directory holds one) over
+//! the prompt's text (a chat's message contents, without the template's
+//! few tokens) and each choice's text, or left uncounted without one.
 //!
 //! `identity` is for servers whose address changes between starts of the
 //! same model (`rir run` sets it for the engines it starts, `[serve]`, on a
@@ -34,8 +41,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use rir_models::api::{self, ApiClient, ApiSettings, CallError};
 use rir_sdk::{
-    config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, Score,
-    ScoreRequest, TokenLogprob,
+    config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt,
+    RequestUsage, Score, ScoreRequest, TokenLogprob,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -58,6 +65,8 @@ pub struct OpenAiConfig {
     pub max_n: u32,
     #[serde(default)]
     pub identity: Option<String>,
+    #[serde(default)]
+    pub tokenizer: Option<String>,
 }
 
 impl OpenAiConfig {
@@ -93,6 +102,8 @@ pub struct OpenAiGenerator {
     concurrency: usize,
     /// Largest n the server accepted or was configured with (0: unknown).
     max_n: AtomicU32,
+    /// Counts tokens when the server sends no `usage`.
+    counter: Option<api::TokenCounter>,
 }
 
 impl OpenAiGenerator {
@@ -110,7 +121,9 @@ impl OpenAiGenerator {
     pub fn new(config_toml: &str) -> PluginResult<Self> {
         let cfg = Self::checked(config_toml)?;
         let client = ApiClient::new(&cfg.api())?;
+        let counter = cfg.tokenizer.as_deref().map(|t| api::TokenCounter::load(t, &rir_sdk::host().cache_dir)).transpose()?;
         Ok(Self {
+            counter,
             identity: cfg.identity.unwrap_or_else(|| client.base().to_owned()),
             client,
             model: cfg.model,
@@ -154,6 +167,8 @@ impl OpenAiGenerator {
     /// All `r.n` completions for one request, splitting n when the server caps it.
     fn one(&self, r: &GenerationRequest) -> PluginResult<Vec<Completion>> {
         let mut out = Vec::with_capacity(r.n as usize);
+        // Summed over the HTTP calls a split n takes; None once one lacks `usage`.
+        let mut usage = RequestUsage { prompt_tokens: Some(0), completion_tokens: Some(0), retries: 0 };
         while out.len() < r.n as usize {
             let left = r.n - out.len() as u32;
             let cap = self.max_n.load(Ordering::Relaxed);
@@ -161,8 +176,20 @@ impl OpenAiGenerator {
             // Split requests get distinct seeds so they do not repeat each other.
             let seed = r.seed.map(|s| s + out.len() as u64);
             let (path, body) = self.body(r, n, seed);
-            match self.client.post(&path, &body) {
-                Ok(v) => out.extend(parse_choices(&v, &path, n)?),
+            let (answer, retries) = self.client.post_counted(&path, &body);
+            usage.retries += retries;
+            match answer {
+                Ok(v) => {
+                    let choices = parse_choices(&v, &path, n)?;
+                    let mut reported = reported_usage(&v);
+                    if let Some(c) = &self.counter {
+                        reported.prompt_tokens = reported.prompt_tokens.or_else(|| Some(c.count(&prompt_text(&r.prompt))));
+                        reported.completion_tokens = reported.completion_tokens.or_else(|| Some(choices.iter().map(|x| c.count(&x.text)).sum()));
+                    }
+                    out.extend(choices);
+                    usage.prompt_tokens = usage.prompt_tokens.zip(reported.prompt_tokens).map(|(a, b)| a + b);
+                    usage.completion_tokens = usage.completion_tokens.zip(reported.completion_tokens).map(|(a, b)| a + b);
+                }
                 // A 400 for n > 1: the server caps n (OpenAI's o-series, some engines).
                 Err(CallError::Refused { status: 400, message: msg, .. }) if n > 1 => {
                     let new_cap = (n / 2).max(1);
@@ -174,8 +201,26 @@ impl OpenAiGenerator {
                 Err(e) => return Err(e.into_plugin_error()),
             }
         }
+        if let Some(c) = out.first_mut() {
+            c.usage = Some(usage);
+        }
         Ok(out)
     }
+}
+
+/// A prompt's text as a tokenizer counts it: a chat's message contents.
+fn prompt_text(p: &Prompt) -> String {
+    match p {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(m) => m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
+    }
+}
+
+/// The response's `usage` (OpenAI, vLLM, llama.cpp's server and `rir serve`
+/// send it); None for the counts a server leaves out.
+fn reported_usage(v: &Value) -> RequestUsage {
+    let count = |k: &str| v.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).map(|n| n as u32);
+    RequestUsage { prompt_tokens: count("prompt_tokens"), completion_tokens: count("completion_tokens"), retries: 0 }
 }
 
 fn parse_choices(v: &Value, path: &str, n: u32) -> PluginResult<Vec<Completion>> {
@@ -242,11 +287,7 @@ fn parse_choices(v: &Value, path: &str, n: u32) -> PluginResult<Vec<Completion>>
             } else {
                 None
             };
-            Ok(Completion {
-                text,
-                finish_reason,
-                logprobs,
-            })
+            Ok(Completion { text, finish_reason, logprobs, usage: None })
         })
         .collect()
 }
@@ -284,7 +325,8 @@ fn parse_echo(v: &Value, prompt: &str, continuation: &str) -> PluginResult<Score
     if tokens.is_empty() {
         return Err(bad("no token at or after the continuation's offset"));
     }
-    Ok(Score { logprob: tokens.iter().map(|t| t.logprob as f64).sum(), tokens })
+    let usage = RequestUsage { completion_tokens: Some(0), ..reported_usage(v) };
+    Ok(Score { logprob: tokens.iter().map(|t| t.logprob as f64).sum(), tokens, usage: Some(usage) })
 }
 
 impl OpenAiGenerator {
@@ -300,8 +342,17 @@ impl OpenAiGenerator {
             "model": self.model, "prompt": format!("{prompt}{}", r.continuation), "max_tokens": 0,
             "echo": true, "logprobs": 0, "temperature": 0.0,
         });
-        match self.client.post("completions", &body) {
-            Ok(v) => parse_echo(&v, prompt, &r.continuation),
+        let (answer, retries) = self.client.post_counted("completions", &body);
+        match answer {
+            Ok(v) => parse_echo(&v, prompt, &r.continuation).map(|mut s| {
+                if let Some(u) = s.usage.as_mut() {
+                    u.retries = retries;
+                    if let (None, Some(c)) = (u.prompt_tokens, &self.counter) {
+                        u.prompt_tokens = Some(c.count(&format!("{prompt}{}", r.continuation)));
+                    }
+                }
+                s
+            }),
             Err(e) => Err(e.into_plugin_error()),
         }
     }
@@ -333,7 +384,20 @@ rir_sdk::export_plugin! {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_echo, OpenAiGenerator};
+    use super::{parse_echo, reported_usage, OpenAiGenerator};
+    use rir_sdk::RequestUsage;
+
+    #[test]
+    fn usage_is_read_as_the_server_reports_it() {
+        let v = serde_json::json!({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}});
+        assert_eq!(reported_usage(&v), RequestUsage { prompt_tokens: Some(12), completion_tokens: Some(30), retries: 0 });
+        // A server without `usage` leaves the counts unknown, not zero.
+        assert_eq!(reported_usage(&serde_json::json!({"choices": []})), RequestUsage::default());
+        // Echo scoring (max_tokens 0): what was read, nothing written.
+        let v = serde_json::json!({"choices": [{"logprobs": {"tokens": ["Q", " a"], "token_logprobs": [null, -1.0], "text_offset": [0, 1]}}],
+                                   "usage": {"prompt_tokens": 2, "completion_tokens": 0}});
+        assert_eq!(parse_echo(&v, "Q", " a").unwrap().usage, Some(RequestUsage { prompt_tokens: Some(2), completion_tokens: Some(0), retries: 0 }));
+    }
 
     #[test]
     fn permanent_setup_mistakes_fail_at_once() {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use rir_sdk::{Completion, GenerationRequest, Generator, PluginError, PluginResult, Score, ScoreRequest};
+use rir_sdk::{Completion, GenerationRequest, Generator, PluginError, PluginResult, RequestUsage, Score, ScoreRequest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -28,6 +28,127 @@ pub enum GenerateError {
     /// The generator plugin failed.
     #[error("generator: {0}")]
     Plugin(#[from] PluginError),
+}
+
+/// What generation cost, summed over every call through this module (a
+/// stage's share is the difference of two [`ledger`] readings): requests
+/// sent and answered from the cache, tokens as the backend counted them,
+/// retries and seconds spent waiting for the generator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationUsage {
+    /// Requests sent to the generator (a request for n samples counts once).
+    pub requests: u64,
+    /// Requests answered from the cache (nothing spent).
+    pub cached: u64,
+    /// Tokens read (prompts; for scoring, prompt and continuation).
+    pub prompt_tokens: u64,
+    /// Tokens written (every sample's).
+    pub completion_tokens: u64,
+    /// Requests whose backend reported no token counts (a server without
+    /// `usage`): the token sums leave them out.
+    #[serde(default)]
+    pub uncounted: u64,
+    /// HTTP retries (rate limits, server errors).
+    #[serde(default)]
+    pub retries: u64,
+    /// Wall-clock seconds inside generator calls.
+    pub seconds: f64,
+}
+
+impl GenerationUsage {
+    /// Nothing asked of a generator.
+    pub fn is_empty(&self) -> bool {
+        self.requests == 0 && self.cached == 0
+    }
+
+    /// What was spent since `earlier` (a reading of the same ledger).
+    pub fn since(&self, earlier: &GenerationUsage) -> GenerationUsage {
+        GenerationUsage {
+            requests: self.requests - earlier.requests,
+            cached: self.cached - earlier.cached,
+            prompt_tokens: self.prompt_tokens - earlier.prompt_tokens,
+            completion_tokens: self.completion_tokens - earlier.completion_tokens,
+            uncounted: self.uncounted - earlier.uncounted,
+            retries: self.retries - earlier.retries,
+            seconds: self.seconds - earlier.seconds,
+        }
+    }
+
+    /// Adds `other` (summing stages for a total).
+    pub fn add(&mut self, o: &GenerationUsage) {
+        self.requests += o.requests;
+        self.cached += o.cached;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.uncounted += o.uncounted;
+        self.retries += o.retries;
+        self.seconds += o.seconds;
+    }
+
+    fn record(&mut self, u: Option<RequestUsage>) {
+        self.requests += 1;
+        match u {
+            Some(u) => {
+                self.retries += u64::from(u.retries);
+                match (u.prompt_tokens, u.completion_tokens) {
+                    (Some(p), Some(c)) => {
+                        self.prompt_tokens += u64::from(p);
+                        self.completion_tokens += u64::from(c);
+                    }
+                    _ => self.uncounted += 1,
+                }
+            }
+            None => self.uncounted += 1,
+        }
+    }
+}
+
+/// A price per million tokens read and written (a hosted API's), for the
+/// cost column of `rir run`'s summary and the dry run's estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Per million prompt (input) tokens.
+    pub input: f64,
+    /// Per million completion (output) tokens.
+    pub output: f64,
+}
+
+impl Price {
+    /// What `prompt` and `completion` tokens cost.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
+    }
+}
+
+static LEDGER: std::sync::Mutex<GenerationUsage> = std::sync::Mutex::new(GenerationUsage {
+    requests: 0,
+    cached: 0,
+    prompt_tokens: 0,
+    completion_tokens: 0,
+    uncounted: 0,
+    retries: 0,
+    seconds: 0.0,
+});
+
+/// The process's generation usage so far.
+pub fn ledger() -> GenerationUsage {
+    *LEDGER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The usage a generator reported for one answered request.
+trait Usage {
+    fn usage(&self) -> Option<RequestUsage>;
+}
+impl Usage for Vec<Completion> {
+    fn usage(&self) -> Option<RequestUsage> {
+        self.first().and_then(|c| c.usage)
+    }
+}
+impl Usage for Score {
+    fn usage(&self) -> Option<RequestUsage> {
+        self.usage
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -181,7 +302,7 @@ fn score_with(
 /// is there, the rest through `call` in chunks of `batch`, each chunk's
 /// results handed to `write` (the cache file) as soon as they arrive.
 /// Returns the results in request order and how many came from the cache.
-fn fill<R: Clone, O: Clone>(
+fn fill<R: Clone, O: Clone + Usage>(
     requests: &[R],
     keys: &[String],
     cached: &HashMap<String, O>,
@@ -192,9 +313,18 @@ fn fill<R: Clone, O: Clone>(
 ) -> Result<(Vec<O>, usize), GenerateError> {
     let mut out: Vec<Option<O>> = keys.iter().map(|k| cached.get(k).cloned()).collect();
     let todo: Vec<usize> = (0..requests.len()).filter(|&i| out[i].is_none()).collect();
+    LEDGER.lock().unwrap_or_else(|e| e.into_inner()).cached += (requests.len() - todo.len()) as u64;
     for chunk in todo.chunks(batch.max(1)) {
         let reqs: Vec<R> = chunk.iter().map(|&i| requests[i].clone()).collect();
+        let t = std::time::Instant::now();
         let got = call(&reqs)?;
+        {
+            let mut l = LEDGER.lock().unwrap_or_else(|e| e.into_inner());
+            l.seconds += t.elapsed().as_secs_f64();
+            for o in &got {
+                l.record(o.usage());
+            }
+        }
         let recs: Vec<(String, O)> = chunk.iter().zip(&got).map(|(&i, o)| (keys[i].clone(), o.clone())).collect();
         write(&recs)?;
         for (&i, o) in chunk.iter().zip(got) {

@@ -17,6 +17,7 @@ pub mod train;
 pub mod eval;
 pub mod fuse;
 pub mod rerank;
+pub mod estimate;
 
 use std::path::Path;
 

@@ -238,6 +238,9 @@ pub fn judge_prompt(task: &Task, query: &str, passage: &str) -> Prompt {
     ))])
 }
 
+/// Tokens a judgement may take (its answer is a 0 or a 1).
+pub const JUDGE_MAX_TOKENS: u32 = 4;
+
 /// The first 0 or 1 in a judge's answer.
 pub fn parse_judgement(text: &str) -> Option<bool> {
     text.chars().find(|c| *c == '0' || *c == '1').map(|c| c == '1')
@@ -450,7 +453,7 @@ fn run(
     let verdicts: Vec<bool> = if cfg.judge {
         let jreqs: Vec<GenerationRequest> = candidates
             .iter()
-            .map(|&j| GenerationRequest::greedy(judge_prompt(task, &texts[j], &passages[owner[j]]), 4))
+            .map(|&j| GenerationRequest::greedy(judge_prompt(task, &texts[j], &passages[owner[j]]), JUDGE_MAX_TOKENS))
             .collect();
         let (answers, cached2) = generate_all(generator, &jreqs, cache, cfg.batch, "judge").map_err(err)?;
         stats.from_cache += cached2;

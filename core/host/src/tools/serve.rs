@@ -396,6 +396,7 @@ fn echo(g: &dyn Generator, prompts: &[String]) -> (u16, Value) {
         Err(e) => return error(500, "server_error", e),
     };
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let usage = usage_json(scores.iter().map(|s| s.usage));
     let choices: Vec<Value> = prompts
         .iter()
         .zip(scores)
@@ -413,11 +414,29 @@ fn echo(g: &dyn Generator, prompts: &[String]) -> (u16, Value) {
                                 "text_offset": offsets, "top_logprobs": Value::Null}})
         })
         .collect();
-    (200, json!({"id": next_id("cmpl"), "object": "text_completion", "created": created, "model": g.model_name(), "choices": choices}))
+    let mut v = json!({"id": next_id("cmpl"), "object": "text_completion", "created": created, "model": g.model_name(), "choices": choices});
+    if let Some(u) = usage {
+        v["usage"] = u;
+    }
+    (200, v)
+}
+
+/// OpenAI's `usage` object for requests' usages (None when the generator
+/// did not count every one of them: no usage rather than a wrong one).
+fn usage_json(usages: impl Iterator<Item = Option<rir_sdk::RequestUsage>>) -> Option<Value> {
+    let (mut p, mut c) = (0u64, 0u64);
+    for u in usages {
+        let u = u?;
+        p += u64::from(u.prompt_tokens?);
+        c += u64::from(u.completion_tokens?);
+    }
+    Some(json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}))
 }
 
 fn response(g: &dyn Generator, chat: bool, reqs: &[GenerationRequest], out: Vec<Vec<Completion>>) -> Value {
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    // Each request's usage rides on its first completion.
+    let usage = usage_json(out.iter().map(|v| v.first().and_then(|c| c.usage)));
     let mut choices = Vec::new();
     for (c, r) in out.into_iter().flatten().zip(reqs.iter().flat_map(|r| std::iter::repeat_n(r, r.n as usize))) {
         let index = choices.len();
@@ -431,11 +450,15 @@ fn response(g: &dyn Generator, chat: bool, reqs: &[GenerationRequest], out: Vec<
                                                  "token_logprobs": l.iter().map(|t| t.logprob).collect::<Vec<_>>()}))})
         });
     }
-    json!({
+    let mut v = json!({
         "id": next_id(if chat { "chatcmpl" } else { "cmpl" }),
         "object": if chat { "chat.completion" } else { "text_completion" },
         "created": created,
         "model": g.model_name(),
         "choices": choices,
-    })
+    });
+    if let Some(u) = usage {
+        v["usage"] = u;
+    }
+    v
 }

@@ -86,7 +86,7 @@ impl Generator for Probe {
                     Prompt::Chat(m) => m.last().map(|m| m.content.clone()).unwrap_or_default(),
                 };
                 (0..r.n)
-                    .map(|i| Completion { text: format!("{last} #{i}"), finish_reason: "stop".into(), logprobs: None })
+                    .map(|i| Completion::text(format!("{last} #{i}"), "stop"))
                     .collect()
             })
             .collect())
