@@ -1662,7 +1662,9 @@ fn slug(s: &str) -> String {
 }
 
 /// The comparison of all variants across datasets, against the first
-/// variant: printed form returned, md / latex / csv / json saved.
+/// variant: printed form returned, md / latex / csv / json saved, and each
+/// variant's results as MTEB TaskResult files under `mteb/`, and its plots
+/// under `plots/`.
 fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<String, HostError> {
     let results = files.iter().map(|p| crate::engine::report::Results::read(p)).collect::<Result<Vec<_>, _>>()?;
     let opts = crate::engine::report::TableOptions {
@@ -1677,6 +1679,15 @@ fn write_tables(exp: &Experiment, files: &[PathBuf], root: &Path) -> Result<Stri
     for (ext, f) in [("md", "md"), ("tex", "latex"), ("csv", "csv"), ("json", "json")] {
         let fmt: crate::engine::report::Format = f.parse().map_err(HostError::Input)?;
         crate::util::files::write_atomic(&root.join(format!("table.{ext}")), crate::engine::report::render(&cmp, fmt, true).as_bytes())?;
+    }
+    // The same numbers as MTEB's results folder holds them (one model folder a variant).
+    crate::engine::mteb::write(&results, &root.join("mteb"))?;
+    // The variants as bars and each one's per-query difference from the
+    // baseline; a plot that fails costs a warning, not the run.
+    if let Some(m) = opts.measures.first() {
+        if let Err(e) = crate::engine::plots::comparison(&results, opts.baseline.as_deref(), m, &root.join("plots")) {
+            log::warn!("comparison plots not drawn: {e}");
+        }
     }
     Ok(crate::engine::report::render(&cmp, crate::engine::report::Format::Terminal, true))
 }

@@ -508,6 +508,15 @@ struct TableArgs {
     /// Leave out the deltas against the baseline
     #[arg(long)]
     no_delta: bool,
+    /// Also draw the runs under DIR (SVG and PNG): per dataset, the first
+    /// measure as bars (variants.DATASET) and each run's per-query
+    /// difference from the baseline, sorted (delta.RUN.DATASET)
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+    /// Also write each run's results as MTEB's TaskResult JSON under DIR
+    /// (DIR/RUN/no_revision_available/TASK.json, MTEB's results layout)
+    #[arg(long, value_name = "DIR")]
+    mteb: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -769,7 +778,7 @@ fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
     }
     if let Some(table) = &out.table {
         println!("{table}");
-        println!("tables: {}/table.{{md,tex,csv,json}}; manifest: {}/manifest.json; log: {}/run.log", out.root.display(), out.root.display(), out.root.display());
+        println!("tables: {}/table.{{md,tex,csv,json}}, plots: {}/plots, MTEB results: {}/mteb; manifest: {}/manifest.json; log: {}/run.log", out.root.display(), out.root.display(), out.root.display(), out.root.display(), out.root.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1190,6 +1199,16 @@ fn table_cmd(a: &TableArgs) -> Result<ExitCode> {
     let format: report::Format = a.format.parse().map_err(anyhow::Error::msg)?;
     let cmp = report::compare(&results, &opts)?;
     print!("{}", report::render(&cmp, format, opts.show_delta));
+    if let Some(dir) = &a.plot {
+        let measure = opts.measures.first().or_else(|| results[0].evaluation.measures.first()).copied();
+        let measure = measure.ok_or_else(|| anyhow::anyhow!("--plot: the results hold no measure"))?;
+        let files = rir::engine::plots::comparison(&results, Some(&cmp.baseline), &measure, dir)?;
+        eprintln!("plots: {} file(s) under {}", files.len(), dir.display());
+    }
+    if let Some(dir) = &a.mteb {
+        let written = rir::engine::mteb::write(&results, dir)?;
+        eprintln!("MTEB results: {} file(s) under {}", written.len(), dir.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -195,6 +195,15 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     let after = names(&run_dir);
     assert!(!after.iter().any(|n| n.ends_with(".partial")), "{after:?}");
     assert!(stdout.contains("+RLRF") && stdout.contains("nDCG@10"), "the comparison table: {stdout}");
+    // Each trainer's curves beside its model: one SVG and one PNG per
+    // value its log holds at two or more distinct points.
+    let dpo = run_dir.join(after.iter().find(|n| n.starts_with("rlrf-train")).expect("the DPO step"));
+    let log = std::fs::read_to_string(dpo.join("trainer_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64()).collect();
+    let varied = losses.windows(2).any(|w| w[0] != w[1]);
+    assert_eq!(dpo.join("training_loss.svg").is_file() && dpo.join("training_loss.png").is_file(), varied, "{log}");
+    let curves = std::fs::read_dir(&dpo).unwrap().filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("training_")).count();
+    assert!(curves >= 2 && curves % 2 == 0, "{curves} curve files in {}", dpo.display());
     // The lexical row: BM25 through the text-retriever kind, in the same table.
     let bm25 = names(&run_dir).into_iter().find(|n| n.starts_with("eval-BM25-")).expect("a BM25 eval step");
     let r = rir::engine::report::Results::read(&run_dir.join(&bm25).join("BM25.scifact-mini.json")).unwrap();
@@ -227,6 +236,14 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     for f in ["table.md", "table.tex", "table.csv", "table.json", "manifest.json", "run.log"] {
         assert!(out.join("tiny").join(f).is_file(), "{f}");
     }
+    // The variants as bars and each one's per-query difference from the baseline.
+    for f in ["variants.scifact-mini.svg", "variants.scifact-mini.png", "delta.BM25.scifact-mini.svg"] {
+        assert!(out.join("tiny/plots").join(f).is_file(), "{f}");
+    }
+    // Each variant's results as MTEB's TaskResult (a dataset MTEB does not know keeps its name).
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("tiny/mteb/BM25/no_revision_available/scifact-mini.json")).unwrap()).unwrap();
+    assert_eq!((t["task_name"].as_str(), t["scores"]["test"][0]["hf_subset"].as_str()), (Some("scifact-mini"), Some("default")));
+    assert!(t["scores"]["test"][0]["main_score"].is_number(), "{t}");
     let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tiny/manifest.json")).unwrap()).unwrap();
     assert!(m["plugins"]["dpo-trainer"]["sha256"].as_str().is_some_and(|s| s.len() == 64));
     // The run's peak is the largest of the steps this process ran (the

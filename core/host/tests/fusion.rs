@@ -1,6 +1,7 @@
 //! Rank fusion against ranx's `fuse` on real SciFact runs (BM25 and MiniLM):
 //! every method and normalisation rir offers gives ranx's scores (1e-6) and
-//! ranking; and `rir fuse`'s refusals.
+//! ranking; `rir fuse`'s refusals; rir's run files read by ranx as named,
+//! and `rir table --mteb`'s MTEB results.
 
 mod common;
 
@@ -108,8 +109,52 @@ fn fusion_matches_ranx_on_scifact_bm25_and_minilm() {
     let r = runfile::read(&out.path().join("rrf.scifact.trec")).unwrap();
     assert_eq!(r, ours["rrf"]);
     let res = |n: &str| out.path().join(format!("{n}.scifact.json")).to_str().unwrap().to_owned();
-    let (ok, table, err) = rir(&["table", &res("minilm"), &res("bm25"), &res("rrf"), "--format", "md"]);
+    let mteb = out.path().join("mteb");
+    let (ok, table, err) = rir(&["table", &res("minilm"), &res("bm25"), &res("rrf"), "--format", "md", "--mteb", mteb.to_str().unwrap()]);
     assert!(ok && table.contains("| rrf |"), "{err}{table}");
+
+    // The same results as MTEB's TaskResult files, in MTEB's layout, with
+    // the fields MTEB's loader checks (main_score; hf_subset a string;
+    // languages a list) and rir's values under MTEB's names.
+    for name in ["minilm", "bm25", "rrf"] {
+        let ours: serde_json::Value = serde_json::from_slice(&std::fs::read(res(name)).unwrap()).unwrap();
+        let f = mteb.join(name).join("no_revision_available/SciFact.json");
+        let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()))).unwrap();
+        assert_eq!(t["task_name"], "SciFact");
+        assert!(t["dataset_revision"].is_string() && t["mteb_version"].is_null() && t["evaluation_time"].is_number(), "{t}");
+        let s = &t["scores"]["test"][0];
+        assert_eq!(s["hf_subset"], "default");
+        assert_eq!(s["languages"], serde_json::json!(["eng-Latn"]));
+        let ndcg = ours["evaluation"]["aggregate"]["nDCG@10"].as_f64().unwrap();
+        assert!((s["main_score"].as_f64().unwrap() - ndcg).abs() < 1e-6 && (s["ndcg_at_10"].as_f64().unwrap() - ndcg).abs() < 1e-6, "{s} vs {ndcg}");
+        for (key, measure) in [("recall_at_100", "R@100"), ("mrr_at_10", "RR@10"), ("map_at_100", "AP@100"), ("precision_at_10", "P@10")] {
+            let v = ours["evaluation"]["aggregate"][measure].as_f64().unwrap();
+            assert!((s[key].as_f64().unwrap() - v).abs() < 1e-6, "{key}: {s} vs {v}");
+        }
+    }
+    // A run name that would leave the folder is refused.
+    let (ok, _, err) = rir(&["table", &res("minilm"), &res("bm25"), "--names", "a,..", "--mteb", mteb.to_str().unwrap()]);
+    assert!(!ok && err.contains("must not start with `.`"), "{err}");
+
+    // ranx reads rir's run files as they are named (kind from the `.trec`
+    // extension, the run's name from the tag column) and gets rir's numbers.
+    let qrels = m.join("beir/scifact/qrels/test.tsv");
+    let py = Command::new(python())
+        .arg(root().join("tests/python/ranx_read.py"))
+        .arg(out.path().join("minilm.scifact.trec"))
+        .arg(&qrels)
+        .args(["ndcg@10", "recall@100", "mrr@10"])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "ranx: {}", String::from_utf8_lossy(&py.stderr));
+    let ranx: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
+    let ours: serde_json::Value = serde_json::from_slice(&std::fs::read(res("minilm")).unwrap()).unwrap();
+    assert_eq!(ranx["name"], "minilm");
+    assert_eq!(ranx["queries"], 300);
+    for (theirs, measure) in [("ndcg@10", "nDCG@10"), ("recall@100", "R@100"), ("mrr@10", "RR@10")] {
+        let (a, b) = (ranx[theirs].as_f64().unwrap(), ours["evaluation"]["aggregate"][measure].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-6, "{measure}: ranx {a} vs rir {b}");
+    }
 }
 
 #[test]

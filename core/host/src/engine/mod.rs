@@ -14,3 +14,5 @@ pub mod metrics;
 pub mod stats;
 pub mod runfile;
 pub mod report;
+pub mod mteb;
+pub mod plots;

@@ -97,6 +97,13 @@ pub fn run(host: &PluginHost, trainer: &str, trainer_config: &str, job: &TrainJo
     // renames a finished stage's directory, which would leave them stale.
     relative_to(&mut v, &job.output_dir);
     crate::util::files::write_json(&job.output_dir.join("train_report.json"), &v)?;
+    // Its curves beside it, as LLaMA-Factory's plot_loss draws them; a
+    // plot that fails costs a warning, never the trained model.
+    match crate::engine::plots::training_curves(&job.output_dir) {
+        Ok(files) if !files.is_empty() => log::info!("training curves: {} files in {}", files.len(), job.output_dir.display()),
+        Ok(_) => {}
+        Err(e) => log::warn!("training curves not drawn: {e}"),
+    }
     Ok(report)
 }
 
