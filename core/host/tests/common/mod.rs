@@ -184,10 +184,15 @@ impl Drop for LlamaServer {
 /// The first 300 SciFact documents, all test queries, and the test qrels
 /// that judge those documents, as a BEIR folder `dir/name`.
 pub fn mini_scifact(dir: &Path, name: &str) -> PathBuf {
+    mini_scifact_of(dir, name, 300)
+}
+
+/// [`mini_scifact`] with the first `docs` documents.
+pub fn mini_scifact_of(dir: &Path, name: &str, docs: usize) -> PathBuf {
     let src = mirror().join("beir/scifact");
     let d = dir.join(name);
     std::fs::create_dir_all(d.join("qrels")).unwrap();
-    let corpus: Vec<String> = std::fs::read_to_string(src.join("corpus.jsonl")).unwrap().lines().take(300).map(str::to_owned).collect();
+    let corpus: Vec<String> = std::fs::read_to_string(src.join("corpus.jsonl")).unwrap().lines().take(docs).map(str::to_owned).collect();
     let ids: std::collections::HashSet<String> =
         corpus.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["_id"].to_string().trim_matches('"').to_owned()).collect();
     std::fs::write(d.join("corpus.jsonl"), corpus.join("\n") + "\n").unwrap();
