@@ -302,7 +302,7 @@ pub fn training_curves(dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
         if points.len() < 2 || constant {
             continue;
         }
-        let file: String = key.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+        let file = crate::util::paths::sanitize(&key);
         let mut series = vec![Series { name: "original".into(), points: points.clone() }];
         if key == "loss" || key.ends_with("_loss") {
             let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
