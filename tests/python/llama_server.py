@@ -1,6 +1,6 @@
 """A real llama.cpp server (xllamacpp) on loopback, for the generator and encoder tests.
 
-usage: llama_server.py MODEL.gguf PORT [PARALLEL [THREADS]] [--embedding]
+usage: llama_server.py MODEL.gguf PORT [PARALLEL [THREADS [N_CTX]]] [--embedding]
 
 One thread by default (two collapse to ~1 token/s on a 2-core machine), 127.0.0.1 only,
 the model served as "smollm2", jinja chat templates. With --embedding the model is an
@@ -17,6 +17,7 @@ args = [a for a in sys.argv[1:] if a != "--embedding"]
 gguf, port = args[0], int(args[1])
 parallel = int(args[2]) if len(args) > 2 else 2
 threads = int(args[3]) if len(args) > 3 else 1
+n_ctx = int(args[4]) if len(args) > 4 else 4096
 p = x.CommonParams()
 p.model.path = gguf
 p.model_alias = {"embedder" if embedding else "smollm2"}
@@ -33,7 +34,9 @@ if embedding:
     p.n_batch = 2048
     p.n_ubatch = 2048
 else:
-    p.n_ctx = 4096
+    # The whole context, shared by the slots (rir bench generate's prefill
+    # rows ask for 8 x 2,048 prompt tokens at once).
+    p.n_ctx = n_ctx
 server = x.Server(p)
 print("listening", server.listening_address, flush=True)
 sys.stdin.read()

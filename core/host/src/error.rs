@@ -158,6 +158,26 @@ impl HostError {
     }
 }
 
+/// An error and its causes on one line, as `rir` prints them (the CLI and
+/// the Python package give the same message): a cause whose text the message
+/// before it already holds is skipped (our errors print their source
+/// inline); secrets are redacted.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    rir_sdk::secret::redact(&out).into_owned()
+}
+
 fn join(v: &[String]) -> String {
     if v.is_empty() {
         "nothing".into()

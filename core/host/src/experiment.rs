@@ -422,6 +422,15 @@ fn d_rounds() -> usize {
     1
 }
 
+/// The quickstart experiment (`experiments/quickstart.toml`), embedded: what
+/// `rir run` runs when it is given no file.
+pub const QUICKSTART: &str = include_str!("../../../experiments/quickstart.toml");
+
+/// [`QUICKSTART`], parsed and checked.
+pub fn quickstart() -> Result<Experiment, HostError> {
+    parse(QUICKSTART, Path::new("experiments/quickstart.toml"))
+}
+
 /// Reads an experiment; errors give the file, line and key, and suggest the
 /// nearest valid key for a misspelt one.
 pub fn load(path: &Path) -> Result<Experiment, HostError> {

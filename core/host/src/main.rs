@@ -230,6 +230,15 @@ struct BenchGenerateArgs {
     /// Skip the llama.cpp side
     #[arg(long)]
     no_llama_cpp: bool,
+    /// Prompt lengths (tokens) of the sized prefill rows (0: none)
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    prefill_lengths: Vec<usize>,
+    /// Prompts prefilled together in the sized prefill rows (one call / that many llama.cpp slots at once)
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    prefill_batches: Vec<usize>,
+    /// Different prompts of each length in the sized prefill rows
+    #[arg(long, default_value_t = 8)]
+    prefill_prompts: usize,
     /// Also write the figures as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -543,26 +552,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", rir_sdk::secret::redact(&error_chain(&e)));
+            eprintln!("error: {}", rir::error::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes on one line, skipping a cause whose text the
-/// message before it already includes (our errors print their source inline).
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !out.contains(&text) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-    }
-    out
 }
 
 fn host(cli: &Cli) -> Result<PluginHost> {
@@ -757,13 +750,12 @@ fn bench_lexical_cmd(host: &PluginHost, a: &BenchLexicalArgs) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-const QUICKSTART: &str = include_str!("../../../experiments/quickstart.toml");
 
 fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
     use rir::experiment;
     let mut exp = match &a.experiment {
         Some(p) => experiment::load(p)?,
-        None => experiment::parse(QUICKSTART, std::path::Path::new("experiments/quickstart.toml"))?,
+        None => experiment::quickstart()?,
     };
     if a.mirror.is_some() {
         exp.mirror = a.mirror.clone();
@@ -856,8 +848,10 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         None => format!("model = {SMOLLM:?}"),
     };
     let threads = host.settings.threads;
+    anyhow::ensure!(a.prefill_batches.iter().all(|&b| b > 0), "--prefill-batches: each batch must be at least 1");
     let mut rows = Vec::new();
     let mut notes = Vec::new();
+    let mut gguf_path: Option<(PathBuf, PathBuf)> = None;
     if !a.no_llama_cpp {
         let model = match &a.gguf {
             Some(g) => Some(g.clone()),
@@ -881,6 +875,7 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
                 eprintln!("starting llama.cpp on {} ({threads} thread(s), {} slots)", path.display(), a.samples);
                 let server = bench::LlamaCppServer::start(&python, &path, a.samples as usize, threads, &host.settings.cache_dir.join("bench"))?;
                 rows.extend(bench::bench_generate_llama_cpp(&server, a.max_tokens, a.samples, a.repeat)?);
+                gguf_path = Some((python, path));
             }
         }
     }
@@ -891,6 +886,32 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     let prefill = bench::bench_prefill_plugin(host, &a.generator, &config, &bench::prefill_prompts(bench::PREFILL_PROMPTS), a.repeat)
         .with_context(|| format!("benchmarking {}'s prefill", a.generator))?;
     rows.insert(2, prefill);
+    let lengths: Vec<usize> = a.prefill_lengths.iter().copied().filter(|&n| n > 0).collect();
+    if !lengths.is_empty() {
+        // Prompts of fixed lengths, one at a time and batched, on both engines.
+        let g = host.load(&a.generator)?.generator(&config)?;
+        let name = format!("rir {}", a.generator);
+        let widest = a.prefill_batches.iter().copied().max().unwrap_or(1);
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let server = match &gguf_path {
+            Some((python, path)) => {
+                eprintln!("starting llama.cpp for prefill ({widest} slots, {} context tokens)", widest * (longest + 64));
+                let scratch = host.settings.cache_dir.join("bench");
+                Some(bench::LlamaCppServer::start_with_context(python, path, widest, threads, widest * (longest + 64), &scratch)?)
+            }
+            None => None,
+        };
+        for &len in &lengths {
+            eprintln!("prefill: {} prompts of {len} tokens", a.prefill_prompts);
+            let prompts = bench::sized_prompts(g.as_ref(), len, a.prefill_prompts.max(1))?;
+            for &b in &a.prefill_batches {
+                rows.push(bench::bench_prefill_sized_plugin(g.as_ref(), &name, &prompts, len, b, a.repeat)?);
+                if let Some(s) = &server {
+                    rows.push(bench::bench_prefill_sized_llama_cpp(s, &prompts, len, b, a.repeat)?);
+                }
+            }
+        }
+    }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["engine", "mode", "sequences", "tokens", "s", "tokens/s"]);
     for r in &rows {
@@ -914,6 +935,15 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         println!("prefill: rir / llama.cpp = {:.2}x", o / l);
         ratios.insert("prefill_vs_llama_cpp".into(), (o / l).into());
     }
+    for len in &lengths {
+        for b in &a.prefill_batches {
+            let mode = format!("prefill {len}x{b}");
+            if let (Some(o), Some(l)) = (rate("rir", &mode), rate("llama.cpp", &mode)) {
+                println!("{mode}: rir / llama.cpp = {:.2}x", o / l);
+                ratios.insert(format!("prefill_{len}x{b}_vs_llama_cpp"), (o / l).into());
+            }
+        }
+    }
     if let (Some(s), Some(g)) = (rate("rir", "single"), rate("rir", "aggregate")) {
         println!("aggregate ({} sequences) / single-stream = {:.2}x", a.samples, g / s);
         ratios.insert("aggregate_vs_single".into(), (g / s).into());
@@ -923,7 +953,8 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     }
     println!(
         "{} prompts x {} tokens, {threads} thread(s), best of {}; tokens/s counts prefill and decode time; \
-         prefill: {} longer prompts, prompt tokens/s (rir: one batched call with 1 token generated; llama.cpp: its prompt timings)",
+         prefill: {} longer prompts, prompt tokens/s (rir: one batched call with 1 token generated; llama.cpp: its prompt timings); \
+         prefill NxB: prompts of N tokens, B at once (rir: B per call; llama.cpp: B concurrent requests), prompt tokens over wall time",
         bench::GENERATE_PROMPTS.len(),
         a.max_tokens,
         a.repeat,

@@ -57,6 +57,11 @@ pub struct ReinforcedIr {
     pub query_weight: f64,
     /// Tokens per augmentation (default 300, the method's).
     pub augmentation_max_tokens: u32,
+    /// Sampling temperature of the augmentation (default 0, greedy, the method's).
+    pub temperature: f32,
+    /// Ask through the generator's chat template (default) or as a plain
+    /// completion prompt (the seed's `model_type = "llm"`, a base model).
+    pub chat: bool,
     /// Overrides the retriever's own query instruction.
     pub query_instruction: Option<String>,
     /// Texts per retriever call.
@@ -107,6 +112,8 @@ impl ReinforcedIr {
             threads: threads.max(1),
             query_weight: rir_sdk::method::QUERY_WEIGHT,
             augmentation_max_tokens: 300,
+            temperature: 0.0,
+            chat: true,
             query_instruction: None,
             batch: 256,
             generation_batch: 8,
@@ -135,6 +142,9 @@ impl ReinforcedIr {
     /// its embedding is the mix with the augmentation's.
     pub fn encode_queries(&self, task_instruction: &str, answer_type: &str, queries: &[String]) -> Result<EncodedQueries, HostError> {
         crate::stages::eval::check_query_weight(self.query_weight).map_err(HostError::Input)?;
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(HostError::Input(format!("temperature must be a number >= 0, got {}", self.temperature)));
+        }
         let side = Side::Query(self.query_instruction.as_deref());
         let (e, _) = encode::encode(self.retriever(), side, queries, self.ecache.as_ref(), self.batch.max(1), "queries")
             .map_err(|e| HostError::step("encode queries", e))?;
@@ -154,7 +164,7 @@ impl ReinforcedIr {
             self.gcache.as_ref(),
             &task,
             queries,
-            self.augmentation_max_tokens,
+            &crate::stages::eval::AugmentRequest { max_tokens: self.augmentation_max_tokens, temperature: self.temperature, chat: self.chat },
             self.query_weight,
             self.ecache.as_ref(),
             self.batch.max(1),

@@ -137,3 +137,33 @@ fn bench_lexical_reports_speed_and_parity() {
     let (ok, _, err) = rir(&["bench", "lexical", "--datasets", "scifact", "--anserini-jar", "/nonexistent/anserini.jar"]);
     assert!(!ok && err.contains("--anserini-jar: /nonexistent/anserini.jar is not a file"), "{err}");
 }
+
+/// `rir bench generate`'s sized prefill rows: prompts of the asked length
+/// (counted by the model's own tokenizer, within 1%), one at a time and
+/// batched, on rir and on llama.cpp over the same GGUF, with their ratio.
+#[test]
+fn bench_generate_measures_sized_prefill_beside_llama_cpp() {
+    plugin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let py = python();
+    let (ok, out, err) = rir(&[
+        "bench", "generate", "--threads", "1", "--max-tokens", "4", "--samples", "2", "--repeat", "1",
+        "--prefill-lengths", "64", "--prefill-batches", "1,2", "--prefill-prompts", "2",
+        "--python", py.to_str().unwrap(), "--json", json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("prefill 64x2: rir / llama.cpp = "), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    for engine in ["rir llama-generator", "llama.cpp (xllamacpp)"] {
+        for mode in ["prefill 64x1", "prefill 64x2"] {
+            let r = rows.iter().find(|r| r["engine"] == engine && r["mode"] == mode).unwrap_or_else(|| panic!("no {engine} {mode} row: {v}"));
+            let tokens = r["tokens"].as_u64().unwrap();
+            // Two prompts of 64 tokens (llama.cpp may count a BOS more).
+            assert!((126..=132).contains(&tokens), "{engine} {mode}: {tokens} tokens");
+            assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+        }
+    }
+    assert!(v["ratios"]["prefill_64x1_vs_llama_cpp"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+}

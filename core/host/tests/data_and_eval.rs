@@ -16,6 +16,28 @@ fn write_beir(dir: &std::path::Path, corpus: &str, queries: &str, qrels: &str) {
     std::fs::write(dir.join("qrels/test.tsv"), qrels).unwrap();
 }
 
+/// A qrels file on its own (what `rir.load_qrels` and `rir.evaluate` read
+/// in Python): BEIR's TSV and TREC's space-separated qrels give the same
+/// judgments, every one kept; a bad line is named.
+#[test]
+fn a_qrels_file_reads_as_beir_tsv_or_trec() {
+    let dir = tempfile::tempdir().unwrap();
+    let beir = dir.path().join("test.tsv");
+    std::fs::write(&beir, "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t0\nq2\td9\t2\n").unwrap();
+    let trec = dir.path().join("qrels.txt");
+    std::fs::write(&trec, "q1 0 d1 1\nq1 0 d2 0\n\nq2 0 d9 2\n").unwrap();
+    let a = data::read_qrels_file(&beir).unwrap();
+    assert_eq!(a, data::read_qrels_file(&trec).unwrap());
+    assert_eq!((a.len(), a["q1"]["d1"], a["q2"]["d9"]), (2, 1, 2));
+    std::fs::write(&trec, "q1 0 d1 1\nq1 0 d2 x\n").unwrap();
+    let e = data::read_qrels_file(&trec).unwrap_err().to_string();
+    assert!(e.contains("qrels.txt:2: relevance \"x\" is not an integer"), "{e}");
+    // The same SciFact judgments as the dataset loader keeps.
+    let s = data::open("scifact", None, temp_cache().path(), Some(&mirror())).unwrap();
+    let f = data::read_qrels_file(&mirror().join("beir/scifact/qrels/test.tsv")).unwrap();
+    assert_eq!(f, s.qrels);
+}
+
 #[test]
 fn real_beir_sets_load_with_their_published_counts() {
     let cache = temp_cache();
@@ -54,7 +76,7 @@ fn malformed_lines_name_file_and_line() {
 
     write_beir(dir.path(), "{\"_id\": \"d1\", \"text\": \"x\"}\n", "{\"_id\": \"q1\", \"text\": \"q\"}\n", "query-id\tcorpus-id\tscore\nq1\td1\n");
     let e = data::load_dir("t", dir.path(), "test").unwrap_err().to_string();
-    assert!(e.contains("test.tsv:2: expected 3 tab-separated columns, found 2"), "{e}");
+    assert!(e.contains("test.tsv:2: expected 3 columns (query-id corpus-id score) or 4 (qid 0 docid rel), found 2"), "{e}");
 
     write_beir(dir.path(), "{\"_id\": \"d1\", \"text\": \"x\"}\n", "{\"_id\": \"q1\", \"text\": \"q\"}\n", "q1\td1\thigh\n");
     let e = data::load_dir("t", dir.path(), "test").unwrap_err().to_string();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -22,23 +22,6 @@ fn start(workers: usize, limits: Limits) -> SocketAddr {
     let addr = server.server_addr().to_ip().unwrap();
     std::thread::spawn(move || rir::tools::serve::serve_with(rir::tools::serve::Backends::generator(g), server, workers, limits));
     addr
-}
-
-/// One request on its own connection: (status, JSON body).
-fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-    read_response(&mut s)
-}
-
-fn read_response(s: &mut TcpStream) -> (u16, Value) {
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 fn chat(extra: Value) -> String {
@@ -254,4 +237,21 @@ fn stays_up_under_load_with_bad_clients() {
         lat[lat.len() / 2] * 1e3,
         lat[lat.len() * 99 / 100] * 1e3,
     );
+}
+
+/// The kernel's view of a connection, as the server's watch reads it: open
+/// while the client holds it, gone once the client closes.
+#[test]
+fn the_client_watch_sees_a_closed_connection() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (_server_side, peer) = listener.accept().unwrap();
+    assert_eq!(peer, client.local_addr().unwrap());
+    let watch = || rir::tools::serve::ClientWatch::new(Some(peer), Some(port));
+    assert!(!watch().gone(), "an open connection is not gone");
+    drop(client);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(watch().gone(), "a closed one is");
+    assert!(!rir::tools::serve::ClientWatch::new(None, Some(port)).gone(), "no peer known: never cancelled");
 }

@@ -200,6 +200,16 @@ pub trait Generator: Send + Sync {
     fn model_name(&self) -> String;
     /// Answers each request with exactly `n` completions, in request order.
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>>;
+    /// [`Generator::generate`] that stops early with
+    /// [`crate::PluginError::Cancelled`] once `progress.cancelled()` (a
+    /// served request whose client went away). Generators that cannot stop
+    /// mid-way keep this default, which checks only before starting.
+    fn generate_with(&self, requests: &[GenerationRequest], progress: &dyn ProgressSink) -> PluginResult<Vec<Vec<Completion>>> {
+        if progress.cancelled() {
+            return Err(crate::PluginError::Cancelled);
+        }
+        self.generate(requests)
+    }
     /// Scores each continuation under its prompt, in request order (UPR's
     /// query likelihood, the probability of "Yes" to a relevance question).
     /// Generators that cannot score keep this default.

@@ -77,6 +77,9 @@ impl<T: Generator + ?Sized> Generator for &T {
     fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
         (**self).score(requests)
     }
+    fn generate_with(&self, requests: &[GenerationRequest], progress: &dyn ProgressSink) -> PluginResult<Vec<Vec<Completion>>> {
+        (**self).generate_with(requests, progress)
+    }
 }
 
 pub struct GuardedRetriever<R>(pub R);
@@ -115,6 +118,18 @@ impl<G: Generator> GeneratorFfi for GuardedGenerator<G> {
             let out = self.0.score(&reqs)?;
             check_score_shape(reqs.len(), &out)?;
             Ok(out.into_iter().map(FfiScore::from).collect())
+        })
+    }
+    fn generate_with(
+        &self,
+        requests: RSlice<'_, FfiRequest>,
+        progress: ProgressFfi_TO<'_, RRef<'_, ()>>,
+    ) -> RResult<RVec<RVec<FfiCompletion>>, FfiError> {
+        guard(|| {
+            let reqs: Vec<GenerationRequest> = requests.iter().map(GenerationRequest::from).collect();
+            let out = self.0.generate_with(&reqs, &RemoteProgress(progress))?;
+            check_generation_shape(&reqs, &out)?;
+            Ok(out.into_iter().map(|v| v.into_iter().map(FfiCompletion::from).collect()).collect())
         })
     }
 }
@@ -302,6 +317,16 @@ where
         let reqs: RVec<FfiScoreRequest> = requests.iter().map(FfiScoreRequest::from).collect();
         let out: Vec<Score> = back(self.inner.score(reqs.as_rslice()))?.into_iter().map(Score::from).collect();
         check_score_shape(requests.len(), &out)?;
+        Ok(out)
+    }
+    fn generate_with(&self, requests: &[GenerationRequest], progress: &dyn ProgressSink) -> PluginResult<Vec<Vec<Completion>>> {
+        let reqs: RVec<FfiRequest> = requests.iter().map(FfiRequest::from).collect();
+        let p = GuardedProgress(progress);
+        let p = ProgressFfi_TO::from_ptr(RRef::new(&p), TD_Opaque);
+        let out = back(self.inner.generate_with(reqs.as_rslice(), p))?;
+        let out: Vec<Vec<Completion>> =
+            out.into_iter().map(|v| v.into_iter().map(Completion::from).collect()).collect();
+        check_generation_shape(requests, &out)?;
         Ok(out)
     }
 }

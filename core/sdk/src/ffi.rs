@@ -32,7 +32,8 @@ use crate::error::FfiError;
 /// 0.5.0: text retrievers (`TextRetrieverFfi`: lexical search such as BM25).
 /// 0.6.0: completions and scores carry the request's usage (`FfiUsage`);
 ///        `validate` answers "requirements" (the programs a job runs).
-pub const ABI_VERSION: &str = "0.6.0";
+/// 0.7.0: generation can be cancelled mid-way (`GeneratorFfi::generate_with`).
+pub const ABI_VERSION: &str = "0.7.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -222,8 +223,13 @@ pub trait RetrieverFfi: Send + Sync {
 pub trait GeneratorFfi: Send + Sync {
     fn model_name(&self) -> RResult<RString, FfiError>;
     fn generate(&self, requests: RSlice<'_, FfiRequest>) -> RResult<RVec<RVec<FfiCompletion>>, FfiError>;
-    #[sabi(last_prefix_field)]
     fn score(&self, requests: RSlice<'_, FfiScoreRequest>) -> RResult<RVec<FfiScore>, FfiError>;
+    #[sabi(last_prefix_field)]
+    fn generate_with(
+        &self,
+        requests: RSlice<'_, FfiRequest>,
+        progress: ProgressFfi_TO<'_, RRef<'_, ()>>,
+    ) -> RResult<RVec<RVec<FfiCompletion>>, FfiError>;
 }
 
 /// A borrowed retriever handed to a reward.

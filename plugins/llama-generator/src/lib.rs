@@ -47,7 +47,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use rir_sdk::{config, Completion, GenerationRequest, Generator, PluginError, PluginResult, Prompt, RequestUsage, Score, ScoreRequest, TokenLogprob};
+use rir_sdk::{config, Completion, GenerationRequest, Generator, PluginError, PluginResult, ProgressSink, Prompt, RequestUsage, Score, ScoreRequest, TokenLogprob};
 use serde::Deserialize;
 
 pub use rir_llama::{export_hf, load, load_gguf, load_hf, merge_lora, model, sampler, Assets, Llama};
@@ -235,6 +235,7 @@ impl LlamaGenerator {
         prompts: &[Vec<u32>],
         requests: &[GenerationRequest],
         out: &mut [Vec<Option<(Completion, u32)>>],
+        cancel: &dyn ProgressSink,
     ) -> PluginResult<()> {
         let mut uniq: Vec<usize> = jobs.iter().map(|j| j.0).collect();
         uniq.dedup();
@@ -253,6 +254,10 @@ impl LlamaGenerator {
             })
             .collect();
         while !seqs.is_empty() {
+            // Checked every token: a served request whose client left stops here.
+            if cancel.cancelled() {
+                return Err(PluginError::Cancelled);
+            }
             let mut next = Vec::with_capacity(seqs.len());
             let mut keep = Vec::with_capacity(seqs.len());
             let mut live = Vec::with_capacity(seqs.len());
@@ -435,6 +440,10 @@ impl Generator for LlamaGenerator {
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
+        self.generate_with(requests, &rir_sdk::NoProgress)
+    }
+
+    fn generate_with(&self, requests: &[GenerationRequest], cancel: &dyn ProgressSink) -> PluginResult<Vec<Vec<Completion>>> {
         // Every prompt is checked before any decoding starts.
         let context = self.model.shape.context;
         let prompts = requests
@@ -466,7 +475,7 @@ impl Generator for LlamaGenerator {
         // (measured: a tenth of single-thread decoding in context switches).
         rayon::scope(|_| {
             for chunk in jobs.chunks(self.max_batch) {
-                self.decode_batch(chunk, &prompts, requests, &mut out)?;
+                self.decode_batch(chunk, &prompts, requests, &mut out, cancel)?;
             }
             Ok::<_, PluginError>(())
         })?;

@@ -435,7 +435,7 @@ pub fn load_dir(name: &str, dir: &Path, split: &str) -> Result<Dataset, DataErro
     if corpus.is_empty() {
         return Err(DataError::Empty { path: corpus_path, what: "the corpus has no documents".into() });
     }
-    let qrels = read_qrels(&qrels_path, &mut report, &qseen, &seen)?;
+    let qrels = read_qrels(&qrels_path, &mut report, Some((&qseen, &seen)))?;
     let queries: Vec<(String, String)> = all_queries.into_iter().filter(|(id, _)| qrels.contains_key(id)).collect();
     if queries.is_empty() {
         return Err(DataError::Empty {
@@ -446,12 +446,20 @@ pub fn load_dir(name: &str, dir: &Path, split: &str) -> Result<Dataset, DataErro
     Ok(Dataset { name: name.into(), dir: dir.into(), split: split.into(), corpus, queries, qrels, report })
 }
 
-/// Reads a qrels TSV (`query-id corpus-id score`, header optional).
+/// Reads a qrels file on its own: BEIR's TSV (`query-id corpus-id score`,
+/// header optional) or TREC qrels (`qid 0 docid rel`, tabs or spaces), every
+/// judgment kept (`rir.load_qrels`, `rir.evaluate` in Python).
+pub fn read_qrels_file(path: &Path) -> Result<Qrels, DataError> {
+    read_qrels(path, &mut LoadReport::default(), None)
+}
+
+/// Reads a qrels TSV (`query-id corpus-id score`, header optional); with
+/// `known` (the queries and documents loaded), judgments of unknown queries
+/// are dropped and counted.
 fn read_qrels(
     path: &Path,
     report: &mut LoadReport,
-    queries: &HashSet<String>,
-    docs: &HashSet<String>,
+    known: Option<(&HashSet<String>, &HashSet<String>)>,
 ) -> Result<Qrels, DataError> {
     let mut qrels = Qrels::new();
     for line in text_lines(path)? {
@@ -460,20 +468,26 @@ fn read_qrels(
         if line.trim().is_empty() || (n == 1 && line.starts_with("query-id")) {
             continue;
         }
-        let cols: Vec<&str> = line.split('\t').collect();
+        let mut cols: Vec<&str> = line.split('\t').collect();
+        if cols.len() == 1 {
+            // TREC qrels as trec_eval writes them: space-separated.
+            cols = line.split_whitespace().collect();
+        }
         // BEIR's TSV has three columns; TREC qrels have four (qid 0 docid rel).
         let (q, d, r) = match cols.as_slice() {
             [q, d, r] => (*q, *d, *r),
             [q, _, d, r] => (*q, *d, *r),
-            _ => return Err(bad(format!("expected 3 tab-separated columns, found {}", cols.len()))),
+            _ => return Err(bad(format!("expected 3 columns (query-id corpus-id score) or 4 (qid 0 docid rel), found {}", cols.len()))),
         };
         let rel: i32 = r.trim().parse().map_err(|_| bad(format!("relevance {r:?} is not an integer")))?;
-        if !queries.contains(q) {
-            report.qrels_unknown_query += 1;
-            continue;
-        }
-        if !docs.contains(d) {
-            report.qrels_unknown_doc += 1;
+        if let Some((queries, docs)) = known {
+            if !queries.contains(q) {
+                report.qrels_unknown_query += 1;
+                continue;
+            }
+            if !docs.contains(d) {
+                report.qrels_unknown_doc += 1;
+            }
         }
         if qrels.entry(q.to_owned()).or_default().insert(d.to_owned(), rel).is_some() {
             report.qrels_duplicate += 1;

@@ -276,7 +276,8 @@ fn evaluate(
                 let t = Instant::now();
                 let task = prompts::task_for(&ds.name);
                 let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator));
-                let a = augment_queries(retriever, &queries, generator, gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.query_weight, cache.as_ref(), o.batch, o.generation_batch)?;
+                let ask = AugmentRequest::greedy(o.augmentation_max_tokens);
+                let a = augment_queries(retriever, &queries, generator, gcache.as_ref(), &task, &query_texts, &ask, o.query_weight, cache.as_ref(), o.batch, o.generation_batch)?;
                 timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
                 queries = a.embeddings;
                 generation = gen_json(generator, a.from_cache, "embedding mix");
@@ -297,7 +298,7 @@ fn evaluate(
                 let t = Instant::now();
                 let task = prompts::task_for(&ds.name);
                 let gcache = o.use_cache.then(|| GenerationCache::for_generator(&cache_root, gname, &o.generator_config, generator));
-                let (augmentations, from_cache) = augmentations(generator, gcache.as_ref(), &task, &query_texts, o.augmentation_max_tokens, o.generation_batch)?;
+                let (augmentations, from_cache) = augmentations(generator, gcache.as_ref(), &task, &query_texts, &AugmentRequest::greedy(o.augmentation_max_tokens), o.generation_batch)?;
                 timings.insert("generate".to_owned(), t.elapsed().as_secs_f64());
                 lexical_queries = query_texts.iter().zip(&augmentations).map(|(q, a)| crate::engine::lexical::query2doc(q, a)).collect();
                 generation = gen_json(generator, from_cache, "query2doc");
@@ -432,29 +433,67 @@ pub fn augment_queries(
     gcache: Option<&GenerationCache>,
     task: &prompts::Task,
     queries: &[String],
-    max_tokens: u32,
+    ask: &AugmentRequest,
     query_weight: f64,
     cache: Option<&EmbeddingCache>,
     batch: usize,
     generation_batch: usize,
 ) -> Result<Augmented, EvalError> {
-    let (augmentations, from_cache) = augmentations(generator, gcache, task, queries, max_tokens, generation_batch)?;
+    let (augmentations, from_cache) = augmentations(generator, gcache, task, queries, ask, generation_batch)?;
     let prefixed: Vec<String> = augmentations.iter().map(|a| format!("{}{a}", prompts::AUGMENTATION_PREFIX)).collect();
     let (aug_emb, _) = encode::encode(retriever, Side::Corpus, &prefixed, cache, batch, "augment-enc")?;
     Ok(Augmented { embeddings: encode::mix(query_emb, &aug_emb, query_weight as f32), augmentations, from_cache })
 }
 
-/// The generator's augmentation of each query (greedy, `max_tokens`,
-/// trimmed), and how many came from the cache.
+/// How each query's augmentation is asked for. The method's (and every
+/// stage's) is [`AugmentRequest::greedy`]: the chat prompt, temperature 0.
+/// The seed's `model_type = "llm"` (a base model without a chat template)
+/// sends the same text as a plain completion prompt instead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AugmentRequest {
+    /// Tokens per augmentation.
+    pub max_tokens: u32,
+    /// Sampling temperature (0: greedy).
+    pub temperature: f32,
+    /// A chat prompt (the generator's template applies) or plain text.
+    pub chat: bool,
+}
+
+impl AugmentRequest {
+    /// Greedy, through the chat template: what the method's stages ask.
+    pub fn greedy(max_tokens: u32) -> Self {
+        Self { max_tokens, temperature: 0.0, chat: true }
+    }
+
+    fn request(&self, task: &prompts::Task, query: &str) -> GenerationRequest {
+        let mut prompt = prompts::augmentation(task, query);
+        if !self.chat {
+            if let rir_sdk::Prompt::Chat(m) = &prompt {
+                prompt = rir_sdk::Prompt::Text(format!("{}\n", m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")));
+            }
+        }
+        let mut r = GenerationRequest::greedy(prompt, self.max_tokens);
+        if self.temperature > 0.0 {
+            // Sampled, but seeded: the same call gives the same augmentation
+            // (and the generation cache stays truthful).
+            r.temperature = self.temperature;
+            r.seed = Some(0);
+        }
+        r
+    }
+}
+
+/// The generator's augmentation of each query (as `ask` says; trimmed),
+/// and how many came from the cache.
 fn augmentations(
     generator: &dyn rir_sdk::Generator,
     gcache: Option<&GenerationCache>,
     task: &prompts::Task,
     queries: &[String],
-    max_tokens: u32,
+    ask: &AugmentRequest,
     generation_batch: usize,
 ) -> Result<(Vec<String>, usize), EvalError> {
-    let requests: Vec<GenerationRequest> = queries.iter().map(|q| GenerationRequest::greedy(prompts::augmentation(task, q), max_tokens)).collect();
+    let requests: Vec<GenerationRequest> = queries.iter().map(|q| ask.request(task, q)).collect();
     let (completions, from_cache) = generate_all(generator, &requests, gcache, generation_batch.max(1), "augment")?;
     Ok((completions.iter().map(|c| c.first().map_or("", |c| c.text.trim()).to_owned()).collect(), from_cache))
 }
@@ -469,5 +508,26 @@ pub fn search(host: &PluginHost, index: &IndexChoice, queries: &Embeddings, corp
             idx.add(corpus).map_err(err)?;
             idx.search(queries, k.min(corpus.rows)).map_err(err)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AugmentRequest;
+    use rir_sdk::Prompt;
+
+    /// The method's request is greedy chat; the seed's `llm` model type gets
+    /// the same words as plain text; a temperature samples with a fixed seed.
+    #[test]
+    fn augment_requests_follow_the_model_type_and_temperature() {
+        let task = crate::engine::prompts::task_for("scifact");
+        let chat = AugmentRequest::greedy(64).request(&task, "q?");
+        assert!(matches!(&chat.prompt, Prompt::Chat(m) if m.len() == 1 && m[0].content.ends_with("q?")));
+        assert_eq!((chat.temperature, chat.seed, chat.max_tokens), (0.0, None, 64));
+        let text = AugmentRequest { chat: false, ..AugmentRequest::greedy(64) }.request(&task, "q?");
+        let Prompt::Chat(m) = &chat.prompt else { unreachable!() };
+        assert_eq!(text.prompt, Prompt::Text(format!("{}\n", m[0].content)));
+        let hot = AugmentRequest { temperature: 0.7, ..AugmentRequest::greedy(64) }.request(&task, "q?");
+        assert_eq!((hot.temperature, hot.seed), (0.7, Some(0)));
     }
 }

@@ -262,6 +262,87 @@ pub fn bench_prefill_plugin(host: &PluginHost, plugin: &str, config: &str, promp
     Ok(row(&format!("rir {plugin}"), "prefill", prompts.len(), tokens, secs))
 }
 
+/// `count` different prompts of `tokens` tokens each (within 1%) for the
+/// generator `g`: scientific prose (the generation prompts, rotated), cut
+/// by words and counted with the generator's own tokenizer (a scored
+/// continuation's tokens): (prompt, its tokens).
+pub fn sized_prompts(g: &dyn rir_sdk::Generator, tokens: usize, count: usize) -> anyhow::Result<Vec<(String, usize)>> {
+    use rir_sdk::{Prompt, ScoreRequest};
+    let count_tokens = |text: &str| -> anyhow::Result<usize> {
+        let s = g.score(&[ScoreRequest { prompt: Prompt::Text(String::new()), continuation: text.to_owned() }])?;
+        Ok(s.first().map_or(0, |s| s.tokens.len()))
+    };
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        // Plenty of words: each prompt starts differently, so no two share a prefix.
+        let mut words: Vec<String> = vec![format!("Document {i}:")];
+        let mut r = 0;
+        while words.len() < tokens * 2 + 16 {
+            for j in 0..GENERATE_PROMPTS.len() {
+                words.extend(GENERATE_PROMPTS[(i + r + j) % GENERATE_PROMPTS.len()].split_whitespace().map(str::to_owned));
+                words.push(format!("({r}.{j})"));
+            }
+            r += 1;
+        }
+        // Words per token from the whole text, then a few corrections.
+        let mut n = (tokens * words.len() / count_tokens(&words.join(" "))?.max(1)).clamp(1, words.len());
+        let mut got = count_tokens(&words[..n].join(" "))?;
+        for _ in 0..8 {
+            if got.abs_diff(tokens) * 100 <= tokens {
+                break;
+            }
+            let scaled = n as f64 * tokens as f64 / got.max(1) as f64;
+            n = (scaled.round() as usize).clamp(1, words.len());
+            got = count_tokens(&words[..n].join(" "))?;
+        }
+        out.push((words[..n].join(" "), got));
+    }
+    Ok(out)
+}
+
+/// Prefill of `batch` prompts of one length together, rir's side: each
+/// group of `batch` prompts in one call with one greedy token each (as a
+/// stage batches them), the prompts' tokens over the wall time, best of
+/// `repeats` (each repeat covers every group).
+pub fn bench_prefill_sized_plugin(g: &dyn rir_sdk::Generator, name: &str, prompts: &[(String, usize)], prompt_tokens: usize, batch: usize, repeats: usize) -> anyhow::Result<GenerateBench> {
+    use rir_sdk::{GenerationRequest, Prompt};
+    let reqs: Vec<GenerationRequest> = prompts.iter().map(|(p, _)| GenerationRequest::greedy(Prompt::Text(p.clone()), 1)).collect();
+    let total: usize = prompts.iter().map(|(_, n)| n).sum();
+    let (tokens, secs) = best_of(repeats, || {
+        let t = Instant::now();
+        for group in reqs.chunks(batch.max(1)) {
+            g.generate(group)?;
+        }
+        Ok((total, t.elapsed().as_secs_f64()))
+    })?;
+    Ok(row(name, &format!("prefill {prompt_tokens}x{batch}"), batch, tokens, secs))
+}
+
+/// The same against llama.cpp: each group of `batch` prompts sent at once
+/// (one slot each, `n_predict` 1, no prompt cache), the server's own count
+/// of prompt tokens over the wall time.
+pub fn bench_prefill_sized_llama_cpp(server: &LlamaCppServer, prompts: &[(String, usize)], prompt_tokens: usize, batch: usize, repeats: usize) -> anyhow::Result<GenerateBench> {
+    let one = |p: &str| -> anyhow::Result<usize> {
+        let body = serde_json::json!({"prompt": p, "n_predict": 1, "temperature": 0.0, "cache_prompt": false});
+        let v: serde_json::Value = ureq::post(&format!("{}/completion", server.base)).send_json(body)?.body_mut().read_json()?;
+        Ok(v["timings"]["prompt_n"].as_u64().unwrap_or(0) as usize)
+    };
+    let (tokens, secs) = best_of(repeats, || {
+        let (mut tokens, t) = (0, Instant::now());
+        for group in prompts.chunks(batch.max(1)) {
+            let counts: Vec<anyhow::Result<usize>> = std::thread::scope(|s| {
+                let hs: Vec<_> = group.iter().map(|(p, _)| s.spawn(move || one(p))).collect();
+                hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("request thread panicked")))).collect()
+            });
+            for c in counts {
+                tokens += c?;
+            }
+        }
+        Ok((tokens, t.elapsed().as_secs_f64()))
+    })?;
+    Ok(row("llama.cpp (xllamacpp)", &format!("prefill {prompt_tokens}x{batch}"), batch, tokens, secs))
+}
+
 /// The fastest of `repeats` runs (this is a shared VM: others' load only
 /// ever slows a run down).
 fn best_of(repeats: usize, mut f: impl FnMut() -> anyhow::Result<(usize, f64)>) -> anyhow::Result<(usize, f64)> {
@@ -283,9 +364,21 @@ pub struct LlamaCppServer {
 }
 
 impl LlamaCppServer {
-    /// Starts `python llama_server.py GGUF PORT PARALLEL THREADS` and waits
-    /// for /health to answer 200.
+    /// Starts `python llama_server.py GGUF PORT PARALLEL THREADS` (a
+    /// 4,096-token context) and waits for /health to answer 200.
     pub fn start(python: &std::path::Path, gguf: &std::path::Path, parallel: usize, threads: usize, scratch: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start_with_context(python, gguf, parallel, threads, 4096, scratch)
+    }
+
+    /// [`LlamaCppServer::start`] with a context of `n_ctx` tokens shared by the slots.
+    pub fn start_with_context(
+        python: &std::path::Path,
+        gguf: &std::path::Path,
+        parallel: usize,
+        threads: usize,
+        n_ctx: usize,
+        scratch: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
         std::fs::create_dir_all(scratch)?;
         let script = scratch.join("llama_server.py");
@@ -293,7 +386,7 @@ impl LlamaCppServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let child = std::process::Command::new(python)
             .args([script.as_os_str(), gguf.as_os_str()])
-            .args([port.to_string(), parallel.to_string(), threads.to_string()])
+            .args([port.to_string(), parallel.to_string(), threads.to_string(), n_ctx.to_string()])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -19,7 +19,11 @@
 //! sampling values outside OpenAI's ranges, empty `messages` and unknown
 //! roles are 400s in OpenAI's error shape; `stream: true` is refused (400:
 //! generation is not incremental); when `workers + queue` requests are in
-//! the house a new one gets 429 at once. Response ids are unique.
+//! the house a new one gets 429 at once. Response ids are unique. A
+//! generation whose client has gone (closed its connection) is cancelled:
+//! a queued one never starts, a running one stops within a token
+//! (generators that support it: `llama-generator`), so an abandoned `n = 16`
+//! request does not hold a worker ([`ClientWatch`], Linux: TCP_INFO).
 
 use std::io::Read as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -92,12 +96,18 @@ pub fn serve_with(backends: Backends, server: &tiny_http::Server, workers: usize
     let (tx, rx) = std::sync::mpsc::sync_channel::<(tiny_http::Request, Job)>(limits.queue);
     let rx = std::sync::Mutex::new(rx);
     let busy = |what: &str| error(429, "rate_limit_error", format!("the server is busy ({what}); retry later"));
+    let port = server.server_addr().to_ip().map(|a| a.port());
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
                 let next = rx.lock().expect("queue poisoned").recv();
                 let Ok((req, job)) = next else { break };
-                let (status, body) = run(backends, job);
+                let watch = ClientWatch::new(req.remote_addr().copied(), port);
+                let (status, body) = run(backends, job, &watch);
+                if watch.gone() {
+                    log::info!("client {:?} went away; its request was dropped", req.remote_addr());
+                    continue;
+                }
                 respond(req, status, &body);
             });
         }
@@ -255,15 +265,135 @@ fn embed_request(b: &Value, tei: bool, limits: &Limits) -> Result<Job, String> {
     Ok(Job::Embed { texts, tei, normalize })
 }
 
-/// Runs a checked request on its backend.
-fn run(b: Backends, job: Job) -> (u16, Value) {
+/// Requests given up because their client left (for tests and logs).
+pub static CANCELLED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a request's client is still connected, asked by the generator
+/// between tokens (as [`rir_sdk::ProgressSink::cancelled`]). tiny_http does
+/// not hand out its sockets, so the watch finds the connection among this
+/// process's own descriptors (the one whose local port is ours and whose
+/// peer is the client) and asks the kernel its TCP state: CLOSE_WAIT (the
+/// client closed) or CLOSE (reset) is gone. Looked up at most every
+/// 200 ms; never "gone" where it cannot tell (not Linux, socket not found).
+/// (Reading /proc/net/tcp instead costs milliseconds per look once a busy
+/// server has thousands of TIME_WAIT entries, and is no snapshot.)
+pub struct ClientWatch {
+    peer: Option<std::net::SocketAddr>,
+    port: Option<u16>,
+    /// When the state was last read, whether the client was seen gone, and
+    /// the descriptor found last time (checked again before it is trusted).
+    last: std::sync::Mutex<(Option<std::time::Instant>, bool, Option<i32>)>,
+}
+
+impl ClientWatch {
+    /// Watches the connection from `peer` to our `port`.
+    pub fn new(peer: Option<std::net::SocketAddr>, port: Option<u16>) -> Self {
+        ClientWatch { peer: peer.map(plain), port, last: std::sync::Mutex::new((None, false, None)) }
+    }
+
+    /// Whether the client has gone (sticky once seen).
+    pub fn gone(&self) -> bool {
+        let (Some(peer), Some(port)) = (self.peer, self.port) else { return false };
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.1 || last.0.is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(200)) {
+            return last.1;
+        }
+        last.0 = Some(std::time::Instant::now());
+        let fd = last.2.filter(|&fd| is_connection(fd, peer, port)).or_else(|| find_connection(peer, port));
+        last.2 = fd;
+        // 8 CLOSE_WAIT: the client sent FIN; 7 CLOSE: it reset.
+        last.1 = fd.and_then(tcp_state).is_some_and(|s| s == 8 || s == 7);
+        last.1
+    }
+}
+
+impl rir_sdk::ProgressSink for ClientWatch {
+    fn report(&self, _: &rir_sdk::Progress) {}
+    fn cancelled(&self) -> bool {
+        self.gone()
+    }
+}
+
+/// An IPv4 client on a dual-stack socket (::ffff:a.b.c.d) as a.b.c.d.
+fn plain(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a {
+        std::net::SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(a, |v4| std::net::SocketAddr::new(v4.into(), v6.port())),
+        v4 => v4,
+    }
+}
+
+/// This process's descriptor of the connection `peer` → our `port`.
+fn find_connection(peer: std::net::SocketAddr, port: u16) -> Option<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&fd| is_connection(fd, peer, port))
+}
+
+fn is_connection(fd: i32, peer: std::net::SocketAddr, port: u16) -> bool {
+    sock_addr(fd, libc::getsockname).is_some_and(|a| a.port() == port) && sock_addr(fd, libc::getpeername).map(plain) == Some(peer)
+}
+
+/// getsockname / getpeername of `fd` as a SocketAddr (None: not an inet socket).
+fn sock_addr(
+    fd: i32,
+    get: unsafe extern "C" fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32,
+) -> Option<std::net::SocketAddr> {
+    // SAFETY: a zeroed sockaddr_storage is valid, and the kernel writes at
+    // most `len` bytes into it; a stale or foreign fd only fails the call.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    if unsafe { get(fd, (&raw mut ss).cast(), &mut len) } != 0 {
+        return None;
+    }
+    match ss.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in = unsafe { std::ptr::read((&raw const ss).cast()) };
+            Some(std::net::SocketAddr::new(std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, a sockaddr_in6.
+            let a: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const ss).cast()) };
+            Some(std::net::SocketAddr::new(std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).into(), u16::from_be(a.sin6_port)))
+        }
+        _ => None,
+    }
+}
+
+/// The kernel's TCP state of a socket (TCP_INFO's `tcpi_state`).
+#[cfg(target_os = "linux")]
+fn tcp_state(fd: i32) -> Option<u8> {
+    // SAFETY: tcp_info is plain data; the kernel fills at most `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+    (rc == 0).then_some(info.tcpi_state)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_state(_: i32) -> Option<u8> {
+    None
+}
+
+/// Runs a checked request on its backend; a generation stops when `watch`
+/// sees its client gone (then the answer is never sent).
+fn run(b: Backends, job: Job, watch: &ClientWatch) -> (u16, Value) {
+    if watch.gone() {
+        CANCELLED.fetch_add(1, Ordering::Relaxed);
+        return error(499, "client_closed", "the client closed the connection");
+    }
     match job {
         Job::Embed { texts, tei, normalize } => embed(b.retriever.expect("routed only when served"), &texts, tei, normalize),
         Job::Score { prompts } => echo(b.generator.expect("routed only when served"), &prompts),
         Job::Generate { chat, reqs } => {
             let g = b.generator.expect("routed only when served");
-            match g.generate(&reqs) {
+            match g.generate_with(&reqs, watch) {
                 Ok(out) => (200, response(g, chat, &reqs, out)),
+                Err(rir_sdk::PluginError::Cancelled) => {
+                    CANCELLED.fetch_add(1, Ordering::Relaxed);
+                    error(499, "client_closed", "the client closed the connection")
+                }
                 Err(e @ rir_sdk::PluginError::Input(_)) => error(400, "invalid_request_error", e),
                 Err(e) => error(500, "server_error", e),
             }

@@ -5,7 +5,7 @@
 //! still says how far it got and how long it has left.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use indicatif::{HumanDuration, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle, TermLike};
@@ -59,7 +59,23 @@ fn left_text(done: u64, len: Option<u64>, elapsed: Duration) -> String {
     }
 }
 
+/// Where bars go when the process's stderr is not where the user looks:
+/// the Python package hands a function that writes to `sys.stderr`, so a
+/// notebook shows a live bar (each redraw a `\r`-led line, which Jupyter and
+/// terminals both redraw in place).
+type Writer = Box<dyn Fn(&str) + Send + Sync>;
+static WRITER: OnceLock<Writer> = OnceLock::new();
+
+/// Sends every bar drawn from now on to `writer` (once per process; false if
+/// one was set already).
+pub fn set_writer(writer: Writer) -> bool {
+    WRITER.set(writer).is_ok()
+}
+
 fn draw_target() -> ProgressDrawTarget {
+    if WRITER.get().is_some() {
+        return ProgressDrawTarget::term_like_with_hz(Box::new(Redraw::default()), 4);
+    }
     if std::io::stderr().is_terminal() {
         return ProgressDrawTarget::stderr();
     }
@@ -72,6 +88,28 @@ fn draw_target() -> ProgressDrawTarget {
 
 /// A `TermLike` that turns redraws into at most one stderr line per
 /// interval; the first non-empty draw (the step's start, with its total) is
+/// The `TermLike` methods of a sink that writes lines, not a screen:
+/// cursor moves are ignored and a line is written as a string.
+macro_rules! line_terminal {
+    () => {
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(s)
+        }
+    };
+}
+
 /// written at once.
 #[derive(Debug)]
 struct LineLog {
@@ -89,21 +127,7 @@ impl TermLike for LineLog {
     fn width(&self) -> u16 {
         160
     }
-    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn write_line(&self, s: &str) -> std::io::Result<()> {
-        self.write_str(s)
-    }
+    line_terminal!();
     fn write_str(&self, s: &str) -> std::io::Result<()> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.0.push_str(s.trim_matches('\r'));
@@ -126,6 +150,57 @@ impl TermLike for LineLog {
     }
 }
 
+/// A `TermLike` that hands each redraw to the [`WRITER`] as one line that
+/// starts with `\r` and covers the previous one; a finished bar's last state
+/// stays and its line is ended when the bar is dropped; a cleared one is blanked.
+#[derive(Debug, Default)]
+struct Redraw {
+    /// (the redraw being written, the width of the last line sent)
+    state: Mutex<(String, usize)>,
+}
+
+impl TermLike for Redraw {
+    fn width(&self) -> u16 {
+        110
+    }
+    line_terminal!();
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0.push_str(s.trim_matches(['\r', '\n']));
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = std::mem::take(&mut st.0);
+        let Some(w) = WRITER.get() else { return Ok(()) };
+        let line = pending.trim_end();
+        if line.is_empty() {
+            // A cleared bar (finish_and_clear): blank its line, as a terminal would.
+            if st.1 > 0 {
+                w(&format!("\r{}\r", " ".repeat(st.1)));
+                st.1 = 0;
+            }
+            return Ok(());
+        }
+        let width = line.chars().count();
+        w(&format!("\r{line}{}", " ".repeat(st.1.saturating_sub(width))));
+        st.1 = width;
+        Ok(())
+    }
+}
+
+impl Drop for Redraw {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let (Some(w), true) = (WRITER.get(), st.1 > 0) {
+            w("\n");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +216,29 @@ mod tests {
         log.flush().unwrap();
         assert_eq!(log.state.lock().unwrap().1, first, "a redraw inside the interval is dropped");
         assert!(log.state.lock().unwrap().0.is_empty(), "the dropped line does not pile up");
+    }
+
+    /// With a writer set (the Python package's sys.stderr), each redraw is a
+    /// `\r`-led line covering the last, a cleared bar is blanked, a dropped
+    /// one ends its line.
+    #[test]
+    fn a_writer_gets_each_redraw_as_one_carriage_return_line() {
+        static OUT: Mutex<String> = Mutex::new(String::new());
+        set_writer(Box::new(|s: &str| OUT.lock().unwrap().push_str(s)));
+        let r = Redraw::default();
+        r.write_str("enc [=====>    ] 5/10 texts      ").unwrap();
+        r.flush().unwrap();
+        r.write_str("enc [==========] 10/10").unwrap();
+        r.flush().unwrap();
+        drop(r);
+        let out = OUT.lock().unwrap().clone();
+        assert!(out.contains("\renc [=====>    ] 5/10 texts\renc [==========] 10/10     \n"), "{out:?}");
+        let r = Redraw::default();
+        r.write_str("x 1/2").unwrap();
+        r.flush().unwrap();
+        r.flush().unwrap();
+        drop(r);
+        assert!(OUT.lock().unwrap().contains("\rx 1/2\r     \r"), "a cleared bar leaves a blank line, no newline");
     }
 
     /// A step every 200 s (Qwen 1.5B's DPO steps) reads as such, with the
