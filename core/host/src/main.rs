@@ -106,6 +106,13 @@ enum Command {
     Stage(rir::stages::cli::StageCommand),
     /// Run a Trainer plugin on a data file (DPO pairs for dpo-trainer)
     Train(TrainArgs),
+    /// Draw the training curves of trainer output directories again
+    /// (trainer_log.jsonl → training_KEY.{svg,png}, as LLaMA-Factory's plot_loss)
+    Plot {
+        /// Trainer output directories (each with a trainer_log.jsonl)
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Benchmarks (speed figures belong here, not in tests)
     Bench {
         #[command(subcommand)]
@@ -579,6 +586,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Rerank(a) => rerank_cmd(&host(&cli)?, a),
         Command::Encode(a) => encode_cmd(&host(&cli)?, a),
         Command::Table(a) => table_cmd(a),
+        Command::Plot { dirs } => {
+            for dir in dirs {
+                if !dir.join("trainer_log.jsonl").is_file() {
+                    anyhow::bail!("{}: no trainer_log.jsonl here (a trainer's output directory has one)", dir.display());
+                }
+                let files = rir::engine::plots::training_curves(dir)?;
+                eprintln!("{}: {} file(s)", dir.display(), files.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run(a) => run_cmd(&host(&cli)?, a),
         Command::Stage(c) => {
             for line in rir::stages::cli::run(&host(&cli)?, c)? {
@@ -825,14 +842,24 @@ fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> 
         }
         cost += s.cost.unwrap_or(0.0);
     }
-    if generated {
-        let mut row = vec!["total".to_string(), String::new(), String::new(), String::new()];
-        if dry_run {
+    // The run's wall time in stages and its peak: the largest stage's (each
+    // stage resets the kernel's high-water mark, so `time -v` sees only the
+    // last stage's).
+    let ran: Vec<f64> = steps.iter().filter_map(|s| s.seconds).collect();
+    let peak = steps.iter().filter_map(|s| s.peak_rss_bytes).max();
+    if generated || !ran.is_empty() {
+        let mut row = vec![
+            "total".to_string(),
+            String::new(),
+            if ran.is_empty() { String::new() } else { format!("{:.1}", ran.iter().sum::<f64>()) },
+            peak.map_or(String::new(), |b| format!("{:.2} (max)", b as f64 / 1e9)),
+        ];
+        if generated && dry_run {
             row.extend([est_total.requests.to_string(), format!("{} / {}", est_total.prompt_tokens, est_total.completion_tokens)]);
-        } else {
+        } else if generated {
             row.extend([format!("{} ({})", total.requests, total.cached), format!("{} / {}", total.prompt_tokens, total.completion_tokens)]);
         }
-        if priced {
+        if generated && priced {
             row.push(format!("{cost:.4}"));
         }
         row.push(String::new());

@@ -167,3 +167,26 @@ fn bench_generate_measures_sized_prefill_beside_llama_cpp() {
     }
     assert!(v["ratios"]["prefill_64x1_vs_llama_cpp"].as_f64().is_some_and(|x| x > 0.0), "{v}");
 }
+
+/// `rir plot DIR` draws a trainer directory's curves again (the loss with
+/// its trend, the others as logged); a directory without a trainer log is
+/// an error that names it.
+#[test]
+fn plot_redraws_training_curves_and_names_a_directory_without_a_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("rlrf-train-r1-abc");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("trainer_log.jsonl"), "{\"step\": 1, \"loss\": 0.69, \"accuracy\": 0.5}\n{\"step\": 2, \"loss\": 0.61, \"accuracy\": 0.75}\n").unwrap();
+    let d = dir.to_str().unwrap();
+    let (ok, _, err) = rir(&["plot", d]);
+    assert!(ok, "{err}");
+    for f in ["training_loss.svg", "training_loss.png", "training_accuracy.png"] {
+        assert!(dir.join(f).metadata().is_ok_and(|m| m.len() > 1000), "{f}: {err}");
+    }
+    let svg = std::fs::read_to_string(dir.join("training_loss.svg")).unwrap();
+    assert!(svg.contains("training loss of rlrf-train-r1-abc") && svg.contains("smoothed"), "title and trend");
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let (ok, _, err) = rir(&["plot", empty.to_str().unwrap()]);
+    assert!(!ok && err.contains("empty") && err.contains("no trainer_log.jsonl"), "{err}");
+}

@@ -279,6 +279,10 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     let total: u64 = steps.iter().filter_map(|s| s["generation"]["prompt_tokens"].as_u64()).sum();
     assert_eq!(m["generation"]["prompt_tokens"].as_u64(), Some(total), "{}", m["generation"]);
     assert!(stdout.contains("requests (cached)") && stdout.lines().any(|l| l.contains("total")), "{stdout}");
+    // The total row carries the run's peak: the largest stage's.
+    let peak = steps.iter().filter_map(|s| s["peak_rss_bytes"].as_u64()).max().unwrap();
+    let total_row = stdout.lines().find(|l| l.starts_with("│ total")).unwrap();
+    assert!(total_row.contains(&format!("{:.2} (max)", peak as f64 / 1e9)), "{total_row}");
 
     // A third run does nothing but read.
     let t = Instant::now();

@@ -474,6 +474,52 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// One query row's attention over `keys` / `values` (rows of `d`), into
+/// `o`: softmax of the scaled dot products, then the weighted sum of the
+/// values, each summed over the keys in order.
+fn attend_row_any(q: &[f32], keys: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
+    let d = q.len();
+    let mut scores: Vec<f32> = keys.chunks_exact(d).map(|k| dot(k, q) * scale).collect();
+    let sum = softmax_numerators(&mut scores);
+    o.iter_mut().for_each(|v| *v = 0.0);
+    for (p, v) in scores.iter().zip(values.chunks_exact(d)) {
+        let w = p / sum;
+        for (ov, vv) in o.iter_mut().zip(v) {
+            *ov += w * vv;
+        }
+    }
+}
+
+/// [`attend_row_any`] for a head size known at compile time: the same
+/// operations in the same order (so the same numbers), with the output row
+/// accumulated in a local array the compiler keeps in registers.
+fn attend_row<const D: usize>(q: &[f32], keys: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
+    let q: &[f32; D] = q.try_into().expect("a row of the head size");
+    let mut scores: Vec<f32> = keys.chunks_exact(D).map(|k| dot(k, q) * scale).collect();
+    let sum = softmax_numerators(&mut scores);
+    let mut acc = [0f32; D];
+    for (p, v) in scores.iter().zip(values.chunks_exact(D)) {
+        let w = p / sum;
+        let v: &[f32; D] = v.try_into().expect("row");
+        for i in 0..D {
+            acc[i] += w * v[i];
+        }
+    }
+    o.copy_from_slice(&acc);
+}
+
+/// exp(x - max) in place; their sum, added in order.
+#[inline]
+fn softmax_numerators(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in scores.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    sum
+}
+
 /// Causal attention on the CPU straight from the cache buffers: each (row,
 /// head, query) sums over its own keys only (pads skipped) in a fixed order,
 /// so a sequence gets the same numbers alone or in any batch, and small
@@ -498,21 +544,14 @@ fn attend_cpu(q: &Tensor, ck: &Tensor, cv: &Tensor, start: usize, pads: &[usize]
         let base = (bi * s.n_kv_head + kvh) * cap * d;
         let qrow = &qv[((bi * nh + h) * l + t) * d..][..d];
         let first = pads[bi].min(c);
-        let mut scores: Vec<f32> = (first..=c)
-            .map(|j| dot(&kall[base + j * d..][..d], qrow) * scale)
-            .collect();
-        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in scores.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        o.iter_mut().for_each(|v| *v = 0.0);
-        for (j, p) in (first..=c).zip(&scores) {
-            let w = p / sum;
-            for (ov, vv) in o.iter_mut().zip(&vall[base + j * d..][..d]) {
-                *ov += w * vv;
-            }
+        let (keys, values) = (&kall[base + first * d..base + (c + 1) * d], &vall[base + first * d..base + (c + 1) * d]);
+        // The usual head sizes get a kernel whose length the compiler
+        // knows (unrolled, the output row kept in registers); the
+        // arithmetic, and so every number, is the generic one's.
+        match d {
+            64 => attend_row::<64>(qrow, keys, values, scale, o),
+            128 => attend_row::<128>(qrow, keys, values, scale, o),
+            _ => attend_row_any(qrow, keys, values, scale, o),
         }
     };
     // out is (b, l, heads, d): one chunk of d per (row, query, head).
@@ -528,4 +567,36 @@ fn attend_cpu(q: &Tensor, ck: &Tensor, cv: &Tensor, start: usize, pads: &[usize]
     }
     drop((ks, vs));
     Tensor::from_vec(out, (b, l, nh * d), q.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{attend_row, attend_row_any};
+
+    /// The kernels for known head sizes give the generic kernel's numbers
+    /// bit for bit (the tables' reproducibility rests on it).
+    #[test]
+    fn head_size_kernels_match_the_generic_one_bit_for_bit() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        };
+        for (d, n) in [(64, 1), (64, 37), (128, 5), (128, 300)] {
+            let q: Vec<f32> = (0..d).map(|_| rnd()).collect();
+            let keys: Vec<f32> = (0..n * d).map(|_| rnd()).collect();
+            let values: Vec<f32> = (0..n * d).map(|_| rnd()).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mut a, mut b) = (vec![0f32; d], vec![1f32; d]);
+            attend_row_any(&q, &keys, &values, scale, &mut a);
+            match d {
+                64 => attend_row::<64>(&q, &keys, &values, scale, &mut b),
+                _ => attend_row::<128>(&q, &keys, &values, scale, &mut b),
+            }
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "d {d}, {n} keys");
+            assert!(a.iter().any(|v| *v != 0.0));
+        }
+    }
 }

@@ -111,6 +111,8 @@ pub fn lines(stem: &Path, title: &str, x_label: &str, y_label: &str, series: &[S
                     .configure_mesh()
                     .x_desc(x_label)
                     .y_desc(y_label)
+                    .x_label_formatter(&|v| tick(*v))
+                    .y_label_formatter(&|v| tick(*v))
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
                     .light_line_style(WHITE.mix(0.0))
@@ -235,6 +237,8 @@ pub fn deltas(stem: &Path, title: &str, y_label: &str, deltas: &[f64]) -> Result
                     .disable_x_mesh()
                     .x_desc("queries, sorted by difference")
                     .y_desc(y_label)
+                    .x_label_formatter(&|v| tick(*v))
+                    .y_label_formatter(&|v| tick(*v))
                     .label_style((FONT, 14))
                     .axis_desc_style((FONT, 16))
                     .draw()
@@ -287,6 +291,25 @@ pub fn read_trainer_log(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>
     Ok(out)
 }
 
+/// A training directory as a reader knows it: the stage's folder (not a
+/// trainer's `model` subfolder), without the `.partial` it has while the
+/// stage runs.
+fn run_name(dir: &Path) -> String {
+    let name = |d: &Path| d.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    let mut n = name(dir);
+    if n == "model" {
+        n = dir.parent().map(name).unwrap_or(n);
+    }
+    n.strip_suffix(".partial").map(str::to_owned).unwrap_or(n)
+}
+
+/// An axis label: whole numbers without ".0", others to at most four
+/// decimals without trailing zeros, and never "-0".
+fn tick(v: f64) -> String {
+    let s = if v.fract() == 0.0 && v.abs() < 1e15 { format!("{v:.0}") } else { format!("{v:.4}").trim_end_matches('0').trim_end_matches('.').to_owned() };
+    if s == "-0" { "0".into() } else { s }
+}
+
 /// Draws every curve of `dir/trainer_log.jsonl` that has at least two
 /// points and is not constant, as `dir/training_KEY.{svg,png}`: the loss
 /// with its smoothed trend, the others as logged. Returns the files
@@ -309,7 +332,7 @@ pub fn training_curves(dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
             let trend = smooth(&ys);
             series.push(Series { name: "smoothed".into(), points: points.iter().zip(trend).map(|(p, y)| (p.0, y)).collect() });
         }
-        let title = format!("training {key} of {}", dir.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned()));
+        let title = format!("training {key} of {}", run_name(dir));
         written.extend(lines(&dir.join(format!("training_{file}")), &title, "step", &key, &series)?);
     }
     Ok(written)
@@ -365,6 +388,15 @@ mod tests {
         let s = smooth(&[1.0, 0.0, 0.0]);
         assert!((s[0] - 1.0).abs() < 1e-12 && (s[1] - w).abs() < 1e-12 && (s[2] - w * w).abs() < 1e-12, "{s:?}");
         assert!(smooth(&[]).is_empty());
+    }
+
+    /// Axis labels read as written numbers; titles name the stage, not its
+    /// temporary folder or a trainer's `model` subfolder.
+    #[test]
+    fn ticks_and_titles_read_cleanly() {
+        assert_eq!([tick(3.0), tick(-0.0), tick(-1e-9), tick(0.25), tick(1.0 / 3.0), tick(250.0)], ["3", "0", "0", "0.25", "0.3333", "250"]);
+        assert_eq!(run_name(Path::new("/r/scifact/rlrf-train-r1-abc.partial")), "rlrf-train-r1-abc");
+        assert_eq!(run_name(Path::new("/r/scifact/rlgf-train-r1-abc/model")), "rlgf-train-r1-abc");
     }
 
     #[test]
