@@ -13,7 +13,7 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict};
 use rir::engine::{data, metrics, runfile};
-use rir::{HostError, HostSettings, PluginHost, Registry};
+use rir::{HostError, PluginHost};
 
 pyo3::create_exception!(rir, RirError, PyException, "An error from rir, with the one-line message the `rir` command prints.");
 
@@ -24,20 +24,6 @@ fn py_err(e: impl std::error::Error + 'static) -> PyErr {
 
 fn input_err(msg: impl Into<String>) -> PyErr {
     py_err(HostError::Input(msg.into()))
-}
-
-/// A plugin host as the `rir` command makes one: `registry` (else
-/// `$RIR_REGISTRY`, else the nearest registry.toml up from the working
-/// directory), extra plugin directories first, `threads` (else all cores).
-fn host(registry: Option<PathBuf>, plugin_dirs: Vec<PathBuf>, threads: Option<usize>) -> Result<PluginHost, HostError> {
-    use rir::plugins::registry;
-    let path = registry.or_else(registry::discover).ok_or(HostError::Registry(registry::RegistryError::NotFound))?;
-    let mut settings = HostSettings::default();
-    settings.plugin_dirs.splice(0..0, plugin_dirs);
-    if let Some(t) = threads {
-        settings.threads = t.max(1);
-    }
-    Ok(PluginHost::new(Registry::load(&path)?, settings))
 }
 
 /// A config given as JSON (a Python dict) written as the TOML table a plugin reads.
@@ -93,7 +79,7 @@ impl Model {
         if batch == 0 || generation_batch == 0 {
             return Err(input_err("batch_size and generation_batch must be at least 1"));
         }
-        let h = host(registry, plugin_dirs, threads).map_err(py_err)?;
+        let h = PluginHost::discover(registry, &plugin_dirs, threads).map_err(py_err)?;
         let loaded = py.detach(|| {
             let g = generator.as_deref().zip(gcfg.as_deref());
             rir::model::ReinforcedIr::load(&h, (&retriever, &rcfg), g)
@@ -239,7 +225,7 @@ fn run(
         s.map(|s| s.parse::<experiment::Stage>()).transpose().map_err(|e| input_err(format!("{what}: {e}")))
     };
     let opts = experiment::RunOptions { output, dry_run, only: stage(only, "only")?, from: stage(from_stage, "from_stage")?, use_cache: cache };
-    let h = host(registry, plugin_dirs, threads).map_err(py_err)?;
+    let h = PluginHost::discover(registry, &plugin_dirs, threads).map_err(py_err)?;
     let out = py.detach(|| experiment::run(&h, &exp, &opts)).map_err(py_err)?;
     if let Some(e) = out.missing_error(&exp) {
         return Err(py_err(e));

@@ -7,10 +7,9 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, Color, Table};
 use rir::engine::{data, metrics, report};
-use rir::plugins::registry;
 use rir::stages::eval;
 use rir::tools::{bench, serve};
-use rir::{HostError, HostSettings, Kind, PluginHost, Registry, Status};
+use rir::{Kind, PluginHost, Status};
 use rir_sdk::ConfigOf;
 
 #[derive(Parser)]
@@ -566,14 +565,7 @@ fn main() -> ExitCode {
 }
 
 fn host(cli: &Cli) -> Result<PluginHost> {
-    let path = cli.registry.clone().or_else(registry::discover).ok_or(HostError::Registry(registry::RegistryError::NotFound))?;
-    let registry = Registry::load(&path)?;
-    let mut settings = HostSettings::default();
-    settings.plugin_dirs.splice(0..0, cli.plugin_dirs.iter().cloned());
-    if let Some(t) = cli.threads {
-        settings.threads = t.max(1);
-    }
-    Ok(PluginHost::new(registry, settings))
+    Ok(PluginHost::discover(cli.registry.clone(), &cli.plugin_dirs, cli.threads)?)
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
@@ -766,7 +758,6 @@ fn bench_lexical_cmd(host: &PluginHost, a: &BenchLexicalArgs) -> Result<ExitCode
     }
     Ok(ExitCode::SUCCESS)
 }
-
 
 fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
     use rir::experiment;

@@ -288,6 +288,20 @@ impl PluginHost {
         Self { registry, settings, loaded: Mutex::new(HashMap::new()) }
     }
 
+    /// A host as the `rir` command and the Python package make one:
+    /// `registry_file` (else `$RIR_REGISTRY`, else the nearest registry.toml up
+    /// from the working directory), `plugin_dirs` searched before the
+    /// default ones, `threads` (else all cores).
+    pub fn discover(registry_file: Option<std::path::PathBuf>, plugin_dirs: &[std::path::PathBuf], threads: Option<usize>) -> Result<Self, HostError> {
+        let path = registry_file.or_else(registry::discover).ok_or(HostError::Registry(registry::RegistryError::NotFound))?;
+        let mut settings = HostSettings::default();
+        settings.plugin_dirs.splice(0..0, plugin_dirs.iter().cloned());
+        if let Some(t) = threads {
+            settings.threads = t.max(1);
+        }
+        Ok(Self::new(Registry::load(&path)?, settings))
+    }
+
     /// Loads (once) and checks the named plugin.
     pub fn load(&self, name: &str) -> Result<Arc<Plugin>, HostError> {
         if let Some(p) = self.loaded.lock().expect("plugin table poisoned").get(name) {

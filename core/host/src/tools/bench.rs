@@ -262,40 +262,40 @@ pub fn bench_prefill_plugin(host: &PluginHost, plugin: &str, config: &str, promp
     Ok(row(&format!("rir {plugin}"), "prefill", prompts.len(), tokens, secs))
 }
 
-/// `count` different prompts of `tokens` tokens each (within 1%) for the
-/// generator `g`: scientific prose (the generation prompts, rotated), cut
-/// by words and counted with the generator's own tokenizer (a scored
-/// continuation's tokens): (prompt, its tokens).
+/// `count` different prompts of `tokens` tokens each for the generator
+/// `g`: scientific prose (the generation prompts, rotated), tokenized once
+/// by the generator itself (a scored continuation's pieces) and cut after
+/// its first `tokens` pieces: (prompt, `tokens`). The ABI has no tokenize
+/// call, so each prompt costs one forward pass over a little more text than
+/// it keeps; re-tokenizing a cut can merge across it, so a prompt may read
+/// a token or two fewer (llama.cpp's row reports its own count).
 pub fn sized_prompts(g: &dyn rir_sdk::Generator, tokens: usize, count: usize) -> anyhow::Result<Vec<(String, usize)>> {
     use rir_sdk::{Prompt, ScoreRequest};
-    let count_tokens = |text: &str| -> anyhow::Result<usize> {
-        let s = g.score(&[ScoreRequest { prompt: Prompt::Text(String::new()), continuation: text.to_owned() }])?;
-        Ok(s.first().map_or(0, |s| s.tokens.len()))
-    };
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        // Plenty of words: each prompt starts differently, so no two share a prefix.
+        // Each prompt starts differently, so no two share a prefix.
         let mut words: Vec<String> = vec![format!("Document {i}:")];
         let mut r = 0;
-        while words.len() < tokens * 2 + 16 {
-            for j in 0..GENERATE_PROMPTS.len() {
-                words.extend(GENERATE_PROMPTS[(i + r + j) % GENERATE_PROMPTS.len()].split_whitespace().map(str::to_owned));
-                words.push(format!("({r}.{j})"));
+        loop {
+            // A word is at least one token: this many words are enough.
+            while words.len() < tokens + 16 {
+                for j in 0..GENERATE_PROMPTS.len() {
+                    words.extend(GENERATE_PROMPTS[(i + r + j) % GENERATE_PROMPTS.len()].split_whitespace().map(str::to_owned));
+                    words.push(format!("({r}.{j})"));
+                }
+                r += 1;
             }
-            r += 1;
-        }
-        // Words per token from the whole text, then a few corrections.
-        let mut n = (tokens * words.len() / count_tokens(&words.join(" "))?.max(1)).clamp(1, words.len());
-        let mut got = count_tokens(&words[..n].join(" "))?;
-        for _ in 0..8 {
-            if got.abs_diff(tokens) * 100 <= tokens {
+            let scored = g.score(&[ScoreRequest { prompt: Prompt::Text(String::new()), continuation: words.join(" ") }])?;
+            let pieces = scored.into_iter().next().map(|s| s.tokens).unwrap_or_default();
+            anyhow::ensure!(!pieces.is_empty(), "{} returned no tokens for a scored text: it cannot size prompts", g.model_name());
+            if pieces.len() >= tokens {
+                let text: String = pieces[..tokens].iter().map(|t| t.token.as_str()).collect();
+                out.push((text.trim_start().to_owned(), tokens));
                 break;
             }
-            let scaled = n as f64 * tokens as f64 / got.max(1) as f64;
-            n = (scaled.round() as usize).clamp(1, words.len());
-            got = count_tokens(&words[..n].join(" "))?;
+            // Fewer pieces than words (cannot happen with subword tokenizers): more text.
+            words.extend(words.clone());
         }
-        out.push((words[..n].join(" "), got));
     }
     Ok(out)
 }
