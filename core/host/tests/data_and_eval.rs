@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -241,6 +242,71 @@ fn a_download_that_fails_its_md5_is_discarded() {
     assert!(err.contains(&format!("{url}/scifact.zip: md5 mismatch: expected 5f7d1de60b170fc8027bb7898e2efca1")), "{err}");
     assert!(err.contains("the download was discarded"), "{err}");
     assert!(data::list_cached(cache.path()).is_empty(), "nothing may be cached after a failed fetch");
+}
+
+/// In one process (as `rir run`'s "both" after "+RLRF"), an eval whose
+/// augmentations are all cached does not load the generator again; one
+/// with a new query does, at its first request.
+#[test]
+fn a_generator_whose_augmentations_are_cached_is_not_loaded_again() {
+    plugin_dir();
+    let cache = temp_cache();
+    let out = tempfile::tempdir().unwrap();
+    let loads = out.path().join("loads.txt");
+    let mut settings = settings();
+    settings.cache_dir = cache.path().to_owned();
+    let host = rir::PluginHost::new(rir::Registry::load(&root().join("registry.toml")).unwrap(), settings);
+    let data = mini_scifact_of(out.path(), "mini", 40);
+    let opts = |name: &str, dataset: &Path| rir::stages::eval::EvalOptions {
+        dataset: dataset.to_string_lossy().into_owned(),
+        split: None,
+        mirror: None,
+        retriever: "example-hash".into(),
+        retriever_config: String::new(),
+        query_instruction: None,
+        generator: Some("probe".into()),
+        generator_config: format!("loads_file = {:?}", loads.to_string_lossy()),
+        query_weight: 0.8,
+        augmentation_max_tokens: 16,
+        index: "flat".parse().unwrap(),
+        k: 100,
+        measures: rir::engine::metrics::parse_measures("nDCG@10").unwrap(),
+        averaging: "qrels".parse().unwrap(),
+        ignore_identical_ids: true,
+        batch: 32,
+        generation_batch: 8,
+        use_cache: true,
+        output: out.path().to_owned(),
+        name: name.into(),
+        experiment: None,
+    };
+    let count = || std::fs::read_to_string(&loads).map(|s| s.lines().count()).unwrap_or(0);
+    rir::stages::eval::run(&host, &opts("a", &data)).unwrap();
+    assert_eq!(count(), 1);
+    rir::stages::eval::run(&host, &opts("b", &data)).unwrap();
+    assert_eq!(count(), 1, "every augmentation was cached: no load");
+    let read = |n: &str| rir::engine::report::Results::read(&out.path().join(format!("{n}.mini.json"))).unwrap();
+    let (a, b) = (read("a"), read("b"));
+    assert_eq!(a.config["generator"]["model"], b.config["generator"]["model"]);
+    assert_eq!(b.config["generator"]["from_cache"].as_u64(), Some(b.evaluation.per_query.len() as u64));
+    assert_eq!(a.evaluation.aggregate, b.evaluation.aggregate);
+    // A query the cache has not seen: the generator is loaded for it.
+    let first_id = b.evaluation.per_query.keys().next().unwrap().clone();
+    let queries = data.join("queries.jsonl");
+    let text: Vec<String> = std::fs::read_to_string(&queries)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut q: serde_json::Value = serde_json::from_str(l).unwrap();
+            if q["_id"].as_str() == Some(first_id.as_str()) {
+                q["text"] = format!("Unseen: {}", q["text"].as_str().unwrap()).into();
+            }
+            q.to_string()
+        })
+        .collect();
+    std::fs::write(&queries, text.join("\n") + "\n").unwrap();
+    rir::stages::eval::run(&host, &opts("c", &data)).unwrap();
+    assert_eq!(count(), 2, "query {first_id} was new: the generator loaded for it");
 }
 
 #[test]

@@ -103,6 +103,46 @@ fn batched_equals_sequential(prefill: &str) {
     assert!(b.iter().flatten().all(|c| c.finish_reason == "stop" || c.finish_reason == "length"));
 }
 
+/// Also for other models: RIR_TEST_PREFIX_MODEL names one (Qwen2.5 1.5B's
+/// K-quants were checked so, docs/BENCHMARKS.md).
+#[test]
+fn prefill_shares_a_prefix_bit_for_bit() {
+    let model = std::env::var("RIR_TEST_PREFIX_MODEL").unwrap_or_else(|_| SMOLLM.to_string());
+    for prefill in ["quantized", "dense"] {
+        let g = LlamaGenerator::new(&format!("model = {model:?}\nprefill = {prefill:?}")).unwrap();
+        // One instruction before different queries, as the augmentation and
+        // query prompts are: the chat template and the instruction are shared.
+        let instruction = "Given a scientific claim, retrieve documents that support or refute the claim.\nWrite a brief paper abstract for the following claim. Reply with the abstract only.\n\nclaim: ";
+        let queries = ["Vitamin D lowers the risk of fractures.", "Aspirin use is linked to fewer colorectal cancers in older adults.", "BM25 is a ranking function.", "Sleep loss impairs memory consolidation."];
+        let ids: Vec<Vec<u32>> = queries.iter().map(|q| g.encode(&g.render(&chat(&format!("{instruction}{q}"))).unwrap()).unwrap()).collect();
+        let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        let p = rir_llama::model::shared_prefix(&refs).expect("the prompts share a prefix worth running once");
+        eprintln!("{prefill}: {} prompts of {:?} tokens share {p}", refs.len(), refs.iter().map(|r| r.len()).collect::<Vec<_>>());
+        assert!(p > 40);
+        let (shared, mut sc) = g.model.prefill(&refs).unwrap();
+        let (whole, mut wc) = g.model.prefill_whole(&refs).unwrap();
+        assert_eq!(sc.pads, wc.pads);
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&shared), bits(&whole), "{prefill}: last-position logits");
+        // The decode steps that follow see the same cache.
+        for t in [28u32, 1000, 5] {
+            let a = g.model.step(&[t; 4], &mut sc).unwrap();
+            let b = g.model.step(&[t; 4], &mut wc).unwrap();
+            assert_eq!(bits(&a), bits(&b), "{prefill}: step after the prefill");
+        }
+    }
+    // Nothing to share: one prompt, or prompts that differ from the start.
+    assert_eq!(rir_llama::model::shared_prefix(&[&[1, 2, 3][..]]), None);
+    assert_eq!(rir_llama::model::shared_prefix(&[&[1, 2, 3][..], &[2, 2, 3][..]]), None);
+    // A shared prefix shorter than the spread in lengths cannot end at one column.
+    let long: Vec<u32> = (0..100).collect();
+    let short: Vec<u32> = (0..30).chain([7, 7]).collect();
+    assert_eq!(rir_llama::model::shared_prefix(&[&long[..], &short[..]]), None);
+    let a: Vec<u32> = (0..40).chain([1, 2]).collect();
+    let b: Vec<u32> = (0..40).chain([3]).collect();
+    assert_eq!(rir_llama::model::shared_prefix(&[&a[..], &b[..]]), Some(40));
+}
+
 /// A deterministic PEFT adapter touching every linear map of layer 0 and
 /// q/k of every layer, large enough to change the output.
 fn write_adapter(dir: &Path, g: &LlamaGenerator) {

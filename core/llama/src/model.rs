@@ -196,6 +196,9 @@ pub struct Llama {
     pub tied_output: bool,
     /// Whether the layers' quantized matrices keep f32 copies (`dense_prefill`).
     dense: bool,
+    /// Whether `prefill` runs a prefix its prompts share once (on unless
+    /// turned off; the numbers are the same either way).
+    pub share_prefix: bool,
     cos: Tensor,
     sin: Tensor,
 }
@@ -268,6 +271,34 @@ impl KvCache {
     }
 }
 
+/// Tokens a prefix run once must save before [`Llama::prefill`] shares it.
+const MIN_SHARED_SAVING: usize = 16;
+
+/// The length of the prefix [`Llama::prefill`] runs once for `prompts`, if
+/// sharing one saves at least [`MIN_SHARED_SAVING`] token positions: the
+/// longest prefix all prompts share, provided it covers the difference in
+/// their lengths (so in the left-padded batch every row's shared tokens
+/// end at one column), and at most the longest prompt less one token (the
+/// shared run does not give the last position's logits).
+pub fn shared_prefix(prompts: &[&[u32]]) -> Option<usize> {
+    let (first, rest) = prompts.split_first()?;
+    if rest.is_empty() {
+        return None;
+    }
+    let mut p = first.len();
+    for q in rest {
+        p = p.min(first.iter().zip(q.iter()).take_while(|(a, b)| a == b).count());
+    }
+    let (min, max) = prompts.iter().fold((usize::MAX, 0), |(lo, hi), q| (lo.min(q.len()), hi.max(q.len())));
+    let p = p.min(max.saturating_sub(1));
+    if p < max - min {
+        return None;
+    }
+    // Row i reuses p - (max - len_i) tokens; the prefix runs once.
+    let reused: usize = prompts.iter().map(|q| p - (max - q.len())).sum();
+    (reused >= p + MIN_SHARED_SAVING).then_some(p)
+}
+
 /// Mask value for hidden keys: finite, so all-hidden rows stay finite.
 const HIDDEN: f32 = -1e30;
 
@@ -299,6 +330,7 @@ impl Llama {
             device: device.clone(),
             tied_output: false,
             dense: false,
+            share_prefix: true,
         })
     }
 
@@ -323,13 +355,64 @@ impl Llama {
     }
 
     /// Runs left-padded prompts through the model; returns the last
-    /// position's logits (rows, vocab) in f32 and the cache.
+    /// position's logits (rows, vocab) in f32 and the cache. A prefix the
+    /// prompts share (a chat template, a task instruction) is run once
+    /// ([`Llama::shared_prefix`]); the numbers are those of running each
+    /// prompt whole.
     pub fn prefill(&self, prompts: &[&[u32]]) -> Result<(Tensor, KvCache)> {
+        match shared_prefix(prompts).filter(|_| self.share_prefix) {
+            Some(p) => self.prefill_shared(prompts, p),
+            None => self.prefill_whole(prompts),
+        }
+    }
+
+    /// [`Llama::prefill`] without sharing a prefix: every prompt whole.
+    pub fn prefill_whole(&self, prompts: &[&[u32]]) -> Result<(Tensor, KvCache)> {
         let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
         let ids: Vec<u32> = prompts.iter().flat_map(|p| std::iter::repeat_n(0u32, width - p.len()).chain(p.iter().copied())).collect();
         let mut cache = KvCache { kv: Vec::new(), pads, len: 0, cap: 0 };
         let ids = Tensor::new(ids, &self.device)?.reshape((prompts.len(), width))?;
+        let logits = self.forward(&ids, &mut cache, true)?;
+        Ok((logits, cache))
+    }
+
+    /// Prefill with the first `p` tokens, which every prompt shares, run
+    /// once. Rows stay left-padded as in [`Llama::prefill_whole`]: row i's
+    /// first `c - pads[i]` tokens (all within the shared prefix) get their
+    /// keys and values copied from the one run of the prefix, and every
+    /// row's tokens from column `c` on go through the model together. A
+    /// position's numbers depend only on the tokens up to it (causal
+    /// attention, summed over its own keys in order; every matrix product
+    /// sums a row alone), so they are those of the whole prompt: the test
+    /// `prefill_shares_a_prefix_bit_for_bit` checks it.
+    fn prefill_shared(&self, prompts: &[&[u32]], p: usize) -> Result<(Tensor, KvCache)> {
+        let width = prompts.iter().map(|q| q.len()).max().unwrap_or(0);
+        let pads: Vec<usize> = prompts.iter().map(|q| width - q.len()).collect();
+        let min_pad = pads.iter().copied().min().unwrap_or(0);
+        let c = min_pad + p;
+        let (_, prefix) = self.prefill_whole(&[&prompts[0][..p]])?;
+        let kv = prefix
+            .kv
+            .iter()
+            .map(|(k, v)| {
+                let rows = |t: &Tensor| -> Result<Tensor> {
+                    let (_, h, _, d) = t.dims4()?;
+                    let parts = pads
+                        .iter()
+                        .map(|&pad| {
+                            let own = t.narrow(2, 0, c - pad)?;
+                            if pad == 0 { Ok(own) } else { Tensor::cat(&[&Tensor::zeros((1, h, pad, d), t.dtype(), t.device())?, &own], 2) }
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 0)?.contiguous()
+                };
+                Ok((rows(k)?, rows(v)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut cache = KvCache { kv, pads: pads.clone(), len: c, cap: c };
+        let ids: Vec<u32> = prompts.iter().zip(&pads).flat_map(|(q, &pad)| q[c - pad..].iter().copied()).collect();
+        let ids = Tensor::new(ids, &self.device)?.reshape((prompts.len(), width - c))?;
         let logits = self.forward(&ids, &mut cache, true)?;
         Ok((logits, cache))
     }

@@ -28,7 +28,7 @@ pub enum Kernel {
 }
 
 /// The best kernel this CPU runs, if any (`RIR_QUANT_KERNEL=avx2` forces the
-/// AVX2 one, for comparison).
+/// AVX2 one, `none` candle's kernels, for comparison).
 pub fn kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -39,6 +39,9 @@ pub fn kernel() -> Option<Kernel> {
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni");
         let forced = std::env::var("RIR_QUANT_KERNEL").ok();
+        if forced.as_deref() == Some("none") {
+            return None;
+        }
         match (vnni, avx2) {
             (true, _) if forced.as_deref() != Some("avx2") => Some(Kernel::Avx512Vnni),
             (_, true) => Some(Kernel::Avx2),

@@ -161,6 +161,23 @@ struct Ctx {
     mask: Tensor,
 }
 
+/// A DPO pair in one row: the prompt once, then the chosen and the rejected
+/// response, each at the positions it has right after the prompt and
+/// attending to the prompt and itself only (the rejected response is
+/// masked from the chosen one). The same log-probabilities as the two
+/// right-padded rows, for the prompt's tokens once instead of twice and no
+/// padding.
+pub struct PackedPair {
+    ids: Tensor,
+    positions: Tensor,
+    mask: Tensor,
+    /// Positions whose next-token log-probability counts, the tokens there,
+    /// and which response each belongs to (one-hot pairs, chosen first).
+    at: Vec<u32>,
+    targets: Vec<u32>,
+    onehot: Vec<f32>,
+}
+
 /// A gradient store with no parameter in it (candle has no public
 /// constructor; an untracked scalar's backward holds only that scalar).
 pub fn empty_grads(dev: &Device) -> Result<GradStore> {
@@ -347,14 +364,20 @@ impl TrainModel {
     /// layer's outputs (before the final norm) at positions t, `targets`
     /// (b, n) the tokens at t + 1 and `keep` (b, n) 1 where they count.
     fn slice_logprobs(&self, h: &Tensor, targets: &Tensor, keep: &Tensor) -> Result<Tensor> {
+        let lp = self.position_logprobs(h, targets)?;
+        (lp.clone() * keep.to_dtype(lp.dtype())?)?.sum(1)
+    }
+
+    /// log p(targets) at each position of `h` (b, n, hidden), (b, n), in
+    /// f32 (f64 for f64 models).
+    fn position_logprobs(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
         // Half precisions are summed in f32; f32 and f64 stay as they are.
         let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
         let h = rms_norm(h, &self.norm, self.shape.eps)?;
         let logits = frozen_linear(&h.contiguous()?, &self.lm_head)?.to_dtype(wide)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
         let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
-        let lp = (logits.gather(&targets.unsqueeze(2)?.contiguous()?, 2)? - lse)?.squeeze(2)?;
-        (lp * keep.to_dtype(wide)?)?.sum(1)
+        (logits.gather(&targets.unsqueeze(2)?.contiguous()?, 2)? - lse)?.squeeze(2)
     }
 
     /// The response positions `from − 1 .. L − 1` in head-sized slices:
@@ -415,47 +438,62 @@ impl TrainModel {
         loss_of: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor, GradStore)> {
         let ctx = self.context(ids.dim(1)?)?;
+        self.checkpointed(ids, &ctx, |last| {
+            let slices = self.head_slices(ids, from, to)?;
+            let lp = self.head_logprobs(last, &slices)?;
+            // dLoss/dlogp per row, from the (small) loss graph.
+            let leaf = Var::from_tensor(&lp)?;
+            let loss = loss_of(leaf.as_tensor())?;
+            let dlp = loss.backward()?.get(leaf.as_tensor()).cloned().unwrap_or(lp.zeros_like()?);
+            // The head, slice by slice: the gradient of the last layer's output.
+            let (b, l, hdim) = last.dims3()?;
+            let mut parts = Vec::with_capacity(slices.len() + 2);
+            let first = from - 1;
+            if first > 0 {
+                parts.push(Tensor::zeros((b, first, hdim), self.dtype, &self.device)?);
+            }
+            let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let coef = dlp.to_dtype(wide)?;
+            for (t, n, targets, keep) in &slices {
+                let x = Var::from_tensor(&last.narrow(1, *t, *n)?)?;
+                let s = (self.slice_logprobs(x.as_tensor(), targets, keep)? * &coef)?.sum_all()?;
+                let g = s.backward()?;
+                parts.push(g.get(x.as_tensor()).cloned().unwrap_or(x.as_tensor().zeros_like()?));
+            }
+            let done = first + slices.iter().map(|s| s.1).sum::<usize>();
+            if done < l {
+                parts.push(Tensor::zeros((b, l - done, hdim), self.dtype, &self.device)?);
+            }
+            Ok((lp, loss, Tensor::cat(&parts, 1)?))
+        })
+    }
+
+    /// The forward without a graph and the layer-by-layer backward of
+    /// `logprob_grads`, for any layout: `head` gets the last layer's output
+    /// and returns the log-probabilities, the loss and the loss's gradient
+    /// with respect to that output.
+    fn checkpointed(
+        &self,
+        ids: &Tensor,
+        ctx: &Ctx,
+        head: impl FnOnce(&Tensor) -> Result<(Tensor, Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor, GradStore)> {
         // Forward without a graph, keeping every layer's input.
         let mut inputs = vec![self.embed_ids(ids)?];
         for layer in &self.layers {
-            let next = self.layer(layer, &inputs[inputs.len() - 1], &ctx, Pass::Eval)?;
+            let next = self.layer(layer, &inputs[inputs.len() - 1], ctx, Pass::Eval)?;
             inputs.push(next);
         }
         let last = inputs.pop().ok_or_else(|| candle_core::Error::Msg("no layers".into()))?;
-        let slices = self.head_slices(ids, from, to)?;
-        let lp = self.head_logprobs(&last, &slices)?;
-        // dLoss/dlogp per row, from the (small) loss graph.
-        let leaf = Var::from_tensor(&lp)?;
-        let loss = loss_of(leaf.as_tensor())?;
-        let dlp = loss.backward()?.get(leaf.as_tensor()).cloned().unwrap_or(lp.zeros_like()?);
-        // The head, slice by slice: the gradient of the last layer's output.
-        let (b, l, hdim) = last.dims3()?;
-        let mut parts = Vec::with_capacity(slices.len() + 2);
-        let first = from - 1;
-        if first > 0 {
-            parts.push(Tensor::zeros((b, first, hdim), self.dtype, &self.device)?);
-        }
-        let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-        let coef = dlp.to_dtype(wide)?;
-        for (t, n, targets, keep) in &slices {
-            let x = Var::from_tensor(&last.narrow(1, *t, *n)?)?;
-            let s = (self.slice_logprobs(x.as_tensor(), targets, keep)? * &coef)?.sum_all()?;
-            let g = s.backward()?;
-            parts.push(g.get(x.as_tensor()).cloned().unwrap_or(x.as_tensor().zeros_like()?));
-        }
-        let done = first + slices.iter().map(|s| s.1).sum::<usize>();
-        if done < l {
-            parts.push(Tensor::zeros((b, l - done, hdim), self.dtype, &self.device)?);
-        }
-        let mut grad = Tensor::cat(&parts, 1)?;
-        drop(parts);
+        let (lp, loss, mut grad) = head(&last)?;
+        drop(last);
         // The layers, top down, each recomputed under autograd.
         let mut store = empty_grads(&self.device)?;
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let input = inputs.pop().ok_or_else(|| candle_core::Error::Msg("checkpoint".into()))?;
             // The embeddings are frozen: layer 0's input needs no gradient.
             let x = if i > 0 { Some(Var::from_tensor(&input)?) } else { None };
-            let out = self.layer(layer, x.as_ref().map_or(&input, |v| v.as_tensor()), &ctx, Pass::Train)?;
+            let out = self.layer(layer, x.as_ref().map_or(&input, |v| v.as_tensor()), ctx, Pass::Train)?;
             let g = (out * &grad)?.sum_all()?.backward()?;
             for lin in &layer.lin {
                 if let Some((a, b)) = &lin.lora {
@@ -471,6 +509,117 @@ impl TrainModel {
             }
         }
         Ok((lp, loss, store))
+    }
+
+    /// A preference pair in one row (see [`PackedPair`]).
+    pub fn pack_pair(&self, prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> Result<PackedPair> {
+        let (p, c, r) = (prompt.len(), chosen.len(), rejected.len());
+        if p == 0 || c == 0 || r == 0 {
+            candle_core::bail!("a packed pair needs a prompt and two non-empty responses")
+        }
+        let l = p + c + r;
+        let ids: Vec<u32> = prompt.iter().chain(chosen).chain(rejected).copied().collect();
+        let positions: Vec<u32> = (0..p + c).chain(p..p + r).map(|x| x as u32).collect();
+        // Causal, and the rejected response does not see the chosen one.
+        let mask: Vec<f32> = (0..l)
+            .flat_map(|i| (0..l).map(move |j| if j > i || (i >= p + c && (p..p + c).contains(&j)) { -1e9 } else { 0.0 }))
+            .collect();
+        // Chosen token k is predicted at p - 1 + k; rejected token k at
+        // p - 1 (k = 0, the prompt's last position) or p + c + k - 1.
+        let at: Vec<u32> = (0..c).map(|k| p - 1 + k).chain((0..r).map(|k| if k == 0 { p - 1 } else { p + c + k - 1 })).map(|x| x as u32).collect();
+        let targets: Vec<u32> = chosen.iter().chain(rejected).copied().collect();
+        let onehot: Vec<f32> = (0..c + r).flat_map(|i| if i < c { [1.0, 0.0] } else { [0.0, 1.0] }).collect();
+        Ok(PackedPair {
+            ids: Tensor::from_vec(ids, (1, l), &self.device)?,
+            positions: Tensor::from_vec(positions, l, &self.device)?,
+            mask: Tensor::from_vec(mask, (l, l), &self.device)?.to_dtype(self.dtype)?,
+            at,
+            targets,
+            onehot,
+        })
+    }
+
+    fn packed_context(&self, pair: &PackedPair) -> Result<Ctx> {
+        Ok(Ctx { cos: self.cos.index_select(&pair.positions, 0)?, sin: self.sin.index_select(&pair.positions, 0)?, mask: pair.mask.clone() })
+    }
+
+    /// The head over a packed pair's scored positions, in slices of the
+    /// head's size: (positions, targets, one-hot (n, 2) of chosen/rejected).
+    fn packed_slices(&self, pair: &PackedPair) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
+        let chunk = self.head_chunk(1);
+        let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let n = pair.at.len();
+        (0..n)
+            .step_by(chunk)
+            .map(|s| {
+                let e = (s + chunk).min(n);
+                Ok((
+                    Tensor::new(&pair.at[s..e], &self.device)?,
+                    Tensor::new(&pair.targets[s..e], &self.device)?.unsqueeze(0)?,
+                    Tensor::from_vec(pair.onehot[2 * s..2 * e].to_vec(), (e - s, 2), &self.device)?.to_dtype(wide)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// (chosen, rejected) log-probabilities of a slice of a packed pair.
+    fn packed_slice_logprobs(&self, last: &Tensor, (at, targets, onehot): &(Tensor, Tensor, Tensor)) -> Result<Tensor> {
+        let lp = self.position_logprobs(&last.index_select(at, 1)?, targets)?;
+        lp.matmul(onehot)?.squeeze(0)
+    }
+
+    /// Σ log p of the chosen and the rejected response of a packed pair,
+    /// (2,), as `sequence_logprobs` gives them for the two rows of the
+    /// padded batch (to rounding: the rejected row's softmax sums run over
+    /// its keys at other columns).
+    pub fn pair_logprobs(&self, pair: &PackedPair, pass: Pass) -> Result<Tensor> {
+        let ctx = self.packed_context(pair)?;
+        let mut h = self.embed_ids(&pair.ids)?;
+        for layer in &self.layers {
+            h = self.layer(layer, &h, &ctx, pass)?;
+        }
+        let mut sum: Option<Tensor> = None;
+        for s in self.packed_slices(pair)? {
+            let lp = self.packed_slice_logprobs(&h, &s)?;
+            sum = Some(match sum {
+                None => lp,
+                Some(t) => (t + lp)?,
+            });
+        }
+        sum.ok_or_else(|| candle_core::Error::Msg("no response tokens".into()))
+    }
+
+    /// `logprob_grads` for a packed pair: (chosen, rejected) log-probs, the
+    /// loss and the adapters' gradients, by the same checkpointing.
+    pub fn pair_logprob_grads(&self, pair: &PackedPair, loss_of: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor, GradStore)> {
+        let ctx = self.packed_context(pair)?;
+        self.checkpointed(&pair.ids, &ctx, |last| {
+            let slices = self.packed_slices(pair)?;
+            let mut lp: Option<Tensor> = None;
+            for s in &slices {
+                let x = self.packed_slice_logprobs(last, s)?;
+                lp = Some(match lp {
+                    None => x,
+                    Some(t) => (t + x)?,
+                });
+            }
+            let lp = lp.ok_or_else(|| candle_core::Error::Msg("no response tokens".into()))?;
+            let leaf = Var::from_tensor(&lp)?;
+            let loss = loss_of(leaf.as_tensor())?;
+            let dlp = loss.backward()?.get(leaf.as_tensor()).cloned().unwrap_or(lp.zeros_like()?);
+            let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+            let coef = dlp.to_dtype(wide)?;
+            // The head slice by slice; each slice's gradient lands at its positions.
+            let mut grad = last.zeros_like()?;
+            for s in &slices {
+                let x = Var::from_tensor(last)?;
+                let v = (self.packed_slice_logprobs(x.as_tensor(), s)? * &coef)?.sum_all()?;
+                if let Some(g) = v.backward()?.get(x.as_tensor()) {
+                    grad = (grad + g)?;
+                }
+            }
+            Ok((lp, loss, grad))
+        })
     }
 
     /// The adapters under PEFT's names, in HF layout.
@@ -607,6 +756,47 @@ mod tests {
             }
         }
         assert_eq!(checked, 2 * 7 * 2 * 3);
+    }
+
+    /// A packed pair gives the padded rows' log-probabilities, loss and
+    /// adapter gradients (f64: to rounding).
+    #[test]
+    fn packed_pairs_equal_padded_rows() {
+        let base = tiny(DType::F64);
+        let spec = LoraSpec { rank: 2, alpha: 4.0, targets: LoraSpec::targets_from(&["all-linear".into()]).unwrap() };
+        let mut m = TrainModel::from_llama(&base, spec, DType::F64, 5).unwrap();
+        // Head slices of three positions: a pair's 9 scored positions take three.
+        m.head_elems = 3 * 11;
+        let mut rng = Rng(4);
+        for v in m.vars() {
+            let vals: Vec<f64> = (0..v.elem_count()).map(|_| rng.next() * 0.3).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+        let (prompt, chosen, rejected) = ([1u32, 2, 3], [4u32, 5, 6, 3, 2, 1], [9u32, 8, 7]);
+        let dev = Device::Cpu;
+        let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 3, 2, 1], [1, 2, 3, 9, 8, 7, 0, 0, 0]], &dev).unwrap();
+        let to = [9, 6];
+        let pair = m.pack_pair(&prompt, &chosen, &rejected).unwrap();
+        for pass in [Pass::Base, Pass::Eval] {
+            let a: Vec<f64> = m.sequence_logprobs(&ids, 3, &to, pass).unwrap().to_vec1().unwrap();
+            let b: Vec<f64> = m.pair_logprobs(&pair, pass).unwrap().to_vec1().unwrap();
+            assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-10), "{a:?} vs {b:?}");
+        }
+        let refs = m.sequence_logprobs(&ids, 3, &to, Pass::Base).unwrap();
+        let loss_of = |lp: &Tensor| Ok(dpo_loss(&lp.narrow(0, 0, 1)?, &lp.narrow(0, 1, 1)?, &refs.narrow(0, 0, 1)?, &refs.narrow(0, 1, 1)?, 0.5)?.loss);
+        let (_, lw, gw) = m.logprob_grads(&ids, 3, &to, loss_of).unwrap();
+        let (_, lp, gp) = m.pair_logprob_grads(&pair, loss_of).unwrap();
+        let (lw, lp): (f64, f64) = (lw.to_scalar().unwrap(), lp.to_scalar().unwrap());
+        assert!((lw - lp).abs() < 1e-12, "{lw} vs {lp}");
+        for (i, v) in m.vars().iter().enumerate() {
+            let w: Vec<f64> = gw.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let c: Vec<f64> = gp.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let scale = w.iter().fold(0f64, |a, x| a.max(x.abs()));
+            assert!(scale > 0.0, "var {i}: no gradient");
+            for (x, y) in w.iter().zip(&c) {
+                assert!((x - y).abs() <= 1e-10 * scale.max(1.0), "var {i}: padded {x} vs packed {y}");
+            }
+        }
     }
 
     /// The checkpointed gradients (one layer's graph at a time, the head in

@@ -29,7 +29,19 @@
 //! device = "cpu"                # cpu | cuda | cuda:N (`cuda` feature)
 //! merge = true                  # also write the merged model
 //! merge_format = "hf"           # hf | gguf-q8_0 | gguf-f16 (merged/model.gguf; needs a GGUF base)
+//! pack = false                  # a pair in one row: the prompt once, no padding (below)
 //! ```
+//!
+//! `pack = true` runs a pair as one row — prompt, chosen, rejected, the
+//! rejected response masked from the chosen one and placed at the positions
+//! it has after the prompt — instead of two right-padded rows that both
+//! carry the prompt: the same log-probabilities and gradients (a test
+//! checks them against the padded rows in f64), with the prompt's tokens
+//! run once and no padding (a third less work on scifact-cpu's pairs, whose
+//! prompts are as long as their responses). The numbers differ from the
+//! padded rows' in the last bits (the rejected response's softmax sums run
+//! over other columns), so it is off by default until the quickstart's
+//! table is measured with it.
 //!
 //! Output (`output_dir`): `adapter/` (PEFT: adapter_model.safetensors,
 //! adapter_config.json), `merged/` (an HF llama directory with the adapter
@@ -100,6 +112,8 @@ pub struct DpoParams {
     /// without an f32 copy). GGUF needs a GGUF base.
     #[serde(default = "d_merge_format")]
     pub merge_format: String,
+    #[serde(default)]
+    pub pack: bool,
 }
 fn d_merge_format() -> String {
     "hf".into()
@@ -189,8 +203,12 @@ fn batch(e: &Encoded, dev: &Device) -> candle_core::Result<(Tensor, [usize; 2])>
 }
 
 /// Log-probabilities of chosen and rejected, without gradients: the
-/// policy's (`Pass::Eval`) or the reference's (`Pass::Base`).
-fn logprobs(m: &TrainModel, e: &Encoded, pass: Pass) -> candle_core::Result<Tensor> {
+/// policy's (`Pass::Eval`) or the reference's (`Pass::Base`); `pack`: as
+/// one packed row.
+fn logprobs(m: &TrainModel, e: &Encoded, pass: Pass, pack: bool) -> candle_core::Result<Tensor> {
+    if pack {
+        return m.pair_logprobs(&m.pack_pair(&e.prompt, &e.chosen, &e.rejected)?, pass);
+    }
     let (ids, lens) = batch(e, &m.device)?;
     m.sequence_logprobs(&ids, e.prompt.len(), &lens, pass)
 }
@@ -211,13 +229,13 @@ fn cerr(what: &'static str) -> impl Fn(candle_core::Error) -> PluginError {
 }
 
 /// Loss, mean margin and accuracy (margin > 0) over `pairs`, no gradients.
-fn evaluate(m: &TrainModel, pairs: &[Encoded], refs: &[Tensor], beta: f64) -> PluginResult<serde_json::Value> {
+fn evaluate(m: &TrainModel, pairs: &[Encoded], refs: &[Tensor], beta: f64, pack: bool) -> PluginResult<serde_json::Value> {
     if pairs.is_empty() {
         return Ok(serde_json::Value::Null);
     }
     let (mut loss, mut margins) = (0.0, Vec::new());
     for (e, r) in pairs.iter().zip(refs) {
-        let p = logprobs(m, e, Pass::Eval).map_err(cerr("forward"))?;
+        let p = logprobs(m, e, Pass::Eval, pack).map_err(cerr("forward"))?;
         let out = dpo_loss(&p.get(0).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &p.get(1).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &r.get(0).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, &r.get(1).map_err(cerr("eval"))?.unsqueeze(0).map_err(cerr("eval"))?, beta)
             .map_err(cerr("loss"))?;
         loss += out.loss.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
@@ -327,11 +345,11 @@ impl DpoTrainer {
             if progress.cancelled() {
                 return Err(PluginError::Cancelled);
             }
-            refs.push(logprobs(&model, e, Pass::Base).map_err(cerr("reference forward"))?);
+            refs.push(logprobs(&model, e, Pass::Base, p.pack).map_err(cerr("reference forward"))?);
             progress.report(&Progress { stage: "reference log-probs".into(), done: i as u64 + 1, total: enc.len() as u64, loss: None, message: String::new() });
         }
         let (eval_refs, train_refs) = refs.split_at(n_eval);
-        let before = evaluate(&model, eval, eval_refs, p.beta)?;
+        let before = evaluate(&model, eval, eval_refs, p.beta, p.pack)?;
         // The adapter with the lowest held-out loss so far (step, loss, weights).
         let vars_now = model.vars();
         let snapshot = || -> PluginResult<Vec<Tensor>> { vars_now.iter().map(|v| v.as_tensor().copy().map_err(cerr("checkpoint"))).collect() };
@@ -363,20 +381,26 @@ impl DpoTrainer {
             for m in first..last {
                 let i = m % train.len();
                 let e = &train[i];
+                // Both sequences' tokens (the prompt twice), packed or not, so tokens/s compares.
                 tokens += 2 * e.prompt.len() + e.chosen.len() + e.rejected.len();
                 let r = &train_refs[i];
                 let g = |t: &Tensor, j: usize| t.get(j).and_then(|x| x.unsqueeze(0));
                 let n_micro = (last - first) as f64;
                 let mut pair_margins = Vec::new();
-                let (ids, lens) = batch(e, &model.device).map_err(cerr("batch"))?;
+                let loss_of = |pol: &Tensor| {
+                    let out = dpo_loss(&g(pol, 0)?, &g(pol, 1)?, &g(r, 0)?, &g(r, 1)?, p.beta)?;
+                    pair_margins = out.margins;
+                    out.loss.to_dtype(DType::F32)? / n_micro
+                };
                 // One layer's graph at a time (activation checkpointing).
-                let (_, scaled, grads) = model
-                    .logprob_grads(&ids, e.prompt.len(), &lens, |pol| {
-                        let out = dpo_loss(&g(pol, 0)?, &g(pol, 1)?, &g(r, 0)?, &g(r, 1)?, p.beta)?;
-                        pair_margins = out.margins;
-                        out.loss.to_dtype(DType::F32)? / n_micro
-                    })
-                    .map_err(cerr("forward/backward"))?;
+                let (_, scaled, grads) = if p.pack {
+                    let pair = model.pack_pair(&e.prompt, &e.chosen, &e.rejected).map_err(cerr("batch"))?;
+                    model.pair_logprob_grads(&pair, loss_of)
+                } else {
+                    let (ids, lens) = batch(e, &model.device).map_err(cerr("batch"))?;
+                    model.logprob_grads(&ids, e.prompt.len(), &lens, loss_of)
+                }
+                .map_err(cerr("forward/backward"))?;
                 step_loss += scaled.to_scalar::<f32>().map_err(cerr("loss"))? as f64;
                 margins.extend(pair_margins);
                 acc = Some(match acc {
@@ -413,7 +437,7 @@ impl DpoTrainer {
                 message: format!("margin {margin:.4} acc {accuracy:.2} lr {lr:.2e}"),
             });
             if !eval.is_empty() && p.eval_steps > 0 && (step + 1) % p.eval_steps == 0 && step + 1 < total {
-                let e = evaluate(&model, eval, eval_refs, p.beta)?;
+                let e = evaluate(&model, eval, eval_refs, p.beta, p.pack)?;
                 log.push_str(&format!("{}\n", serde_json::json!({"step": step + 1, "eval": e})));
                 if let Some(l) = held_loss(&e).filter(|l| best.as_ref().is_none_or(|b| *l < b.1)) {
                     best = Some((step + 1, l, snapshot()?));
@@ -423,7 +447,7 @@ impl DpoTrainer {
             std::fs::write(&log_path, &log)?;
         }
         let train_secs = train_start.elapsed().as_secs_f64();
-        let after = evaluate(&model, eval, eval_refs, p.beta)?;
+        let after = evaluate(&model, eval, eval_refs, p.beta, p.pack)?;
         history.push(serde_json::json!({"step": total, "eval": after}));
         // Keep the best checkpoint by the held-out loss.
         let best_step = match best {

@@ -11,7 +11,20 @@
 //! max_batch = 8       # sequences decoded together (samples of a prompt, and prompts)
 //! quantize = "none"   # none | q8_0: dense weights (HF dirs, merged adapters) to Q8_0 at load (CPU)
 //! prefill = "quantized"  # quantized | dense: how prompts and scored continuations are multiplied (CPU)
+//! share_prefix = true  # run the prefix a batch's prompts share once (same numbers; false: each whole)
 //! ```
+//!
+//! Shared prefixes: the prompts of one batch usually open alike (the chat
+//! template's system turn, the task instruction); `prefill` runs the longest
+//! prefix they share once and copies its keys and values into every row,
+//! then runs the rest of each prompt together — when the shared part covers
+//! the spread of their lengths and saves at least 16 positions. Every
+//! position's numbers depend only on the tokens up to it and each matrix
+//! row is summed alone, so results are bit for bit those of running each
+//! prompt whole (tests/llama_formats.rs checks SmolLM2 on both prefill
+//! paths; Qwen2.5 1.5B's K-quants were checked the same way). Decode
+//! batches of `max_batch` sequences and scoring chunks share so; the cache
+//! does not outlive a batch.
 //!
 //! `prefill = "dense"` (opt-in until the quickstart's table is re-measured
 //! with it: it changes the numbers slightly) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
@@ -68,6 +81,12 @@ pub struct LlamaConfig {
     pub quantize: String,
     #[serde(default)]
     pub prefill: Prefill,
+    #[serde(default = "default_true")]
+    pub share_prefix: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How prompt positions are multiplied on the CPU (see the module docs).
@@ -175,6 +194,8 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
             settings.push_str(if settings.is_empty() { "prefill=dense" } else { ",prefill=dense" });
         }
     }
+    // Not part of the fingerprint: sharing a prefix changes no number.
+    model.share_prefix = cfg.share_prefix;
     let files = model_files(&path, hf, adapter_dir.as_deref())?;
     let fp = rir_models::encoder::fingerprint(&files, &settings).map_err(|e| PluginError::resource(e.to_string()))?;
     rir_sdk::log::info!("loaded {} from {}", assets.name, path.display());

@@ -24,6 +24,8 @@ pub struct ProbeConfig {
     pub steps: u64,
     /// Panic inside `validate`.
     pub panic_on_validate: bool,
+    /// A file the generator constructor appends a line to (counts loads).
+    pub loads_file: Option<String>,
 }
 
 fn cfg(text: &str) -> PluginResult<ProbeConfig> {
@@ -41,6 +43,17 @@ pub struct Probe {
 impl Probe {
     pub fn new(text: &str) -> PluginResult<Self> {
         Ok(Self { cfg: cfg(text)? })
+    }
+
+    /// `new`, noting the load in `loads_file` if one is named.
+    pub fn new_generator(text: &str) -> PluginResult<Self> {
+        let p = Self::new(text)?;
+        if let Some(f) = &p.cfg.loads_file {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(f)?;
+            writeln!(file, "loaded")?;
+        }
+        Ok(p)
     }
 }
 
@@ -243,7 +256,7 @@ rir_sdk::export_plugin! {
     name: "probe",
     description: "Test plugin: every kind, failing on request",
     retriever: Probe::new,
-    generator: Probe::new,
+    generator: Probe::new_generator,
     reward: Probe::new,
     trainer: Probe::new,
     index: FlatIndex::new,
