@@ -1320,6 +1320,7 @@ fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
 /// Plans and runs the experiment; returns the steps and the results files.
 pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<RunOutput, HostError> {
     check_plugins(host, exp)?;
+    crate::stages::eval::forget_loaded_generators();
     let root = opts.output.join(&exp.name);
     crate::util::paths::ensure_dir(&root).map_err(io(&root))?;
     let log_path = root.join("run.log");

@@ -244,9 +244,10 @@ fn a_download_that_fails_its_md5_is_discarded() {
     assert!(data::list_cached(cache.path()).is_empty(), "nothing may be cached after a failed fetch");
 }
 
-/// In one process (as `rir run`'s "both" after "+RLRF"), an eval whose
-/// augmentations are all cached does not load the generator again; one
-/// with a new query does, at its first request.
+/// In one experiment run (as `rir run`'s "both" after "+RLRF"), an eval
+/// whose augmentations are all cached does not load the generator again;
+/// one with a new query does, at its first request; an eval outside a run
+/// always loads it.
 #[test]
 fn a_generator_whose_augmentations_are_cached_is_not_loaded_again() {
     plugin_dir();
@@ -278,7 +279,7 @@ fn a_generator_whose_augmentations_are_cached_is_not_loaded_again() {
         use_cache: true,
         output: out.path().to_owned(),
         name: name.into(),
-        experiment: None,
+        experiment: Some(serde_json::json!({"name": "t"})),
     };
     let count = || std::fs::read_to_string(&loads).map(|s| s.lines().count()).unwrap_or(0);
     rir::stages::eval::run(&host, &opts("a", &data)).unwrap();
@@ -307,6 +308,9 @@ fn a_generator_whose_augmentations_are_cached_is_not_loaded_again() {
     std::fs::write(&queries, text.join("\n") + "\n").unwrap();
     rir::stages::eval::run(&host, &opts("c", &data)).unwrap();
     assert_eq!(count(), 2, "query {first_id} was new: the generator loaded for it");
+    // Outside a run (a library call), the generator is loaded every time.
+    rir::stages::eval::run(&host, &rir::stages::eval::EvalOptions { experiment: None, ..opts("d", &data) }).unwrap();
+    assert_eq!(count(), 3, "an eval outside a run loads its generator");
 }
 
 #[test]

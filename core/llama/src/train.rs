@@ -371,8 +371,7 @@ impl TrainModel {
     /// log p(targets) at each position of `h` (b, n, hidden), (b, n), in
     /// f32 (f64 for f64 models).
     fn position_logprobs(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        // Half precisions are summed in f32; f32 and f64 stay as they are.
-        let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let wide = self.wide();
         let h = rms_norm(h, &self.norm, self.shape.eps)?;
         let logits = frozen_linear(&h.contiguous()?, &self.lm_head)?.to_dtype(wide)?;
         let max = logits.max_keepdim(D::Minus1)?.detach();
@@ -441,10 +440,7 @@ impl TrainModel {
         self.checkpointed(ids, &ctx, |last| {
             let slices = self.head_slices(ids, from, to)?;
             let lp = self.head_logprobs(last, &slices)?;
-            // dLoss/dlogp per row, from the (small) loss graph.
-            let leaf = Var::from_tensor(&lp)?;
-            let loss = loss_of(leaf.as_tensor())?;
-            let dlp = loss.backward()?.get(leaf.as_tensor()).cloned().unwrap_or(lp.zeros_like()?);
+            let (loss, coef) = self.loss_and_coef(&lp, loss_of)?;
             // The head, slice by slice: the gradient of the last layer's output.
             let (b, l, hdim) = last.dims3()?;
             let mut parts = Vec::with_capacity(slices.len() + 2);
@@ -452,8 +448,6 @@ impl TrainModel {
             if first > 0 {
                 parts.push(Tensor::zeros((b, first, hdim), self.dtype, &self.device)?);
             }
-            let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-            let coef = dlp.to_dtype(wide)?;
             for (t, n, targets, keep) in &slices {
                 let x = Var::from_tensor(&last.narrow(1, *t, *n)?)?;
                 let s = (self.slice_logprobs(x.as_tensor(), targets, keep)? * &coef)?.sum_all()?;
@@ -546,8 +540,7 @@ impl TrainModel {
     /// The head over a packed pair's scored positions, in slices of the
     /// head's size: (positions, targets, one-hot (n, 2) of chosen/rejected).
     fn packed_slices(&self, pair: &PackedPair) -> Result<Vec<(Tensor, Tensor, Tensor)>> {
-        let chunk = self.head_chunk(1);
-        let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let (chunk, wide) = (self.head_chunk(1), self.wide());
         let n = pair.at.len();
         (0..n)
             .step_by(chunk)
@@ -578,9 +571,14 @@ impl TrainModel {
         for layer in &self.layers {
             h = self.layer(layer, &h, &ctx, pass)?;
         }
+        self.packed_logprobs(&h, &self.packed_slices(pair)?)
+    }
+
+    /// (chosen, rejected) log-probabilities summed over a packed pair's slices.
+    fn packed_logprobs(&self, last: &Tensor, slices: &[(Tensor, Tensor, Tensor)]) -> Result<Tensor> {
         let mut sum: Option<Tensor> = None;
-        for s in self.packed_slices(pair)? {
-            let lp = self.packed_slice_logprobs(&h, &s)?;
+        for s in slices {
+            let lp = self.packed_slice_logprobs(last, s)?;
             sum = Some(match sum {
                 None => lp,
                 Some(t) => (t + lp)?,
@@ -589,26 +587,28 @@ impl TrainModel {
         sum.ok_or_else(|| candle_core::Error::Msg("no response tokens".into()))
     }
 
+    /// The loss of `lp` and dLoss/dlp in the head's precision, from the
+    /// (small) loss graph alone.
+    fn loss_and_coef(&self, lp: &Tensor, loss_of: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor)> {
+        let leaf = Var::from_tensor(lp)?;
+        let loss = loss_of(leaf.as_tensor())?;
+        let dlp = loss.backward()?.get(leaf.as_tensor()).cloned().unwrap_or(lp.zeros_like()?);
+        Ok((loss, dlp.to_dtype(self.wide())?))
+    }
+
+    /// Half precisions are summed in f32; f32 and f64 stay as they are.
+    fn wide(&self) -> DType {
+        if self.dtype == DType::F64 { DType::F64 } else { DType::F32 }
+    }
+
     /// `logprob_grads` for a packed pair: (chosen, rejected) log-probs, the
     /// loss and the adapters' gradients, by the same checkpointing.
     pub fn pair_logprob_grads(&self, pair: &PackedPair, loss_of: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<(Tensor, Tensor, GradStore)> {
         let ctx = self.packed_context(pair)?;
         self.checkpointed(&pair.ids, &ctx, |last| {
             let slices = self.packed_slices(pair)?;
-            let mut lp: Option<Tensor> = None;
-            for s in &slices {
-                let x = self.packed_slice_logprobs(last, s)?;
-                lp = Some(match lp {
-                    None => x,
-                    Some(t) => (t + x)?,
-                });
-            }
-            let lp = lp.ok_or_else(|| candle_core::Error::Msg("no response tokens".into()))?;
-            let leaf = Var::from_tensor(&lp)?;
-            let loss = loss_of(leaf.as_tensor())?;
-            let dlp = loss.backward()?.get(leaf.as_tensor()).cloned().unwrap_or(lp.zeros_like()?);
-            let wide = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
-            let coef = dlp.to_dtype(wide)?;
+            let lp = self.packed_logprobs(last, &slices)?;
+            let (loss, coef) = self.loss_and_coef(&lp, loss_of)?;
             // The head slice by slice; each slice's gradient lands at its positions.
             let mut grad = last.zeros_like()?;
             for s in &slices {

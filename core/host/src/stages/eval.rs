@@ -211,7 +211,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     let mut timings = BTreeMap::new();
     timings.insert("load".to_owned(), t.elapsed().as_secs_f64());
     let plugin = host.load(&o.retriever)?;
-    let generator = o.generator.as_ref().map(|g| generator_for(host, g, &o.generator_config)).transpose()?;
+    let generator = o.generator.as_ref().map(|g| generator_for(host, g, &o.generator_config, o.experiment.is_some())).transpose()?;
     if is_text_retriever(&plugin) {
         let mut tr = plugin.text_retriever(&o.retriever_config)?;
         return evaluate(host, o, &ds, FirstStage::Text(tr.as_mut()), generator.as_deref(), timings);
@@ -220,18 +220,31 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
     evaluate(host, o, &ds, FirstStage::Dense(retriever.as_ref()), generator.as_deref(), timings)
 }
 
-/// Model names of the generators this process has loaded, by (plugin,
-/// config): an eval of the same generator later in the run (`rir run`'s
-/// "both" after "+RLRF") then finds its augmentations in the generation
-/// cache without loading the model — v9's "both" spent 64 s and 14.5 GB
-/// loading a generator it never called.
+/// Model names of the generators the current experiment run has loaded, by
+/// (plugin, config): an eval of the same generator later in the run
+/// (`rir run`'s "both" after "+RLRF") then finds its augmentations in the
+/// generation cache without loading the model — v9's "both" spent 64 s and
+/// 14.5 GB loading a generator it never called. Kept to one run
+/// ([`forget_loaded_generators`] at its start) and to its evals: a model
+/// file rewritten between two loads under the same config (a library user
+/// retraining into the same directory) must not keep its old name.
 static LOADED_NAMES: std::sync::Mutex<BTreeMap<(String, String), String>> = std::sync::Mutex::new(BTreeMap::new());
 
-/// The generator an eval augments with: loaded now, or — when this process
-/// loaded the same plugin and config before — a [`LazyGenerator`] that
-/// loads it only if some augmentation is not cached.
-fn generator_for(host: &PluginHost, name: &str, config: &str) -> Result<Box<dyn rir_sdk::Generator>, crate::HostError> {
+/// Starts a new experiment run's record of loaded generators.
+pub fn forget_loaded_generators() {
+    if let Ok(mut m) = LOADED_NAMES.lock() {
+        m.clear();
+    }
+}
+
+/// The generator an eval augments with: loaded now, or — when an eval of
+/// this experiment run loaded the same plugin and config before — a
+/// [`LazyGenerator`] that loads it only if some augmentation is not cached.
+fn generator_for(host: &PluginHost, name: &str, config: &str, in_run: bool) -> Result<Box<dyn rir_sdk::Generator>, crate::HostError> {
     let plugin = host.load(name)?;
+    if !in_run {
+        return Ok(plugin.generator(config)?);
+    }
     let key = (name.to_owned(), config.to_owned());
     if let Some(model) = LOADED_NAMES.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(Box::new(LazyGenerator { plugin, config: config.to_owned(), model, loaded: std::sync::OnceLock::new() }));
