@@ -277,6 +277,15 @@ struct BenchEncodeArgs {
     /// Side of the GEMM used to measure the peak
     #[arg(long, default_value_t = 1024)]
     gemm_n: usize,
+    /// Also run the first candle-encoder's model through sentence-transformers on
+    /// PyTorch CPU (same weights, max length, batch and threads) as a row, with
+    /// the cosine of its embeddings against candle's (scripts/setup-bench-python)
+    #[arg(long)]
+    sentence_transformers: bool,
+    /// Python with torch and sentence-transformers, for --sentence-transformers
+    /// [default: ~/.cache/rir/bench-venv/bin/python]
+    #[arg(long, env = "RIR_BENCH_PYTHON")]
+    bench_python: Option<PathBuf>,
     /// Also write the figures as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -674,6 +683,17 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
         t.entry("batch_size").or_insert(toml::Value::Integer(a.batch as i64));
         *cfg = toml::to_string(&t)?;
     }
+    // The comparison's inputs are checked before any encoding is timed.
+    let st = if a.sentence_transformers {
+        let Some(i) = pairs.iter().position(|(name, _)| name == "candle-encoder") else {
+            anyhow::bail!("--sentence-transformers compares with candle-encoder, and no --retriever is candle-encoder");
+        };
+        let python = a.bench_python.clone().unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/rir/bench-venv/bin/python"));
+        anyhow::ensure!(python.is_file(), "--sentence-transformers: no Python at {} (scripts/setup-bench-python makes one with torch and sentence-transformers)", python.display());
+        Some((i, python))
+    } else {
+        None
+    };
     let ds = data::open(&a.dataset, None, &host.settings.cache_dir, a.mirror.as_deref())?;
     let texts: Vec<String> = ds.corpus.iter().take(a.docs).map(data::Doc::encoder_text).collect();
     let peak = bench::gemm_peak(a.gemm_n, host.settings.threads, 5);
@@ -681,27 +701,53 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["retriever", "docs", "tokens", "s", "docs/s", "tokens/s", "GFLOP/s", "% of peak"]);
     let mut rows = Vec::new();
+    let mut embeddings = Vec::new();
     for (name, cfg) in &pairs {
-        let r = bench::bench_encode(host, name, cfg, &texts, &peak).with_context(|| format!("benchmarking {name}"))?;
-        t.add_row(vec![
-            name.clone(),
-            r.docs.to_string(),
-            r.tokens.to_string(),
-            format!("{:.2}", r.seconds),
-            format!("{:.1}", r.docs_per_s),
-            format!("{:.0}", r.tokens_per_s),
-            format!("{:.1}", r.gflops),
-            format!("{:.0}%", r.percent_of_peak),
-        ]);
+        let (r, e) = bench::bench_encode(host, name, cfg, &texts, &peak).with_context(|| format!("benchmarking {name}"))?;
         rows.push(r);
+        embeddings.push(e);
     }
-    println!("{t}");
+    let mut comparison = None;
+    if let Some((i, python)) = &st {
+        let i = *i;
+        let scratch = tempfile::tempdir()?;
+        let r = bench::bench_sentence_transformers(host, python, &rows[i], &texts, &peak, scratch.path()).context("benchmarking sentence-transformers")?;
+        let (min, mean) = bench::row_cosines(&embeddings[i], &r.embeddings)?;
+        let ratio = rows[i].docs_per_s / r.bench.docs_per_s;
+        comparison = Some(serde_json::json!({"versions": r.versions, "candle_over_st": ratio, "cosine_min": min, "cosine_mean": mean}));
+        println!("sentence-transformers: {}", r.versions);
+        rows.push(r.bench);
+        let note = format!("candle-encoder / sentence-transformers = {ratio:.2}x docs/s; embeddings cosine min {min:.6}, mean {mean:.6} over {} documents", texts.len());
+        for r in &rows {
+            add_encode_row(&mut t, r);
+        }
+        println!("{t}");
+        println!("{note}");
+    } else {
+        for r in &rows {
+            add_encode_row(&mut t, r);
+        }
+        println!("{t}");
+    }
     println!("{} documents of {} (max_length {}, batch {}), {} threads", texts.len(), ds.name, a.max_length, a.batch, host.settings.threads);
     if let Some(p) = &a.json {
-        let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len()});
+        let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len(), "sentence_transformers": comparison});
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn add_encode_row(t: &mut Table, r: &bench::EncodeBench) {
+    t.add_row(vec![
+        r.plugin.clone(),
+        r.docs.to_string(),
+        r.tokens.to_string(),
+        format!("{:.2}", r.seconds),
+        format!("{:.1}", r.docs_per_s),
+        format!("{:.0}", r.tokens_per_s),
+        format!("{:.1}", r.gflops),
+        format!("{:.0}%", r.percent_of_peak),
+    ]);
 }
 
 fn bench_lexical_cmd(host: &PluginHost, a: &BenchLexicalArgs) -> Result<ExitCode> {

@@ -141,6 +141,21 @@ fn bench_lexical_reports_speed_and_parity() {
 /// `rir bench generate`'s sized prefill rows: prompts of the asked length
 /// (counted by the model's own tokenizer, within 1%), one at a time and
 /// batched, on rir and on llama.cpp over the same GGUF, with their ratio.
+/// The sentence-transformers row's Python is checked before anything is
+/// encoded or timed (the row itself needs torch: scripts/setup-bench-python,
+/// run by hand; docs/BENCHMARKS.md has its figures).
+#[test]
+fn bench_encode_names_a_missing_sentence_transformers_python_first() {
+    plugin_dir();
+    let (ok, out, err) = rir(&["bench", "encode", "--sentence-transformers", "--bench-python", "/nonexistent/python"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("no Python at /nonexistent/python") && err.contains("scripts/setup-bench-python"), "{err}");
+    assert!(!out.contains("GEMM peak"), "timed before the check: {out}");
+    let (ok, _, err) = rir(&["bench", "encode", "--sentence-transformers", "--retriever", "example-hash", "--retriever-config", ""]);
+    assert!(!ok);
+    assert!(err.contains("compares with candle-encoder"), "{err}");
+}
+
 #[test]
 fn bench_generate_measures_sized_prefill_beside_llama_cpp() {
     plugin_dir();

@@ -9,13 +9,20 @@
 //! - AVX-512 VNNI: two blocks per `vpdpbusd`, weights unpacked once and used
 //!   for up to 8 activation rows, so sequences decoded together share both
 //!   the weight reads and the unpacking;
-//! - AVX2 (ggml's `ggml_vec_dot_q4_1_q8_1`): Q4_1 only, one block at a time.
+//! - AVX2 (ggml's `ggml_vec_dot_q4_1_q8_1` and `ggml_vec_dot_q8_0_q8_0`):
+//!   one block at a time, each weight block loaded (and unpacked) once for
+//!   up to 4 activation rows. Zen 1 and other CPUs without AVX-512 land
+//!   here; before this kernel had Q8_0, those CPUs ran every Q8_0 matrix
+//!   (DPO-merged models, re-quantized Q5_0) on candle's row-at-a-time one.
 //!
-//! Every format is held as "unsigned codes × d + m": Q4_1 natively (nibbles
-//! 0..15, minimum m); Q8_0 with its signed bytes offset by +128 and
+//! For VNNI every format is held as "unsigned codes × d + m": Q4_1 natively
+//! (nibbles 0..15, minimum m); Q8_0 with its signed bytes offset by +128 and
 //! m = −128·d, whose m-term then uses the exact activation sums (the offset
-//! cancels a large term). Structure-of-arrays: codes back to back, f16
-//! scales and minimums in their own arrays.
+//! cancels a large term). The AVX2 kernel keeps Q8_0's signed bytes as they
+//! are and multiplies |w| by sign(w)·y (`vpmaddubsw` wants one unsigned
+//! side; |w| ≤ 128 and |y| ≤ 127 keep its 16-bit pair sums from saturating).
+//! Structure-of-arrays: codes back to back, f16 scales and minimums in their
+//! own arrays.
 
 use half::f16;
 
@@ -95,7 +102,11 @@ impl QMatrix {
     /// f16 d, f16 m, 16 nibble bytes) or Q8_0 tensor (34-byte blocks: f16 d,
     /// 32 signed bytes). None when no kernel applies.
     pub fn from_bytes(format: Format, bytes: &[u8], n: usize, k: usize) -> Option<Self> {
-        let mut kernel = kernel()?;
+        Self::with_kernel(format, bytes, n, k, kernel()?)
+    }
+
+    /// `from_bytes` for a given kernel (the tests run each one the CPU has).
+    fn with_kernel(format: Format, bytes: &[u8], n: usize, k: usize, mut kernel: Kernel) -> Option<Self> {
         let size = match format {
             Format::Q4_1 => 20,
             Format::Q8_0 => 34,
@@ -106,9 +117,6 @@ impl QMatrix {
         if (k / QK) % 2 != 0 {
             kernel = Kernel::Avx2;
         }
-        if format == Format::Q8_0 && kernel != Kernel::Avx512Vnni {
-            return None;
-        }
         let blocks = n * k / QK;
         let (mut qs, mut d, mut m) = (Vec::with_capacity(blocks * size), Vec::with_capacity(blocks), Vec::with_capacity(blocks));
         match format {
@@ -117,6 +125,12 @@ impl QMatrix {
                     d.push(u16::from_le_bytes([c[0], c[1]]));
                     m.push(u16::from_le_bytes([c[2], c[3]]));
                     qs.extend_from_slice(&c[4..20]);
+                }
+            }
+            Format::Q8_0 if kernel == Kernel::Avx2 => {
+                for c in bytes.chunks_exact(34) {
+                    d.push(u16::from_le_bytes([c[0], c[1]]));
+                    qs.extend_from_slice(&c[2..34]);
                 }
             }
             Format::Q8_0 => {
@@ -146,6 +160,12 @@ impl QMatrix {
                     let (d, m) = (f16::from_bits(self.d[b]).to_f32(), f16::from_bits(self.m[b]).to_f32());
                     out.extend(q.iter().map(|q| d * (q & 15) as f32 + m));
                     out.extend(q.iter().map(|q| d * (q >> 4) as f32 + m));
+                }
+            }
+            Format::Q8_0 if self.kernel == Kernel::Avx2 => {
+                for (b, q) in self.qs.chunks_exact(QK).enumerate() {
+                    let d = f16::from_bits(self.d[b]).to_f32();
+                    out.extend(q.iter().map(|v| d * (*v as i8) as f32));
                 }
             }
             Format::Q8_0 => {
@@ -267,13 +287,39 @@ impl QMatrix {
             Format::Q4_1 => 16,
             Format::Q8_0 => 32,
         };
-        let (qs, d, m) = (&self.qs[j * kb * bytes..(j + 1) * kb * bytes], &self.d[j * kb..(j + 1) * kb], &self.m[j * kb..(j + 1) * kb]);
+        // (AVX2's Q8_0 keeps no minimums.)
+        let m = self.m.get(j * kb..(j + 1) * kb).unwrap_or(&[]);
+        let (qs, d) = (&self.qs[j * kb * bytes..(j + 1) * kb * bytes], &self.d[j * kb..(j + 1) * kb]);
         match self.kernel {
             Kernel::Avx2 => {
+                let q8 = self.format == Format::Q8_0;
                 for (i, out) in dst.iter_mut().enumerate() {
-                    // Σ_b m_b · s_b: the minimum times the activation block sum.
-                    *out = msum(m, &a.s[i * kb..(i + 1) * kb]);
-                    *out += dot_avx2(qs, d, &a.qs[i * self.k..(i + 1) * self.k], &a.d[i * kb..(i + 1) * kb]);
+                    // Σ_b m_b · s_b: the minimum times the activation block
+                    // sum (Q8_0 has no minimum). Added first, as before the
+                    // kernel took several rows: the same numbers.
+                    *out = if q8 { 0.0 } else { msum(m, &a.s[i * kb..(i + 1) * kb]) };
+                }
+                let mut i = 0;
+                while i < dst.len() {
+                    let t = (dst.len() - i).min(4);
+                    let (aq, ad) = (&a.qs[i * self.k..(i + t) * self.k], &a.d[i * kb..(i + t) * kb]);
+                    let o = &mut dst[i..i + t];
+                    macro_rules! go {
+                        ($r:literal) => {
+                            if q8 {
+                                dot_avx2::<$r, true>(qs, d, aq, ad, o)
+                            } else {
+                                dot_avx2::<$r, false>(qs, d, aq, ad, o)
+                            }
+                        };
+                    }
+                    match t {
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
+                    }
+                    i += t;
                 }
             }
             Kernel::Avx512Vnni => {
@@ -362,25 +408,42 @@ fn quantize_q8_1(x: &[f32]) -> (f32, f32, [i8; QK]) {
     (f16::from_f32(d).to_f32(), f16::from_f32(sum as f32 * d).to_f32(), qs)
 }
 
+/// R activation rows (`yq`, `yd`: R rows of k codes and k/32 scales) against
+/// one weight row, one block at a time, each weight block loaded once for
+/// all R; `out[r] +=` row r's sum. Per row the operations are those of
+/// ggml's one-row kernels, in the same order, so R does not change a number.
+/// `Q8`: 32 signed code bytes a block (Q8_0), else 16 bytes of nibbles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2(qs: &[u8], d: &[u16], yq: &[i8], yd: &[f32]) -> f32 {
+unsafe fn dot_avx2<const R: usize, const Q8: bool>(qs: &[u8], d: &[u16], yq: &[i8], yd: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let mut acc = _mm256_setzero_ps();
+    let (kb, k) = (d.len(), d.len() * QK);
+    let mut acc = [_mm256_setzero_ps(); R];
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    for b in 0..d.len() {
+    for b in 0..kb {
         let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d[b] as i32)));
-        let tmp = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-        // Low nibbles are elements 0..16, high nibbles 16..32.
-        let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp), low);
-        let qy = _mm256_loadu_si256(yq.as_ptr().add(b * QK) as *const __m256i);
-        let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, qy), ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(dx * yd[b]), _mm256_cvtepi32_ps(s32), acc);
+        // The unsigned side of vpmaddubsw, and (Q8) the signs to move onto y.
+        let (qx, sign) = if Q8 {
+            let w = _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i);
+            (_mm256_sign_epi8(w, w), w)
+        } else {
+            let tmp = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+            // Low nibbles are elements 0..16, high nibbles 16..32.
+            (_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp), low), low)
+        };
+        for r in 0..R {
+            let y = _mm256_loadu_si256(yq.as_ptr().add(r * k + b * QK) as *const __m256i);
+            let y = if Q8 { _mm256_sign_epi8(y, sign) } else { y };
+            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, y), ones);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * yd[r * kb + b]), _mm256_cvtepi32_ps(s32), acc[r]);
+        }
     }
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
+    for r in 0..R {
+        let h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps::<1>(acc[r]));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[r] += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
 }
 
 /// R activation rows against one weight row, two blocks per step; `Q8`
@@ -439,8 +502,8 @@ unsafe fn dot_vnni<const R: usize, const Q8: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_avx2(_: &[u8], _: &[u16], _: &[i8], _: &[f32]) -> f32 {
-    unreachable!("no Q4_1 kernel off x86_64")
+unsafe fn dot_avx2<const R: usize, const Q8: bool>(_: &[u8], _: &[u16], _: &[i8], _: &[f32], _: &mut [f32]) {
+    unreachable!("no quantized kernel off x86_64")
 }
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
@@ -461,12 +524,12 @@ mod tests {
     }
 
     /// Each kernel against a plain f64 evaluation of the same quantized
-    /// values (dequantized weights · quantized activations), 1..=11 rows.
+    /// values (dequantized weights · quantized activations), 1..=11 rows
+    /// (the AVX2 kernel's groups of 4 and their remainders; VNNI's of 8).
     fn check(format: Format, bytes: &[u8], n: usize, k: usize, kern: Kernel) {
         let mut rnd = lcg(7);
         let x: Vec<f32> = (0..11 * k).map(|_| rnd() * 4.0).collect();
-        let mut w = QMatrix::from_bytes(format, bytes, n, k).unwrap();
-        w.kernel = kern;
+        let w = QMatrix::with_kernel(format, bytes, n, k, kern).unwrap();
         let deq = w.dequantize();
         for m in 1..=11 {
             let got = w.matmul(&x[..m * k], m);
@@ -489,23 +552,48 @@ mod tests {
     #[test]
     fn kernels_match_scalar_reference() {
         let Some(best) = kernel() else { return };
-        let (n, k) = (37, 128);
-        let mut rnd = lcg(1);
-        let mut q41 = Vec::new();
-        for _ in 0..n * k / QK {
-            q41.extend(f16::from_f32(0.01 + rnd().abs() * 0.1).to_bits().to_le_bytes());
-            q41.extend(f16::from_f32(rnd() * 0.5).to_bits().to_le_bytes());
-            q41.extend((0..16).map(|_| ((rnd() + 0.5) * 255.0) as u8));
-        }
-        check(Format::Q4_1, &q41, n, k, Kernel::Avx2);
-        if best == Kernel::Avx512Vnni {
-            check(Format::Q4_1, &q41, n, k, best);
-            let mut q80 = Vec::new();
+        // k = 96: an odd number of blocks (VNNI takes pairs, so AVX2 runs those).
+        for (n, k) in [(37, 128), (5, 96)] {
+            let mut rnd = lcg(1);
+            let mut q41 = Vec::new();
             for _ in 0..n * k / QK {
-                q80.extend(f16::from_f32(0.01 + rnd().abs() * 0.1).to_bits().to_le_bytes());
-                q80.extend((0..32).map(|_| (rnd() * 255.0) as i8 as u8));
+                q41.extend(f16::from_f32(0.01 + rnd().abs() * 0.1).to_bits().to_le_bytes());
+                q41.extend(f16::from_f32(rnd() * 0.5).to_bits().to_le_bytes());
+                q41.extend((0..16).map(|_| ((rnd() + 0.5) * 255.0) as u8));
             }
-            check(Format::Q8_0, &q80, n, k, best);
+            let mut q80 = Vec::new();
+            for b in 0..n * k / QK {
+                q80.extend(f16::from_f32(0.01 + rnd().abs() * 0.1).to_bits().to_le_bytes());
+                // -128 (never written by ggml's quantizer, but a valid byte)
+                // once a block: |w| = 128 must not saturate vpmaddubsw.
+                q80.extend((0..32).map(|e| if e == b % 32 { 0x80 } else { (rnd() * 255.0) as i8 as u8 }));
+            }
+            for kern in [Kernel::Avx2, best] {
+                check(Format::Q4_1, &q41, n, k, kern);
+                check(Format::Q8_0, &q80, n, k, kern);
+            }
+        }
+    }
+
+    /// Several activation rows at once give each row the numbers it gets alone.
+    #[test]
+    fn avx2_rows_are_batch_invariant() {
+        if kernel().is_none() {
+            return;
+        }
+        let (n, k) = (9, 256);
+        let mut rnd = lcg(3);
+        let mut q80 = Vec::new();
+        for _ in 0..n * k / QK {
+            q80.extend(f16::from_f32(0.01 + rnd().abs() * 0.1).to_bits().to_le_bytes());
+            q80.extend((0..32).map(|_| (rnd() * 255.0) as i8 as u8));
+        }
+        let w = QMatrix::with_kernel(Format::Q8_0, &q80, n, k, Kernel::Avx2).unwrap();
+        let x: Vec<f32> = (0..7 * k).map(|_| rnd() * 3.0).collect();
+        let all = w.matmul(&x, 7);
+        for i in 0..7 {
+            let one = w.matmul(&x[i * k..(i + 1) * k], 1);
+            assert_eq!(one, all[i * n..(i + 1) * n], "row {i}");
         }
     }
 }

@@ -106,13 +106,9 @@ pub fn bench_encode(
     config: &str,
     texts: &[String],
     peak: &GemmPeak,
-) -> anyhow::Result<EncodeBench> {
+) -> anyhow::Result<(EncodeBench, rir_sdk::Embeddings)> {
     let table: toml::Table = config.parse()?;
-    let cache = &host.settings.cache_dir;
-    let source = table.get("tokenizer").or_else(|| table.get("model")).and_then(|v| v.as_str());
-    let source = source.ok_or_else(|| anyhow::anyhow!("the retriever config needs a `model` key to count FLOPs"))?;
-    let dir = rir_models::resolve(source, cache)?;
-    let dir = if dir.is_dir() { dir } else { dir.parent().map(|p| p.to_owned()).unwrap_or_default() };
+    let dir = model_dir(host, &table, "tokenizer")?;
     let shape: BertShape = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
 
     let retriever = host.load(plugin)?.retriever(config)?;
@@ -127,19 +123,116 @@ pub fn bench_encode(
     let e = retriever.encode_corpus(texts)?;
     let seconds = t.elapsed().as_secs_f64();
     anyhow::ensure!(e.rows == texts.len(), "encoder returned {} rows for {} texts", e.rows, texts.len());
+    Ok((encode_row(plugin, config, texts.len(), tokens, gflop, seconds, peak), e))
+}
+
+fn encode_row(plugin: &str, config: &str, docs: usize, tokens: usize, gflop: f64, seconds: f64, peak: &GemmPeak) -> EncodeBench {
     let gflops = gflop / seconds;
-    Ok(EncodeBench {
+    EncodeBench {
         plugin: plugin.into(),
         config: config.into(),
-        docs: texts.len(),
+        docs,
         tokens,
         seconds,
-        docs_per_s: texts.len() as f64 / seconds,
+        docs_per_s: docs as f64 / seconds,
         tokens_per_s: tokens as f64 / seconds,
         gflop,
         gflops,
         percent_of_peak: 100.0 * gflops / peak.gflops,
-    })
+    }
+}
+
+/// The local directory of a retriever config's model (`key` first if set:
+/// `tokenizer` where the model file has no tokenizer beside it).
+fn model_dir(host: &PluginHost, table: &toml::Table, key: &str) -> anyhow::Result<std::path::PathBuf> {
+    let source = table.get(key).or_else(|| table.get("model")).and_then(|v| v.as_str());
+    let source = source.ok_or_else(|| anyhow::anyhow!("the retriever config needs a `model` key to count FLOPs"))?;
+    let dir = rir_models::resolve(source, &host.settings.cache_dir)?;
+    Ok(if dir.is_dir() { dir } else { dir.parent().map(|p| p.to_owned()).unwrap_or_default() })
+}
+
+/// A sentence-transformers run of the same texts: its row, its embeddings
+/// and the versions that made them.
+pub struct SentenceTransformersRun {
+    /// Its row (tokens and FLOPs counted as candle's).
+    pub bench: EncodeBench,
+    /// One embedding per text, in order.
+    pub embeddings: rir_sdk::Embeddings,
+    /// torch's and sentence-transformers' versions, and the thread count.
+    pub versions: String,
+}
+
+/// The same encoding as `candle` (a candle-encoder row of [`bench_encode`]:
+/// its model directory, `max_length`, `batch_size`, thread count; its token
+/// and FLOP counts, since the tokenizer and truncation are the same) through
+/// sentence-transformers on PyTorch CPU (bench/encode/st_encode.py, run by
+/// `python`), timed inside Python around `encode` after the same warm-up.
+pub fn bench_sentence_transformers(
+    host: &PluginHost,
+    python: &std::path::Path,
+    candle: &EncodeBench,
+    texts: &[String],
+    peak: &GemmPeak,
+    scratch: &std::path::Path,
+) -> anyhow::Result<SentenceTransformersRun> {
+    use anyhow::Context;
+    let table: toml::Table = candle.config.parse()?;
+    let dir = model_dir(host, &table, "model")?;
+    let int = |k: &str| table.get(k).and_then(|v| v.as_integer()).ok_or_else(|| anyhow::anyhow!("the candle-encoder config has no `{k}`"));
+    let (max_length, batch) = (int("max_length")?, int("batch_size")?);
+    let script = scratch.join("st_encode.py");
+    std::fs::write(&script, include_str!("../../../../bench/encode/st_encode.py"))?;
+    let input = scratch.join("texts.jsonl");
+    let mut lines = String::new();
+    for t in texts {
+        lines.push_str(&serde_json::json!({ "text": t }).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(&input, lines)?;
+    let out = scratch.join("embeddings.f32");
+    let threads = host.settings.threads.max(1);
+    let run = std::process::Command::new(python)
+        .arg(&script)
+        .arg(&dir)
+        .arg(&input)
+        .args([threads.to_string(), batch.to_string(), max_length.to_string()])
+        .arg(&out)
+        // One pool of `threads`: torch's intra-op threads, not OpenMP's default of every core.
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("MKL_NUM_THREADS", threads.to_string())
+        .output()
+        .with_context(|| format!("starting {}", python.display()))?;
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    if !run.status.success() {
+        let err = String::from_utf8_lossy(&run.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+        anyhow::bail!("{} bench/encode/st_encode.py failed ({}):\n{}", python.display(), run.status, tail.join("\n"));
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("st_encode.py printed {line:?}, not its JSON line"))?;
+    let seconds = v["seconds"].as_f64().ok_or_else(|| anyhow::anyhow!("st_encode.py: no seconds in {line}"))?;
+    let dim = v["dim"].as_u64().unwrap_or(0) as usize;
+    let bytes = std::fs::read(&out)?;
+    let data: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let embeddings = rir_sdk::Embeddings::new(texts.len(), dim, data).map_err(|e| anyhow::anyhow!("st_encode.py's embeddings: {e}"))?;
+    let versions = format!("torch {}, sentence-transformers {}, {} threads", v["torch"].as_str().unwrap_or("?"), v["sentence_transformers"].as_str().unwrap_or("?"), v["threads"]);
+    let bench = encode_row("sentence-transformers", &format!("{} (PyTorch CPU)", dir.display()), texts.len(), candle.tokens, candle.gflop, seconds, peak);
+    Ok(SentenceTransformersRun { bench, embeddings, versions })
+}
+
+/// Cosine of each row of `a` with the same row of `b`: (min, mean).
+pub fn row_cosines(a: &rir_sdk::Embeddings, b: &rir_sdk::Embeddings) -> anyhow::Result<(f64, f64)> {
+    anyhow::ensure!(a.rows == b.rows && a.dim == b.dim, "embeddings of {}x{} and {}x{} cannot be compared", a.rows, a.dim, b.rows, b.dim);
+    let cos: Vec<f64> = (0..a.rows)
+        .map(|i| {
+            let (x, y) = (a.row(i), b.row(i));
+            let dot: f64 = x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum();
+            let n = |v: &[f32]| v.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+            dot / (n(x) * n(y)).max(1e-30)
+        })
+        .collect();
+    let min = cos.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok((min, cos.iter().sum::<f64>() / cos.len().max(1) as f64))
 }
 
 /// One row of `rir bench generate`.
@@ -583,4 +676,20 @@ pub fn bench_anserini(
     }
     let run = crate::engine::runfile::read(&dir.path().join("run.txt")).context("reading Anserini's run file")?;
     Ok((LexicalBench { docs: docs.len(), index_seconds: index_s, queries: queries.len(), search_seconds: search_s, k }, run))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_cosines_compare_rows_in_order() {
+        let a = rir_sdk::Embeddings::new(2, 2, vec![1.0, 0.0, 0.0, 2.0]).unwrap();
+        let b = rir_sdk::Embeddings::new(2, 2, vec![3.0, 0.0, 1.0, 1.0]).unwrap();
+        let (min, mean) = row_cosines(&a, &b).unwrap();
+        assert!((min - 0.5f64.sqrt()).abs() < 1e-12, "{min}");
+        assert!((mean - (1.0 + 0.5f64.sqrt()) / 2.0).abs() < 1e-12, "{mean}");
+        let c = rir_sdk::Embeddings::new(1, 2, vec![1.0, 0.0]).unwrap();
+        assert!(row_cosines(&a, &c).is_err());
+    }
 }

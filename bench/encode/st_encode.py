@@ -1,0 +1,48 @@
+"""sentence-transformers on PyTorch CPU, the row `rir bench encode --sentence-transformers` compares with.
+
+Usage: python st_encode.py MODEL_DIR TEXTS.jsonl THREADS BATCH MAX_LENGTH OUT.f32
+
+MODEL_DIR is the same Hugging Face directory candle-encoder loads (resolved by
+rir from the same package). The pipeline is built explicitly (transformer,
+mean pooling, L2 normalisation: all-MiniLM-L6-v2's modules.json) so it does not
+depend on which sentence-transformers files the package ships. Texts are
+encoded once after a warm-up on the first 8, as rir's rows are; embeddings
+go to OUT.f32 (row-major float32) for the cosine check, and one JSON line with
+the timing to stdout.
+"""
+
+import json
+import sys
+import time
+
+
+def main() -> None:
+    model_dir, texts_path, threads, batch, max_length, out = sys.argv[1:7]
+    import torch
+    from sentence_transformers import SentenceTransformer, __version__ as st_version, models
+
+    torch.set_num_threads(int(threads))
+    texts = [json.loads(line)["text"] for line in open(texts_path, encoding="utf-8")]
+    word = models.Transformer(model_dir, max_seq_length=int(max_length))
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    model = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")
+    model.eval()
+    kw = dict(batch_size=int(batch), convert_to_numpy=True, show_progress_bar=False)
+    with torch.inference_mode():
+        model.encode(texts[:8], **kw)
+        t = time.perf_counter()
+        emb = model.encode(texts, **kw)
+        seconds = time.perf_counter() - t
+    emb.astype("float32").tofile(out)
+    print(json.dumps({
+        "seconds": seconds,
+        "docs": len(texts),
+        "dim": int(emb.shape[1]),
+        "torch": torch.__version__,
+        "sentence_transformers": st_version,
+        "threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
