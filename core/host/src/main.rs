@@ -708,6 +708,7 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
         embeddings.push(e);
     }
     let mut comparison = None;
+    let mut note = None;
     if let Some((i, python)) = &st {
         let i = *i;
         let scratch = tempfile::tempdir()?;
@@ -717,17 +718,18 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
         comparison = Some(serde_json::json!({"versions": r.versions, "candle_over_st": ratio, "cosine_min": min, "cosine_mean": mean}));
         println!("sentence-transformers: {}", r.versions);
         rows.push(r.bench);
-        let note = format!("candle-encoder / sentence-transformers = {ratio:.2}x docs/s; embeddings cosine min {min:.6}, mean {mean:.6} over {} documents", texts.len());
-        for r in &rows {
-            add_encode_row(&mut t, r);
-        }
-        println!("{t}");
+        note = Some(format!(
+            "candle-encoder / sentence-transformers = {ratio:.2}x docs/s; embeddings cosine min {min:.7} (1 - min = {:.1e}), mean {mean:.7} over {} documents",
+            1.0 - min,
+            texts.len()
+        ));
+    }
+    for r in &rows {
+        add_encode_row(&mut t, r);
+    }
+    println!("{t}");
+    if let Some(note) = note {
         println!("{note}");
-    } else {
-        for r in &rows {
-            add_encode_row(&mut t, r);
-        }
-        println!("{t}");
     }
     println!("{} documents of {} (max_length {}, batch {}), {} threads", texts.len(), ds.name, a.max_length, a.batch, host.settings.threads);
     if let Some(p) = &a.json {

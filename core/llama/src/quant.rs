@@ -568,7 +568,16 @@ mod tests {
                 // once a block: |w| = 128 must not saturate vpmaddubsw.
                 q80.extend((0..32).map(|e| if e == b % 32 { 0x80 } else { (rnd() * 255.0) as i8 as u8 }));
             }
+            // Each layout dequantizes to the GGUF block's values, in order.
+            let want: Vec<f32> = q80
+                .chunks_exact(34)
+                .flat_map(|c| {
+                    let d = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    c[2..].iter().map(move |v| d * (*v as i8) as f32)
+                })
+                .collect();
             for kern in [Kernel::Avx2, best] {
+                assert_eq!(QMatrix::with_kernel(Format::Q8_0, &q80, n, k, kern).unwrap().dequantize(), want, "{kern:?}");
                 check(Format::Q4_1, &q41, n, k, kern);
                 check(Format::Q8_0, &q80, n, k, kern);
             }
