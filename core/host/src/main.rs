@@ -688,7 +688,7 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
         let Some(i) = pairs.iter().position(|(name, _)| name == "candle-encoder") else {
             anyhow::bail!("--sentence-transformers compares with candle-encoder, and no --retriever is candle-encoder");
         };
-        let python = a.bench_python.clone().unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/rir/bench-venv/bin/python"));
+        let python = a.bench_python.clone().unwrap_or_else(|| venv_python("bench-venv"));
         anyhow::ensure!(python.is_file(), "--sentence-transformers: no Python at {} (scripts/setup-bench-python makes one with torch and sentence-transformers)", python.display());
         Some((i, python))
     } else {
@@ -737,6 +737,12 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `~/.cache/rir/NAME/bin/python`: where scripts/setup-python (`venv`) and
+/// scripts/setup-bench-python (`bench-venv`) put their venvs by default.
+fn venv_python(name: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/rir").join(name).join("bin/python")
 }
 
 fn add_encode_row(t: &mut Table, r: &bench::EncodeBench) {
@@ -923,9 +929,7 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
             Some(g) => Some(g.clone()),
             None => config.parse::<toml::Table>()?.get("model").and_then(|v| v.as_str()).map(str::to_owned),
         };
-        let python = a.python.clone().unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/rir/venv/bin/python")
-        });
+        let python = a.python.clone().unwrap_or_else(|| venv_python("venv"));
         match model {
             None => notes.push("llama.cpp skipped: no --gguf and no `model` in the generator config".to_string()),
             Some(_) if !python.is_file() => {

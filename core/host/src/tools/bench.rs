@@ -211,8 +211,8 @@ pub fn bench_sentence_transformers(
     let line = stdout.lines().last().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("st_encode.py printed {line:?}, not its JSON line"))?;
     let seconds = v["seconds"].as_f64().ok_or_else(|| anyhow::anyhow!("st_encode.py: no seconds in {line}"))?;
-    let dim = v["dim"].as_u64().unwrap_or(0) as usize;
-    let bytes = std::fs::read(&out)?;
+    let dim = v["dim"].as_u64().ok_or_else(|| anyhow::anyhow!("st_encode.py: no dim in {line}"))? as usize;
+    let bytes = std::fs::read(&out).with_context(|| format!("reading st_encode.py's embeddings {}", out.display()))?;
     let data: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let embeddings = rir_sdk::Embeddings::new(texts.len(), dim, data).map_err(|e| anyhow::anyhow!("st_encode.py's embeddings: {e}"))?;
     let versions = format!("torch {}, sentence-transformers {}, {} threads", v["torch"].as_str().unwrap_or("?"), v["sentence_transformers"].as_str().unwrap_or("?"), v["threads"]);
