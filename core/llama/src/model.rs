@@ -633,52 +633,6 @@ fn attend_row<const D: usize>(q: &[f32], keys: &[f32], values: &[f32], scale: f3
     o.copy_from_slice(&acc);
 }
 
-/// [`attend_row`] for `R` query rows that share their keys (the query heads
-/// of one KV head at one position): each key and value row is loaded once
-/// for all of them, and their independent sums overlap in the pipeline.
-/// Each query's operations, and so its numbers, are [`attend_row`]'s.
-fn attend_rows<const D: usize, const R: usize>(qs: [&[f32]; R], keys: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
-    let qs: [&[f32; D]; R] = qs.map(|q| q.try_into().expect("a row of the head size"));
-    let n = keys.len() / D;
-    let mut scores = vec![0f32; R * n];
-    for (j, k) in keys.chunks_exact(D).enumerate() {
-        for r in 0..R {
-            scores[r * n + j] = dot(k, qs[r]) * scale;
-        }
-    }
-    let mut sums = [0f32; R];
-    for (r, sum) in sums.iter_mut().enumerate() {
-        *sum = softmax_numerators(&mut scores[r * n..(r + 1) * n]);
-    }
-    let mut acc = [[0f32; D]; R];
-    for (j, v) in values.chunks_exact(D).enumerate() {
-        let v: &[f32; D] = v.try_into().expect("row");
-        for r in 0..R {
-            let w = scores[r * n + j] / sums[r];
-            for i in 0..D {
-                acc[r][i] += w * v[i];
-            }
-        }
-    }
-    for (r, a) in acc.iter().enumerate() {
-        o[r * D..(r + 1) * D].copy_from_slice(a);
-    }
-}
-
-/// [`attend_rows`] for the query heads `qs` (rows of `D`) of one KV head,
-/// in groups of up to four.
-fn attend_group<const D: usize>(qs: &[&[f32]], keys: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
-    for (g, out) in qs.chunks(4).zip(o.chunks_mut(4 * D)) {
-        match *g {
-            [a, b, c, d] => attend_rows::<D, 4>([a, b, c, d], keys, values, scale, out),
-            [a, b, c] => attend_rows::<D, 3>([a, b, c], keys, values, scale, out),
-            [a, b] => attend_rows::<D, 2>([a, b], keys, values, scale, out),
-            [a] => attend_row::<D>(a, keys, values, scale, out),
-            _ => unreachable!("chunks of 1 to 4"),
-        }
-    }
-}
-
 /// exp(x - max) in place; their sum, added in order.
 #[inline]
 fn softmax_numerators(scores: &mut [f32]) -> f32 {
@@ -709,37 +663,32 @@ fn attend_cpu(q: &Tensor, ck: &Tensor, cv: &Tensor, start: usize, pads: &[usize]
     let kall = &kc.as_slice::<f32>()?[kl.start_offset()..];
     let vall = &vc.as_slice::<f32>()?[vl.start_offset()..];
     let mut out = vec![0f32; b * l * nh * d];
-    // One work item per (row, position, KV head): its `rep` query heads
-    // attend over the same keys, adjacent in `out` (b, l, heads, d).
-    let work = |bi: usize, t: usize, kvh: usize, o: &mut [f32]| {
+    let work = |bi: usize, h: usize, t: usize, o: &mut [f32]| {
         let c = start + t;
+        let kvh = h / rep;
         let base = (bi * s.n_kv_head + kvh) * cap * d;
+        let qrow = &qv[((bi * nh + h) * l + t) * d..][..d];
         let first = pads[bi].min(c);
         let (keys, values) = (&kall[base + first * d..base + (c + 1) * d], &vall[base + first * d..base + (c + 1) * d]);
-        let qrow = |h: usize| &qv[((bi * nh + h) * l + t) * d..][..d];
-        // The usual head sizes get kernels whose length the compiler knows
-        // (unrolled, outputs kept local); the arithmetic, and so every
-        // number, is the generic one's.
-        let heads: Vec<&[f32]> = (kvh * rep..(kvh + 1) * rep).map(qrow).collect();
+        // The usual head sizes get a kernel whose length the compiler
+        // knows (unrolled, the output row kept in registers); the
+        // arithmetic, and so every number, is the generic one's.
         match d {
-            64 => attend_group::<64>(&heads, keys, values, scale, o),
-            128 => attend_group::<128>(&heads, keys, values, scale, o),
-            _ => {
-                for (q, o) in heads.iter().zip(o.chunks_mut(d)) {
-                    attend_row_any(q, keys, values, scale, o)
-                }
-            }
+            64 => attend_row::<64>(qrow, keys, values, scale, o),
+            128 => attend_row::<128>(qrow, keys, values, scale, o),
+            _ => attend_row_any(qrow, keys, values, scale, o),
         }
     };
+    // out is (b, l, heads, d): one chunk of d per (row, query, head).
     let run = |idx: usize, o: &mut [f32]| {
-        let (bi, rest) = (idx / (l * s.n_kv_head), idx % (l * s.n_kv_head));
-        work(bi, rest / s.n_kv_head, rest % s.n_kv_head, o)
+        let (bi, rest) = (idx / (l * nh), idx % (l * nh));
+        work(bi, rest % nh, rest / nh, o)
     };
     if rayon::current_num_threads() > 1 && b * l * nh > 8 {
         use rayon::prelude::*;
-        out.par_chunks_mut(rep * d).enumerate().for_each(|(i, o)| run(i, o));
+        out.par_chunks_mut(d).enumerate().for_each(|(i, o)| run(i, o));
     } else {
-        out.chunks_mut(rep * d).enumerate().for_each(|(i, o)| run(i, o));
+        out.chunks_mut(d).enumerate().for_each(|(i, o)| run(i, o));
     }
     drop((ks, vs));
     Tensor::from_vec(out, (b, l, nh * d), q.device())
@@ -747,7 +696,7 @@ fn attend_cpu(q: &Tensor, ck: &Tensor, cv: &Tensor, start: usize, pads: &[usize]
 
 #[cfg(test)]
 mod tests {
-    use super::{attend_group, attend_row, attend_row_any};
+    use super::{attend_row, attend_row_any};
 
     /// The kernels for known head sizes give the generic kernel's numbers
     /// bit for bit (the tables' reproducibility rests on it).
@@ -773,21 +722,6 @@ mod tests {
             }
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "d {d}, {n} keys");
             assert!(a.iter().any(|v| *v != 0.0));
-            // Query heads sharing the keys, in groups of 1 to 4 (GQA ratios
-            // 3, 6 and 7: SmolLM2, Qwen2.5 1.5B and 0.5B).
-            for rep in [1, 3, 4, 6, 7] {
-                let qs: Vec<Vec<f32>> = (0..rep).map(|_| (0..d).map(|_| rnd()).collect()).collect();
-                let refs: Vec<&[f32]> = qs.iter().map(|q| &q[..]).collect();
-                let mut got = vec![0f32; rep * d];
-                match d {
-                    64 => attend_group::<64>(&refs, &keys, &values, scale, &mut got),
-                    _ => attend_group::<128>(&refs, &keys, &values, scale, &mut got),
-                }
-                for (q, g) in qs.iter().zip(got.chunks(d)) {
-                    attend_row_any(q, &keys, &values, scale, &mut a);
-                    assert!(a.iter().zip(g).all(|(x, y)| x.to_bits() == y.to_bits()), "d {d}, {n} keys, {rep} heads");
-                }
-            }
         }
     }
 }
