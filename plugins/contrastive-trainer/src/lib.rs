@@ -33,8 +33,10 @@
 //! with Qwen 1.5B's pseudo queries even the whole data file's pool is ranked
 //! perfectly before training (SciFact, 373 passages), so MRR@10 alone can
 //! only ever keep the base model. The best checkpoint is what is written
-//! (the base model if training never beat it) and the history is in the
-//! report.
+//! (the base model if training never beat it: then the base's own weights
+//! file, byte for byte, so the encoder's fingerprint is the base's and an
+//! evaluation reuses the base's cached corpus embeddings instead of encoding
+//! the corpus again) and the history is in the report.
 //!
 //! Data: FlagEmbedding-style jsonl (`query`, `answer`, `pos`, `neg`; the
 //! negatives in the generator's order, as rlgf-data writes them). Output: an
