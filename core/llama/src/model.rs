@@ -498,7 +498,10 @@ impl Llama {
         // pad keys and pad queries are dropped) for RoPE and attention.
         // Every product sums a row alone, so the numbers are unchanged; one
         // real row is left padded (single-row products take other paths).
-        let (real, spread) = {
+        let (real, spread) = if cache.pads.iter().all(|&p| p <= start) {
+            // No pads among the new positions (decode steps, scoring, equal lengths).
+            (None, None)
+        } else {
             let (mut real, mut spread) = (Vec::with_capacity(b * l), vec![0u32; b * l]);
             for i in 0..b {
                 let pads = cache.pads[i].saturating_sub(start).min(l);

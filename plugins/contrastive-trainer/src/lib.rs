@@ -823,8 +823,8 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         // No step beat the base: write the base's own file, byte for byte, so
         // the encoder's fingerprint is the base's and its cached corpus
         // embeddings are reused instead of recomputed (the same weights).
-        std::fs::copy(&weights, job.output_dir.join("model.safetensors"))
-            .map_err(|e| PluginError::resource(format!("{}: {e}", weights.display())))?;
+        let to = job.output_dir.join("model.safetensors");
+        std::fs::copy(&weights, &to).map_err(|e| PluginError::resource(format!("copying {} to {}: {e}", weights.display(), to.display())))?;
     } else {
         map.save(job.output_dir.join("model.safetensors")).map_err(cerr("saving"))?;
     }
