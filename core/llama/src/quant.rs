@@ -11,9 +11,13 @@
 //!   the weight reads and the unpacking;
 //! - AVX2 (ggml's `ggml_vec_dot_q4_1_q8_1` and `ggml_vec_dot_q8_0_q8_0`):
 //!   one block at a time, each weight block loaded (and unpacked) once for
-//!   up to 4 activation rows. Zen 1 and other CPUs without AVX-512 land
-//!   here; before this kernel had Q8_0, those CPUs ran every Q8_0 matrix
-//!   (DPO-merged models, re-quantized Q5_0) on candle's row-at-a-time one.
+//!   up to 4 activation rows, two weight rows per pass (each activation
+//!   block loaded once for both), and Q4_1's minimum term computed for 8
+//!   activation rows per vector; per (weight row, activation row) the
+//!   operations and their order are the one-row kernel's. Zen 1 and other
+//!   CPUs without AVX-512 land here; before this kernel had Q8_0, those
+//!   CPUs ran every Q8_0 matrix (DPO-merged models, re-quantized Q5_0) on
+//!   candle's row-at-a-time one.
 //!
 //! For VNNI every format is held as "unsigned codes × d + m": Q4_1 natively
 //! (nibbles 0..15, minimum m); Q8_0 with its signed bytes offset by +128 and
@@ -92,6 +96,9 @@ pub struct Act {
     d: Vec<f32>,
     /// d·Σq: rounded through f16 (Q4_1, as ggml) or exact (Q8_0).
     s: Vec<f32>,
+    /// AVX2 Q4_1 with 8 rows or more: `s` block-major (`st[b * rows + i]`),
+    /// so the m-term runs over 8 rows per vector (`msum8`).
+    st: Vec<f32>,
     /// AVX-512 only: per row and block pair, the 16-lane scale pattern
     /// [d₀×4, d₁×4, d₀×4, d₁×4] matching vpdpbusd's lanes.
     dpat: Vec<f32>,
@@ -196,6 +203,7 @@ impl QMatrix {
             d: Vec::with_capacity(rows * kb),
             s: Vec::with_capacity(rows * kb),
             dpat: Vec::with_capacity(if vnni { rows * kb * 8 } else { 0 }),
+            st: Vec::new(),
         };
         for (b, xb) in x.chunks_exact(QK).enumerate() {
             // SAFETY: any kernel implies AVX2 + FMA on this CPU.
@@ -216,6 +224,14 @@ impl QMatrix {
                     let p = base + (blk / 2) * 64 + (blk % 2) * 16;
                     a.qs[p..p + 16].copy_from_slice(&q[..16]);
                     a.qs[p + 32..p + 48].copy_from_slice(&q[16..]);
+                }
+            }
+        }
+        if self.kernel == Kernel::Avx2 && self.format == Format::Q4_1 && rows >= 8 {
+            a.st = vec![0f32; rows * kb];
+            for (i, srow) in a.s.chunks_exact(kb).enumerate() {
+                for (b, v) in srow.iter().enumerate() {
+                    a.st[b * rows + i] = *v;
                 }
             }
         }
@@ -248,6 +264,23 @@ impl QMatrix {
         let mut out_t = vec![0f32; self.n * m];
         // Output rows `first..` of the transposed result, for all activation rows.
         let rows = |first: usize, chunk: &mut [f32]| {
+            if self.kernel == Kernel::Avx2 {
+                // Two weight rows per pass: each activation block loaded
+                // once for both (the activations outgrow L2 at long prompts).
+                let last = first + chunk.len() / m - 1;
+                let mut pairs = chunk.chunks_exact_mut(2 * m);
+                for (r, dst) in pairs.by_ref().enumerate() {
+                    let (d0, d1) = dst.split_at_mut(m);
+                    // SAFETY: as below.
+                    unsafe { self.row_pair(first + 2 * r, act, d0, d1) }
+                }
+                let rest = pairs.into_remainder();
+                if !rest.is_empty() {
+                    // SAFETY: as below.
+                    unsafe { self.row(last, act, rest) }
+                }
+                return;
+            }
             for (r, dst) in chunk.chunks_exact_mut(m).enumerate() {
                 // SAFETY: the kernel was detected on this CPU (`kernel()`),
                 // and the slices have the lengths the kernels index.
@@ -282,6 +315,67 @@ impl QMatrix {
         out
     }
 
+    /// AVX2: `dst[i]` = Σ_b m_b · s_b, the minimum times the activation
+    /// block sum (0 for Q8_0, which has no minimum), for every activation
+    /// row; the dot products are added to it after, as before the kernel
+    /// took several rows: the same numbers.
+    unsafe fn mterm(&self, m: &[u16], a: &Act, dst: &mut [f32]) {
+        if self.format == Format::Q8_0 {
+            dst.fill(0.0);
+            return;
+        }
+        let kb = self.k / QK;
+        let mut i = 0;
+        if !a.st.is_empty() {
+            while i + 8 <= dst.len() {
+                msum8(m, &a.st, a.rows, i, &mut dst[i..i + 8]);
+                i += 8;
+            }
+        }
+        for (i, out) in dst.iter_mut().enumerate().skip(i) {
+            *out = msum(m, &a.s[i * kb..(i + 1) * kb]);
+        }
+    }
+
+    /// Weight rows `j` and `j + 1` (AVX2) against every activation row:
+    /// per row the operations of `row`, in its order.
+    unsafe fn row_pair(&self, j: usize, a: &Act, dst0: &mut [f32], dst1: &mut [f32]) {
+        let kb = self.k / QK;
+        let bytes = match self.format {
+            Format::Q4_1 => 16,
+            Format::Q8_0 => 32,
+        };
+        let q8 = self.format == Format::Q8_0;
+        let m0 = self.m.get(j * kb..(j + 1) * kb).unwrap_or(&[]);
+        let m1 = self.m.get((j + 1) * kb..(j + 2) * kb).unwrap_or(&[]);
+        self.mterm(m0, a, dst0);
+        self.mterm(m1, a, dst1);
+        let w0 = (&self.qs[j * kb * bytes..(j + 1) * kb * bytes], &self.d[j * kb..(j + 1) * kb]);
+        let w1 = (&self.qs[(j + 1) * kb * bytes..(j + 2) * kb * bytes], &self.d[(j + 1) * kb..(j + 2) * kb]);
+        let mut i = 0;
+        while i < dst0.len() {
+            let t = (dst0.len() - i).min(4);
+            let (aq, ad) = (&a.qs[i * self.k..(i + t) * self.k], &a.d[i * kb..(i + t) * kb]);
+            let (o0, o1) = (&mut dst0[i..i + t], &mut dst1[i..i + t]);
+            macro_rules! go {
+                ($r:literal) => {
+                    if q8 {
+                        dot2_avx2::<$r, true>(w0, w1, aq, ad, o0, o1)
+                    } else {
+                        dot2_avx2::<$r, false>(w0, w1, aq, ad, o0, o1)
+                    }
+                };
+            }
+            match t {
+                4 => go!(4),
+                3 => go!(3),
+                2 => go!(2),
+                _ => go!(1),
+            }
+            i += t;
+        }
+    }
+
     /// Weight row `j` against every activation row: `dst[i]`.
     unsafe fn row(&self, j: usize, a: &Act, dst: &mut [f32]) {
         let kb = self.k / QK;
@@ -295,12 +389,7 @@ impl QMatrix {
         match self.kernel {
             Kernel::Avx2 => {
                 let q8 = self.format == Format::Q8_0;
-                for (i, out) in dst.iter_mut().enumerate() {
-                    // Σ_b m_b · s_b: the minimum times the activation block
-                    // sum (Q8_0 has no minimum). Added first, as before the
-                    // kernel took several rows: the same numbers.
-                    *out = if q8 { 0.0 } else { msum(m, &a.s[i * kb..(i + 1) * kb]) };
-                }
+                self.mterm(m, a, dst);
                 let mut i = 0;
                 while i < dst.len() {
                     let t = (dst.len() - i).min(4);
@@ -383,6 +472,46 @@ unsafe fn msum(_: &[u16], _: &[f32]) -> f32 {
     unreachable!("no quantized kernel off x86_64")
 }
 
+/// `msum` for 8 activation rows at once, row `i0 + l` in lane l (`st`:
+/// the sums block-major, `rows` of them per block): each lane goes through
+/// `msum`'s operations in its order — 8 partial sums (lane p of its
+/// accumulator: blocks p, p + 8, …), folded as its horizontal sum folds
+/// them, then the tail blocks one by one — so the numbers are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn msum8(m: &[u16], st: &[f32], rows: usize, i0: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    // Macros, not closures: the intrinsics stay inlined in this function.
+    macro_rules! f {
+        ($b:expr) => {
+            _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(m[$b] as i32))))
+        };
+    }
+    macro_rules! s {
+        ($b:expr) => {
+            _mm256_loadu_ps(st.as_ptr().add($b * rows + i0))
+        };
+    }
+    let full = m.len() / 8 * 8;
+    let mut p = [_mm256_setzero_ps(); 8];
+    for b in (0..full).step_by(8) {
+        for (l, acc) in p.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(f!(b + l), s!(b + l), *acc);
+        }
+    }
+    // msum's fold: h_l = p_l + p_{l+4}, then (h_0 + h_2) + (h_1 + h_3).
+    let h: [__m256; 4] = std::array::from_fn(|l| _mm256_add_ps(p[l], p[l + 4]));
+    let mut sum = _mm256_add_ps(_mm256_add_ps(h[0], h[2]), _mm256_add_ps(h[1], h[3]));
+    for b in full..m.len() {
+        sum = _mm256_add_ps(sum, _mm256_mul_ps(f!(b), s!(b)));
+    }
+    _mm256_storeu_ps(out.as_mut_ptr(), sum);
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn msum8(_: &[u16], _: &[f32], _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("no quantized kernel off x86_64")
+}
+
 /// `quantize_q8_1` compiled for AVX2 (its rounding becomes one instruction).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -446,6 +575,68 @@ unsafe fn dot_avx2<const R: usize, const Q8: bool>(qs: &[u8], d: &[u16], yq: &[i
         let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
         out[r] += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
     }
+}
+
+/// `dot_avx2` for two weight rows at once: each activation block is
+/// loaded once for both; per (weight row, activation row) the operations
+/// and their order are `dot_avx2`'s, so the numbers are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot2_avx2<const R: usize, const Q8: bool>(
+    w0: (&[u8], &[u16]),
+    w1: (&[u8], &[u16]),
+    yq: &[i8],
+    yd: &[f32],
+    out0: &mut [f32],
+    out1: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (kb, k) = (w0.1.len(), w0.1.len() * QK);
+    let mut acc0 = [_mm256_setzero_ps(); R];
+    let mut acc1 = [_mm256_setzero_ps(); R];
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // Macros, not closures: the intrinsics stay inlined in this function.
+    macro_rules! unpack {
+        ($qs:expr, $b:expr) => {
+            if Q8 {
+                let w = _mm256_loadu_si256($qs.as_ptr().add($b * QK) as *const __m256i);
+                (_mm256_sign_epi8(w, w), w)
+            } else {
+                let tmp = _mm_loadu_si128($qs.as_ptr().add($b * 16) as *const __m128i);
+                (_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp), low), low)
+            }
+        };
+    }
+    macro_rules! scale {
+        ($d:expr, $b:expr) => {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128($d[$b] as i32)))
+        };
+    }
+    for b in 0..kb {
+        let (dx0, dx1) = (scale!(w0.1, b), scale!(w1.1, b));
+        let ((qx0, sign0), (qx1, sign1)) = (unpack!(w0.0, b), unpack!(w1.0, b));
+        for r in 0..R {
+            let y = _mm256_loadu_si256(yq.as_ptr().add(r * k + b * QK) as *const __m256i);
+            let yb = yd[r * kb + b];
+            let (y0, y1) = if Q8 { (_mm256_sign_epi8(y, sign0), _mm256_sign_epi8(y, sign1)) } else { (y, y) };
+            let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(qx0, y0), ones);
+            acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * yb), _mm256_cvtepi32_ps(s0), acc0[r]);
+            let s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(qx1, y1), ones);
+            acc1[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * yb), _mm256_cvtepi32_ps(s1), acc1[r]);
+        }
+    }
+    for (acc, out) in [(&acc0, out0), (&acc1, out1)] {
+        for r in 0..R {
+            let h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps::<1>(acc[r]));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            out[r] += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+        }
+    }
+}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot2_avx2<const R: usize, const Q8: bool>(_: (&[u8], &[u16]), _: (&[u8], &[u16]), _: &[i8], _: &[f32], _: &mut [f32], _: &mut [f32]) {
+    unreachable!("no quantized kernel off x86_64")
 }
 
 /// R activation rows against one weight row, two blocks per step; `Q8`
@@ -589,13 +780,17 @@ mod tests {
 
     /// Several activation rows at once give each row the numbers it gets
     /// alone, for both formats (Q4_1's numbers on AVX2 machines are those
-    /// of the one-row kernel this replaced, which ran each row alone).
+    /// of the one-row kernel this replaced, which ran each row alone); and
+    /// weight rows in pairs (`dot2_avx2`) with the m-term 8 rows at a time
+    /// (`msum8`) give those of one weight row alone. 19 blocks: `msum`'s
+    /// 8-wide part and a tail; 19 rows: two groups of 8 and a remainder;
+    /// 9 weight rows: pairs and one left over.
     #[test]
     fn avx2_rows_are_batch_invariant() {
         if kernel().is_none() {
             return;
         }
-        let (n, k) = (9, 256);
+        let (n, k, rows) = (9, 19 * QK, 19);
         let mut rnd = lcg(3);
         let (mut q41, mut q80) = (Vec::new(), Vec::new());
         for _ in 0..n * k / QK {
@@ -605,13 +800,20 @@ mod tests {
             q80.extend(f16::from_f32(0.01 + rnd().abs() * 0.1).to_bits().to_le_bytes());
             q80.extend((0..32).map(|_| (rnd() * 255.0) as i8 as u8));
         }
-        let x: Vec<f32> = (0..7 * k).map(|_| rnd() * 3.0).collect();
-        for (format, bytes) in [(Format::Q4_1, &q41), (Format::Q8_0, &q80)] {
+        let x: Vec<f32> = (0..rows * k).map(|_| rnd() * 3.0).collect();
+        for (format, bytes, size) in [(Format::Q4_1, &q41, 20), (Format::Q8_0, &q80, 34)] {
             let w = QMatrix::with_kernel(format, bytes, n, k, Kernel::Avx2).unwrap();
-            let all = w.matmul(&x, 7);
-            for i in 0..7 {
+            let all = w.matmul(&x, rows);
+            for i in 0..rows {
                 let one = w.matmul(&x[i * k..(i + 1) * k], 1);
                 assert_eq!(one, all[i * n..(i + 1) * n], "{format:?} row {i}");
+            }
+            let per_row = k / QK * size;
+            for j in 0..n {
+                let alone = QMatrix::with_kernel(format, &bytes[j * per_row..(j + 1) * per_row], 1, k, Kernel::Avx2).unwrap();
+                let got = alone.matmul(&x, rows);
+                let want: Vec<f32> = (0..rows).map(|i| all[i * n + j]).collect();
+                assert_eq!(got, want, "{format:?} weight row {j}");
             }
         }
     }
