@@ -26,11 +26,12 @@
 //! batches of `max_batch` sequences and scoring chunks share so; the cache
 //! does not outlive a batch.
 //!
-//! `prefill = "dense"` (opt-in until the quickstart's table is re-measured
-//! with it: it changes the numbers slightly) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
+//! `prefill = "dense"` (opt-in, as it changes the numbers slightly; the
+//! quickstart and scifact-cpu set it, their tables measured with it) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
 //! (4 bytes a weight: 0.39 GB more peak RSS for SmolLM2-135M, docs/BENCHMARKS.md) and runs prompts through an
 //! f32 GEMM, which is faster there than the integer kernels made for decode
-//! steps (`rir bench generate` prints both); decode steps stay quantized.
+//! steps (`rir bench generate` prints both: 1.5-1.9x on an AVX2-only Zen 1,
+//! 1.6x and more with AVX-512); decode steps stay quantized.
 //! The two give slightly different numbers (the dense path does not round
 //! activations to 8 bits), so the setting is part of the fingerprint.
 //!
