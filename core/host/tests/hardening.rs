@@ -129,9 +129,9 @@ fn plugin_tables_are_validated_before_any_work() {
     for (from, to, key, says) in [
         ("params = { beta = 0.1,", "params = { betta = 0.1,", "betta", "did you mean `beta`?"),
         ("config = { mode = \"query_likelihood\", max_words = 60 }", "config = { mode = \"query_likelihood\", max_words = 60, windw = 4 }", "windw", "did you mean `window`?"),
-        ("loss = \"kl\" }", "loss = \"kl\", t_teacher = -1.0 }", "t_teacher", "must be a positive number"),
+        ("eval_pool = \"all\" }", "eval_pool = \"all\", t_teacher = -1.0 }", "t_teacher", "must be a positive number"),
         ("config = { query_weight = 0.8 }", "config = { query_weight = 1.8 }", "query_weight", "is not in [0, 1]"),
-        ("quantize = \"q8_0\" }", "quantize = \"q8_0\", max_batch = 0 }", "max_batch", "must be at least 1"),
+        ("max_batch = 16 }", "max_batch = 0 }", "max_batch", "must be at least 1"),
     ] {
         let bad = base.replacen(from, to, 1);
         assert_ne!(bad, base, "{from} is not in the quickstart");
@@ -198,7 +198,8 @@ fn data_and_output_mistakes_name_the_file_and_line() {
 #[test]
 fn eval_table_options_are_checked_with_their_line() {
     let dir = tempfile::tempdir().unwrap();
-    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap();
+    // The quickstart sets generation_batch itself; the cases below add their own.
+    let base = std::fs::read_to_string(root().join("experiments/quickstart.toml")).unwrap().replace("generation_batch = 32\n", "");
     for (extra, want) in [("index = \"annoy\"", "[eval] index"), ("averaging = \"mean\"", "[eval] averaging"), ("generation_batch = 0", "generation_batch must be at least 1")] {
         let text = base.replacen("[eval]\n", &format!("[eval]\n{extra}\n"), 1);
         assert_ne!(text, base, "quickstart.toml has an [eval] table");
