@@ -272,19 +272,19 @@ impl QMatrix {
                 for (r, dst) in pairs.by_ref().enumerate() {
                     let (d0, d1) = dst.split_at_mut(m);
                     // SAFETY: as below.
-                    unsafe { self.row_pair(first + 2 * r, act, d0, d1) }
+                    unsafe { self.rows_avx2(first + 2 * r, act, [d0, d1]) }
                 }
                 let rest = pairs.into_remainder();
                 if !rest.is_empty() {
                     // SAFETY: as below.
-                    unsafe { self.row(last, act, rest) }
+                    unsafe { self.rows_avx2(last, act, [rest]) }
                 }
                 return;
             }
             for (r, dst) in chunk.chunks_exact_mut(m).enumerate() {
                 // SAFETY: the kernel was detected on this CPU (`kernel()`),
                 // and the slices have the lengths the kernels index.
-                unsafe { self.row(first + r, act, dst) }
+                unsafe { self.row_vnni(first + r, act, dst) }
             }
         };
         // One thread: stay on the caller (a pool hand-off per matmul costs
@@ -337,32 +337,38 @@ impl QMatrix {
         }
     }
 
-    /// Weight rows `j` and `j + 1` (AVX2) against every activation row:
-    /// per row the operations of `row`, in its order.
-    unsafe fn row_pair(&self, j: usize, a: &Act, dst0: &mut [f32], dst1: &mut [f32]) {
+    /// AVX2: weight rows `j..j + W` against every activation row
+    /// (`dst[w][i]`), up to 4 activation rows per kernel call; per (weight
+    /// row, activation row) the operations and their order do not depend
+    /// on W or on the grouping, so neither changes a number.
+    unsafe fn rows_avx2<const W: usize>(&self, j: usize, a: &Act, mut dst: [&mut [f32]; W]) {
         let kb = self.k / QK;
         let bytes = match self.format {
             Format::Q4_1 => 16,
             Format::Q8_0 => 32,
         };
         let q8 = self.format == Format::Q8_0;
-        let m0 = self.m.get(j * kb..(j + 1) * kb).unwrap_or(&[]);
-        let m1 = self.m.get((j + 1) * kb..(j + 2) * kb).unwrap_or(&[]);
-        self.mterm(m0, a, dst0);
-        self.mterm(m1, a, dst1);
-        let w0 = (&self.qs[j * kb * bytes..(j + 1) * kb * bytes], &self.d[j * kb..(j + 1) * kb]);
-        let w1 = (&self.qs[(j + 1) * kb * bytes..(j + 2) * kb * bytes], &self.d[(j + 1) * kb..(j + 2) * kb]);
+        let w: [(&[u8], &[u16]); W] = std::array::from_fn(|x| {
+            let r = j + x;
+            (&self.qs[r * kb * bytes..(r + 1) * kb * bytes], &self.d[r * kb..(r + 1) * kb])
+        });
+        for (x, out) in dst.iter_mut().enumerate() {
+            // (AVX2's Q8_0 keeps no minimums.)
+            self.mterm(self.m.get((j + x) * kb..(j + x + 1) * kb).unwrap_or(&[]), a, out);
+        }
+        let n = dst[0].len();
         let mut i = 0;
-        while i < dst0.len() {
-            let t = (dst0.len() - i).min(4);
+        while i < n {
+            let t = (n - i).min(4);
             let (aq, ad) = (&a.qs[i * self.k..(i + t) * self.k], &a.d[i * kb..(i + t) * kb]);
-            let (o0, o1) = (&mut dst0[i..i + t], &mut dst1[i..i + t]);
+            let mut parts = dst.iter_mut().map(|d| &mut d[i..i + t]);
+            let o: [&mut [f32]; W] = std::array::from_fn(|_| parts.next().unwrap());
             macro_rules! go {
                 ($r:literal) => {
                     if q8 {
-                        dot2_avx2::<$r, true>(w0, w1, aq, ad, o0, o1)
+                        dot_avx2::<W, $r, true>(w, aq, ad, o)
                     } else {
-                        dot2_avx2::<$r, false>(w0, w1, aq, ad, o0, o1)
+                        dot_avx2::<W, $r, false>(w, aq, ad, o)
                     }
                 };
             }
@@ -376,43 +382,17 @@ impl QMatrix {
         }
     }
 
-    /// Weight row `j` against every activation row: `dst[i]`.
-    unsafe fn row(&self, j: usize, a: &Act, dst: &mut [f32]) {
+    /// AVX-512 VNNI: weight row `j` against every activation row: `dst[i]`.
+    unsafe fn row_vnni(&self, j: usize, a: &Act, dst: &mut [f32]) {
         let kb = self.k / QK;
         let bytes = match self.format {
             Format::Q4_1 => 16,
             Format::Q8_0 => 32,
         };
-        // (AVX2's Q8_0 keeps no minimums.)
         let m = self.m.get(j * kb..(j + 1) * kb).unwrap_or(&[]);
         let (qs, d) = (&self.qs[j * kb * bytes..(j + 1) * kb * bytes], &self.d[j * kb..(j + 1) * kb]);
         match self.kernel {
-            Kernel::Avx2 => {
-                let q8 = self.format == Format::Q8_0;
-                self.mterm(m, a, dst);
-                let mut i = 0;
-                while i < dst.len() {
-                    let t = (dst.len() - i).min(4);
-                    let (aq, ad) = (&a.qs[i * self.k..(i + t) * self.k], &a.d[i * kb..(i + t) * kb]);
-                    let o = &mut dst[i..i + t];
-                    macro_rules! go {
-                        ($r:literal) => {
-                            if q8 {
-                                dot_avx2::<$r, true>(qs, d, aq, ad, o)
-                            } else {
-                                dot_avx2::<$r, false>(qs, d, aq, ad, o)
-                            }
-                        };
-                    }
-                    match t {
-                        4 => go!(4),
-                        3 => go!(3),
-                        2 => go!(2),
-                        _ => go!(1),
-                    }
-                    i += t;
-                }
-            }
+            Kernel::Avx2 => unreachable!("AVX2 runs rows_avx2"),
             Kernel::Avx512Vnni => {
                 let mut i = 0;
                 while i < dst.len() {
@@ -539,104 +519,54 @@ fn quantize_q8_1(x: &[f32]) -> (f32, f32, [i8; QK]) {
     (f16::from_f32(d).to_f32(), f16::from_f32(sum as f32 * d).to_f32(), qs)
 }
 
-/// R activation rows (`yq`, `yd`: R rows of k codes and k/32 scales) against
-/// one weight row, one block at a time, each weight block loaded once for
-/// all R; `out[r] +=` row r's sum. Per row the operations are those of
-/// ggml's one-row kernels, in the same order, so R does not change a number.
+/// R activation rows (`yq`, `yd`: R rows of k codes and k/32 scales)
+/// against W weight rows, one block at a time: each weight block loaded
+/// (and unpacked) once for all R, each activation block once for all W;
+/// `out[w][r] +=` their sum. Per (w, r) the operations are those of ggml's
+/// one-row kernels, in the same order, so neither W nor R changes a number.
 /// `Q8`: 32 signed code bytes a block (Q8_0), else 16 bytes of nibbles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_avx2<const R: usize, const Q8: bool>(qs: &[u8], d: &[u16], yq: &[i8], yd: &[f32], out: &mut [f32]) {
+unsafe fn dot_avx2<const W: usize, const R: usize, const Q8: bool>(w: [(&[u8], &[u16]); W], yq: &[i8], yd: &[f32], out: [&mut [f32]; W]) {
     use std::arch::x86_64::*;
-    let (kb, k) = (d.len(), d.len() * QK);
-    let mut acc = [_mm256_setzero_ps(); R];
+    let (kb, k) = (w[0].1.len(), w[0].1.len() * QK);
+    let mut acc = [[_mm256_setzero_ps(); R]; W];
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     for b in 0..kb {
-        let dx = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d[b] as i32)));
+        let mut dx = [0f32; W];
         // The unsigned side of vpmaddubsw, and (Q8) the signs to move onto y.
-        let (qx, sign) = if Q8 {
-            let w = _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i);
-            (_mm256_sign_epi8(w, w), w)
-        } else {
-            let tmp = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
-            // Low nibbles are elements 0..16, high nibbles 16..32.
-            (_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp), low), low)
-        };
-        for r in 0..R {
-            let y = _mm256_loadu_si256(yq.as_ptr().add(r * k + b * QK) as *const __m256i);
-            let y = if Q8 { _mm256_sign_epi8(y, sign) } else { y };
-            let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(qx, y), ones);
-            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * yd[r * kb + b]), _mm256_cvtepi32_ps(s32), acc[r]);
-        }
-    }
-    for r in 0..R {
-        let h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps::<1>(acc[r]));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        out[r] += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    }
-}
-
-/// `dot_avx2` for two weight rows at once: each activation block is
-/// loaded once for both; per (weight row, activation row) the operations
-/// and their order are `dot_avx2`'s, so the numbers are the same.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot2_avx2<const R: usize, const Q8: bool>(
-    w0: (&[u8], &[u16]),
-    w1: (&[u8], &[u16]),
-    yq: &[i8],
-    yd: &[f32],
-    out0: &mut [f32],
-    out1: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let (kb, k) = (w0.1.len(), w0.1.len() * QK);
-    let mut acc0 = [_mm256_setzero_ps(); R];
-    let mut acc1 = [_mm256_setzero_ps(); R];
-    let low = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    // Macros, not closures: the intrinsics stay inlined in this function.
-    macro_rules! unpack {
-        ($qs:expr, $b:expr) => {
-            if Q8 {
-                let w = _mm256_loadu_si256($qs.as_ptr().add($b * QK) as *const __m256i);
-                (_mm256_sign_epi8(w, w), w)
+        let mut qx = [(low, low); W];
+        for x in 0..W {
+            let (qs, d) = w[x];
+            dx[x] = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d[b] as i32)));
+            qx[x] = if Q8 {
+                let v = _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i);
+                (_mm256_sign_epi8(v, v), v)
             } else {
-                let tmp = _mm_loadu_si128($qs.as_ptr().add($b * 16) as *const __m128i);
+                let tmp = _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i);
+                // Low nibbles are elements 0..16, high nibbles 16..32.
                 (_mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp), low), low)
-            }
-        };
-    }
-    macro_rules! scale {
-        ($d:expr, $b:expr) => {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128($d[$b] as i32)))
-        };
-    }
-    for b in 0..kb {
-        let (dx0, dx1) = (scale!(w0.1, b), scale!(w1.1, b));
-        let ((qx0, sign0), (qx1, sign1)) = (unpack!(w0.0, b), unpack!(w1.0, b));
+            };
+        }
         for r in 0..R {
             let y = _mm256_loadu_si256(yq.as_ptr().add(r * k + b * QK) as *const __m256i);
             let yb = yd[r * kb + b];
-            let (y0, y1) = if Q8 { (_mm256_sign_epi8(y, sign0), _mm256_sign_epi8(y, sign1)) } else { (y, y) };
-            let s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(qx0, y0), ones);
-            acc0[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx0 * yb), _mm256_cvtepi32_ps(s0), acc0[r]);
-            let s1 = _mm256_madd_epi16(_mm256_maddubs_epi16(qx1, y1), ones);
-            acc1[r] = _mm256_fmadd_ps(_mm256_set1_ps(dx1 * yb), _mm256_cvtepi32_ps(s1), acc1[r]);
+            for x in 0..W {
+                let (q, sign) = qx[x];
+                let yx = if Q8 { _mm256_sign_epi8(y, sign) } else { y };
+                let s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, yx), ones);
+                acc[x][r] = _mm256_fmadd_ps(_mm256_set1_ps(dx[x] * yb), _mm256_cvtepi32_ps(s32), acc[x][r]);
+            }
         }
     }
-    for (acc, out) in [(&acc0, out0), (&acc1, out1)] {
+    for (acc, out) in acc.iter().zip(out) {
         for r in 0..R {
             let h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps::<1>(acc[r]));
             let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
             out[r] += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
         }
     }
-}
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot2_avx2<const R: usize, const Q8: bool>(_: (&[u8], &[u16]), _: (&[u8], &[u16]), _: &[i8], _: &[f32], _: &mut [f32], _: &mut [f32]) {
-    unreachable!("no quantized kernel off x86_64")
 }
 
 /// R activation rows against one weight row, two blocks per step; `Q8`
@@ -695,7 +625,7 @@ unsafe fn dot_vnni<const R: usize, const Q8: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_avx2<const R: usize, const Q8: bool>(_: &[u8], _: &[u16], _: &[i8], _: &[f32], _: &mut [f32]) {
+unsafe fn dot_avx2<const W: usize, const R: usize, const Q8: bool>(_: [(&[u8], &[u16]); W], _: &[i8], _: &[f32], _: [&mut [f32]; W]) {
     unreachable!("no quantized kernel off x86_64")
 }
 #[cfg(not(target_arch = "x86_64"))]
@@ -781,7 +711,7 @@ mod tests {
     /// Several activation rows at once give each row the numbers it gets
     /// alone, for both formats (Q4_1's numbers on AVX2 machines are those
     /// of the one-row kernel this replaced, which ran each row alone); and
-    /// weight rows in pairs (`dot2_avx2`) with the m-term 8 rows at a time
+    /// weight rows in pairs (`dot_avx2` with W = 2) with the m-term 8 rows at a time
     /// (`msum8`) give those of one weight row alone. 19 blocks: `msum`'s
     /// 8-wide part and a tail; 19 rows: two groups of 8 and a remainder;
     /// 9 weight rows: pairs and one left over.

@@ -31,7 +31,7 @@
 //! (4 bytes a weight: 0.39 GB more peak RSS for SmolLM2-135M, docs/BENCHMARKS.md) and runs prompts through an
 //! f32 GEMM, which is faster there than the integer kernels made for decode
 //! steps (`rir bench generate` prints both: 1.5-1.9x on an AVX2-only Zen 1,
-//! 1.6x and more with AVX-512); decode steps stay quantized.
+//! 1.6-2.7x on an AVX-512 machine); decode steps stay quantized.
 //! The two give slightly different numbers (the dense path does not round
 //! activations to 8 bits), so the setting is part of the fingerprint.
 //!
