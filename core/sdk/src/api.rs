@@ -58,11 +58,24 @@ pub struct RetrieverInfo {
     /// Changes whenever the embeddings would change (weights, pooling, max
     /// length, ...). The host keys its embedding cache on it.
     pub fingerprint: String,
+    /// The corpus side's fingerprint when it is not the query side's: an
+    /// asymmetric encoder whose passage tower is another model (a query tower
+    /// trained over a frozen passage tower keeps the base's corpus
+    /// embeddings, cached once). `None`: `fingerprint` covers both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corpus_fingerprint: Option<String>,
     pub dim: usize,
     /// Longest input in tokens; longer inputs are truncated.
     pub max_length: usize,
     /// Whether embeddings come out L2-normalised.
     pub normalized: bool,
+}
+
+impl RetrieverInfo {
+    /// The fingerprint of the corpus side's embeddings.
+    pub fn corpus_fingerprint(&self) -> &str {
+        self.corpus_fingerprint.as_deref().unwrap_or(&self.fingerprint)
+    }
 }
 
 /// An encoder of queries and corpus texts into dense vectors.

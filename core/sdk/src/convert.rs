@@ -30,6 +30,7 @@ impl From<RetrieverInfo> for FfiRetrieverInfo {
         FfiRetrieverInfo {
             model: i.model.into(),
             fingerprint: i.fingerprint.into(),
+            corpus_fingerprint: i.corpus_fingerprint.map(Into::into).into(),
             dim: i.dim as u64,
             max_length: i.max_length as u64,
             normalized: i.normalized,
@@ -41,6 +42,7 @@ impl From<FfiRetrieverInfo> for RetrieverInfo {
         RetrieverInfo {
             model: i.model.into(),
             fingerprint: i.fingerprint.into(),
+            corpus_fingerprint: i.corpus_fingerprint.into_option().map(Into::into),
             dim: i.dim as usize,
             max_length: i.max_length as usize,
             normalized: i.normalized,

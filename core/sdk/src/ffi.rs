@@ -33,7 +33,9 @@ use crate::error::FfiError;
 /// 0.6.0: completions and scores carry the request's usage (`FfiUsage`);
 ///        `validate` answers "requirements" (the programs a job runs).
 /// 0.7.0: generation can be cancelled mid-way (`GeneratorFfi::generate_with`).
-pub const ABI_VERSION: &str = "0.7.0";
+/// 0.8.0: a retriever's corpus side may have its own fingerprint
+///        (`FfiRetrieverInfo::corpus_fingerprint`: asymmetric encoders).
+pub const ABI_VERSION: &str = "0.8.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -74,6 +76,7 @@ pub struct FfiMatrix {
 pub struct FfiRetrieverInfo {
     pub model: RString,
     pub fingerprint: RString,
+    pub corpus_fingerprint: ROption<RString>,
     pub dim: u64,
     pub max_length: u64,
     pub normalized: bool,

@@ -11,7 +11,17 @@
 //! batch_size = 32
 //! dtype = "f32"               # f32 | f16 | bf16
 //! device = "cpu"              # cpu | cuda | cuda:N (needs the `cuda` feature)
+//! corpus_model = "..."        # the corpus side's own model (an asymmetric encoder); default below
 //! ```
+//!
+//! Asymmetric encoders: passages (and Reinforced-IR's augmentations, which
+//! are encoded as passages) go through `corpus_model` when it is set, else
+//! through `<model>/corpus/` when the model directory has one (what
+//! contrastive-trainer writes with `trainable = "query"`: a query tower
+//! trained over the base's frozen passage tower, the base's files copied
+//! there byte for byte); queries through `model`. The corpus side then has
+//! its own fingerprint, the base's, so the host reuses the base's cached
+//! corpus embeddings instead of encoding the corpus again.
 
 mod bert;
 
@@ -39,6 +49,7 @@ pub struct CandleConfig {
     pub dtype: String,
     #[serde(default = "default_device")]
     pub device: String,
+    pub corpus_model: Option<String>,
 }
 
 fn default_batch() -> usize {
@@ -51,9 +62,17 @@ fn default_device() -> String {
     "cpu".into()
 }
 
-pub struct CandleEncoder {
+/// One BERT tower: weights, tokenizer, fingerprint.
+struct Tower {
     model: bert::Bert,
     batcher: TextBatcher,
+    fingerprint: String,
+}
+
+pub struct CandleEncoder {
+    query: Tower,
+    /// The corpus side's own tower (asymmetric); None: `query` encodes both.
+    corpus: Option<Tower>,
     device: Device,
     pooling: Pooling,
     normalize: bool,
@@ -123,16 +142,22 @@ impl CandleEncoder {
 
     pub fn from_config(cfg: CandleConfig) -> PluginResult<Self> {
         init_threads();
-        let dir = rir_models::resolve(&cfg.model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
+        let cache = &rir_sdk::host().cache_dir;
+        let dir = rir_models::resolve(&cfg.model, cache).map_err(PluginError::resource)?;
         if !dir.is_dir() {
             return Err(PluginError::resource(format!("{}: a BERT model must be a directory", dir.display())));
         }
-        let config_path = dir.join("config.json");
-        let bert_cfg: BertConfig = serde_json::from_slice(
-            &std::fs::read(&config_path)
-                .map_err(|e| PluginError::resource(format!("{}: {e}", config_path.display())))?,
-        )
-        .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", config_path.display())))?;
+        let corpus_dir = match &cfg.corpus_model {
+            Some(m) => {
+                let d = rir_models::resolve(m, cache).map_err(PluginError::resource)?;
+                if !d.is_dir() {
+                    return Err(PluginError::resource(format!("corpus_model: {}: a BERT model must be a directory", d.display())));
+                }
+                Some(d)
+            }
+            None => Some(dir.join("corpus")).filter(|d| d.join("config.json").is_file()),
+        };
+        let bert_cfg = bert_config(&dir)?;
         let (st_pooling, st_normalize) = encoder::sentence_transformers_defaults(&dir);
         let pooling = match &cfg.pooling {
             Some(p) => p.parse().map_err(PluginError::config)?,
@@ -145,38 +170,48 @@ impl CandleEncoder {
         if max_length < 2 {
             return Err(PluginError::config("max_length must be at least 2"));
         }
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.is_file() {
-            return Err(PluginError::resource(format!("{}: no tokenizer.json", dir.display())));
-        }
-        let batcher = TextBatcher::load(&tok_path, max_length).map_err(PluginError::resource)?;
         let dev = device(&cfg.device)?;
         let dt = dtype(&cfg.dtype)?;
-        let weights = weight_files(&dir)?;
-        let vb = if weights[0].extension().is_some_and(|x| x == "bin") {
-            VarBuilder::from_pth(&weights[0], dt, &dev).map_err(cerr("loading weights"))?
-        } else {
-            // SAFETY: the files are memory-mapped read-only and must not be
-            // modified while the model is alive (the model cache never rewrites them).
-            unsafe { VarBuilder::from_mmaped_safetensors(&weights, dt, &dev).map_err(cerr("loading weights"))? }
-        };
-        let model = bert::Bert::load(vb, &bert_cfg).map_err(cerr("building the model"))?;
-        let mut fp_files = weights.clone();
-        fp_files.push(config_path);
-        fp_files.push(tok_path);
+        // Both towers share the query tower's pooling, normalisation and
+        // length: one embedding space.
         let settings = format!("candle-bert-v2/pool={pooling}/norm={normalize}/max={max_length}/dtype={}", cfg.dtype);
-        let fingerprint = format!("{settings}/{}", encoder::fingerprint(&fp_files, &settings).map_err(PluginError::resource)?);
+        let query = Tower::load(&dir, &bert_cfg, max_length, &settings, dt, &dev)?;
+        let corpus = match &corpus_dir {
+            Some(d) => {
+                let c = bert_config(d)?;
+                if c.hidden_size != bert_cfg.hidden_size {
+                    return Err(PluginError::resource(format!(
+                        "{}: the corpus tower's hidden size {} is not the query tower's {}",
+                        d.display(),
+                        c.hidden_size,
+                        bert_cfg.hidden_size
+                    )));
+                }
+                Some(Tower::load(d, &c, max_length, &settings, dt, &dev)?)
+            }
+            None => None,
+        };
         let info = RetrieverInfo {
             model: cfg.model.clone(),
-            fingerprint,
+            fingerprint: query.fingerprint.clone(),
+            corpus_fingerprint: corpus.as_ref().map(|c| c.fingerprint.clone()),
             dim: bert_cfg.hidden_size,
             max_length,
             normalized: normalize,
         };
-        rir_sdk::log::info!("loaded {} ({}-d, {pooling} pooling) from {}", cfg.model, info.dim, dir.display());
+        match &corpus_dir {
+            Some(c) => rir_sdk::log::info!(
+                "loaded {} ({}-d, {pooling} pooling): queries from {}, passages from {}",
+                cfg.model,
+                info.dim,
+                dir.display(),
+                c.display()
+            ),
+            None => rir_sdk::log::info!("loaded {} ({}-d, {pooling} pooling) from {}", cfg.model, info.dim, dir.display()),
+        }
         Ok(Self {
-            model,
-            batcher,
+            query,
+            corpus,
             device: dev,
             pooling,
             normalize,
@@ -186,15 +221,15 @@ impl CandleEncoder {
         })
     }
 
-    fn encode(&self, texts: &[String]) -> PluginResult<Embeddings> {
+    fn encode(&self, tower: &Tower, texts: &[String]) -> PluginResult<Embeddings> {
         let dim = self.info.dim;
         let mut out = vec![0f32; texts.len() * dim];
-        for b in self.batcher.batches(texts, self.batch_size).map_err(PluginError::input)? {
+        for b in tower.batcher.batches(texts, self.batch_size).map_err(PluginError::input)? {
             let shape = (b.rows, b.len);
             let ids = Tensor::from_slice(&b.input_ids, shape, &self.device).map_err(cerr("input"))?;
             let types = Tensor::from_slice(&b.type_ids, shape, &self.device).map_err(cerr("input"))?;
             let mask = Tensor::from_slice(&b.attention_mask, shape, &self.device).map_err(cerr("input"))?;
-            let hidden = self.model.forward(&ids, &types, &mask).map_err(cerr("forward"))?;
+            let hidden = tower.model.forward(&ids, &types, &mask).map_err(cerr("forward"))?;
             let hidden: Vec<f32> = hidden
                 .to_dtype(DType::F32)
                 .and_then(|h| h.flatten_all())
@@ -206,15 +241,47 @@ impl CandleEncoder {
     }
 }
 
+fn bert_config(dir: &Path) -> PluginResult<BertConfig> {
+    let config_path = dir.join("config.json");
+    serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| PluginError::resource(format!("{}: {e}", config_path.display())))?)
+        .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", config_path.display())))
+}
+
+impl Tower {
+    /// The tower in `dir`; its fingerprint covers its files and `settings`
+    /// (a copy of a model's files has that model's fingerprint).
+    fn load(dir: &Path, cfg: &BertConfig, max_length: usize, settings: &str, dt: DType, dev: &Device) -> PluginResult<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(PluginError::resource(format!("{}: no tokenizer.json", dir.display())));
+        }
+        let batcher = TextBatcher::load(&tok_path, max_length).map_err(PluginError::resource)?;
+        let weights = weight_files(dir)?;
+        let vb = if weights[0].extension().is_some_and(|x| x == "bin") {
+            VarBuilder::from_pth(&weights[0], dt, dev).map_err(cerr("loading weights"))?
+        } else {
+            // SAFETY: the files are memory-mapped read-only and must not be
+            // modified while the model is alive (the model cache never rewrites them).
+            unsafe { VarBuilder::from_mmaped_safetensors(&weights, dt, dev).map_err(cerr("loading weights"))? }
+        };
+        let model = bert::Bert::load(vb, cfg).map_err(cerr("building the model"))?;
+        let mut fp_files = weights;
+        fp_files.push(dir.join("config.json"));
+        fp_files.push(tok_path);
+        let fingerprint = format!("{settings}/{}", encoder::fingerprint(&fp_files, settings).map_err(PluginError::resource)?);
+        Ok(Self { model, batcher, fingerprint })
+    }
+}
+
 impl Retriever for CandleEncoder {
     fn info(&self) -> RetrieverInfo {
         self.info.clone()
     }
     fn encode_queries(&self, texts: &[String], instruction: Option<&str>) -> PluginResult<Embeddings> {
-        self.encode(&encoder::with_instruction(texts, instruction.unwrap_or(&self.query_instruction)))
+        self.encode(&self.query, &encoder::with_instruction(texts, instruction.unwrap_or(&self.query_instruction)))
     }
     fn encode_corpus(&self, texts: &[String]) -> PluginResult<Embeddings> {
-        self.encode(texts)
+        self.encode(self.corpus.as_ref().unwrap_or(&self.query), texts)
     }
 }
 

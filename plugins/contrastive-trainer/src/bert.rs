@@ -18,6 +18,9 @@ impl Lin {
     fn new(vb: &VarBuilder, i: usize, o: usize) -> Result<Self> {
         Ok(Lin { w: vb.get((o, i), "weight")?, b: vb.get(o, "bias")? })
     }
+    fn detached(&self) -> Self {
+        Lin { w: self.w.detach(), b: self.b.detach() }
+    }
     /// x @ wᵀ + b over the last dimension, as one 2-D product.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -38,6 +41,9 @@ struct Norm {
 impl Norm {
     fn new(vb: &VarBuilder, h: usize, eps: f64) -> Result<Self> {
         Ok(Norm { w: vb.get(h, "weight")?, b: vb.get(h, "bias")?, eps })
+    }
+    fn detached(&self) -> Self {
+        Norm { w: self.w.detach(), b: self.b.detach(), eps: self.eps }
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         crate::fused::layer_norm(x, &self.w, &self.b, self.eps)
@@ -99,6 +105,26 @@ impl TrainBert {
             hidden: h,
             prefix: prefix.to_owned(),
         })
+    }
+
+    /// The same weights outside autograd: a forward keeps no graph (and no
+    /// activations). The tensors share storage with the variables, so an
+    /// optimiser step changes them too: use it before training starts.
+    pub fn detached(&self) -> TrainBert {
+        TrainBert {
+            word: self.word.detach(),
+            pos: self.pos.detach(),
+            tok: self.tok.detach(),
+            norm: self.norm.detached(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Layer { q: l.q.detached(), k: l.k.detached(), v: l.v.detached(), o: l.o.detached(), n1: l.n1.detached(), inter: l.inter.detached(), out: l.out.detached(), n2: l.n2.detached() })
+                .collect(),
+            heads: self.heads,
+            hidden: self.hidden,
+            prefix: self.prefix.clone(),
+        }
     }
 
     /// Last hidden states (b, L, h) for `ids` (b, L) with `mask` (b, L) of 1/0.

@@ -70,7 +70,18 @@
 //! eval_steps = 0          # evaluate every N steps (0: only before and after training)
 //! eval_pool = "held"      # held (the held-out examples' passages) | all (every distinct passage in the data)
 //! grad_cache_chunk = 8    # texts per autograd graph (gradient caching); 0: the whole batch at once
+//! trainable = "both"      # both (one shared tower) | query (a query tower over the base's frozen passage tower)
 //! ```
+//!
+//! Query-side training (`trainable = "query"`; Sciavolino et al. 2021's
+//! query-side fine-tuning, Tevatron's untied encoders with the passage side
+//! frozen): the passage tower stays the base model, so every passage (and
+//! answer, encoded on the corpus side) is embedded once before training and
+//! each step backpropagates through the queries only; the output directory
+//! is the trained query tower with the base's files copied, byte for byte,
+//! into `corpus/`, which the candle encoder loads as the corpus side. An
+//! evaluation then reuses the base's cached corpus embeddings: no second
+//! encoding of the corpus.
 //!
 //! Gradient caching (Gao et al. 2021, GradCache; what Tevatron does for big
 //! in-batch losses): the step's embeddings are computed chunk by chunk
@@ -153,6 +164,19 @@ pub struct CtParams {
     /// batch in one autograd graph.
     #[serde(default = "d_grad_cache_chunk")]
     pub grad_cache_chunk: usize,
+    #[serde(default)]
+    pub trainable: Trainable,
+}
+
+/// Which towers the trainer updates.
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Trainable {
+    /// One tower for queries and passages, all of it trained.
+    #[default]
+    Both,
+    /// A query tower trained over the base's frozen passage tower.
+    Query,
 }
 fn d_grad_cache_chunk() -> usize {
     8
@@ -476,6 +500,76 @@ fn step_grads(
     Ok((parts, acc, tokens))
 }
 
+/// Corpus-side embeddings from the frozen passage tower, computed once
+/// (`trainable = "query"`): each distinct text's row.
+struct Frozen {
+    index: std::collections::HashMap<String, usize>,
+    emb: Tensor,
+}
+
+impl Frozen {
+    /// Embeds the distinct `texts` (cut to `max` tokens) with `model`,
+    /// outside autograd (no graph kept), in chunks of 32, reporting progress.
+    fn new(model: &TrainBert, enc: &Enc<'_>, texts: Vec<String>, max: usize, mean: bool, normalized: bool, progress: &dyn ProgressSink) -> PluginResult<Self> {
+        let mut index = std::collections::HashMap::new();
+        let mut distinct = Vec::new();
+        for t in texts {
+            if !index.contains_key(&t) {
+                index.insert(t.clone(), distinct.len());
+                distinct.push(t);
+            }
+        }
+        // Longest first: each chunk holds texts of similar length (little padding).
+        let mut order: Vec<usize> = (0..distinct.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(distinct[i].len()));
+        let mut rows: Vec<Option<Tensor>> = vec![None; distinct.len()];
+        let mut done = 0;
+        let model = model.detached();
+        for chunk in order.chunks(32) {
+            if progress.cancelled() {
+                return Err(PluginError::Cancelled);
+            }
+            let texts: Vec<String> = chunk.iter().map(|&i| distinct[i].clone()).collect();
+            let (ids, mask) = enc.batch(&texts, max)?;
+            let e = embed_ids(&model, &ids, &mask, mean, normalized)?;
+            for (r, &i) in chunk.iter().enumerate() {
+                rows[i] = Some(e.get(r).map_err(cerr("embeddings"))?);
+            }
+            done += chunk.len();
+            progress.report(&Progress {
+                stage: "passages".into(),
+                done: done as u64,
+                total: distinct.len() as u64,
+                loss: None,
+                message: "the frozen passage tower's embeddings".into(),
+            });
+        }
+        let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every row computed")).collect();
+        let emb = Tensor::stack(&rows, 0).map_err(cerr("embeddings"))?;
+        Ok(Self { index, emb })
+    }
+
+    /// The rows of `texts` (each was given to `new`).
+    fn rows(&self, texts: &[String]) -> PluginResult<Tensor> {
+        let idx: Vec<u32> = texts.iter().map(|t| self.index.get(t).map(|&i| i as u32).ok_or_else(|| PluginError::other("a passage without a frozen embedding"))).collect::<PluginResult<_>>()?;
+        let idx = Tensor::from_vec(idx, texts.len(), self.emb.device()).map_err(cerr("embeddings"))?;
+        self.emb.index_select(&idx, 0).map_err(cerr("embeddings"))
+    }
+}
+
+/// `step_grads` with the passage tower frozen: the passages' (and answers')
+/// embeddings are constants from `frozen`, the queries are encoded under
+/// autograd, and only the query tower gets gradients.
+#[allow(clippy::too_many_arguments)]
+fn query_step_grads(model: &TrainBert, enc: &Enc<'_>, texts: &StepTexts<'_>, frozen: &Frozen, p: &CtParams, mean: bool, normalized: bool, teacher: Option<&Tensor>) -> PluginResult<(LossParts, GradStore, usize)> {
+    let (eq, tokens) = embed(model, enc, texts.queries, p.query_max_len, mean, normalized)?;
+    let ep = frozen.rows(texts.passages)?;
+    let ea = texts.answers.map(|a| frozen.rows(a)).transpose()?;
+    let parts = rlgf_loss(&eq, ea.as_ref(), &ep, p.group_size, p, normalized, teacher).map_err(cerr("loss"))?;
+    let grads = parts.total.backward().map_err(cerr("backward"))?;
+    Ok((parts, grads, tokens))
+}
+
 /// The passages held-out queries are ranked among and the index of each
 /// held-out example's positive in it. The held-out examples' passages come
 /// as they are (as before `eval_pool` existed, so `"held"` reports the same
@@ -537,11 +631,14 @@ fn held_out_metric(scores: &[Vec<f32>], pos: &[usize], t: f64) -> HeldOut {
 }
 
 /// The held-out metric of the model as it is, without gradients.
-fn held_out_mrr(held: &[Example], pool_passages: &[String], pos: &[usize], model: &TrainBert, enc: &Enc<'_>, p: &CtParams, mean: bool, normalized: bool) -> PluginResult<HeldOut> {
+#[allow(clippy::too_many_arguments)]
+fn held_out_mrr(held: &[Example], pool_passages: &[String], pos: &[usize], model: &TrainBert, frozen: Option<&Frozen>, enc: &Enc<'_>, p: &CtParams, mean: bool, normalized: bool) -> PluginResult<HeldOut> {
+    // No gradients here: the detached weights keep no graph.
+    let model = model.detached();
     let embed = |texts: &[String], max: usize| -> PluginResult<Vec<Vec<f32>>> {
         let mut rows = Vec::with_capacity(texts.len());
-        // Each chunk's forward keeps a graph until detached: as small as the
-        // training chunks (gradient caching), 32 without it.
+        // Chunks as the training's (gradient caching), 32 without it: the
+        // padding, and so the numbers, as before the weights were detached.
         let size = if p.grad_cache_chunk > 0 { p.grad_cache_chunk } else { 32 };
         for chunk in texts.chunks(size) {
             let (ids, mask) = enc.batch(chunk, max)?;
@@ -555,7 +652,11 @@ fn held_out_mrr(held: &[Example], pool_passages: &[String], pos: &[usize], model
         Ok(rows)
     };
     let queries: Vec<String> = held.iter().map(|e| format!("{}{}", p.query_instruction, e.query)).collect();
-    let (eq, ep) = (embed(&queries, p.query_max_len)?, embed(pool_passages, p.passage_max_len)?);
+    let ep = match frozen {
+        Some(f) => f.rows(pool_passages)?.to_dtype(DType::F32).and_then(|t| t.to_vec2::<f32>()).map_err(cerr("embeddings"))?,
+        None => embed(pool_passages, p.passage_max_len)?,
+    };
+    let eq = embed(&queries, p.query_max_len)?;
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
     let scores: Vec<Vec<f32>> = eq.iter().map(|q| ep.iter().map(|d| dot(q, d)).collect()).collect();
     Ok(held_out_metric(&scores, pos, p.t_list))
@@ -709,12 +810,50 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     let mut opt = AdamW::new(all_vars.clone(), ParamsAdamW { lr: p.learning_rate, weight_decay: p.weight_decay, ..Default::default() })
         .map_err(cerr("optimizer"))?;
     let enc = Enc { tok: &tok, dev: &dev };
+    // A base that is itself asymmetric (a query tower over `corpus/`): its
+    // passage tower is `corpus/`, frozen again.
+    let corpus_src = dir.join("corpus");
+    let asymmetric_base = corpus_src.join("config.json").is_file();
+    if asymmetric_base && p.trainable == Trainable::Both {
+        return Err(PluginError::config(format!(
+            "trainable = \"both\": {} is an asymmetric model (its passage tower is in corpus/); train its query tower with trainable = \"query\"",
+            dir.display()
+        )));
+    }
+    let frozen = match p.trainable {
+        Trainable::Both => None,
+        Trainable::Query => {
+            let mut texts: Vec<String> = pool_passages.clone();
+            for e in &examples {
+                texts.push(e.pos[0].clone());
+                texts.extend(e.neg.iter().cloned());
+                if needs_answers {
+                    texts.push(format!("{}{}", p.prefix, if e.answer.is_empty() { &e.query } else { &e.answer }));
+                }
+            }
+            let t = Instant::now();
+            let f = if asymmetric_base {
+                let w = corpus_src.join("model.safetensors");
+                let c: candle_transformers::models::bert::Config = serde_json::from_slice(&std::fs::read(corpus_src.join("config.json"))?)
+                    .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", corpus_src.join("config.json").display())))?;
+                let mut cmap = VarMap::new();
+                let tower = TrainBert::new(&cmap, &c, prefix, DType::F32, &dev).map_err(cerr("passage tower"))?;
+                cmap.load(&w).map_err(cerr("loading the passage tower"))?;
+                Frozen::new(&tower, &enc, texts, p.passage_max_len, mean, normalized, progress)?
+            } else {
+                // Before any step: the model is still the base.
+                Frozen::new(&model, &enc, texts, p.passage_max_len, mean, normalized, progress)?
+            };
+            rir_sdk::log::info!("frozen passage tower: {} distinct texts embedded in {:.1} s", f.index.len(), t.elapsed().as_secs_f64());
+            Some(f)
+        }
+    };
     let (mut losses, mut log) = (Vec::new(), String::new());
     std::fs::create_dir_all(&job.output_dir)?;
     let t0 = Instant::now();
     let mut tokens = 0usize;
     // Held-out MRR@10 and the best weights so far (a copy of every variable).
-    let evaluate = || held_out_mrr(&held, &pool_passages, &pool_pos, &model, &enc, &p, mean, normalized);
+    let evaluate = || held_out_mrr(&held, &pool_passages, &pool_pos, &model, frozen.as_ref(), &enc, &p, mean, normalized);
     let snapshot = || -> PluginResult<Vec<Tensor>> { map.all_vars().iter().map(|v| v.as_tensor().copy().map_err(cerr("checkpoint"))).collect() };
     let mut history: Vec<(usize, f64, f64)> = Vec::new();
     let mut best: Option<(usize, HeldOut, Vec<Tensor>)> = None;
@@ -774,7 +913,10 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
         // embeddings): the answers are not encoded, a fifth of the step's
         // tokens at group 4 (the ranking loss's gradients are the same).
         let texts = StepTexts { queries: &queries, answers: needs_answers.then_some(&answers[..]), passages: &passages };
-        let (parts, grads, n) = step_grads(&model, &all_vars, &enc, &texts, &p, mean, normalized, teacher.as_ref())?;
+        let (parts, grads, n) = match &frozen {
+            Some(f) => query_step_grads(&model, &enc, &texts, f, &p, mean, normalized, teacher.as_ref())?,
+            None => step_grads(&model, &all_vars, &enc, &texts, &p, mean, normalized, teacher.as_ref())?,
+        };
         tokens += n;
         opt.step(&grads).map_err(cerr("optimizer step"))?;
         let loss = parts.total.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(cerr("loss"))?;
@@ -828,15 +970,13 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     } else {
         map.save(job.output_dir.join("model.safetensors")).map_err(cerr("saving"))?;
     }
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"] {
-        let src = dir.join(f);
-        if src.is_file() {
-            let dst = job.output_dir.join(f);
-            if let Some(parent) = dst.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::copy(&src, &dst)?;
-        }
+    copy_model_files(&dir, &job.output_dir, false)?;
+    // The passage tower beside the trained query tower: the base's files
+    // byte for byte (its fingerprint, so its cached corpus embeddings).
+    if asymmetric_base {
+        copy_model_files(&corpus_src, &job.output_dir.join("corpus"), true)?;
+    } else if frozen.is_some() && !kept_base {
+        copy_model_files(&dir, &job.output_dir.join("corpus"), true)?;
     }
     // ~6 FLOPs per parameter per token for forward + backward, plus attention.
     let params: usize = map.all_vars().iter().map(|v| v.elem_count()).sum::<usize>() - cfg.vocab_size * cfg.hidden_size;
@@ -854,10 +994,28 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             "normalized": normalized,
             "held_out": kept,
             "false_negatives_dropped": dropped,
+            "trainable": if frozen.is_some() { "query" } else { "both" },
             "params": job.params,
         })
         .to_string(),
     })
+}
+
+/// Copies a model directory's config, tokenizer and sentence-transformers
+/// files from `from` to `to` (and its weights file when `weights`).
+fn copy_model_files(from: &Path, to: &Path, weights: bool) -> PluginResult<()> {
+    const FILES: [&str; 9] = ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"];
+    for f in FILES.iter().copied().chain(weights.then_some("model.safetensors")) {
+        let src = from.join(f);
+        if src.is_file() {
+            let dst = to.join(f);
+            if let Some(parent) = dst.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(&src, &dst).map_err(|e| PluginError::resource(format!("copying {} to {}: {e}", src.display(), dst.display())))?;
+        }
+    }
+    Ok(())
 }
 
 fn init_threads() {

@@ -86,6 +86,7 @@ impl Retriever for HashRetriever {
         RetrieverInfo {
             model: "feature-hashing bag of words".into(),
             fingerprint: format!("example-hash/v1/dim={}/max={}", self.cfg.dim, self.cfg.max_length),
+            corpus_fingerprint: None,
             dim: self.cfg.dim,
             max_length: self.cfg.max_length,
             normalized: true,

@@ -191,7 +191,7 @@ impl OrtEncoder {
             normalize,
             query_instruction: cfg.query_instruction.clone(),
             batch_size: cfg.batch_size.max(1),
-            info: RetrieverInfo { model: cfg.model.clone(), fingerprint: String::new(), dim: 0, max_length, normalized: normalize },
+            info: RetrieverInfo { model: cfg.model.clone(), fingerprint: String::new(), corpus_fingerprint: None, dim: 0, max_length, normalized: normalize },
             provider,
         };
         // The dimension is whatever the model produces: probe it once.

@@ -178,6 +178,7 @@ impl RemoteEncoder {
             info: RetrieverInfo {
                 model: if cfg.model.is_empty() { "tei".into() } else { cfg.model.clone() },
                 fingerprint: String::new(),
+                corpus_fingerprint: None,
                 dim: cfg.dim,
                 max_length: cfg.max_length,
                 normalized: cfg.normalize,

@@ -75,21 +75,37 @@ fn key(side_tag: &str, text: &str) -> Key {
     h.finalize()[..16].try_into().expect("16 bytes")
 }
 
-/// On-disk cache for one model fingerprint: append-only files of
-/// (16-byte key, dim f32) records; a torn last record is ignored on load.
+/// On-disk cache for one encoder: append-only files of (16-byte key, dim
+/// f32) records, one directory per fingerprint; a torn last record is ignored
+/// on load.
 pub struct EmbeddingCache {
-    dir: PathBuf,
+    query_dir: PathBuf,
+    /// The corpus side's: another directory when the encoder's corpus side has
+    /// its own fingerprint (a query tower trained over the base's frozen
+    /// passage tower reads the base's corpus embeddings).
+    corpus_dir: PathBuf,
+}
+
+fn fingerprint_dir(cache_root: &Path, fingerprint: &str) -> PathBuf {
+    let h = format!("{:x}", Sha256::digest(fingerprint.as_bytes()));
+    cache_root.join("embeddings").join(&h[..24])
 }
 
 impl EmbeddingCache {
-    /// The cache of the encoder whose fingerprint is `fingerprint`, under `cache_root/embeddings`.
-    pub fn new(cache_root: &Path, fingerprint: &str) -> Self {
-        let h = format!("{:x}", Sha256::digest(fingerprint.as_bytes()));
-        Self { dir: cache_root.join("embeddings").join(&h[..24]) }
+    /// The cache of the encoder `info` describes, under `cache_root/embeddings`.
+    pub fn new(cache_root: &Path, info: &rir_sdk::RetrieverInfo) -> Self {
+        Self { query_dir: fingerprint_dir(cache_root, &info.fingerprint), corpus_dir: fingerprint_dir(cache_root, info.corpus_fingerprint()) }
+    }
+
+    fn dir(&self, side: &Side<'_>) -> &Path {
+        match side {
+            Side::Query(_) => &self.query_dir,
+            Side::Corpus => &self.corpus_dir,
+        }
     }
 
     fn load(&self, side: &Side<'_>, dim: usize) -> Result<HashMap<Key, Vec<f32>>, EncodeError> {
-        let path = self.dir.join(side.file());
+        let path = self.dir(side).join(side.file());
         let mut map = HashMap::new();
         let mut bytes = Vec::new();
         match std::fs::File::open(&path) {
@@ -109,9 +125,10 @@ impl EmbeddingCache {
     }
 
     fn append(&self, side: &Side<'_>, records: &[(Key, &[f32])]) -> Result<(), EncodeError> {
-        let path = self.dir.join(side.file());
+        let dir = self.dir(side);
+        let path = dir.join(side.file());
         let err = |source| EncodeError::Io { path: path.clone(), source };
-        std::fs::create_dir_all(&self.dir).map_err(err)?;
+        std::fs::create_dir_all(dir).map_err(err)?;
         let mut buf = Vec::with_capacity(records.iter().map(|r| 16 + 4 * r.1.len()).sum());
         for (k, v) in records {
             buf.extend_from_slice(k);

@@ -180,7 +180,7 @@ pub fn run_stage<S: DataStage>(host: &PluginHost, f: &StageFlags) -> Result<Vec<
         (Some((name, _)), Some(t)) => Some(host.load(name)?.retriever(t)?),
         _ => None,
     };
-    let ecache = r.as_ref().filter(|_| !f.no_cache).map(|r| EmbeddingCache::new(cache_dir, &r.info().fingerprint));
+    let ecache = r.as_ref().filter(|_| !f.no_cache).map(|r| EmbeddingCache::new(cache_dir, &r.info()));
     let w = match (&f.reward, &wcfg) {
         (Some((name, _)), Some(t)) => Some(host.load(name)?.reward(t)?),
         _ => None,

@@ -337,7 +337,7 @@ fn evaluate(
     let (hits, retriever_json, encode_json, generation) = match first {
         FirstStage::Dense(retriever) => {
             let info = retriever.info();
-            let cache = o.use_cache.then(|| EmbeddingCache::new(&cache_root, &info.fingerprint));
+            let cache = o.use_cache.then(|| EmbeddingCache::new(&cache_root, &info));
             let (corpus, corpus_stats) = encode::encode(retriever, Side::Corpus, &doc_texts, cache.as_ref(), o.batch, "corpus")?;
             timings.insert("encode_corpus".to_owned(), corpus_stats.seconds);
             let side = Side::Query(o.query_instruction.as_deref());

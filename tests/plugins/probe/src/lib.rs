@@ -63,6 +63,7 @@ impl Retriever for Probe {
             model: "probe".into(),
             // Reports the host's thread budget so tests can see it arrived.
             fingerprint: format!("probe/threads={}", host().threads),
+            corpus_fingerprint: None,
             dim: 2,
             max_length: 8,
             normalized: false,
