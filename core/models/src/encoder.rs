@@ -72,6 +72,14 @@ pub fn sentence_transformers_defaults(dir: &Path) -> (Option<Pooling>, Option<bo
     (pooling, normalize)
 }
 
+/// A model directory's `config.json` as `T` (candle's BERT config, for
+/// instance); the error names the file.
+pub fn model_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, String> {
+    let path = dir.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a BERT config: {e}", path.display()))
+}
+
 /// `max_seq_length` from a sentence-transformers `sentence_bert_config.json`.
 pub fn sentence_transformers_max_length(dir: &Path) -> Option<usize> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("sentence_bert_config.json")).ok()?).ok()?;

@@ -62,11 +62,10 @@ fn default_device() -> String {
     "cpu".into()
 }
 
-/// One BERT tower: weights, tokenizer, fingerprint.
+/// One BERT tower: weights and tokenizer.
 struct Tower {
     model: bert::Bert,
     batcher: TextBatcher,
-    fingerprint: String,
 }
 
 pub struct CandleEncoder {
@@ -157,7 +156,7 @@ impl CandleEncoder {
             }
             None => Some(dir.join("corpus")).filter(|d| d.join("config.json").is_file()),
         };
-        let bert_cfg = bert_config(&dir)?;
+        let bert_cfg = encoder::model_config::<BertConfig>(&dir).map_err(PluginError::resource)?;
         let (st_pooling, st_normalize) = encoder::sentence_transformers_defaults(&dir);
         let pooling = match &cfg.pooling {
             Some(p) => p.parse().map_err(PluginError::config)?,
@@ -175,13 +174,13 @@ impl CandleEncoder {
         // Both towers share the query tower's pooling, normalisation and
         // length: one embedding space.
         let settings = format!("candle-bert-v2/pool={pooling}/norm={normalize}/max={max_length}/dtype={}", cfg.dtype);
-        let query = Tower::load(&dir, &bert_cfg, max_length, &settings, dt, &dev)?;
+        let (query, fingerprint) = Tower::load(&dir, &bert_cfg, max_length, &settings, dt, &dev)?;
         let corpus = match &corpus_dir {
             Some(d) => {
-                let c = bert_config(d)?;
+                let c: BertConfig = encoder::model_config(d).map_err(PluginError::resource)?;
                 if c.hidden_size != bert_cfg.hidden_size {
                     return Err(PluginError::resource(format!(
-                        "{}: the corpus tower's hidden size {} is not the query tower's {}",
+                        "corpus_model {}: the corpus tower's hidden size {} is not the query tower's {}",
                         d.display(),
                         c.hidden_size,
                         bert_cfg.hidden_size
@@ -191,10 +190,11 @@ impl CandleEncoder {
             }
             None => None,
         };
+        let (corpus, corpus_fingerprint) = corpus.unzip();
         let info = RetrieverInfo {
             model: cfg.model.clone(),
-            fingerprint: query.fingerprint.clone(),
-            corpus_fingerprint: corpus.as_ref().map(|c| c.fingerprint.clone()),
+            fingerprint,
+            corpus_fingerprint,
             dim: bert_cfg.hidden_size,
             max_length,
             normalized: normalize,
@@ -241,16 +241,10 @@ impl CandleEncoder {
     }
 }
 
-fn bert_config(dir: &Path) -> PluginResult<BertConfig> {
-    let config_path = dir.join("config.json");
-    serde_json::from_slice(&std::fs::read(&config_path).map_err(|e| PluginError::resource(format!("{}: {e}", config_path.display())))?)
-        .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", config_path.display())))
-}
-
 impl Tower {
-    /// The tower in `dir`; its fingerprint covers its files and `settings`
-    /// (a copy of a model's files has that model's fingerprint).
-    fn load(dir: &Path, cfg: &BertConfig, max_length: usize, settings: &str, dt: DType, dev: &Device) -> PluginResult<Self> {
+    /// The tower in `dir` and its fingerprint, which covers its files and
+    /// `settings` (a copy of a model's files has that model's fingerprint).
+    fn load(dir: &Path, cfg: &BertConfig, max_length: usize, settings: &str, dt: DType, dev: &Device) -> PluginResult<(Self, String)> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.is_file() {
             return Err(PluginError::resource(format!("{}: no tokenizer.json", dir.display())));
@@ -269,7 +263,7 @@ impl Tower {
         fp_files.push(dir.join("config.json"));
         fp_files.push(tok_path);
         let fingerprint = format!("{settings}/{}", encoder::fingerprint(&fp_files, settings).map_err(PluginError::resource)?);
-        Ok(Self { model, batcher, fingerprint })
+        Ok((Self { model, batcher }, fingerprint))
     }
 }
 

@@ -106,6 +106,7 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use bert::{l2_normalize, pool, TrainBert};
+use candle_transformers::models::bert::Config as BertConfig;
 
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
@@ -746,11 +747,18 @@ pub fn checked_params(text: &str) -> PluginResult<CtParams> {
 fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport> {
     let p = checked_params(&job.params)?;
     let dir = rir_models::resolve(&job.base_model, &rir_sdk::host().cache_dir).map_err(PluginError::resource)?;
-    let cfg_path = dir.join("config.json");
-    let cfg: candle_transformers::models::bert::Config = serde_json::from_slice(
-        &std::fs::read(&cfg_path).map_err(|e| PluginError::resource(format!("{}: {e}", cfg_path.display())))?,
-    )
-    .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", cfg_path.display())))?;
+    // A base that is itself asymmetric (a query tower over `corpus/`): its
+    // passage tower is `corpus/`, frozen again; refused before any loading
+    // when both towers were asked to train.
+    let corpus_src = dir.join("corpus");
+    let asymmetric_base = corpus_src.join("config.json").is_file();
+    if asymmetric_base && p.trainable == Trainable::Both {
+        return Err(PluginError::config(format!(
+            "trainable = \"both\": {} is an asymmetric model (its passage tower is in corpus/); train its query tower with trainable = \"query\"",
+            dir.display()
+        )));
+    }
+    let cfg: BertConfig = rir_models::encoder::model_config(&dir).map_err(PluginError::resource)?;
     let mut tok = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| PluginError::resource(format!("{}: tokenizer.json: {e}", dir.display())))?;
     tok.with_padding(None);
     tok.with_truncation(None).map_err(|e| PluginError::resource(e.to_string()))?;
@@ -810,16 +818,7 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     let mut opt = AdamW::new(all_vars.clone(), ParamsAdamW { lr: p.learning_rate, weight_decay: p.weight_decay, ..Default::default() })
         .map_err(cerr("optimizer"))?;
     let enc = Enc { tok: &tok, dev: &dev };
-    // A base that is itself asymmetric (a query tower over `corpus/`): its
-    // passage tower is `corpus/`, frozen again.
-    let corpus_src = dir.join("corpus");
-    let asymmetric_base = corpus_src.join("config.json").is_file();
-    if asymmetric_base && p.trainable == Trainable::Both {
-        return Err(PluginError::config(format!(
-            "trainable = \"both\": {} is an asymmetric model (its passage tower is in corpus/); train its query tower with trainable = \"query\"",
-            dir.display()
-        )));
-    }
+    let t_frozen = Instant::now();
     let frozen = match p.trainable {
         Trainable::Both => None,
         Trainable::Query => {
@@ -831,23 +830,22 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
                     texts.push(format!("{}{}", p.prefix, if e.answer.is_empty() { &e.query } else { &e.answer }));
                 }
             }
-            let t = Instant::now();
             let f = if asymmetric_base {
                 let w = corpus_src.join("model.safetensors");
-                let c: candle_transformers::models::bert::Config = serde_json::from_slice(&std::fs::read(corpus_src.join("config.json"))?)
-                    .map_err(|e| PluginError::resource(format!("{}: not a BERT config: {e}", corpus_src.join("config.json").display())))?;
+                let c: BertConfig = rir_models::encoder::model_config(&corpus_src).map_err(PluginError::resource)?;
                 let mut cmap = VarMap::new();
                 let tower = TrainBert::new(&cmap, &c, prefix, DType::F32, &dev).map_err(cerr("passage tower"))?;
-                cmap.load(&w).map_err(cerr("loading the passage tower"))?;
+                cmap.load(&w).map_err(|e| PluginError::resource(format!("{}: {e}", w.display())))?;
                 Frozen::new(&tower, &enc, texts, p.passage_max_len, mean, normalized, progress)?
             } else {
                 // Before any step: the model is still the base.
                 Frozen::new(&model, &enc, texts, p.passage_max_len, mean, normalized, progress)?
             };
-            rir_sdk::log::info!("frozen passage tower: {} distinct texts embedded in {:.1} s", f.index.len(), t.elapsed().as_secs_f64());
+            rir_sdk::log::info!("frozen passage tower: {} distinct texts embedded in {:.1} s", f.index.len(), t_frozen.elapsed().as_secs_f64());
             Some(f)
         }
     };
+    let frozen_secs = t_frozen.elapsed().as_secs_f64();
     let (mut losses, mut log) = (Vec::new(), String::new());
     std::fs::create_dir_all(&job.output_dir)?;
     let t0 = Instant::now();
@@ -995,6 +993,9 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             "held_out": kept,
             "false_negatives_dropped": dropped,
             "trainable": if frozen.is_some() { "query" } else { "both" },
+            // The frozen passage tower's one pass (before the steps' `seconds`).
+            "frozen_passages": frozen.as_ref().map(|f| f.index.len()),
+            "frozen_seconds": frozen.as_ref().map(|_| frozen_secs),
             "params": job.params,
         })
         .to_string(),
