@@ -245,6 +245,15 @@ struct BenchGenerateArgs {
     /// Different prompts of each length in the sized prefill rows
     #[arg(long, default_value_t = 8)]
     prefill_prompts: usize,
+    /// Tokens of the opening shared by the prefix-cache rows' requests (0: no such rows):
+    /// --shared-requests requests sent one at a time, each that opening and its own
+    /// question, on rir with its prefix cache off and on, and on llama.cpp with
+    /// its prompt cache off and on
+    #[arg(long, default_value_t = 0)]
+    shared_prefix: usize,
+    /// Requests per repeat in the prefix-cache rows
+    #[arg(long, default_value_t = 8)]
+    shared_requests: usize,
     /// Also write the figures as JSON here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -982,6 +991,34 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
             }
         }
     }
+    if a.shared_prefix > 0 {
+        // Requests that open alike, one at a time: the prefix caches' rows.
+        let mode = |cache: &str| format!("prefix {}+q x{} {cache}", a.shared_prefix, a.shared_requests);
+        let g = host.load(&a.generator)?.generator(&config)?;
+        // Each repeat of each row its own opening: no engine has seen a row's
+        // openings before it (llama.cpp may keep prompts it ran in host memory).
+        let n = a.repeat.max(1);
+        let openings = bench::sized_prompts(g.as_ref(), a.shared_prefix, 2 * n)?;
+        let (sets, tokens) = bench::shared_prefix_prompts(g.as_ref(), &openings, a.shared_requests.max(1))?;
+        let (sets_off, sets_on) = sets.split_at(n);
+        eprintln!("prefix cache: {} requests of ~{} tokens, {} opening tokens shared", a.shared_requests, tokens / a.shared_requests.max(1), a.shared_prefix);
+        let name = format!("rir {}", a.generator);
+        if a.generator == "llama-generator" {
+            let mut t: toml::Table = config.parse()?;
+            t.insert("prefix_cache_mb".into(), toml::Value::Integer(0));
+            let off = host.load(&a.generator)?.generator(&toml::to_string(&t)?)?;
+            rows.push(bench::bench_shared_prefix_plugin(off.as_ref(), &name, &mode("cache off"), sets_off, tokens)?);
+        }
+        // Another plugin's caching, if any, is whatever its config says.
+        let ours = if a.generator == "llama-generator" { mode("cache on") } else { mode("as configured") };
+        rows.push(bench::bench_shared_prefix_plugin(g.as_ref(), &name, &ours, sets_on, tokens)?);
+        if let Some((python, path)) = &gguf_path {
+            let scratch = host.settings.cache_dir.join("bench");
+            let server = bench::LlamaCppServer::start_with_context(python, path, 1, threads, tokens / a.shared_requests.max(1) + 256, &scratch)?;
+            rows.push(bench::bench_shared_prefix_llama_cpp(&server, &mode("cache off"), false, sets_off, tokens)?);
+            rows.push(bench::bench_shared_prefix_llama_cpp(&server, &mode("cache on"), true, sets_on, tokens)?);
+        }
+    }
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["engine", "mode", "sequences", "tokens", "s", "tokens/s"]);
     for r in &rows {
@@ -1014,6 +1051,17 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
             }
         }
     }
+    if a.shared_prefix > 0 {
+        let mode = |cache: &str| format!("prefix {}+q x{} {cache}", a.shared_prefix, a.shared_requests);
+        if let (Some(on), Some(off)) = (rate("rir", &mode("cache on")), rate("rir", &mode("cache off"))) {
+            println!("prefix cache: rir on / off = {:.2}x", on / off);
+            ratios.insert("prefix_cache_on_vs_off".into(), (on / off).into());
+        }
+        if let (Some(o), Some(l)) = (rate("rir", &mode("cache on")), rate("llama.cpp", &mode("cache on"))) {
+            println!("prefix cache on: rir / llama.cpp = {:.2}x", o / l);
+            ratios.insert("prefix_cache_vs_llama_cpp".into(), (o / l).into());
+        }
+    }
     if let (Some(s), Some(g)) = (rate("rir", "single"), rate("rir", "aggregate")) {
         println!("aggregate ({} sequences) / single-stream = {:.2}x", a.samples, g / s);
         ratios.insert("aggregate_vs_single".into(), (g / s).into());
@@ -1024,7 +1072,9 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     println!(
         "{} prompts x {} tokens, {threads} thread(s), best of {}; tokens/s counts prefill and decode time; \
          prefill: {} longer prompts, prompt tokens/s (rir: one batched call with 1 token generated; llama.cpp: its prompt timings); \
-         prefill NxB: prompts of N tokens, B at once (rir: B per call; llama.cpp: B concurrent requests), prompt tokens over wall time",
+         prefill NxB: prompts of N tokens, B at once (rir: B per call; llama.cpp: B concurrent requests), prompt tokens over wall time; \
+         prefix N+q xR: R requests one at a time, each N shared opening tokens and its own question, 1 token generated, \
+         all their prompt tokens (cached or not) over wall time",
         bench::GENERATE_PROMPTS.len(),
         a.max_tokens,
         a.repeat,

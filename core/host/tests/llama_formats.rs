@@ -146,34 +146,115 @@ fn prefill_shares_a_prefix_bit_for_bit() {
         // One instruction before different queries, as the augmentation and
         // query prompts are: the chat template and the instruction are shared.
         let instruction = "Given a scientific claim, retrieve documents that support or refute the claim.\nWrite a brief paper abstract for the following claim. Reply with the abstract only.\n\nclaim: ";
-        let queries = ["Vitamin D lowers the risk of fractures.", "Aspirin use is linked to fewer colorectal cancers in older adults.", "BM25 is a ranking function.", "Sleep loss impairs memory consolidation."];
-        let ids: Vec<Vec<u32>> = queries.iter().map(|q| g.encode(&g.render(&chat(&format!("{instruction}{q}"))).unwrap()).unwrap()).collect();
-        let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
-        let p = rir_llama::model::shared_prefix(&refs).expect("the prompts share a prefix worth running once");
-        eprintln!("{prefill}: {} prompts of {:?} tokens share {p}", refs.len(), refs.iter().map(|r| r.len()).collect::<Vec<_>>());
-        assert!(p > 40);
-        let (shared, mut sc) = g.model.prefill(&refs).unwrap();
-        let (whole, mut wc) = g.model.prefill_whole(&refs).unwrap();
-        assert_eq!(sc.pads, wc.pads);
-        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&shared), bits(&whole), "{prefill}: last-position logits");
-        // The decode steps that follow see the same cache.
-        for t in [28u32, 1000, 5] {
-            let a = g.model.step(&[t; 4], &mut sc).unwrap();
-            let b = g.model.step(&[t; 4], &mut wc).unwrap();
-            assert_eq!(bits(&a), bits(&b), "{prefill}: step after the prefill");
+        // The second set spreads wider than the shared prefix: its shortest
+        // prompt's pads reach the column where the prefix ends.
+        let long = "Aspirin use is linked to fewer colorectal cancers in older adults, and the benefit appears after ten years of daily use, is larger for proximal tumours, does not depend on the dose above 75 mg, and is seen in trials as well as in cohort studies of nurses and health professionals followed for decades; bleeding risk rises with age, so the balance of harm and benefit differs between people in their fifties and their seventies.";
+        for queries in [
+            &["Vitamin D lowers the risk of fractures.", "Aspirin use is linked to fewer colorectal cancers in older adults.", "BM25 is a ranking function.", "Sleep loss impairs memory consolidation."],
+            &[long, "BM25 is a ranking function.", long, "Sleep loss impairs memory consolidation and the hippocampus replays the day."],
+        ] {
+            let ids: Vec<Vec<u32>> = queries.iter().map(|q| g.encode(&g.render(&chat(&format!("{instruction}{q}"))).unwrap()).unwrap()).collect();
+            let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+            let p = rir_llama::model::shared_prefix(&refs).expect("the prompts share a prefix worth running once");
+            let spread = refs.iter().map(|r| r.len()).max().unwrap() - refs.iter().map(|r| r.len()).min().unwrap();
+            eprintln!("{prefill}: {} prompts of {:?} tokens share {p} (spread {spread})", refs.len(), refs.iter().map(|r| r.len()).collect::<Vec<_>>());
+            assert!(p > 40);
+            let (shared, mut sc) = g.model.prefill(&refs).unwrap();
+            let (whole, mut wc) = g.model.prefill_whole(&refs).unwrap();
+            assert_eq!(sc.pads, wc.pads);
+            let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&shared), bits(&whole), "{prefill}: last-position logits (spread {spread})");
+            // The decode steps that follow see the same cache.
+            for t in [28u32, 1000, 5] {
+                let a = g.model.step(&[t; 4], &mut sc).unwrap();
+                let b = g.model.step(&[t; 4], &mut wc).unwrap();
+                assert_eq!(bits(&a), bits(&b), "{prefill}: step after the prefill (spread {spread})");
+            }
+            if queries[0] == long {
+                assert!(spread > p, "the second set must spread wider than its prefix");
+            }
         }
     }
     // Nothing to share: one prompt, or prompts that differ from the start.
     assert_eq!(rir_llama::model::shared_prefix(&[&[1, 2, 3][..]]), None);
     assert_eq!(rir_llama::model::shared_prefix(&[&[1, 2, 3][..], &[2, 2, 3][..]]), None);
-    // A shared prefix shorter than the spread in lengths cannot end at one column.
+    // Where the lengths spread wider than the shared prefix, the short
+    // prompts' pads reach the column where it ends: they take nothing from
+    // it, and sharing is worth it only if the long ones save enough.
     let long: Vec<u32> = (0..100).collect();
     let short: Vec<u32> = (0..30).chain([7, 7]).collect();
     assert_eq!(rir_llama::model::shared_prefix(&[&long[..], &short[..]]), None);
+    let long2: Vec<u32> = (0..30).chain(200..270).collect();
+    assert_eq!(rir_llama::model::shared_prefix(&[&long[..], &long2[..], &short[..]]), Some(30));
     let a: Vec<u32> = (0..40).chain([1, 2]).collect();
     let b: Vec<u32> = (0..40).chain([3]).collect();
     assert_eq!(rir_llama::model::shared_prefix(&[&a[..], &b[..]]), Some(40));
+}
+
+/// The prefix cache (`prefix_cache_mb`, on by default): later calls start
+/// from the keys and values of earlier calls' prefixes — the next batch of
+/// one instruction, a lone prompt, a served conversation's next turn — and
+/// every logit and decode step is the one of running each prompt whole, on
+/// both prefill paths; text through the Generator API is the same too.
+#[test]
+fn prefix_cache_reuses_earlier_calls_bit_for_bit() {
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let system = "You are a careful assistant for biomedical literature search. Answer in one short sentence, name the evidence, and never invent a citation.";
+    for prefill in ["quantized", "dense"] {
+        let g = load(&format!("prefill = {prefill:?}"));
+        let plain = load(&format!("prefill = {prefill:?}\nshare_prefix = false"));
+        assert_eq!(plain.model.prefix_cache_stats().lookups, 0);
+        let ids = |instr: &str, q: &str| g.encode(&g.render(&Prompt::Chat(vec![Message::system(instr.to_string()), Message::user(q.to_string())])).unwrap()).unwrap();
+        // Each call, checked against every prompt run whole (and a step after it).
+        let check = |prompts: &[Vec<u32>], what: &str| {
+            let refs: Vec<&[u32]> = prompts.iter().map(|v| v.as_slice()).collect();
+            let (got, mut gc) = g.model.prefill(&refs).unwrap();
+            let (want, mut wc) = g.model.prefill_whole(&refs).unwrap();
+            assert_eq!(bits(&got), bits(&want), "{prefill}: {what}: last-position logits");
+            let n = refs.len();
+            assert_eq!(bits(&g.model.step(&vec![28; n], &mut gc).unwrap()), bits(&g.model.step(&vec![28; n], &mut wc).unwrap()), "{prefill}: {what}: the step after");
+        };
+        // Two batches of one instruction: the second starts from the first's prefix.
+        check(&[ids(system, "Does vitamin D prevent fractures?"), ids(system, "Is BM25 a ranking function?"), ids(system, "Does sleep loss impair memory?")], "first batch");
+        let s1 = g.model.prefix_cache_stats();
+        assert_eq!((s1.hits, s1.entries), (0, 1), "{s1:?}");
+        check(&[ids(system, "Does aspirin lower colorectal cancer risk in older adults?"), ids(system, "What does a cross-encoder do?")], "second batch");
+        let s2 = g.model.prefix_cache_stats();
+        assert_eq!(s2.hits, 1, "{s2:?}");
+        assert!(s2.reused_tokens >= 30, "the system turn at least: {s2:?}");
+        // A lone prompt (kept whole but its last position), then another
+        // with the same opening, then the first again.
+        let a = ids(system, "Summarise the evidence on statins and dementia.");
+        check(std::slice::from_ref(&a), "lone prompt");
+        let b = ids(system, "Summarise the evidence on statins and stroke.");
+        check(std::slice::from_ref(&b), "lone prompt sharing the opening");
+        check(std::slice::from_ref(&a), "the same prompt again");
+        let s3 = g.model.prefix_cache_stats();
+        assert_eq!(s3.hits, 4, "{s3:?}");
+        // The system turn, then all of b's opening that is a's, then a whole (less its last position).
+        assert!(s3.reused_tokens - s2.reused_tokens >= (16 + b.len() - 12 + a.len() - 1) as u64, "{s3:?}, {} / {} tokens", a.len(), b.len());
+        // Through the Generator API, one request at a time as a server gets
+        // them: the same text as without any sharing.
+        let reqs: Vec<GenerationRequest> = ["Does coffee raise blood pressure?", "Does coffee raise heart rate?", "Does coffee raise blood pressure?"]
+            .iter()
+            .map(|q| GenerationRequest::greedy(Prompt::Chat(vec![Message::system(system.to_string()), Message::user(q.to_string())]), 12))
+            .collect();
+        for r in &reqs {
+            let x = g.generate(std::slice::from_ref(r)).unwrap();
+            let y = plain.generate(std::slice::from_ref(r)).unwrap();
+            assert_eq!(x[0][0].text, y[0][0].text, "{prefill}");
+        }
+        assert!(g.model.prefix_cache_stats().hits >= s3.hits + 3);
+        g.model.clear_prefix_cache();
+        assert_eq!(g.model.prefix_cache_stats().entries, 0);
+    }
+    // Off with a budget of 0.
+    let off = load("prefix_cache_mb = 0");
+    let p = off.encode(&off.render(&chat("A prompt long enough to be kept if the cache were on, which it is not.")).unwrap()).unwrap();
+    off.model.prefill(&[&p]).unwrap();
+    off.model.prefill(&[&p]).unwrap();
+    let s = off.model.prefix_cache_stats();
+    assert_eq!((s.hits, s.entries), (0, 0));
 }
 
 /// A deterministic PEFT adapter touching every linear map of layer 0 and

@@ -6,6 +6,7 @@
 //!   LoRA merging, export as an HF directory;
 //! - `model`: the inference forward with an external KV cache (batched,
 //!   left-padded, batch-invariant on CPU);
+//! - `prefix_cache`: prompt prefixes' keys and values kept across calls;
 //! - `quant`: Q4_1 / Q8_0 matrix products for x86;
 //! - `sampler`: greedy and nucleus sampling;
 //! - `train`: a differentiable forward with LoRA adapters, for training.
@@ -13,6 +14,7 @@
 mod gguf_tokenizer;
 pub mod load;
 pub mod model;
+pub mod prefix_cache;
 pub mod prefs;
 pub mod quant;
 pub mod sampler;
@@ -20,6 +22,7 @@ pub mod train;
 
 pub use load::{export_gguf, export_hf, load_gguf, load_hf, load_model, merge_lora, model_file, quantize_dense_q8_0, Assets, GgufType};
 pub use model::{KvCache, Linear, Llama, Shape};
+pub use prefix_cache::PrefixStats;
 
 use rir_sdk::{Message, PluginError, PluginResult};
 

@@ -398,6 +398,7 @@ pub fn merge_lora(model: &mut Llama, dir: &Path) -> PluginResult<usize> {
         let merged = if dtype == DType::F32 { merged } else { merged.to_dtype(dtype).map_err(m)? };
         *lin = Linear::dense(merged);
     }
+    model.clear_prefix_cache();
     Ok(names.len())
 }
 
@@ -598,5 +599,6 @@ pub fn quantize_dense_q8_0(model: &mut Llama) -> PluginResult<usize> {
         }
     }
     n += one(&mut model.output).map_err(e)? as usize;
+    model.clear_prefix_cache();
     Ok(n)
 }

@@ -12,8 +12,12 @@
 //! cannot prefill a batch > 1 (its last-position slice is non-contiguous and
 //! the quantized matmul rejects it); this file exists for those two reasons.
 
+use std::sync::Mutex;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+
+use crate::prefix_cache::{PrefixCache, PrefixStats};
 
 /// A weight matrix stored (out, in): quantized, or dense in any float dtype.
 /// Q4_1 and Q8_0 go to this crate's x86 kernels where the CPU has them
@@ -196,9 +200,13 @@ pub struct Llama {
     pub tied_output: bool,
     /// Whether the layers' quantized matrices keep f32 copies (`dense_prefill`).
     dense: bool,
-    /// Whether `prefill` runs a prefix its prompts share once (on unless
-    /// turned off; the numbers are the same either way).
+    /// Whether `prefill` runs a prefix its prompts share once, and starts
+    /// from a kept prefix (on unless turned off; the numbers are the same
+    /// either way).
     pub share_prefix: bool,
+    /// Prompt prefixes kept across calls ([`Llama::set_prefix_cache`]; off
+    /// unless given a budget).
+    prefix_cache: Mutex<PrefixCache>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -274,29 +282,43 @@ impl KvCache {
 /// Tokens a prefix run once must save before [`Llama::prefill`] shares it.
 const MIN_SHARED_SAVING: usize = 16;
 
-/// The length of the prefix [`Llama::prefill`] runs once for `prompts`, if
-/// sharing one saves at least [`MIN_SHARED_SAVING`] token positions: the
-/// longest prefix all prompts share, provided it covers the difference in
-/// their lengths (so in the left-padded batch every row's shared tokens
-/// end at one column), and at most the longest prompt less one token (the
-/// shared run does not give the last position's logits).
-pub fn shared_prefix(prompts: &[&[u32]]) -> Option<usize> {
-    let (first, rest) = prompts.split_first()?;
-    if rest.is_empty() {
-        return None;
-    }
+/// Positions the prefix cache must hold of a prompt before it is used, and
+/// the shortest prefix kept.
+const MIN_CACHED: usize = 16;
+
+/// The longest prefix of `prompts` that can run once for all of them: the
+/// longest they share, at most the longest prompt less one token (the
+/// shared run does not give the last position's logits); 0 if none.
+fn runnable_prefix(prompts: &[&[u32]]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else { return 0 };
     let mut p = first.len();
     for q in rest {
         p = p.min(first.iter().zip(q.iter()).take_while(|(a, b)| a == b).count());
     }
-    let (min, max) = prompts.iter().fold((usize::MAX, 0), |(lo, hi), q| (lo.min(q.len()), hi.max(q.len())));
-    let p = p.min(max.saturating_sub(1));
-    if p < max - min {
+    let max = prompts.iter().map(|q| q.len()).max().unwrap_or(0);
+    p.min(max.saturating_sub(1))
+}
+
+/// Positions saved by running the prefix `p` once for `prompts` rather
+/// than in every row. In the left-padded batch the shared run ends at
+/// column p (the longest prompt has no pad): row i, with max - len_i pads,
+/// takes p - (max - len_i) of its positions from it, or none when its pads
+/// reach that column; the prefix runs once.
+fn batch_saving(prompts: &[&[u32]], p: usize) -> usize {
+    let max = prompts.iter().map(|q| q.len()).max().unwrap_or(0);
+    let reused: usize = prompts.iter().map(|q| p.saturating_sub(max - q.len())).sum();
+    reused.saturating_sub(p)
+}
+
+/// The length of the prefix [`Llama::prefill`] runs once for a batch of
+/// `prompts` with nothing cached ([`runnable_prefix`]), if sharing it saves
+/// at least [`MIN_SHARED_SAVING`] token positions.
+pub fn shared_prefix(prompts: &[&[u32]]) -> Option<usize> {
+    if prompts.len() < 2 {
         return None;
     }
-    // Row i reuses p - (max - len_i) tokens; the prefix runs once.
-    let reused: usize = prompts.iter().map(|q| p - (max - q.len())).sum();
-    (reused >= p + MIN_SHARED_SAVING).then_some(p)
+    let p = runnable_prefix(prompts);
+    (p > 0 && batch_saving(prompts, p) >= MIN_SHARED_SAVING).then_some(p)
 }
 
 /// Mask value for hidden keys: finite, so all-hidden rows stay finite.
@@ -331,6 +353,7 @@ impl Llama {
             tied_output: false,
             dense: false,
             share_prefix: true,
+            prefix_cache: Mutex::new(PrefixCache::new(0)),
         })
     }
 
@@ -351,19 +374,102 @@ impl Llama {
             }
         }
         self.dense = n > 0;
+        // Prompts now run on other arithmetic: kept prefixes are stale.
+        self.clear_prefix_cache();
         Ok(n)
+    }
+
+    /// Keeps up to `bytes` of prompt prefixes' keys and values across calls
+    /// of [`Llama::prefill`] (0: none).
+    pub fn set_prefix_cache(&self, bytes: usize) {
+        self.prefix_lock().set_budget(bytes);
+    }
+
+    /// Drops the kept prefixes: call it after changing the weights.
+    pub fn clear_prefix_cache(&self) {
+        self.prefix_lock().clear();
+    }
+
+    pub fn prefix_cache_stats(&self) -> PrefixStats {
+        self.prefix_lock().stats()
+    }
+
+    fn prefix_lock(&self) -> std::sync::MutexGuard<'_, PrefixCache> {
+        // The cache is consistent after any panic (entries are whole or absent).
+        self.prefix_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs left-padded prompts through the model; returns the last
     /// position's logits (rows, vocab) in f32 and the cache. A prefix the
     /// prompts share (a chat template, a task instruction) is run once
-    /// ([`Llama::shared_prefix`]); the numbers are those of running each
-    /// prompt whole.
+    /// ([`shared_prefix`]), and starts from the prefix cache's keys and
+    /// values where an earlier call kept them ([`Llama::set_prefix_cache`]);
+    /// the numbers are those of running each prompt whole.
     pub fn prefill(&self, prompts: &[&[u32]]) -> Result<(Tensor, KvCache)> {
-        match shared_prefix(prompts).filter(|_| self.share_prefix) {
-            Some(p) => self.prefill_shared(prompts, p),
-            None => self.prefill_whole(prompts),
+        if !self.share_prefix || prompts.is_empty() {
+            return self.prefill_whole(prompts);
         }
+        let p = runnable_prefix(prompts);
+        let (caching, cached) = {
+            let c = self.prefix_lock();
+            (c.budget() > 0, if c.budget() > 0 && p >= MIN_CACHED { c.peek(&prompts[0][..p], MIN_CACHED) } else { 0 })
+        };
+        if prompts.len() == 1 && cached > 0 {
+            return self.prefill_continued(prompts[0]);
+        }
+        if p > 0 && (batch_saving(prompts, p) >= MIN_SHARED_SAVING || cached > 0) {
+            return self.prefill_shared(prompts, p);
+        }
+        let (logits, cache) = self.prefill_whole(prompts)?;
+        // A lone prompt is kept (all but its last position) for the calls
+        // that follow: a served conversation, the same instruction again.
+        if caching && prompts.len() == 1 && p >= MIN_CACHED {
+            self.prefix_lock().insert(&prompts[0][..p], &cache.kv)?;
+        }
+        Ok((logits, cache))
+    }
+
+    /// One prompt whose opening the prefix cache holds: the rest of it is
+    /// run on the cached keys and values in one pass (which gives the last
+    /// position's logits), and the prompt less its last position is kept.
+    fn prefill_continued(&self, prompt: &[u32]) -> Result<(Tensor, KvCache)> {
+        let keep = prompt.len() - 1;
+        let Some((m, kv)) = self.prefix_lock().lookup(&prompt[..keep], MIN_CACHED)? else {
+            return self.prefill_whole(&[prompt]);
+        };
+        let (h, cache) = self.resume(kv, m, prompt)?;
+        let l = h.dim(1)?;
+        let logits = self.head(&h.i((.., l - 1, ..))?.contiguous()?)?;
+        self.prefix_lock().insert(&prompt[..keep], &cache.kv)?;
+        Ok((logits, cache))
+    }
+
+    /// Runs `tokens[m..]` as one row after the cached keys and values `kv`
+    /// of `tokens[..m]`; returns their hidden states and the cache. The
+    /// cached views are only read: the first append grows the cache into
+    /// new buffers (it has room for m positions only).
+    fn resume(&self, kv: Vec<(Tensor, Tensor)>, m: usize, tokens: &[u32]) -> Result<(Tensor, KvCache)> {
+        let mut cache = KvCache { kv, pads: vec![0], len: m, cap: m };
+        let ids = Tensor::new(&tokens[m..], &self.device)?.reshape((1, tokens.len() - m))?;
+        let h = self.hidden(&ids, &mut cache, true)?;
+        Ok((h, cache))
+    }
+
+    /// The keys and values of `tokens` as one row, (1, heads, ≥ len, d) per
+    /// layer: from the prefix cache as far as it holds them, the rest run
+    /// (and kept there for later calls).
+    fn prefix_kv(&self, tokens: &[u32]) -> Result<Vec<(Tensor, Tensor)>> {
+        let hit = {
+            let mut c = self.prefix_lock();
+            if c.budget() > 0 { c.lookup(tokens, MIN_CACHED)? } else { None }
+        };
+        let kv = match hit {
+            Some((m, kv)) if m == tokens.len() => return Ok(kv),
+            Some((m, kv)) => self.resume(kv, m, tokens)?.1.kv,
+            None => self.prefill_whole(&[tokens])?.1.kv,
+        };
+        self.prefix_lock().insert(tokens, &kv)?;
+        Ok(kv)
     }
 
     /// [`Llama::prefill`] without sharing a prefix: every prompt whole.
@@ -378,10 +484,12 @@ impl Llama {
     }
 
     /// Prefill with the first `p` tokens, which every prompt shares, run
-    /// once. Rows stay left-padded as in [`Llama::prefill_whole`]: row i's
+    /// once. Rows stay left-padded as in [`Llama::prefill_whole`]: with c = p
+    /// (the column where the longest prompt's shared part ends), row i's
     /// first `c - pads[i]` tokens (all within the shared prefix) get their
-    /// keys and values copied from the one run of the prefix, and every
-    /// row's tokens from column `c` on go through the model together. A
+    /// keys and values copied from the one run of the prefix — none, for a
+    /// short prompt whose pads reach column c — and every row's columns
+    /// from c on go through the model together. A
     /// position's numbers depend only on the tokens up to it (causal
     /// attention, summed over its own keys in order; every matrix product
     /// sums a row alone), so they are those of the whole prompt: the test
@@ -389,11 +497,10 @@ impl Llama {
     fn prefill_shared(&self, prompts: &[&[u32]], p: usize) -> Result<(Tensor, KvCache)> {
         let width = prompts.iter().map(|q| q.len()).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|q| width - q.len()).collect();
-        let min_pad = pads.iter().copied().min().unwrap_or(0);
-        let c = min_pad + p;
-        let (_, prefix) = self.prefill_whole(&[&prompts[0][..p]])?;
+        // The longest prompt has no pad: the shared run ends at column p.
+        let c = p;
+        let prefix = self.prefix_kv(&prompts[0][..p])?;
         let kv = prefix
-            .kv
             .iter()
             .map(|(k, v)| {
                 let rows = |t: &Tensor| -> Result<Tensor> {
@@ -401,6 +508,10 @@ impl Llama {
                     let parts = pads
                         .iter()
                         .map(|&pad| {
+                            // A row whose pads reach column c takes nothing from the prefix.
+                            if pad >= c {
+                                return Tensor::zeros((1, h, c, d), t.dtype(), t.device());
+                            }
                             let own = t.narrow(2, 0, c - pad)?;
                             if pad == 0 { Ok(own) } else { Tensor::cat(&[&Tensor::zeros((1, h, pad, d), t.dtype(), t.device())?, &own], 2) }
                         })
@@ -411,7 +522,8 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let mut cache = KvCache { kv, pads: pads.clone(), len: c, cap: c };
-        let ids: Vec<u32> = prompts.iter().zip(&pads).flat_map(|(q, &pad)| q[c - pad..].iter().copied()).collect();
+        // Columns c.. of each row: its remaining pads, then its tokens.
+        let ids: Vec<u32> = prompts.iter().zip(&pads).flat_map(|(q, &pad)| (c..width).map(move |col| if col < pad { 0 } else { q[col - pad] })).collect();
         let ids = Tensor::new(ids, &self.device)?.reshape((prompts.len(), width - c))?;
         let logits = self.forward(&ids, &mut cache, true)?;
         Ok((logits, cache))

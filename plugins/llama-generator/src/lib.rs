@@ -12,19 +12,31 @@
 //! quantize = "none"   # none | q8_0: dense weights (HF dirs, merged adapters) to Q8_0 at load (CPU)
 //! prefill = "quantized"  # quantized | dense: how prompts and scored continuations are multiplied (CPU)
 //! share_prefix = true  # run the prefix a batch's prompts share once (same numbers; false: each whole)
+//! prefix_cache_mb = 256  # keep prompt prefixes' keys and values across calls (0: off; same numbers)
 //! ```
 //!
 //! Shared prefixes: the prompts of one batch usually open alike (the chat
 //! template's system turn, the task instruction); `prefill` runs the longest
 //! prefix they share once and copies its keys and values into every row,
-//! then runs the rest of each prompt together — when the shared part covers
-//! the spread of their lengths and saves at least 16 positions. Every
+//! then runs the rest of each prompt together — when that saves at least 16
+//! positions (in the left-padded batch the shared run ends at the longest
+//! prompt's column; a short prompt whose pads reach it takes nothing from
+//! it and runs whole in the same pass). Every
 //! position's numbers depend only on the tokens up to it and each matrix
 //! row is summed alone, so results are bit for bit those of running each
 //! prompt whole (tests/llama_formats.rs checks SmolLM2 on both prefill
 //! paths; Qwen2.5 1.5B's K-quants were checked the same way). Decode
-//! batches of `max_batch` sequences and scoring chunks share so; the cache
-//! does not outlive a batch.
+//! batches of `max_batch` sequences and scoring chunks share so.
+//!
+//! Across calls and batches, a prefix cache (vLLM's automatic prefix
+//! caching, llama.cpp's prompt cache) keeps the keys and values of the
+//! prefixes run once and of lone prompts (all but their last position), up
+//! to `prefix_cache_mb`, least recently used dropped first: a later prompt
+//! opening with at least 16 of those tokens starts from them — a served
+//! conversation's next turn, a long system prompt or few-shot block sent
+//! with each request, the next batch of a stage. The numbers are again
+//! those of running each prompt whole (`prefix_cache_reuses_earlier_calls_bit_for_bit`
+//! in tests/llama_formats.rs). `share_prefix = false` turns both off.
 //!
 //! `prefill = "dense"` (opt-in, as it changes the numbers slightly; the
 //! quickstart and scifact-cpu set it, their tables measured with it) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
@@ -84,6 +96,12 @@ pub struct LlamaConfig {
     pub prefill: Prefill,
     #[serde(default = "default_true")]
     pub share_prefix: bool,
+    #[serde(default = "default_prefix_cache_mb")]
+    pub prefix_cache_mb: usize,
+}
+
+fn default_prefix_cache_mb() -> usize {
+    256
 }
 
 fn default_true() -> bool {
@@ -195,8 +213,9 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
             settings.push_str(if settings.is_empty() { "prefill=dense" } else { ",prefill=dense" });
         }
     }
-    // Not part of the fingerprint: sharing a prefix changes no number.
+    // Not part of the fingerprint: sharing or keeping a prefix changes no number.
     model.share_prefix = cfg.share_prefix;
+    model.set_prefix_cache(cfg.prefix_cache_mb.saturating_mul(1 << 20));
     let files = model_files(&path, hf, adapter_dir.as_deref())?;
     let fp = rir_models::encoder::fingerprint(&files, &settings).map_err(|e| PluginError::resource(e.to_string()))?;
     rir_sdk::log::info!("loaded {} from {}", assets.name, path.display());
@@ -458,7 +477,9 @@ impl Generator for LlamaGenerator {
     }
 
     fn score(&self, requests: &[ScoreRequest]) -> PluginResult<Vec<Score>> {
-        self.score_all(requests)
+        let out = self.score_all(requests);
+        self.log_prefix_cache();
+        out
     }
 
     fn generate(&self, requests: &[GenerationRequest]) -> PluginResult<Vec<Vec<Completion>>> {
@@ -466,6 +487,30 @@ impl Generator for LlamaGenerator {
     }
 
     fn generate_with(&self, requests: &[GenerationRequest], cancel: &dyn ProgressSink) -> PluginResult<Vec<Vec<Completion>>> {
+        let out = self.generate_all(requests, cancel);
+        self.log_prefix_cache();
+        out
+    }
+}
+
+impl LlamaGenerator {
+    /// The prefix cache's running totals, at debug level.
+    fn log_prefix_cache(&self) {
+        let s = self.model.prefix_cache_stats();
+        if s.lookups > 0 {
+            rir_sdk::log::debug!(
+                "prefix cache: {} of {} lookups hit, {} positions reused; {} entries, {:.1} MB kept, {} evicted",
+                s.hits,
+                s.lookups,
+                s.reused_tokens,
+                s.entries,
+                s.bytes as f64 / 1e6,
+                s.evicted
+            );
+        }
+    }
+
+    fn generate_all(&self, requests: &[GenerationRequest], cancel: &dyn ProgressSink) -> PluginResult<Vec<Vec<Completion>>> {
         // Every prompt is checked before any decoding starts.
         let context = self.model.shape.context;
         let prompts = requests

@@ -436,6 +436,56 @@ pub fn bench_prefill_sized_llama_cpp(server: &LlamaCppServer, prompts: &[(String
     Ok(row("llama.cpp (xllamacpp)", &format!("prefill {prompt_tokens}x{batch}"), batch, tokens, secs))
 }
 
+/// Requests that open alike, for the prefix-cache rows: per repeat, one
+/// shared opening of about `prefix` tokens (`openings[r]`, each repeat its
+/// own, so nothing one repeat keeps serves the next) followed by `requests`
+/// different questions. Returns the prompts per repeat and their tokens
+/// (counted by `g`, untimed; the same for every repeat within a token or two).
+pub fn shared_prefix_prompts(g: &dyn rir_sdk::Generator, openings: &[(String, usize)], requests: usize) -> anyhow::Result<(Vec<Vec<String>>, usize)> {
+    use rir_sdk::{Prompt, ScoreRequest};
+    let sets: Vec<Vec<String>> = openings
+        .iter()
+        .map(|(o, _)| (0..requests).map(|j| format!("{o}\n\nQuestion {j}: {}", GENERATE_PROMPTS[j % GENERATE_PROMPTS.len()])).collect())
+        .collect();
+    let first = sets.first().map(|s| s.as_slice()).unwrap_or_default();
+    let scored = g.score(&first.iter().map(|p| ScoreRequest { prompt: Prompt::Text(String::new()), continuation: p.clone() }).collect::<Vec<_>>())?;
+    Ok((sets, scored.iter().map(|s| s.tokens.len()).sum()))
+}
+
+/// rir's side of the prefix-cache rows: each repeat's prompts sent one at a
+/// time (as a server gets them), one greedy token each; the prompts' tokens
+/// over the wall time, best of the repeats (one per set).
+pub fn bench_shared_prefix_plugin(g: &dyn rir_sdk::Generator, name: &str, mode: &str, sets: &[Vec<String>], tokens: usize) -> anyhow::Result<GenerateBench> {
+    use rir_sdk::{GenerationRequest, Prompt};
+    let mut i = 0;
+    let (tokens, secs) = best_of(sets.len(), || {
+        let t = Instant::now();
+        for p in &sets[i] {
+            g.generate(&[GenerationRequest::greedy(Prompt::Text(p.clone()), 1)])?;
+        }
+        i += 1;
+        Ok((tokens, t.elapsed().as_secs_f64()))
+    })?;
+    Ok(row(name, mode, sets.first().map_or(0, |s| s.len()), tokens, secs))
+}
+
+/// The same against llama.cpp, one slot, with its prompt cache
+/// (`cache_prompt`: a request starts from what the slot's previous prompt
+/// shares with it) on or off.
+pub fn bench_shared_prefix_llama_cpp(server: &LlamaCppServer, mode: &str, cache_prompt: bool, sets: &[Vec<String>], tokens: usize) -> anyhow::Result<GenerateBench> {
+    let mut i = 0;
+    let (tokens, secs) = best_of(sets.len(), || {
+        let t = Instant::now();
+        for p in &sets[i] {
+            let body = serde_json::json!({"prompt": p, "n_predict": 1, "temperature": 0.0, "cache_prompt": cache_prompt});
+            ureq::post(&format!("{}/completion", server.base)).send_json(body)?.body_mut().read_json::<serde_json::Value>()?;
+        }
+        i += 1;
+        Ok((tokens, t.elapsed().as_secs_f64()))
+    })?;
+    Ok(row("llama.cpp (xllamacpp)", mode, sets.first().map_or(0, |s| s.len()), tokens, secs))
+}
+
 /// The fastest of `repeats` runs (this is a shared VM: others' load only
 /// ever slows a run down).
 fn best_of(repeats: usize, mut f: impl FnMut() -> anyhow::Result<(usize, f64)>) -> anyhow::Result<(usize, f64)> {
