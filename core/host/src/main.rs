@@ -991,9 +991,11 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
             }
         }
     }
+    // The prefix-cache rows' mode column (and the ratios' lookup).
+    let shared_mode = |cache: &str| format!("prefix {}+q x{} {cache}", a.shared_prefix, a.shared_requests);
     if a.shared_prefix > 0 {
         // Requests that open alike, one at a time: the prefix caches' rows.
-        let mode = |cache: &str| format!("prefix {}+q x{} {cache}", a.shared_prefix, a.shared_requests);
+        let mode = shared_mode;
         let g = host.load(&a.generator)?.generator(&config)?;
         // Each repeat of each row its own opening: no engine has seen a row's
         // openings before it (llama.cpp may keep prompts it ran in host memory).
@@ -1052,7 +1054,7 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         }
     }
     if a.shared_prefix > 0 {
-        let mode = |cache: &str| format!("prefix {}+q x{} {cache}", a.shared_prefix, a.shared_requests);
+        let mode = shared_mode;
         if let (Some(on), Some(off)) = (rate("rir", &mode("cache on")), rate("rir", &mode("cache off"))) {
             println!("prefix cache: rir on / off = {:.2}x", on / off);
             ratios.insert("prefix_cache_on_vs_off".into(), (on / off).into());

@@ -463,11 +463,13 @@ impl Llama {
             let mut c = self.prefix_lock();
             if c.budget() > 0 { c.lookup(tokens, MIN_CACHED)? } else { None }
         };
-        let kv = match hit {
-            Some((m, kv)) if m == tokens.len() => return Ok(kv),
-            Some((m, kv)) => self.resume(kv, m, tokens)?.1.kv,
-            None => self.prefill_whole(&[tokens])?.1.kv,
-        };
+        // Nothing cached: resumed from an empty cache (no output head: only
+        // the keys and values are needed).
+        let (m, kv) = hit.unwrap_or_default();
+        if m == tokens.len() {
+            return Ok(kv);
+        }
+        let kv = self.resume(kv, m, tokens)?.1.kv;
         self.prefix_lock().insert(tokens, &kv)?;
         Ok(kv)
     }
