@@ -10,7 +10,9 @@
 #           librir_plugin_llama_generator.so: that build and this tree's are
 #           run alternately ROUNDS times (default 1) without llama.cpp, for a
 #           before/after on a machine whose speed drifts between runs
-#   DENSE=1 also this tree with prefill = "dense"
+#   DENSE=1 also this tree with prefill = "dense", with the f32 copies kept
+#           (the default) and made per product (keep_dense = false), each
+#           under /usr/bin/time for its peak RSS
 #
 # Then this tree once beside llama.cpp (same GGUF, same threads). Run from the
 # repository root after a release build:
@@ -38,7 +40,12 @@ fi
 echo "### this tree, with llama.cpp"
 rir bench generate --generator-config "$CFG" "${common[@]}"
 if [ "${DENSE:-0}" = 1 ]; then
-  echo "### this tree, prefill = \"dense\""
-  rir bench generate --generator-config "$CFG
-prefill = \"dense\"" "${common[@]}" --no-llama-cpp
+  for keep in true false; do
+    echo "### this tree, prefill = \"dense\", keep_dense = $keep"
+    /usr/bin/time -f "peak RSS %M KB" rir bench generate --generator-config "$CFG
+prefill = \"dense\"
+keep_dense = $keep" "${common[@]}" --no-llama-cpp
+  done
+  echo "### this tree, prefill = \"quantized\" (for its peak RSS)"
+  /usr/bin/time -f "peak RSS %M KB" rir bench generate --generator-config "$CFG" "${common[@]}" --no-llama-cpp
 fi

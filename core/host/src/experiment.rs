@@ -491,8 +491,12 @@ pub fn parse(text: &str, path: &Path) -> Result<Experiment, HostError> {
         }
     }
     if let Some(p) = exp.generator.price {
-        if !(p.input.is_finite() && p.output.is_finite() && p.input >= 0.0 && p.output >= 0.0) {
-            return Err(HostError::Input(format!("{}: [generator] price: input and output must be finite and not negative (per million tokens)", key_at(&["generator", "price"]))));
+        let ok = |x: f64| x.is_finite() && x >= 0.0;
+        if !(ok(p.input) && ok(p.output) && p.cached_input.is_none_or(ok)) {
+            return Err(HostError::Input(format!(
+                "{}: [generator] price: input, output and cached_input must be finite and not negative (per million tokens)",
+                key_at(&["generator", "price"])
+            )));
         }
     }
     crate::stages::eval::check_query_weight(exp.eval.query_weight).map_err(eval_err("query_weight"))?;
@@ -941,15 +945,16 @@ impl Runner<'_> {
             meta["generation"] = serde_json::to_value(spent).unwrap_or_default();
             step.generation = Some(spent);
             if let Some(price) = self.price {
-                let cost = price.cost(spent.prompt_tokens, spent.completion_tokens);
+                let cost = price.cost(spent.prompt_tokens, spent.cached_tokens, spent.completion_tokens);
                 meta["cost"] = cost.into();
                 step.cost = Some(cost);
             }
             self.note(&format!(
-                "{label}: generator: {} requests ({} from the cache), {} prompt and {} completion tokens{}, {} retries, {:.1} s",
+                "{label}: generator: {} requests ({} from the cache), {} prompt ({} from the backend's prefix cache) and {} completion tokens{}, {} retries, {:.1} s",
                 spent.requests,
                 spent.cached,
                 spent.prompt_tokens,
+                spent.cached_tokens,
                 spent.completion_tokens,
                 if spent.uncounted > 0 { format!(" ({} requests uncounted)", spent.uncounted) } else { String::new() },
                 spent.retries,
@@ -1357,7 +1362,7 @@ pub fn run(host: &PluginHost, exp: &Experiment, opts: &RunOptions) -> Result<Run
         if opts.dry_run {
             if let Some(step) = r.steps.last_mut().filter(|s| !s.cached) {
                 step.estimate = estimate(exp, &p.work, ds).filter(|e| e.requests > 0);
-                step.cost = step.estimate.zip(exp.generator.price).map(|(e, price)| price.cost(e.prompt_tokens, e.completion_tokens));
+                step.cost = step.estimate.zip(exp.generator.price).map(|(e, price)| price.cost(e.prompt_tokens, 0, e.completion_tokens));
             }
         }
         if let Work::Eval { variant, .. } | Work::Fuse { variant, .. } | Work::Rerank { variant, .. } = &p.work {

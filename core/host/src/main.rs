@@ -854,7 +854,7 @@ fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> 
     let generated = steps.iter().any(|s| s.generation.is_some() || s.estimate.is_some());
     let mut header = vec!["step", "status", "seconds", "peak RSS (GB)"];
     if generated {
-        header.extend(if dry_run { ["requests (est.)", "tokens in / out (est., out at most)"] } else { ["requests (cached)", "tokens in / out"] });
+        header.extend(if dry_run { ["requests (est.)", "tokens in / out (est., out at most)"] } else { ["requests (cached)", "tokens in (prefix-cached) / out"] });
         if priced {
             header.push(if dry_run { "cost (est.)" } else { "cost" });
         }
@@ -867,7 +867,7 @@ fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> 
         match (&s.generation, &s.estimate) {
             (Some(g), _) => {
                 let uncounted = if g.uncounted > 0 { format!(" ({} uncounted)", g.uncounted) } else { String::new() };
-                vec![format!("{} ({})", g.requests, g.cached), format!("{} / {}{uncounted}", g.prompt_tokens, g.completion_tokens)]
+                vec![format!("{} ({})", g.requests, g.cached), format!("{} ({}) / {}{uncounted}", g.prompt_tokens, g.cached_tokens, g.completion_tokens)]
             }
             (None, Some(e)) => vec![e.requests.to_string(), format!("{} / {}", e.prompt_tokens, e.completion_tokens)],
             (None, None) => vec!["-".into(), "-".into()],
@@ -911,7 +911,7 @@ fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> 
         if generated && dry_run {
             row.extend([est_total.requests.to_string(), format!("{} / {}", est_total.prompt_tokens, est_total.completion_tokens)]);
         } else if generated {
-            row.extend([format!("{} ({})", total.requests, total.cached), format!("{} / {}", total.prompt_tokens, total.completion_tokens)]);
+            row.extend([format!("{} ({})", total.requests, total.cached), format!("{} ({}) / {}", total.prompt_tokens, total.cached_tokens, total.completion_tokens)]);
         }
         if generated && priced {
             row.push(format!("{cost:.4}"));
@@ -962,13 +962,24 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     let ours = bench::bench_generate_plugin(host, &a.generator, &config, a.max_tokens, a.samples, a.repeat)
         .with_context(|| format!("benchmarking {}", a.generator))?;
     rows.splice(0..0, ours);
-    let prefill = bench::bench_prefill_plugin(host, &a.generator, &config, &bench::prefill_prompts(bench::PREFILL_PROMPTS), a.repeat)
+    // The prefill rows measure prefill: rir's prefix cache off, as llama.cpp's
+    // rows send `cache_prompt: false` (a repeat, or a 2,048-token prompt
+    // opening like the 512-token one before it, would otherwise start from
+    // kept keys and values; the prefix rows below measure the caches).
+    let uncached = if a.generator == "llama-generator" {
+        let mut t: toml::Table = config.parse()?;
+        t.insert("prefix_cache_mb".into(), toml::Value::Integer(0));
+        toml::to_string(&t)?
+    } else {
+        config.clone()
+    };
+    let prefill = bench::bench_prefill_plugin(host, &a.generator, &uncached, &bench::prefill_prompts(bench::PREFILL_PROMPTS), a.repeat)
         .with_context(|| format!("benchmarking {}'s prefill", a.generator))?;
     rows.insert(2, prefill);
     let lengths: Vec<usize> = a.prefill_lengths.iter().copied().filter(|&n| n > 0).collect();
     if !lengths.is_empty() {
         // Prompts of fixed lengths, one at a time and batched, on both engines.
-        let g = host.load(&a.generator)?.generator(&config)?;
+        let g = host.load(&a.generator)?.generator(&uncached)?;
         let name = format!("rir {}", a.generator);
         let widest = a.prefill_batches.iter().copied().max().unwrap_or(1);
         let longest = lengths.iter().copied().max().unwrap_or(0);
@@ -1006,9 +1017,7 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         eprintln!("prefix cache: {} requests of ~{} tokens, {} opening tokens shared", a.shared_requests, tokens / a.shared_requests.max(1), a.shared_prefix);
         let name = format!("rir {}", a.generator);
         if a.generator == "llama-generator" {
-            let mut t: toml::Table = config.parse()?;
-            t.insert("prefix_cache_mb".into(), toml::Value::Integer(0));
-            let off = host.load(&a.generator)?.generator(&toml::to_string(&t)?)?;
+            let off = host.load(&a.generator)?.generator(&uncached)?;
             rows.push(bench::bench_shared_prefix_plugin(off.as_ref(), &name, &mode("cache off"), sets_off, tokens)?);
         }
         // Another plugin's caching, if any, is whatever its config says.
@@ -1074,7 +1083,8 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     println!(
         "{} prompts x {} tokens, {threads} thread(s), best of {}; tokens/s counts prefill and decode time; \
          prefill: {} longer prompts, prompt tokens/s (rir: one batched call with 1 token generated; llama.cpp: its prompt timings); \
-         prefill NxB: prompts of N tokens, B at once (rir: B per call; llama.cpp: B concurrent requests), prompt tokens over wall time; \
+         prefill NxB: prompts of N tokens, B at once (rir: B per call; llama.cpp: B concurrent requests), prompt tokens over wall time, \
+         both prefill rows with no prompt cache; \
          prefix N+q xR: R requests one at a time, each N shared opening tokens and its own question, 1 token generated, \
          all their prompt tokens (cached or not) over wall time",
         bench::GENERATE_PROMPTS.len(),

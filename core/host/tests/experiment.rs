@@ -271,6 +271,8 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
         assert!(n("requests") + n("cached") > 0 && n("uncounted") == 0, "{label}: {g}");
         if n("requests") > 0 {
             assert!(n("prompt_tokens") > 0 && n("completion_tokens") > 0 && g["seconds"].as_f64().unwrap() > 0.0, "{label}: {g}");
+            // The llama-generator's prefix cache served part of the prompts at most.
+            assert!(n("cached_tokens") < n("prompt_tokens"), "{label}: {g}");
         }
     }
     for label in ["round 1: rlrf-train", "round 1: rlgf-train", "eval base", "eval BM25", "eval RRF"] {
@@ -325,7 +327,7 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     // queries stage's requests and tokens out are upper bounds of what it
     // did above; tokens in are within a factor of 2 (4 characters a token).
     let priced = tmp.path().join("priced.toml");
-    std::fs::write(&priced, std::fs::read_to_string(&file).unwrap().replace("[rewards.generator]", "price = { input = 0.5, output = 1.5 }\n[rewards.generator]")).unwrap();
+    std::fs::write(&priced, std::fs::read_to_string(&file).unwrap().replace("[rewards.generator]", "price = { input = 0.5, output = 1.5, cached_input = 0.25 }\n[rewards.generator]")).unwrap();
     let out3 = tmp.path().join("runs-dry");
     let (ok, stdout, err) = rir(&["run", priced.to_str().unwrap(), "--output", out3.to_str().unwrap(), "--dry-run"]);
     assert!(ok, "{err}");
@@ -339,7 +341,9 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     let q_step = m3["steps"].as_array().unwrap().iter().find(|s| s["label"] == "scifact-mini: queries").unwrap().clone();
     let q_actual = q_step["generation"].clone();
     assert_eq!(q_actual["cached"], 0, "{q_actual}");
-    let cost_ran = (q_actual["prompt_tokens"].as_f64().unwrap() * 0.5 + q_actual["completion_tokens"].as_f64().unwrap() * 1.5) / 1e6;
+    // Prompt tokens the prefix cache served at the cached price.
+    let cached = q_actual["cached_tokens"].as_f64().unwrap();
+    let cost_ran = ((q_actual["prompt_tokens"].as_f64().unwrap() - cached) * 0.5 + cached * 0.25 + q_actual["completion_tokens"].as_f64().unwrap() * 1.5) / 1e6;
     assert!((q_step["cost"].as_f64().unwrap() - cost_ran).abs() < 1e-12 && m3["cost"].as_f64() == q_step["cost"].as_f64(), "{m3}");
     let q = cells("scifact-mini: queries");
     let est_requests: u64 = q[4].parse().unwrap();

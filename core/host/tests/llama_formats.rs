@@ -103,6 +103,39 @@ fn batched_equals_sequential(prefill: &str) {
     assert!(b.iter().flatten().all(|c| c.finish_reason == "stop" || c.finish_reason == "length"));
 }
 
+/// `keep_dense = false` makes the f32 copy of each matrix per product and
+/// drops it: every number is the kept copies', bit for bit — prompts
+/// batched and alone, a lone row, decode steps, scored continuations and
+/// generated text — and the fingerprint is the same.
+#[test]
+fn dense_prefill_without_kept_copies_gives_the_same_numbers() {
+    let kept = load("prefill = \"dense\"");
+    let per_call = load("prefill = \"dense\"\nkeep_dense = false");
+    assert_eq!(kept.fingerprint, per_call.fingerprint);
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let ids: Vec<Vec<u32>> = PROMPTS.iter().map(|p| kept.encode(&kept.render(&chat(p)).unwrap()).unwrap()).collect();
+    let refs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    for batch in [&refs[..], &refs[..1]] {
+        let (a, mut ac) = kept.model.prefill(batch).unwrap();
+        let (b, mut bc) = per_call.model.prefill(batch).unwrap();
+        assert_eq!(bits(&a), bits(&b), "{} prompts: last-position logits", batch.len());
+        let n = batch.len();
+        assert_eq!(bits(&kept.model.step(&vec![28; n], &mut ac).unwrap()), bits(&per_call.model.step(&vec![28; n], &mut bc).unwrap()));
+        // Scoring runs continuations through the dense path too.
+        let cont: Vec<&[u32]> = vec![&[28u32, 1000, 17][..]; n];
+        assert_eq!(bits(&kept.model.extend(&cont, &mut ac).unwrap()), bits(&per_call.model.extend(&cont, &mut bc).unwrap()));
+    }
+    // And the integer prefill does differ (the test would see a no-op).
+    let quantized = load("");
+    assert_ne!(bits(&quantized.model.prefill(&refs[..1]).unwrap().0), bits(&per_call.model.prefill(&refs[..1]).unwrap().0));
+    let reqs: Vec<GenerationRequest> = PROMPTS.iter().map(|p| GenerationRequest::greedy(chat(p), 16)).collect();
+    let texts = |g: &LlamaGenerator| g.generate(&reqs).unwrap().into_iter().map(|v| v[0].text.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&kept), texts(&per_call));
+    // Without the dense prefill the setting means nothing: refused by name.
+    let e = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nkeep_dense = false")).err().unwrap().to_string();
+    assert!(e.contains("keep_dense"), "{e}");
+}
+
 /// Also for other models: RIR_TEST_PREFIX_MODEL names one (Qwen2.5 1.5B's
 /// K-quants were checked so, docs/BENCHMARKS.md).
 /// Prompts of different lengths in one batch (left-padded): the pads are
@@ -239,10 +272,20 @@ fn prefix_cache_reuses_earlier_calls_bit_for_bit() {
             .iter()
             .map(|q| GenerationRequest::greedy(Prompt::Chat(vec![Message::system(system.to_string()), Message::user(q.to_string())]), 12))
             .collect();
-        for r in &reqs {
+        // Each reports what the cache served as `cached_tokens`: the system
+        // turn at least (kept by the calls above), all but the last position
+        // for the repeated request; nothing without sharing.
+        for (i, r) in reqs.iter().enumerate() {
             let x = g.generate(std::slice::from_ref(r)).unwrap();
             let y = plain.generate(std::slice::from_ref(r)).unwrap();
             assert_eq!(x[0][0].text, y[0][0].text, "{prefill}");
+            let (u, v) = (x[0][0].usage.unwrap(), y[0][0].usage.unwrap());
+            assert_eq!((v.cached_tokens, v.prompt_tokens), (Some(0), u.prompt_tokens), "{prefill}: {v:?}");
+            let cached = u.cached_tokens.unwrap();
+            assert!(cached >= 30 && cached < u.prompt_tokens.unwrap(), "{prefill}: request {i}: {u:?}");
+            if i == 2 {
+                assert_eq!(cached, u.prompt_tokens.unwrap() - 1, "{prefill}: the same request again: {u:?}");
+            }
         }
         assert!(g.model.prefix_cache_stats().hits >= s3.hits + 3);
         g.model.clear_prefix_cache();

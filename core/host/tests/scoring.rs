@@ -130,6 +130,27 @@ fn scores_cross_the_plugin_boundary_and_rir_serve_answers_echo_requests() {
     assert_eq!(u.completion_tokens.unwrap() as usize, out.iter().map(|c| c.logprobs.as_ref().unwrap().len()).sum::<usize>());
     let http = client.generate(std::slice::from_ref(&g)).unwrap().remove(0);
     assert_eq!(http[0].usage, Some(u), "rir serve reports the plugin's counts");
+    // The prefix cache's share, as OpenAI's `prompt_tokens_details.cached_tokens`:
+    // none the first time a long prompt is seen, all but its last position
+    // the second time; in-process, over HTTP and in rir serve's JSON.
+    let long = GenerationRequest::greedy(
+        Prompt::Text("Passage: Short sleep duration was associated with higher systolic blood pressure in a cohort of 4,810 adults followed for eight years.\nQuestion:".into()),
+        4,
+    );
+    let served_usage = || client.generate(std::slice::from_ref(&long)).unwrap()[0][0].usage.unwrap();
+    let (first, again) = (served_usage(), served_usage());
+    let n = first.prompt_tokens.unwrap();
+    assert!(n > 16, "{first:?}");
+    assert_eq!((first.cached_tokens, again.cached_tokens, again.prompt_tokens), (Some(0), Some(n - 1), Some(n)));
+    let local_usage = || local.generate(std::slice::from_ref(&long)).unwrap()[0][0].usage.unwrap();
+    assert_eq!((local_usage(), local_usage()), (first, again), "in-process as over HTTP");
+    let raw: serde_json::Value = ureq::post(&format!("{base}/completions"))
+        .send_json(serde_json::json!({"prompt": "Passage: Short sleep duration was associated with higher systolic blood pressure in a cohort of 4,810 adults followed for eight years.\nQuestion:", "max_tokens": 2}))
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(raw["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(), Some(u64::from(n) - 1), "{raw}");
     // A chat prompt cannot be scored through the completions API.
     let e = client.score(&[req(chat("hi"), "there")]).unwrap_err().to_string();
     assert!(e.contains("text prompts only"), "{e}");
@@ -166,4 +187,15 @@ fn a_llama_cpp_server_is_used_or_refused_clearly() {
             assert!(e.contains("no prompt log-probabilities") && e.contains("it returned"), "the error does not say what was asked or returned: {e}");
         }
     }
+    // llama.cpp's prompt cache, read from its `usage.prompt_tokens_details`:
+    // nothing the first time, most of the prompt when it comes again.
+    let long = GenerationRequest::greedy(
+        Prompt::Text("Passage: Short sleep duration was associated with higher systolic blood pressure in a cohort of 4,810 adults followed for eight years.\nQuestion:".into()),
+        2,
+    );
+    let usage = || client.generate(std::slice::from_ref(&long)).unwrap()[0][0].usage.unwrap();
+    let (first, again) = (usage(), usage());
+    eprintln!("llama.cpp usage: {first:?}, then {again:?}");
+    assert_eq!(first.cached_tokens, Some(0), "{first:?}");
+    assert!(again.cached_tokens.unwrap() > 16 && again.cached_tokens < again.prompt_tokens, "{again:?}");
 }

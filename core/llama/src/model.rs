@@ -27,10 +27,26 @@ use crate::prefix_cache::{PrefixCache, PrefixStats};
 /// contiguous (`keep_dense`): prefill and scoring multiply hundreds of rows
 /// at once, where an f32 GEMM beats the integer kernel, which is built for
 /// the few rows of a decode step (it re-reads every activation block and
-/// its scale for each weight row).
+/// its scale for each weight row). Or it makes that copy for each product
+/// and drops it ([`Dense::PerCall`]): the same numbers without the memory.
 pub enum Linear {
     Candle(QMatMul),
     Quant(crate::quant::QMatrix, Option<Tensor>),
+}
+
+/// Which arithmetic prompts (prefill) and scored continuations use for
+/// `Quant` matrices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dense {
+    /// The integer kernels, as decode steps.
+    Off,
+    /// An f32 GEMM on the copies `keep_dense` made.
+    Kept,
+    /// An f32 GEMM on a copy made for each product and dropped after it
+    /// (the same copy `keep_dense` makes, so the same numbers; ggml's BLAS
+    /// backend multiplies prompts the same way). Costs the dequantization
+    /// of the layer weights per call, not their memory.
+    PerCall,
 }
 
 impl Linear {
@@ -76,7 +92,7 @@ impl Linear {
     pub fn keep_dense(&mut self) -> Result<bool> {
         match self {
             Linear::Quant(m, d @ None) => {
-                *d = Some(Tensor::from_vec(m.dequantize(), (m.n, m.k), &Device::Cpu)?.t()?.contiguous()?);
+                *d = Some(dense_copy(m)?);
                 Ok(true)
             }
             _ => Ok(false),
@@ -84,11 +100,15 @@ impl Linear {
     }
 
     /// `x @ Wᵀ` for several matrices of the same input; the quantized kernels
-    /// quantize the input once for all of them. `dense`: use the f32 copies
-    /// where kept.
-    pub fn forward_many(ls: &[&Linear], x: &Tensor, dense: bool) -> Result<Vec<Tensor>> {
+    /// quantize the input once for all of them. `dense`: an f32 GEMM where
+    /// it applies (see [`Linear::forward_with`]).
+    pub fn forward_many(ls: &[&Linear], x: &Tensor, dense: Dense) -> Result<Vec<Tensor>> {
+        let integer = |l: &&Linear| match l {
+            Linear::Quant(_, kept) => dense == Dense::Off || (dense == Dense::Kept && kept.is_none()),
+            _ => false,
+        };
         let shared = match ls {
-            [Linear::Quant(first, _), rest @ ..] if !dense || ls.iter().any(|l| matches!(l, Linear::Quant(_, None))) => {
+            [Linear::Quant(first, _), rest @ ..] if ls.iter().any(integer) => {
                 rest.iter().all(|l| matches!(l, Linear::Quant(o, _) if first.shares_input(o))).then_some(first)
             }
             _ => None,
@@ -111,11 +131,12 @@ impl Linear {
 
     /// `x @ Wᵀ` over the last dimension, any leading dims.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, false)
+        self.forward_with(x, Dense::Off)
     }
 
-    /// `forward`, on the f32 copy if `dense` and one is kept.
-    pub fn forward_with(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
+    /// `forward`; a `Quant` matrix through an f32 GEMM on its kept copy
+    /// (`Dense::Kept`, where one is kept) or on one made now (`Dense::PerCall`).
+    pub fn forward_with(&self, x: &Tensor, dense: Dense) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = *dims.last().unwrap_or(&0);
         let rows = x.elem_count() / last.max(1);
@@ -124,7 +145,15 @@ impl Linear {
         let y = match self {
             Linear::Candle(QMatMul::Tensor(w)) => flat.matmul(&w.t()?)?,
             Linear::Candle(q) => q.forward(&flat)?,
-            Linear::Quant(_, Some(w)) if dense => {
+            Linear::Quant(m, kept) if dense == Dense::PerCall || (dense == Dense::Kept && kept.is_some()) => {
+                let made;
+                let w = match kept {
+                    Some(w) => w,
+                    None => {
+                        made = dense_copy(m)?;
+                        &made
+                    }
+                };
                 // One row would take the GEMM crate's matrix-vector path (another
                 // summation order): two keep a lone row's numbers as in a batch.
                 let f = flat.to_dtype(DType::F32)?;
@@ -140,6 +169,13 @@ impl Linear {
         *out.last_mut().unwrap() = y.dim(1)?;
         y.reshape(out)
     }
+}
+
+/// A quantized matrix's weights in f32, (in, out) contiguous: what the
+/// dense paths multiply (one function, so kept and per-call copies agree bit
+/// for bit).
+fn dense_copy(m: &crate::quant::QMatrix) -> Result<Tensor> {
+    Tensor::from_vec(m.dequantize_transposed(), (m.k, m.n), &Device::Cpu)
 }
 
 /// The shape of a Llama model, from GGUF metadata or an HF config.json.
@@ -198,8 +234,8 @@ pub struct Llama {
     /// The output head is the token embedding (tied; GGUF files without
     /// `output.weight`): the trainer then shares the embedding's f32 copy.
     pub tied_output: bool,
-    /// Whether the layers' quantized matrices keep f32 copies (`dense_prefill`).
-    dense: bool,
+    /// How prompts multiply the layers' quantized matrices (`dense_prefill`).
+    dense: Dense,
     /// Whether `prefill` runs a prefix its prompts share once, and starts
     /// from a kept prefix (on unless turned off; the numbers are the same
     /// either way).
@@ -351,7 +387,7 @@ impl Llama {
             dtype,
             device: device.clone(),
             tied_output: false,
-            dense: false,
+            dense: Dense::Off,
             share_prefix: true,
             prefix_cache: Mutex::new(PrefixCache::new(0)),
         })
@@ -373,8 +409,28 @@ impl Llama {
                 n += lin.keep_dense()? as usize;
             }
         }
-        self.dense = n > 0;
+        self.dense = if n > 0 { Dense::Kept } else { Dense::Off };
         // Prompts now run on other arithmetic: kept prefixes are stale.
+        self.clear_prefix_cache();
+        Ok(n)
+    }
+
+    /// [`Llama::dense_prefill`]'s arithmetic, bit for bit, without keeping
+    /// the copies: each product dequantizes its matrix, multiplies and drops
+    /// it ([`Dense::PerCall`]). For a memory budget that cannot hold the f32
+    /// weights; each prefill call pays their dequantization. Returns how many
+    /// matrices it applies to.
+    pub fn dense_prefill_per_call(&mut self) -> Result<usize> {
+        if !self.device.is_cpu() {
+            return Ok(0);
+        }
+        let n = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .filter(|lin| matches!(lin, Linear::Quant(..)))
+            .count();
+        self.dense = if n > 0 { Dense::PerCall } else { Dense::Off };
         self.clear_prefix_cache();
         Ok(n)
     }
@@ -406,8 +462,17 @@ impl Llama {
     /// values where an earlier call kept them ([`Llama::set_prefix_cache`]);
     /// the numbers are those of running each prompt whole.
     pub fn prefill(&self, prompts: &[&[u32]]) -> Result<(Tensor, KvCache)> {
+        self.prefill_counted(prompts).map(|(logits, cache, _)| (logits, cache))
+    }
+
+    /// [`Llama::prefill`], also returning each prompt's positions whose keys
+    /// and values came from the prefix cache (earlier calls), as a server
+    /// reports `cached_tokens`; a prefix shared within this batch is run in
+    /// this call and not counted.
+    pub fn prefill_counted(&self, prompts: &[&[u32]]) -> Result<(Tensor, KvCache, Vec<usize>)> {
+        let none = |(logits, cache)| (logits, cache, vec![0; prompts.len()]);
         if !self.share_prefix || prompts.is_empty() {
-            return self.prefill_whole(prompts);
+            return self.prefill_whole(prompts).map(none);
         }
         let p = runnable_prefix(prompts);
         let (caching, cached) = {
@@ -426,22 +491,22 @@ impl Llama {
         if caching && prompts.len() == 1 && p >= MIN_CACHED {
             self.prefix_lock().insert(&prompts[0][..p], &cache.kv)?;
         }
-        Ok((logits, cache))
+        Ok(none((logits, cache)))
     }
 
     /// One prompt whose opening the prefix cache holds: the rest of it is
     /// run on the cached keys and values in one pass (which gives the last
     /// position's logits), and the prompt less its last position is kept.
-    fn prefill_continued(&self, prompt: &[u32]) -> Result<(Tensor, KvCache)> {
+    fn prefill_continued(&self, prompt: &[u32]) -> Result<(Tensor, KvCache, Vec<usize>)> {
         let keep = prompt.len() - 1;
         let Some((m, kv)) = self.prefix_lock().lookup(&prompt[..keep], MIN_CACHED)? else {
-            return self.prefill_whole(&[prompt]);
+            return self.prefill_whole(&[prompt]).map(|(logits, cache)| (logits, cache, vec![0]));
         };
         let (h, cache) = self.resume(kv, m, prompt)?;
         let l = h.dim(1)?;
         let logits = self.head(&h.i((.., l - 1, ..))?.contiguous()?)?;
         self.prefix_lock().insert(&prompt[..keep], &cache.kv)?;
-        Ok((logits, cache))
+        Ok((logits, cache, vec![m]))
     }
 
     /// Runs `tokens[m..]` as one row after the cached keys and values `kv`
@@ -457,8 +522,8 @@ impl Llama {
 
     /// The keys and values of `tokens` as one row, (1, heads, ≥ len, d) per
     /// layer: from the prefix cache as far as it holds them, the rest run
-    /// (and kept there for later calls).
-    fn prefix_kv(&self, tokens: &[u32]) -> Result<Vec<(Tensor, Tensor)>> {
+    /// (and kept there for later calls); and how many positions the cache held.
+    fn prefix_kv(&self, tokens: &[u32]) -> Result<(Vec<(Tensor, Tensor)>, usize)> {
         let hit = {
             let mut c = self.prefix_lock();
             if c.budget() > 0 { c.lookup(tokens, MIN_CACHED)? } else { None }
@@ -467,11 +532,11 @@ impl Llama {
         // the keys and values are needed).
         let (m, kv) = hit.unwrap_or_default();
         if m == tokens.len() {
-            return Ok(kv);
+            return Ok((kv, m));
         }
         let kv = self.resume(kv, m, tokens)?.1.kv;
         self.prefix_lock().insert(tokens, &kv)?;
-        Ok(kv)
+        Ok((kv, m))
     }
 
     /// [`Llama::prefill`] without sharing a prefix: every prompt whole.
@@ -496,12 +561,14 @@ impl Llama {
     /// attention, summed over its own keys in order; every matrix product
     /// sums a row alone), so they are those of the whole prompt: the test
     /// `prefill_shares_a_prefix_bit_for_bit` checks it.
-    fn prefill_shared(&self, prompts: &[&[u32]], p: usize) -> Result<(Tensor, KvCache)> {
+    fn prefill_shared(&self, prompts: &[&[u32]], p: usize) -> Result<(Tensor, KvCache, Vec<usize>)> {
         let width = prompts.iter().map(|q| q.len()).max().unwrap_or(0);
         let pads: Vec<usize> = prompts.iter().map(|q| width - q.len()).collect();
         // The longest prompt has no pad: the shared run ends at column p.
         let c = p;
-        let prefix = self.prefix_kv(&prompts[0][..p])?;
+        let (prefix, hit) = self.prefix_kv(&prompts[0][..p])?;
+        // Row i takes the prefix's first c - pads[i] positions, of which the cache held `hit`.
+        let cached = pads.iter().map(|&pad| c.saturating_sub(pad).min(hit)).collect();
         let kv = prefix
             .iter()
             .map(|(k, v)| {
@@ -528,7 +595,7 @@ impl Llama {
         let ids: Vec<u32> = prompts.iter().zip(&pads).flat_map(|(q, &pad)| (c..width).map(move |col| if col < pad { 0 } else { q[col - pad] })).collect();
         let ids = Tensor::new(ids, &self.device)?.reshape((prompts.len(), width - c))?;
         let logits = self.forward(&ids, &mut cache, true)?;
-        Ok((logits, cache))
+        Ok((logits, cache, cached))
     }
 
     /// One new token per row; returns (rows, vocab) f32 logits.
@@ -604,7 +671,7 @@ impl Llama {
             Some(Tensor::new(m, &self.device)?.reshape((b, 1, l, total))?.to_dtype(self.dtype)?)
         };
 
-        let dense = self.dense && dense;
+        let dense = if dense { self.dense } else { Dense::Off };
         // Left pads among the new positions (a batch of prompts of different
         // lengths) are left out of every per-position step: the norms and
         // matrix products run on the real positions only, which are scattered

@@ -161,24 +161,58 @@ impl QMatrix {
     /// The weights as f32, (n, k) row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.n * self.k);
+        self.dequantize_rows(0..self.n, &mut out);
+        out
+    }
+
+    /// The weights as f32, (k, n) row-major: the transpose of `dequantize`
+    /// (the same values), what an f32 GEMM of activations (rows, k) takes.
+    /// Weight rows go 16 at a time, so each write fills a cache line.
+    pub fn dequantize_transposed(&self) -> Vec<f32> {
+        const TILE: usize = 16;
+        let (n, k) = (self.n, self.k);
+        let mut out = vec![0f32; n * k];
+        let mut tile = Vec::with_capacity(TILE * k);
+        for j0 in (0..n).step_by(TILE) {
+            let j1 = (j0 + TILE).min(n);
+            tile.clear();
+            self.dequantize_rows(j0..j1, &mut tile);
+            for (kk, dst) in out.chunks_exact_mut(n).enumerate() {
+                for (r, x) in dst[j0..j1].iter_mut().enumerate() {
+                    *x = tile[r * k + kk];
+                }
+            }
+        }
+        out
+    }
+
+    /// Appends the weights of `rows` as f32, row-major (each row's blocks,
+    /// codes and scales are contiguous in every layout).
+    fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut Vec<f32>) {
+        let blocks = self.k / QK;
+        let codes = self.qs.len() / self.n;
+        let qs = &self.qs[rows.start * codes..rows.end * codes];
+        let ds = &self.d[rows.start * blocks..rows.end * blocks];
         match self.format {
             Format::Q4_1 => {
-                for (b, q) in self.qs.chunks_exact(16).enumerate() {
-                    let (d, m) = (f16::from_bits(self.d[b]).to_f32(), f16::from_bits(self.m[b]).to_f32());
+                let ms = &self.m[rows.start * blocks..rows.end * blocks];
+                for (b, q) in qs.chunks_exact(16).enumerate() {
+                    let (d, m) = (f16::from_bits(ds[b]).to_f32(), f16::from_bits(ms[b]).to_f32());
                     out.extend(q.iter().map(|q| d * (q & 15) as f32 + m));
                     out.extend(q.iter().map(|q| d * (q >> 4) as f32 + m));
                 }
             }
             Format::Q8_0 if self.kernel == Kernel::Avx2 => {
-                for (b, q) in self.qs.chunks_exact(QK).enumerate() {
-                    let d = f16::from_bits(self.d[b]).to_f32();
+                for (b, q) in qs.chunks_exact(QK).enumerate() {
+                    let d = f16::from_bits(ds[b]).to_f32();
                     out.extend(q.iter().map(|v| d * (*v as i8) as f32));
                 }
             }
             Format::Q8_0 => {
-                for (p, q) in self.qs.chunks_exact(64).enumerate() {
+                // Block pairs (a row has an even number of blocks on this kernel).
+                for (p, q) in qs.chunks_exact(64).enumerate() {
                     for (half, parts) in [[0, 32], [16, 48]].iter().enumerate() {
-                        let d = f16::from_bits(self.d[2 * p + half]).to_f32();
+                        let d = f16::from_bits(ds[2 * p + half]).to_f32();
                         for start in parts {
                             out.extend(q[*start..start + 16].iter().map(|v| d * ((v ^ 0x80) as i8) as f32));
                         }
@@ -186,7 +220,6 @@ impl QMatrix {
                 }
             }
         }
-        out
     }
 
     /// Quantizes `rows` rows of `x` for this matrix (and any other of the
@@ -702,6 +735,13 @@ mod tests {
             let kernels = if best == Kernel::Avx2 { vec![best] } else { vec![Kernel::Avx2, best] };
             for kern in kernels {
                 assert_eq!(QMatrix::with_kernel(Format::Q8_0, &q80, n, k, kern).unwrap().dequantize(), want, "{kern:?}");
+                // The transposed copy (n = 37: two tiles of 16 and a rest) holds the same values.
+                for (format, bytes) in [(Format::Q4_1, &q41), (Format::Q8_0, &q80)] {
+                    let m = QMatrix::with_kernel(format, bytes, n, k, kern).unwrap();
+                    let (rows, cols) = (m.dequantize(), m.dequantize_transposed());
+                    let t: Vec<f32> = (0..k).flat_map(|kk| (0..n).map(move |j| (j, kk))).map(|(j, kk)| rows[j * k + kk]).collect();
+                    assert_eq!(cols, t, "{kern:?} {format:?}");
+                }
                 check(Format::Q4_1, &q41, n, k, kern);
                 check(Format::Q8_0, &q80, n, k, kern);
             }

@@ -73,11 +73,11 @@ pub fn sentence_transformers_defaults(dir: &Path) -> (Option<Pooling>, Option<bo
 }
 
 /// A model directory's `config.json` as `T` (candle's BERT config, for
-/// instance); the error names the file.
+/// instance); the error names the file and the type it did not fit.
 pub fn model_config<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T, String> {
     let path = dir.join("config.json");
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a BERT config: {e}", path.display()))
+    serde_json::from_slice(&bytes).map_err(|e| format!("{}: not the config this model reads ({}): {e}", path.display(), std::any::type_name::<T>()))
 }
 
 /// `max_seq_length` from a sentence-transformers `sentence_bert_config.json`.

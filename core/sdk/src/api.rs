@@ -155,6 +155,11 @@ pub struct RequestUsage {
     pub completion_tokens: Option<u32>,
     #[serde(default)]
     pub retries: u32,
+    /// Of `prompt_tokens`, those the backend did not compute for this
+    /// request but took from its prefix cache (OpenAI's and vLLM's
+    /// `usage.prompt_tokens_details.cached_tokens`); None where it cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u32>,
 }
 
 /// One sampled text.

@@ -104,12 +104,17 @@ impl From<FfiCompletion> for Completion {
 
 impl From<RequestUsage> for FfiUsage {
     fn from(u: RequestUsage) -> Self {
-        FfiUsage { prompt_tokens: u.prompt_tokens.into(), completion_tokens: u.completion_tokens.into(), retries: u.retries }
+        FfiUsage { prompt_tokens: u.prompt_tokens.into(), completion_tokens: u.completion_tokens.into(), retries: u.retries, cached_tokens: u.cached_tokens.into() }
     }
 }
 impl From<FfiUsage> for RequestUsage {
     fn from(u: FfiUsage) -> Self {
-        RequestUsage { prompt_tokens: u.prompt_tokens.into_option(), completion_tokens: u.completion_tokens.into_option(), retries: u.retries }
+        RequestUsage {
+            prompt_tokens: u.prompt_tokens.into_option(),
+            completion_tokens: u.completion_tokens.into_option(),
+            retries: u.retries,
+            cached_tokens: u.cached_tokens.into_option(),
+        }
     }
 }
 

@@ -35,7 +35,9 @@ use crate::error::FfiError;
 /// 0.7.0: generation can be cancelled mid-way (`GeneratorFfi::generate_with`).
 /// 0.8.0: a retriever's corpus side may have its own fingerprint
 ///        (`FfiRetrieverInfo::corpus_fingerprint`: asymmetric encoders).
-pub const ABI_VERSION: &str = "0.8.0";
+/// 0.9.0: a request's usage says how many prompt tokens came from the
+///        backend's prefix cache (`FfiUsage::cached_tokens`).
+pub const ABI_VERSION: &str = "0.9.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -125,6 +127,7 @@ pub struct FfiUsage {
     pub prompt_tokens: ROption<u32>,
     pub completion_tokens: ROption<u32>,
     pub retries: u32,
+    pub cached_tokens: ROption<u32>,
 }
 
 #[repr(C)]

@@ -11,6 +11,7 @@
 //! max_batch = 8       # sequences decoded together (samples of a prompt, and prompts)
 //! quantize = "none"   # none | q8_0: dense weights (HF dirs, merged adapters) to Q8_0 at load (CPU)
 //! prefill = "quantized"  # quantized | dense: how prompts and scored continuations are multiplied (CPU)
+//! keep_dense = true   # dense: keep the f32 copies (false: make each per product; same numbers, less memory)
 //! share_prefix = true  # run the prefix a batch's prompts share once (same numbers; false: each whole)
 //! prefix_cache_mb = 256  # keep prompt prefixes' keys and values across calls (0: off; same numbers)
 //! ```
@@ -37,6 +38,8 @@
 //! with each request, the next batch of a stage. The numbers are again
 //! those of running each prompt whole (`prefix_cache_reuses_earlier_calls_bit_for_bit`
 //! in tests/llama_formats.rs). `share_prefix = false` turns both off.
+//! Each request's usage reports the prompt positions the cache served as
+//! `cached_tokens` (a prefix its own batch ran once is not counted).
 //!
 //! `prefill = "dense"` (opt-in, as it changes the numbers slightly; the
 //! quickstart and scifact-cpu set it, their tables measured with it) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
@@ -46,6 +49,11 @@
 //! 1.6-2.7x on an AVX-512 machine); decode steps stay quantized.
 //! The two give slightly different numbers (the dense path does not round
 //! activations to 8 bits), so the setting is part of the fingerprint.
+//! `keep_dense = false` runs the same arithmetic without the copies: each
+//! matrix product dequantizes its weights, multiplies and drops them (as
+//! ggml's BLAS backend does for prompts), bit for bit the kept copies'
+//! numbers (the fingerprint does not change), for the cost of dequantizing
+//! the layer weights once per prefill call.
 //!
 //! `quantize = "q8_0"` is for tuned models: DPO writes dense f32 weights, which
 //! decode several times slower than a GGUF on a CPU (each token streams every
@@ -94,6 +102,8 @@ pub struct LlamaConfig {
     pub quantize: String,
     #[serde(default)]
     pub prefill: Prefill,
+    #[serde(default = "default_true")]
+    pub keep_dense: bool,
     #[serde(default = "default_true")]
     pub share_prefix: bool,
     #[serde(default = "default_prefix_cache_mb")]
@@ -207,9 +217,11 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         settings.push_str("quantize=q8_0");
     }
     if cfg.prefill == Prefill::Dense {
-        let n = model.dense_prefill().map_err(cerr("dense prefill"))?;
+        // Both ways give the same numbers: one fingerprint.
+        let n = if cfg.keep_dense { model.dense_prefill() } else { model.dense_prefill_per_call() }.map_err(cerr("dense prefill"))?;
         if n > 0 {
-            rir_sdk::log::info!("prefill on f32 copies of {n} quantized linear maps");
+            let how = if cfg.keep_dense { "f32 copies" } else { "f32 copies made per product" };
+            rir_sdk::log::info!("prefill on {how} of {n} quantized linear maps");
             settings.push_str(if settings.is_empty() { "prefill=dense" } else { ",prefill=dense" });
         }
     }
@@ -238,6 +250,9 @@ impl LlamaGenerator {
         let cfg: LlamaConfig = config::parse(config_toml)?;
         if cfg.max_batch == 0 {
             return Err(PluginError::config("max_batch: must be at least 1"));
+        }
+        if !cfg.keep_dense && cfg.prefill != Prefill::Dense {
+            return Err(PluginError::config("keep_dense = false: applies to prefill = \"dense\" only (the quantized prefill keeps no copies)"));
         }
         Ok(cfg)
     }
@@ -276,12 +291,17 @@ impl LlamaGenerator {
         prompts: &[Vec<u32>],
         requests: &[GenerationRequest],
         out: &mut [Vec<Option<(Completion, u32)>>],
+        cached: &mut [Option<u32>],
         cancel: &dyn ProgressSink,
     ) -> PluginResult<()> {
         let mut uniq: Vec<usize> = jobs.iter().map(|j| j.0).collect();
         uniq.dedup();
         let refs: Vec<&[u32]> = uniq.iter().map(|&r| prompts[r].as_slice()).collect();
-        let (logits, cache) = self.model.prefill(&refs).map_err(cerr("forward"))?;
+        let (logits, cache, from_cache) = self.model.prefill_counted(&refs).map_err(cerr("forward"))?;
+        // A request whose samples span two batches: its first prefill counts.
+        for (&r, &n) in uniq.iter().zip(&from_cache) {
+            cached[r].get_or_insert(n as u32);
+        }
         let rows: Vec<usize> = jobs.iter().map(|j| uniq.iter().position(|&u| u == j.0).unwrap_or(0)).collect();
         let mut cache = cache.select(&rows).map_err(cerr("cache"))?;
         let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &self.model.device).map_err(cerr("index"))?;
@@ -417,7 +437,7 @@ impl LlamaGenerator {
         rayon::scope(|_| {
             for chunk in order.chunks(self.max_batch) {
                 let refs: Vec<&[u32]> = chunk.iter().map(|&p| prompts[p].as_slice()).collect();
-                let (last, cache) = self.model.prefill(&refs).map_err(cerr("forward"))?;
+                let (last, cache, from_cache) = self.model.prefill_counted(&refs).map_err(cerr("forward"))?;
                 let last: Vec<f32> = last.flatten_all().and_then(|t| t.to_vec1()).map_err(cerr("logits"))?;
                 let vocab = last.len() / chunk.len();
                 // The requests continuing this chunk's prompts, by continuation length.
@@ -454,14 +474,15 @@ impl LlamaGenerator {
                             }
                         }
                     }
-                    for (&(i, _), mut tokens) in group.iter().zip(lps) {
+                    for (&(i, row), mut tokens) in group.iter().zip(lps) {
                         let logprob = tokens.iter().map(|t| t.logprob as f64).sum();
                         if let Some(h) = first[i] {
                             tokens.insert(0, TokenLogprob { token: tok(h), logprob: 0.0 });
                         }
                         // Tokens read: the prompt's (shared prompts counted per request, as a server would) and the continuation's.
                         let read = (prompts[conts[i].0].len() + conts[i].1.len()) as u32;
-                        out[i] = Some(Score { logprob, tokens, usage: Some(RequestUsage { prompt_tokens: Some(read), completion_tokens: Some(0), retries: 0 }) });
+                        let usage = RequestUsage { prompt_tokens: Some(read), completion_tokens: Some(0), retries: 0, cached_tokens: Some(from_cache[row] as u32) };
+                        out[i] = Some(Score { logprob, tokens, usage: Some(usage) });
                     }
                 }
             }
@@ -533,6 +554,8 @@ impl LlamaGenerator {
         let _busy = self.busy.lock().map_err(|_| PluginError::other("generator lock poisoned"))?;
         // Each sample with the tokens it sampled, for the request's usage.
         let mut out: Vec<Vec<Option<(Completion, u32)>>> = requests.iter().map(|r| vec![None; r.n as usize]).collect();
+        // Each request's prompt positions taken from the prefix cache.
+        let mut cached: Vec<Option<u32>> = vec![None; requests.len()];
         // Similar lengths share a batch so little is spent on padding.
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
@@ -542,7 +565,7 @@ impl LlamaGenerator {
         // (measured: a tenth of single-thread decoding in context switches).
         rayon::scope(|_| {
             for chunk in jobs.chunks(self.max_batch) {
-                self.decode_batch(chunk, &prompts, requests, &mut out, cancel)?;
+                self.decode_batch(chunk, &prompts, requests, &mut out, &mut cached, cancel)?;
             }
             Ok::<_, PluginError>(())
         })?;
@@ -550,11 +573,17 @@ impl LlamaGenerator {
         Ok(out
             .into_iter()
             .zip(&prompts)
-            .map(|(v, prompt)| {
+            .zip(cached)
+            .map(|((v, prompt), cached)| {
                 let (mut v, sampled): (Vec<Completion>, Vec<u32>) = v.into_iter().flatten().unzip();
                 let written = sampled.iter().sum();
                 if let Some(c) = v.first_mut() {
-                    c.usage = Some(RequestUsage { prompt_tokens: Some(prompt.len() as u32), completion_tokens: Some(written), retries: 0 });
+                    c.usage = Some(RequestUsage {
+                        prompt_tokens: Some(prompt.len() as u32),
+                        completion_tokens: Some(written),
+                        retries: 0,
+                        cached_tokens: Some(cached.unwrap_or(0)),
+                    });
                 }
                 v
             })

@@ -18,7 +18,10 @@
 //! `usage`; a server that sends none has them counted with `tokenizer`
 //! (a `tokenizer.json`, or a model source whose directory holds one) over
 //! the prompt's text (a chat's message contents, without the template's
-//! few tokens) and each choice's text, or left uncounted without one.
+//! few tokens) and each choice's text, or left uncounted without one. The
+//! prompt tokens the server served from its prompt cache come from
+//! `usage.prompt_tokens_details.cached_tokens` (OpenAI, vLLM, llama.cpp,
+//! `rir serve`) or llama.cpp's `timings.cache_n`, else stay unknown.
 //!
 //! `identity` is for servers whose address changes between starts of the
 //! same model (`rir run` sets it for the engines it starts, `[serve]`, on a
@@ -168,7 +171,7 @@ impl OpenAiGenerator {
     fn one(&self, r: &GenerationRequest) -> PluginResult<Vec<Completion>> {
         let mut out = Vec::with_capacity(r.n as usize);
         // Summed over the HTTP calls a split n takes; None once one lacks `usage`.
-        let mut usage = RequestUsage { prompt_tokens: Some(0), completion_tokens: Some(0), retries: 0 };
+        let mut usage = RequestUsage { prompt_tokens: Some(0), completion_tokens: Some(0), retries: 0, cached_tokens: Some(0) };
         while out.len() < r.n as usize {
             let left = r.n - out.len() as u32;
             let cap = self.max_n.load(Ordering::Relaxed);
@@ -189,6 +192,7 @@ impl OpenAiGenerator {
                     out.extend(choices);
                     usage.prompt_tokens = usage.prompt_tokens.zip(reported.prompt_tokens).map(|(a, b)| a + b);
                     usage.completion_tokens = usage.completion_tokens.zip(reported.completion_tokens).map(|(a, b)| a + b);
+                    usage.cached_tokens = usage.cached_tokens.zip(reported.cached_tokens).map(|(a, b)| a + b);
                 }
                 // A 400 for n > 1: the server caps n (OpenAI's o-series, some engines).
                 Err(CallError::Refused { status: 400, message: msg, .. }) if n > 1 => {
@@ -217,10 +221,17 @@ fn prompt_text(p: &Prompt) -> String {
 }
 
 /// The response's `usage` (OpenAI, vLLM, llama.cpp's server and `rir serve`
-/// send it); None for the counts a server leaves out.
+/// send it); None for the counts a server leaves out. Cached prompt tokens:
+/// `usage.prompt_tokens_details.cached_tokens` (OpenAI, vLLM, `rir serve`),
+/// else llama.cpp's `timings.cache_n`.
 fn reported_usage(v: &Value) -> RequestUsage {
-    let count = |k: &str| v.pointer(&format!("/usage/{k}")).and_then(Value::as_u64).map(|n| n as u32);
-    RequestUsage { prompt_tokens: count("prompt_tokens"), completion_tokens: count("completion_tokens"), retries: 0 }
+    let count = |k: &str| v.pointer(k).and_then(Value::as_u64).map(|n| n as u32);
+    RequestUsage {
+        prompt_tokens: count("/usage/prompt_tokens"),
+        completion_tokens: count("/usage/completion_tokens"),
+        retries: 0,
+        cached_tokens: count("/usage/prompt_tokens_details/cached_tokens").or_else(|| count("/timings/cache_n")),
+    }
 }
 
 fn parse_choices(v: &Value, path: &str, n: u32) -> PluginResult<Vec<Completion>> {
@@ -390,13 +401,18 @@ mod tests {
     #[test]
     fn usage_is_read_as_the_server_reports_it() {
         let v = serde_json::json!({"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}});
-        assert_eq!(reported_usage(&v), RequestUsage { prompt_tokens: Some(12), completion_tokens: Some(30), retries: 0 });
+        assert_eq!(reported_usage(&v), RequestUsage { prompt_tokens: Some(12), completion_tokens: Some(30), ..Default::default() });
+        // Cached prompt tokens as OpenAI and vLLM report them, and as llama.cpp's server does.
+        let v = serde_json::json!({"usage": {"prompt_tokens": 12, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": 8}}});
+        assert_eq!(reported_usage(&v).cached_tokens, Some(8));
+        let v = serde_json::json!({"usage": {"prompt_tokens": 12, "completion_tokens": 3}, "timings": {"cache_n": 5, "prompt_n": 7}});
+        assert_eq!(reported_usage(&v).cached_tokens, Some(5));
         // A server without `usage` leaves the counts unknown, not zero.
         assert_eq!(reported_usage(&serde_json::json!({"choices": []})), RequestUsage::default());
         // Echo scoring (max_tokens 0): what was read, nothing written.
         let v = serde_json::json!({"choices": [{"logprobs": {"tokens": ["Q", " a"], "token_logprobs": [null, -1.0], "text_offset": [0, 1]}}],
                                    "usage": {"prompt_tokens": 2, "completion_tokens": 0}});
-        assert_eq!(parse_echo(&v, "Q", " a").unwrap().usage, Some(RequestUsage { prompt_tokens: Some(2), completion_tokens: Some(0), retries: 0 }));
+        assert_eq!(parse_echo(&v, "Q", " a").unwrap().usage, Some(RequestUsage { prompt_tokens: Some(2), completion_tokens: Some(0), ..Default::default() }));
     }
 
     #[test]

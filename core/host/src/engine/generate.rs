@@ -44,6 +44,10 @@ pub struct GenerationUsage {
     pub prompt_tokens: u64,
     /// Tokens written (every sample's).
     pub completion_tokens: u64,
+    /// Of `prompt_tokens`, those the backend took from its prefix cache
+    /// (as it reported them; a backend that cannot tell adds none).
+    #[serde(default)]
+    pub cached_tokens: u64,
     /// Requests whose backend reported no token counts (a server without
     /// `usage`): the token sums leave them out.
     #[serde(default)]
@@ -68,6 +72,7 @@ impl GenerationUsage {
             cached: self.cached - earlier.cached,
             prompt_tokens: self.prompt_tokens - earlier.prompt_tokens,
             completion_tokens: self.completion_tokens - earlier.completion_tokens,
+            cached_tokens: self.cached_tokens - earlier.cached_tokens,
             uncounted: self.uncounted - earlier.uncounted,
             retries: self.retries - earlier.retries,
             seconds: self.seconds - earlier.seconds,
@@ -80,6 +85,7 @@ impl GenerationUsage {
         self.cached += o.cached;
         self.prompt_tokens += o.prompt_tokens;
         self.completion_tokens += o.completion_tokens;
+        self.cached_tokens += o.cached_tokens;
         self.uncounted += o.uncounted;
         self.retries += o.retries;
         self.seconds += o.seconds;
@@ -94,6 +100,7 @@ impl GenerationUsage {
                     (Some(p), Some(c)) => {
                         self.prompt_tokens += u64::from(p);
                         self.completion_tokens += u64::from(c);
+                        self.cached_tokens += u64::from(u.cached_tokens.unwrap_or(0).min(p));
                     }
                     _ => self.uncounted += 1,
                 }
@@ -112,12 +119,19 @@ pub struct Price {
     pub input: f64,
     /// Per million completion (output) tokens.
     pub output: f64,
+    /// Per million prompt tokens the server took from its prompt cache
+    /// (OpenAI's "cached input"); `input` when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<f64>,
 }
 
 impl Price {
-    /// What `prompt` and `completion` tokens cost.
-    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
-        (prompt as f64 * self.input + completion as f64 * self.output) / 1e6
+    /// What `prompt` tokens (`cached` of them from the server's prompt
+    /// cache) and `completion` tokens cost.
+    pub fn cost(&self, prompt: u64, cached: u64, completion: u64) -> f64 {
+        let cached = cached.min(prompt);
+        let fresh = (prompt - cached) as f64 * self.input;
+        (fresh + cached as f64 * self.cached_input.unwrap_or(self.input) + completion as f64 * self.output) / 1e6
     }
 }
 
@@ -126,6 +140,7 @@ static LEDGER: std::sync::Mutex<GenerationUsage> = std::sync::Mutex::new(Generat
     cached: 0,
     prompt_tokens: 0,
     completion_tokens: 0,
+    cached_tokens: 0,
     uncounted: 0,
     retries: 0,
     seconds: 0.0,

@@ -552,15 +552,21 @@ fn echo(g: &dyn Generator, prompts: &[String]) -> (u16, Value) {
 }
 
 /// OpenAI's `usage` object for requests' usages (None when the generator
-/// did not count every one of them: no usage rather than a wrong one).
+/// did not count every one of them: no usage rather than a wrong one), with
+/// `prompt_tokens_details.cached_tokens` when the generator told them all.
 fn usage_json(usages: impl Iterator<Item = Option<rir_sdk::RequestUsage>>) -> Option<Value> {
-    let (mut p, mut c) = (0u64, 0u64);
+    let (mut p, mut c, mut cached) = (0u64, 0u64, Some(0u64));
     for u in usages {
         let u = u?;
         p += u64::from(u.prompt_tokens?);
         c += u64::from(u.completion_tokens?);
+        cached = cached.zip(u.cached_tokens).map(|(a, b)| a + u64::from(b));
     }
-    Some(json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}))
+    let mut v = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+    if let Some(n) = cached {
+        v["prompt_tokens_details"] = json!({"cached_tokens": n});
+    }
+    Some(v)
 }
 
 fn response(g: &dyn Generator, chat: bool, reqs: &[GenerationRequest], out: Vec<Vec<Completion>>) -> Value {
