@@ -1012,22 +1012,23 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         // openings before it (llama.cpp may keep prompts it ran in host memory).
         let n = a.repeat.max(1);
         let openings = bench::sized_prompts(g.as_ref(), a.shared_prefix, 2 * n)?;
-        let (sets, tokens) = bench::shared_prefix_prompts(g.as_ref(), &openings, a.shared_requests.max(1))?;
+        let sets = bench::shared_prefix_prompts(&openings, a.shared_requests.max(1));
         let (sets_off, sets_on) = sets.split_at(n);
-        eprintln!("prefix cache: {} requests of ~{} tokens, {} opening tokens shared", a.shared_requests, tokens / a.shared_requests.max(1), a.shared_prefix);
+        eprintln!("prefix cache: {} requests one at a time, each {} opening tokens shared and its own question", a.shared_requests, a.shared_prefix);
         let name = format!("rir {}", a.generator);
         if a.generator == "llama-generator" {
             let off = host.load(&a.generator)?.generator(&uncached)?;
-            rows.push(bench::bench_shared_prefix_plugin(off.as_ref(), &name, &mode("cache off"), sets_off, tokens)?);
+            rows.push(bench::bench_shared_prefix_plugin(off.as_ref(), &name, &mode("cache off"), sets_off)?);
         }
         // Another plugin's caching, if any, is whatever its config says.
         let ours = if a.generator == "llama-generator" { mode("cache on") } else { mode("as configured") };
-        rows.push(bench::bench_shared_prefix_plugin(g.as_ref(), &name, &ours, sets_on, tokens)?);
+        rows.push(bench::bench_shared_prefix_plugin(g.as_ref(), &name, &ours, sets_on)?);
         if let Some((python, path)) = &gguf_path {
             let scratch = host.settings.cache_dir.join("bench");
-            let server = bench::LlamaCppServer::start_with_context(python, path, 1, threads, tokens / a.shared_requests.max(1) + 256, &scratch)?;
-            rows.push(bench::bench_shared_prefix_llama_cpp(&server, &mode("cache off"), false, sets_off, tokens)?);
-            rows.push(bench::bench_shared_prefix_llama_cpp(&server, &mode("cache on"), true, sets_on, tokens)?);
+            // The opening and a question of at most ~100 characters.
+            let server = bench::LlamaCppServer::start_with_context(python, path, 1, threads, a.shared_prefix + 256, &scratch)?;
+            rows.push(bench::bench_shared_prefix_llama_cpp(&server, &mode("cache off"), false, sets_off)?);
+            rows.push(bench::bench_shared_prefix_llama_cpp(&server, &mode("cache on"), true, sets_on)?);
         }
     }
     let mut t = Table::new();

@@ -165,6 +165,7 @@ fn bench_generate_measures_sized_prefill_beside_llama_cpp() {
     let (ok, out, err) = rir(&[
         "bench", "generate", "--threads", "1", "--max-tokens", "4", "--samples", "2", "--repeat", "1",
         "--prefill-lengths", "64", "--prefill-batches", "1,2", "--prefill-prompts", "2",
+        "--shared-prefix", "64", "--shared-requests", "2",
         "--python", py.to_str().unwrap(), "--json", json.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
@@ -181,6 +182,14 @@ fn bench_generate_measures_sized_prefill_beside_llama_cpp() {
         }
     }
     assert!(v["ratios"]["prefill_64x1_vs_llama_cpp"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    // The prefix rows: each engine's own count of two prompts (a 64-token
+    // opening and a question), cached or not, the same on both engines.
+    let counts: Vec<u64> = ["cache off", "cache on"]
+        .iter()
+        .flat_map(|c| ["rir llama-generator", "llama.cpp (xllamacpp)"].map(|e| (e, format!("prefix 64+q x2 {c}"))))
+        .map(|(e, mode)| rows.iter().find(|r| r["engine"] == e && r["mode"] == mode).unwrap_or_else(|| panic!("no {e} {mode} row: {v}"))["tokens"].as_u64().unwrap())
+        .collect();
+    assert!(counts[0] > 128 && counts.iter().all(|&n| n.abs_diff(counts[0]) <= 2), "{counts:?}");
 }
 
 /// `rir plot DIR` draws a trainer directory's curves again (the loss with

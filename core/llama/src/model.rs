@@ -45,7 +45,9 @@ pub enum Dense {
     /// An f32 GEMM on a copy made for each product and dropped after it
     /// (the same copy `keep_dense` makes, so the same numbers; ggml's BLAS
     /// backend multiplies prompts the same way). Costs the dequantization
-    /// of the layer weights per call, not their memory.
+    /// of the layer weights per forward pass over prompt positions (a
+    /// prefill; a shared prefix's run and a scored continuation's are
+    /// passes of their own), not their memory.
     PerCall,
 }
 
@@ -418,7 +420,8 @@ impl Llama {
     /// [`Llama::dense_prefill`]'s arithmetic, bit for bit, without keeping
     /// the copies: each product dequantizes its matrix, multiplies and drops
     /// it ([`Dense::PerCall`]). For a memory budget that cannot hold the f32
-    /// weights; each prefill call pays their dequantization. Returns how many
+    /// weights; each forward pass over prompt positions pays their
+    /// dequantization. Returns how many
     /// matrices it applies to.
     pub fn dense_prefill_per_call(&mut self) -> Result<usize> {
         if !self.device.is_cpu() {

@@ -53,7 +53,9 @@
 //! matrix product dequantizes its weights, multiplies and drops them (as
 //! ggml's BLAS backend does for prompts), bit for bit the kept copies'
 //! numbers (the fingerprint does not change), for the cost of dequantizing
-//! the layer weights once per prefill call.
+//! the layer weights once per forward pass over prompt positions (a batch
+//! that shares a prefix makes two: the prefix, then the rest; scoring one
+//! more per continuation length).
 //!
 //! `quantize = "q8_0"` is for tuned models: DPO writes dense f32 weights, which
 //! decode several times slower than a GGUF on a CPU (each token streams every

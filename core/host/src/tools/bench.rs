@@ -338,21 +338,28 @@ pub fn prefill_prompts(n: usize) -> Vec<String> {
 
 /// Prompt processing: `prompts` in one call with one greedy token each (the
 /// plugin batches them as a stage's call would), best of `repeats`. Tokens
-/// are counted by scoring each prompt as the continuation of an empty one
-/// (untimed).
+/// are the prompt tokens the plugin reports in the call's usage.
 pub fn bench_prefill_plugin(host: &PluginHost, plugin: &str, config: &str, prompts: &[String], repeats: usize) -> anyhow::Result<GenerateBench> {
-    use rir_sdk::{GenerationRequest, Prompt, ScoreRequest};
+    use rir_sdk::{GenerationRequest, Prompt};
     let g = host.load(plugin)?.generator(config)?;
     let reqs: Vec<GenerationRequest> = prompts.iter().map(|p| GenerationRequest::greedy(Prompt::Text(p.clone()), 1)).collect();
-    let scored = g.score(&prompts.iter().map(|p| ScoreRequest { prompt: Prompt::Text(String::new()), continuation: p.clone() }).collect::<Vec<_>>())?;
-    let tokens: usize = scored.iter().map(|s| s.tokens.len()).sum();
     g.generate(&reqs[..1])?;
     let (tokens, secs) = best_of(repeats, || {
         let t = Instant::now();
-        g.generate(&reqs)?;
-        Ok((tokens, t.elapsed().as_secs_f64()))
+        let out = g.generate(&reqs)?;
+        let secs = t.elapsed().as_secs_f64();
+        Ok((prompt_tokens(plugin, &out)?, secs))
     })?;
     Ok(row(&format!("rir {plugin}"), "prefill", prompts.len(), tokens, secs))
+}
+
+/// The prompt tokens a generation call read, from each request's usage
+/// (on its first completion); an error naming the plugin if it counts none.
+fn prompt_tokens(plugin: &str, out: &[Vec<rir_sdk::Completion>]) -> anyhow::Result<usize> {
+    out.iter()
+        .map(|v| v.first().and_then(|c| c.usage).and_then(|u| u.prompt_tokens).map(|n| n as usize))
+        .sum::<Option<usize>>()
+        .ok_or_else(|| anyhow::anyhow!("{plugin} reports no prompt tokens in its usage: the bench counts a row's tokens from it"))
 }
 
 /// `count` different prompts of `tokens` tokens each for the generator
@@ -437,31 +444,26 @@ pub fn bench_prefill_sized_llama_cpp(server: &LlamaCppServer, prompts: &[(String
 }
 
 /// Requests that open alike, for the prefix-cache rows: per repeat, one
-/// shared opening of about `prefix` tokens (`openings[r]`, each repeat its
-/// own, so nothing one repeat keeps serves the next) followed by `requests`
-/// different questions. Returns the prompts per repeat and their tokens
-/// (counted by `g`, untimed; the same for every repeat within a token or two).
-pub fn shared_prefix_prompts(g: &dyn rir_sdk::Generator, openings: &[(String, usize)], requests: usize) -> anyhow::Result<(Vec<Vec<String>>, usize)> {
-    use rir_sdk::{Prompt, ScoreRequest};
-    let sets: Vec<Vec<String>> = openings
+/// shared opening (`openings[r]`, each repeat its own, so nothing one
+/// repeat keeps serves the next) followed by `requests` different questions.
+pub fn shared_prefix_prompts(openings: &[(String, usize)], requests: usize) -> Vec<Vec<String>> {
+    openings
         .iter()
         .map(|(o, _)| (0..requests).map(|j| format!("{o}\n\nQuestion {j}: {}", GENERATE_PROMPTS[j % GENERATE_PROMPTS.len()])).collect())
-        .collect();
-    let first = sets.first().map(|s| s.as_slice()).unwrap_or_default();
-    let scored = g.score(&first.iter().map(|p| ScoreRequest { prompt: Prompt::Text(String::new()), continuation: p.clone() }).collect::<Vec<_>>())?;
-    Ok((sets, scored.iter().map(|s| s.tokens.len()).sum()))
+        .collect()
 }
 
 /// rir's side of the prefix-cache rows: each repeat's prompts sent one at a
 /// time (as a server gets them), one greedy token each; the prompts' tokens
-/// over the wall time, best of the repeats (one per set).
-pub fn bench_shared_prefix_plugin(g: &dyn rir_sdk::Generator, name: &str, mode: &str, sets: &[Vec<String>], tokens: usize) -> anyhow::Result<GenerateBench> {
+/// (cached or not, as the plugin's usage counts them) over the wall time,
+/// best of the repeats (one per set).
+pub fn bench_shared_prefix_plugin(g: &dyn rir_sdk::Generator, name: &str, mode: &str, sets: &[Vec<String>]) -> anyhow::Result<GenerateBench> {
     use rir_sdk::{GenerationRequest, Prompt};
     let mut i = 0;
     let (tokens, secs) = best_of(sets.len(), || {
-        let t = Instant::now();
+        let (mut tokens, t) = (0, Instant::now());
         for p in &sets[i] {
-            g.generate(&[GenerationRequest::greedy(Prompt::Text(p.clone()), 1)])?;
+            tokens += prompt_tokens(name, &g.generate(&[GenerationRequest::greedy(Prompt::Text(p.clone()), 1)])?)?;
         }
         i += 1;
         Ok((tokens, t.elapsed().as_secs_f64()))
@@ -471,14 +473,17 @@ pub fn bench_shared_prefix_plugin(g: &dyn rir_sdk::Generator, name: &str, mode: 
 
 /// The same against llama.cpp, one slot, with its prompt cache
 /// (`cache_prompt`: a request starts from what the slot's previous prompt
-/// shares with it) on or off.
-pub fn bench_shared_prefix_llama_cpp(server: &LlamaCppServer, mode: &str, cache_prompt: bool, sets: &[Vec<String>], tokens: usize) -> anyhow::Result<GenerateBench> {
+/// shares with it) on or off; tokens as the server counts them (run and
+/// cached: `timings.prompt_n` + `timings.cache_n`).
+pub fn bench_shared_prefix_llama_cpp(server: &LlamaCppServer, mode: &str, cache_prompt: bool, sets: &[Vec<String>]) -> anyhow::Result<GenerateBench> {
     let mut i = 0;
     let (tokens, secs) = best_of(sets.len(), || {
-        let t = Instant::now();
+        let (mut tokens, t) = (0, Instant::now());
         for p in &sets[i] {
             let body = serde_json::json!({"prompt": p, "n_predict": 1, "temperature": 0.0, "cache_prompt": cache_prompt});
-            ureq::post(&format!("{}/completion", server.base)).send_json(body)?.body_mut().read_json::<serde_json::Value>()?;
+            let v: serde_json::Value = ureq::post(&format!("{}/completion", server.base)).send_json(body)?.body_mut().read_json()?;
+            let count = |k: &str| v["timings"][k].as_u64().unwrap_or(0) as usize;
+            tokens += count("prompt_n") + count("cache_n");
         }
         i += 1;
         Ok((tokens, t.elapsed().as_secs_f64()))
