@@ -1609,7 +1609,10 @@ fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model, out: &Path) -> Re
     let plugin = host.load(&exp.generator.plugin)?;
     let Some(spec) = &exp.serve else {
         let config = with_model(&exp.generator.config, m.path.as_deref());
-        return Ok(StepGenerator { g: plugin.generator(&config)?, config, engine: None });
+        // Loaded at its first request when a step before loaded the same
+        // model: a step whose every request is cached never loads it.
+        let g = crate::stages::eval::generator_for(host, &exp.generator.plugin, &config, true)?;
+        return Ok(StepGenerator { g, config, engine: None });
     };
     // The engine gets a local path: the tuned model's directory, or the
     // base model's source resolved (downloaded) into the cache.

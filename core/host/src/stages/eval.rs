@@ -221,10 +221,11 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
 }
 
 /// Model names of the generators the current experiment run has loaded, by
-/// (plugin, config): an eval of the same generator later in the run
+/// (plugin, config): a step of the same generator later in the run
 /// (`rir run`'s "both" after "+RLRF") then finds its augmentations in the
 /// generation cache without loading the model — v9's "both" spent 64 s and
-/// 14.5 GB loading a generator it never called. Kept to one run
+/// 14.5 GB loading a generator it never called (and so did v11's, 60 s and
+/// 14.7 GB, before `rir run`'s steps came through here too). Kept to one run
 /// ([`forget_loaded_generators`] at its start) and to its evals: a model
 /// file rewritten between two loads under the same config (a library user
 /// retraining into the same directory) must not keep its old name.
@@ -240,7 +241,7 @@ pub fn forget_loaded_generators() {
 /// The generator an eval augments with: loaded now, or — when an eval of
 /// this experiment run loaded the same plugin and config before — a
 /// [`LazyGenerator`] that loads it only if some augmentation is not cached.
-fn generator_for(host: &PluginHost, name: &str, config: &str, in_run: bool) -> Result<Box<dyn rir_sdk::Generator>, crate::HostError> {
+pub(crate) fn generator_for(host: &PluginHost, name: &str, config: &str, in_run: bool) -> Result<Box<dyn rir_sdk::Generator>, crate::HostError> {
     let plugin = host.load(name)?;
     if !in_run {
         return Ok(plugin.generator(config)?);

@@ -26,6 +26,8 @@ pub struct ProbeConfig {
     pub panic_on_validate: bool,
     /// A file the generator constructor appends a line to (counts loads).
     pub loads_file: Option<String>,
+    /// A model name, unused: `rir run` asks every `[generator]` for one.
+    pub model: Option<String>,
 }
 
 fn cfg(text: &str) -> PluginResult<ProbeConfig> {
