@@ -1606,7 +1606,6 @@ impl StepGenerator {
 }
 
 fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model, out: &Path) -> Result<StepGenerator, HostError> {
-    let plugin = host.load(&exp.generator.plugin)?;
     let Some(spec) = &exp.serve else {
         let config = with_model(&exp.generator.config, m.path.as_deref());
         // Loaded at its first request when a step before loaded the same
@@ -1628,6 +1627,7 @@ fn r_generator(host: &PluginHost, exp: &Experiment, m: &Model, out: &Path) -> Re
             }
         }
     };
+    let plugin = host.load(&exp.generator.plugin)?;
     let served = spec.model_arg(&model)?;
     let mut t = exp.generator.config.clone();
     t.insert("model".into(), toml::Value::String(served.display().to_string()));

@@ -226,7 +226,7 @@ pub fn run(host: &PluginHost, o: &EvalOptions) -> Result<EvalOutput, EvalError> 
 /// generation cache without loading the model — v9's "both" spent 64 s and
 /// 14.5 GB loading a generator it never called (and so did v11's, 60 s and
 /// 14.7 GB, before `rir run`'s steps came through here too). Kept to one run
-/// ([`forget_loaded_generators`] at its start) and to its evals: a model
+/// ([`forget_loaded_generators`] at its start) and to its steps: a model
 /// file rewritten between two loads under the same config (a library user
 /// retraining into the same directory) must not keep its old name.
 static LOADED_NAMES: std::sync::Mutex<BTreeMap<(String, String), String>> = std::sync::Mutex::new(BTreeMap::new());
@@ -238,8 +238,8 @@ pub fn forget_loaded_generators() {
     }
 }
 
-/// The generator an eval augments with: loaded now, or — when an eval of
-/// this experiment run loaded the same plugin and config before — a
+/// The generator of an eval or of a `rir run` step: loaded now, or — when a
+/// step of this experiment run loaded the same plugin and config before — a
 /// [`LazyGenerator`] that loads it only if some augmentation is not cached.
 pub(crate) fn generator_for(host: &PluginHost, name: &str, config: &str, in_run: bool) -> Result<Box<dyn rir_sdk::Generator>, crate::HostError> {
     let plugin = host.load(name)?;
