@@ -5,8 +5,20 @@
 //! fused projection (one large GEMM instead of three), the exact erf-GELU runs
 //! as a vectorisable, parallel kernel instead of scalar libm `erff` (11% of
 //! cycles before), and activations stay in one layout between layers.
+//!
+//! On CPU in f32, attention is one op per layer: each (sequence, head) is a
+//! task on one thread, its Q·Kᵀ, masked softmax and ·V in its own scratch,
+//! written into the head's columns of the output — instead of candle's
+//! batched matmul, which splits every 256×256 product over the threads and
+//! materialises the Q/K/V split, the scores and the transposed context. Each
+//! bias is added inside the op after its product (attention; GELU; residual
+//! + LayerNorm) instead of a pass of its own. Every value is computed in the
+//! order the unfused ops computed it, so the embeddings did not change: the
+//! whole SciFact corpus encoded before and after gave the same bytes
+//! (docs/BENCHMARKS.md). `forward_with(.., false)` keeps candle's own ops
+//! (GPU, half precision), which the test compares against.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
@@ -18,6 +30,47 @@ struct Layer {
     inter: Linear,
     out: Linear,
     out_norm: LayerNorm,
+    /// The CPU f32 path: `Some` when the weights are f32 on CPU.
+    fused: Option<FusedLayer>,
+}
+
+/// The products without their bias, which the ops after them add.
+struct FusedLayer {
+    qkv: Linear,
+    attention: Attention,
+    attn_out: Linear,
+    attn_norm: BiasResidualNorm,
+    inter: Linear,
+    /// `None` for activations other than exact GELU: those add the bias and
+    /// activate on candle's ops.
+    gelu: Option<BiasGelu>,
+    out: Linear,
+    out_norm: BiasResidualNorm,
+}
+
+impl FusedLayer {
+    fn new(l: &Layer, act: HiddenAct, heads: usize, head_dim: usize) -> Result<Self> {
+        let plain = |lin: &Linear| Linear::new(lin.weight().clone(), None);
+        let bias = |lin: &Linear| -> Result<Vec<f32>> {
+            match lin.bias() {
+                Some(b) => b.to_vec1::<f32>(),
+                None => Ok(vec![0f32; lin.weight().dim(0)?]),
+            }
+        };
+        let norm = |lin: &Linear, n: &LayerNorm| -> Result<BiasResidualNorm> {
+            Ok(BiasResidualNorm { bias: bias(lin)?, weight: n.weight.to_vec1()?, beta: n.bias.to_vec1()?, eps: n.eps })
+        };
+        Ok(Self {
+            qkv: plain(&l.qkv),
+            attention: Attention { heads, head_dim, bias: bias(&l.qkv)? },
+            attn_out: plain(&l.attn_out),
+            attn_norm: norm(&l.attn_out, &l.attn_norm)?,
+            inter: plain(&l.inter),
+            gelu: if act == HiddenAct::Gelu { Some(BiasGelu(bias(&l.inter)?)) } else { None },
+            out: plain(&l.out),
+            out_norm: norm(&l.out, &l.out_norm)?,
+        })
+    }
 }
 
 pub struct Bert {
@@ -101,24 +154,66 @@ impl candle_core::CustomOp3 for FastLayerNorm {
         let (x, w, b) = (&x[xa..xz], &w[wa..wz], &b[ba..bz]);
         let h = w.len();
         let eps = self.0;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h * 16).zip(x.par_chunks(h * 16)).for_each(|(o, x)| {
-            for (o, x) in o.chunks_mut(h).zip(x.chunks(h)) {
-                let mean = sum8(x) / h as f32;
-                for (o, &v) in o.iter_mut().zip(x) {
-                    *o = v - mean;
+        let mut out = x.to_vec();
+        out.par_chunks_mut(h * 16).for_each(|o| o.chunks_mut(h).for_each(|o| norm_row(o, w, b, eps)));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// The two inputs of a two-input op as contiguous f32 slices, or an error naming `op`.
+fn f32_pair<'a>(op: &str, s1: &'a CpuStorage, l1: &Layout, s2: &'a CpuStorage, l2: &Layout) -> Result<(&'a [f32], &'a [f32])> {
+    let (CpuStorage::F32(x), CpuStorage::F32(y)) = (s1, s2) else { candle_core::bail!("{op}: f32 only") };
+    let (Some((xa, xz)), Some((ya, yz))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        candle_core::bail!("{op}: contiguous inputs only")
+    };
+    Ok((&x[xa..xz], &y[ya..yz]))
+}
+
+/// LayerNorm of one row, in place.
+#[inline(always)]
+fn norm_row(o: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let h = o.len();
+    let mean = sum8(o) / h as f32;
+    o.iter_mut().for_each(|v| *v -= mean);
+    let mut sq = [0f32; 8];
+    for c in o.chunks_exact(8) {
+        for i in 0..8 {
+            sq[i] += c[i] * c[i];
+        }
+    }
+    let tail: f32 = o.chunks_exact(8).remainder().iter().map(|v| v * v).sum();
+    let inv = 1.0 / ((sq.iter().sum::<f32>() + tail) / h as f32 + eps).sqrt();
+    for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
+        *o = *o * inv * w + b;
+    }
+}
+
+/// `LayerNorm((y + bias) + residual)` over rows of `y` (`[.., h]`): the
+/// output projection's bias, the residual and the norm in one pass.
+struct BiasResidualNorm {
+    bias: Vec<f32>,
+    weight: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl CustomOp2 for BiasResidualNorm {
+    fn name(&self) -> &'static str {
+        "bias-residual-norm"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (y, r) = f32_pair(self.name(), s1, l1, s2, l2)?;
+        let h = self.bias.len();
+        if y.len() != r.len() || y.len() % h != 0 || l1.shape().dims().last() != Some(&h) {
+            candle_core::bail!("bias-residual-norm: shapes {:?} and {:?}, width {h}", l1.shape(), l2.shape());
+        }
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(h * 16).zip(y.par_chunks(h * 16).zip(r.par_chunks(h * 16))).for_each(|(o, (y, r))| {
+            for (o, (y, r)) in o.chunks_mut(h).zip(y.chunks(h).zip(r.chunks(h))) {
+                for (((o, &y), &r), &b) in o.iter_mut().zip(y).zip(r).zip(&self.bias) {
+                    *o = (y + b) + r;
                 }
-                let mut sq = [0f32; 8];
-                for c in o.chunks_exact(8) {
-                    for i in 0..8 {
-                        sq[i] += c[i] * c[i];
-                    }
-                }
-                let tail: f32 = o.chunks_exact(8).remainder().iter().map(|v| v * v).sum();
-                let inv = 1.0 / ((sq.iter().sum::<f32>() + tail) / h as f32 + eps).sqrt();
-                for ((o, &w), &b) in o.iter_mut().zip(w).zip(b) {
-                    *o = *o * inv * w + b;
-                }
+                norm_row(o, &self.weight, &self.beta, self.eps);
             }
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -140,14 +235,19 @@ impl Bert {
                 };
                 let (q, k, v) = (part("query")?, part("key")?, part("value")?);
                 let qkv = Linear::new(Tensor::cat(&[&q.0, &k.0, &v.0], 0)?, Some(Tensor::cat(&[&q.1, &k.1, &v.1], 0)?));
-                Ok(Layer {
+                let mut layer = Layer {
                     qkv,
                     attn_out: linear(&a.pp("output.dense"), h, h)?,
                     attn_norm: layer_norm(a.pp("output.LayerNorm"), h, eps)?,
                     inter: linear(&l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
                     out: linear(&l.pp("output.dense"), cfg.intermediate_size, h)?,
                     out_norm: layer_norm(l.pp("output.LayerNorm"), h, eps)?,
-                })
+                    fused: None,
+                };
+                if vb.dtype() == DType::F32 && vb.device().is_cpu() {
+                    layer.fused = Some(FusedLayer::new(&layer, cfg.hidden_act, cfg.num_attention_heads, h / cfg.num_attention_heads)?);
+                }
+                Ok(layer)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -164,18 +264,33 @@ impl Bert {
 
     /// Token states `[batch, len, hidden]` for `ids`, `types` and `mask` (`[batch, len]`, u32).
     pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.forward_with(ids, types, mask, true)
+    }
+
+    /// [`Self::forward`]; `fused = false` runs every layer on candle's own
+    /// ops (the path for GPUs and half precision), which tests compare against.
+    fn forward_with(&self, ids: &Tensor, types: &Tensor, mask: &Tensor, fused: bool) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let pos = Tensor::arange(0u32, l as u32, ids.device())?;
         let x = self.word.forward(ids)?.broadcast_add(&self.position.forward(&pos)?)?;
         let mut x = self.emb_norm.forward(&(x + self.token_type.forward(types)?)?)?;
         let dtype = x.dtype();
-        let fused = dtype == DType::F32 && ids.device().is_cpu();
-        // Padded keys get the most negative value (HF uses finfo.min): softmax gives them 0.
         let mask = mask.to_dtype(dtype)?;
+        // Padded keys get the most negative value (HF uses finfo.min): softmax gives them 0.
         let bias = ((mask.ones_like()? - &mask)? * f32::MIN as f64)?.reshape((b, 1, 1, l))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let hd = self.heads * self.head_dim;
         for layer in &self.layers {
+            if let (Some(f), true) = (&layer.fused, fused) {
+                let ctx = f.qkv.forward(&x)?.apply_op2_no_bwd(&mask, &f.attention)?;
+                x = f.attn_out.forward(&ctx)?.apply_op2_no_bwd(&x, &f.attn_norm)?;
+                let inter = match &f.gelu {
+                    Some(gelu) => f.inter.forward(&x)?.apply_op1_no_bwd(gelu)?,
+                    None => activation(&layer.inter.forward(&x)?, self.act)?,
+                };
+                x = f.out.forward(&inter)?.apply_op2_no_bwd(&x, &f.out_norm)?;
+                continue;
+            }
             let qkv = layer.qkv.forward(&x)?; // [b, l, 3h]
             let split = |i: usize| -> Result<Tensor> {
                 qkv.narrow(D::Minus1, i * hd, hd)?.reshape((b, l, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
@@ -183,12 +298,7 @@ impl Bert {
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             // Scale q (L×d) rather than the scores (L×L).
             let scores = (q * scale)?.matmul(&k.t()?)?;
-            let probs = if fused {
-                // One pass: softmax over the unpadded keys, zeros for padding.
-                scores.apply_op2_no_bwd(&mask, &MaskedSoftmax)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?
-            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&bias)?)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hd))?;
             x = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
             let inter = activation(&layer.inter.forward(&x)?, self.act)?;
@@ -209,43 +319,129 @@ fn activation(x: &Tensor, act: HiddenAct) -> Result<Tensor> {
 
 pub use rir_models::kernels::erf_f32;
 
-/// Softmax over the last dimension of `[b, heads, l, l]` scores, counting only
-/// keys whose mask (`[b, l]`, 1 = token, 0 = padding) is 1; padded keys get 0.
-struct MaskedSoftmax;
+/// Softmax of one row of scores over the keys whose mask is 1 (1 = token,
+/// 0 = padding); padded keys get 0.
+#[inline(always)]
+fn masked_softmax_row(o: &mut [f32], mask: &[f32]) {
+    let mut max = f32::NEG_INFINITY;
+    for (&v, &k) in o.iter().zip(mask) {
+        max = max.max(if k > 0.5 { v } else { f32::NEG_INFINITY });
+    }
+    for (o, &k) in o.iter_mut().zip(mask) {
+        *o = if k > 0.5 { (*o - max).exp() } else { 0.0 };
+    }
+    let inv = 1.0 / sum8(o);
+    o.iter_mut().for_each(|x| *x *= inv);
+}
 
-impl candle_core::CustomOp2 for MaskedSoftmax {
+/// Multi-head self-attention from the fused projection's product `[b, l,
+/// 3·heads·d]` (Q, K, V side by side, before their `bias`) and the mask
+/// `[b, l]` to the context `[b, l, heads·d]`. One task per sequence and head,
+/// each on one thread with its own scratch: the head's Q (biased, scaled), K
+/// and V (biased) copied out, the l×l scores, their masked softmax in place,
+/// then ·V written into the head's columns of the output.
+struct Attention {
+    heads: usize,
+    head_dim: usize,
+    bias: Vec<f32>,
+}
+
+/// The output buffer, written by tasks at disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only its own (sequence, head) block of columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl CustomOp2 for Attention {
     fn name(&self) -> &'static str {
-        "masked-softmax"
+        "fused-attention"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(scores), CpuStorage::F32(mask)) = (s1, s2) else {
-            candle_core::bail!("masked-softmax: f32 only")
-        };
-        let (Some((a, z)), Some((ma, mz))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
-            candle_core::bail!("masked-softmax: contiguous inputs only")
-        };
-        let (scores, mask) = (&scores[a..z], &mask[ma..mz]);
-        let (b, heads, l, l2_) = l1.shape().dims4()?;
-        if l != l2_ || mask.len() != b * l {
-            candle_core::bail!("masked-softmax: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        let (qkv, mask) = f32_pair(self.name(), s1, l1, s2, l2)?;
+        let (b, l, w) = l1.shape().dims3()?;
+        let (heads, d) = (self.heads, self.head_dim);
+        let hd = heads * d;
+        if w != 3 * hd || mask.len() != b * l || self.bias.len() != w {
+            candle_core::bail!("fused-attention: shapes {:?} and {:?} for {heads} heads of {d}", l1.shape(), l2.shape());
         }
-        let mut out = vec![0f32; scores.len()];
-        out.par_chunks_mut(l * 16).zip(scores.par_chunks(l * 16)).enumerate().for_each(|(block, (o, s))| {
-            for (r, (o, s)) in o.chunks_mut(l).zip(s.chunks(l)).enumerate() {
-                let row = block * 16 + r;
-                let m = &mask[(row / (heads * l)) * l..(row / (heads * l) + 1) * l];
-                let mut max = f32::NEG_INFINITY;
-                for (&v, &k) in s.iter().zip(m) {
-                    max = max.max(if k > 0.5 { v } else { f32::NEG_INFINITY });
+        // As candle's `q * scale` rounds it: the f64 scale cast to f32.
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        let mut out = vec![0f32; b * l * hd];
+        let dst = OutPtr(out.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each_init(
+            || (vec![0f32; 3 * l * d], vec![0f32; l * l]),
+            |(qkv_h, p), t| {
+                let (s, h) = (t / heads, t % heads);
+                let rows = &qkv[s * l * w..(s + 1) * l * w];
+                let (q, kv) = qkv_h.split_at_mut(l * d);
+                let (k, v) = kv.split_at_mut(l * d);
+                // The bias added as candle's broadcast add would, then Q scaled as `q * scale`.
+                for (part, buf) in [(0, &mut *q), (1, &mut *k), (2, &mut *v)] {
+                    let at = part * hd + h * d;
+                    let bias = &self.bias[at..at + d];
+                    for (i, row) in buf.chunks_exact_mut(d).enumerate() {
+                        let src = &rows[i * w + at..i * w + at + d];
+                        row.iter_mut().zip(src).zip(bias).for_each(|((o, &y), &b)| *o = y + b);
+                    }
                 }
-                for ((o, &v), &k) in o.iter_mut().zip(s).zip(m) {
-                    *o = if k > 0.5 { (v - max).exp() } else { 0.0 };
+                q.iter_mut().for_each(|v| *v *= scale);
+                // The Sync wrapper itself, not its raw field (closures capture fields).
+                let dst = dst;
+                // SAFETY: q, k and v are l×d and p l×l, row-major; Kᵀ's (c, j)
+                // is k[j·d + c]; the output block (s, ·, h·d..h·d + d) belongs
+                // to this task alone.
+                unsafe {
+                    gemm::gemm(
+                        l, l, d,
+                        p.as_mut_ptr(), 1, l as isize, false,
+                        q.as_ptr(), 1, d as isize,
+                        k.as_ptr(), d as isize, 1,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
                 }
-                let inv = 1.0 / sum8(o);
-                o.iter_mut().for_each(|x| *x *= inv);
+                let m = &mask[s * l..(s + 1) * l];
+                p.chunks_exact_mut(l).for_each(|row| masked_softmax_row(row, m));
+                unsafe {
+                    gemm::gemm(
+                        l, d, l,
+                        dst.0.add(s * l * hd + h * d), 1, hd as isize, false,
+                        p.as_ptr(), 1, l as isize,
+                        v.as_ptr(), 1, d as isize,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((b, l, hd))))
+    }
+}
+
+/// `gelu(y + bias)` (exact erf GELU) over rows of `y`: the intermediate
+/// projection's bias added in the activation's pass.
+struct BiasGelu(Vec<f32>);
+
+impl CustomOp1 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "bias-gelu"
+    }
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("bias-gelu: f32 only") };
+        let Some((a, z)) = layout.contiguous_offsets() else { candle_core::bail!("bias-gelu: contiguous input only") };
+        let (src, n) = (&data[a..z], self.0.len());
+        if layout.shape().dims().last() != Some(&n) {
+            candle_core::bail!("bias-gelu: shape {:?}, bias of {n}", layout.shape());
+        }
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(n * 8).zip(src.par_chunks(n * 8)).for_each(|(o, s)| {
+            for (o, s) in o.chunks_mut(n).zip(s.chunks(n)) {
+                for ((o, &y), &b) in o.iter_mut().zip(s).zip(&self.0) {
+                    let v = y + b;
+                    *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+                }
             }
         });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
 
@@ -306,5 +502,70 @@ mod tests {
             let erfc = (-a * a).exp() / std::f64::consts::PI.sqrt() / (a + f);
             x.signum() * (1.0 - erfc)
         }
+    }
+    /// A small random BERT: the CPU f32 path (fused attention, bias epilogues)
+    /// against candle's plain ops, with padding in the batch.
+    #[test]
+    fn fused_path_matches_candle_ops() {
+        use candle_core::{Device, Tensor};
+        let cfg: super::Config = serde_json::from_str(
+            r#"{"vocab_size": 50, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "intermediate_size": 128, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+                "max_position_embeddings": 32, "type_vocab_size": 2, "initializer_range": 0.02,
+                "layer_norm_eps": 1e-12, "pad_token_id": 0, "classifier_dropout": null, "model_type": "bert"}"#,
+        )
+        .unwrap();
+        let dev = Device::Cpu;
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut rand = |shape: &[usize], base: f32, scale: f32| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    base + scale * (((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+                })
+                .collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut ts = std::collections::HashMap::new();
+        ts.insert("embeddings.word_embeddings.weight".to_string(), rand(&[cfg.vocab_size, h], 0.0, 1.0));
+        ts.insert("embeddings.position_embeddings.weight".to_string(), rand(&[cfg.max_position_embeddings, h], 0.0, 0.5));
+        ts.insert("embeddings.token_type_embeddings.weight".to_string(), rand(&[2, h], 0.0, 0.5));
+        ts.insert("embeddings.LayerNorm.weight".to_string(), rand(&[h], 1.0, 0.1));
+        ts.insert("embeddings.LayerNorm.bias".to_string(), rand(&[h], 0.0, 0.1));
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layer.{l}");
+            for n in ["query", "key", "value"] {
+                ts.insert(format!("{p}.attention.self.{n}.weight"), rand(&[h, h], 0.0, 0.3));
+                ts.insert(format!("{p}.attention.self.{n}.bias"), rand(&[h], 0.0, 0.1));
+            }
+            for (n, o, i_) in [("attention.output.dense", h, h), ("intermediate.dense", i, h), ("output.dense", h, i)] {
+                ts.insert(format!("{p}.{n}.weight"), rand(&[o, i_], 0.0, 0.2));
+                ts.insert(format!("{p}.{n}.bias"), rand(&[o], 0.0, 0.1));
+            }
+            for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                ts.insert(format!("{p}.{n}.weight"), rand(&[h], 1.0, 0.1));
+                ts.insert(format!("{p}.{n}.bias"), rand(&[h], 0.0, 0.1));
+            }
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(ts, candle_core::DType::F32, &dev);
+        let model = super::Bert::load(vb, &cfg).unwrap();
+        assert!(model.layers.iter().all(|l| l.fused.is_some()));
+        // Three rows of 13 positions: whole, 9 tokens, 1 token.
+        let (b, l) = (3usize, 13usize);
+        let lens = [13usize, 9, 1];
+        let ids: Vec<u32> = (0..b * l).map(|k| if k % l < lens[k / l] { 1 + (k * 7 % 49) as u32 } else { 0 }).collect();
+        let mask: Vec<u32> = (0..b * l).map(|k| u32::from(k % l < lens[k / l])).collect();
+        let ids = Tensor::from_vec(ids, (b, l), &dev).unwrap();
+        let types = ids.zeros_like().unwrap();
+        let mask = Tensor::from_vec(mask, (b, l), &dev).unwrap();
+        let fused: Vec<f32> = model.forward_with(&ids, &types, &mask, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let plain: Vec<f32> = model.forward_with(&ids, &types, &mask, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(fused.len(), b * l * h);
+        let worst = fused.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // candle's softmax sums in another order: a few f32 ulps of LayerNorm-scaled values.
+        assert!(worst < 1e-4, "max |fused - plain| = {worst}");
+        assert!(fused.iter().all(|v| v.is_finite()));
     }
 }
