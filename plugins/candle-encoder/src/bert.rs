@@ -11,8 +11,8 @@
 //! written into the head's columns of the output — instead of candle's
 //! batched matmul, which splits every 256×256 product over the threads and
 //! materialises the Q/K/V split, the scores and the transposed context. Each
-//! bias is added inside the op after its product (attention; GELU; residual
-//! + LayerNorm) instead of a pass of its own. Every value is computed in the
+//! bias is added inside the op after its product (attention; GELU; the
+//! residual and LayerNorm) instead of a pass of its own. Every value is computed in the
 //! order the unfused ops computed it, so the embeddings did not change: the
 //! whole SciFact corpus encoded before and after gave the same bytes
 //! (docs/BENCHMARKS.md). `forward_with(.., false)` keeps candle's own ops
@@ -353,6 +353,14 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The element `i` places in (a method, so closures capture the Sync
+    /// wrapper rather than its raw field).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 impl CustomOp2 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -386,8 +394,6 @@ impl CustomOp2 for Attention {
                     }
                 }
                 q.iter_mut().for_each(|v| *v *= scale);
-                // The Sync wrapper itself, not its raw field (closures capture fields).
-                let dst = dst;
                 // SAFETY: q, k and v are l×d and p l×l, row-major; Kᵀ's (c, j)
                 // is k[j·d + c]; the output block (s, ·, h·d..h·d + d) belongs
                 // to this task alone.
@@ -405,7 +411,7 @@ impl CustomOp2 for Attention {
                 unsafe {
                     gemm::gemm(
                         l, d, l,
-                        dst.0.add(s * l * hd + h * d), 1, hd as isize, false,
+                        dst.at(s * l * hd + h * d), 1, hd as isize, false,
                         p.as_ptr(), 1, l as isize,
                         v.as_ptr(), 1, d as isize,
                         0.0, 1.0, false, false, false, gemm::Parallelism::None,
