@@ -824,9 +824,11 @@ fn attend_row<const D: usize>(q: &[f32], keys: &[f32], values: &[f32], scale: f3
 #[inline]
 fn softmax_numerators(scores: &mut [f32]) -> f32 {
     let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    scores.iter_mut().for_each(|x| *x -= max);
+    // `f32::exp`'s bits, several lanes at a time.
+    rir_models::kernels::exp_in_place(scores);
     let mut sum = 0f32;
-    for x in scores.iter_mut() {
-        *x = (*x - max).exp();
+    for x in scores.iter() {
         sum += *x;
     }
     sum

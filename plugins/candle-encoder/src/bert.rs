@@ -317,6 +317,7 @@ fn activation(x: &Tensor, act: HiddenAct) -> Result<Tensor> {
 }
 
 pub use rir_models::kernels::erf_f32;
+use rir_models::kernels::exp_in_place;
 
 /// Softmax of one row of scores over the keys whose mask is 1 (1 = token,
 /// 0 = padding); padded keys get 0.
@@ -326,9 +327,12 @@ fn masked_softmax_row(o: &mut [f32], mask: &[f32]) {
     for (&v, &k) in o.iter().zip(mask) {
         max = max.max(if k > 0.5 { v } else { f32::NEG_INFINITY });
     }
+    // Padded keys at -inf, which exp takes to 0.
     for (o, &k) in o.iter_mut().zip(mask) {
-        *o = if k > 0.5 { (*o - max).exp() } else { 0.0 };
+        *o = if k > 0.5 { *o - max } else { f32::NEG_INFINITY };
     }
+    // `f32::exp`'s bits, several lanes at a time.
+    exp_in_place(o);
     let inv = 1.0 / sum8(o);
     o.iter_mut().for_each(|x| *x *= inv);
 }
