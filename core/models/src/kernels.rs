@@ -34,8 +34,8 @@ pub fn erf_f32(x: f32) -> f32 {
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was just detected.
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
             return unsafe { expf::avx512(xs) };
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -194,7 +194,7 @@ mod exp_tests {
         let inside: Vec<f32> = xs.iter().copied().filter(|x| (-103.0..=88.0).contains(x)).collect();
         let one: Vec<f32> = inside.iter().map(|&x| super::expf::scalar(x)).collect();
         same(&one, &inside, "scalar");
-        if is_x86_feature_detected!("avx512f") {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             let mut v = xs.clone();
             // SAFETY: detected.
             unsafe { super::expf::avx512(&mut v) };
