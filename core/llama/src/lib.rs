@@ -6,11 +6,14 @@
 //!   LoRA merging, export as an HF directory;
 //! - `model`: the inference forward with an external KV cache (batched,
 //!   left-padded, batch-invariant on CPU);
+//! - `attention`: that forward's causal attention on the CPU, in tiles
+//!   that give the row-by-row definition's numbers bit for bit;
 //! - `prefix_cache`: prompt prefixes' keys and values kept across calls;
 //! - `quant`: Q4_1 / Q8_0 matrix products for x86;
 //! - `sampler`: greedy and nucleus sampling;
 //! - `train`: a differentiable forward with LoRA adapters, for training.
 
+mod attention;
 mod gguf_tokenizer;
 pub mod load;
 pub mod model;
