@@ -587,6 +587,8 @@ mod tests {
             (128, 4, 4, 16, 16, &[0, 0]),
             (64, 2, 1, 0, 200, &[0, 150]),
             (40, 4, 2, 5, 11, &[0, 9]),
+            // Qwen2.5-0.5B's grouping: 14 query heads over 2 KV heads.
+            (64, 14, 2, 9, 30, &[3, 0]),
         ];
         for &(d, nh, n_kv, start, l, pads) in cases {
             let b = pads.len();
