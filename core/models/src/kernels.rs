@@ -21,6 +21,71 @@ pub fn erf_f32(x: f32) -> f32 {
     p / q
 }
 
+/// The vector instruction set a [`multiversion!`] function runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Isa {
+    /// AVX-512F with AVX2 and FMA.
+    Avx512,
+    /// AVX2 with FMA.
+    Avx2,
+    /// What the build targets (SSE2 on x86-64).
+    Base,
+}
+
+/// The best [`Isa`] this CPU has (detected once).
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Base
+    })
+}
+
+/// Defines a function whose body is compiled three times — for AVX-512,
+/// for AVX2 and for the build's baseline — and runs the best copy the CPU
+/// has. The same source in each copy, so the same IEEE operations in the
+/// same order (Rust never fuses or reassociates float arithmetic): the
+/// copies give the same bits, only wider registers. For element-wise loops
+/// and row kernels that the baseline (SSE2) build runs 4 lanes wide.
+/// Helpers the body calls should be `#[inline(always)]` to be compiled
+/// into each copy.
+#[macro_export]
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn inner($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512($($arg: $ty),*) {
+                inner($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                inner($($arg),*)
+            }
+            match $crate::kernels::isa() {
+                // SAFETY: `isa()` detected the features each copy is compiled for.
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                _ => inner($($arg),*),
+            }
+        }
+    };
+}
+
 /// `exp` of every element in place, with the very bits of glibc's `expf`
 /// (what `f32::exp` calls on Linux), computed 8 (AVX-512) or 4 (AVX2 + FMA)
 /// lanes at a time: glibc's algorithm (ARM optimized-routines' `expf`:

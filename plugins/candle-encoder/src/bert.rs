@@ -155,7 +155,7 @@ impl candle_core::CustomOp3 for FastLayerNorm {
         let h = w.len();
         let eps = self.0;
         let mut out = x.to_vec();
-        out.par_chunks_mut(h * 16).for_each(|o| o.chunks_mut(h).for_each(|o| norm_row(o, w, b, eps)));
+        out.par_chunks_mut(h * 16).for_each(|o| norm_rows(o, w, b, eps));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -167,6 +167,26 @@ fn f32_pair<'a>(op: &str, s1: &'a CpuStorage, l1: &Layout, s2: &'a CpuStorage, l
         candle_core::bail!("{op}: contiguous inputs only")
     };
     Ok((&x[xa..xz], &y[ya..yz]))
+}
+
+rir_models::multiversion! {
+    /// LayerNorm of each row of `o` (rows of `w.len()`), in place.
+    fn norm_rows(o: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+        o.chunks_mut(w.len()).for_each(|o| norm_row(o, w, b, eps));
+    }
+}
+
+rir_models::multiversion! {
+    /// `LayerNorm((y + bias) + r)` of each row, into `o`.
+    fn bias_residual_norm_rows(o: &mut [f32], y: &[f32], r: &[f32], bias: &[f32], weight: &[f32], beta: &[f32], eps: f32) {
+        let h = bias.len();
+        for (o, (y, r)) in o.chunks_mut(h).zip(y.chunks(h).zip(r.chunks(h))) {
+            for (((o, &y), &r), &b) in o.iter_mut().zip(y).zip(r).zip(bias) {
+                *o = (y + b) + r;
+            }
+            norm_row(o, weight, beta, eps);
+        }
+    }
 }
 
 /// LayerNorm of one row, in place.
@@ -208,14 +228,9 @@ impl CustomOp2 for BiasResidualNorm {
             candle_core::bail!("bias-residual-norm: shapes {:?} and {:?}, width {h}", l1.shape(), l2.shape());
         }
         let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(h * 16).zip(y.par_chunks(h * 16).zip(r.par_chunks(h * 16))).for_each(|(o, (y, r))| {
-            for (o, (y, r)) in o.chunks_mut(h).zip(y.chunks(h).zip(r.chunks(h))) {
-                for (((o, &y), &r), &b) in o.iter_mut().zip(y).zip(r).zip(&self.bias) {
-                    *o = (y + b) + r;
-                }
-                norm_row(o, &self.weight, &self.beta, self.eps);
-            }
-        });
+        out.par_chunks_mut(h * 16)
+            .zip(y.par_chunks(h * 16).zip(r.par_chunks(h * 16)))
+            .for_each(|(o, (y, r))| bias_residual_norm_rows(o, y, r, &self.bias, &self.weight, &self.beta, self.eps));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -337,6 +352,32 @@ fn masked_softmax_row(o: &mut [f32], mask: &[f32]) {
     o.iter_mut().for_each(|x| *x *= inv);
 }
 
+rir_models::multiversion! {
+    /// One (sequence, head)'s Q, K and V (l×d each, side by side in `qkv`)
+    /// from the sequence's fused projection `rows` (l × w): the bias added
+    /// as candle's broadcast add would, then Q scaled as `q * scale`.
+    fn head_qkv(rows: &[f32], bias: &[f32], dims: [usize; 4], scale: f32, qkv: &mut [f32]) {
+        let [w, hd, h, d] = dims;
+        let l = rows.len() / w;
+        for (part, buf) in qkv.chunks_exact_mut(l * d).enumerate() {
+            let at = part * hd + h * d;
+            let bias = &bias[at..at + d];
+            for (i, row) in buf.chunks_exact_mut(d).enumerate() {
+                let src = &rows[i * w + at..i * w + at + d];
+                row.iter_mut().zip(src).zip(bias).for_each(|((o, &y), &b)| *o = y + b);
+            }
+        }
+        qkv[..l * d].iter_mut().for_each(|v| *v *= scale);
+    }
+}
+
+rir_models::multiversion! {
+    /// [`masked_softmax_row`] over each row of `p` (rows of the mask's length).
+    fn softmax_rows(p: &mut [f32], m: &[f32]) {
+        p.chunks_exact_mut(m.len()).for_each(|row| masked_softmax_row(row, m));
+    }
+}
+
 /// Multi-head self-attention from the fused projection's product `[b, l,
 /// 3·heads·d]` (Q, K, V side by side, before their `bias`) and the mask
 /// `[b, l]` to the context `[b, l, heads·d]`. One task per sequence and head,
@@ -385,18 +426,9 @@ impl CustomOp2 for Attention {
             |(qkv_h, p), t| {
                 let (s, h) = (t / heads, t % heads);
                 let rows = &qkv[s * l * w..(s + 1) * l * w];
+                head_qkv(rows, &self.bias, [w, hd, h, d], scale, qkv_h);
                 let (q, kv) = qkv_h.split_at_mut(l * d);
                 let (k, v) = kv.split_at_mut(l * d);
-                // The bias added as candle's broadcast add would, then Q scaled as `q * scale`.
-                for (part, buf) in [(0, &mut *q), (1, &mut *k), (2, &mut *v)] {
-                    let at = part * hd + h * d;
-                    let bias = &self.bias[at..at + d];
-                    for (i, row) in buf.chunks_exact_mut(d).enumerate() {
-                        let src = &rows[i * w + at..i * w + at + d];
-                        row.iter_mut().zip(src).zip(bias).for_each(|((o, &y), &b)| *o = y + b);
-                    }
-                }
-                q.iter_mut().for_each(|v| *v *= scale);
                 // SAFETY: q, k and v are l×d and p l×l, row-major; Kᵀ's (c, j)
                 // is k[j·d + c]; the output block (s, ·, h·d..h·d + d) belongs
                 // to this task alone.
@@ -410,7 +442,7 @@ impl CustomOp2 for Attention {
                     );
                 }
                 let m = &mask[s * l..(s + 1) * l];
-                p.chunks_exact_mut(l).for_each(|row| masked_softmax_row(row, m));
+                softmax_rows(p, m);
                 unsafe {
                     gemm::gemm(
                         l, d, l,
@@ -430,6 +462,19 @@ impl CustomOp2 for Attention {
 /// projection's bias added in the activation's pass.
 struct BiasGelu(Vec<f32>);
 
+rir_models::multiversion! {
+    /// `gelu(y + bias)` of each row of `s` (rows of the bias's length), into `o`.
+    fn bias_gelu_rows(o: &mut [f32], s: &[f32], bias: &[f32]) {
+        let n = bias.len();
+        for (o, s) in o.chunks_mut(n).zip(s.chunks(n)) {
+            for ((o, &y), &b) in o.iter_mut().zip(s).zip(bias) {
+                let v = y + b;
+                *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+    }
+}
+
 impl CustomOp1 for BiasGelu {
     fn name(&self) -> &'static str {
         "bias-gelu"
@@ -442,14 +487,7 @@ impl CustomOp1 for BiasGelu {
             candle_core::bail!("bias-gelu: shape {:?}, bias of {n}", layout.shape());
         }
         let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(n * 8).zip(src.par_chunks(n * 8)).for_each(|(o, s)| {
-            for (o, s) in o.chunks_mut(n).zip(s.chunks(n)) {
-                for ((o, &y), &b) in o.iter_mut().zip(s).zip(&self.0) {
-                    let v = y + b;
-                    *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                }
-            }
-        });
+        out.par_chunks_mut(n * 8).zip(src.par_chunks(n * 8)).for_each(|(o, s)| bias_gelu_rows(o, s, &self.0));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
