@@ -57,8 +57,35 @@ pub fn isa() -> Isa {
 /// and row kernels that the baseline (SSE2) build runs 4 lanes wide.
 /// Helpers the body calls should be `#[inline(always)]` to be compiled
 /// into each copy.
+///
+/// A function generic over one type is written `fn name[T: Bounds](…)`.
 #[macro_export]
 macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident[$t:ident: $($bound:tt)+]($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name<$t: $($bound)+>($($arg: $ty),*) {
+            #[inline(always)]
+            fn inner<$t: $($bound)+>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512<$t: $($bound)+>($($arg: $ty),*) {
+                inner::<$t>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<$t: $($bound)+>($($arg: $ty),*) {
+                inner::<$t>($($arg),*)
+            }
+            match $crate::kernels::isa() {
+                // SAFETY: `isa()` detected the features each copy is compiled for.
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Isa::Avx512 => unsafe { avx512::<$t>($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Isa::Avx2 => unsafe { avx2::<$t>($($arg),*) },
+                _ => inner::<$t>($($arg),*),
+            }
+        }
+    };
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) {

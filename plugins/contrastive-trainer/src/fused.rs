@@ -47,7 +47,7 @@ fn wrap<T: 'static>(v: Vec<T>) -> CpuStorage {
 }
 
 /// Mean and 1/std of one row.
-#[inline]
+#[inline(always)]
 fn moments<T: Float>(x: &[T], eps: T) -> (T, T) {
     let n = T::from(x.len()).unwrap_or_else(T::one);
     let mean = x.iter().fold(T::zero(), |a, &v| a + v) / n;
@@ -68,15 +68,21 @@ fn ln_fwd<T: Float + Send + Sync>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T>
     let h = w.len();
     let eps = T::from(eps).unwrap_or_else(T::zero);
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(h * ROWS).zip(x.par_chunks(h * ROWS)).for_each(|(o, x)| {
+    out.par_chunks_mut(h * ROWS).zip(x.par_chunks(h * ROWS)).for_each(|(o, x)| ln_rows(o, x, w, b, eps));
+    out
+}
+
+rir_models::multiversion! {
+    /// [`ln_fwd`] of the rows of `x` (rows of `w.len()`) into `o`.
+    fn ln_rows[T: Float](o: &mut [T], x: &[T], w: &[T], b: &[T], eps: T) {
+        let h = w.len();
         for (o, x) in o.chunks_mut(h).zip(x.chunks(h)) {
             let (mean, inv) = moments(x, eps);
             for (((o, &v), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
                 *o = (v - mean) * inv * w + b;
             }
         }
-    });
-    out
+    }
 }
 
 impl CustomOp3 for LayerNorm {
@@ -107,7 +113,14 @@ fn ln_dx<T: Float + Send + Sync>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> 
     let n = T::from(h).unwrap_or_else(T::one);
     let eps = T::from(eps).unwrap_or_else(T::zero);
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(h * ROWS).zip(x.par_chunks(h * ROWS)).zip(g.par_chunks(h * ROWS)).for_each(|((o, x), g)| {
+    out.par_chunks_mut(h * ROWS).zip(x.par_chunks(h * ROWS)).zip(g.par_chunks(h * ROWS)).for_each(|((o, x), g)| ln_dx_rows(o, x, w, g, n, eps));
+    out
+}
+
+rir_models::multiversion! {
+    /// [`ln_dx`] of the rows of `x` and `g` (rows of `w.len()`) into `o`.
+    fn ln_dx_rows[T: Float](o: &mut [T], x: &[T], w: &[T], g: &[T], n: T, eps: T) {
+        let h = w.len();
         for ((o, x), g) in o.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
             let (mean, inv) = moments(x, eps);
             let (mut s1, mut s2) = (T::zero(), T::zero());
@@ -122,8 +135,7 @@ fn ln_dx<T: Float + Send + Sync>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> 
                 *o = inv * (g * w - m1 - xh * m2);
             }
         }
-    });
-    out
+    }
 }
 
 impl CustomOp3 for LayerNormGradX {
@@ -189,25 +201,36 @@ trait Erf: Float {
     fn erf(self) -> Self;
 }
 impl Erf for f32 {
+    #[inline(always)]
     fn erf(self) -> f32 {
         rir_models::kernels::erf_f32(self)
     }
 }
 impl Erf for f64 {
+    #[inline(always)]
     fn erf(self) -> f64 {
         libm::erf(self)
     }
 }
 
+#[inline(always)]
 fn cdf<T: Erf>(x: T) -> T {
     let half = T::from(0.5).unwrap_or_else(T::one);
     half * (T::one() + (x * T::from(std::f64::consts::FRAC_1_SQRT_2).unwrap_or_else(T::one)).erf())
 }
 
-fn map1<T: Erf + Send + Sync>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+/// `f(o, x)` over chunks of `x` in parallel.
+fn map1<T: Erf + Send + Sync>(x: &[T], f: impl Fn(&mut [T], &[T]) + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &v)| *o = f(v)));
+    out.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(o, x)| f(o, x));
     out
+}
+
+rir_models::multiversion! {
+    /// x · Φ(x) of each element of `x`, into `o`.
+    fn gelu_rows[T: Erf](o: &mut [T], x: &[T]) {
+        o.iter_mut().zip(x).for_each(|(o, &v)| *o = v * cdf(v));
+    }
 }
 
 struct Gelu;
@@ -218,8 +241,8 @@ impl CustomOp1 for Gelu {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(x) => wrap(map1(slice(x, l, "gelu")?, |v| v * cdf(v))),
-            CpuStorage::F64(x) => wrap(map1(slice(x, l, "gelu")?, |v| v * cdf(v))),
+            CpuStorage::F32(x) => wrap(map1(slice(x, l, "gelu")?, gelu_rows)),
+            CpuStorage::F64(x) => wrap(map1(slice(x, l, "gelu")?, gelu_rows)),
             _ => candle_core::bail!("fused-gelu: f32 or f64 only"),
         };
         Ok((out, l.shape().clone()))
@@ -236,12 +259,17 @@ fn gelu_dx<T: Erf + Send + Sync>(x: &[T], g: &[T]) -> Vec<T> {
     let c = T::from(1.0 / (2.0 * std::f64::consts::PI).sqrt()).unwrap_or_else(T::one);
     let half = T::from(0.5).unwrap_or_else(T::one);
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(4096).zip(x.par_chunks(4096)).zip(g.par_chunks(4096)).for_each(|((o, x), g)| {
+    out.par_chunks_mut(4096).zip(x.par_chunks(4096)).zip(g.par_chunks(4096)).for_each(|((o, x), g)| gelu_dx_rows(o, x, g, c, half));
+    out
+}
+
+rir_models::multiversion! {
+    /// [`gelu_dx`] of each element, into `o`.
+    fn gelu_dx_rows[T: Erf](o: &mut [T], x: &[T], g: &[T], c: T, half: T) {
         for ((o, &v), &g) in o.iter_mut().zip(x).zip(g) {
             *o = g * (cdf(v) + v * c * (-(v * v) * half).exp());
         }
-    });
-    out
+    }
 }
 
 impl CustomOp2 for GeluGrad {
@@ -271,7 +299,15 @@ fn softmax_fwd<T: Float + Send + Sync>(s: &[T], mask: &[T], dims: &[usize], scal
     let mut out = vec![T::zero(); s.len()];
     // One task per (batch row, head): its L rows share one mask row.
     out.par_chunks_mut(l * dims[2]).zip(s.par_chunks(l * dims[2])).enumerate().for_each(|(bh, (o, s))| {
-        let m = &mask[(bh / heads) * l..(bh / heads + 1) * l];
+        softmax_rows(o, s, &mask[(bh / heads) * l..(bh / heads + 1) * l], scale);
+    });
+    out
+}
+
+rir_models::multiversion! {
+    /// [`softmax_fwd`] of each row of `s` (rows of the mask's length), into `o`.
+    fn softmax_rows[T: Float](o: &mut [T], s: &[T], m: &[T], scale: T) {
+        let l = m.len();
         for (o, s) in o.chunks_mut(l).zip(s.chunks(l)) {
             let mut max = T::neg_infinity();
             for ((o, &v), &m) in o.iter_mut().zip(s).zip(m) {
@@ -286,8 +322,7 @@ fn softmax_fwd<T: Float + Send + Sync>(s: &[T], mask: &[T], dims: &[usize], scal
             let inv = T::one() / z;
             o.iter_mut().for_each(|o| *o = *o * inv);
         }
-    });
-    out
+    }
 }
 
 impl CustomOp2 for MaskedSoftmax {
@@ -316,15 +351,20 @@ struct SoftmaxGrad(f64);
 fn softmax_ds<T: Float + Send + Sync>(p: &[T], g: &[T], l: usize, scale: f64) -> Vec<T> {
     let scale = T::from(scale).unwrap_or_else(T::one);
     let mut out = vec![T::zero(); p.len()];
-    out.par_chunks_mut(l * ROWS).zip(p.par_chunks(l * ROWS)).zip(g.par_chunks(l * ROWS)).for_each(|((o, p), g)| {
+    out.par_chunks_mut(l * ROWS).zip(p.par_chunks(l * ROWS)).zip(g.par_chunks(l * ROWS)).for_each(|((o, p), g)| softmax_ds_rows(o, p, g, l, scale));
+    out
+}
+
+rir_models::multiversion! {
+    /// [`softmax_ds`] of each row (of `l`), into `o`.
+    fn softmax_ds_rows[T: Float](o: &mut [T], p: &[T], g: &[T], l: usize, scale: T) {
         for ((o, p), g) in o.chunks_mut(l).zip(p.chunks(l)).zip(g.chunks(l)) {
             let dot = p.iter().zip(g).fold(T::zero(), |a, (&p, &g)| a + p * g);
             for ((o, &p), &g) in o.iter_mut().zip(p).zip(g) {
                 *o = scale * p * (g - dot);
             }
         }
-    });
-    out
+    }
 }
 
 impl CustomOp2 for SoftmaxGrad {
