@@ -13,6 +13,8 @@
 
 use candle_core::{Result, Tensor};
 
+use rir_models::kernels::{isa, Isa};
+
 use crate::model::Shape;
 
 /// A dot product in eight lanes (so it vectorizes), summed in a fixed order.
@@ -94,30 +96,6 @@ pub(crate) fn softmax_numerators(scores: &mut [f32]) -> f32 {
 const TILE: usize = 8;
 /// Keys per transposed block: 16 scores, one AVX-512 register.
 const KB: usize = 16;
-
-/// The instruction set the kernels were compiled for, best first.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Isa {
-    Avx512,
-    Avx2,
-    Base,
-}
-
-fn isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Base
-    })
-}
 
 /// `f32`'s sum of nothing (what `Iterator::sum` starts from), the row
 /// kernel's `tail` for head sizes that are a multiple of 8.
@@ -383,7 +361,7 @@ isa_kernels!(tile_avx2, row_avx2, x86::Y, "avx2", "fma");
 
 fn run_tile<const D: usize>(isa: Isa, t: &Tile<'_>, outs: &mut [&mut [f32]], w: &mut Vec<f32>) {
     match isa {
-        // SAFETY: `isa()` found the features these were compiled for.
+        // SAFETY: `isa()` detected the features these were compiled for.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { tile_avx512::<D>(t, outs, w) },
         #[cfg(target_arch = "x86_64")]
