@@ -278,10 +278,10 @@ unsafe fn weighted_values<const D: usize, const U: usize, L: Lanes>(w: [&[f32]; 
 
 /// Keys `first..end` of one (sequence, KV head), rows of `d`, transposed in
 /// blocks of `KB` (`kt[(b * d + i) * KB + j]` = key b·KB + j's element i;
-/// the last block zero-filled). Plain moves, on the baseline instruction
-/// set: AVX-512 would turn them into scatters.
+/// the last block's missing keys left as they are: `kt` comes zeroed). Plain
+/// moves, on the baseline instruction set: AVX-512 would turn them into
+/// scatters.
 fn transpose_keys(keys: &[f32], d: usize, kt: &mut [f32]) {
-    kt.fill(0.0);
     for (j, k) in keys.chunks_exact(d).enumerate() {
         let block = &mut kt[(j / KB) * d * KB..][..d * KB];
         for (i, &x) in k.iter().enumerate() {
@@ -340,28 +340,24 @@ unsafe fn tile<const D: usize, L: Lanes>(t: &Tile<'_>, outs: &mut [&mut [f32]], 
     }
 }
 
-/// [`tile`] or [`attend_row_sized`] compiled for one instruction set: the
-/// same source, so the same operations in the same order.
-macro_rules! isa_kernels {
-    ($tile:ident, $row:ident, $lanes:ty, $($feat:literal),*) => {
+/// [`tile`] compiled for one instruction set with its lanes: the same
+/// source, so the same operations in the same order.
+macro_rules! isa_tile {
+    ($name:ident, $lanes:ty, $($feat:literal),*) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature($(enable = $feat),*)]
-        unsafe fn $tile<const D: usize>(t: &Tile<'_>, outs: &mut [&mut [f32]], w: &mut Vec<f32>) {
+        unsafe fn $name<const D: usize>(t: &Tile<'_>, outs: &mut [&mut [f32]], w: &mut Vec<f32>) {
             unsafe { tile::<D, $lanes>(t, outs, w) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature($(enable = $feat),*)]
-        unsafe fn $row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
-            attend_row_sized(q, keys, values, scale, o)
         }
     };
 }
-isa_kernels!(tile_avx512, row_avx512, x86::Z, "avx512f", "avx2", "fma");
-isa_kernels!(tile_avx2, row_avx2, x86::Y, "avx2", "fma");
+isa_tile!(tile_avx512, x86::Z, "avx512f", "avx2", "fma");
+isa_tile!(tile_avx2, x86::Y, "avx2", "fma");
 
+/// [`tile`] on `isa`'s lanes (a parameter, so the test can run each).
 fn run_tile<const D: usize>(isa: Isa, t: &Tile<'_>, outs: &mut [&mut [f32]], w: &mut Vec<f32>) {
     match isa {
-        // SAFETY: `isa()` detected the features these were compiled for.
+        // SAFETY: the caller passes an `isa` this CPU has (`isa()` or below it).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { tile_avx512::<D>(t, outs, w) },
         #[cfg(target_arch = "x86_64")]
@@ -371,14 +367,10 @@ fn run_tile<const D: usize>(isa: Isa, t: &Tile<'_>, outs: &mut [&mut [f32]], w: 
     }
 }
 
-fn run_row(isa: Isa, q: &[f32], keys: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
-    match isa {
-        // SAFETY: as in `run_tile`.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { row_avx512(q, keys, values, scale, o) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { row_avx2(q, keys, values, scale, o) },
-        _ => attend_row_sized(q, keys, values, scale, o),
+rir_models::multiversion! {
+    /// [`attend_row_sized`] on the best instruction set (decode steps, pad queries).
+    fn run_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, o: &mut [f32]) {
+        attend_row_sized(q, keys, values, scale, o)
     }
 }
 
@@ -415,7 +407,7 @@ pub(crate) fn attend_cpu(q: &Tensor, ck: &Tensor, cv: &Tensor, start: usize, pad
     let kall = &kc.as_slice::<f32>()?[kl.start_offset()..];
     let vall = &vc.as_slice::<f32>()?[vl.start_offset()..];
     let mut out = vec![0f32; b * l * nh * d];
-    attend_slices(&qv, kall, vall, &mut out, [b, nh, l, d], s.n_kv_head, cap, start, pads);
+    attend_slices(isa(), &qv, kall, vall, &mut out, [b, nh, l, d], s.n_kv_head, cap, start, pads);
     drop((ks, vs));
     Tensor::from_vec(out, (b, l, nh * d), q.device())
 }
@@ -425,13 +417,12 @@ pub(crate) fn attend_cpu(q: &Tensor, ck: &Tensor, cv: &Tensor, start: usize, pad
 const MIN_TILED: usize = 4;
 
 /// [`attend_cpu`] on slices: `qv` (b, nh, l, d), `kall` / `vall` (b, kv,
-/// cap, d), into `out` (b, l, nh, d).
+/// cap, d), into `out` (b, l, nh, d); tiles on `isa`'s lanes (one the CPU has).
 #[allow(clippy::too_many_arguments)]
-fn attend_slices(qv: &[f32], kall: &[f32], vall: &[f32], out: &mut [f32], [b, nh, l, d]: [usize; 4], n_kv: usize, cap: usize, start: usize, pads: &[usize]) {
+fn attend_slices(isa: Isa, qv: &[f32], kall: &[f32], vall: &[f32], out: &mut [f32], [b, nh, l, d]: [usize; 4], n_kv: usize, cap: usize, start: usize, pads: &[usize]) {
     use rayon::prelude::*;
     let rep = nh / n_kv;
     let scale = 1.0 / (d as f32).sqrt();
-    let isa = isa();
     let parallel = rayon::current_num_threads() > 1;
     let tiled = l >= MIN_TILED && matches!(d, 64 | 128);
     // Each (sequence, KV head)'s keys from its first real one, transposed
@@ -479,7 +470,7 @@ fn attend_slices(qv: &[f32], kall: &[f32], vall: &[f32], out: &mut [f32], [b, nh
                     let f = first.min(c);
                     let (keys, values) = (&kall[base + f * d..base + (c + 1) * d], &vall[base + f * d..base + (c + 1) * d]);
                     // SAFETY: this task owns row (bi, t, h).
-                    run_row(isa, q_at(h, t), keys, values, scale, unsafe { dst.row(out_at(h, t), d) });
+                    run_row(q_at(h, t), keys, values, scale, unsafe { dst.row(out_at(h, t), d) });
                 }
             }
             return;
@@ -576,51 +567,18 @@ mod tests {
             let vall: Vec<f32> = (0..b * n_kv * cap * d).map(|_| rnd()).collect();
             let want = reference(&qv, &kall, &vall, [b, nh, l, d], n_kv, cap, start, pads);
             assert!(want.iter().any(|v| *v != 0.0));
-            let mut got = vec![f32::NAN; want.len()];
-            attend_slices(&qv, &kall, &vall, &mut got, [b, nh, l, d], n_kv, cap, start, pads);
-            let same = |got: &[f32]| got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(same(&got), "d {d}, heads {nh}/{n_kv}, start {start}, l {l}, pads {pads:?}");
-            // Every instruction set this CPU has, tile by tile.
-            if matches!(d, 64 | 128) {
-                for isa in [Isa::Base, Isa::Avx2, Isa::Avx512] {
-                    if (isa == Isa::Avx512 && super::isa() != Isa::Avx512) || (isa == Isa::Avx2 && super::isa() == Isa::Base) {
-                        continue;
-                    }
-                    let rep = nh / n_kv;
-                    let scale = 1.0 / (d as f32).sqrt();
-                    let mut got = vec![f32::NAN; want.len()];
-                    let mut w = Vec::new();
-                    for bi in 0..b {
-                        if start < pads[bi] {
-                            continue;
-                        }
-                        for h in 0..nh {
-                            let base = (bi * n_kv + h / rep) * cap * d;
-                            let first = pads[bi];
-                            for t0 in (0..l).step_by(TILE) {
-                                let t1 = (t0 + TILE).min(l);
-                                let qs: Vec<&[f32]> = (t0..t1).map(|t| &qv[((bi * nh + h) * l + t) * d..][..d]).collect();
-                                let pos: Vec<usize> = (t0..t1).map(|t| start + t).collect();
-                                let mut outs = vec![vec![0f32; d]; t1 - t0];
-                                let mut o: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                                let (k, v) = (&kall[base + first * d..base + (start + t1) * d], &vall[base + first * d..base + (start + t1) * d]);
-                                let mut kt = vec![0f32; (start + t1 - first).div_ceil(KB) * KB * d];
-                                transpose_keys(k, d, &mut kt);
-                                let tile = Tile { qs, pos, first, kt: &kt, values: v, scale };
-                                match d {
-                                    64 => run_tile::<64>(isa, &tile, &mut o, &mut w),
-                                    _ => run_tile::<128>(isa, &tile, &mut o, &mut w),
-                                }
-                                for (t, row) in (t0..t1).zip(&outs) {
-                                    got[((bi * l + t) * nh + h) * d..][..d].copy_from_slice(row);
-                                }
-                            }
-                        }
-                        let rows = &got[bi * l * nh * d..(bi + 1) * l * nh * d];
-                        let want = &want[bi * l * nh * d..(bi + 1) * l * nh * d];
-                        assert!(rows.iter().zip(want).all(|(x, y)| x.to_bits() == y.to_bits()), "{isa:?}: d {d}, start {start}, l {l}, pads {pads:?}");
-                    }
+            // Every instruction set this CPU has, through the whole path.
+            let best = isa();
+            for isa in [Isa::Base, Isa::Avx2, Isa::Avx512] {
+                if (isa == Isa::Avx512 && best != Isa::Avx512) || (isa == Isa::Avx2 && best == Isa::Base) {
+                    continue;
                 }
+                let mut got = vec![f32::NAN; want.len()];
+                attend_slices(isa, &qv, &kall, &vall, &mut got, [b, nh, l, d], n_kv, cap, start, pads);
+                assert!(
+                    got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{isa:?}: d {d}, heads {nh}/{n_kv}, start {start}, l {l}, pads {pads:?}"
+                );
             }
         }
     }

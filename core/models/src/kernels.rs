@@ -61,53 +61,28 @@ pub fn isa() -> Isa {
 /// A function generic over one type is written `fn name[T: Bounds](…)`.
 #[macro_export]
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident[$t:ident: $($bound:tt)+]($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $([$t:ident: $($bound:tt)+])? ($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
-        $vis fn $name<$t: $($bound)+>($($arg: $ty),*) {
+        $vis fn $name $(<$t: $($bound)+>)? ($($arg: $ty),*) {
             #[inline(always)]
-            fn inner<$t: $($bound)+>($($arg: $ty),*) $body
+            fn inner $(<$t: $($bound)+>)? ($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn avx512<$t: $($bound)+>($($arg: $ty),*) {
-                inner::<$t>($($arg),*)
+            unsafe fn avx512 $(<$t: $($bound)+>)? ($($arg: $ty),*) {
+                inner $(::<$t>)? ($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<$t: $($bound)+>($($arg: $ty),*) {
-                inner::<$t>($($arg),*)
+            unsafe fn avx2 $(<$t: $($bound)+>)? ($($arg: $ty),*) {
+                inner $(::<$t>)? ($($arg),*)
             }
             match $crate::kernels::isa() {
                 // SAFETY: `isa()` detected the features each copy is compiled for.
                 #[cfg(target_arch = "x86_64")]
-                $crate::kernels::Isa::Avx512 => unsafe { avx512::<$t>($($arg),*) },
+                $crate::kernels::Isa::Avx512 => unsafe { avx512 $(::<$t>)? ($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                $crate::kernels::Isa::Avx2 => unsafe { avx2::<$t>($($arg),*) },
-                _ => inner::<$t>($($arg),*),
-            }
-        }
-    };
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn inner($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,avx2,fma")]
-            unsafe fn avx512($($arg: $ty),*) {
-                inner($($arg),*)
-            }
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($arg: $ty),*) {
-                inner($($arg),*)
-            }
-            match $crate::kernels::isa() {
-                // SAFETY: `isa()` detected the features each copy is compiled for.
-                #[cfg(target_arch = "x86_64")]
-                $crate::kernels::Isa::Avx512 => unsafe { avx512($($arg),*) },
-                #[cfg(target_arch = "x86_64")]
-                $crate::kernels::Isa::Avx2 => unsafe { avx2($($arg),*) },
-                _ => inner($($arg),*),
+                $crate::kernels::Isa::Avx2 => unsafe { avx2 $(::<$t>)? ($($arg),*) },
+                _ => inner $(::<$t>)? ($($arg),*),
             }
         }
     };
@@ -124,18 +99,14 @@ macro_rules! multiversion {
 /// exponent (tests below) and, once, over all 2³² floats. An attention row's
 /// softmax spent most of its time in the scalar `expf` calls this replaces.
 pub fn exp_in_place(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { expf::avx512(xs) };
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { expf::avx2(xs) };
-        }
+    match isa() {
+        // SAFETY: `isa()` detected the features these are compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { expf::avx512(xs) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { expf::avx2(xs) },
+        _ => xs.iter_mut().for_each(|x| *x = x.exp()),
     }
-    xs.iter_mut().for_each(|x| *x = x.exp());
 }
 
 mod expf {
