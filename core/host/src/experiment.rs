@@ -775,6 +775,10 @@ pub struct Step {
     /// from stage.json for a cached one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_rss_bytes: Option<u64>,
+    /// The CPU time (user + system, all threads) it used, in seconds; over
+    /// `seconds`, the cores it kept busy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
     /// What it asked of the generator (read back from stage.json for a
     /// cached one); None when it asked nothing.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -892,6 +896,7 @@ impl Runner<'_> {
             cached,
             seconds: None,
             peak_rss_bytes: None,
+            cpu_seconds: None,
             generation: None,
             cost: None,
             estimate: None,
@@ -906,6 +911,7 @@ impl Runner<'_> {
                     .unwrap_or_default();
                 step.seconds = meta["seconds"].as_f64();
                 step.peak_rss_bytes = meta["peak_rss_bytes"].as_u64();
+                step.cpu_seconds = meta["cpu_seconds"].as_f64();
                 step.generation = serde_json::from_value(meta["generation"].clone()).ok();
                 step.cost = meta["cost"].as_f64();
             }
@@ -927,6 +933,7 @@ impl Runner<'_> {
         self.note(&format!("{label}: started in {}", partial.display()));
         let own_peak = crate::util::memory::next_stage();
         let t = Instant::now();
+        let cpu_before = crate::util::memory::cpu_seconds();
         let spent_before = crate::engine::generate::ledger();
         if let Err(e) = work(&partial) {
             // The log says what failed and where, whatever the caller prints.
@@ -936,9 +943,13 @@ impl Runner<'_> {
         let secs = t.elapsed().as_secs_f64();
         // Without a reset the high-water mark is the process's: not recorded.
         let peak = crate::util::memory::peak_rss_bytes().filter(|_| own_peak);
+        let cpu = cpu_before.zip(crate::util::memory::cpu_seconds()).map(|(a, b)| b - a);
         let mut meta = serde_json::json!({"stage": stage, "label": label, "seconds": secs});
         if let Some(p) = peak {
             meta["peak_rss_bytes"] = p.into();
+        }
+        if let Some(c) = cpu {
+            meta["cpu_seconds"] = c.into();
         }
         let spent = crate::engine::generate::ledger().since(&spent_before);
         if !spent.is_empty() {
@@ -973,6 +984,7 @@ impl Runner<'_> {
         remove_stale_partials(&dir, |m| self.note(m));
         step.seconds = Some(secs);
         step.peak_rss_bytes = peak;
+        step.cpu_seconds = cpu;
         self.steps.push(step);
         Ok(dir)
     }
@@ -1057,7 +1069,10 @@ enum Work {
     /// `lexical`: the `[lexical]` text retriever is opened for it.
     Data { stage: Stage, config: serde_json::Value, queries: Option<PathBuf>, generator: Option<Model>, retriever: Option<Model>, reward: Option<PluginSpec>, lexical: bool },
     /// A trainer job: `base` trained on `data`, written to OUT/`into`.
-    Train { trainer: PluginSpec, params: toml::Table, base: String, data: PathBuf, into: &'static str },
+    /// `index`: the retriever whose corpus vectors of the data's passages
+    /// the job carries (`TrainJob::passage_vectors`), for a trainer that
+    /// keeps the passage tower frozen.
+    Train { trainer: PluginSpec, params: toml::Table, base: String, data: PathBuf, into: &'static str, index: Option<Model> },
     /// One variant evaluated.
     /// A fusion of earlier eval steps' run files.
     Fuse { variant: usize, inputs: Vec<PathBuf> },
@@ -1135,6 +1150,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                 base: gbase,
                 data: rdir.join("dpo.jsonl"),
                 into: "",
+                index: None,
             });
             let gnew = Model { id: serde_json::json!({"trained": tk}), path: Some(tdir.join("merged")) };
 
@@ -1166,6 +1182,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                 base: rbase.clone(),
                 data: gdir.join("distill.jsonl"),
                 into: "model",
+                index: Some(rp.clone()),
             });
             gens.push(gnew);
             rets.push(Model { id: serde_json::json!({"trained": tk}), path: Some(rtdir.join("model")) });
@@ -1196,6 +1213,7 @@ fn plan(exp: &Experiment, base_gen: &Model, base_ret: &Model, lexical: Option<&M
                     base: rbase,
                     data: gpdir.join("distill.jsonl"),
                     into: "model",
+                    index: Some(rp.clone()),
                 });
                 gpls.push(Model { id: serde_json::json!({"trained": tk}), path: Some(gptdir.join("model")) });
             }
@@ -1477,9 +1495,26 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
                 (result, _) => result,
             }
         }
-        Work::Train { trainer, params, base, data, into } => {
-            let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params) };
-            crate::stages::train::run(host, &trainer.plugin, &table_text(&trainer.config), &job).map(|_| ())
+        Work::Train { trainer, params, base, data, into, index } => {
+            // The index's vectors of the data's passages (from the embedding
+            // cache where the mining stage left them), for a frozen passage tower.
+            let vectors = match index {
+                Some(m) => {
+                    let r = r_retriever(host, exp, m)?;
+                    let ec = opts.use_cache.then(|| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info()));
+                    let path = out.join(crate::stages::train::PASSAGE_VECTORS);
+                    crate::stages::train::write_passage_vectors(r.as_ref(), ec.as_ref(), data, exp.stages.rlgf.encode_batch, &path)?;
+                    Some(path)
+                }
+                None => None,
+            };
+            let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params), passage_vectors: vectors.clone() };
+            let result = crate::stages::train::run(host, &trainer.plugin, &table_text(&trainer.config), &job).map(|_| ());
+            // Derived from the cache, as large as the data's passages: not kept.
+            if let Some(p) = vectors {
+                let _ = std::fs::remove_file(p);
+            }
+            result
         }
         Work::Fuse { variant, inputs } => {
             let v = &exp.variants[*variant];

@@ -163,6 +163,18 @@ struct TrainArgs {
     /// Hyper-parameters (TOML text or @FILE), the trainer's schema
     #[arg(long, default_value = "")]
     params: String,
+    /// Passage vectors for a trainer with a frozen passage tower: a safetensors
+    /// file with `embeddings` (F32, rows x dim) and `sha256` (U8, rows x 32: the
+    /// SHA-256 of each passage's text)
+    #[arg(long, conflicts_with = "index_retriever")]
+    passage_vectors: Option<PathBuf>,
+    /// Hand the trainer this retriever's corpus vectors of the data's passages
+    /// (from the embedding cache where it has them), as `rir run` does
+    #[arg(long)]
+    index_retriever: Option<String>,
+    /// The index retriever's config table (TOML text or @FILE)
+    #[arg(long, default_value = "", requires = "index_retriever")]
+    index_retriever_config: String,
 }
 
 #[derive(Subcommand)]
@@ -620,8 +632,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ("--trainer-config", &a.trainer, Kind::Trainer, ConfigOf::Trainer, &tcfg),
                 ("--params", &a.trainer, Kind::Trainer, ConfigOf::Params, &params),
             ])?;
-            let job = rir_sdk::TrainJob { base_model: a.base.clone(), data_file: a.data.clone(), output_dir: a.output.clone(), params };
-            let r = rir::stages::train::run(&h, &a.trainer, &tcfg, &job)?;
+            let mut vectors = a.passage_vectors.clone();
+            let written = match &a.index_retriever {
+                Some(plugin) => {
+                    let rcfg = toml_arg(&a.index_retriever_config, "--index-retriever-config")?;
+                    validate_flags(&h, &[("--index-retriever-config", plugin, Kind::Retriever, ConfigOf::Retriever, &rcfg)])?;
+                    let r = h.load(plugin)?.retriever(&rcfg)?;
+                    let cache = rir::engine::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info());
+                    std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
+                    let path = a.output.join(rir::stages::train::PASSAGE_VECTORS);
+                    rir::stages::train::write_passage_vectors(r.as_ref(), Some(&cache), &a.data, 64, &path)?;
+                    vectors = Some(path.clone());
+                    Some(path)
+                }
+                None => None,
+            };
+            let job = rir_sdk::TrainJob { base_model: a.base.clone(), data_file: a.data.clone(), output_dir: a.output.clone(), params, passage_vectors: vectors };
+            let r = rir::stages::train::run(&h, &a.trainer, &tcfg, &job);
+            if let Some(p) = written {
+                let _ = std::fs::remove_file(p);
+            }
+            let r = r?;
             println!(
                 "{} steps in {:.1} s; loss {} -> {}; model in {}",
                 r.steps,
@@ -846,13 +877,21 @@ fn run_cmd(host: &PluginHost, a: &RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// CPU seconds over wall seconds: how many cores a step kept busy on average.
+fn busy(cpu: Option<f64>, wall: Option<f64>) -> String {
+    match (cpu, wall) {
+        (Some(c), Some(w)) if w > 0.0 => format!("{:.2}", c / w),
+        _ => "-".into(),
+    }
+}
+
 /// `rir run`'s closing summary: each step's status, time and memory, and
 /// what it asked of the generator (a dry run: the estimate of what it will
 /// ask), with a total row when any step generated.
 fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> Table {
     use rir::engine::generate::GenerationUsage;
     let generated = steps.iter().any(|s| s.generation.is_some() || s.estimate.is_some());
-    let mut header = vec!["step", "status", "seconds", "peak RSS (GB)"];
+    let mut header = vec!["step", "status", "seconds", "cores busy", "peak RSS (GB)"];
     if generated {
         header.extend(if dry_run { ["requests (est.)", "tokens in / out (est., out at most)"] } else { ["requests (cached)", "tokens in (prefix-cached) / out"] });
         if priced {
@@ -878,6 +917,7 @@ fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> 
             s.label.clone(),
             s.status(dry_run).into(),
             s.seconds.map_or("-".into(), |x| format!("{x:.1}")),
+            busy(s.cpu_seconds, s.seconds),
             s.peak_rss_bytes.map_or("-".into(), |b| format!("{:.2}", b as f64 / 1e9)),
         ];
         if generated {
@@ -906,6 +946,11 @@ fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> 
             "total".to_string(),
             String::new(),
             if ran.is_empty() { String::new() } else { format!("{:.1}", ran.iter().sum::<f64>()) },
+            {
+                // Over the steps that know both figures.
+                let timed: Vec<(f64, f64)> = steps.iter().filter_map(|s| s.cpu_seconds.zip(s.seconds)).collect();
+                if timed.is_empty() { String::new() } else { busy(Some(timed.iter().map(|t| t.0).sum()), Some(timed.iter().map(|t| t.1).sum())) }
+            },
             peak.map_or(String::new(), |b| format!("{:.2} (max)", b as f64 / 1e9)),
         ];
         if generated && dry_run {

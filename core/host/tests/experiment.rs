@@ -120,7 +120,7 @@ plugin = "dpo-trainer"
 params = {{ lora_rank = 4, lora_alpha = 8.0, grad_accum = 2, max_length = 96, learning_rate = 1e-4 }}
 [trainers.retriever]
 plugin = "contrastive-trainer"
-params = {{ batch_size = 2, group_size = 4, passage_max_len = 48, query_max_len = 24 }}
+params = {{ batch_size = 2, group_size = 4, passage_max_len = 48, query_max_len = 24, trainable = "query" }}
 [stages.queries]
 passages = 10
 max_chars = 500
@@ -208,6 +208,25 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
         drawn += usize::from(varied);
     }
     assert!(drawn > 0, "no trainer logged a loss that changed");
+    // The query tower trained against the index's vectors of every passage
+    // of the data (mining left them in the embedding cache); only the
+    // answers (encoded on the corpus side, answer_weight 1) were encoded by
+    // the trainer; the file is not kept.
+    let rt = run_dir.join(after.iter().find(|n| n.starts_with("rlgf-train")).unwrap());
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(rt.join("model/train_report.json")).unwrap()).unwrap();
+    let extra = &report["extra"];
+    let gd = run_dir.join(after.iter().find(|n| n.starts_with("rlgf-data")).unwrap());
+    let passages: std::collections::HashSet<String> = std::fs::read_to_string(gd.join("distill.jsonl"))
+        .unwrap()
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["pos"].as_array().unwrap().iter().chain(v["neg"].as_array().unwrap()).map(|t| t.as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(extra["frozen_given"].as_u64(), Some(passages.len() as u64), "{extra}");
+    assert!(extra["frozen_passages"].as_u64() > extra["frozen_given"].as_u64(), "the answers too: {extra}");
+    assert!(!rt.join(rir::stages::train::PASSAGE_VECTORS).exists());
     // The lexical row: BM25 through the text-retriever kind, in the same table.
     let bm25 = names(&run_dir).into_iter().find(|n| n.starts_with("eval-BM25-")).expect("a BM25 eval step");
     let r = rir::engine::report::Results::read(&run_dir.join(&bm25).join("BM25.scifact-mini.json")).unwrap();
@@ -256,6 +275,15 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
         let steps = m["steps"].as_array().unwrap();
         let largest = steps.iter().filter(|s| s["cached"] == false).filter_map(|s| s["peak_rss_bytes"].as_u64()).max();
         assert!(largest.is_some() && m["peak_rss_bytes"].as_u64() == largest, "{m}");
+        // Each step that ran says how much CPU time it used: more than none,
+        // at most every core busy all the time (with a little slack for
+        // the clocks' granularity).
+        let cores = std::thread::available_parallelism().unwrap().get() as f64;
+        for s in steps.iter().filter(|s| s["cached"] == false) {
+            let (cpu, wall) = (s["cpu_seconds"].as_f64().unwrap(), s["seconds"].as_f64().unwrap());
+            assert!(cpu > 0.0 && cpu <= wall * cores + 0.05, "{s}");
+        }
+        assert!(stdout.contains("cores busy"), "{stdout}");
     }
     assert_eq!(m["models"]["generator"]["plugin"], "llama-generator");
     assert_eq!(m["models"]["retriever"]["config"]["max_length"], 128);
@@ -346,16 +374,17 @@ rerank = {{ run = "BM25", depth = 5, generator = "rlrf" }}
     let cost_ran = ((q_actual["prompt_tokens"].as_f64().unwrap() - cached) * 0.5 + cached * 0.25 + q_actual["completion_tokens"].as_f64().unwrap() * 1.5) / 1e6;
     assert!((q_step["cost"].as_f64().unwrap() - cost_ran).abs() < 1e-12 && m3["cost"].as_f64() == q_step["cost"].as_f64(), "{m3}");
     let q = cells("scifact-mini: queries");
-    let est_requests: u64 = q[4].parse().unwrap();
-    let (est_in, est_out) = q[5].split_once(" / ").map(|(a, b)| (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap())).unwrap();
+    // step, status, seconds, cores busy, peak RSS, requests, tokens, cost, directory
+    let est_requests: u64 = q[5].parse().unwrap();
+    let (est_in, est_out) = q[6].split_once(" / ").map(|(a, b)| (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap())).unwrap();
     let (req, pin, pout) = (q_actual["requests"].as_u64().unwrap() + q_actual["cached"].as_u64().unwrap(), q_actual["prompt_tokens"].as_u64().unwrap(), q_actual["completion_tokens"].as_u64().unwrap());
     eprintln!("queries: estimated {est_requests} requests, {est_in} / {est_out} tokens; did {req} requests, {pin} / {pout} tokens");
     assert!(est_requests >= req && est_out >= pout, "{q:?} vs {q_actual}");
     let ratio = est_in as f64 / pin as f64 * req as f64 / est_requests as f64;
     assert!((0.5..2.0).contains(&ratio), "prompt tokens per request, estimated / counted: {ratio}");
-    let cost: f64 = q[6].parse().unwrap();
+    let cost: f64 = q[7].parse().unwrap();
     assert!((cost - (est_in as f64 * 0.5 + est_out as f64 * 1.5) / 1e6).abs() < 1e-4, "{q:?}");
-    assert!(cells("round 1: rlrf-train")[4] == "-" && stdout.lines().any(|l| l.starts_with("│ total")), "{stdout}");
+    assert!(cells("round 1: rlrf-train")[5] == "-" && stdout.lines().any(|l| l.starts_with("│ total")), "{stdout}");
     // A price anywhere but [generator] is refused with its line.
     let bad = tmp.path().join("bad-price.toml");
     std::fs::write(&bad, std::fs::read_to_string(&file).unwrap().replace("[generator]", "price = { input = 1.0, output = 1.0 }\n[generator]")).unwrap();
@@ -424,7 +453,7 @@ fn lexical_mining_changes_only_the_steps_that_mine() {
             .lines()
             .filter_map(|l| {
                 let cells: Vec<&str> = l.split('┆').map(|c| c.trim_matches(|c: char| c.is_whitespace() || c == '│')).collect();
-                // step, status, seconds, peak RSS, (generator requests, tokens,) directory
+                // step, status, seconds, cores busy, peak RSS, (generator requests, tokens,) directory
                 let dir = cells.last().copied().unwrap_or_default();
                 (cells.len() >= 5 && dir.contains("/scifact/")).then(|| (cells[0].to_owned(), dir.rsplit('/').next().unwrap().to_owned()))
             })

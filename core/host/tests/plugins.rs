@@ -9,7 +9,7 @@ use common::*;
 use rir::{HostError, Kind, Status};
 use rir_sdk::{
     Embeddings, GenerationRequest, Message, PluginError, Progress, ProgressSink, Prompt, Retriever, RewardContext, RewardItem,
-    TrainJob,
+    TrainJob, NoProgress,
 };
 
 #[test]
@@ -138,12 +138,18 @@ fn generator_reward_trainer_and_index_cross_the_boundary() {
         data_file: dir.path().join("data.jsonl"),
         output_dir: dir.path().join("out"),
         params: String::new(),
+        passage_vectors: None,
     };
     let sink = Sink(Mutex::new(vec![]), AtomicBool::new(false));
     let report = p.trainer("steps = 3").unwrap().train(&job, &sink).unwrap();
     assert_eq!(report.steps, 3);
     assert_eq!(report.loss, vec![1.0, 0.5, 1.0 / 3.0]);
     assert_eq!(std::fs::read_to_string(job.output_dir.join("model.txt")).unwrap(), "trained from base");
+    assert_eq!(report.extra_json, r#"{"passage_vectors":null}"#);
+    let given = TrainJob { passage_vectors: Some(dir.path().join("v.safetensors")), ..job.clone() };
+    let r = p.trainer("steps = 1").unwrap().train(&given, &NoProgress).unwrap();
+    let seen: serde_json::Value = serde_json::from_str(&r.extra_json).unwrap();
+    assert_eq!(seen["passage_vectors"].as_str(), Some(dir.path().join("v.safetensors").to_str().unwrap()));
     let seen = sink.0.lock().unwrap().clone();
     assert_eq!(seen.iter().map(|p| p.done).collect::<Vec<_>>(), [1, 2, 3]);
     assert_eq!(seen[2].loss, Some(1.0 / 3.0));

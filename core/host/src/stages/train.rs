@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use indicatif::ProgressBar;
 use rir_sdk::{Progress, ProgressSink, TrainJob, TrainReport};
 
+use crate::engine::encode::{EmbeddingCache, Side};
 use crate::util::progress::bar as progress_bar;
 use crate::error::HostError;
 use crate::plugins::PluginHost;
@@ -105,6 +106,42 @@ pub fn run(host: &PluginHost, trainer: &str, trainer_config: &str, job: &TrainJo
         Err(e) => log::warn!("training curves not drawn: {e}"),
     }
     Ok(report)
+}
+
+/// The file a training step's passage vectors are written to (in the step's
+/// directory, removed once the trainer is done).
+pub const PASSAGE_VECTORS: &str = "passage_vectors.safetensors";
+
+/// One line of a FlagEmbedding-style data file, as far as its passages go.
+#[derive(serde::Deserialize)]
+struct Passages {
+    #[serde(default)]
+    pos: Vec<String>,
+    #[serde(default)]
+    neg: Vec<String>,
+}
+
+/// Writes `retriever`'s corpus vectors of every distinct passage (`pos` and
+/// `neg`) of the data file `data` to `path` (`rir_models::vectors`'s
+/// format), taking them from `cache` where it has them and encoding the
+/// rest (`batch` texts a call). These are the vectors the retriever's index
+/// holds, which a trainer with a frozen passage tower trains against.
+pub fn write_passage_vectors(retriever: &dyn rir_sdk::Retriever, cache: Option<&EmbeddingCache>, data: &Path, batch: usize, path: &Path) -> Result<usize, HostError> {
+    let text = std::fs::read_to_string(data).map_err(|source| HostError::Io { path: data.to_owned(), source })?;
+    let mut seen = std::collections::HashSet::new();
+    let mut texts = Vec::new();
+    for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let p: Passages = serde_json::from_str(l).map_err(|source| HostError::Json { path: data.to_owned(), line: Some(i + 1), source })?;
+        for t in p.pos.into_iter().chain(p.neg) {
+            if seen.insert(t.clone()) {
+                texts.push(t);
+            }
+        }
+    }
+    let (e, stats) = crate::engine::encode::encode(retriever, Side::Corpus, &texts, cache, batch, "passages").map_err(|e| HostError::step("passage vectors", e))?;
+    log::info!("passage vectors for the trainer: {} passages, {} from the embedding cache, {} encoded ({:.1} s)", stats.texts, stats.from_cache, stats.encoded, stats.seconds);
+    rir_models::vectors::PassageVectors::new(&texts, e.dim, e.data).write(path).map_err(|e| HostError::step("passage vectors", e))?;
+    Ok(texts.len())
 }
 
 fn relative_to(v: &mut serde_json::Value, dir: &Path) {

@@ -26,6 +26,19 @@ pub fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// The CPU time the process has used so far (user + system, every thread),
+/// in seconds: a stage's share is the difference across it, and that over
+/// its wall time says how many cores it kept busy.
+pub fn cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage only writes the struct it is handed.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return None;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(u.ru_utime) + secs(u.ru_stime))
+}
+
 /// The peak resident memory since the last `reset_peak` (or since the
 /// process started), in bytes; None where /proc/self/status is not there.
 pub fn peak_rss_bytes() -> Option<u64> {

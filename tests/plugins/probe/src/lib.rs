@@ -137,7 +137,9 @@ impl Trainer for Probe {
         }
         std::fs::create_dir_all(&job.output_dir)?;
         std::fs::write(job.output_dir.join("model.txt"), format!("trained from {}", job.base_model))?;
-        Ok(TrainReport { model_dir: job.output_dir.clone(), steps: self.cfg.steps, seconds: 0.0, loss, extra_json: "{}".into() })
+        // What crossed the boundary besides the base (the host's tests read it).
+        let extra = serde_json::json!({ "passage_vectors": job.passage_vectors }).to_string();
+        Ok(TrainReport { model_dir: job.output_dir.clone(), steps: self.cfg.steps, seconds: 0.0, loss, extra_json: extra })
     }
 }
 
