@@ -1498,23 +1498,11 @@ fn execute(host: &PluginHost, exp: &Experiment, opts: &RunOptions, dataset: (&St
         Work::Train { trainer, params, base, data, into, index } => {
             // The index's vectors of the data's passages (from the embedding
             // cache where the mining stage left them), for a frozen passage tower.
-            let vectors = match index {
-                Some(m) => {
-                    let r = r_retriever(host, exp, m)?;
-                    let ec = opts.use_cache.then(|| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info()));
-                    let path = out.join(crate::stages::train::PASSAGE_VECTORS);
-                    crate::stages::train::write_passage_vectors(r.as_ref(), ec.as_ref(), data, exp.stages.rlgf.encode_batch, &path)?;
-                    Some(path)
-                }
-                None => None,
-            };
-            let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params), passage_vectors: vectors.clone() };
-            let result = crate::stages::train::run(host, &trainer.plugin, &table_text(&trainer.config), &job).map(|_| ());
-            // Derived from the cache, as large as the data's passages: not kept.
-            if let Some(p) = vectors {
-                let _ = std::fs::remove_file(p);
-            }
-            result
+            let r = index.as_ref().map(|m| r_retriever(host, exp, m)).transpose()?;
+            let ec = r.as_ref().filter(|_| opts.use_cache).map(|r| crate::engine::encode::EmbeddingCache::new(&host.settings.cache_dir, &r.info()));
+            let ix = r.as_deref().map(|retriever| crate::stages::train::IndexVectors { retriever, cache: ec.as_ref(), batch: exp.stages.rlgf.encode_batch });
+            let job = rir_sdk::TrainJob { base_model: base.clone(), data_file: data.clone(), output_dir: out.join(into), params: table_text(params), passage_vectors: None };
+            crate::stages::train::run_with_index(host, &trainer.plugin, &table_text(&trainer.config), job, ix, out).map(|_| ())
         }
         Work::Fuse { variant, inputs } => {
             let v = &exp.variants[*variant];

@@ -632,27 +632,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ("--trainer-config", &a.trainer, Kind::Trainer, ConfigOf::Trainer, &tcfg),
                 ("--params", &a.trainer, Kind::Trainer, ConfigOf::Params, &params),
             ])?;
-            let mut vectors = a.passage_vectors.clone();
-            let written = match &a.index_retriever {
+            // `--index-retriever`: its corpus vectors of the data's passages,
+            // through the embedding cache, as `rir run` hands them.
+            let r = match &a.index_retriever {
                 Some(plugin) => {
                     let rcfg = toml_arg(&a.index_retriever_config, "--index-retriever-config")?;
                     validate_flags(&h, &[("--index-retriever-config", plugin, Kind::Retriever, ConfigOf::Retriever, &rcfg)])?;
-                    let r = h.load(plugin)?.retriever(&rcfg)?;
-                    let cache = rir::engine::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info());
-                    std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
-                    let path = a.output.join(rir::stages::train::PASSAGE_VECTORS);
-                    rir::stages::train::write_passage_vectors(r.as_ref(), Some(&cache), &a.data, 64, &path)?;
-                    vectors = Some(path.clone());
-                    Some(path)
+                    Some(h.load(plugin)?.retriever(&rcfg)?)
                 }
                 None => None,
             };
-            let job = rir_sdk::TrainJob { base_model: a.base.clone(), data_file: a.data.clone(), output_dir: a.output.clone(), params, passage_vectors: vectors };
-            let r = rir::stages::train::run(&h, &a.trainer, &tcfg, &job);
-            if let Some(p) = written {
-                let _ = std::fs::remove_file(p);
+            let cache = r.as_ref().map(|r| rir::engine::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info()));
+            let ix = r.as_deref().map(|retriever| rir::stages::train::IndexVectors { retriever, cache: cache.as_ref(), batch: 64 });
+            if ix.is_some() {
+                std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
             }
-            let r = r?;
+            let job = rir_sdk::TrainJob { base_model: a.base.clone(), data_file: a.data.clone(), output_dir: a.output.clone(), params, passage_vectors: a.passage_vectors.clone() };
+            let r = rir::stages::train::run_with_index(&h, &a.trainer, &tcfg, job, ix, &a.output)?;
             println!(
                 "{} steps in {:.1} s; loss {} -> {}; model in {}",
                 r.steps,

@@ -144,6 +144,30 @@ pub fn write_passage_vectors(retriever: &dyn rir_sdk::Retriever, cache: Option<&
     Ok(texts.len())
 }
 
+/// Where a training job's passage vectors come from: `retriever`'s corpus
+/// side (through `cache` where given), `batch` texts a call.
+pub struct IndexVectors<'a> {
+    /// The retriever whose index the trained query tower will search.
+    pub retriever: &'a dyn rir_sdk::Retriever,
+    /// Its embedding cache (None: every passage encoded now).
+    pub cache: Option<&'a EmbeddingCache>,
+    /// Texts per encode call for passages the cache lacks.
+    pub batch: usize,
+}
+
+/// [`run`], with the job carrying `index`'s vectors of its data's passages
+/// when given: written into `dir` first ([`write_passage_vectors`]) and
+/// removed once the trainer is done (they are derived, and as large as the
+/// data's passages).
+pub fn run_with_index(host: &PluginHost, trainer: &str, trainer_config: &str, job: TrainJob, index: Option<IndexVectors<'_>>, dir: &Path) -> Result<TrainReport, HostError> {
+    let Some(ix) = index else { return run(host, trainer, trainer_config, &job) };
+    let path = dir.join(PASSAGE_VECTORS);
+    write_passage_vectors(ix.retriever, ix.cache, &job.data_file, ix.batch, &path)?;
+    let report = run(host, trainer, trainer_config, &TrainJob { passage_vectors: Some(path.clone()), ..job });
+    let _ = std::fs::remove_file(&path);
+    report
+}
+
 fn relative_to(v: &mut serde_json::Value, dir: &Path) {
     match v {
         serde_json::Value::String(s) => {
