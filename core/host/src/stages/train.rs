@@ -138,9 +138,10 @@ pub fn write_passage_vectors(retriever: &dyn rir_sdk::Retriever, cache: Option<&
             }
         }
     }
-    let (e, stats) = crate::engine::encode::encode(retriever, Side::Corpus, &texts, cache, batch, "passages").map_err(|e| HostError::step("passage vectors", e))?;
+    let step = || format!("passage vectors of {}", data.display());
+    let (e, stats) = crate::engine::encode::encode(retriever, Side::Corpus, &texts, cache, batch, "passages").map_err(|e| HostError::step(step(), e))?;
     log::info!("passage vectors for the trainer: {} passages, {} from the embedding cache, {} encoded ({:.1} s)", stats.texts, stats.from_cache, stats.encoded, stats.seconds);
-    rir_models::vectors::PassageVectors::new(&texts, e.dim, e.data).write(path).map_err(|e| HostError::step("passage vectors", e))?;
+    rir_models::vectors::PassageVectors::new(&texts, e.dim, e.data).write(path).map_err(|e| HostError::step(step(), e))?;
     Ok(texts.len())
 }
 
@@ -156,11 +157,12 @@ pub struct IndexVectors<'a> {
 }
 
 /// [`run`], with the job carrying `index`'s vectors of its data's passages
-/// when given: written into `dir` first ([`write_passage_vectors`]) and
-/// removed once the trainer is done (they are derived, and as large as the
-/// data's passages).
+/// when given: written into `dir` (made if missing) first
+/// ([`write_passage_vectors`]) and removed once the trainer is done (they
+/// are derived, and as large as the data's passages).
 pub fn run_with_index(host: &PluginHost, trainer: &str, trainer_config: &str, job: TrainJob, index: Option<IndexVectors<'_>>, dir: &Path) -> Result<TrainReport, HostError> {
     let Some(ix) = index else { return run(host, trainer, trainer_config, &job) };
+    std::fs::create_dir_all(dir).map_err(|source| HostError::Io { path: dir.to_owned(), source })?;
     let path = dir.join(PASSAGE_VECTORS);
     write_passage_vectors(ix.retriever, ix.cache, &job.data_file, ix.batch, &path)?;
     let report = run(host, trainer, trainer_config, &TrainJob { passage_vectors: Some(path.clone()), ..job });

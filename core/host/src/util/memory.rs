@@ -1,6 +1,7 @@
-//! Peak resident memory per stage: Linux's high-water mark (VmHWM), reset
-//! before a stage by writing 5 to /proc/self/clear_refs (Linux ≥ 4.0), so a
-//! stage's figure is its own, not the process's peak so far.
+//! What a stage used: peak resident memory — Linux's high-water mark
+//! (VmHWM), reset before a stage by writing 5 to /proc/self/clear_refs
+//! (Linux ≥ 4.0), so a stage's figure is its own, not the process's peak so
+//! far — and CPU time (getrusage, differenced across the stage).
 
 /// The process's resident memory now, in bytes (VmRSS).
 pub fn rss_bytes() -> Option<u64> {
