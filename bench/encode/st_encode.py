@@ -1,6 +1,10 @@
 """sentence-transformers on PyTorch CPU, the row `rir bench encode --sentence-transformers` compares with.
 
-Usage: python st_encode.py MODEL_DIR TEXTS.jsonl THREADS BATCH MAX_LENGTH OUT.f32
+Usage: python st_encode.py MODEL_DIR TEXTS.jsonl THREADS BATCH MAX_LENGTH OUT.f32 [DTYPE]
+
+DTYPE is f32 (default) or bf16: the model's weights cast to torch.bfloat16
+(`model.to(torch.bfloat16)`, PyTorch's CPU bf16 kernels, oneDNN on CPUs with
+AVX512-BF16), the embeddings returned as float32.
 
 MODEL_DIR is the same Hugging Face directory candle-encoder loads (resolved by
 rir from the same package). The pipeline is built explicitly (transformer,
@@ -18,6 +22,9 @@ import time
 
 def main() -> None:
     model_dir, texts_path, threads, batch, max_length, out = sys.argv[1:7]
+    dtype = sys.argv[7] if len(sys.argv) > 7 else "f32"
+    if dtype not in ("f32", "bf16"):
+        sys.exit(f"st_encode.py: dtype {dtype!r} is not f32 or bf16")
     import torch
     from sentence_transformers import SentenceTransformer, __version__ as st_version, models
 
@@ -27,12 +34,15 @@ def main() -> None:
     pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
     model = SentenceTransformer(modules=[word, pool, models.Normalize()], device="cpu")
     model.eval()
-    kw = dict(batch_size=int(batch), convert_to_numpy=True, show_progress_bar=False)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    kw = dict(batch_size=int(batch), convert_to_tensor=True, show_progress_bar=False)
     with torch.inference_mode():
         model.encode(texts[:8], **kw)
         t = time.perf_counter()
         emb = model.encode(texts, **kw)
         seconds = time.perf_counter() - t
+    emb = emb.float().cpu().numpy()
     emb.astype("float32").tofile(out)
     print(json.dumps({
         "seconds": seconds,
@@ -41,6 +51,7 @@ def main() -> None:
         "torch": torch.__version__,
         "sentence_transformers": st_version,
         "threads": torch.get_num_threads(),
+        "dtype": dtype,
     }))
 
 

@@ -257,6 +257,11 @@ struct BenchGenerateArgs {
     /// Different prompts of each length in the sized prefill rows
     #[arg(long, default_value_t = 8)]
     prefill_prompts: usize,
+    /// llama-generator only: run the sized prefill rows once per `prefill`
+    /// setting named (quantized, dense, bf16), the config's other keys kept,
+    /// side by side in one table [default: the config's setting only]
+    #[arg(long, value_delimiter = ',')]
+    prefill_modes: Vec<String>,
     /// Tokens of the opening shared by the prefix-cache rows' requests (0: no such rows):
     /// --shared-requests requests sent one at a time, each that opening and its own
     /// question, on rir with its prefix cache off and on, and on llama.cpp with
@@ -303,6 +308,11 @@ struct BenchEncodeArgs {
     /// the cosine of its embeddings against candle's (scripts/setup-bench-python)
     #[arg(long)]
     sentence_transformers: bool,
+    /// candle-encoder rows (and their sentence-transformers rows) once per
+    /// dtype named (f32, bf16: see candle-encoder's `dtype`), the config's
+    /// other keys kept [default: each config's own dtype]
+    #[arg(long, value_delimiter = ',')]
+    dtypes: Vec<String>,
     /// Python with torch and sentence-transformers, for --sentence-transformers
     /// [default: ~/.cache/rir/bench-venv/bin/python]
     #[arg(long, env = "RIR_BENCH_PYTHON")]
@@ -720,14 +730,34 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
         t.entry("batch_size").or_insert(toml::Value::Integer(a.batch as i64));
         *cfg = toml::to_string(&t)?;
     }
+    for d in &a.dtypes {
+        anyhow::ensure!(matches!(d.as_str(), "f32" | "bf16"), "--dtypes: {d:?} is not f32 or bf16");
+    }
+    anyhow::ensure!(a.dtypes.is_empty() || pairs.iter().any(|(n, _)| n == "candle-encoder"), "--dtypes applies to candle-encoder, and no --retriever is candle-encoder");
+    // Each candle-encoder config once per dtype asked for; the row says which.
+    let mut labelled: Vec<(String, String, String)> = Vec::new();
+    for (name, cfg) in pairs {
+        if name != "candle-encoder" || a.dtypes.is_empty() {
+            labelled.push((name.clone(), name, cfg));
+            continue;
+        }
+        for d in &a.dtypes {
+            let mut t: toml::Table = cfg.parse()?;
+            t.insert("dtype".into(), toml::Value::String(d.clone()));
+            labelled.push((format!("{name} ({d})"), name.clone(), toml::to_string(&t)?));
+        }
+    }
+    // The dtype a candle-encoder row ran in (its config's, default f32).
+    let dtype_of = |cfg: &str| -> String {
+        cfg.parse::<toml::Table>().ok().and_then(|t| t.get("dtype").and_then(|v| v.as_str()).map(str::to_owned)).unwrap_or_else(|| "f32".into())
+    };
     // The comparison's inputs are checked before any encoding is timed.
     let st = if a.sentence_transformers {
-        let Some(i) = pairs.iter().position(|(name, _)| name == "candle-encoder") else {
-            anyhow::bail!("--sentence-transformers compares with candle-encoder, and no --retriever is candle-encoder");
-        };
+        let candle: Vec<usize> = labelled.iter().enumerate().filter(|(_, (_, n, _))| n == "candle-encoder").map(|(i, _)| i).collect();
+        anyhow::ensure!(!candle.is_empty(), "--sentence-transformers compares with candle-encoder, and no --retriever is candle-encoder");
         let python = a.bench_python.clone().unwrap_or_else(|| venv_python("bench-venv"));
         anyhow::ensure!(python.is_file(), "--sentence-transformers: no Python at {} (scripts/setup-bench-python makes one with torch and sentence-transformers)", python.display());
-        Some((i, python))
+        Some((candle, python))
     } else {
         None
     };
@@ -739,38 +769,64 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     t.load_preset(UTF8_FULL_CONDENSED).set_header(["retriever", "docs", "tokens", "s", "docs/s", "tokens/s", "GFLOP/s", "% of peak"]);
     let mut rows = Vec::new();
     let mut embeddings = Vec::new();
-    for (name, cfg) in &pairs {
-        let (r, e) = bench::bench_encode(host, name, cfg, &texts, &peak).with_context(|| format!("benchmarking {name}"))?;
+    for (label, name, cfg) in &labelled {
+        let (mut r, e) = bench::bench_encode(host, name, cfg, &texts, &peak).with_context(|| format!("benchmarking {label}"))?;
+        r.plugin = label.clone();
         rows.push(r);
         embeddings.push(e);
     }
-    let mut comparison = None;
-    let mut note = None;
-    if let Some((i, python)) = &st {
-        let i = *i;
-        let scratch = tempfile::tempdir()?;
-        let r = bench::bench_sentence_transformers(host, python, &rows[i], &texts, &peak, scratch.path()).context("benchmarking sentence-transformers")?;
-        let (min, mean) = bench::row_cosines(&embeddings[i], &r.embeddings)?;
-        let ratio = rows[i].docs_per_s / r.bench.docs_per_s;
-        comparison = Some(serde_json::json!({"versions": r.versions, "candle_over_st": ratio, "cosine_min": min, "cosine_mean": mean}));
-        println!("sentence-transformers: {}", r.versions);
-        rows.push(r.bench);
-        note = Some(format!(
-            "candle-encoder / sentence-transformers = {ratio:.2}x docs/s; embeddings cosine min {min:.7} (1 - min = {:.1e}), mean {mean:.7} over {} documents",
-            1.0 - min,
-            texts.len()
-        ));
+    let mut comparison = Vec::new();
+    let mut notes = Vec::new();
+    if let Some((candle, python)) = &st {
+        // sentence-transformers in each dtype a candle row ran in, once each.
+        let mut st_runs: Vec<(String, bench::SentenceTransformersRun)> = Vec::new();
+        for &i in candle {
+            let d = dtype_of(&labelled[i].2);
+            if st_runs.iter().any(|(x, _)| *x == d) {
+                continue;
+            }
+            let scratch = tempfile::tempdir()?;
+            let mut r = bench::bench_sentence_transformers(host, python, &rows[i], &d, &texts, &peak, scratch.path())
+                .with_context(|| format!("benchmarking sentence-transformers ({d})"))?;
+            println!("sentence-transformers ({d}): {}", r.versions);
+            if !a.dtypes.is_empty() {
+                r.bench.plugin = format!("sentence-transformers ({d})");
+            }
+            st_runs.push((d, r));
+        }
+        // The reference embeddings: sentence-transformers in f32, if it ran.
+        let reference = st_runs.iter().find(|(d, _)| d == "f32").map(|(_, r)| &r.embeddings);
+        for &i in candle {
+            let d = dtype_of(&labelled[i].2);
+            let Some((_, r)) = st_runs.iter().find(|(x, _)| *x == d) else { continue };
+            let (min, mean) = bench::row_cosines(&embeddings[i], reference.unwrap_or(&r.embeddings))?;
+            let against = if reference.is_some() { "sentence-transformers f32" } else { "sentence-transformers" };
+            let ratio = rows[i].docs_per_s / r.bench.docs_per_s;
+            comparison.push(serde_json::json!({"dtype": d, "versions": r.versions, "candle_over_st": ratio, "cosine_against": against, "cosine_min": min, "cosine_mean": mean}));
+            notes.push(format!(
+                "{} / {} = {ratio:.2}x docs/s; embeddings against {against}: cosine min {min:.7} (1 - min = {:.1e}), mean {mean:.7} over {} documents",
+                rows[i].plugin,
+                r.bench.plugin,
+                1.0 - min,
+                texts.len()
+            ));
+        }
+        rows.extend(st_runs.into_iter().map(|(_, r)| r.bench));
     }
     for r in &rows {
         add_encode_row(&mut t, r);
     }
     println!("{t}");
-    if let Some(note) = note {
+    for note in notes {
         println!("{note}");
+    }
+    if !a.dtypes.is_empty() {
+        println!("% of peak: of the f32 GEMM peak (bf16 products can pass it: AVX512-BF16 does twice f32's multiply-adds per instruction)");
     }
     println!("{} documents of {} (max_length {}, batch {}), {} threads", texts.len(), ds.name, a.max_length, a.batch, host.settings.threads);
     if let Some(p) = &a.json {
         let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len(), "sentence_transformers": comparison});
+        // (an array: one entry per dtype compared)
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)
@@ -1018,10 +1074,25 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         .with_context(|| format!("benchmarking {}'s prefill", a.generator))?;
     rows.insert(2, prefill);
     let lengths: Vec<usize> = a.prefill_lengths.iter().copied().filter(|&n| n > 0).collect();
+    anyhow::ensure!(
+        a.prefill_modes.is_empty() || a.generator == "llama-generator",
+        "--prefill-modes: llama-generator's `prefill` setting; {} has none",
+        a.generator
+    );
     if !lengths.is_empty() {
-        // Prompts of fixed lengths, one at a time and batched, on both engines.
-        let g = host.load(&a.generator)?.generator(&uncached)?;
-        let name = format!("rir {}", a.generator);
+        // Prompts of fixed lengths, one at a time and batched, on both engines;
+        // rir once per prefill setting asked for (each its own loaded model).
+        let mut ours = Vec::new();
+        if a.prefill_modes.is_empty() {
+            ours.push((format!("rir {}", a.generator), host.load(&a.generator)?.generator(&uncached)?));
+        }
+        for mode in &a.prefill_modes {
+            let mut t: toml::Table = uncached.parse()?;
+            t.insert("prefill".into(), toml::Value::String(mode.clone()));
+            let g = host.load(&a.generator)?.generator(&toml::to_string(&t)?).with_context(|| format!("--prefill-modes {mode}"))?;
+            ours.push((format!("rir {} (prefill={mode})", a.generator), g));
+        }
+        let g = &ours[0].1;
         let widest = a.prefill_batches.iter().copied().max().unwrap_or(1);
         let longest = lengths.iter().copied().max().unwrap_or(0);
         let server = match &gguf_path {
@@ -1036,7 +1107,9 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
             eprintln!("prefill: {} prompts of {len} tokens", a.prefill_prompts);
             let prompts = bench::sized_prompts(g.as_ref(), len, a.prefill_prompts.max(1))?;
             for &b in &a.prefill_batches {
-                rows.push(bench::bench_prefill_sized_plugin(g.as_ref(), &name, &prompts, len, b, a.repeat)?);
+                for (name, g) in &ours {
+                    rows.push(bench::bench_prefill_sized_plugin(g.as_ref(), name, &prompts, len, b, a.repeat)?);
+                }
                 if let Some(s) = &server {
                     rows.push(bench::bench_prefill_sized_llama_cpp(s, &prompts, len, b, a.repeat)?);
                 }
@@ -1098,9 +1171,22 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     for len in &lengths {
         for b in &a.prefill_batches {
             let mode = format!("prefill {len}x{b}");
-            if let (Some(o), Some(l)) = (rate("rir", &mode), rate("llama.cpp", &mode)) {
-                println!("{mode}: rir / llama.cpp = {:.2}x", o / l);
-                ratios.insert(format!("prefill_{len}x{b}_vs_llama_cpp"), (o / l).into());
+            // One ratio per rir row (per prefill setting with --prefill-modes).
+            for r in rows.iter().filter(|r| r.engine.starts_with("rir") && r.mode == mode) {
+                let setting = r.engine.split("(prefill=").nth(1).map(|s| s.trim_end_matches(')'));
+                if let Some(l) = rate("llama.cpp", &mode) {
+                    let o = r.tokens_per_s;
+                    match setting {
+                        Some(m) => {
+                            println!("{mode}: rir (prefill={m}) / llama.cpp = {:.2}x", o / l);
+                            ratios.insert(format!("prefill_{len}x{b}_{m}_vs_llama_cpp"), (o / l).into());
+                        }
+                        None => {
+                            println!("{mode}: rir / llama.cpp = {:.2}x", o / l);
+                            ratios.insert(format!("prefill_{len}x{b}_vs_llama_cpp"), (o / l).into());
+                        }
+                    }
+                }
             }
         }
     }

@@ -87,6 +87,36 @@ fn candle_minilm_matches_an_independent_numpy_implementation() {
     assert_eq!(q, manual);
 }
 
+/// `dtype = "bf16"` on an AVX512-BF16 CPU: the weight products on bf16
+/// copies (the rest f32): embeddings at cosine ≥ 0.9999 from the f32 ones
+/// over SciFact texts, a fingerprint of their own, batch-independent rows.
+/// Without AVX512-BF16 the test checks the fingerprint names candle's bf16.
+#[test]
+fn bf16_products_stay_within_cosine_0_9999_of_f32() {
+    plugin_dir();
+    let texts = scifact_texts();
+    let host = host();
+    let f32_enc = host.load("candle-encoder").unwrap().retriever(&format!("model = {MINILM:?}")).unwrap();
+    let bf16_enc = host.load("candle-encoder").unwrap().retriever(&format!("model = {MINILM:?}\ndtype = \"bf16\"")).unwrap();
+    let fp = bf16_enc.info().fingerprint;
+    assert_ne!(fp, f32_enc.info().fingerprint);
+    if !rir_models::bf16::available() {
+        assert!(fp.contains("dtype=bf16/"), "{fp}");
+        eprintln!("no AVX512-BF16: candle's bf16 ops (not compared here)");
+        return;
+    }
+    assert!(fp.contains("dtype=bf16-products"), "{fp}");
+    let a = f32_enc.encode_corpus(&texts).unwrap();
+    let b = bf16_enc.encode_corpus(&texts).unwrap();
+    let (min, mean) = summary(&cosines(&a, &b));
+    eprintln!("bf16 products vs f32 over {} SciFact texts: min cosine {min:.7}, mean {mean:.7}", texts.len());
+    assert!(min >= 0.9999, "min cosine {min}");
+    assert!(mean < 1.0 - 1e-9, "bf16 gave f32's numbers: was the bf16 path run?");
+    // A text's embedding does not depend on the batch it is in.
+    let alone = bf16_enc.encode_corpus(&texts[3..4]).unwrap();
+    assert_eq!(alone.row(0), b.row(3));
+}
+
 #[test]
 fn ort_int8_minilm_agrees_with_candle() {
     plugin_dir();

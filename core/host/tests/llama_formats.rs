@@ -45,8 +45,13 @@ const PROMPTS: [&str; 5] = [
 
 #[test]
 fn batched_decoding_equals_sequential_decoding() {
-    // Both prefill paths: the integer kernels and the f32 GEMM.
-    for prefill in ["quantized", "dense"] {
+    // Every prefill path: the integer kernels, the f32 GEMM and (where the
+    // CPU has AVX512-BF16) the bf16 GEMM.
+    let mut paths = vec!["quantized", "dense"];
+    if rir_models::bf16::available() {
+        paths.push("bf16");
+    }
+    for prefill in paths {
         batched_equals_sequential(&format!("prefill = {prefill:?}"));
     }
 }
@@ -133,6 +138,56 @@ fn dense_prefill_without_kept_copies_gives_the_same_numbers() {
     assert_eq!(texts(&kept), texts(&per_call));
     // Without the dense prefill the setting means nothing: refused by name.
     let e = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nkeep_dense = false")).err().unwrap().to_string();
+    assert!(e.contains("keep_dense"), "{e}");
+}
+
+/// `prefill = "bf16"` runs prompts on bf16 copies: its own fingerprint,
+/// half the f32 copies' bytes, and numbers close to the f32 GEMM's — the
+/// same next token for every prompt, logits and scored log-probabilities
+/// within bf16's rounding. Where the CPU lacks AVX512-BF16 it runs the
+/// dense path under dense's fingerprint.
+#[test]
+fn bf16_prefill_is_close_to_the_f32_prefill() {
+    let dense = load("prefill = \"dense\"");
+    let bf16 = load("prefill = \"bf16\"");
+    if !rir_models::bf16::available() {
+        assert_eq!(bf16.fingerprint, dense.fingerprint);
+        eprintln!("no AVX512-BF16: prefill = \"bf16\" ran the dense path, as documented");
+        return;
+    }
+    assert_ne!(bf16.fingerprint, dense.fingerprint);
+    let (mut f32_bytes, mut bf16_bytes) = (0usize, 0usize);
+    for (a, b) in dense.model.layers.iter().zip(&bf16.model.layers) {
+        for (x, y) in [(&a.wq, &b.wq), (&a.up, &b.up), (&a.down, &b.down)] {
+            match (x, y) {
+                (rir_llama::Linear::Quant(_, Some(rir_llama::Kept::F32(t))), rir_llama::Linear::Quant(_, Some(rir_llama::Kept::Bf16(p)))) => {
+                    f32_bytes += t.elem_count() * 4;
+                    bf16_bytes += p.bytes();
+                }
+                _ => panic!("both models keep copies of the layer matrices"),
+            }
+        }
+    }
+    assert_eq!(f32_bytes, 2 * bf16_bytes, "bf16 copies are half the f32 ones");
+    let mut worst = 1f64;
+    for p in PROMPTS {
+        let (x, y) = (logits(&dense, p), logits(&bf16, p));
+        let c = cosine(&x, &y);
+        let arg = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        eprintln!("{p:?}: cosine of last-position logits bf16 vs f32 {c:.6}, max |diff| {:.3}", x.iter().zip(&y).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
+        assert_eq!(arg(&x), arg(&y), "{p:?}: the next token");
+        worst = worst.min(c);
+    }
+    assert!(worst > 0.999, "cosine {worst}");
+    // Scored continuations (the teacher's query likelihoods) agree closely.
+    let req = |c: &str| rir_sdk::ScoreRequest { prompt: chat("Write a search query for: dense retrieval with embeddings."), continuation: c.to_string() };
+    let reqs = vec![req("dense retrieval embeddings"), req("nearest neighbour search of text vectors"), req("protein folding")];
+    let (a, b) = (dense.score(&reqs).unwrap(), bf16.score(&reqs).unwrap());
+    for (x, y) in a.iter().zip(&b) {
+        eprintln!("score f32 {:.4} bf16 {:.4}", x.logprob, y.logprob);
+        assert!((x.logprob - y.logprob).abs() < 0.05 * x.logprob.abs().max(1.0), "{} vs {}", x.logprob, y.logprob);
+    }
+    let e = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nprefill = \"bf16\"\nkeep_dense = false")).err().unwrap().to_string();
     assert!(e.contains("keep_dense"), "{e}");
 }
 

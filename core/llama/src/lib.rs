@@ -20,11 +20,12 @@ pub mod model;
 pub mod prefix_cache;
 pub mod prefs;
 pub mod quant;
+pub mod rope;
 pub mod sampler;
 pub mod train;
 
 pub use load::{export_gguf, export_hf, load_gguf, load_hf, load_model, merge_lora, model_file, quantize_dense_q8_0, Assets, GgufType};
-pub use model::{KvCache, Linear, Llama, Shape};
+pub use model::{Kept, KvCache, Linear, Llama, Shape};
 pub use prefix_cache::PrefixStats;
 
 use rir_sdk::{Message, PluginError, PluginResult};

@@ -31,7 +31,16 @@ use crate::prefix_cache::{PrefixCache, PrefixStats};
 /// and drops it ([`Dense::PerCall`]): the same numbers without the memory.
 pub enum Linear {
     Candle(QMatMul),
-    Quant(crate::quant::QMatrix, Option<Tensor>),
+    Quant(crate::quant::QMatrix, Option<Kept>),
+}
+
+/// The copy of a quantized matrix that prompts multiply (`keep_dense`).
+pub enum Kept {
+    /// f32, (in, out) contiguous, for the `gemm` crate (`prefill = "dense"`).
+    F32(Tensor),
+    /// bf16, packed for `rir_models::bf16`'s AVX512-BF16 GEMM (`prefill =
+    /// "bf16"`): half the f32 copy's memory, ~1.6x its products per second.
+    Bf16(rir_models::bf16::Bf16Matrix),
 }
 
 /// Which arithmetic prompts (prefill) and scored continuations use for
@@ -40,7 +49,7 @@ pub enum Linear {
 pub enum Dense {
     /// The integer kernels, as decode steps.
     Off,
-    /// An f32 GEMM on the copies `keep_dense` made.
+    /// A GEMM on the copies kept (`keep_dense`: f32; `keep_bf16`: bf16).
     Kept,
     /// An f32 GEMM on a copy made for each product and dropped after it
     /// (the same copy `keep_dense` makes, so the same numbers; ggml's BLAS
@@ -94,7 +103,20 @@ impl Linear {
     pub fn keep_dense(&mut self) -> Result<bool> {
         match self {
             Linear::Quant(m, d @ None) => {
-                *d = Some(dense_copy(m)?);
+                *d = Some(Kept::F32(dense_copy(m)?));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Keeps a bf16 copy of a quantized matrix (its f32 weights rounded to
+    /// nearest) for `dense` forwards on the bf16 GEMM (no-op for other
+    /// kinds); returns whether one was made.
+    pub fn keep_bf16(&mut self) -> Result<bool> {
+        match self {
+            Linear::Quant(m, d @ None) => {
+                *d = Some(Kept::Bf16(rir_models::bf16::Bf16Matrix::pack(&m.dequantize(), m.n, m.k)));
                 Ok(true)
             }
             _ => Ok(false),
@@ -147,11 +169,16 @@ impl Linear {
         let y = match self {
             Linear::Candle(QMatMul::Tensor(w)) => flat.matmul(&w.t()?)?,
             Linear::Candle(q) => q.forward(&flat)?,
+            Linear::Quant(_, Some(Kept::Bf16(p))) if dense == Dense::Kept => {
+                // Each row is summed alone: no lone-row special case needed.
+                let v = flat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(p.matmul(&v, rows), (rows, p.n), x.device())?.to_dtype(x.dtype())?
+            }
             Linear::Quant(m, kept) if dense == Dense::PerCall || (dense == Dense::Kept && kept.is_some()) => {
                 let made;
                 let w = match kept {
-                    Some(w) => w,
-                    None => {
+                    Some(Kept::F32(w)) => w,
+                    _ => {
                         made = dense_copy(m)?;
                         &made
                     }
@@ -413,6 +440,27 @@ impl Llama {
         }
         self.dense = if n > 0 { Dense::Kept } else { Dense::Off };
         // Prompts now run on other arithmetic: kept prefixes are stale.
+        self.clear_prefix_cache();
+        Ok(n)
+    }
+
+    /// As [`Llama::dense_prefill`], on bf16 copies and the AVX512-BF16 GEMM
+    /// (`rir_models::bf16`): half the memory of the f32 copies and ~1.6x
+    /// their prompt tokens/s, with activations and weights rounded to bf16
+    /// (products summed in f32). Returns 0 and changes nothing where the CPU
+    /// lacks AVX512-BF16 (`rir_models::bf16::available`) or the model is
+    /// not on the CPU.
+    pub fn bf16_prefill(&mut self) -> Result<usize> {
+        if !self.device.is_cpu() || !rir_models::bf16::available() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for l in self.layers.iter_mut() {
+            for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.gate, &mut l.up, &mut l.down] {
+                n += lin.keep_bf16()? as usize;
+            }
+        }
+        self.dense = if n > 0 { Dense::Kept } else { Dense::Off };
         self.clear_prefix_cache();
         Ok(n)
     }
@@ -732,7 +780,7 @@ impl Llama {
             )?;
             let (q, k, v) = (heads(q, s.n_head)?, heads(k, s.n_kv_head)?, heads(v, s.n_kv_head)?);
             let (q, k) = if s.interleaved_rope {
-                (candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?, candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?)
+                (crate::rope::rope_i(&q, &cos, &sin)?, crate::rope::rope_i(&k, &cos, &sin)?)
             } else {
                 (candle_nn::rotary_emb::rope(&q, &cos, &sin)?, candle_nn::rotary_emb::rope(&k, &cos, &sin)?)
             };

@@ -24,6 +24,7 @@
 //! reads the cache and touches no network.
 
 pub mod api;
+pub mod bf16;
 pub mod encoder;
 pub mod kernels;
 pub mod vectors;

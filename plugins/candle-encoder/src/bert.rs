@@ -36,21 +36,55 @@ struct Layer {
 
 /// The products without their bias, which the ops after them add.
 struct FusedLayer {
-    qkv: Linear,
+    qkv: Product,
     attention: Attention,
-    attn_out: Linear,
+    attn_out: Product,
     attn_norm: BiasResidualNorm,
-    inter: Linear,
+    inter: Product,
     /// `None` for activations other than exact GELU: those add the bias and
     /// activate on candle's ops.
     gelu: Option<BiasGelu>,
-    out: Linear,
+    out: Product,
     out_norm: BiasResidualNorm,
 }
 
+/// A fused layer's weight product `x·Wᵀ`: candle's f32 GEMM, or
+/// `rir_models::bf16`'s AVX512-BF16 GEMM on a bf16 copy (`dtype = "bf16"`
+/// on such a CPU: activations rounded to bf16 per product, sums in f32;
+/// everything between the products stays f32).
+enum Product {
+    F32(Linear),
+    Bf16(rir_models::bf16::Bf16Matrix),
+}
+
+impl Product {
+    fn new(lin: &Linear, bf16: bool) -> Result<Self> {
+        let w = lin.weight();
+        if !bf16 {
+            return Ok(Product::F32(Linear::new(w.clone(), None)));
+        }
+        let (n, k) = w.dims2()?;
+        Ok(Product::Bf16(rir_models::bf16::Bf16Matrix::pack(&w.flatten_all()?.to_vec1()?, n, k)))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Product::F32(l) => l.forward(x),
+            Product::Bf16(p) => {
+                let mut dims = x.dims().to_vec();
+                let k = *dims.last().unwrap_or(&1);
+                let rows = x.elem_count() / k.max(1);
+                let v = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                *dims.last_mut().unwrap() = p.n;
+                Tensor::from_vec(p.matmul(&v, rows), dims, x.device())
+            }
+        }
+    }
+}
+
 impl FusedLayer {
-    fn new(l: &Layer, act: HiddenAct, heads: usize, head_dim: usize) -> Result<Self> {
-        let plain = |lin: &Linear| Linear::new(lin.weight().clone(), None);
+    fn new(l: &Layer, act: HiddenAct, heads: usize, head_dim: usize, bf16: bool) -> Result<Self> {
+        let plain = |lin: &Linear| Product::new(lin, bf16);
         let bias = |lin: &Linear| -> Result<Vec<f32>> {
             match lin.bias() {
                 Some(b) => b.to_vec1::<f32>(),
@@ -61,13 +95,13 @@ impl FusedLayer {
             Ok(BiasResidualNorm { bias: bias(lin)?, weight: n.weight.to_vec1()?, beta: n.bias.to_vec1()?, eps: n.eps })
         };
         Ok(Self {
-            qkv: plain(&l.qkv),
+            qkv: plain(&l.qkv)?,
             attention: Attention { heads, head_dim, bias: bias(&l.qkv)? },
-            attn_out: plain(&l.attn_out),
+            attn_out: plain(&l.attn_out)?,
             attn_norm: norm(&l.attn_out, &l.attn_norm)?,
-            inter: plain(&l.inter),
+            inter: plain(&l.inter)?,
             gelu: if act == HiddenAct::Gelu { Some(BiasGelu(bias(&l.inter)?)) } else { None },
-            out: plain(&l.out),
+            out: plain(&l.out)?,
             out_norm: norm(&l.out, &l.out_norm)?,
         })
     }
@@ -236,7 +270,10 @@ impl CustomOp2 for BiasResidualNorm {
 }
 
 impl Bert {
-    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    /// The model; `bf16_products`: the fused CPU f32 path multiplies on
+    /// bf16 copies of the weights (`rir_models::bf16`; the caller checks
+    /// the CPU has it).
+    pub fn load(vb: VarBuilder, cfg: &Config, bf16_products: bool) -> Result<Self> {
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
         let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
         let e = vb.pp("embeddings");
@@ -260,7 +297,7 @@ impl Bert {
                     fused: None,
                 };
                 if vb.dtype() == DType::F32 && vb.device().is_cpu() {
-                    layer.fused = Some(FusedLayer::new(&layer, cfg.hidden_act, cfg.num_attention_heads, h / cfg.num_attention_heads)?);
+                    layer.fused = Some(FusedLayer::new(&layer, cfg.hidden_act, cfg.num_attention_heads, h / cfg.num_attention_heads, bf16_products)?);
                 }
                 Ok(layer)
             })
@@ -574,7 +611,7 @@ mod tests {
             }
         }
         let vb = candle_nn::VarBuilder::from_tensors(ts, candle_core::DType::F32, &dev);
-        let model = super::Bert::load(vb, &cfg).unwrap();
+        let model = super::Bert::load(vb, &cfg, false).unwrap();
         assert!(model.layers.iter().all(|l| l.fused.is_some()));
         // Three rows of 13 positions: whole, 9 tokens, 1 token.
         let (b, l) = (3usize, 13usize);

@@ -10,7 +10,7 @@
 //! dtype = "auto"      # dense weights: auto (f32 on CPU, bf16 on CUDA) | f32 | bf16 | f16
 //! max_batch = 8       # sequences decoded together (samples of a prompt, and prompts)
 //! quantize = "none"   # none | q8_0: dense weights (HF dirs, merged adapters) to Q8_0 at load (CPU)
-//! prefill = "quantized"  # quantized | dense: how prompts and scored continuations are multiplied (CPU)
+//! prefill = "quantized"  # quantized | dense | bf16: how prompts and scored continuations are multiplied (CPU)
 //! keep_dense = true   # dense: keep the f32 copies (false: make each per product; same numbers, less memory)
 //! share_prefix = true  # run the prefix a batch's prompts share once (same numbers; false: each whole)
 //! prefix_cache_mb = 256  # keep prompt prefixes' keys and values across calls (0: off; same numbers)
@@ -56,6 +56,15 @@
 //! the layer weights once per forward pass over prompt positions (a batch
 //! that shares a prefix makes two: the prefix, then the rest; scoring one
 //! more per continuation length).
+//!
+//! `prefill = "bf16"` (opt-in too) keeps bf16 copies instead (2 bytes a
+//! weight, half the f32 copies) and runs prompts through `rir_models::bf16`'s
+//! AVX512-BF16 GEMM: activations and weights rounded to bf16, products
+//! summed in f32, ~1.6x the f32 GEMM's rate on an AVX-512 Zen 4 (`rir bench
+//! generate --prefill-modes dense,bf16`). Its numbers are bf16's (about 3
+//! significant digits per product, the precision most LLM serving runs
+//! at), so it has a fingerprint of its own. Where the CPU lacks AVX512-BF16
+//! it warns and runs `dense` (under dense's fingerprint).
 //!
 //! `quantize = "q8_0"` is for tuned models: DPO writes dense f32 weights, which
 //! decode several times slower than a GGUF on a CPU (each token streams every
@@ -125,6 +134,7 @@ fn default_true() -> bool {
 #[serde(rename_all = "lowercase")]
 pub enum Prefill {
     Dense,
+    Bf16,
     #[default]
     Quantized,
 }
@@ -218,7 +228,19 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         rir_sdk::log::info!("quantized {n} dense linear maps to Q8_0");
         settings.push_str("quantize=q8_0");
     }
-    if cfg.prefill == Prefill::Dense {
+    let mut prefill = cfg.prefill;
+    if prefill == Prefill::Bf16 {
+        let n = model.bf16_prefill().map_err(cerr("bf16 prefill"))?;
+        if n > 0 {
+            rir_sdk::log::info!("prefill on bf16 copies of {n} quantized linear maps (AVX512-BF16)");
+            settings.push_str(if settings.is_empty() { "prefill=bf16" } else { ",prefill=bf16" });
+        } else if device.is_cpu() && !rir_models::bf16::available() {
+            // Another machine's numbers, under their own fingerprint.
+            rir_sdk::log::warn!("prefill = \"bf16\": this CPU has no AVX512-BF16; prompts run on f32 copies (prefill = \"dense\")");
+            prefill = Prefill::Dense;
+        }
+    }
+    if prefill == Prefill::Dense {
         // Both ways give the same numbers: one fingerprint.
         let n = if cfg.keep_dense { model.dense_prefill() } else { model.dense_prefill_per_call() }.map_err(cerr("dense prefill"))?;
         if n > 0 {
@@ -254,7 +276,7 @@ impl LlamaGenerator {
             return Err(PluginError::config("max_batch: must be at least 1"));
         }
         if !cfg.keep_dense && cfg.prefill != Prefill::Dense {
-            return Err(PluginError::config("keep_dense = false: applies to prefill = \"dense\" only (the quantized prefill keeps no copies)"));
+            return Err(PluginError::config("keep_dense = false: applies to prefill = \"dense\" only (the quantized prefill keeps no copies; the bf16 one always keeps its half-size copies)"));
         }
         Ok(cfg)
     }

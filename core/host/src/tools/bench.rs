@@ -171,6 +171,7 @@ pub fn bench_sentence_transformers(
     host: &PluginHost,
     python: &std::path::Path,
     candle: &EncodeBench,
+    dtype: &str,
     texts: &[String],
     peak: &GemmPeak,
     scratch: &std::path::Path,
@@ -197,6 +198,7 @@ pub fn bench_sentence_transformers(
         .arg(&input)
         .args([threads.to_string(), batch.to_string(), max_length.to_string()])
         .arg(&out)
+        .arg(dtype)
         // One pool of `threads`: torch's intra-op threads, not OpenMP's default of every core.
         .env("OMP_NUM_THREADS", threads.to_string())
         .env("MKL_NUM_THREADS", threads.to_string())
