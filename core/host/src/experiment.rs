@@ -1689,6 +1689,8 @@ fn simd_features() -> Vec<&'static str> {
             ("avx512bw", is_x86_feature_detected!("avx512bw")),
             ("avx512vl", is_x86_feature_detected!("avx512vl")),
             ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
+            // bf16 products (llama-generator's prefill = "bf16", candle-encoder's dtype = "bf16").
+            ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
         ] {
             if on {
                 out.push(name);

@@ -1027,6 +1027,15 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
     };
     let threads = host.settings.threads;
     anyhow::ensure!(a.prefill_batches.iter().all(|&b| b > 0), "--prefill-batches: each batch must be at least 1");
+    // Checked before anything is timed.
+    anyhow::ensure!(
+        a.prefill_modes.is_empty() || a.generator == "llama-generator",
+        "--prefill-modes: llama-generator's `prefill` setting; {} has none",
+        a.generator
+    );
+    if let Some(m) = a.prefill_modes.iter().find(|m| !matches!(m.as_str(), "quantized" | "dense" | "bf16")) {
+        anyhow::bail!("--prefill-modes {m}: not a llama-generator prefill setting (quantized, dense, bf16)");
+    }
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     let mut gguf_path: Option<(PathBuf, PathBuf)> = None;
@@ -1074,11 +1083,6 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         .with_context(|| format!("benchmarking {}'s prefill", a.generator))?;
     rows.insert(2, prefill);
     let lengths: Vec<usize> = a.prefill_lengths.iter().copied().filter(|&n| n > 0).collect();
-    anyhow::ensure!(
-        a.prefill_modes.is_empty() || a.generator == "llama-generator",
-        "--prefill-modes: llama-generator's `prefill` setting; {} has none",
-        a.generator
-    );
     if !lengths.is_empty() {
         // Prompts of fixed lengths, one at a time and batched, on both engines;
         // rir once per prefill setting asked for (each its own loaded model).

@@ -156,6 +156,39 @@ fn bench_encode_names_a_missing_sentence_transformers_python_first() {
     assert!(err.contains("compares with candle-encoder"), "{err}");
 }
 
+/// `--prefill-modes`: the sized prefill rows once per llama-generator
+/// `prefill` setting, the same prompts each; a setting the plugin does not
+/// know, or another generator, is refused before anything is timed. And
+/// `rir bench encode --dtypes` takes f32 and bf16 only, checked first.
+#[test]
+fn bench_generate_compares_prefill_settings_and_checks_its_flags_first() {
+    plugin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let (ok, out, err) = rir(&[
+        "bench", "generate", "--threads", "2", "--max-tokens", "2", "--samples", "1", "--repeat", "1", "--no-llama-cpp",
+        "--prefill-lengths", "64", "--prefill-batches", "2", "--prefill-prompts", "2", "--prefill-modes", "quantized,dense,bf16",
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    for mode in ["quantized", "dense", "bf16"] {
+        let engine = format!("rir llama-generator (prefill={mode})");
+        let r = rows.iter().find(|r| r["engine"] == engine.as_str() && r["mode"] == "prefill 64x2").unwrap_or_else(|| panic!("no {engine} row: {out}"));
+        assert!((126..=130).contains(&r["tokens"].as_u64().unwrap()), "{r}");
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let (ok, out, err) = rir(&["bench", "generate", "--no-llama-cpp", "--prefill-modes", "fast", "--prefill-lengths", "64", "--max-tokens", "1", "--samples", "1", "--repeat", "1"]);
+    assert!(!ok && err.contains("--prefill-modes fast"), "{err}");
+    assert!(!out.contains("prefill 64"), "{out}");
+    let (ok, _, err) = rir(&["bench", "generate", "--generator", "openai-generator", "--prefill-modes", "bf16"]);
+    assert!(!ok && err.contains("--prefill-modes") && err.contains("openai-generator"), "{err}");
+    let (ok, out, err) = rir(&["bench", "encode", "--dtypes", "f16"]);
+    assert!(!ok && err.contains("--dtypes") && err.contains("f16"), "{err}");
+    assert!(!out.contains("GEMM peak"), "timed before the check: {out}");
+}
+
 #[test]
 fn bench_generate_measures_sized_prefill_beside_llama_cpp() {
     plugin_dir();

@@ -42,7 +42,7 @@
 //! `cached_tokens` (a prefix its own batch ran once is not counted).
 //!
 //! `prefill = "dense"` (opt-in, as it changes the numbers slightly; the
-//! quickstart and scifact-cpu set it, their tables measured with it) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
+//! scifact-cpu sets it, and the quickstart on CPUs without AVX512-BF16; their tables measured with it) keeps an f32 copy of every Q4_1 / Q8_0 layer matrix
 //! (4 bytes a weight: 0.39 GB more peak RSS for SmolLM2-135M, docs/BENCHMARKS.md) and runs prompts through an
 //! f32 GEMM, which is faster there than the integer kernels made for decode
 //! steps (`rir bench generate` prints both: 1.5-1.9x on an AVX2-only Zen 1,
