@@ -29,6 +29,8 @@ use crate::prefix_cache::{PrefixCache, PrefixStats};
 /// the few rows of a decode step (it re-reads every activation block and
 /// its scale for each weight row). Or it makes that copy for each product
 /// and drops it ([`Dense::PerCall`]): the same numbers without the memory.
+/// Or it keeps the weights packed to bf16 ([`Kept::Bf16`]) for the
+/// AVX512-BF16 GEMM: other numbers, half the f32 copy's memory.
 pub enum Linear {
     Candle(QMatMul),
     Quant(crate::quant::QMatrix, Option<Kept>),
