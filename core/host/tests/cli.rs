@@ -179,6 +179,18 @@ fn bench_generate_compares_prefill_settings_and_checks_its_flags_first() {
         assert!((126..=130).contains(&r["tokens"].as_u64().unwrap()), "{r}");
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
     }
+    // RIR_BF16=off: what a CPU without AVX512-BF16 runs (dense), said once.
+    let off = Command::new(env!("CARGO_BIN_EXE_rir"))
+        .args(["bench", "generate", "--threads", "2", "--max-tokens", "1", "--samples", "1", "--repeat", "1", "--no-llama-cpp"])
+        .args(["--prefill-lengths", "64", "--prefill-batches", "2", "--prefill-prompts", "2", "--prefill-modes", "bf16"])
+        .current_dir(root())
+        .env_remove("RIR_REGISTRY")
+        .env("RIR_BF16", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&off.stderr);
+    assert!(off.status.success(), "{err}");
+    assert!(err.contains("prefill = \"bf16\": RIR_BF16=off; prompts run on f32 copies"), "{err}");
     let (ok, out, err) = rir(&["bench", "generate", "--no-llama-cpp", "--prefill-modes", "fast", "--prefill-lengths", "64", "--max-tokens", "1", "--samples", "1", "--repeat", "1"]);
     assert!(!ok && err.contains("--prefill-modes fast"), "{err}");
     assert!(!out.contains("prefill 64"), "{out}");

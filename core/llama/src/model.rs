@@ -447,7 +447,7 @@ impl Llama {
     }
 
     /// As [`Llama::dense_prefill`], on bf16 copies and the AVX512-BF16 GEMM
-    /// (`rir_models::bf16`): half the memory of the f32 copies and ~1.6x
+    /// (`rir_models::bf16`): half the memory of the f32 copies and 1.3-1.5x
     /// their prompt tokens/s, with activations and weights rounded to bf16
     /// (products summed in f32). Returns 0 and changes nothing where the CPU
     /// lacks AVX512-BF16 (`rir_models::bf16::available`) or the model is

@@ -26,17 +26,28 @@ pub const MR: usize = 12;
 /// Rows per task (a task's packed rows stay in L2 while it walks the panels).
 const MC: usize = 96;
 
-/// Whether this CPU runs the kernel (AVX-512 F and BF16).
+/// Whether the kernel runs here: the CPU has AVX-512 F and BF16, and
+/// `RIR_BF16` is not `off`.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    unavailable().is_none()
+}
+
+/// Why the kernel does not run here, if it does not. `RIR_BF16=off`
+/// computes on such a CPU what a CPU without AVX512-BF16 computes (the
+/// callers' f32 paths), as `RIR_QUANT_KERNEL=avx2` does for the integer
+/// kernels.
+pub fn unavailable() -> Option<&'static str> {
+    static WHY: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *WHY.get_or_init(|| {
+        if std::env::var("RIR_BF16").is_ok_and(|v| v.eq_ignore_ascii_case("off")) {
+            return Some("RIR_BF16=off");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
+            return None;
+        }
+        Some("this CPU has no AVX512-BF16")
+    })
 }
 
 /// `x` rounded to bf16, to nearest, ties to even (NaN stays NaN).
@@ -119,7 +130,7 @@ impl Bf16Matrix {
     /// `x·Wᵀ` for `x` (m, k) row-major: (m, n) row-major. Panics where the
     /// CPU lacks the kernel ([`available`]); callers check first.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        assert!(available(), "bf16 GEMM: this CPU has no AVX512-BF16");
+        assert!(available(), "bf16 GEMM: {}", unavailable().unwrap_or_default());
         assert_eq!(x.len(), m * self.k, "bf16 matmul: {m} x {} input expected", self.k);
         let mut y = vec![0f32; m * self.n];
         if m == 0 || self.n == 0 {

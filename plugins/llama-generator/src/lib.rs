@@ -60,11 +60,12 @@
 //! `prefill = "bf16"` (opt-in too) keeps bf16 copies instead (2 bytes a
 //! weight, half the f32 copies) and runs prompts through `rir_models::bf16`'s
 //! AVX512-BF16 GEMM: activations and weights rounded to bf16, products
-//! summed in f32, ~1.6x the f32 GEMM's rate on an AVX-512 Zen 4 (`rir bench
+//! summed in f32: on an AVX-512 Zen 4 the GEMM runs at 1.5-1.7x the f32
+//! one's rate and prompts at 1.3-1.5x dense's tokens/s (`rir bench
 //! generate --prefill-modes dense,bf16`). Its numbers are bf16's (about 3
 //! significant digits per product, the precision most LLM serving runs
 //! at), so it has a fingerprint of its own. Where the CPU lacks AVX512-BF16
-//! it warns and runs `dense` (under dense's fingerprint).
+//! (or `RIR_BF16=off`) it warns and runs `dense` (under dense's fingerprint).
 //!
 //! `quantize = "q8_0"` is for tuned models: DPO writes dense f32 weights, which
 //! decode several times slower than a GGUF on a CPU (each token streams every
@@ -234,9 +235,9 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         if n > 0 {
             rir_sdk::log::info!("prefill on bf16 copies of {n} quantized linear maps (AVX512-BF16)");
             settings.push_str(if settings.is_empty() { "prefill=bf16" } else { ",prefill=bf16" });
-        } else if device.is_cpu() && !rir_models::bf16::available() {
+        } else if let (true, Some(why)) = (device.is_cpu(), rir_models::bf16::unavailable()) {
             // Another machine's numbers, under their own fingerprint.
-            rir_sdk::log::warn!("prefill = \"bf16\": this CPU has no AVX512-BF16; prompts run on f32 copies (prefill = \"dense\")");
+            rir_sdk::log::warn!("prefill = \"bf16\": {why}; prompts run on f32 copies (prefill = \"dense\")");
             prefill = Prefill::Dense;
         }
     }
