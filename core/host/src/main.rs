@@ -755,6 +755,9 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     let st = if a.sentence_transformers {
         let candle: Vec<usize> = labelled.iter().enumerate().filter(|(_, (_, n, _))| n == "candle-encoder").map(|(i, _)| i).collect();
         anyhow::ensure!(!candle.is_empty(), "--sentence-transformers compares with candle-encoder, and no --retriever is candle-encoder");
+        if let Some(d) = candle.iter().map(|&i| dtype_of(&labelled[i].2)).find(|d| d != "f32" && d != "bf16") {
+            anyhow::bail!("--sentence-transformers: runs in f32 or bf16, and a candle-encoder config has dtype = {d:?}");
+        }
         let python = a.bench_python.clone().unwrap_or_else(|| venv_python("bench-venv"));
         anyhow::ensure!(python.is_file(), "--sentence-transformers: no Python at {} (scripts/setup-bench-python makes one with torch and sentence-transformers)", python.display());
         Some((candle, python))
@@ -825,8 +828,8 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     }
     println!("{} documents of {} (max_length {}, batch {}), {} threads", texts.len(), ds.name, a.max_length, a.batch, host.settings.threads);
     if let Some(p) = &a.json {
+        // `sentence_transformers`: one entry per candle-encoder row compared.
         let v = serde_json::json!({"gemm_peak": peak, "results": rows, "dataset": ds.name, "docs": texts.len(), "sentence_transformers": comparison});
-        // (an array: one entry per dtype compared)
         std::fs::write(p, serde_json::to_vec_pretty(&v)?).with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(ExitCode::SUCCESS)

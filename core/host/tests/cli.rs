@@ -196,6 +196,9 @@ fn bench_generate_compares_prefill_settings_and_checks_its_flags_first() {
     assert!(!out.contains("prefill 64"), "{out}");
     let (ok, _, err) = rir(&["bench", "generate", "--generator", "openai-generator", "--prefill-modes", "bf16"]);
     assert!(!ok && err.contains("--prefill-modes") && err.contains("openai-generator"), "{err}");
+    let (ok, out, err) = rir(&["bench", "encode", "--sentence-transformers", "--bench-python", "/bin/true", "--retriever", "candle-encoder", "--retriever-config", "model = \"x\"\ndtype = \"f16\""]);
+    assert!(!ok && err.contains("dtype = \"f16\""), "{err}");
+    assert!(!out.contains("GEMM peak"), "timed before the check: {out}");
     let (ok, out, err) = rir(&["bench", "encode", "--dtypes", "f16"]);
     assert!(!ok && err.contains("--dtypes") && err.contains("f16"), "{err}");
     assert!(!out.contains("GEMM peak"), "timed before the check: {out}");
