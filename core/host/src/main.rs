@@ -186,6 +186,19 @@ enum BenchWhat {
     Generate(BenchGenerateArgs),
     /// Text-retriever (BM25) speed: documents indexed per second and queries searched per second
     Lexical(BenchLexicalArgs),
+    /// Matrix products `x·Wᵀ`: the f32 GEMM (candle's, `prefill = "dense"`) beside
+    /// rir's bf16 GEMM (`prefill = "bf16"`; CPUs with AVX512-BF16), GFLOP/s
+    Gemm(BenchGemmArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchGemmArgs {
+    /// Shapes MxNxK: x (M, K) times W (N, K) transposed [default: SmolLM2-135M's prompt products]
+    #[arg(long, value_delimiter = ',', default_value = "2400x576x576,2400x1536x576,2400x576x1536,300x1536x576,40x576x576")]
+    shapes: Vec<String>,
+    /// Runs of each product; the fastest is reported
+    #[arg(long, default_value_t = 10)]
+    repeat: usize,
 }
 
 #[derive(clap::Args)]
@@ -672,6 +685,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench { what: BenchWhat::Encode(a) } => bench_encode_cmd(&host(&cli)?, a),
+        Command::Bench { what: BenchWhat::Gemm(a) } => bench_gemm_cmd(cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())), a),
         Command::Bench { what: BenchWhat::Lexical(a) } => bench_lexical_cmd(&host(&cli)?, a),
         Command::Bench { what: BenchWhat::Generate(a) } => {
             let mut h = host(&cli)?;
@@ -707,6 +721,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn bench_gemm_cmd(threads: usize, a: &BenchGemmArgs) -> Result<ExitCode> {
+    // Every shape parsed before anything is timed.
+    let shapes = a
+        .shapes
+        .iter()
+        .map(|s| match s.split('x').map(str::parse::<usize>).collect::<Result<Vec<_>, _>>().as_deref() {
+            Ok([m, n, k]) if *m > 0 && *n > 0 && *k > 0 => Ok((*m, *n, *k)),
+            _ => Err(anyhow::anyhow!("--shapes: {s:?} is not MxNxK with three positive numbers")),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(["M x N x K", "f32 GEMM GFLOP/s", "bf16 GEMM GFLOP/s", "bf16 / f32"]);
+    for (m, n, k) in shapes {
+        let r = bench::gemm_shape(m, n, k, threads, a.repeat);
+        t.add_row(vec![
+            format!("{m} x {n} x {k}"),
+            format!("{:.1}", r.f32_gflops),
+            r.bf16_gflops.map_or("-".into(), |g| format!("{g:.1}")),
+            r.bf16_gflops.map_or("-".into(), |g| format!("{:.2}x", g / r.f32_gflops)),
+        ]);
+    }
+    println!("{t}");
+    if let Some(why) = rir_models::bf16::unavailable() {
+        println!("bf16 GEMM not run: {why}");
+    }
+    println!("{threads} thread(s), best of {} (W packed or transposed once, outside the timing; x rounded to bf16 inside it)", a.repeat);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> {

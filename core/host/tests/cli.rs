@@ -7,10 +7,16 @@ use std::process::Command;
 use common::*;
 
 fn rir(args: &[&str]) -> (bool, String, String) {
+    rir_env(args, &[])
+}
+
+/// `rir` with extra environment variables.
+fn rir_env(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_rir"))
         .args(args)
         .current_dir(root())
         .env_remove("RIR_REGISTRY")
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -180,17 +186,24 @@ fn bench_generate_compares_prefill_settings_and_checks_its_flags_first() {
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
     }
     // RIR_BF16=off: what a CPU without AVX512-BF16 runs (dense), said once.
-    let off = Command::new(env!("CARGO_BIN_EXE_rir"))
-        .args(["bench", "generate", "--threads", "2", "--max-tokens", "1", "--samples", "1", "--repeat", "1", "--no-llama-cpp"])
-        .args(["--prefill-lengths", "64", "--prefill-batches", "2", "--prefill-prompts", "2", "--prefill-modes", "bf16"])
-        .current_dir(root())
-        .env_remove("RIR_REGISTRY")
-        .env("RIR_BF16", "off")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&off.stderr);
-    assert!(off.status.success(), "{err}");
+    let (ok, _, err) = rir_env(
+        &[
+            "bench", "generate", "--threads", "2", "--max-tokens", "1", "--samples", "1", "--repeat", "1", "--no-llama-cpp",
+            "--prefill-lengths", "64", "--prefill-batches", "2", "--prefill-prompts", "2", "--prefill-modes", "bf16",
+        ],
+        &[("RIR_BF16", "off")],
+    );
+    assert!(ok, "{err}");
     assert!(err.contains("prefill = \"bf16\": RIR_BF16=off; prompts run on f32 copies"), "{err}");
+    // `rir bench gemm`: both GEMMs per shape (the bf16 one where it runs),
+    // a malformed shape refused before anything is timed.
+    let (ok, out, err) = rir(&["bench", "gemm", "--shapes", "40x64x96,13x33x7", "--repeat", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("40 x 64 x 96") && out.contains("13 x 33 x 7"), "{out}");
+    assert_eq!(out.contains("bf16 GEMM not run"), !rir_models::bf16::available(), "{out}");
+    let (ok, out, err) = rir(&["bench", "gemm", "--shapes", "40x64x96,40x64"]);
+    assert!(!ok && err.contains("--shapes") && err.contains("\"40x64\""), "{err}");
+    assert!(!out.contains("40 x 64 x 96"), "{out}");
     let (ok, out, err) = rir(&["bench", "generate", "--no-llama-cpp", "--prefill-modes", "fast", "--prefill-lengths", "64", "--max-tokens", "1", "--samples", "1", "--repeat", "1"]);
     assert!(!ok && err.contains("--prefill-modes fast"), "{err}");
     assert!(!out.contains("prefill 64"), "{out}");

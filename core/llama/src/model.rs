@@ -434,10 +434,16 @@ impl Llama {
         if !self.device.is_cpu() {
             return Ok(0);
         }
+        self.keep_copies(Linear::keep_dense)
+    }
+
+    /// Gives every layer matrix a kept copy by `keep` and switches prompts
+    /// to them; returns how many got one.
+    fn keep_copies(&mut self, keep: fn(&mut Linear) -> Result<bool>) -> Result<usize> {
         let mut n = 0;
         for l in self.layers.iter_mut() {
             for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.gate, &mut l.up, &mut l.down] {
-                n += lin.keep_dense()? as usize;
+                n += keep(lin)? as usize;
             }
         }
         self.dense = if n > 0 { Dense::Kept } else { Dense::Off };
@@ -456,15 +462,7 @@ impl Llama {
         if !self.device.is_cpu() || !rir_models::bf16::available() {
             return Ok(0);
         }
-        let mut n = 0;
-        for l in self.layers.iter_mut() {
-            for lin in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.gate, &mut l.up, &mut l.down] {
-                n += lin.keep_bf16()? as usize;
-            }
-        }
-        self.dense = if n > 0 { Dense::Kept } else { Dense::Off };
-        self.clear_prefix_cache();
-        Ok(n)
+        self.keep_copies(Linear::keep_bf16)
     }
 
     /// [`Llama::dense_prefill`]'s arithmetic, bit for bit, without keeping

@@ -50,6 +50,71 @@ pub fn gemm_peak(n: usize, threads: usize, reps: usize) -> GemmPeak {
     GemmPeak { n, threads, gflops: 2.0 * (n as f64).powi(3) / best / 1e9 }
 }
 
+/// One row of `rir bench gemm`: `y = x·Wᵀ` for x (m, k) and W (n, k).
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmRow {
+    /// Rows of x.
+    pub m: usize,
+    /// Outputs (rows of W).
+    pub n: usize,
+    /// Inputs (the shared dimension).
+    pub k: usize,
+    /// The `gemm` crate in f32 (candle's CPU matmul, `prefill = "dense"`), GFLOP/s.
+    pub f32_gflops: f64,
+    /// `rir_models::bf16` (W packed once, outside the timing), GFLOP/s;
+    /// None where it does not run (`rir_models::bf16::unavailable`).
+    pub bf16_gflops: Option<f64>,
+}
+
+/// Times both GEMMs on one shape, best of `reps` after a warm-up, on a
+/// pool of `threads`.
+pub fn gemm_shape(m: usize, n: usize, k: usize, threads: usize, reps: usize) -> GemmRow {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32) * 0.01 - 0.48).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32) * 0.01 - 0.44).collect();
+    // (k, n) for the f32 GEMM, as `dense` keeps its copies.
+    let mut wt = vec![0f32; k * n];
+    for r in 0..n {
+        for c in 0..k {
+            wt[c * n + r] = w[r * k + c];
+        }
+    }
+    let mut y = vec![0f32; m * n];
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let flops = 2.0 * (m * n * k) as f64;
+    let best = |f: &mut dyn FnMut()| {
+        let mut b = f64::INFINITY;
+        for _ in 0..reps.max(1) + 1 {
+            let t = Instant::now();
+            f();
+            b = b.min(t.elapsed().as_secs_f64());
+        }
+        flops / b / 1e9
+    };
+    pool.install(|| {
+        let f32_gflops = best(&mut || {
+            // SAFETY: row-major buffers of the sizes given.
+            unsafe {
+                gemm::gemm(
+                    m, n, k,
+                    y.as_mut_ptr(), 1, n as isize, false,
+                    x.as_ptr(), 1, k as isize,
+                    wt.as_ptr(), 1, n as isize,
+                    0.0, 1.0, false, false, false, par,
+                );
+            }
+        });
+        let bf16_gflops = rir_models::bf16::available().then(|| {
+            let p = rir_models::bf16::Bf16Matrix::pack(&w, n, k);
+            best(&mut || {
+                std::hint::black_box(p.matmul(&x, m));
+            })
+        });
+        std::hint::black_box(&y);
+        GemmRow { m, n, k, f32_gflops, bf16_gflops }
+    })
+}
+
 /// BERT shape, from config.json, for counting FLOPs.
 #[derive(Debug, Clone, Copy, serde::Deserialize)]
 pub struct BertShape {
