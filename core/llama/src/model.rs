@@ -41,7 +41,8 @@ pub enum Kept {
     /// f32, (in, out) contiguous, for the `gemm` crate (`prefill = "dense"`).
     F32(Tensor),
     /// bf16, packed for `rir_models::bf16`'s AVX512-BF16 GEMM (`prefill =
-    /// "bf16"`): half the f32 copy's memory, ~1.6x its products per second.
+    /// "bf16"`): half the f32 copy's memory, 1.5-1.8x its products per second
+    /// (`rir bench gemm`).
     Bf16(rir_models::bf16::Bf16Matrix),
 }
 

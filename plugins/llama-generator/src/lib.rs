@@ -60,8 +60,8 @@
 //! `prefill = "bf16"` (opt-in too) keeps bf16 copies instead (2 bytes a
 //! weight, half the f32 copies) and runs prompts through `rir_models::bf16`'s
 //! AVX512-BF16 GEMM: activations and weights rounded to bf16, products
-//! summed in f32: on an AVX-512 Zen 4 the GEMM runs at 1.5-1.7x the f32
-//! one's rate and prompts at 1.3-1.5x dense's tokens/s (`rir bench
+//! summed in f32: on an AVX-512 Zen 4 the GEMM runs at 1.5-1.8x the f32
+//! one's rate (`rir bench gemm`) and prompts at 1.3-1.5x dense's tokens/s (`rir bench
 //! generate --prefill-modes dense,bf16`). Its numbers are bf16's (about 3
 //! significant digits per product, the precision most LLM serving runs
 //! at), so it has a fingerprint of its own. Where the CPU lacks AVX512-BF16
