@@ -2,9 +2,12 @@
 
 Usage: python st_encode.py MODEL_DIR TEXTS.jsonl THREADS BATCH MAX_LENGTH OUT.f32 [DTYPE]
 
-DTYPE is f32 (default) or bf16: the model's weights cast to torch.bfloat16
-(`model.to(torch.bfloat16)`, PyTorch's CPU bf16 kernels, oneDNN on CPUs with
-AVX512-BF16), the embeddings returned as float32.
+DTYPE is f32 (default); bf16: the model's weights cast to torch.bfloat16
+(`model.to(torch.bfloat16)`: every op in bf16, PyTorch's CPU bf16 kernels,
+oneDNN on CPUs with AVX512-BF16); or bf16-autocast: the f32 model under
+`torch.autocast("cpu", dtype=torch.bfloat16)`, PyTorch's mixed precision
+(linear layers and attention products in bf16, the ops autocast keeps in f32
+in f32). The embeddings are returned as float32.
 
 MODEL_DIR is the same Hugging Face directory candle-encoder loads (resolved by
 rir from the same package). The pipeline is built explicitly (transformer,
@@ -23,8 +26,10 @@ import time
 def main() -> None:
     model_dir, texts_path, threads, batch, max_length, out = sys.argv[1:7]
     dtype = sys.argv[7] if len(sys.argv) > 7 else "f32"
-    if dtype not in ("f32", "bf16"):
-        sys.exit(f"st_encode.py: dtype {dtype!r} is not f32 or bf16")
+    if dtype not in ("f32", "bf16", "bf16-autocast"):
+        sys.exit(f"st_encode.py: dtype {dtype!r} is not f32, bf16 or bf16-autocast")
+    import contextlib
+
     import torch
     from sentence_transformers import SentenceTransformer, __version__ as st_version, models
 
@@ -37,7 +42,8 @@ def main() -> None:
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     kw = dict(batch_size=int(batch), convert_to_tensor=True, show_progress_bar=False)
-    with torch.inference_mode():
+    mixed = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16-autocast" else contextlib.nullcontext()
+    with torch.inference_mode(), mixed:
         model.encode(texts[:8], **kw)
         t = time.perf_counter()
         emb = model.encode(texts, **kw)

@@ -323,7 +323,8 @@ struct BenchEncodeArgs {
     sentence_transformers: bool,
     /// candle-encoder rows (and their sentence-transformers rows) once per
     /// dtype named (f32, bf16: see candle-encoder's `dtype`), the config's
-    /// other keys kept [default: each config's own dtype]
+    /// other keys kept; beside bf16, sentence-transformers runs both cast to
+    /// bf16 and under torch.autocast [default: each config's own dtype]
     #[arg(long, value_delimiter = ',')]
     dtypes: Vec<String>,
     /// Python with torch and sentence-transformers, for --sentence-transformers
@@ -824,38 +825,64 @@ fn bench_encode_cmd(host: &PluginHost, a: &BenchEncodeArgs) -> Result<ExitCode> 
     let mut comparison = Vec::new();
     let mut notes = Vec::new();
     if let Some((candle, python)) = &st {
-        // sentence-transformers in each dtype a candle row ran in, once each.
+        // sentence-transformers in each dtype a candle row ran in, once each;
+        // beside a bf16 row both of PyTorch's bf16 modes (the weights cast,
+        // every op in bf16; autocast's mixed precision).
+        let st_modes = |d: &str| -> Vec<String> {
+            if d == "bf16" {
+                vec!["bf16".into(), "bf16-autocast".into()]
+            } else {
+                vec![d.into()]
+            }
+        };
         let mut st_runs: Vec<(String, bench::SentenceTransformersRun)> = Vec::new();
         for &i in candle {
-            let d = dtype_of(&labelled[i].2);
-            if st_runs.iter().any(|(x, _)| *x == d) {
-                continue;
+            for mode in st_modes(&dtype_of(&labelled[i].2)) {
+                if st_runs.iter().any(|(x, _)| *x == mode) {
+                    continue;
+                }
+                let scratch = tempfile::tempdir()?;
+                let mut r = bench::bench_sentence_transformers(host, python, &rows[i], &mode, &texts, &peak, scratch.path())
+                    .with_context(|| format!("benchmarking sentence-transformers ({mode})"))?;
+                println!("sentence-transformers ({mode}): {}", r.versions);
+                if !a.dtypes.is_empty() || mode != "f32" {
+                    r.bench.plugin = format!("sentence-transformers ({mode})");
+                }
+                st_runs.push((mode, r));
             }
-            let scratch = tempfile::tempdir()?;
-            let mut r = bench::bench_sentence_transformers(host, python, &rows[i], &d, &texts, &peak, scratch.path())
-                .with_context(|| format!("benchmarking sentence-transformers ({d})"))?;
-            println!("sentence-transformers ({d}): {}", r.versions);
-            if !a.dtypes.is_empty() {
-                r.bench.plugin = format!("sentence-transformers ({d})");
-            }
-            st_runs.push((d, r));
         }
         // The reference embeddings: sentence-transformers in f32, if it ran.
         let reference = st_runs.iter().find(|(d, _)| d == "f32").map(|(_, r)| &r.embeddings);
+        let against = if reference.is_some() { "sentence-transformers f32" } else { "sentence-transformers" };
         for &i in candle {
             let d = dtype_of(&labelled[i].2);
-            let Some((_, r)) = st_runs.iter().find(|(x, _)| *x == d) else { continue };
-            let (min, mean) = bench::row_cosines(&embeddings[i], reference.unwrap_or(&r.embeddings))?;
-            let against = if reference.is_some() { "sentence-transformers f32" } else { "sentence-transformers" };
-            let ratio = rows[i].docs_per_s / r.bench.docs_per_s;
-            comparison.push(serde_json::json!({"dtype": d, "versions": r.versions, "candle_over_st": ratio, "cosine_against": against, "cosine_min": min, "cosine_mean": mean}));
-            notes.push(format!(
-                "{} / {} = {ratio:.2}x docs/s; embeddings against {against}: cosine min {min:.7} (1 - min = {:.1e}), mean {mean:.7} over {} documents",
-                rows[i].plugin,
-                r.bench.plugin,
-                1.0 - min,
-                texts.len()
-            ));
+            let (min, mean) = match st_runs.iter().find(|(x, _)| *x == d) {
+                Some((_, r)) => bench::row_cosines(&embeddings[i], reference.unwrap_or(&r.embeddings))?,
+                None => continue,
+            };
+            for mode in st_modes(&d) {
+                let Some((_, r)) = st_runs.iter().find(|(x, _)| *x == mode) else { continue };
+                let ratio = rows[i].docs_per_s / r.bench.docs_per_s;
+                // What 1.5x this row would take: the share of the f32 GEMM
+                // peak the same FLOPs would have to run at.
+                let needed = 1.5 * r.bench.percent_of_peak;
+                comparison.push(serde_json::json!({"dtype": d, "st_mode": mode, "versions": r.versions, "candle_over_st": ratio, "st_percent_of_peak": r.bench.percent_of_peak, "percent_of_peak_for_1_5x": needed, "cosine_against": against, "cosine_min": min, "cosine_mean": mean}));
+                notes.push(format!(
+                    "{} / {} = {ratio:.2}x docs/s (1.5x would run at {needed:.0}% of the f32 GEMM peak); embeddings against {against}: cosine min {min:.7} (1 - min = {:.1e}), mean {mean:.7} over {} documents",
+                    rows[i].plugin,
+                    r.bench.plugin,
+                    1.0 - min,
+                    texts.len()
+                ));
+            }
+        }
+        // sentence-transformers' own reduced precisions against its f32.
+        if let Some(reference) = reference {
+            for (mode, r) in st_runs.iter().filter(|(d, _)| d != "f32") {
+                let (min, mean) = bench::row_cosines(&r.embeddings, reference)?;
+                comparison.push(serde_json::json!({"st_mode": mode, "cosine_against": against, "cosine_min": min, "cosine_mean": mean}));
+                notes.push(format!("{}: embeddings against {against}: cosine min {min:.7}, mean {mean:.7}", r.bench.plugin));
+            }
         }
         rows.extend(st_runs.into_iter().map(|(_, r)| r.bench));
     }

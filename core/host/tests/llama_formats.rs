@@ -191,6 +191,26 @@ fn bf16_prefill_is_close_to_the_f32_prefill() {
     assert!(e.contains("keep_dense"), "{e}");
 }
 
+/// `prefill = "auto"` (the quickstart's) is `bf16` where the CPU runs it
+/// faster than `dense` (AMD's AVX512-BF16) and `dense` elsewhere (Intel's
+/// Xeons do half the f32 FMA's multiply-adds with `vdpbf16ps`): the mode it picks is
+/// the CPU's, and its fingerprint is that mode's, so it shares the explicit
+/// setting's cache.
+#[test]
+fn auto_prefill_is_bf16_where_it_is_faster_and_dense_elsewhere() {
+    let auto = load("prefill = \"auto\"");
+    let want = if rir_models::bf16::not_faster().is_none() { "bf16" } else { "dense" };
+    eprintln!("CPU {:?}: prefill = \"auto\" picks {want} ({:?})", rir_models::bf16::cpu_vendor(), rir_models::bf16::not_faster());
+    assert_eq!(auto.fingerprint, load(&format!("prefill = {want:?}")).fingerprint);
+    let other = if want == "bf16" { "dense" } else { "quantized" };
+    assert_ne!(auto.fingerprint, load(&format!("prefill = {other:?}")).fingerprint);
+    if rir_models::bf16::cpu_vendor() == "GenuineIntel" {
+        assert_eq!(want, "dense", "Intel's AVX512-BF16 runs at half the f32 FMA's rate");
+    }
+    let e = LlamaGenerator::new(&format!("model = {SMOLLM:?}\nprefill = \"auto\"\nkeep_dense = false")).err().unwrap().to_string();
+    assert!(e.contains("keep_dense"), "{e}");
+}
+
 /// Also for other models: RIR_TEST_PREFIX_MODEL names one (Qwen2.5 1.5B's
 /// K-quants were checked so, docs/BENCHMARKS.md).
 /// Prompts of different lengths in one batch (left-padded): the pads are

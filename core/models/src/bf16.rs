@@ -50,6 +50,41 @@ pub fn unavailable() -> Option<&'static str> {
     })
 }
 
+/// Why the bf16 GEMM would not beat the f32 GEMM on this CPU, if it would
+/// not: [`unavailable`]'s reasons, or a CPU other than AMD's. AMD's
+/// AVX512-BF16 (Zen 4 and later) issues `vdpbf16ps` at an f32 FMA's rate,
+/// twice its multiply-adds (`rir bench gemm`: 1.5–1.8× f32 on a Zen 4).
+/// Intel's Xeons issue it once every two cycles where they issue two f32
+/// FMAs a cycle — AMX is their bf16 engine, and a VM may not expose it —
+/// so bf16 does half f32's multiply-adds: 0.45–0.62× the f32 GEMM on a
+/// Xeon of family 6 model 207 (docs/BENCHMARKS.md, "Machine I"). Other vendors are unmeasured. Decided by the CPU's
+/// vendor, not by timing, so a machine always picks the same numbers.
+pub fn not_faster() -> Option<&'static str> {
+    static WHY: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *WHY.get_or_init(|| {
+        if let Some(why) = unavailable() {
+            return Some(why);
+        }
+        if cpu_vendor() == "AuthenticAMD" {
+            return None;
+        }
+        Some("this CPU's AVX512-BF16 is not measured faster than its f32 FMA (it is on AMD's Zen 4 only; Intel's Xeons do half f32's multiply-adds with it)")
+    })
+}
+
+/// The CPUID vendor string ("AuthenticAMD", "GenuineIntel"; empty off x86-64).
+pub fn cpu_vendor() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    String::new()
+}
+
 /// `x` rounded to bf16, to nearest, ties to even (NaN stays NaN).
 /// Branch-free, so the loops over a row vectorise.
 #[inline(always)]

@@ -14,12 +14,14 @@
 //! corpus_model = "..."        # the corpus side's own model (an asymmetric encoder); default below
 //! ```
 //!
-//! `dtype = "bf16"` on a CPU with AVX512-BF16 (Zen 4, Sapphire Rapids)
+//! `dtype = "bf16"` on a CPU with AVX512-BF16 (Zen 4, Intel Xeons since Cooper Lake)
 //! keeps the model in f32 and multiplies each layer's weights on bf16 copies
 //! (`rir_models::bf16`: both operands rounded to bf16, sums in f32;
-//! LayerNorm, softmax and GELU in f32): ~1.4x the f32 docs/s, embeddings at
-//! cosine ≥ 0.9999 from f32's (`rir bench encode --dtypes f32,bf16` prints
-//! both; MTEB's numbers are f32's). Elsewhere it is candle's bf16 (GPUs).
+//! LayerNorm, softmax and GELU in f32): ~1.4x the f32 docs/s on an AMD Zen 4,
+//! but 0.67x on an Intel Xeon, where `vdpbf16ps` does half the f32 FMA's
+//! multiply-adds a cycle (it warns there); embeddings at cosine ≥ 0.9999 from f32's
+//! (`rir bench encode --dtypes f32,bf16` prints both; MTEB's numbers are
+//! f32's). Elsewhere it is candle's bf16 (GPUs).
 //!
 //! Asymmetric encoders: passages (and Reinforced-IR's augmentations, which
 //! are encoded as passages) go through `corpus_model` when it is set, else
@@ -183,6 +185,9 @@ impl CandleEncoder {
         // encode`); candle's own bf16 ops elsewhere (GPUs; such CPUs are slow).
         let bf16_products = dt == DType::BF16 && dev.is_cpu() && rir_models::bf16::available();
         if bf16_products {
+            if let Some(why) = rir_models::bf16::not_faster() {
+                rir_sdk::log::warn!("dtype = \"bf16\": {why}; its products run slower than f32's here (`rir bench encode --dtypes f32,bf16` compares)");
+            }
             dt = DType::F32;
         }
         // Both towers share the query tower's pooling, normalisation and

@@ -66,6 +66,14 @@
 //! significant digits per product, the precision most LLM serving runs
 //! at), so it has a fingerprint of its own. Where the CPU lacks AVX512-BF16
 //! (or `RIR_BF16=off`) it warns and runs `dense` (under dense's fingerprint).
+//! Only AMD's AVX512-BF16 runs it faster than `dense`: Intel's Xeons issue
+//! `vdpbf16ps` once every two cycles where they issue two f32 FMAs a cycle,
+//! and the bf16 GEMM runs at 0.45–0.62× the f32 one there (`rir bench
+//! gemm`, docs/BENCHMARKS.md).
+//! `prefill = "auto"` (the quickstart's) is `bf16` on AMD's AVX512-BF16 CPUs
+//! and `dense` elsewhere, decided by the CPU (`rir_models::bf16::not_faster`),
+//! never by a timing; the fingerprint is the mode it resolved to, so a run
+//! shares its cache with the explicit setting's.
 //!
 //! `quantize = "q8_0"` is for tuned models: DPO writes dense f32 weights, which
 //! decode several times slower than a GGUF on a CPU (each token streams every
@@ -136,6 +144,8 @@ fn default_true() -> bool {
 pub enum Prefill {
     Dense,
     Bf16,
+    /// `bf16` where it is faster than `dense` (`rir_models::bf16::not_faster`), `dense` elsewhere.
+    Auto,
     #[default]
     Quantized,
 }
@@ -230,6 +240,16 @@ pub fn load_model(cfg: &LlamaConfig) -> PluginResult<(Llama, Assets, String)> {
         settings.push_str("quantize=q8_0");
     }
     let mut prefill = cfg.prefill;
+    if prefill == Prefill::Auto {
+        // Decided by the CPU, not by a timing: a machine always picks the same numbers.
+        prefill = match rir_models::bf16::not_faster() {
+            Some(why) => {
+                rir_sdk::log::info!("prefill = \"auto\": \"dense\" ({why})");
+                Prefill::Dense
+            }
+            None => Prefill::Bf16,
+        };
+    }
     if prefill == Prefill::Bf16 {
         let n = model.bf16_prefill().map_err(cerr("bf16 prefill"))?;
         if n > 0 {
@@ -277,7 +297,7 @@ impl LlamaGenerator {
             return Err(PluginError::config("max_batch: must be at least 1"));
         }
         if !cfg.keep_dense && cfg.prefill != Prefill::Dense {
-            return Err(PluginError::config("keep_dense = false: applies to prefill = \"dense\" only (the quantized prefill keeps no copies; the bf16 one always keeps its half-size copies)"));
+            return Err(PluginError::config("keep_dense = false: applies to prefill = \"dense\" only (the quantized prefill keeps no copies; the bf16 one, and auto where it picks bf16, always keep their half-size copies)"));
         }
         Ok(cfg)
     }
