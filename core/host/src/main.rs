@@ -749,6 +749,16 @@ fn bench_gemm_cmd(threads: usize, a: &BenchGemmArgs) -> Result<ExitCode> {
     if let Some(why) = rir_models::bf16::unavailable() {
         println!("bf16 GEMM not run: {why}");
     }
+    // The instructions' own rates bound both GEMMs: why bf16 wins on one
+    // CPU and loses on another (vdpbf16ps's rate differs by vendor).
+    let peak = |g: Option<f64>| g.map_or("-".into(), |g| format!("{g:.1} GFLOP/s"));
+    let (fma, dot) = rir_models::bf16::instruction_peaks(20_000_000);
+    println!(
+        "instruction peak, 1 thread (12 independent 512-bit accumulators, no memory): f32 FMA {}, bf16 dot product {}{}",
+        peak(fma),
+        peak(dot),
+        fma.zip(dot).map_or(String::new(), |(f, d)| format!(" ({:.2}x)", d / f))
+    );
     println!("{threads} thread(s), best of {} (W packed or transposed once, outside the timing; x rounded to bf16 inside it)", a.repeat);
     Ok(ExitCode::SUCCESS)
 }

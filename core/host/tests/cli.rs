@@ -201,6 +201,16 @@ fn bench_generate_compares_prefill_settings_and_checks_its_flags_first() {
     assert!(ok, "{err}");
     assert!(out.contains("40 x 64 x 96") && out.contains("13 x 33 x 7"), "{out}");
     assert_eq!(out.contains("bf16 GEMM not run"), !rir_models::bf16::available(), "{out}");
+    // The instructions' own rates, each where the CPU has it, positive.
+    let line = out.lines().find(|l| l.starts_with("instruction peak, 1 thread")).unwrap_or_else(|| panic!("no instruction peak: {out}"));
+    let rates: Vec<f64> = line.split("GFLOP/s").filter_map(|p| p.split_whitespace().last()?.parse().ok()).collect();
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    let have = usize::from(avx512) + usize::from(rir_models::bf16::available());
+    assert_eq!(rates.len(), have, "{line}");
+    assert!(rates.iter().all(|&g| g > 0.1), "{line}");
     let (ok, out, err) = rir(&["bench", "gemm", "--shapes", "40x64x96,40x64"]);
     assert!(!ok && err.contains("--shapes") && err.contains("\"40x64\""), "{err}");
     assert!(!out.contains("40 x 64 x 96"), "{out}");

@@ -85,6 +85,73 @@ pub fn cpu_vendor() -> String {
     String::new()
 }
 
+/// The instruction-bound rates on the calling thread, GFLOP/s: (an f32
+/// FMA `vfmadd231ps`, the bf16 dot product `vdpbf16ps`), each on 512-bit
+/// registers, 12 independent accumulators, no memory traffic, `iters`
+/// rounds of 12; `None` where the CPU lacks the instruction. What each
+/// GEMM could reach on one core at most: `rir bench gemm` prints them.
+pub fn instruction_peaks(iters: usize) -> (Option<f64>, Option<f64>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let rate = |flops_per: f64, f: &dyn Fn() -> f32| {
+            let t = std::time::Instant::now();
+            std::hint::black_box(f());
+            // (`f` ends in a memory clobber each round, so it ran here.)
+            12.0 * iters as f64 * flops_per / t.elapsed().as_secs_f64() / 1e9
+        };
+        let fma = is_x86_feature_detected!("avx512f").then(|| {
+            // SAFETY: AVX-512 F was detected.
+            rate(32.0, &|| unsafe { fma_loop(iters) })
+        });
+        let dot = available().then(|| {
+            // SAFETY: `available()`: AVX-512 F and BF16.
+            rate(64.0, &|| unsafe { dot_loop(iters) })
+        });
+        (fma, dot)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = iters;
+        (None, None)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    // Distinct, opaque starting values: twelve chains the compiler cannot
+    // merge into one or fold away.
+    let mut acc: [__m512; 12] = std::array::from_fn(|j| _mm512_set1_ps(std::hint::black_box(j as f32 * 0.01)));
+    let (a, b) = (_mm512_set1_ps(std::hint::black_box(0.9999)), _mm512_set1_ps(std::hint::black_box(0.0001)));
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+        // As if it touched memory: the loop is not a pure computation the
+        // compiler may move out from between the two clock readings.
+        std::arch::asm!("", options(nostack));
+    }
+    acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn dot_loop(iters: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc: [__m512; 12] = std::array::from_fn(|j| _mm512_set1_ps(std::hint::black_box(j as f32 * 0.01)));
+    // bf16 pairs (1, 1) and (2^-7, 2^-7).
+    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(std::hint::black_box(0x3f80_3f80)));
+    let b: __m512bh = std::mem::transmute(_mm512_set1_epi32(std::hint::black_box(0x3c00_3c00)));
+    for _ in 0..iters {
+        for x in acc.iter_mut() {
+            *x = _mm512_dpbf16_ps(*x, a, b);
+        }
+        std::arch::asm!("", options(nostack));
+    }
+    acc.iter().map(|x| _mm512_reduce_add_ps(*x)).sum()
+}
+
 /// `x` rounded to bf16, to nearest, ties to even (NaN stays NaN).
 /// Branch-free, so the loops over a row vectorise.
 #[inline(always)]
