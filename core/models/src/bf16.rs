@@ -76,8 +76,7 @@ pub fn not_faster() -> Option<&'static str> {
 pub fn cpu_vendor() -> String {
     #[cfg(target_arch = "x86_64")]
     {
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        let r = std::arch::x86_64::__cpuid(0);
         let bytes: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
