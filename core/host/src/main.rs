@@ -271,7 +271,7 @@ struct BenchGenerateArgs {
     #[arg(long, default_value_t = 8)]
     prefill_prompts: usize,
     /// llama-generator only: run the sized prefill rows once per `prefill`
-    /// setting named (quantized, dense, bf16), the config's other keys kept,
+    /// setting named (quantized, dense, bf16, auto), the config's other keys kept,
     /// side by side in one table [default: the config's setting only]
     #[arg(long, value_delimiter = ',')]
     prefill_modes: Vec<String>,
@@ -754,7 +754,7 @@ fn bench_gemm_cmd(threads: usize, a: &BenchGemmArgs) -> Result<ExitCode> {
     let peak = |g: Option<f64>| g.map_or("-".into(), |g| format!("{g:.1} GFLOP/s"));
     let (fma, dot) = rir_models::bf16::instruction_peaks(20_000_000);
     println!(
-        "instruction peak, 1 thread (12 independent 512-bit accumulators, no memory): f32 FMA {}, bf16 dot product {}{}",
+        "instruction peak, 1 thread (12 independent 512-bit accumulators, no memory, best of 3): f32 FMA {}, bf16 dot product {}{}",
         peak(fma),
         peak(dot),
         fma.zip(dot).map_or(String::new(), |(f, d)| format!(" ({:.2}x)", d / f))
@@ -1116,8 +1116,8 @@ fn bench_generate_cmd(host: &PluginHost, a: &BenchGenerateArgs) -> Result<ExitCo
         "--prefill-modes: llama-generator's `prefill` setting; {} has none",
         a.generator
     );
-    if let Some(m) = a.prefill_modes.iter().find(|m| !matches!(m.as_str(), "quantized" | "dense" | "bf16")) {
-        anyhow::bail!("--prefill-modes {m}: not a llama-generator prefill setting (quantized, dense, bf16)");
+    if let Some(m) = a.prefill_modes.iter().find(|m| !matches!(m.as_str(), "quantized" | "dense" | "bf16" | "auto")) {
+        anyhow::bail!("--prefill-modes {m}: not a llama-generator prefill setting (quantized, dense, bf16, auto)");
     }
     let mut rows = Vec::new();
     let mut notes = Vec::new();

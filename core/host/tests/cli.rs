@@ -173,13 +173,13 @@ fn bench_generate_compares_prefill_settings_and_checks_its_flags_first() {
     let json = dir.path().join("bench.json");
     let (ok, out, err) = rir(&[
         "bench", "generate", "--threads", "2", "--max-tokens", "2", "--samples", "1", "--repeat", "1", "--no-llama-cpp",
-        "--prefill-lengths", "64", "--prefill-batches", "2", "--prefill-prompts", "2", "--prefill-modes", "quantized,dense,bf16",
+        "--prefill-lengths", "64", "--prefill-batches", "2", "--prefill-prompts", "2", "--prefill-modes", "quantized,dense,bf16,auto",
         "--json", json.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = v["results"].as_array().unwrap();
-    for mode in ["quantized", "dense", "bf16"] {
+    for mode in ["quantized", "dense", "bf16", "auto"] {
         let engine = format!("rir llama-generator (prefill={mode})");
         let r = rows.iter().find(|r| r["engine"] == engine.as_str() && r["mode"] == "prefill 64x2").unwrap_or_else(|| panic!("no {engine} row: {out}"));
         assert!((126..=130).contains(&r["tokens"].as_u64().unwrap()), "{r}");

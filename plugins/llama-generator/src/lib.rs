@@ -68,7 +68,7 @@
 //! (or `RIR_BF16=off`) it warns and runs `dense` (under dense's fingerprint).
 //! Only AMD's AVX512-BF16 runs it faster than `dense`: Intel's Xeons issue
 //! `vdpbf16ps` once every two cycles where they issue two f32 FMAs a cycle,
-//! and the bf16 GEMM runs at 0.45–0.62× the f32 one there (`rir bench
+//! and the bf16 GEMM runs at 0.45–0.74× the f32 one there (`rir bench
 //! gemm`, docs/BENCHMARKS.md).
 //! `prefill = "auto"` (the quickstart's) is `bf16` on AMD's AVX512-BF16 CPUs
 //! and `dense` elsewhere, decided by the CPU (`rir_models::bf16::not_faster`),

@@ -26,28 +26,45 @@ pub struct GemmPeak {
 pub fn gemm_peak(n: usize, threads: usize, reps: usize) -> GemmPeak {
     let a: Vec<f32> = (0..n * n).map(|i| ((i % 97) as f32) * 0.01).collect();
     let b: Vec<f32> = (0..n * n).map(|i| ((i % 89) as f32) * 0.01).collect();
-    let mut c = vec![0f32; n * n];
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let gflops = pool(threads).install(|| f32_gemm_gflops(&a, &b, (n, n, n), threads, reps));
+    GemmPeak { n, threads, gflops }
+}
+
+/// A pool of `threads` for a timed product.
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool")
+}
+
+/// GFLOP/s of `f`, a product of `flops`, best of `reps` after a warm-up run.
+fn best_gflops(flops: f64, reps: usize, f: &mut dyn FnMut()) -> f64 {
     let mut best = f64::INFINITY;
-    pool.install(|| {
-        for _ in 0..reps.max(1) + 1 {
-            let t = Instant::now();
-            // SAFETY: row-major n×n buffers of the right sizes.
-            unsafe {
-                gemm::gemm(
-                    n, n, n,
-                    c.as_mut_ptr(), 1, n as isize, false,
-                    a.as_ptr(), 1, n as isize,
-                    b.as_ptr(), 1, n as isize,
-                    0.0, 1.0, false, false, false, par,
-                );
-            }
-            best = best.min(t.elapsed().as_secs_f64());
+    for _ in 0..reps.max(1) + 1 {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    flops / best / 1e9
+}
+
+/// GFLOP/s of the `gemm` crate's f32 GEMM `x·b` (candle's CPU matmul) for
+/// x (m, k) and b (k, n) row-major, on the current pool; best of `reps`.
+fn f32_gemm_gflops(x: &[f32], b: &[f32], (m, n, k): (usize, usize, usize), threads: usize, reps: usize) -> f64 {
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let mut y = vec![0f32; m * n];
+    let g = best_gflops(2.0 * (m * n * k) as f64, reps, &mut || {
+        // SAFETY: row-major buffers of the sizes given.
+        unsafe {
+            gemm::gemm(
+                m, n, k,
+                y.as_mut_ptr(), 1, n as isize, false,
+                x.as_ptr(), 1, k as isize,
+                b.as_ptr(), 1, n as isize,
+                0.0, 1.0, false, false, false, par,
+            );
         }
     });
-    std::hint::black_box(&c);
-    GemmPeak { n, threads, gflops: 2.0 * (n as f64).powi(3) / best / 1e9 }
+    std::hint::black_box(&y);
+    g
 }
 
 /// One row of `rir bench gemm`: `y = x·Wᵀ` for x (m, k) and W (n, k).
@@ -78,39 +95,14 @@ pub fn gemm_shape(m: usize, n: usize, k: usize, threads: usize, reps: usize) -> 
             wt[c * n + r] = w[r * k + c];
         }
     }
-    let mut y = vec![0f32; m * n];
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads.max(1)).build().expect("thread pool");
-    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    let flops = 2.0 * (m * n * k) as f64;
-    let best = |f: &mut dyn FnMut()| {
-        let mut b = f64::INFINITY;
-        for _ in 0..reps.max(1) + 1 {
-            let t = Instant::now();
-            f();
-            b = b.min(t.elapsed().as_secs_f64());
-        }
-        flops / b / 1e9
-    };
-    pool.install(|| {
-        let f32_gflops = best(&mut || {
-            // SAFETY: row-major buffers of the sizes given.
-            unsafe {
-                gemm::gemm(
-                    m, n, k,
-                    y.as_mut_ptr(), 1, n as isize, false,
-                    x.as_ptr(), 1, k as isize,
-                    wt.as_ptr(), 1, n as isize,
-                    0.0, 1.0, false, false, false, par,
-                );
-            }
-        });
+    pool(threads).install(|| {
+        let f32_gflops = f32_gemm_gflops(&x, &wt, (m, n, k), threads, reps);
         let bf16_gflops = rir_models::bf16::available().then(|| {
             let p = rir_models::bf16::Bf16Matrix::pack(&w, n, k);
-            best(&mut || {
+            best_gflops(2.0 * (m * n * k) as f64, reps, &mut || {
                 std::hint::black_box(p.matmul(&x, m));
             })
         });
-        std::hint::black_box(&y);
         GemmRow { m, n, k, f32_gflops, bf16_gflops }
     })
 }
